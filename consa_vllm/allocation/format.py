@@ -1,0 +1,214 @@
+"""The allocation file: which attention units are full (F) and which are sliding-window (S).
+
+This module is the single definition of the file format (DESIGN.md §2). The trainer
+writes it, the CLI draws it, the exporter embeds it in ``config.json`` and the vLLM
+plugin reads it. Everything else imports :class:`Allocation` from here.
+
+Example::
+
+    {"consa_version": 1, "granularity": "kv_head", "window": 4096,
+     "pattern": ["SSSSSSSS", "FFSSSSFS"]}
+
+Window semantics: a query at position ``i`` sees keys ``i-W+1 .. i`` (itself included),
+the convention of ``sliding_window`` in HF transformers and vLLM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+FORMAT_VERSION = 1
+FULL = "F"
+SLIDING = "S"
+
+
+class AllocationError(ValueError):
+    """A bad allocation file or an allocation that does not fit a model.
+
+    The message always names the file (when there is one) and the field at fault.
+    """
+
+
+class Allocation(BaseModel):
+    """A validated F/S pattern: one string per layer, one character per KV head."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    consa_version: Literal[1] = FORMAT_VERSION
+    granularity: Literal["layer", "kv_head"]
+    window: int = Field(description="sliding window W in tokens (query i sees keys i-W+1..i)")
+    pattern: list[str] = Field(description="one string per layer; 'F' full, 'S' sliding, per KV head")
+
+    @field_validator("window")
+    @classmethod
+    def _window_positive(cls, w: int) -> int:
+        if w < 1:
+            raise ValueError(f"window must be >= 1, got {w}")
+        return w
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern_chars(cls, rows: list[str]) -> list[str]:
+        if not rows:
+            raise ValueError("pattern is empty: expected one string per layer")
+        width = len(rows[0])
+        for i, row in enumerate(rows):
+            bad = sorted(set(row) - {FULL, SLIDING})
+            if bad:
+                raise ValueError(
+                    f"layer {i} ({row!r}) has invalid character(s) {', '.join(map(repr, bad))}; "
+                    f"only 'F' (full) and 'S' (sliding window) are allowed"
+                )
+            if len(row) == 0:
+                raise ValueError(f"layer {i} is an empty string: expected one character per KV head")
+            if len(row) != width:
+                raise ValueError(
+                    f"layer {i} has {len(row)} KV heads but layer 0 has {width}: "
+                    "every layer must have the same number of KV heads"
+                )
+        return rows
+
+    @model_validator(mode="after")
+    def _layer_rows_uniform(self) -> "Allocation":
+        if self.granularity == "layer":
+            for i, row in enumerate(self.pattern):
+                if len(set(row)) > 1:
+                    raise ValueError(
+                        f"layer {i} ({row!r}) mixes F and S, but granularity is 'layer': "
+                        "every row must be all-F or all-S"
+                    )
+        return self
+
+    # ----------------------------------------------------------------- shape
+    @property
+    def num_layers(self) -> int:
+        return len(self.pattern)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return len(self.pattern[0])
+
+    def is_full(self, layer: int, kv_head: int) -> bool:
+        return self.pattern[layer][kv_head] == FULL
+
+    def full_heads(self, layer: int) -> list[int]:
+        """Indices of the F KV heads of ``layer``, in ascending order."""
+        return [h for h, c in enumerate(self.pattern[layer]) if c == FULL]
+
+    def sliding_heads(self, layer: int) -> list[int]:
+        """Indices of the S KV heads of ``layer``, in ascending order."""
+        return [h for h, c in enumerate(self.pattern[layer]) if c == SLIDING]
+
+    def mask(self) -> list[list[bool]]:
+        """``mask[l][h]`` is True where the head is full attention."""
+        return [[c == FULL for c in row] for row in self.pattern]
+
+    @property
+    def num_units(self) -> int:
+        return self.num_layers if self.granularity == "layer" else self.num_layers * self.num_kv_heads
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of units that are S (rho). Layer and head fractions agree by construction."""
+        cells = self.num_layers * self.num_kv_heads
+        return sum(row.count(SLIDING) for row in self.pattern) / cells
+
+    def check_model(self, num_layers: int, num_kv_heads: int, source: str | os.PathLike | None = None) -> None:
+        """Raise :class:`AllocationError` unless this allocation fits the model shape."""
+        where = f"{source}: " if source else ""
+        if self.num_layers != num_layers:
+            raise AllocationError(
+                f"{where}pattern has {self.num_layers} layers but the model has {num_layers} "
+                "(num_hidden_layers)"
+            )
+        if self.num_kv_heads != num_kv_heads:
+            raise AllocationError(
+                f"{where}pattern has {self.num_kv_heads} KV heads per layer but the model has "
+                f"{num_kv_heads} (num_key_value_heads)"
+            )
+
+    # ------------------------------------------------------------------- I/O
+    @classmethod
+    def from_dict(cls, data: Any, source: str | os.PathLike | None = None) -> "Allocation":
+        """Validate a parsed JSON object; errors name ``source`` and the field."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise AllocationError(_explain(e, source)) from None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Allocation":
+        """Read and validate an allocation file."""
+        p = Path(path)
+        if not p.exists():
+            raise AllocationError(f"{p}: allocation file not found")
+        if p.is_dir():
+            raise AllocationError(f"{p}: is a directory, expected an allocation JSON file")
+        try:
+            data = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise AllocationError(f"{p}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        except UnicodeDecodeError:
+            raise AllocationError(f"{p}: not a text file, expected allocation JSON") from None
+        if not isinstance(data, dict):
+            raise AllocationError(f"{p}: expected a JSON object, got {type(data).__name__}")
+        return cls.from_dict(data, source=p)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_json(self) -> str:
+        """Human-readable JSON: fixed fields first, one pattern row per line."""
+        d = self.to_dict()
+        head = {k: d.pop(k) for k in ("consa_version", "granularity", "window")}
+        rows = d.pop("pattern")
+        parts = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in head.items()]
+        parts.append('  "pattern": [\n' + ",\n".join(f"    {json.dumps(r)}" for r in rows) + "\n  ]")
+        parts += [f"  {json.dumps(k)}: {json.dumps(v, indent=2).replace(chr(10), chr(10) + '  ')}" for k, v in d.items()]
+        return "{\n" + ",\n".join(parts) + "\n}\n"
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write atomically: a reader never sees a half-written file."""
+        p = Path(path)
+        atomic_write_text(p, self.to_json())
+        return p
+
+    def with_extra(self, **fields: Any) -> "Allocation":
+        """A copy with extra (provenance) fields added or replaced."""
+        return type(self).model_validate({**self.to_dict(), **fields})
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file in the same directory and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _explain(e: ValidationError, source: str | os.PathLike | None) -> str:
+    where = f"{source}: " if source else ""
+    msgs = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "allocation"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "missing":
+            msg = "required field is missing"
+        elif err["type"] == "literal_error":
+            msg = f"{msg} (got {err.get('input')!r})"
+        msgs.append(f"field '{loc}': {msg}")
+    return where + "invalid allocation: " + "; ".join(msgs)

@@ -1,0 +1,49 @@
+"""The attention shape of a model, read from its HF ``config.json`` without importing torch."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What an allocation and the KV estimator need to know about a decoder."""
+
+    num_layers: int
+    num_kv_heads: int
+    num_attention_heads: int
+    head_dim: int
+
+    @classmethod
+    def from_config(cls, config: Any) -> "ModelShape":
+        """From a ``transformers.PretrainedConfig`` or a plain ``config.json`` dict."""
+        get = (lambda k, d=None: config.get(k, d)) if isinstance(config, dict) else (
+            lambda k, d=None: getattr(config, k, d))
+        # Multimodal wrappers keep the decoder under text_config.
+        text = get("text_config")
+        if text is not None and get("num_hidden_layers") is None:
+            return cls.from_config(text)
+        n_layers, n_heads = get("num_hidden_layers"), get("num_attention_heads")
+        if n_layers is None or n_heads is None:
+            raise ValueError("config has no num_hidden_layers/num_attention_heads: not a decoder LM config")
+        n_kv = get("num_key_value_heads") or n_heads
+        head_dim = get("head_dim") or get("hidden_size") // n_heads
+        return cls(int(n_layers), int(n_kv), int(n_heads), int(head_dim))
+
+    @classmethod
+    def from_model_dir(cls, path: str | Path) -> "ModelShape":
+        """From ``<path>/config.json``; errors name the file."""
+        cfg = Path(path) / "config.json"
+        if not cfg.is_file():
+            raise FileNotFoundError(f"{cfg}: not found (is {path} a Hugging Face model directory?)")
+        try:
+            data = json.loads(cfg.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        try:
+            return cls.from_config(data)
+        except ValueError as e:
+            raise ValueError(f"{cfg}: {e}") from None
