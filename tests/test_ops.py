@@ -1,0 +1,386 @@
+"""Tests of consa_vllm.plugin.ops (hybrid full + sliding-window paged attention).
+
+* torch implementation vs an independent dense reference (per-sequence contiguous K/V
+  kept by the test, explicit per-head causal / band masks, float64);
+* the Triton kernels under TRITON_INTERPRET=1 vs the torch implementation (tiny shapes).
+  Interpret mode must be on before the @triton.jit functions are created, so these run
+  in a subprocess: ``python tests/test_ops.py interpret <case>``.
+
+Caches are filled with NaN everywhere nothing valid was written (null block 0, unwritten
+slots, out-of-window blocks of S heads): an implementation that lets an out-of-range V
+into its result gets NaN.  Out-of-window S block-table entries are 0 or ids of blocks
+owned by other sequences.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from consa_vllm.plugin.ops import torch_paged  # noqa: E402
+from consa_vllm.plugin.ops.torch_paged import hybrid_paged_attention as torch_attn  # noqa: E402
+from consa_vllm.plugin.ops.torch_paged import write_kv as torch_write_kv  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------
+# Case construction
+# ---------------------------------------------------------------------------------------
+
+
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def _make_pool(num_blocks, block_size, heads, d, dtype, padded_page, gen):
+    page = 2 * block_size * heads * d
+    pad = 3 * d if padded_page else 0
+    base = torch.full((num_blocks, page + pad), float("nan"), dtype=dtype)
+    cache = base[:, :page].view(num_blocks, 2, block_size, heads, d)
+    if padded_page:
+        assert not cache.is_contiguous()
+    return cache
+
+
+@dataclass
+class Case:
+    query: torch.Tensor
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    scale: float
+    full_cache: torch.Tensor | None
+    full_block_table: torch.Tensor | None
+    full_head_offset: int
+    n_full: int
+    swa_cache: torch.Tensor | None
+    swa_block_table: torch.Tensor | None
+    swa_head_offset: int
+    n_swa: int
+    window: int
+    max_query_len: int
+    max_seq_len: int
+    # ground truth kept by the test
+    keys: list  # per seq [L, n_full + n_swa, D] float32
+    values: list
+    group: int
+
+    def args(self, output):
+        return (self.query, output, self.query_start_loc, self.seq_lens, self.scale,
+                self.full_cache, self.full_block_table, self.full_head_offset, self.n_full,
+                self.swa_cache, self.swa_block_table, self.swa_head_offset, self.n_swa,
+                self.window, self.max_query_len, self.max_seq_len)
+
+
+def make_case(seqs, n_full, n_swa, group, d, block_f, block_s, window, dtype=torch.float32,
+              padded_page=True, extra_heads=(1, 2), seed=0, pad_tokens=0,
+              use_write_kv=True) -> Case:
+    """seqs: list of (context_len, query_len).  Prior context is written into the caches
+    directly by the test; the new tokens through write_kv (torch) with padding slots."""
+    gen = torch.Generator().manual_seed(seed)
+    hkv = n_full + n_swa
+    hq = hkv * group
+    keys, values = [], []
+    for ctx, ql in seqs:
+        L = ctx + ql
+        keys.append(torch.randn(L, hkv, d, generator=gen))
+        values.append(torch.randn(L, hkv, d, generator=gen))
+    T = sum(ql for _, ql in seqs)
+    query = torch.randn(T + pad_tokens, hq, d, generator=gen).to(dtype)
+    qsl = [0]
+    for _, ql in seqs:
+        qsl.append(qsl[-1] + ql)
+    seq_lens = [ctx + ql for ctx, ql in seqs]
+    num_seqs = len(seqs)
+
+    def build_pool(n, block_size, kv_head_lo, is_swa):
+        if n == 0:
+            return None, None, 0
+        head_off = extra_heads[0]
+        pool_heads = n + extra_heads[0] + extra_heads[1]
+        need = [_cdiv(L, block_size) for L in seq_lens]
+        num_blocks = sum(need) + 3
+        cache = _make_pool(num_blocks, block_size, pool_heads, d, dtype, padded_page, gen)
+        perm = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()  # 0 = null
+        max_blocks = max(need) + 2
+        table = torch.zeros(num_seqs, max_blocks, dtype=torch.int32)
+        # beyond-the-sequence entries: garbage ids of other blocks
+        table[:] = torch.randint(0, num_blocks, (num_seqs, max_blocks), generator=gen)
+        slot_lists = []
+        for s, (ctx, ql) in enumerate(seqs):
+            L = ctx + ql
+            first_blk = (max(0, ctx - window + 1) // block_size) if is_swa else 0
+            for b in range(need[s]):
+                if b < first_blk:
+                    # freed (out-of-window) block: null block or someone else's block
+                    table[s, b] = 0 if b % 2 == 0 else perm[(s * 7 + b) % len(perm)]
+                else:
+                    table[s, b] = perm.pop()
+            # prior context, positions first_blk*B .. ctx-1: written directly
+            for p in range(first_blk * block_size, ctx):
+                blk = int(table[s, p // block_size])
+                cache[blk, 0, p % block_size, head_off:head_off + n] = \
+                    keys[s][p, kv_head_lo:kv_head_lo + n].to(dtype)
+                cache[blk, 1, p % block_size, head_off:head_off + n] = \
+                    values[s][p, kv_head_lo:kv_head_lo + n].to(dtype)
+            slot_lists.append([int(table[s, p // block_size]) * block_size + p % block_size
+                               for p in range(ctx, L)])
+        # new tokens via write_kv, with padding slots (-1) interleaved at the end
+        k_new = torch.cat([keys[s][seqs[s][0]:, kv_head_lo:kv_head_lo + n]
+                           for s in range(num_seqs)]).to(dtype)
+        v_new = torch.cat([values[s][seqs[s][0]:, kv_head_lo:kv_head_lo + n]
+                           for s in range(num_seqs)]).to(dtype)
+        slots = sum(slot_lists, [])
+        k_new = torch.cat([k_new, torch.randn(pad_tokens, n, d, generator=gen).to(dtype)])
+        v_new = torch.cat([v_new, torch.randn(pad_tokens, n, d, generator=gen).to(dtype)])
+        slots = torch.tensor(slots + [-1] * pad_tokens, dtype=torch.int64)
+        if use_write_kv:
+            torch_write_kv(k_new, v_new, cache, slots, head_off)
+        else:
+            for t, sl in enumerate(slots.tolist()):
+                if sl >= 0:
+                    cache[sl // block_size, 0, sl % block_size, head_off:head_off + n] = k_new[t]
+                    cache[sl // block_size, 1, sl % block_size, head_off:head_off + n] = v_new[t]
+        return cache, table, head_off
+
+    fc, ft, fo = build_pool(n_full, block_f, 0, False)
+    sc, st, so = build_pool(n_swa, block_s, n_full, True)
+    return Case(query=query, query_start_loc=torch.tensor(qsl, dtype=torch.int32),
+                seq_lens=torch.tensor(seq_lens, dtype=torch.int32), scale=d ** -0.5,
+                full_cache=fc, full_block_table=ft, full_head_offset=fo, n_full=n_full,
+                swa_cache=sc, swa_block_table=st, swa_head_offset=so, n_swa=n_swa,
+                window=window, max_query_len=max(ql for _, ql in seqs),
+                max_seq_len=max(seq_lens), keys=keys, values=values, group=group)
+
+
+def dense_reference(case: Case) -> torch.Tensor:
+    """Independent reference: the test's own contiguous K/V, explicit masks, float64."""
+    q_all = case.query.double()
+    T, hq, d = q_all.shape
+    out = torch.zeros(T, hq, d, dtype=torch.float64)
+    qsl = case.query_start_loc.tolist()
+    hkv = case.n_full + case.n_swa
+    for s in range(len(qsl) - 1):
+        q0, q1 = qsl[s], qsl[s + 1]
+        ql = q1 - q0
+        L = int(case.seq_lens[s])
+        ctx = L - ql
+        k = case.keys[s].to(case.query.dtype).double()  # [L, hkv, D] (cache dtype rounding)
+        v = case.values[s].to(case.query.dtype).double()
+        q = q_all[q0:q1]  # [ql, hq, D]
+        for h in range(hq):
+            kh = h // case.group
+            scores = q[:, h] @ k[:, kh].T * case.scale  # [ql, L]
+            mask = torch.zeros(ql, L, dtype=torch.bool)
+            for i in range(ql):
+                pos = ctx + i
+                lo = 0 if kh < case.n_full else max(0, pos - case.window + 1)
+                mask[i, lo:pos + 1] = True
+            scores = scores.masked_fill(~mask, float("-inf"))
+            out[q0:q1, h] = torch.softmax(scores, -1) @ v[:, kh]
+        assert hkv * case.group == hq
+    return out
+
+
+# A spread of configurations: (seqs, n_full, n_swa, G, D, B_F, B_S, W)
+MIXED = [(0, 13), (21, 1), (9, 6), (40, 1), (3, 1), (30, 17)]
+CONFIGS = {
+    "mixed_2f2s_g2": (MIXED, 2, 2, 2, 32, 4, 8, 7),
+    "mixed_1f3s_g1": (MIXED, 1, 3, 1, 32, 8, 4, 5),
+    "nfull0_g2": (MIXED, 0, 3, 2, 32, 8, 4, 6),
+    "nswa0_g1": (MIXED, 3, 0, 1, 32, 4, 8, 6),
+    "decode_only_g2": ([(50, 1), (3, 1), (17, 1), (0, 1)], 2, 2, 2, 64, 8, 4, 9),
+    "window1": ([(5, 4), (0, 3)], 1, 1, 2, 32, 4, 4, 1),
+    "window_large": ([(10, 8), (0, 6)], 1, 2, 1, 32, 4, 8, 1000),
+}
+
+
+def _check_write_kv_matches_loop(dtype):
+    gen = torch.Generator().manual_seed(3)
+    c1 = _make_pool(6, 4, 5, 32, dtype, True, gen)
+    c2 = c1.clone()
+    c1.zero_()
+    c2 = torch.zeros_like(c2)
+    k = torch.randn(7, 2, 32, generator=gen).to(dtype)
+    v = torch.randn(7, 2, 32, generator=gen).to(dtype)
+    slots = torch.tensor([5, -1, 0, 23, 11, -1, 8], dtype=torch.int32)
+    torch_write_kv(k, v, c1, slots, 2)
+    for t, s in enumerate(slots.tolist()):
+        if s >= 0:
+            c2[s // 4, 0, s % 4, 2:4] = k[t]
+            c2[s // 4, 1, s % 4, 2:4] = v[t]
+    return c1, c2
+
+
+# ---------------------------------------------------------------------------------------
+# torch implementation vs dense reference
+# ---------------------------------------------------------------------------------------
+
+
+def test_torch_write_kv():
+    for dtype in (torch.float32, torch.bfloat16):
+        c1, c2 = _check_write_kv_matches_loop(dtype)
+        assert torch.equal(c1, c2)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_torch_vs_dense(name):
+    seqs, nf, ns, g, d, bf, bs, w = CONFIGS[name]
+    case = make_case(seqs, nf, ns, g, d, bf, bs, w, pad_tokens=2)
+    out = torch.full_like(case.query, 7.0)
+    torch_attn(*case.args(out))
+    ref = dense_reference(case)
+    T = int(case.query_start_loc[-1])
+    err = (out[:T].double() - ref[:T]).abs().max().item()
+    assert err < 1e-5, f"{name}: max abs err {err}"
+    assert torch.all(out[T:] == 7.0)  # padding rows untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_torch_vs_dense_low_precision(dtype):
+    seqs, nf, ns, g, d, bf, bs, w = CONFIGS["mixed_2f2s_g2"]
+    case = make_case(seqs, nf, ns, g, d, bf, bs, w, dtype=dtype, padded_page=False)
+    out = torch.empty_like(case.query)
+    torch_attn(*case.args(out))
+    err = (out.double() - dense_reference(case)).abs().max().item()
+    assert err < 2e-2, f"{dtype}: max abs err {err}"
+
+
+def test_torch_query_chunking(monkeypatch):
+    """Long prefill split into query chunks (chunk size forced small)."""
+    monkeypatch.setattr(torch_paged, "_Q_CHUNK", 5)
+    case = make_case([(11, 23), (0, 17), (30, 1)], 2, 2, 2, 32, 4, 8, 6)
+    out = torch.empty_like(case.query)
+    torch_attn(*case.args(out))
+    err = (out.double() - dense_reference(case)).abs().max().item()
+    assert err < 1e-5, err
+
+
+def test_torch_swa_reads_only_window():
+    """Making every block outside the S window unreadable (NaN K and V) and every
+    out-of-window table entry an out-of-range id must not change the result."""
+    case = make_case([(60, 1), (45, 5)], 1, 2, 2, 32, 4, 4, 6)
+    out = torch.empty_like(case.query)
+    torch_attn(*case.args(out))
+    tbl = case.swa_block_table
+    for s, (ctx, ql) in enumerate([(60, 1), (45, 5)]):
+        first = max(0, ctx - case.window + 1) // 4
+        tbl[s, :first] = 10 ** 6
+    out2 = torch.empty_like(case.query)
+    torch_attn(*case.args(out2))
+    assert torch.equal(out, out2)
+    assert not torch.isnan(out2).any()
+
+
+# ---------------------------------------------------------------------------------------
+# Triton kernels under TRITON_INTERPRET=1 (subprocess) vs torch implementation
+# ---------------------------------------------------------------------------------------
+
+# (config name, dtype, path) ; path: "2d" or "3d" (3d only for decode-only batches)
+INTERPRET_CASES = [
+    ("mixed_2f2s_g2", "float32", "2d"),
+    ("mixed_1f3s_g1", "float32", "2d"),
+    ("nfull0_g2", "float32", "2d"),
+    ("nswa0_g1", "float32", "2d"),
+    ("window1", "float32", "2d"),
+    ("mixed_2f2s_g2", "bfloat16", "2d"),
+    ("decode_only_g2", "float32", "3d"),
+    ("decode_only_g2", "float16", "3d"),
+    ("decode_only_nf0", "float32", "3d"),
+    ("decode_only_ns0", "float32", "3d"),
+]
+CONFIGS["decode_only_nf0"] = ([(50, 1), (3, 1), (17, 1)], 0, 2, 2, 32, 8, 4, 9)
+CONFIGS["decode_only_ns0"] = ([(50, 1), (3, 1), (17, 1)], 2, 0, 1, 32, 8, 4, 9)
+
+
+def _interpret_main(argv):
+    """Runs in a subprocess with TRITON_INTERPRET=1 set before triton is imported."""
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    from consa_vllm.plugin.ops import triton_hybrid as th
+
+    torch.set_num_threads(1)
+    what = argv[0]
+    if what == "write_kv":
+        for dtype in (torch.float32, torch.bfloat16):
+            gen = torch.Generator().manual_seed(5)
+            c1 = _make_pool(6, 4, 5, 32, dtype, True, gen)
+            c1.zero_()
+            c2 = torch.zeros_like(c1)
+            k = torch.randn(7, 2, 32, generator=gen).to(dtype)
+            v = torch.randn(7, 2, 32, generator=gen).to(dtype)
+            for sl_dtype in (torch.int32, torch.int64):
+                slots = torch.tensor([5, -1, 0, 23, 11, -1, 8], dtype=sl_dtype)
+                th.write_kv(k, v, c1, slots, 2)
+                torch_write_kv(k, v, c2, slots, 2)
+                assert torch.equal(c1, c2), "triton write_kv != torch write_kv"
+        print("RESULT write_kv ok")
+        return
+    name, dtype_name, path = what.split(":")
+    dtype = getattr(torch, dtype_name)
+    seqs, nf, ns, g, d, bf, bs, w = CONFIGS[name]
+    case = make_case(seqs, nf, ns, g, d, bf, bs, w, dtype=dtype, pad_tokens=1)
+    ref = torch.full_like(case.query, 7.0)
+    torch_attn(*case.args(ref))
+    out = torch.full_like(case.query, 7.0)
+    kwargs = {}
+    if path == "3d":
+        scratch = th.make_hybrid_scratch(case.query.shape[0], case.query.shape[1], d,
+                                         torch.device("cpu"), num_segments=4)
+        kwargs = dict(scratch=scratch, seq_threshold_3d=64)
+        assert th.would_use_3d(case.query, case.query_start_loc, case.max_query_len,
+                               scratch, 64)
+    th.hybrid_paged_attention(*case.args(out), **kwargs)
+    T = int(case.query_start_loc[-1])
+    assert not torch.isnan(out[:T]).any(), "NaN in triton output"
+    err = (out[:T].float() - ref[:T].float()).abs().max().item()
+    assert torch.all(out[T:] == 7.0), "padding rows written"
+    print(f"RESULT {what} max_abs_err={err:.3e}")
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    assert err < tol, f"{what}: max abs err {err} >= {tol}"
+
+
+def _run_interpret(arg):
+    env = dict(os.environ)
+    env["TRITON_INTERPRET"] = "1"
+    env.setdefault("OMP_NUM_THREADS", "1")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "interpret", arg],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    if proc.returncode != 0:
+        raise AssertionError(f"interpret run {arg} failed:\n{proc.stdout}\n{proc.stderr[-4000:]}")
+    return proc.stdout
+
+
+def _triton_available():
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _triton_available(), reason="triton not installed")
+def test_triton_interpret_write_kv():
+    assert "RESULT write_kv ok" in _run_interpret("write_kv")
+
+
+@pytest.mark.skipif(not _triton_available(), reason="triton not installed")
+def test_triton_interpret_attention():
+    # one subprocess for all cases (startup + import cost paid once)
+    out = _run_interpret(",".join(f"{n}:{dt}:{p}" for n, dt, p in INTERPRET_CASES))
+    assert out.count("RESULT") == len(INTERPRET_CASES), out
+    print(out)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 3 and sys.argv[1] == "interpret":
+        for item in sys.argv[2].split(","):
+            _interpret_main([item])
+    else:
+        sys.exit(pytest.main([__file__, "-q"]))
