@@ -1,0 +1,115 @@
+"""Time and memory of the reference attention kernels at one sequence length.
+
+Usable from a script (the lead runs it on the GPU)::
+
+    from consa_vllm.reference import benchmark_reference_attention
+    for row in benchmark_reference_attention(8192, device="cuda", dtype="bfloat16"):
+        print(row)
+
+Each variant runs one layer's attention (Qwen3-1.7B shape by default: 16 query heads, 8 KV heads,
+head_dim 128) on random q/k/v, forward only or forward+backward. Peak memory is measured with
+``torch.cuda.max_memory_allocated`` on CUDA (the extra bytes above the inputs); on CPU it is not
+measurable cheaply and is reported as ``None``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .kernels import hybrid_attention, repeat_kv
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def benchmark_reference_attention(
+    seq_len: int,
+    *,
+    window: int = 4096,
+    num_q_heads: int = 16,
+    num_kv_heads: int = 8,
+    head_dim: int = 128,
+    num_full_kv_heads: int = 2,
+    batch: int = 1,
+    device: str = "cuda" if torch.cuda.is_available() else "cpu",
+    dtype: str = "bfloat16",
+    backward: bool = False,
+    repeats: int = 3,
+    chunk: int = 1024,
+    variants: tuple[str, ...] = ("dense", "binary-sdpa", "binary-chunked", "gates-sdpa", "gates-chunked"),
+) -> list[dict[str, Any]]:
+    """Benchmark one layer of attention at ``seq_len``; returns one dict per variant.
+
+    Variants: ``dense`` (stock causal SDPA, the baseline), ``binary-<swa>`` (allocation with
+    ``num_full_kv_heads`` F heads, the rest S), ``gates-<swa>`` (soft mixing of all heads, both
+    branches), where ``<swa>`` is the SWA backend (``sdpa`` band mask or ``chunked``).
+    Fields: variant, seq_len, ms (median), peak_mib (CUDA only), max_abs_diff_vs_first_binary.
+    """
+    dev = torch.device(device)
+    dt = getattr(torch, dtype)
+    g = num_q_heads // num_kv_heads
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(dev, dt)
+
+    q = rand(batch, num_q_heads, seq_len, head_dim)
+    k = rand(batch, num_kv_heads, seq_len, head_dim)
+    v = rand(batch, num_kv_heads, seq_len, head_dim)
+    scaling = head_dim ** -0.5
+    full = list(range(num_full_kv_heads))
+    z = torch.full((num_kv_heads,), 0.5, device=dev, dtype=torch.float32)
+
+    def run(variant: str) -> torch.Tensor:
+        if variant == "dense":
+            return F.scaled_dot_product_attention(q, repeat_kv(k, g), repeat_kv(v, g), scale=scaling, is_causal=True)
+        mode, swa = variant.split("-")
+        if mode == "binary":
+            return hybrid_attention(q, k, v, None, scaling, window, full_kv_heads=full, swa_backend=swa, chunk=chunk)
+        return hybrid_attention(q, k, v, None, scaling, window, gates=z, swa_backend=swa, chunk=chunk)
+
+    rows, reference = [], None
+    for variant in variants:
+        for t in (q, k, v, z):
+            t.requires_grad_(backward)
+            t.grad = None
+        times, peak = [], None
+        for i in range(repeats + 1):  # first run is warm-up
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(dev)
+                base = torch.cuda.memory_allocated(dev)
+            _sync(dev)
+            t0 = time.perf_counter()
+            out = run(variant)
+            if backward:
+                out.float().square().mean().backward()
+            _sync(dev)
+            if i:
+                times.append(time.perf_counter() - t0)
+            if dev.type == "cuda":
+                peak = (torch.cuda.max_memory_allocated(dev) - base) / 2**20
+        out = out.detach()
+        diff = None
+        if variant.startswith("binary"):
+            reference = out if reference is None else reference
+            diff = (out.float() - reference.float()).abs().max().item()
+        rows.append({"variant": variant, "seq_len": seq_len, "window": window, "backward": backward,
+                     "dtype": dtype, "device": str(dev), "ms": 1e3 * sorted(times)[len(times) // 2],
+                     "peak_mib": peak, "max_abs_diff_vs_first_binary": diff})
+        del out
+    return rows
+
+
+if __name__ == "__main__":  # python -m consa_vllm.reference.benchmark 8192
+    import sys
+
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 2048
+    for r in benchmark_reference_attention(n, window=min(4096, n // 4)):
+        print(r)

@@ -1,0 +1,223 @@
+"""Patch a Hugging Face causal LM so that its attention follows a ConSA allocation or gates.
+
+How: transformers 5.x looks attention up by ``config._attn_implementation`` in
+``ALL_ATTENTION_FUNCTIONS``. We register one global function, ``"consa"``, and point the model's
+config at it. The function finds the model's :class:`HybridAttentionState` on the attention module
+(``module.consa_state``, set by :func:`patch_model`) and runs :func:`hybrid_attention` for
+``module.layer_idx``. The same name is registered as a *mask* implementation with HF's ``sdpa_mask``,
+so the model keeps building its own causal/padding masks exactly as under ``"sdpa"``; S heads AND
+them with a window band.
+
+Native sliding layers (Qwen2/Qwen3 ``layer_types``, Mistral ``sliding_window``): while patched, the
+allocation is the only authority. ``layer_types`` is set to all ``"full_attention"`` and
+``sliding_window`` to ``None`` on the config, so that the model passes full masks and its
+``DynamicCache`` keeps every key (F heads need them); S heads get their window from the allocation.
+:meth:`HybridAttentionState.disable` and :func:`unpatch_model` restore the config.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from consa_vllm.allocation import Allocation, AllocationError
+
+from .kernels import SWA_BACKENDS, hybrid_attention
+
+ATTN_NAME = "consa"
+SUPPORTED_MODEL_TYPES = ("qwen3", "llama", "qwen2", "mistral")
+
+
+class HybridAttentionState:
+    """The switchboard of one patched model: window, allocation or gates, on/off.
+
+    Modes, in priority order:
+    - disabled: stock model behaviour (its original attention implementation and config);
+    - gates ``z`` set: per KV head ``z*FA + (1-z)*SWA`` (training), differentiable w.r.t. ``z``;
+    - otherwise binary: F heads of the allocation full causal, S heads sliding window
+      (all-F when no allocation is set).
+    """
+
+    def __init__(self, model: nn.Module, window: int, allocation: Allocation | None = None,
+                 swa_backend: str = "auto", chunk: int = 1024):
+        cfg = model.config
+        if int(window) < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        if swa_backend not in SWA_BACKENDS:
+            raise ValueError(f"swa_backend must be one of {SWA_BACKENDS}, got {swa_backend!r}")
+        self.window = int(window)
+        self.num_layers = int(cfg.num_hidden_layers)
+        self.num_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+        self.num_q_per_kv = int(cfg.num_attention_heads) // self.num_kv_heads
+        self.swa_backend = swa_backend
+        self.chunk = int(chunk)
+        self.enabled = False
+        self.allocation: Allocation | None = None
+        self.gates: torch.Tensor | None = None
+        self._full_heads: list[list[int]] = [list(range(self.num_kv_heads))] * self.num_layers
+        self._config = cfg
+        self._saved: dict[str, Any] = {}
+        if allocation is not None:
+            self.set_allocation(allocation)
+
+    # ------------------------------------------------------------- modes
+    def set_allocation(self, allocation: Allocation | None) -> None:
+        """Binary mode: F heads full causal, S heads sliding window. ``None`` means all-F."""
+        if allocation is None:
+            self.allocation = None
+            self._full_heads = [list(range(self.num_kv_heads))] * self.num_layers
+            return
+        if not isinstance(allocation, Allocation):
+            raise TypeError(f"expected consa_vllm.allocation.Allocation, got {type(allocation).__name__}")
+        allocation.check_model(self.num_layers, self.num_kv_heads)
+        if allocation.window != self.window:
+            raise AllocationError(
+                f"allocation window {allocation.window} differs from the patched window {self.window}; "
+                "patch the model with the allocation's window"
+            )
+        self.allocation = allocation
+        self._full_heads = [allocation.full_heads(layer) for layer in range(self.num_layers)]
+
+    def set_gates(self, z: torch.Tensor | None) -> None:
+        """Soft mode: ``z`` is float ``[num_layers, num_kv_heads]`` (or ``[num_layers]``, one gate per layer).
+
+        ``None`` returns to the allocation (or all-F). ``z`` is used as given at every forward, so
+        the caller sets a fresh sample before each step; the graph to ``z`` is kept.
+        """
+        if z is None:
+            self.gates = None
+            return
+        if not torch.is_tensor(z) or not z.is_floating_point():
+            raise TypeError("gates must be a floating-point torch.Tensor")
+        if z.dim() == 1 and z.shape[0] == self.num_layers:
+            z = z[:, None].expand(self.num_layers, self.num_kv_heads)
+        if tuple(z.shape) != (self.num_layers, self.num_kv_heads):
+            raise ValueError(
+                f"gates must have shape [num_layers, num_kv_heads] = [{self.num_layers}, {self.num_kv_heads}] "
+                f"(or [{self.num_layers}] for layer units), got {list(z.shape)}"
+            )
+        self.gates = z
+
+    def enable(self) -> None:
+        """Route the model's attention through ConSA (idempotent)."""
+        if self.enabled:
+            return
+        cfg = self._config
+        self._saved = {"_attn_implementation": cfg._attn_implementation}
+        for name in ("layer_types", "sliding_window", "use_sliding_window"):
+            if hasattr(cfg, name):
+                self._saved[name] = getattr(cfg, name)
+        if getattr(cfg, "layer_types", None) is not None:
+            cfg.layer_types = ["full_attention"] * len(cfg.layer_types)
+        if getattr(cfg, "sliding_window", None) is not None:
+            cfg.sliding_window = None
+        cfg._attn_implementation = ATTN_NAME
+        self.enabled = True
+
+    def disable(self) -> None:
+        """Stock model behaviour: restore the original attention implementation and config (idempotent)."""
+        if not self.enabled:
+            return
+        cfg = self._config
+        for name, value in self._saved.items():
+            setattr(cfg, name, value)
+        self._saved = {}
+        self.enabled = False
+
+    # ------------------------------------------------------------- forward
+    def full_kv_heads(self, layer: int) -> list[int]:
+        """F KV heads of ``layer`` in binary mode."""
+        return self._full_heads[layer]
+
+    def attention(self, module: nn.Module, query, key, value, attention_mask, scaling, dropout=0.0):
+        """Hybrid attention for ``module.layer_idx``; returns ``[B, Hq, Tq, D]``."""
+        layer = module.layer_idx
+        if self.gates is not None:
+            return hybrid_attention(query, key, value, attention_mask, scaling, self.window,
+                                    gates=self.gates[layer], dropout=dropout,
+                                    swa_backend=self.swa_backend, chunk=self.chunk)
+        return hybrid_attention(query, key, value, attention_mask, scaling, self.window,
+                                full_kv_heads=self._full_heads[layer], dropout=dropout,
+                                swa_backend=self.swa_backend, chunk=self.chunk)
+
+    def __repr__(self) -> str:
+        mode = "gates" if self.gates is not None else ("allocation" if self.allocation is not None else "all-F")
+        return (f"HybridAttentionState(window={self.window}, layers={self.num_layers}, "
+                f"kv_heads={self.num_kv_heads}, q_per_kv={self.num_q_per_kv}, mode={mode}, enabled={self.enabled})")
+
+
+def consa_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: torch.Tensor | None, dropout: float = 0.0,
+                            scaling: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """The function registered as HF attention implementation ``"consa"``.
+
+    Ignores the ``sliding_window`` kwarg on purpose: the allocation decides (see module docstring).
+    """
+    state: HybridAttentionState | None = getattr(module, "consa_state", None)
+    if state is None:
+        raise RuntimeError(f"{type(module).__name__} has no consa_state: use consa_vllm.reference.patch_model")
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    out = state.attention(module, query, key, value, attention_mask, scaling, dropout)
+    return out.transpose(1, 2).contiguous(), None
+
+
+_registered = False
+
+
+def register_attention() -> None:
+    """Register ``"consa"`` with HF's attention and mask interfaces (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(ATTN_NAME, consa_attention_forward)
+    # Same masks as "sdpa": None when causal without padding (is_causal), else boolean 4D.
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, sdpa_mask)
+    _registered = True
+
+
+def _attention_modules(model: nn.Module) -> list[nn.Module]:
+    mods = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")]
+    return sorted(mods, key=lambda m: m.layer_idx)
+
+
+def patch_model(model: nn.Module, window: int, allocation: Allocation | None = None, *,
+                swa_backend: str = "auto", chunk: int = 1024) -> HybridAttentionState:
+    """Patch an HF Qwen3/Llama (also Qwen2/Mistral) causal LM in place; return its state.
+
+    The state is also stored as ``model.consa_state`` and starts enabled, in binary mode with
+    ``allocation`` (all-F when ``None``). Patching an already patched model replaces its state.
+    """
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"patch_model supports model types {SUPPORTED_MODEL_TYPES}, got {model_type!r}")
+    if getattr(model, "consa_state", None) is not None:
+        unpatch_model(model)
+    register_attention()
+    state = HybridAttentionState(model, window, allocation, swa_backend=swa_backend, chunk=chunk)
+    mods = _attention_modules(model)
+    if len(mods) != state.num_layers:
+        raise ValueError(f"found {len(mods)} attention modules with a layer_idx, expected {state.num_layers}")
+    for m in mods:
+        # A plain attribute (not a submodule): the state is no nn.Module, so it stays out of state_dict.
+        m.consa_state = state
+    model.consa_state = state
+    state.enable()
+    return state
+
+
+def unpatch_model(model: nn.Module) -> None:
+    """Undo :func:`patch_model`: stock attention and config, no ``consa_state`` left behind."""
+    state = getattr(model, "consa_state", None)
+    if state is None:
+        return
+    state.disable()
+    for m in _attention_modules(model):
+        if hasattr(m, "consa_state"):
+            del m.consa_state
+    del model.consa_state
