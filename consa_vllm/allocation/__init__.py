@@ -10,3 +10,7 @@ __all__ = [
     "FORMAT_VERSION", "Allocation", "AllocationError", "atomic_write_text", "KVEstimate", "estimate_kv",
     "RULES", "make_allocation", "ModelShape", "render_text", "summarize",
 ]
+
+from .plot import plot_allocation  # noqa: E402  (matplotlib is imported lazily inside)
+
+__all__ += ["plot_allocation"]

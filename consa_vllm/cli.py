@@ -1,0 +1,398 @@
+"""The ``consa-vllm`` command line.
+
+Subcommands:
+
+- ``show``   print an allocation (pattern, statistics, KV-cache estimate) and draw it;
+- ``make``   build a rule-based allocation at an exact sparsity;
+- ``export`` embed an allocation in a Hugging Face checkpoint that the vLLM plugin serves;
+- ``serve``, ``demo``, ``eval``: hooks that hand the rest of the command line to
+  ``consa_vllm.serve:main``, ``consa_vllm.demo:main`` and ``consa_vllm.eval.cli:main``.
+
+User errors print one line on stderr and exit with status 2 (no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Callable, Sequence
+
+PROG = "consa-vllm"
+EXIT_USAGE = 2
+
+#: Subcommands implemented in other modules: name -> ("module", "function", help).
+#: Each target is ``def main(argv: list[str] | None = None) -> int | None`` and receives
+#: every argument after the subcommand name, unparsed (its own --help included).
+DELEGATED: dict[str, tuple[str, str, str]] = {
+    # HOOK(serve): the lead implements consa_vllm/serve.py:main
+    "serve": ("consa_vllm.serve", "main",
+              "serve an exported ConSA checkpoint with vLLM (OpenAI-compatible API)"),
+    # HOOK(demo): the lead implements consa_vllm/demo.py:main
+    "demo": ("consa_vllm.demo", "main",
+             "end-to-end demo on an embedded default: tiny model, train, export, serve, query"),
+    # HOOK(eval): the lead implements consa_vllm/eval/cli.py:main
+    "eval": ("consa_vllm.eval.cli", "main",
+             "evaluate a ConSA checkpoint (accuracy, long-context retrieval, KV memory)"),
+}
+
+DEFAULT_CONTEXTS = (8192, 32768, 131072)
+
+
+class UserError(Exception):
+    """A mistake in the command line or its inputs: reported as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line naming the command and the flag."""
+
+    def error(self, message: str):  # noqa: D401 (argparse API)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+# ------------------------------------------------------------------ value types
+
+
+def _int_at_least(lo: int, what: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number of {what}, got {text!r}") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}")
+        return value
+
+    parse.__name__ = what  # argparse names the type in some messages
+    return parse
+
+
+def _sparsity(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1] (the fraction of S units), got {value:g}")
+    return value
+
+
+def _dtype(text: str) -> str:
+    from .allocation.memory import DTYPE_BYTES
+
+    if text.removeprefix("torch.") not in DTYPE_BYTES:
+        raise argparse.ArgumentTypeError(f"unknown KV dtype {text!r}; known: {', '.join(sorted(DTYPE_BYTES))}")
+    return text
+
+
+# ------------------------------------------------------------------ commands
+
+
+def _load_allocation_arg(path: str):
+    """An allocation file, or an exported checkpoint directory (its config.json 'consa')."""
+    from .allocation import Allocation
+
+    p = Path(path)
+    if p.is_dir() and (p / "config.json").is_file():
+        from .export import read_exported_allocation
+
+        return read_exported_allocation(p), p
+    return Allocation.load(p), None
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from .allocation import ModelShape, estimate_kv, render_text, summarize
+
+    alloc, model_dir = _load_allocation_arg(args.allocation)
+    model_dir = Path(args.model) if args.model else model_dir
+    if args.context and model_dir is None:
+        raise UserError("--context needs --model DIR (the estimate needs head_dim and the KV head count), "
+                        "or pass an exported checkpoint directory instead of ALLOC.json")
+    shape = None
+    if model_dir is not None:  # check the shape before printing anything
+        shape = _shape(model_dir)
+        try:
+            alloc.check_model(shape.num_layers, shape.num_kv_heads, source=args.allocation)
+        except ValueError as e:
+            raise UserError(f"{e} (model: {model_dir / 'config.json'})") from None
+    s = summarize(alloc)
+    if args.json:
+        out = {"allocation": alloc.to_dict(), "summary": s}
+    else:
+        print(render_text(alloc))
+        print()
+        print(f"units: {s['num_units']} ({alloc.granularity})   "
+              f"F KV heads: {s['full_kv_heads']}   S KV heads: {s['sliding_kv_heads']}   "
+              f"sparsity: {s['sparsity']:.4f}")
+        print(f"all-S layers: {_ranges(s['all_sliding_layers'])}   all-F layers: {_ranges(s['all_full_layers'])}")
+        extra = {k: v for k, v in alloc.to_dict().items()
+                 if k not in ("consa_version", "granularity", "window", "pattern")}
+        for k, v in extra.items():
+            text = json.dumps(v)
+            print(f"{k}: {text if len(text) <= 100 else text[:97] + '...'}")
+
+    if shape is not None:
+        contexts = args.context or list(DEFAULT_CONTEXTS)
+        rows = [estimate_kv(alloc, shape, n, dtype=args.dtype, block_size=args.block_size) for n in contexts]
+        if args.json:
+            out["kv_estimate"] = {
+                "model": str(model_dir), "dtype": args.dtype, "block_size": args.block_size,
+                "head_dim": shape.head_dim,
+                "per_context": [{"context": r.context, "bytes_per_sequence": r.bytes_per_sequence,
+                                 "dense_bytes_per_sequence": r.dense_bytes_per_sequence,
+                                 "ratio_to_dense": r.ratio_to_dense} for r in rows],
+            }
+        else:
+            blk = f", block_size {args.block_size}" if args.block_size else ""
+            print()
+            print(f"KV cache per sequence ({model_dir}: {shape.num_layers} layers x {shape.num_kv_heads} KV heads "
+                  f"x head_dim {shape.head_dim}, {args.dtype}{blk}):")
+            print(f"  {'context':>9}  {'ConSA':>11}  {'dense':>11}  {'ratio':>6}  {'seqs that fit':>13}")
+            for r in rows:
+                print(f"  {r.context:>9}  {_bytes(r.bytes_per_sequence):>11}  {_bytes(r.dense_bytes_per_sequence):>11}"
+                      f"  {r.ratio_to_dense:>6.3f}  {r.capacity_gain:>12.2f}x")
+
+    if args.json:
+        print(json.dumps(out, indent=2))
+    if args.png:
+        from .allocation.plot import plot_allocation
+
+        png = plot_allocation(alloc, args.png, title=args.title or Path(args.allocation).name)
+        print(f"wrote {png}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def cmd_make(args: argparse.Namespace) -> int:
+    from .allocation import make_allocation, render_text
+
+    if args.model:
+        if args.layers is not None or args.kv_heads is not None:
+            raise UserError("give either --model DIR or --layers L --kv-heads H, not both")
+        shape = _shape(args.model)
+        layers, kv_heads = shape.num_layers, shape.num_kv_heads
+    else:
+        if args.layers is None or args.kv_heads is None:
+            missing = "--layers" if args.layers is None else "--kv-heads"
+            raise UserError(f"{missing} is required without --model DIR (the model shape is needed)")
+        layers, kv_heads = args.layers, args.kv_heads
+    try:
+        alloc = make_allocation(args.rule, args.sparsity, layers, kv_heads, args.window,
+                                granularity=args.granularity, seed=args.seed)
+    except ValueError as e:
+        flag = "--rule" if "rule" in str(e) else "--sparsity"
+        raise UserError(f"{flag}: {e}") from None
+    if args.model:
+        alloc = alloc.with_extra(model=str(args.model))
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise UserError(f"--out {out}: already exists; pass --force to overwrite it")
+    alloc.save(out)
+    print(render_text(alloc))
+    print(f"wrote {out}")
+    if args.png:
+        from .allocation.plot import plot_allocation
+
+        title = f"rule '{args.rule}'" + (f" ({Path(args.model).name})" if args.model else "")
+        print(f"wrote {plot_allocation(alloc, args.png, title=title)}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_model, read_exported_allocation
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dst = export_model(args.model, args.allocation, args.out, link=not args.copy, force=args.force)
+    for w in caught:
+        print(f"{PROG} export: warning: {w.message}", file=sys.stderr)
+    alloc = read_exported_allocation(dst)
+    base = alloc.to_dict().get("base_architecture", "?")
+    how = "copied" if args.copy else "hard-linked (copied where linking is impossible)"
+    print(f"wrote {dst}: architecture Consa{base}, {alloc.num_layers} layers x {alloc.num_kv_heads} KV heads, "
+          f"sparsity {alloc.sparsity:.4f}, window {alloc.window}; weights {how}")
+    return 0
+
+
+def _delegate(name: str, argv: list[str]) -> int:
+    module_name, func, _ = DELEGATED[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
+            raise UserError(f"'{name}' is not available in this build ({module_name} is not installed yet)") from None
+        raise
+    rc = getattr(module, func)(argv)
+    return int(rc or 0)
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _shape(model_dir):
+    from .allocation import ModelShape
+
+    try:
+        return ModelShape.from_model_dir(model_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(f"--model: {e}") from None
+
+
+def _ranges(xs: Sequence[int]) -> str:
+    if not xs:
+        return "none"
+    parts, start, prev = [], xs[0], xs[0]
+    for x in list(xs[1:]) + [None]:
+        if x is not None and x == prev + 1:
+            prev = x
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if x is not None:
+            start = prev = x
+    return ",".join(parts)
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+# ------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .allocation.rules import RULES
+
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = _Parser(prog=PROG, formatter_class=fmt, description=(
+        "ConSA: learned per-KV-head full (F) / sliding-window (S) attention allocations, "
+        "and tools to inspect them, build baselines and export checkpoints for the vLLM plugin."),
+        epilog="Run `consa-vllm COMMAND --help` for the options of each command.")
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    # ---- show
+    s = sub.add_parser("show", formatter_class=fmt, help="print an allocation's pattern, statistics and KV estimate",
+                       description="Print an allocation's pattern and statistics; with --model, the KV-cache "
+                                   "bytes per sequence and the ratio to the dense model; with --png, draw the "
+                                   "layers x KV heads heatmap.",
+                       epilog="examples:\n  consa-vllm show alloc.json --png alloc.png\n"
+                              "  consa-vllm show alloc.json --model ./Qwen3-0.6B --context 4096 32768 --dtype bf16\n"
+                              "  consa-vllm show ./exported-checkpoint   (reads config.json's 'consa' field)")
+    s.add_argument("allocation", metavar="ALLOC", help="allocation JSON file, or an exported ConSA checkpoint directory")
+    s.add_argument("--png", metavar="OUT.png", help="also draw the heatmap to this PNG file")
+    s.add_argument("--title", help="title of the heatmap (default: the file name)")
+    s.add_argument("--model", metavar="DIR", help="Hugging Face model directory whose config.json gives the shape "
+                                                  "for the KV estimate (default: ALLOC itself when it is a checkpoint)")
+    s.add_argument("--context", metavar="N", nargs="+", type=_int_at_least(1, "tokens"),
+                   help=f"context lengths for the KV estimate (default: {' '.join(map(str, DEFAULT_CONTEXTS))})")
+    s.add_argument("--dtype", type=_dtype, default="bfloat16", help="KV cache dtype (default: bfloat16)")
+    s.add_argument("--block-size", metavar="B", type=_int_at_least(1, "tokens"),
+                   help="count whole paged KV blocks of B tokens, as vLLM allocates them (default: exact tokens)")
+    s.add_argument("--json", action="store_true", help="print machine-readable JSON instead of text")
+    s.set_defaults(func=cmd_show)
+
+    # ---- make
+    m = sub.add_parser("make", formatter_class=fmt, help="build a rule-based allocation at an exact sparsity",
+                       description="Build a rule-based (baseline) allocation whose sparsity is exactly --sparsity, "
+                                   "and write it atomically to --out.\n\nrules:\n"
+                                   "  bottom      S in the lowest layers/units (Qwen max_window_layers style)\n"
+                                   "  top         S in the highest layers/units\n"
+                                   "  middle      F is one contiguous block in the middle\n"
+                                   "  interleave  evenly spaced F units (Gemma / gpt-oss style)\n"
+                                   "  random      seeded random choice (--seed)\n"
+                                   "  uniform     kv_head only: the same number of F heads in every layer (--seed)",
+                       epilog="example:\n  consa-vllm make --rule bottom --sparsity 0.75 --granularity kv_head "
+                              "--layers 28 --kv-heads 8 --window 4096 --out a.json --png a.png")
+    m.add_argument("--rule", required=True, choices=RULES, help="which units become S")
+    m.add_argument("--sparsity", required=True, type=_sparsity, metavar="RHO",
+                   help="fraction of units that are S, in [0, 1]; must be exact for the unit count")
+    m.add_argument("--granularity", choices=("kv_head", "layer"), default="kv_head",
+                   help="unit: one KV head with its query group, or a whole layer (default: kv_head)")
+    m.add_argument("--model", metavar="DIR", help="take the shape from DIR/config.json")
+    m.add_argument("--layers", type=_int_at_least(1, "layers"), metavar="L", help="number of layers (without --model)")
+    m.add_argument("--kv-heads", type=_int_at_least(1, "KV heads"), metavar="H",
+                   help="KV heads per layer (without --model)")
+    m.add_argument("--window", required=True, type=_int_at_least(1, "tokens"), metavar="W",
+                   help="sliding window in tokens: query i sees keys i-W+1..i")
+    m.add_argument("--seed", type=int, default=0, help="seed for 'random' and 'uniform' (default: 0)")
+    m.add_argument("--out", required=True, metavar="A.json", help="allocation file to write")
+    m.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    m.add_argument("--png", metavar="OUT.png", help="also draw the heatmap")
+    m.set_defaults(func=cmd_make)
+
+    # ---- export
+    e = sub.add_parser("export", formatter_class=fmt, help="write a checkpoint that the vLLM plugin serves",
+                       description="Copy a Hugging Face checkpoint (Qwen3, Llama, Qwen2, Mistral; or an already "
+                                   "exported ConSA checkpoint) to --out with the allocation embedded in "
+                                   "config.json (field 'consa') and the architecture renamed to Consa<Original>. "
+                                   "Weights are hard-linked by default, tokenizer files copied. --out is built "
+                                   "in a temporary directory and renamed into place, so it is never half-written.",
+                       epilog="example:\n  consa-vllm export --model ./tiny --allocation a.json --out ./tiny-consa\n"
+                              "  vllm serve ./tiny-consa   # with the consa plugin installed")
+    e.add_argument("--model", required=True, metavar="SRC", help="source Hugging Face model directory")
+    e.add_argument("--allocation", required=True, metavar="A.json", help="allocation file matching the model's shape")
+    e.add_argument("--out", required=True, metavar="DST", help="directory to create")
+    how = e.add_mutually_exclusive_group()
+    how.add_argument("--link", action="store_true",
+                     help="hard-link the weight files, copying where the filesystem cannot link (default)")
+    how.add_argument("--copy", action="store_true", help="copy the weight files")
+    e.add_argument("--force", action="store_true", help="replace DST if it exists (the swap is atomic)")
+    e.set_defaults(func=cmd_export)
+
+    # ---- hooks filled by other modules
+    for name, (module, func, help_text) in DELEGATED.items():
+        d = sub.add_parser(name, help=help_text, add_help=False,
+                           description=f"{help_text}. Arguments are passed to {module}:{func}.")
+        d.add_argument("args", nargs=argparse.REMAINDER)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        # Delegated commands get their arguments untouched (their own --help included).
+        if argv and argv[0] in DELEGATED:
+            return _delegate(argv[0], argv[1:])
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
+        return args.func(args)
+    except Exception as e:
+        if not _is_user_error(e):
+            raise
+        cmd = f" {argv[0]}" if argv and argv[0] in _COMMANDS else ""
+        print(f"{PROG}{cmd}: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+_COMMANDS = ("show", "make", "export", *DELEGATED)
+
+
+def _is_user_error(e: BaseException) -> bool:
+    """Errors caused by the command line or its input files (not bugs): no traceback for these."""
+    from .allocation import AllocationError
+    from .export import ExportError
+
+    if isinstance(e, (UserError, AllocationError, ExportError)):
+        return True
+    # Missing/unreadable files named on the command line.
+    return isinstance(e, OSError) and e.filename is not None
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.filename is not None:
+        return f"{e.filename}: {e.strerror}"
+    return " ".join(str(e).split())
+
+if __name__ == "__main__":
+    sys.exit(main())
