@@ -199,6 +199,11 @@ CONFIGS = {
     "decode_only_g2": ([(50, 1), (3, 1), (17, 1), (0, 1)], 2, 2, 2, 64, 8, 4, 9),
     "window1": ([(5, 4), (0, 3)], 1, 1, 2, 32, 4, 4, 1),
     "window_large": ([(10, 8), (0, 6)], 1, 2, 1, 32, 4, 8, 1000),
+    # non-power-of-2 GQA group and head dim
+    "g3_d48": ([(12, 9), (25, 1), (0, 5)], 1, 1, 3, 48, 4, 8, 6),
+    # CUDA-graph style padding: zero-length sequences (seq_len 0) in the batch
+    "padded_seqs": ([(10, 3), (0, 0), (33, 1), (0, 0)], 1, 2, 2, 32, 8, 4, 5),
+    "padded_decode": ([(10, 1), (33, 1), (0, 0), (0, 0)], 2, 1, 2, 32, 8, 4, 5),
 }
 
 
@@ -295,6 +300,10 @@ INTERPRET_CASES = [
     ("decode_only_g2", "float16", "3d"),
     ("decode_only_nf0", "float32", "3d"),
     ("decode_only_ns0", "float32", "3d"),
+    ("g3_d48", "float32", "2d"),
+    ("padded_seqs", "float32", "2d"),
+    ("padded_decode", "float32", "3d"),
+    ("decode_only_g2", "bfloat16", "2d"),  # decode batch through the 2D path
 ]
 CONFIGS["decode_only_nf0"] = ([(50, 1), (3, 1), (17, 1)], 0, 2, 2, 32, 8, 4, 9)
 CONFIGS["decode_only_ns0"] = ([(50, 1), (3, 1), (17, 1)], 2, 0, 1, 32, 8, 4, 9)
@@ -329,13 +338,16 @@ def _interpret_main(argv):
     ref = torch.full_like(case.query, 7.0)
     torch_attn(*case.args(ref))
     out = torch.full_like(case.query, 7.0)
-    kwargs = {}
+    kwargs = dict(seq_threshold_3d=0)  # forces the 2D path
     if path == "3d":
         scratch = th.make_hybrid_scratch(case.query.shape[0], case.query.shape[1], d,
                                          torch.device("cpu"), num_segments=4)
         kwargs = dict(scratch=scratch, seq_threshold_3d=64)
         assert th.would_use_3d(case.query, case.query_start_loc, case.max_query_len,
                                scratch, 64)
+    else:
+        assert not th.would_use_3d(case.query, case.query_start_loc, case.max_query_len,
+                                   None, 0)
     th.hybrid_paged_attention(*case.args(out), **kwargs)
     T = int(case.query_start_loc[-1])
     assert not torch.isnan(out[:T]).any(), "NaN in triton output"

@@ -1,0 +1,551 @@
+"""Fused hybrid paged attention in Triton: ONE launch per layer for all of its heads.
+
+Derived from vLLM 0.26's ``vllm/v1/attention/ops/triton_unified_attention.py``
+(Apache-2.0, authors Burkhard Ringlein, Jan van Lunteren, Chih-Chieh Yang, Thomas
+Parnell): same q-block grid, online softmax and 2D / 3D (split-KV + reduce) structure,
+stripped of the features ConSA does not need (alibi, sinks, softcap, fp8, mm-prefix ...)
+and extended so that one program reads either pool:
+
+* grid axis 1 is the layer's KV head ``h`` in ``[0, n_full + n_swa)``; ``h < n_full``
+  reads the F pool through the F block table (causal), otherwise the S pool through the S
+  block table (sliding window W);
+* every program only iterates over the key range its q-block can see:
+  F ``[0, last_q]``, S ``[max(0, first_q - W + 1), last_q]``; loads are masked to that
+  range, so out-of-window block-table entries (null block / garbage) are never read;
+* 3D (decode, few sequences): the key range of each head is split into NUM_SEGMENTS
+  segments (an S head splits its ~W keys, an F head its whole context); every segment
+  program writes its partial (M, L, acc), empty segments write (-inf, 0, 0), and a reduce
+  kernel combines them.  The reduce therefore needs no knowledge of the ranges.
+
+CUDA-graph safety: no host syncs; grid sizes come from tensor shapes and the host ints
+``max_query_len``; 3D scratch comes from the caller (``make_hybrid_scratch``) or a
+per-device cache created on first use (create it before graph capture).
+
+No vLLM import here (keeps this module importable and testable alone).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+# Triton's CPU interpreter computes tl.dot wrongly on bfloat16/float16 operands (it sees
+# raw 16-bit integers); under TRITON_INTERPRET=1 the kernel upcasts Q/K/V to float32 before
+# the dots.  Everything else (ranges, masks, softmax, pointer math) is the same code.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+DEFAULT_NUM_SEGMENTS = 16  # vLLM's NUM_PAR_SOFTMAX_SEGMENTS
+MIN_LAUNCH_GRID_SIZE_2D = 128  # vLLM's threshold rule: 3D when num_seqs <= 128 // n_kv
+
+
+# ---------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _cdiv(x, y):
+    return (x + y - 1) // y
+
+
+@triton.jit
+def _find_seq_idx(query_start_len_ptr, target_idx, num_seqs, BLOCK_Q: tl.constexpr,
+                  USE_Q_BLOCK_MODE: tl.constexpr):
+    """Binary search over cumulative query lengths (as in vLLM)."""
+    left: tl.int32 = 0
+    right = num_seqs
+    while left < right:
+        mid = (left + right) // 2
+        val = tl.load(query_start_len_ptr + mid)
+        mid_val = val // BLOCK_Q + mid if USE_Q_BLOCK_MODE else val
+        if mid_val <= target_idx:
+            left = mid + 1
+        else:
+            right = mid
+    return left - 1
+
+
+@triton.jit
+def _attn_body(
+    output_ptr, query_ptr, cache_ptr, block_table_ptr,
+    segm_output_ptr, segm_max_ptr, segm_expsum_ptr,
+    seq_idx, segm_idx, q_block_local_idx, q_start, q_len, seq_len,
+    kv_head_idx, pool_head,
+    scale_log2, window,
+    block_table_stride: tl.int64,
+    q_stride_0: tl.int64, q_stride_1: tl.int64,
+    o_stride_0: tl.int64, o_stride_1: tl.int64,
+    c_stride_0: tl.int64, c_stride_1: tl.int64, c_stride_2: tl.int64,
+    c_stride_3: tl.int64, C_STRIDE_4: tl.constexpr,
+    NUM_QUERY_HEADS: tl.constexpr, G: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
+    HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
+    IS_SWA: tl.constexpr, IS_3D: tl.constexpr, NUM_SEGMENTS: tl.constexpr,
+    DOT_IEEE: tl.constexpr, CAST_F32: tl.constexpr,
+):
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_PAD)
+    offs_t = tl.arange(0, TILE)
+
+    q_pos = q_block_local_idx * BLOCK_Q + offs_m // G  # position among the new tokens
+    q_tok = q_start + q_pos
+    q_head = kv_head_idx * G + offs_m % G
+    row_valid = (q_pos < q_len) & (offs_m < BLOCK_Q * G)
+    dim_mask = offs_d < HEAD_SIZE
+
+    Q = tl.load(
+        query_ptr + q_tok[:, None].to(tl.int64) * q_stride_0
+        + q_head[:, None] * q_stride_1 + offs_d[None, :],
+        mask=row_valid[:, None] & dim_mask[None, :],
+        other=0.0,
+    )
+    if CAST_F32:
+        Q = Q.to(tl.float32)
+
+    ctx = seq_len - q_len
+    q_abs = ctx + q_pos
+    qpos_lo = q_block_local_idx * BLOCK_Q
+    qpos_hi = tl.minimum(qpos_lo + BLOCK_Q - 1, q_len - 1)
+    range_hi = ctx + qpos_hi + 1  # exclusive
+    if IS_SWA:
+        range_lo = tl.maximum(ctx + qpos_lo - window + 1, 0)
+    else:
+        range_lo = ctx * 0
+    num_tiles = _cdiv(range_hi - range_lo, TILE)
+    if IS_3D:
+        tiles_per_segment = _cdiv(num_tiles, NUM_SEGMENTS)
+        t_lo = segm_idx * tiles_per_segment
+        t_hi = tl.minimum(t_lo + tiles_per_segment, num_tiles)
+    else:
+        t_lo = 0
+        t_hi = num_tiles
+
+    M = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    L = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_PAD], dtype=tl.float32)
+
+    bt_base = block_table_ptr + seq_idx.to(tl.int64) * block_table_stride
+    k_base = cache_ptr + pool_head.to(tl.int64) * c_stride_3
+    v_base = k_base + c_stride_1
+
+    for j in range(t_lo, t_hi):
+        k_pos = range_lo + j * TILE + offs_t
+        k_valid = k_pos < range_hi
+        blk = tl.load(bt_base + k_pos // BLOCK_SIZE, mask=k_valid, other=0).to(tl.int64)
+        slot_off = blk * c_stride_0 + (k_pos % BLOCK_SIZE).to(tl.int64) * c_stride_2
+        # K : (HEAD_PAD, TILE)
+        K = tl.load(
+            k_base + slot_off[None, :] + offs_d[:, None] * C_STRIDE_4,
+            mask=dim_mask[:, None] & k_valid[None, :],
+            other=0.0,
+        ).to(Q.dtype)
+        # V : (TILE, HEAD_PAD)
+        V = tl.load(
+            v_base + slot_off[:, None] + offs_d[None, :] * C_STRIDE_4,
+            mask=k_valid[:, None] & dim_mask[None, :],
+            other=0.0,
+        ).to(Q.dtype)
+
+        if DOT_IEEE:
+            S = tl.dot(Q, K, input_precision="ieee")
+        else:
+            S = tl.dot(Q, K)
+        S = S * scale_log2
+
+        allowed = (k_pos[None, :] <= q_abs[:, None]) & k_valid[None, :] & row_valid[:, None]
+        if IS_SWA:
+            allowed = allowed & ((q_abs[:, None] - k_pos[None, :]) < window)
+        S = tl.where(allowed, S, float("-inf"))
+
+        m_new = tl.maximum(M, tl.max(S, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        P = tl.exp2(S - m_safe[:, None])
+        alpha = tl.exp2(M - m_safe)
+        L = L * alpha + tl.sum(P, axis=1)
+        if DOT_IEEE:
+            pv = tl.dot(P.to(V.dtype), V, input_precision="ieee")
+        else:
+            pv = tl.dot(P.to(V.dtype), V)
+        acc = acc * alpha[:, None] + pv
+        M = m_new
+
+    if IS_3D:
+        segm_off = (q_tok.to(tl.int64) * (NUM_QUERY_HEADS * NUM_SEGMENTS)
+                    + q_head * NUM_SEGMENTS + segm_idx)
+        tl.store(segm_output_ptr + segm_off[:, None] * HEAD_PAD + offs_d[None, :], acc,
+                 mask=row_valid[:, None] & dim_mask[None, :])
+        tl.store(segm_max_ptr + segm_off, M, mask=row_valid)
+        tl.store(segm_expsum_ptr + segm_off, L, mask=row_valid)
+    else:
+        L_safe = tl.where(L == 0.0, 1.0, L)
+        out = acc / L_safe[:, None]
+        tl.store(
+            output_ptr + q_tok[:, None].to(tl.int64) * o_stride_0
+            + q_head[:, None] * o_stride_1 + offs_d[None, :],
+            out.to(output_ptr.dtype.element_ty),
+            mask=row_valid[:, None] & dim_mask[None, :],
+        )
+
+
+@triton.jit
+def _hybrid_attn_kernel(
+    output_ptr, query_ptr, query_start_len_ptr, seq_lens_ptr, num_seqs,
+    full_cache_ptr, full_bt_ptr, full_head_offset, full_bt_stride: tl.int64,
+    f_stride_0: tl.int64, f_stride_1: tl.int64, f_stride_2: tl.int64,
+    f_stride_3: tl.int64, F_STRIDE_4: tl.constexpr,
+    swa_cache_ptr, swa_bt_ptr, swa_head_offset, swa_bt_stride: tl.int64,
+    s_stride_0: tl.int64, s_stride_1: tl.int64, s_stride_2: tl.int64,
+    s_stride_3: tl.int64, S_STRIDE_4: tl.constexpr,
+    segm_output_ptr, segm_max_ptr, segm_expsum_ptr,
+    scale_log2, window,
+    q_stride_0: tl.int64, q_stride_1: tl.int64,
+    o_stride_0: tl.int64, o_stride_1: tl.int64,
+    N_FULL: tl.constexpr, N_SWA: tl.constexpr, G: tl.constexpr,
+    BLOCK_SIZE_F: tl.constexpr, BLOCK_SIZE_S: tl.constexpr,
+    TILE: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
+    IS_3D: tl.constexpr, NUM_SEGMENTS: tl.constexpr, DOT_IEEE: tl.constexpr,
+    CAST_F32: tl.constexpr,
+):
+    q_block_global_idx = tl.program_id(0)
+    kv_head_idx = tl.program_id(1)
+    if IS_3D:
+        segm_idx = tl.program_id(2)
+    else:
+        segm_idx = 0
+
+    seq_idx = _find_seq_idx(query_start_len_ptr, q_block_global_idx, num_seqs, BLOCK_Q, True)
+    q_start = tl.load(query_start_len_ptr + seq_idx)
+    q_stop = tl.load(query_start_len_ptr + seq_idx + 1)
+    q_len = q_stop - q_start
+    q_block_local_idx = q_block_global_idx - (q_start // BLOCK_Q + seq_idx)
+    if q_block_local_idx * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq_idx)
+    NUM_QUERY_HEADS: tl.constexpr = (N_FULL + N_SWA) * G
+
+    if N_SWA == 0:
+        _attn_body(output_ptr, query_ptr, full_cache_ptr, full_bt_ptr,
+                   segm_output_ptr, segm_max_ptr, segm_expsum_ptr,
+                   seq_idx, segm_idx, q_block_local_idx, q_start, q_len, seq_len,
+                   kv_head_idx, full_head_offset + kv_head_idx, scale_log2, window,
+                   full_bt_stride, q_stride_0, q_stride_1, o_stride_0, o_stride_1,
+                   f_stride_0, f_stride_1, f_stride_2, f_stride_3, F_STRIDE_4,
+                   NUM_QUERY_HEADS, G, BLOCK_SIZE_F, TILE, HEAD_SIZE, HEAD_PAD,
+                   BLOCK_M, BLOCK_Q, False, IS_3D, NUM_SEGMENTS, DOT_IEEE, CAST_F32)
+    elif N_FULL == 0:
+        _attn_body(output_ptr, query_ptr, swa_cache_ptr, swa_bt_ptr,
+                   segm_output_ptr, segm_max_ptr, segm_expsum_ptr,
+                   seq_idx, segm_idx, q_block_local_idx, q_start, q_len, seq_len,
+                   kv_head_idx, swa_head_offset + kv_head_idx, scale_log2, window,
+                   swa_bt_stride, q_stride_0, q_stride_1, o_stride_0, o_stride_1,
+                   s_stride_0, s_stride_1, s_stride_2, s_stride_3, S_STRIDE_4,
+                   NUM_QUERY_HEADS, G, BLOCK_SIZE_S, TILE, HEAD_SIZE, HEAD_PAD,
+                   BLOCK_M, BLOCK_Q, True, IS_3D, NUM_SEGMENTS, DOT_IEEE, CAST_F32)
+    else:
+        if kv_head_idx < N_FULL:
+            _attn_body(output_ptr, query_ptr, full_cache_ptr, full_bt_ptr,
+                       segm_output_ptr, segm_max_ptr, segm_expsum_ptr,
+                       seq_idx, segm_idx, q_block_local_idx, q_start, q_len, seq_len,
+                       kv_head_idx, full_head_offset + kv_head_idx, scale_log2, window,
+                       full_bt_stride, q_stride_0, q_stride_1, o_stride_0, o_stride_1,
+                       f_stride_0, f_stride_1, f_stride_2, f_stride_3, F_STRIDE_4,
+                       NUM_QUERY_HEADS, G, BLOCK_SIZE_F, TILE, HEAD_SIZE, HEAD_PAD,
+                       BLOCK_M, BLOCK_Q, False, IS_3D, NUM_SEGMENTS, DOT_IEEE, CAST_F32)
+        else:
+            _attn_body(output_ptr, query_ptr, swa_cache_ptr, swa_bt_ptr,
+                       segm_output_ptr, segm_max_ptr, segm_expsum_ptr,
+                       seq_idx, segm_idx, q_block_local_idx, q_start, q_len, seq_len,
+                       kv_head_idx, swa_head_offset + (kv_head_idx - N_FULL),
+                       scale_log2, window,
+                       swa_bt_stride, q_stride_0, q_stride_1, o_stride_0, o_stride_1,
+                       s_stride_0, s_stride_1, s_stride_2, s_stride_3, S_STRIDE_4,
+                       NUM_QUERY_HEADS, G, BLOCK_SIZE_S, TILE, HEAD_SIZE, HEAD_PAD,
+                       BLOCK_M, BLOCK_Q, True, IS_3D, NUM_SEGMENTS, DOT_IEEE, CAST_F32)
+
+
+@triton.jit
+def _reduce_segments_kernel(
+    output_ptr, segm_output_ptr, segm_max_ptr, segm_expsum_ptr,
+    query_start_len_ptr, num_seqs,
+    o_stride_0: tl.int64, o_stride_1: tl.int64,
+    NUM_QUERY_HEADS: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
+    NUM_SEGMENTS: tl.constexpr,
+):
+    tok = tl.program_id(0)
+    head = tl.program_id(1)
+    num_tokens = tl.load(query_start_len_ptr + num_seqs)
+    if tok >= num_tokens:
+        return
+    offs_s = tl.arange(0, NUM_SEGMENTS)
+    offs_d = tl.arange(0, HEAD_PAD)
+    dim_mask = offs_d < HEAD_SIZE
+    base = (tok.to(tl.int64) * NUM_QUERY_HEADS + head) * NUM_SEGMENTS
+    m = tl.load(segm_max_ptr + base + offs_s)
+    m_max = tl.max(m, axis=0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.exp2(m - m_max)
+    denom = tl.sum(tl.load(segm_expsum_ptr + base + offs_s) * w, axis=0)
+    o = tl.load(segm_output_ptr + (base + offs_s)[:, None] * HEAD_PAD + offs_d[None, :],
+                mask=dim_mask[None, :], other=0.0)
+    acc = tl.sum(o * w[:, None], axis=0)
+    acc = tl.where(denom == 0.0, 0.0, acc / denom)
+    tl.store(output_ptr + tok.to(tl.int64) * o_stride_0 + head * o_stride_1 + offs_d,
+             acc.to(output_ptr.dtype.element_ty), mask=dim_mask)
+
+
+@triton.jit
+def _write_kv_kernel(
+    key_ptr, value_ptr, cache_ptr, slot_ptr,
+    k_stride_0: tl.int64, k_stride_1: tl.int64,
+    v_stride_0: tl.int64, v_stride_1: tl.int64,
+    c_stride_0: tl.int64, c_stride_1: tl.int64, c_stride_2: tl.int64,
+    c_stride_3: tl.int64, C_STRIDE_4: tl.constexpr,
+    head_offset,
+    N: tl.constexpr, N_PAD: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot < 0:
+        return
+    blk = slot // BLOCK_SIZE
+    off = slot % BLOCK_SIZE
+    offs_h = tl.arange(0, N_PAD)
+    offs_d = tl.arange(0, HEAD_PAD)
+    mask = (offs_h < N)[:, None] & (offs_d < HEAD_SIZE)[None, :]
+    k = tl.load(key_ptr + t.to(tl.int64) * k_stride_0 + offs_h[:, None] * k_stride_1
+                + offs_d[None, :], mask=mask)
+    v = tl.load(value_ptr + t.to(tl.int64) * v_stride_0 + offs_h[:, None] * v_stride_1
+                + offs_d[None, :], mask=mask)
+    dst = (cache_ptr + blk * c_stride_0 + off * c_stride_2
+           + (head_offset + offs_h)[:, None].to(tl.int64) * c_stride_3
+           + offs_d[None, :] * C_STRIDE_4)
+    tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + c_stride_1, v.to(cache_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------
+# Host wrappers
+# ---------------------------------------------------------------------------------------
+
+
+class HybridScratch(NamedTuple):
+    """Scratch for the 3D (split-KV) decode path; one per device, shared by all layers."""
+
+    segm_output: torch.Tensor  # [max_tokens, Hq, NUM_SEGMENTS, HEAD_PAD] float32
+    segm_max: torch.Tensor  # [max_tokens, Hq, NUM_SEGMENTS] float32
+    segm_expsum: torch.Tensor  # [max_tokens, Hq, NUM_SEGMENTS] float32
+
+    @property
+    def max_tokens(self) -> int:
+        return self.segm_output.shape[0]
+
+    @property
+    def num_segments(self) -> int:
+        return self.segm_output.shape[2]
+
+
+def default_seq_threshold_3d(num_kv_heads: int) -> int:
+    """vLLM's rule: use 3D (split-KV) decode when num_seqs <= 128 // num_kv_heads."""
+    return max(1, MIN_LAUNCH_GRID_SIZE_2D // max(1, num_kv_heads))
+
+
+def hybrid_scratch_shapes(max_tokens: int, num_q_heads: int, head_size: int,
+                          num_segments: int = DEFAULT_NUM_SEGMENTS):
+    hp = triton.next_power_of_2(head_size)
+    return ((max_tokens, num_q_heads, num_segments, hp),
+            (max_tokens, num_q_heads, num_segments),
+            (max_tokens, num_q_heads, num_segments))
+
+
+def make_hybrid_scratch(max_tokens: int, num_q_heads: int, head_size: int, device,
+                        num_segments: int = DEFAULT_NUM_SEGMENTS) -> HybridScratch:
+    """Allocate 3D scratch.  ``max_tokens`` = the largest decode batch that should take the
+    3D path (typically ``default_seq_threshold_3d(n_kv)``, or the CUDA-graph capture size
+    closest to it, as vLLM's triton backend does).  num_segments must be a power of 2."""
+    if num_segments < 1 or num_segments & (num_segments - 1):
+        raise ValueError(f"num_segments must be a power of 2, got {num_segments}")
+    s_out, s_max, s_sum = hybrid_scratch_shapes(max_tokens, num_q_heads, head_size,
+                                                num_segments)
+    return HybridScratch(torch.empty(s_out, dtype=torch.float32, device=device),
+                         torch.empty(s_max, dtype=torch.float32, device=device),
+                         torch.empty(s_sum, dtype=torch.float32, device=device))
+
+
+_SCRATCH_CACHE: dict = {}
+
+
+def _cached_scratch(device, num_q_heads, head_size, rows) -> HybridScratch:
+    key = (str(device), num_q_heads, triton.next_power_of_2(head_size), rows)
+    s = _SCRATCH_CACHE.get(key)
+    if s is None:
+        s = make_hybrid_scratch(rows, num_q_heads, head_size, device)
+        _SCRATCH_CACHE[key] = s
+    return s
+
+
+def would_use_3d(query, query_start_loc, max_query_len, scratch, seq_threshold_3d) -> bool:
+    """Host-side path choice (shapes and host ints only: no sync)."""
+    if scratch is None:
+        return False
+    num_seqs = query_start_loc.shape[0] - 1
+    return (max_query_len <= 1 and num_seqs <= seq_threshold_3d
+            and query.shape[0] <= scratch.max_tokens
+            and scratch.segm_output.shape[1] == query.shape[1]
+            and scratch.segm_output.shape[3] == triton.next_power_of_2(query.shape[2]))
+
+
+def _check_cache(cache, name, head_offset, n, head_size):
+    if cache.dim() != 5 or cache.shape[1] != 2:
+        raise ValueError(f"{name}: expected [num_blocks, 2, block_size, heads, D], "
+                         f"got {tuple(cache.shape)}")
+    if cache.shape[4] != head_size:
+        raise ValueError(f"{name}: head_dim {cache.shape[4]} != query head_dim {head_size}")
+    if head_offset < 0 or head_offset + n > cache.shape[3]:
+        raise ValueError(f"{name}: heads [{head_offset}, {head_offset + n}) outside the "
+                         f"pool's {cache.shape[3]} heads")
+
+
+def hybrid_paged_attention(
+    query: torch.Tensor,
+    output: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    full_cache, full_block_table, full_head_offset: int, n_full: int,
+    swa_cache, swa_block_table, swa_head_offset: int, n_swa: int,
+    window: int,
+    max_query_len: int,
+    max_seq_len: int,
+    *,
+    scratch: HybridScratch | None = None,
+    seq_threshold_3d: int | None = None,
+    tile_size: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> None:
+    """One launch (2D) or two launches (3D attention + reduce) for all heads of a layer.
+
+    3D is used when ``max_query_len <= 1``, ``num_seqs <= seq_threshold_3d`` (default:
+    vLLM's 128 // n_kv) and the scratch holds ``query.shape[0]`` tokens.  When
+    ``scratch`` is None a per-device cached scratch of ``seq_threshold_3d`` rows is used
+    (allocated on first use: make that happen before CUDA-graph capture, or pass one).
+    """
+    n_kv = n_full + n_swa
+    if n_kv == 0:
+        return
+    T, hq, d = query.shape
+    if hq % n_kv:
+        raise ValueError(f"query heads {hq} not a multiple of n_full + n_swa = {n_kv}")
+    group = hq // n_kv
+    if output.shape != query.shape:
+        raise ValueError(f"output shape {tuple(output.shape)} != query {tuple(query.shape)}")
+    if query.stride(2) != 1 or output.stride(2) != 1:
+        raise ValueError("query/output need a contiguous last dim")
+    if n_full > 0:
+        if full_cache is None or full_block_table is None:
+            raise ValueError("n_full > 0 needs full_cache and full_block_table")
+        _check_cache(full_cache, "full_cache", full_head_offset, n_full, d)
+    if n_swa > 0:
+        if swa_cache is None or swa_block_table is None:
+            raise ValueError("n_swa > 0 needs swa_cache and swa_block_table")
+        _check_cache(swa_cache, "swa_cache", swa_head_offset, n_swa, d)
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+    # Absent pool: pass the other one as a dummy (its branch is compiled out).
+    if n_full == 0:
+        full_cache, full_block_table, full_head_offset = swa_cache, swa_block_table, 0
+    if n_swa == 0:
+        swa_cache, swa_block_table, swa_head_offset = full_cache, full_block_table, 0
+        window = max(int(window), 1)
+    num_seqs = query_start_loc.shape[0] - 1
+    if num_seqs <= 0 or T == 0:
+        return
+
+    head_pad = triton.next_power_of_2(d)
+    block_m = 16 if group <= 16 else triton.next_power_of_2(group)
+    block_q = block_m // group
+
+    if seq_threshold_3d is None:
+        seq_threshold_3d = default_seq_threshold_3d(n_kv)
+    if scratch is None and max_query_len <= 1 and num_seqs <= seq_threshold_3d:
+        scratch = _cached_scratch(query.device, hq, d, seq_threshold_3d)
+    use_3d = would_use_3d(query, query_start_loc, max_query_len, scratch, seq_threshold_3d)
+
+    if tile_size is None:
+        tile_size = 16 if (use_3d and query.element_size() >= 2) else 32
+    total_q_blocks = T // block_q + num_seqs
+    num_segments = scratch.num_segments if use_3d else 1
+    grid = (total_q_blocks, n_kv, num_segments) if use_3d else (total_q_blocks, n_kv)
+    launch = {}
+    if num_warps is not None:
+        launch["num_warps"] = num_warps
+    if num_stages is not None:
+        launch["num_stages"] = num_stages
+
+    fc, sc = full_cache, swa_cache
+    segm = scratch if use_3d else (output, output, output)
+    _hybrid_attn_kernel[grid](
+        output, query, query_start_loc, seq_lens, num_seqs,
+        fc, full_block_table, full_head_offset, full_block_table.stride(0),
+        fc.stride(0), fc.stride(1), fc.stride(2), fc.stride(3), fc.stride(4),
+        sc, swa_block_table, swa_head_offset, swa_block_table.stride(0),
+        sc.stride(0), sc.stride(1), sc.stride(2), sc.stride(3), sc.stride(4),
+        segm[0], segm[1], segm[2],
+        float(scale) * LOG2E, int(window),
+        query.stride(0), query.stride(1), output.stride(0), output.stride(1),
+        N_FULL=n_full, N_SWA=n_swa, G=group,
+        BLOCK_SIZE_F=fc.shape[2], BLOCK_SIZE_S=sc.shape[2],
+        TILE=tile_size, HEAD_SIZE=d, HEAD_PAD=head_pad,
+        BLOCK_M=block_m, BLOCK_Q=block_q,
+        IS_3D=use_3d, NUM_SEGMENTS=num_segments,
+        DOT_IEEE=(query.dtype == torch.float32) or _INTERPRET,
+        CAST_F32=_INTERPRET,
+        **launch,
+    )
+    if use_3d:
+        _reduce_segments_kernel[(T, hq)](
+            output, scratch.segm_output, scratch.segm_max, scratch.segm_expsum,
+            query_start_loc, num_seqs,
+            output.stride(0), output.stride(1),
+            NUM_QUERY_HEADS=hq, HEAD_SIZE=d, HEAD_PAD=head_pad,
+            NUM_SEGMENTS=num_segments,
+        )
+
+
+def write_kv(key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor,
+             slot_mapping: torch.Tensor, head_offset: int) -> None:
+    """Triton scatter: one program per token writes its n heads' K and V (slot < 0 skipped).
+
+    Uses min(key.shape[0], slot_mapping.shape[0]) tokens; grid size from shapes only."""
+    n, d = key.shape[1], key.shape[2]
+    num_tokens = min(key.shape[0], slot_mapping.shape[0])
+    if num_tokens == 0 or n == 0:
+        return
+    if key.stride(2) != 1:
+        key = key.contiguous()
+    if value.stride(2) != 1:
+        value = value.contiguous()
+    if head_offset < 0 or head_offset + n > cache.shape[3]:
+        raise ValueError(f"heads [{head_offset}, {head_offset + n}) outside the pool's "
+                         f"{cache.shape[3]} heads")
+    _write_kv_kernel[(num_tokens,)](
+        key, value, cache, slot_mapping,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3), cache.stride(4),
+        head_offset,
+        N=n, N_PAD=triton.next_power_of_2(n), HEAD_SIZE=d,
+        HEAD_PAD=triton.next_power_of_2(d), BLOCK_SIZE=cache.shape[2],
+    )
+
+
+__all__ = [
+    "HybridScratch", "default_seq_threshold_3d", "hybrid_scratch_shapes",
+    "make_hybrid_scratch", "would_use_3d", "hybrid_paged_attention", "write_kv",
+]
