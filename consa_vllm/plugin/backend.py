@@ -1,0 +1,193 @@
+"""The CONSA attention backend: one fused attention launch per layer over two KV pools.
+
+vLLM sees two kinds of attention modules (see :mod:`consa_vllm.plugin.attention`):
+
+- two *pool* modules that only own KV memory (one full-attention spec, one
+  sliding-window spec), so vLLM's hybrid KV-cache manager allocates their blocks and
+  frees out-of-window S blocks;
+- one *compute* module per decoder layer, registered as sharing the KV cache of a pool
+  (vLLM's cross-layer KV sharing), so that it gets attention metadata and is run through
+  vLLM's own ``unified_attention_with_output`` custom op (a piecewise-CUDA-graph
+  splitting op) with no extra registration.
+
+The compute module's impl writes the layer's new K/V into both pools and runs one
+hybrid attention kernel that reads F heads through the F block table and S heads
+through the S block table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from vllm.config import VllmConfig
+from vllm.forward_context import get_forward_context
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionCGSupport,
+    AttentionImpl,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+    MultipleOf,
+)
+from vllm.v1.kv_cache_interface import AttentionSpec
+
+from consa_vllm.plugin.ops import hybrid_paged_attention, write_kv
+
+
+@dataclass
+class ConsaMetadata:
+    """Per KV-cache group: the batch shape plus that group's block table and slots."""
+
+    num_actual_tokens: int
+    max_query_len: int
+    max_seq_len: int
+    query_start_loc: torch.Tensor  # int32 [num_seqs + 1]
+    seq_lens: torch.Tensor  # int32 [num_seqs], context including the new tokens
+    block_table: torch.Tensor  # int32 [num_seqs, max_blocks]
+    slot_mapping: torch.Tensor  # int64 [num_tokens]
+
+
+class ConsaMetadataBuilder(AttentionMetadataBuilder[ConsaMetadata]):
+    # The kernels take every size from device tensors and host upper bounds, so one
+    # captured graph serves any mix of prefill and decode.
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.ALWAYS
+
+    def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str],
+                 vllm_config: VllmConfig, device: torch.device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> ConsaMetadata:
+        m = common_attn_metadata
+        return ConsaMetadata(
+            num_actual_tokens=m.num_actual_tokens,
+            max_query_len=m.max_query_len,
+            max_seq_len=m.max_seq_len,
+            query_start_loc=m.query_start_loc,
+            seq_lens=m.seq_lens,
+            block_table=m.block_table_tensor,
+            slot_mapping=m.slot_mapping,
+        )
+
+    def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata) -> ConsaMetadata:
+        meta = self.build(0, common_attn_metadata)
+        # As vLLM's Triton backend does: capturing with max-length sequences is slow
+        # and the captured kernels read the real lengths at replay anyway.
+        meta.seq_lens.fill_(1)
+        return meta
+
+
+class ConsaAttentionBackend(AttentionBackend):
+    forward_includes_kv_cache_update: bool = True
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list] = ["auto", "float16", "bfloat16"]
+
+    @staticmethod
+    def get_name() -> str:
+        # vLLM maps backend names to an enum; CUSTOM is its slot for out-of-tree backends.
+        return "CUSTOM"
+
+    @staticmethod
+    def get_impl_cls() -> type["ConsaAttentionImpl"]:
+        return ConsaAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[ConsaMetadataBuilder]:
+        return ConsaMetadataBuilder
+
+    @staticmethod
+    def get_supported_kernel_block_sizes() -> list[int | MultipleOf]:
+        return [MultipleOf(16)]
+
+    @staticmethod
+    def get_kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int,
+                           cache_dtype_str: str = "auto") -> tuple[int, ...]:
+        return (num_blocks, 2, block_size, num_kv_heads, head_size)
+
+    @staticmethod
+    def get_kv_cache_stride_order(include_num_layers_dimension: bool = False) -> tuple[int, ...]:
+        # Blocks outermost: vLLM may then pad the smaller pool's page and view it by
+        # block stride (see layout.choose_block_sizes).
+        if include_num_layers_dimension:
+            return (1, 0, 2, 3, 4, 5)
+        return (0, 1, 2, 3, 4)
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return [32, 64, 128, 256]
+
+    @classmethod
+    def supports_sliding_window(cls) -> bool:
+        return True
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @staticmethod
+    def use_cascade_attention(*args, **kwargs) -> bool:
+        return False
+
+
+class ConsaAttentionImpl(AttentionImpl[ConsaMetadata]):
+    """Runs one layer: write K/V into both pools, then one hybrid attention call."""
+
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int | None = None,
+                 alibi_slopes: list[float] | None = None, sliding_window: int | None = None,
+                 kv_cache_dtype: str = "auto", logits_soft_cap: float | None = None,
+                 attn_type: str = AttentionType.DECODER, kv_sharing_target_layer_name: str | None = None,
+                 consa_pools=None) -> None:
+        if alibi_slopes is not None or logits_soft_cap:
+            raise NotImplementedError("ConSA attention supports neither ALiBi nor logit soft-capping")
+        if kv_cache_dtype not in ("auto", "float16", "bfloat16"):
+            raise NotImplementedError(f"ConSA attention does not support kv_cache_dtype={kv_cache_dtype!r} yet")
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
+        self.attn_type = attn_type
+        # (full pool name, sliding pool name, LayerLayout); None for the pool modules,
+        # which vLLM never runs.
+        self.consa_pools = consa_pools
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
+                output_scale=None, output_block_scale=None) -> torch.Tensor:
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("fused output quantization is not supported by ConSA attention")
+        if attn_metadata is None:
+            # Profiling run: no KV cache yet.
+            return output.fill_(0)
+        full_name, slide_name, lay = self.consa_pools
+        ctx = get_forward_context()
+        metas = ctx.attn_metadata
+        if isinstance(metas, list):  # speculative decoding passes a list; [0] is the base model
+            metas = metas[0]
+        layers = ctx.no_compile_layers
+        n = attn_metadata.num_actual_tokens
+        full_meta = metas[full_name] if lay.n_full else None
+        slide_meta = metas[slide_name] if lay.n_sliding else None
+        key, value = key[:n], value[:n]
+        full_cache = slide_cache = None
+        if lay.n_full:
+            full_cache = layers[full_name].kv_cache
+            write_kv(key[:, :lay.n_full], value[:, :lay.n_full], full_cache,
+                     full_meta.slot_mapping[:n], lay.full_offset)
+        if lay.n_sliding:
+            slide_cache = layers[slide_name].kv_cache
+            write_kv(key[:, lay.n_full:], value[:, lay.n_full:], slide_cache,
+                     slide_meta.slot_mapping[:n], lay.sliding_offset)
+        hybrid_paged_attention(
+            query[:n], output[:n],
+            attn_metadata.query_start_loc, attn_metadata.seq_lens, self.scale,
+            full_cache, full_meta.block_table if full_meta else None, lay.full_offset, lay.n_full,
+            slide_cache, slide_meta.block_table if slide_meta else None, lay.sliding_offset, lay.n_sliding,
+            window=layer.consa_window,
+            max_query_len=attn_metadata.max_query_len, max_seq_len=attn_metadata.max_seq_len,
+        )
+        return output

@@ -1,0 +1,72 @@
+"""Reading and checking the allocation of a served ConSA checkpoint.
+
+:class:`ConsaModelConfig` is registered with vLLM's per-architecture config hooks, so
+that a malformed or mismatched allocation stops ``vllm serve`` while it builds its
+configuration, before any engine process starts or any weight is read.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from consa_vllm.allocation import Allocation, AllocationError, ModelShape
+
+logger = logging.getLogger("consa_vllm")
+
+
+def read_allocation(hf_config: Any, model_path: str | os.PathLike | None = None) -> Allocation:
+    """The validated allocation stored under ``config.json["consa"]``, checked against the model."""
+    source = os.path.join(str(model_path), "config.json") if model_path else "config.json"
+    data = getattr(hf_config, "consa", None)
+    if data is None:
+        raise AllocationError(
+            f"{source}: no 'consa' allocation found; export the checkpoint with "
+            "`consa-vllm export --model SRC --allocation A.json --out DST`")
+    if not isinstance(data, dict):
+        raise AllocationError(f"{source}: field 'consa' must be an allocation object, got {type(data).__name__}")
+    allocation = Allocation.from_dict(data, source=f"{source} (field 'consa')")
+    shape = ModelShape.from_config(hf_config)
+    allocation.check_model(shape.num_layers, shape.num_kv_heads, source=f"{source} (field 'consa')")
+    return allocation
+
+
+def check_serving_config(vllm_config: Any) -> Allocation:
+    """Checks that need the whole engine configuration (context length, parallelism)."""
+    model_config = vllm_config.model_config
+    allocation = read_allocation(model_config.hf_config, model_config.model)
+    if allocation.window >= model_config.max_model_len and any("S" in r for r in allocation.pattern):
+        logger.warning(
+            "ConSA: window %d >= max_model_len %d, so the sliding-window (S) heads see the whole "
+            "context and act as full attention; S KV memory is not reduced.",
+            allocation.window, model_config.max_model_len)
+    tp = vllm_config.parallel_config.tensor_parallel_size
+    if allocation.granularity == "kv_head" and tp > 1:
+        from consa_vllm.plugin.layout import PoolLayout
+
+        if allocation.num_kv_heads % tp:
+            raise AllocationError(
+                f"{model_config.model}: {allocation.num_kv_heads} KV heads cannot be split across "
+                f"--tensor-parallel-size {tp}")
+        per_rank = [PoolLayout.build(allocation, tp, r) for r in range(tp)]
+        counts = sorted({(p.full_pool_heads, p.sliding_pool_heads) for p in per_rank})
+        if len(counts) > 1:
+            raise AllocationError(
+                f"{model_config.model}: with --tensor-parallel-size {tp} the ranks would hold different "
+                f"numbers of F/S KV heads {[(p.full_pool_heads, p.sliding_pool_heads) for p in per_rank]}; "
+                "vLLM needs identical KV layouts on every rank. Use an allocation with the same number "
+                "of F heads in each rank's head range, or tensor-parallel size 1.")
+    return allocation
+
+
+class ConsaModelConfig:
+    """vLLM ``VerifyAndUpdateConfig`` hook for the Consa* architectures."""
+
+    @staticmethod
+    def verify_and_update_model_config(model_config: Any) -> None:
+        read_allocation(model_config.hf_config, model_config.model)
+
+    @staticmethod
+    def verify_and_update_config(vllm_config: Any) -> None:
+        check_serving_config(vllm_config)
