@@ -9,8 +9,8 @@ so the model keeps building its own causal/padding masks exactly as under ``"sdp
 them with a window band.
 
 Native sliding layers (Qwen2/Qwen3 ``layer_types``, Mistral ``sliding_window``): while patched, the
-allocation is the only authority. ``layer_types`` is set to all ``"full_attention"`` and
-``sliding_window`` to ``None`` on the config, so that the model passes full masks and its
+allocation is the only authority. ``layer_types`` is set to all ``"full_attention"`` (or, for
+Mistral, ``sliding_window`` to ``None``) on the config, so that the model passes full masks and its
 ``DynamicCache`` keeps every key (F heads need them); S heads get their window from the allocation.
 :meth:`HybridAttentionState.disable` and :func:`unpatch_model` restore the config.
 """
@@ -110,8 +110,10 @@ class HybridAttentionState:
             if hasattr(cfg, name):
                 self._saved[name] = getattr(cfg, name)
         if getattr(cfg, "layer_types", None) is not None:
+            # Qwen2/Qwen3: keep sliding_window (the model may still build its unused sliding mask).
             cfg.layer_types = ["full_attention"] * len(cfg.layer_types)
-        if getattr(cfg, "sliding_window", None) is not None:
+        elif getattr(cfg, "sliding_window", None) is not None:
+            # Mistral: one global window, no layer_types.
             cfg.sliding_window = None
         cfg._attn_implementation = ATTN_NAME
         self.enabled = True
