@@ -74,7 +74,7 @@ def read_exported_allocation(config: Any) -> Allocation:
     """
     if isinstance(config, (str, os.PathLike)):
         path = Path(config)
-        cfg_path = path / "config.json" if path.is_dir() else path
+        cfg_path = path if path.suffix == ".json" and not path.is_dir() else path / "config.json"
         data = _read_config(cfg_path, error=AllocationError)
         where = str(cfg_path)
     elif isinstance(config, Mapping):
