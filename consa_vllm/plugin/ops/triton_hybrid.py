@@ -194,7 +194,7 @@ def _attn_body(
 
 @triton.jit
 def _hybrid_attn_kernel(
-    output_ptr, query_ptr, query_start_len_ptr, seq_lens_ptr, num_seqs,
+    output_ptr, query_ptr, query_start_len_ptr, seq_lens_ptr, num_seqs: tl.int32,
     full_cache_ptr, full_bt_ptr, full_head_offset, full_bt_stride: tl.int64,
     f_stride_0: tl.int64, f_stride_1: tl.int64, f_stride_2: tl.int64,
     f_stride_3: tl.int64, F_STRIDE_4: tl.constexpr,
@@ -272,7 +272,7 @@ def _hybrid_attn_kernel(
 @triton.jit
 def _reduce_segments_kernel(
     output_ptr, segm_output_ptr, segm_max_ptr, segm_expsum_ptr,
-    query_start_len_ptr, num_seqs,
+    query_start_len_ptr, num_seqs: tl.int32,
     o_stride_0: tl.int64, o_stride_1: tl.int64,
     NUM_QUERY_HEADS: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
     NUM_SEGMENTS: tl.constexpr,
