@@ -1,0 +1,122 @@
+"""Atomic checkpoints: tensors in safetensors, everything else in JSON. No pickle anywhere.
+
+Layout: ``<log_dir>/checkpoints/step_00000100/{tensors.safetensors,state.json}`` and a
+``latest`` file naming the newest one. A checkpoint is written into a temporary folder and
+renamed into place, so a kill leaves either the old or the new checkpoint, never half of one.
+Nested state (optimizer state dicts, RNG states) is flattened: tensors go to safetensors
+under a path key, the rest of the structure to JSON with ``{"__tensor__": key}`` leaves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from consa_vllm.allocation import atomic_write_text
+
+TENSORS = "tensors.safetensors"
+STATE = "state.json"
+
+
+def flatten(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """Replace every tensor in a nested dict/list by a reference; collect tensors by key."""
+    if isinstance(obj, torch.Tensor):
+        key = prefix
+        tensors[key] = obj.detach().to("cpu").contiguous().clone()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        items = [[k, flatten(v, f"{prefix}/{k}", tensors)] for k, v in obj.items()]
+        if all(isinstance(k, str) for k in obj):
+            return {"__dict__": {k: v for k, v in items}}
+        return {"__items__": items}
+    if isinstance(obj, (list, tuple)):
+        return [flatten(v, f"{prefix}/{i}", tensors) for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot checkpoint a {type(obj).__name__} at {prefix}")
+
+
+def unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__dict__" in obj:
+            return {k: unflatten(v, tensors) for k, v in obj["__dict__"].items()}
+        return {k: unflatten(v, tensors) for k, v in obj["__items__"]}
+    if isinstance(obj, list):
+        return [unflatten(v, tensors) for v in obj]
+    return obj
+
+
+def rng_state() -> dict[str, Any]:
+    st: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return st
+
+
+def set_rng_state(st: dict[str, Any]) -> None:
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        states = list(st["cuda"])
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+
+
+def save_checkpoint(ckpt_root: Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
+    """Write ``state`` (nested dicts of tensors and JSON values) as checkpoint ``step``."""
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:08d}"
+    final, tmp = ckpt_root / name, ckpt_root / f".tmp-{name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    tensors: dict[str, torch.Tensor] = {}
+    tree = flatten(state, "s", tensors)
+    save_file(tensors, str(tmp / TENSORS))
+    (tmp / STATE).write_text(json.dumps({"step": step, "state": tree}))
+    for f in (TENSORS, STATE):
+        with open(tmp / f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():  # re-written after a resume: swap, then drop the old one
+        old = ckpt_root / f".old-{name}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    atomic_write_text(ckpt_root / "latest", name + "\n")
+    for old in list_checkpoints(ckpt_root)[:-keep]:
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not ckpt_root.is_dir():
+        return []
+    return sorted(p for p in ckpt_root.glob("step_*") if (p / STATE).is_file() and (p / TENSORS).is_file())
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    pointer = ckpt_root / "latest"
+    if pointer.is_file():
+        p = ckpt_root / pointer.read_text().strip()
+        if (p / STATE).is_file():
+            return p
+    found = list_checkpoints(ckpt_root)
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path) -> tuple[int, dict[str, Any]]:
+    """``(step, state)`` as saved by :func:`save_checkpoint`."""
+    meta = json.loads((path / STATE).read_text())
+    tensors = load_file(str(path / TENSORS))
+    return int(meta["step"]), unflatten(meta["state"], tensors)

@@ -1,0 +1,239 @@
+"""Trainer configuration: a dataclass, its command line, and validation before any heavy work."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A bad argument: the message names the flag (and the file) at fault."""
+
+
+@dataclass
+class TrainConfig:
+    # what to train on
+    model: str = ""
+    data: list[str] = field(default_factory=list)
+    text_field: str = "text"
+    tokenizer: str | None = None
+    seq_len: int = 2048
+    max_tokens: int | None = None
+    # the method
+    target_sparsity: float = 0.5
+    granularity: Literal["layer", "kv_head"] = "kv_head"
+    constraint: Literal["global", "per-layer"] = "per-layer"
+    window: int = 512
+    init_log_alpha: float = 3.0
+    target_warmup: float = 0.5
+    # optimisation
+    steps: int = 200
+    batch_size: int = 1
+    grad_accum: int = 1
+    lr: float = 1e-5
+    gate_lr: float = 0.1
+    lagrangian_lr: float = 1.0
+    grad_clip: float = 1.0
+    freeze_weights: bool = False
+    # stage 2
+    stage2_steps: int = 0
+    save_model: str | None = None
+    # output and runtime
+    out: str = "allocation.json"
+    log_dir: str | None = None
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    resume: str | None = None
+    seed: int = 0
+    device: str = "auto"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    fsdp: bool = False
+    progress: bool = True
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def out_path(self) -> Path:
+        return Path(self.out)
+
+    @property
+    def log_path(self) -> Path:
+        if self.log_dir:
+            return Path(self.log_dir)
+        p = Path(self.out)
+        return p.with_name(p.stem + ".logs")
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps + self.stage2_steps
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# Fields that may change between a run and its resumption without changing the result.
+RESUME_FREE_FIELDS = {"resume", "progress", "checkpoint_every", "keep_checkpoints", "device", "log_dir",
+                      "out", "save_model", "fsdp"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m consa_vllm.train",
+        description=(
+            "Learn which attention units (layers or KV heads) of a Qwen3/Llama model can use "
+            "sliding-window attention (S) and which need full attention (F). Hard-concrete L0 "
+            "gates mix full and sliding-window attention per unit; an augmented Lagrangian "
+            "drives the expected sparsity to --target-sparsity; at the end an exact top-k "
+            "binarises the gates and the allocation file is written to --out."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", required=True, help="local Hugging Face Qwen3/Llama checkpoint directory")
+    g.add_argument("--data", required=True, nargs="+", metavar="PATH",
+                   help="text (.txt/.md/.py/...), .jsonl or .parquet files or folders of them, "
+                        "or a folder written by datasets' save_to_disk")
+    g.add_argument("--text-field", default=d.text_field, help="column/key holding the text in jsonl, parquet and datasets")
+    g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
+    g.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per packed training sequence")
+    g.add_argument("--max-tokens", type=int, default=None, help="stop reading data after this many tokens")
+
+    g = p.add_argument_group("method")
+    g.add_argument("--target-sparsity", type=float, default=d.target_sparsity,
+                   help="fraction of units that become sliding-window (S), in [0, 1]")
+    g.add_argument("--granularity", choices=["layer", "kv_head"], default=d.granularity,
+                   help="one gate per layer, or one per KV head (with its query group)")
+    g.add_argument("--constraint", choices=["global", "per-layer"], default=d.constraint,
+                   help="one sparsity constraint over all units, or the same sparsity in every layer "
+                        "(per-layer needs --granularity kv_head)")
+    g.add_argument("--window", type=int, default=d.window, help="sliding window W in tokens (query i sees keys i-W+1..i)")
+    g.add_argument("--init-log-alpha", type=float, default=d.init_log_alpha,
+                   help="initial gate log_alpha (high = every unit starts as full attention)")
+    g.add_argument("--target-warmup", type=float, default=d.target_warmup,
+                   help="fraction of the stage-1 steps over which the target ramps linearly from 0")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, default=d.steps, help="stage-1 optimizer steps")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per micro-batch per process")
+    g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate of the model weights")
+    g.add_argument("--gate-lr", type=float, default=d.gate_lr, help="Adam learning rate of the gates' log_alpha")
+    g.add_argument("--lagrangian-lr", type=float, default=d.lagrangian_lr,
+                   help="learning rate of the multipliers lambda1, lambda2 (Adam, gradient ascent)")
+    g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm of the weights (0: off)")
+    g.add_argument("--freeze-weights", action="store_true",
+                   help="masks-only calibration: train the gates, keep the model weights fixed")
+
+    g = p.add_argument_group("stage 2 (continued training with the binary mask)")
+    g.add_argument("--stage2-steps", type=int, default=d.stage2_steps,
+                   help="weight-training steps with the binarised allocation fixed (needs --save-model)")
+    g.add_argument("--save-model", default=None, metavar="DIR",
+                   help="write the trained model, with the allocation embedded for the vLLM plugin, to DIR")
+
+    g = p.add_argument_group("output and runtime")
+    g.add_argument("--out", default=d.out, help="allocation file to write (JSON)")
+    g.add_argument("--log-dir", default=None,
+                   help="metrics.jsonl, checkpoints, plots (default: <out without .json>.logs next to --out)")
+    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints (0: none)")
+    g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="how many recent checkpoints to keep")
+    g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
+                   help="resume from the latest checkpoint in --log-dir, or from the checkpoint directory given")
+    g.add_argument("--seed", type=int, default=d.seed, help="seed of data order, gate noise and everything random")
+    g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N (under torchrun: the local rank's GPU)")
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], default=d.dtype, help="model weights and compute dtype")
+    g.add_argument("--fsdp", action="store_true", help="shard the model with FSDP (torchrun, CUDA) instead of DDP")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    ns = build_parser().parse_args(argv)
+    return TrainConfig(**vars(ns))
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Check every value and path; raise :class:`ConfigError` naming the flag. Cheap: no torch."""
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    need(0.0 <= cfg.target_sparsity <= 1.0, f"--target-sparsity must be in [0, 1], got {cfg.target_sparsity}")
+    need(cfg.window >= 1, f"--window must be >= 1, got {cfg.window}")
+    need(cfg.seq_len >= 2, f"--seq-len must be >= 2, got {cfg.seq_len}")
+    need(cfg.max_tokens is None or cfg.max_tokens >= cfg.seq_len,
+         f"--max-tokens ({cfg.max_tokens}) must be at least --seq-len ({cfg.seq_len})")
+    need(cfg.steps >= 1, f"--steps must be >= 1, got {cfg.steps}")
+    need(cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}")
+    need(cfg.grad_accum >= 1, f"--grad-accum must be >= 1, got {cfg.grad_accum}")
+    for flag, v in (("--lr", cfg.lr), ("--gate-lr", cfg.gate_lr), ("--lagrangian-lr", cfg.lagrangian_lr),
+                    ("--grad-clip", cfg.grad_clip)):
+        need(v >= 0 and v == v and v != float("inf"), f"{flag} must be a finite number >= 0, got {v}")
+    need(cfg.gate_lr > 0, "--gate-lr must be > 0: the gates are what this trainer learns")
+    need(0.0 <= cfg.target_warmup <= 1.0, f"--target-warmup is a fraction of --steps in [0, 1], got {cfg.target_warmup}")
+    need(cfg.stage2_steps >= 0, f"--stage2-steps must be >= 0, got {cfg.stage2_steps}")
+    need(cfg.stage2_steps == 0 or cfg.save_model, "--stage2-steps needs --save-model DIR to write the trained model")
+    need(cfg.stage2_steps == 0 or cfg.lr > 0, "--stage2-steps trains the weights: --lr must be > 0")
+    need(cfg.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {cfg.checkpoint_every}")
+    need(cfg.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {cfg.keep_checkpoints}")
+    need(cfg.constraint == "global" or cfg.granularity == "kv_head",
+         "--constraint per-layer needs --granularity kv_head: with one gate per layer every layer is all F "
+         "or all S, so a per-layer sparsity between 0 and 1 cannot be met; use --constraint global")
+    need(cfg.dtype in ("float32", "bfloat16"), f"--dtype must be float32 or bfloat16, got {cfg.dtype!r}")
+    dev = cfg.device
+    need(dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:") and dev[5:].isdigit(),
+         f"--device must be auto, cpu, cuda or cuda:N, got {dev!r}")
+
+    # model directory
+    model = Path(cfg.model)
+    need(model.is_dir(), f"--model {cfg.model}: not a directory (expected a local Hugging Face checkpoint)")
+    cfg_json = model / "config.json"
+    need(cfg_json.is_file(), f"--model {cfg.model}: no config.json (is it a Hugging Face model directory?)")
+    try:
+        conf = json.loads(cfg_json.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--model {cfg_json}: not valid JSON ({e})") from None
+    need(isinstance(conf, dict) and conf.get("num_hidden_layers") and conf.get("num_attention_heads"),
+         f"--model {cfg_json}: no num_hidden_layers/num_attention_heads, not a decoder language model")
+    tok = Path(cfg.tokenizer or cfg.model)
+    need(tok.is_dir() and any((tok / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")),
+         f"{'--tokenizer' if cfg.tokenizer else '--model'} {tok}: no tokenizer files (tokenizer.json, "
+         "tokenizer.model or vocab.json); pass --tokenizer DIR")
+
+    # data paths (contents are checked when the data is read, still before training)
+    need(len(cfg.data) > 0, "--data: give at least one file or folder")
+    for d in cfg.data:
+        need(Path(d).exists(), f"--data {d}: no such file or directory")
+
+    # outputs
+    out = Path(cfg.out)
+    need(not out.is_dir(), f"--out {cfg.out}: is a directory, expected the allocation JSON file to write")
+    need(_creatable(out.parent), f"--out {cfg.out}: cannot create or write to {out.parent}")
+    need(not cfg.log_path.exists() or cfg.log_path.is_dir(), f"--log-dir {cfg.log_path}: exists and is not a directory")
+    need(not (cfg.fsdp and cfg.resume), "--resume is not supported with --fsdp yet (optimizer shards are not "
+         "checkpointed); use DDP (the default under torchrun)")
+    if cfg.save_model:
+        sm = Path(cfg.save_model)
+        need(not sm.exists() or (sm.is_dir() and not any(sm.iterdir())),
+             f"--save-model {sm}: exists and is not an empty directory; choose a new one")
+        need(sm.resolve() != model.resolve(), "--save-model must differ from --model (it would overwrite the source)")
+    if cfg.resume and cfg.resume != "auto":
+        r = Path(cfg.resume)
+        need(r.is_dir() and (r / "state.json").is_file(),
+             f"--resume {cfg.resume}: not a checkpoint directory (no state.json)")
+
+
+def _creatable(d: Path) -> bool:
+    d = d if str(d) else Path(".")
+    while not d.exists():
+        if d.parent == d:
+            return False
+        d = d.parent
+    return d.is_dir() and os.access(d, os.W_OK)

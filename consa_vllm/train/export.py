@@ -1,0 +1,52 @@
+"""Save the stage-2 model with its allocation, ready for the vLLM plugin."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from consa_vllm.allocation import Allocation
+
+
+def save_trained_model(model, tokenizer, alloc: Allocation, out_dir: Path, source: str) -> Path:
+    """``save_pretrained`` into a temp dir next to ``out_dir``, then export with the allocation.
+
+    Uses :func:`consa_vllm.export.export_model` (ConSA architecture name, allocation under
+    ``config.json["consa"]``, no global sliding window), which renames into place atomically.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.trained-", dir=out_dir.parent))
+    try:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        for extra in ("generation_config.json",):  # keep what save_pretrained may not write
+            src = Path(source) / extra
+            if src.is_file() and not (tmp / extra).exists():
+                shutil.copy2(src, tmp / extra)
+        try:
+            from consa_vllm.export import export_model
+        except ImportError:  # exporter not available: embed the allocation ourselves
+            return _embed(tmp, alloc, out_dir)
+        # out_dir is absent or empty (checked before training); weights are copied, not linked,
+        # because the temporary source is deleted afterwards.
+        return export_model(tmp, alloc, out_dir, link=False, force=out_dir.exists())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _embed(tmp: Path, alloc: Allocation, out_dir: Path) -> Path:
+    cfg_path = tmp / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    base = cfg["architectures"][0]
+    cfg["architectures"] = ["Consa" + base]
+    cfg["consa"] = {**alloc.to_dict(), "base_architecture": base}
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    final = tmp.with_name(tmp.name + ".final")
+    shutil.copytree(tmp, final)
+    if out_dir.exists():
+        out_dir.rmdir()  # empty, checked before training
+    final.rename(out_dir)
+    return out_dir

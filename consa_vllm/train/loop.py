@@ -1,0 +1,416 @@
+"""The training loop: stage 1 (gates + Lagrangian, optionally weights), binarise, stage 2.
+
+Everything around the loop (data, gate math, multipliers, checkpoints, plots, export) lives in
+its own small module; what is here is setup, one step, and the two stages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from consa_vllm.allocation import Allocation, atomic_write_text
+
+from . import checkpoint as ckpt
+from .config import RESUME_FREE_FIELDS, ConfigError, TrainConfig
+from .data import PackedData, load_data
+from .gates import binarize_topk, expand, expected_sparsity, mask_to_pattern, num_sliding, prob_nonzero, sample_z
+from .lagrangian import Lagrangian, target_at
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf; the message names the step and the last good checkpoint."""
+
+
+def patch_model(model, window: int):
+    """The reference hybrid attention (imported late: it pulls in transformers)."""
+    from consa_vllm.reference import patch_model as _patch
+    return _patch(model, window=window, allocation=None)
+
+
+class GatedLM(nn.Module):
+    """Model + gates + multipliers in one module, so that DDP/FSDP see every trainable tensor."""
+
+    def __init__(self, model: nn.Module, state: Any, units_per_layer: int, init_log_alpha: float,
+                 num_constraints: int):
+        super().__init__()
+        self.model = model
+        object.__setattr__(self, "state", state)  # not a submodule: it may hold the model itself
+        self.num_kv_heads = state.num_kv_heads
+        self.log_alpha = nn.Parameter(torch.full((state.num_layers, units_per_layer), float(init_log_alpha)))
+        self.lagrangian = Lagrangian(num_constraints)
+
+    def forward(self, input_ids: torch.Tensor, u: torch.Tensor | None = None, target: float = 0.0):
+        """Stage 1 (``u`` given): (task loss, penalty, expected sparsity, sampled z). Stage 2: task loss."""
+        if u is None:
+            return self.model(input_ids=input_ids, labels=input_ids).loss
+        z = sample_z(self.log_alpha, u)
+        self.state.set_gates(expand(z, self.num_kv_heads))
+        task = self.model(input_ids=input_ids, labels=input_ids).loss
+        s_hat = expected_sparsity(self.log_alpha, per_layer=self.lagrangian.lambda1.numel() > 1)
+        return task, self.lagrangian(s_hat, target), s_hat.detach(), z.detach()
+
+
+# ------------------------------------------------------------------------------ setup
+
+
+def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    want_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    if want_cuda and not torch.cuda.is_available():
+        raise ConfigError(f"--device {cfg.device}: CUDA is not available on this machine")
+    if want_cuda:
+        device = torch.device(f"cuda:{local}" if world > 1 or cfg.device in ("auto", "cuda") else cfg.device)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if cfg.fsdp and (world == 1 or not want_cuda):
+        raise ConfigError("--fsdp needs several CUDA processes: run under torchrun --nproc-per-node N")
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if want_cuda else "gloo")
+    return rank, world, device
+
+
+def load_tokenizer(cfg: TrainConfig):
+    from transformers import AutoTokenizer
+    src = cfg.tokenizer or cfg.model
+    try:
+        tok = AutoTokenizer.from_pretrained(src)
+    except Exception as e:  # transformers raises many types here
+        raise ConfigError(f"--tokenizer {src}: cannot load the tokenizer ({e})") from None
+    tok.model_max_length = int(1e30)  # we pack ourselves; silence "sequence too long" warnings
+    return tok
+
+
+def load_model(cfg: TrainConfig, device: torch.device):
+    from transformers import AutoModelForCausalLM
+    try:
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=getattr(torch, cfg.dtype))
+    except Exception as e:
+        raise ConfigError(f"--model {cfg.model}: cannot load the model ({e})") from None
+    model.config.use_cache = False
+    return model.to(device)
+
+
+def noise(seed: int, global_micro: int, shape: torch.Size) -> torch.Tensor:
+    """Gate noise u as a pure function of (seed, global micro-batch index): resumable, rank-split."""
+    g = torch.Generator().manual_seed((seed % 2**31) * 2**31 + global_micro)
+    return torch.rand(shape, generator=g)
+
+
+def wrap(net: GatedLM, cfg: TrainConfig, world: int, device: torch.device) -> nn.Module:
+    """DDP around the trainable module; the plain module on one process.
+
+    With ``--fsdp`` the decoder layers are sharded (FSDP2 ``fully_shard``) and the rest
+    (embeddings, head, gates, multipliers) stays replicated: :func:`sync_replicated_grads`
+    averages their gradients after the backward passes.
+    """
+    if world == 1:
+        return net
+    if cfg.fsdp:
+        from torch.distributed.fsdp import fully_shard
+        if not getattr(net, "_consa_sharded", False):
+            for layer in net.model.model.layers:
+                fully_shard(layer)
+            net._consa_sharded = True
+        return net
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def sync_replicated_grads(net: nn.Module) -> None:
+    """FSDP mode: average the gradients of the parameters FSDP does not own (plain tensors)."""
+    from torch.distributed.tensor import DTensor
+    for p in net.parameters():
+        if p.grad is not None and not isinstance(p, DTensor):
+            torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
+
+
+# ------------------------------------------------------------------------------ loop
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.rank, self.world, self.device = setup_distributed(cfg)
+        self.main = self.rank == 0
+        torch.manual_seed(cfg.seed)
+        # Everything that can fail on bad input runs before anything is written.
+        self.tokenizer = load_tokenizer(cfg)
+        self.data: PackedData = load_data(cfg.data, self.tokenizer, cfg.seq_len, cfg.seed, cfg.text_field,
+                                          cfg.max_tokens)
+        model = load_model(cfg, self.device)
+        try:
+            self.state = patch_model(model, cfg.window)
+        except ValueError as e:
+            raise ConfigError(f"--model {cfg.model}: {e}") from None
+        per_layer = cfg.constraint == "per-layer"
+        units = 1 if cfg.granularity == "layer" else self.state.num_kv_heads
+        self.net = GatedLM(model, self.state, units, cfg.init_log_alpha,
+                           self.state.num_layers if per_layer else 1).to(self.device)
+        self.n_units = self.state.num_layers * units
+        self.ckpt_root = cfg.log_path / "checkpoints"
+        self.metrics_path = cfg.log_path / "metrics.jsonl"
+        self.step, self.history, self.last_ckpt = 0, [], None
+        self.stage1_final: dict[str, Any] = {}
+        self.elapsed = 0.0
+        self._warn_rounding()
+
+    def _warn_rounding(self) -> None:
+        cfg = self.cfg
+        rows, width = ((self.state.num_layers, self.n_units // self.state.num_layers) if cfg.constraint == "per-layer"
+                       else (1, self.n_units))
+        k = num_sliding(width, cfg.target_sparsity)
+        if self.main and abs(k / width - cfg.target_sparsity) > 1e-9:
+            print(f"note: {cfg.target_sparsity} x {width} units is not a whole number; the binarised allocation "
+                  f"will have sparsity {k / width:.4f} ({k} of {width} S{' per layer' if rows > 1 else ''})",
+                  file=sys.stderr)
+
+    # -------------------------------------------------------------- optimizers
+    def make_optimizers(self, stage: int) -> dict[str, torch.optim.Optimizer]:
+        cfg, net = self.cfg, self.net
+        weights = [p for p in net.model.parameters()]
+        train_weights = stage == 2 or not cfg.freeze_weights
+        for p in weights:
+            p.requires_grad_(train_weights)
+        net.log_alpha.requires_grad_(stage == 1)
+        net.lagrangian.requires_grad_(stage == 1)
+        opts: dict[str, torch.optim.Optimizer] = {}
+        if train_weights:
+            opts["weights"] = torch.optim.AdamW(weights, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+        if stage == 1:
+            opts["gates"] = torch.optim.Adam([net.log_alpha], lr=cfg.gate_lr)
+            opts["lagrangian"] = net.lagrangian.optimizer(cfg.lagrangian_lr)
+        return opts
+
+    # -------------------------------------------------------------- one step
+    def train_step(self, wrapped: nn.Module, opts: dict, stage: int) -> dict[str, Any]:
+        cfg, step = self.cfg, self.step
+        t = target_at(step, cfg.steps, cfg.target_sparsity, cfg.target_warmup) if stage == 1 else None
+        sums = torch.zeros(3, device=self.device)  # task, penalty, sampled sparsity
+        s_hat = None
+        for m in range(cfg.grad_accum):
+            x = self.data.micro_batch(step, m, cfg.grad_accum, cfg.batch_size, self.rank, self.world).to(self.device)
+            sync = m == cfg.grad_accum - 1 or self.world == 1 or not hasattr(wrapped, "no_sync")
+            with nullcontext() if sync else wrapped.no_sync():
+                if stage == 1:
+                    g = (step * cfg.grad_accum + m) * self.world + self.rank
+                    task, pen, s_hat, z = wrapped(x, noise(cfg.seed, g, self.net.log_alpha.shape), t)
+                    ((task + pen) / cfg.grad_accum).backward()
+                    sums += torch.stack([task.detach().float(), pen.detach().float(), (z == 0).float().mean()])
+                else:
+                    task = wrapped(x)
+                    (task / cfg.grad_accum).backward()
+                    sums[0] += task.detach().float()
+        sums /= cfg.grad_accum
+        if self.world > 1 and cfg.fsdp:
+            sync_replicated_grads(self.net)
+        if self.world > 1:
+            torch.distributed.all_reduce(sums, op=torch.distributed.ReduceOp.AVG)
+        if not torch.isfinite(sums).all():
+            where = f"the last good checkpoint is {self.last_ckpt}" if self.last_ckpt else \
+                "no checkpoint was written yet (see --checkpoint-every)"
+            raise TrainingDiverged(f"loss became {sums[0].item()} at step {step} (stage {stage}); stopped without "
+                                   f"updating; {where}. Try a lower --lr/--gate-lr or --dtype float32.")
+        if "weights" in opts and cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.net.model.parameters(), cfg.grad_clip)
+        for o in opts.values():
+            o.step()
+            o.zero_grad(set_to_none=True)
+        rec: dict[str, Any] = {"step": step, "stage": stage, "loss": sums[0].item()}
+        if stage == 1:
+            lag = self.net.lagrangian
+            rec.update(penalty=sums[1].item(), target=t, sampled_sparsity=sums[2].item(),
+                       expected_sparsity=expected_sparsity(self.net.log_alpha.detach()).item(),
+                       lambda1=lag.lambda1.detach().cpu().tolist(), lambda2=lag.lambda2.detach().cpu().tolist())
+            if s_hat is not None and s_hat.numel() > 1:
+                rec["expected_sparsity_per_layer"] = s_hat.cpu().tolist()
+        return rec
+
+    # -------------------------------------------------------------- checkpoints
+    def state_dict(self, opts: dict, stage: int) -> dict[str, Any]:
+        trainable = {"log_alpha": self.net.log_alpha, "lambda1": self.net.lagrangian.lambda1,
+                     "lambda2": self.net.lagrangian.lambda2}
+        st = {"config": self.cfg.to_dict(), "stage": stage, "trainable": trainable, "rng": ckpt.rng_state(),
+              "optimizers": {k: o.state_dict() for k, o in opts.items()}, "stage1_final": self.stage1_final,
+              "elapsed": self.elapsed}
+        if "weights" in opts:
+            st["model"] = full_state_dict(self.net.model)
+        return st
+
+    def save(self, opts: dict, stage: int) -> None:
+        st = self.state_dict(opts, stage)  # every rank joins (FSDP gathers are collective)
+        if self.main:
+            self.last_ckpt = ckpt.save_checkpoint(self.ckpt_root, self.step, st, self.cfg.keep_checkpoints)
+
+    def resume(self) -> tuple[dict[str, Any] | None, int]:
+        cfg = self.cfg
+        path = ckpt.latest_checkpoint(self.ckpt_root) if cfg.resume == "auto" else Path(cfg.resume)
+        if path is None:
+            if self.main:
+                print(f"note: --resume: no checkpoint in {self.ckpt_root}, starting from step 0", file=sys.stderr)
+            return None, 1
+        step, st = ckpt.load_checkpoint(path)
+        old = st["config"]
+        diffs = [k for k, v in cfg.to_dict().items() if k not in RESUME_FREE_FIELDS and old.get(k) != v]
+        if diffs:
+            raise ConfigError(f"--resume {path}: the checkpoint was made with different settings: " + ", ".join(
+                f"--{k.replace('_', '-')} {old.get(k)!r} (now {getattr(cfg, k)!r})" for k in diffs))
+        with torch.no_grad():
+            self.net.log_alpha.copy_(st["trainable"]["log_alpha"])
+            self.net.lagrangian.lambda1.copy_(st["trainable"]["lambda1"])
+            self.net.lagrangian.lambda2.copy_(st["trainable"]["lambda2"])
+        if "model" in st:
+            self.net.model.load_state_dict(st["model"])
+        ckpt.set_rng_state(st["rng"])
+        self.step, self.last_ckpt = step, path
+        self.stage1_final, self.elapsed = st.get("stage1_final") or {}, st.get("elapsed", 0.0)
+        if self.main:
+            print(f"resumed from {path} at step {step}", file=sys.stderr)
+        return st["optimizers"], st["stage"]
+
+    # -------------------------------------------------------------- logging
+    def open_logs(self) -> None:
+        self.cfg.log_path.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if self.metrics_path.exists():  # after a resume, drop what the checkpoint does not cover
+            kept = [json.loads(l) for l in self.metrics_path.read_text().splitlines() if l.strip()]
+            kept = [r for r in kept if r["step"] < self.step]
+        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        self.history = kept
+        self.metrics_file = open(self.metrics_path, "a")
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(self.cfg.log_path / "tensorboard"), purge_step=self.step)
+        except ImportError:
+            pass
+
+    def log(self, rec: dict[str, Any]) -> None:
+        self.history.append(rec)
+        self.metrics_file.write(json.dumps(rec) + "\n")
+        self.metrics_file.flush()
+        if self.tb:
+            for k, v in rec.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, rec["step"])
+
+    # -------------------------------------------------------------- stages
+    def run_stage(self, stage: int, end: int, opt_states: dict | None) -> None:
+        from tqdm import tqdm
+        cfg = self.cfg
+        opts = self.make_optimizers(stage)
+        if opt_states:
+            for k, o in opts.items():
+                if k in opt_states:
+                    o.load_state_dict(opt_states[k])
+        wrapped = wrap(self.net, cfg, self.world, self.device)
+        wrapped.train()
+        bar = tqdm(total=end, initial=self.step, desc=f"stage {stage}", disable=not (self.main and cfg.progress),
+                   dynamic_ncols=True, file=sys.stderr)
+        while self.step < end:
+            t0 = time.perf_counter()
+            rec = self.train_step(wrapped, opts, stage)
+            self.step += 1
+            dt = time.perf_counter() - t0
+            self.elapsed += dt
+            tokens = cfg.batch_size * cfg.grad_accum * self.world * cfg.seq_len
+            rec.update(step_time_s=dt, tokens_per_s=tokens / dt, tokens=self.step * tokens)
+            if self.main:
+                self.log(rec)
+                post = {"loss": f"{rec['loss']:.4f}"}
+                if stage == 1:
+                    l1, l2 = rec["lambda1"], rec["lambda2"]
+                    post.update(s=f"{rec['expected_sparsity']:.3f}", t=f"{rec['target']:.3f}",
+                                l1=f"{sum(l1) / len(l1):+.3f}", l2=f"{sum(l2) / len(l2):.3f}")
+                bar.set_postfix(post, refresh=False)
+                bar.update(1)
+            if stage == 1 and self.step == cfg.steps:
+                self.stage1_final = {k: rec[k] for k in ("loss", "penalty", "expected_sparsity", "target",
+                                                         "lambda1", "lambda2")}
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                self.save(opts, stage)
+        bar.close()
+
+    def allocation(self) -> Allocation:
+        cfg, la = self.cfg, self.net.log_alpha.detach().float().cpu()
+        keep = binarize_topk(la, cfg.target_sparsity, per_layer=cfg.constraint == "per-layer")
+        alloc = Allocation(granularity=cfg.granularity, window=cfg.window,
+                           pattern=mask_to_pattern(keep, self.state.num_kv_heads))
+        p = prob_nonzero(la)
+        return alloc.with_extra(
+            target_sparsity=cfg.target_sparsity, achieved_sparsity=alloc.sparsity,
+            num_layers=self.state.num_layers, num_kv_heads=self.state.num_kv_heads,
+            training={
+                "trainer": "consa_vllm.train", "method": "hard-concrete L0 gates + augmented Lagrangian",
+                "args": cfg.to_dict(), "stage1_steps": cfg.steps, "stage2_steps": cfg.stage2_steps,
+                "world_size": self.world, "tokens_stage1": cfg.steps * cfg.batch_size * cfg.grad_accum
+                * self.world * cfg.seq_len, "final": self.stage1_final,
+                "expected_sparsity": expected_sparsity(la).item(), "duration_s": round(self.elapsed, 3),
+                "log_alpha": la.tolist(), "p_nonzero": p.tolist(),
+            })
+
+    def run(self) -> Allocation:
+        cfg = self.cfg
+        opt_states, stage = self.resume() if cfg.resume else (None, 1)
+        if self.main:
+            self.open_logs()
+        if self.step < cfg.steps:
+            self.run_stage(1, cfg.steps, opt_states)
+        if stage == 1:  # stage 2 starts with fresh optimizers
+            opt_states = None
+        alloc = self.allocation()
+        if cfg.stage2_steps:
+            self.state.set_allocation(alloc)
+            self.state.set_gates(None)
+            self.run_stage(2, cfg.total_steps, opt_states)
+        if self.main:
+            self.finish(alloc)
+        return alloc
+
+    def finish(self, alloc: Allocation) -> None:
+        from .plots import plot_allocation, plot_curves
+        cfg = self.cfg
+        self.metrics_file.close()
+        if self.tb:
+            self.tb.close()
+        if cfg.stage2_steps:
+            final2 = [r for r in self.history if r["stage"] == 2]
+            train = dict(alloc.model_extra["training"], final_stage2={"loss": final2[-1]["loss"]} if final2 else {})
+            alloc = alloc.with_extra(training=train)
+        if cfg.save_model:
+            from .export import save_trained_model
+            self.state.disable()  # restore the stock config before save_pretrained
+            save_trained_model(self.net.model, self.tokenizer, alloc, Path(cfg.save_model), cfg.model)
+            print(f"model with the allocation embedded: {cfg.save_model}", file=sys.stderr)
+        alloc.save(cfg.out)
+        plot_allocation(alloc, cfg.log_path / "allocation.png")
+        plot_curves(self.history, cfg.log_path / "curves.png")
+        from consa_vllm.allocation import render_text
+        print(render_text(alloc), file=sys.stderr)
+        print(f"allocation: {cfg.out}\nlogs, checkpoints and plots: {cfg.log_path}", file=sys.stderr)
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with FSDP shards gathered (collective under FSDP)."""
+    from torch.distributed.tensor import DTensor
+    return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in model.state_dict().items()}
+
+
+def train(cfg: TrainConfig) -> Allocation:
+    trainer = Trainer(cfg)
+    try:
+        return trainer.run()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
