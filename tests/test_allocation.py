@@ -374,3 +374,41 @@ def test_model_shape_from_dir(tmp_path):
     assert ModelShape.from_model_dir(tmp_path) == ModelShape(28, 8, 16, 128)
     with pytest.raises(FileNotFoundError, match="config.json: not found"):
         ModelShape.from_model_dir(tmp_path / "missing")
+
+
+# ----------------------------------------------------------------------------- heatmap
+
+
+def _png_wh(path: Path) -> tuple[int, int]:
+    import struct
+
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_plot_allocation_with_probabilities(tmp_path):
+    from consa_vllm.allocation import plot_allocation
+
+    a = make_allocation("uniform", 0.75, 8, 4, 64, seed=1)
+    probs = [[0.9 if c == "F" else 0.2 for c in row] for row in a.pattern]
+    one = plot_allocation(a, tmp_path / "one.png", title="t")
+    two = plot_allocation(a, tmp_path / "sub" / "two.png", probabilities=probs)
+    w1, h1 = _png_wh(one)
+    w2, h2 = _png_wh(two)
+    assert 300 < w1 < w2 < 4000 and 300 < h1 < 4000  # the second panel widens the figure
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.png", "sub"]  # no temp files
+    # Tiny and large shapes draw too.
+    _png_wh(plot_allocation(Allocation(granularity="layer", window=1, pattern=["S"]), tmp_path / "1x1.png"))
+    _png_wh(plot_allocation(make_allocation("middle", 0.5, 96, 16, 4096), tmp_path / "big.png"))
+
+
+def test_plot_allocation_rejects_bad_probabilities(tmp_path):
+    from consa_vllm.allocation import plot_allocation
+
+    a = make_allocation("bottom", 0.5, 4, 2, 64)
+    with pytest.raises(ValueError, match="probabilities must be 4 layers x 2 KV heads"):
+        plot_allocation(a, tmp_path / "x.png", probabilities=[[0.5, 0.5]] * 3)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
+        plot_allocation(a, tmp_path / "x.png", probabilities=[[0.5, 1.5]] * 4)
+    assert not (tmp_path / "x.png").exists()
