@@ -19,7 +19,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec, SlidingWi
 from consa_vllm.plugin.backend import ConsaAttentionBackend
 from consa_vllm.plugin.layout import LayerLayout, PoolLayout, choose_block_sizes
 
-logger = init_logger(__name__)
+logger = init_logger(f"vllm.{__name__}")  # under "vllm" so vLLM's log handler shows it
 
 
 class ConsaKVPool(Attention):

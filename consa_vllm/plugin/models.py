@@ -41,7 +41,7 @@ from consa_vllm.plugin.attention import ConsaAttention, ConsaKVPools
 from consa_vllm.plugin.config import read_allocation
 from consa_vllm.plugin.layout import LayerLayout, PoolLayout
 
-logger = init_logger(__name__)
+logger = init_logger(f"vllm.{__name__}")  # under "vllm" so vLLM's log handler shows it
 
 
 def uses_pools(allocation: Allocation) -> bool:

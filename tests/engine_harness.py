@@ -1,0 +1,122 @@
+"""Shared helpers for tests that start real vLLM engines and compare them with references.
+
+Engines run in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): the first start in a
+pytest process pays the imports, later ones take seconds. One engine is alive at a time:
+:func:`run_vllm` starts it, runs everything asked, and shuts it down.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+from consa_vllm.allocation import Allocation  # noqa: E402
+from consa_vllm.export import export_model  # noqa: E402
+from consa_vllm.tiny import build_tiny_model  # noqa: E402
+
+TINY = dict(num_layers=4, num_attention_heads=8, num_kv_heads=4, head_dim=32, hidden_size=128,
+            intermediate_size=256, vocab_size=512, max_position_embeddings=2048)
+
+
+@dataclass
+class Generation:
+    """Greedy tokens and, per generated position, the top-k {token: logprob}."""
+
+    tokens: list[list[int]]
+    top_logprobs: list[list[dict[int, float]]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def tiny_model(root: Path, family: str, seed: int = 0, **overrides) -> Path:
+    """Build (once per directory) a tiny random HF model."""
+    d = Path(root) / f"{family}-{seed}"
+    if not (d / "config.json").exists():
+        build_tiny_model(d, family=family, seed=seed, **{**TINY, **overrides})
+    return d
+
+
+def export(src: Path, out: Path, pattern: list[str], window: int, granularity: str = "kv_head") -> Path:
+    alloc = Allocation(granularity=granularity, window=window, pattern=pattern)
+    return export_model(src, alloc, out, force=True)
+
+
+def prompts_of(lengths: list[int], vocab: int = 512, seed: int = 0) -> list[list[int]]:
+    import random
+
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths]
+
+
+def reference_generate(src: Path, allocation: Allocation | None, prompts: list[list[int]],
+                       max_new_tokens: int, top_k: int = 5) -> Generation:
+    """Greedy decoding with the HF model patched by the reference hybrid attention.
+
+    Top-k logprobs are those of a full forward over prompt + generated tokens (teacher
+    forcing), which is what vLLM reports for each sampled position.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from consa_vllm.reference import patch_model
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    if allocation is not None:
+        patch_model(model, window=allocation.window, allocation=allocation)
+    out = Generation(tokens=[], top_logprobs=[])
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([p])
+            gen = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, min_new_tokens=max_new_tokens,
+                                 pad_token_id=0, eos_token_id=None)
+            new = gen[0, len(p):].tolist()
+            logits = model(gen).logits[0, len(p) - 1:-1].float()
+            lp = torch.log_softmax(logits, dim=-1)
+            vals, idx = lp.topk(top_k, dim=-1)
+            out.tokens.append(new)
+            out.top_logprobs.append([dict(zip(i.tolist(), v.tolist())) for v, i in zip(vals, idx)])
+    return out
+
+
+def run_vllm(model_dir: Path, prompts: list[list[int]], max_tokens: int, logprobs: int = 5,
+             inspect: Callable[[Any], dict] | None = None, **llm_kwargs) -> Generation:
+    """Start an engine, generate greedily, optionally inspect it, shut it down."""
+    from vllm import LLM, SamplingParams, TokensPrompt
+    from vllm.distributed import cleanup_dist_env_and_memory
+
+    kw = dict(dtype="float32", max_model_len=512, max_num_seqs=8, enforce_eager=True, block_size=16, seed=0)
+    kw.update(llm_kwargs)
+    llm = LLM(model=str(model_dir), **kw)
+    try:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0, logprobs=logprobs, ignore_eos=True)
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        gen = Generation(tokens=[], top_logprobs=[])
+        for o in outs:
+            c = o.outputs[0]
+            gen.tokens.append(list(c.token_ids))
+            gen.top_logprobs.append([{t: lp.logprob for t, lp in step.items()} for step in (c.logprobs or [])])
+        if inspect is not None:
+            gen.extra = inspect(llm)
+        return gen
+    finally:
+        del llm
+        gc.collect()
+        cleanup_dist_env_and_memory()
+
+
+def max_logprob_gap(a: Generation, b: Generation) -> float:
+    """Largest |logprob difference| over tokens present in both top-k lists, up to the first token mismatch."""
+    gap = 0.0
+    for ta, tb, la, lb in zip(a.tokens, b.tokens, a.top_logprobs, b.top_logprobs):
+        for i, (x, y) in enumerate(zip(ta, tb)):
+            common = set(la[i]) & set(lb[i])
+            assert common, "top-k lists share no token"
+            gap = max(gap, max(abs(la[i][t] - lb[i][t]) for t in common))
+            if x != y:
+                break
+    return gap
