@@ -328,3 +328,24 @@ def test_validation_errors(model_dir):
         state.set_gates(torch.ones(LAYERS, KVH + 1))
     with pytest.raises(ValueError, match="window"):
         patch_model(m, 0)
+
+
+@torch.no_grad()
+def test_mistral_all_s_equals_hf_global_window(tmp_path):
+    """Mistral's global ``sliding_window`` is HF's all-S oracle; the patch also overrides it."""
+    from transformers import MistralConfig
+
+    cfg = MistralConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                        num_attention_heads=8, num_key_value_heads=4, head_dim=32, sliding_window=None)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    oracle = load(tmp_path, sliding_window=W)
+    m = load(tmp_path, sliding_window=W)  # native window on; the allocation takes over
+    x = ids(t=90)
+    patch_model(m, W, alloc(["SSSS"] * 2))
+    assert maxdiff(m(x).logits, oracle(x).logits) < 1e-5
+    m.consa_state.set_allocation(None)  # all-F: dense, although the config had a window
+    assert maxdiff(m(x).logits, load(tmp_path)(x).logits) < 1e-5
+    assert maxdiff(oracle(x).logits, load(tmp_path)(x).logits) > 1e-2
+    m.consa_state.disable()
+    assert m.config.sliding_window == W

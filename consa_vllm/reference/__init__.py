@@ -9,7 +9,8 @@ The numerical reference for the vLLM plugin and the attention engine of the trai
     state.disable(); state.enable()
     unpatch_model(model)
 
-Imports torch and transformers at module load: not for the vLLM plugin's import path.
+Imports torch at module load (transformers and pydantic only when patching): not for the vLLM
+plugin's import path. The benchmark runs with torch alone: ``python -m consa_vllm.reference.benchmark``.
 """
 
 from .benchmark import benchmark_reference_attention

@@ -17,14 +17,15 @@ Mistral, ``sliding_window`` to ``None``) on the config, so that the model passes
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from consa_vllm.allocation import Allocation, AllocationError
-
 from .kernels import SWA_BACKENDS, hybrid_attention
+
+if TYPE_CHECKING:  # imported lazily at run time: the kernels and benchmark need torch only (bare GPU images)
+    from consa_vllm.allocation import Allocation
 
 ATTN_NAME = "consa"
 SUPPORTED_MODEL_TYPES = ("qwen3", "llama", "qwen2", "mistral")
@@ -69,6 +70,8 @@ class HybridAttentionState:
             self.allocation = None
             self._full_heads = [list(range(self.num_kv_heads))] * self.num_layers
             return
+        from consa_vllm.allocation import Allocation, AllocationError
+
         if not isinstance(allocation, Allocation):
             raise TypeError(f"expected consa_vllm.allocation.Allocation, got {type(allocation).__name__}")
         allocation.check_model(self.num_layers, self.num_kv_heads)
