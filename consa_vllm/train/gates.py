@@ -49,7 +49,7 @@ def expected_sparsity(log_alpha: torch.Tensor, per_layer: bool = False) -> torch
 
 def deterministic_z(log_alpha: torch.Tensor) -> torch.Tensor:
     """The noise-free gate used for evaluation: the sample at u = 1/2."""
-    return (torch.sigmoid(log_alpha) * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+    return (torch.sigmoid(log_alpha / BETA) * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
 
 
 def expand(z: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
