@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import sys
 
-from .config import ConfigError, parse_args, validate
+from consa_vllm.allocation import AllocationError
+
+from .config import ConfigError, DataError, TrainingDiverged, parse_args, validate
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     try:
         validate(cfg)  # cheap checks first: no torch import for a bad flag
-        from consa_vllm.allocation import AllocationError
-
-        from .data import DataError
-        from .loop import TrainingDiverged, train
+        from .loop import train
         train(cfg)
     except (ConfigError, DataError, AllocationError) as e:
         print(f"error: {e}", file=sys.stderr)

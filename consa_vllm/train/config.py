@@ -14,6 +14,14 @@ class ConfigError(ValueError):
     """A bad argument: the message names the flag (and the file) at fault."""
 
 
+class DataError(ValueError):
+    """Unreadable or unusable data; the message names the file."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf; the message names the step and the last good checkpoint."""
+
+
 @dataclass
 class TrainConfig:
     # what to train on

@@ -15,14 +15,12 @@ from typing import Iterator
 
 import torch
 
+from .config import DataError
+
 TEXT_EXTS = {".txt", ".text", ".md", ".rst", ".py", ".c", ".h", ".cpp", ".rs", ".go", ".java", ".js", ".ts",
              ".html", ".tex", ".csv", ".toml", ".yaml", ".yml", ".cfg", ".ini", ".sh"}
 JSONL_EXTS = {".jsonl", ".json"}
 PARQUET_EXTS = {".parquet"}
-
-
-class DataError(ValueError):
-    """Unreadable or unusable data; the message names the file."""
 
 
 def _is_saved_dataset(p: Path) -> bool:

@@ -20,14 +20,10 @@ from torch import nn
 from consa_vllm.allocation import Allocation, atomic_write_text
 
 from . import checkpoint as ckpt
-from .config import RESUME_FREE_FIELDS, ConfigError, TrainConfig
+from .config import RESUME_FREE_FIELDS, ConfigError, TrainConfig, TrainingDiverged
 from .data import PackedData, load_data
 from .gates import binarize_topk, expand, expected_sparsity, mask_to_pattern, num_sliding, prob_nonzero, sample_z
 from .lagrangian import Lagrangian, target_at
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or inf; the message names the step and the last good checkpoint."""
 
 
 def patch_model(model, window: int):
