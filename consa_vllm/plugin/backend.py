@@ -17,8 +17,9 @@ through the S block table.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -49,16 +50,36 @@ class ConsaMetadata:
     seq_lens: torch.Tensor  # int32 [num_seqs], context including the new tokens
     block_table: torch.Tensor  # int32 [num_seqs, max_blocks]
     slot_mapping: torch.Tensor  # int64 [num_tokens]
+    # Split-KV decode (GPU): scratch buffers and the batch size up to which they are used.
+    scratch: Any = None
+    seq_threshold_3d: int | None = None
 
 
 class ConsaMetadataBuilder(AttentionMetadataBuilder[ConsaMetadata]):
-    # The kernels take every size from device tensors and host upper bounds, so one
-    # captured graph serves any mix of prefill and decode.
-    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.ALWAYS
+    # Full CUDA graphs for uniform batches (decode, spec-decode verification): the
+    # prefill/decode path is chosen on the host from max_query_len, fixed per graph.
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_BATCH
 
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str],
                  vllm_config: VllmConfig, device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.scratch = None
+        self.seq_threshold_3d = None
+        if device.type == "cuda":
+            from consa_vllm.plugin.ops.triton_hybrid import default_seq_threshold_3d, make_hybrid_scratch
+
+            mc, pc = vllm_config.model_config, vllm_config.parallel_config
+            threshold = default_seq_threshold_3d(mc.get_num_kv_heads(pc))
+            capture = vllm_config.compilation_config.cudagraph_capture_sizes
+            if capture:
+                # One captured graph per batch size must take one path, as in vLLM's Triton backend.
+                threshold = min(capture, key=lambda x: abs(x - threshold))
+            # Many segments: a batch-1 decode at long context otherwise runs each F head's
+            # whole context in a handful of programs and leaves most SMs idle.
+            segments = int(os.environ.get("CONSA_DECODE_SEGMENTS", "64"))
+            self.seq_threshold_3d = threshold
+            self.scratch = make_hybrid_scratch(threshold, mc.get_num_attention_heads(pc), mc.get_head_size(),
+                                               device, num_segments=segments)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> ConsaMetadata:
@@ -71,6 +92,8 @@ class ConsaMetadataBuilder(AttentionMetadataBuilder[ConsaMetadata]):
             seq_lens=m.seq_lens,
             block_table=m.block_table_tensor,
             slot_mapping=m.slot_mapping,
+            scratch=self.scratch,
+            seq_threshold_3d=self.seq_threshold_3d,
         )
 
     def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata) -> ConsaMetadata:
@@ -155,6 +178,7 @@ class ConsaAttentionImpl(AttentionImpl[ConsaMetadata]):
         # (full pool name, sliding pool name, LayerLayout); None for the pool modules,
         # which vLLM never runs.
         self.consa_pools = consa_pools
+        self.flash_attn = _flash_attn_varlen() if consa_pools is not None else None
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None) -> torch.Tensor:
@@ -182,6 +206,11 @@ class ConsaAttentionImpl(AttentionImpl[ConsaMetadata]):
             slide_cache = layers[slide_name].kv_cache
             write_kv(key[:, lay.n_full:], value[:, lay.n_full:], slide_cache,
                      slide_meta.slot_mapping[:n], lay.sliding_offset)
+        if (self.flash_attn is not None and attn_metadata.max_query_len > 1
+                and query.dtype in (torch.float16, torch.bfloat16)):
+            self._prefill_flash(query[:n], output[:n], attn_metadata, lay, layer.consa_window,
+                                full_cache, full_meta, slide_cache, slide_meta)
+            return output
         hybrid_paged_attention(
             query[:n], output[:n],
             attn_metadata.query_start_loc, attn_metadata.seq_lens, self.scale,
@@ -189,5 +218,40 @@ class ConsaAttentionImpl(AttentionImpl[ConsaMetadata]):
             slide_cache, slide_meta.block_table if slide_meta else None, lay.sliding_offset, lay.n_sliding,
             window=layer.consa_window,
             max_query_len=attn_metadata.max_query_len, max_seq_len=attn_metadata.max_seq_len,
+            scratch=attn_metadata.scratch, seq_threshold_3d=attn_metadata.seq_threshold_3d,
         )
         return output
+
+    def _prefill_flash(self, query, output, meta, lay, window, full_cache, full_meta, slide_cache, slide_meta):
+        """Batches with prefill on GPU: FlashAttention over each pool (two launches).
+
+        Prefill is compute-bound, where FlashAttention 3 beats the fused Triton kernel by
+        far; decode batches (launch-bound) keep the single fused launch.
+        """
+        g = query.shape[1] // (lay.n_full + lay.n_sliding)
+        split = lay.n_full * g
+        for cache, pmeta, off, nh, q, o, win in (
+            (full_cache, full_meta, lay.full_offset, lay.n_full, query[:, :split], output[:, :split], (-1, -1)),
+            (slide_cache, slide_meta, lay.sliding_offset, lay.n_sliding, query[:, split:], output[:, split:],
+             (window - 1, 0)),
+        ):
+            if nh == 0:
+                continue
+            self.flash_attn(
+                q=q, k=cache[:, 0, :, off:off + nh], v=cache[:, 1, :, off:off + nh], out=o,
+                cu_seqlens_q=meta.query_start_loc, max_seqlen_q=meta.max_query_len,
+                seqused_k=meta.seq_lens, max_seqlen_k=meta.max_seq_len, softmax_scale=self.scale,
+                causal=True, window_size=list(win), block_table=pmeta.block_table, fa_version=3,
+            )
+
+
+def _flash_attn_varlen():
+    """vLLM's FlashAttention 3 varlen function on Hopper GPUs, else None (use the fused kernel)."""
+    if os.environ.get("CONSA_PREFILL_IMPL", "auto") == "fused" or not torch.cuda.is_available():
+        return None
+    try:
+        from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
+        from vllm.vllm_flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func if get_flash_attn_version() == 3 else None
