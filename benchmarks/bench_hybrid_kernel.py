@@ -389,7 +389,7 @@ WORKLOADS = {
 }
 
 
-def run_timing(th, stock, device, block_size, window, reps, workloads):
+def run_timing(th, stock, device, block_size, window, reps, workloads, num_segments=64):
     rows = []
     timer = Timer(device, reps)
     for wname in workloads:
@@ -415,9 +415,11 @@ def run_timing(th, stock, device, block_size, window, reps, workloads):
             spool = p.swa_pool(ns) if ns else None
             args = hybrid_args(p, nf, ns, fpool, spool, out)
             name = f"hybrid_{nf}F{ns}S"
-            th.hybrid_paged_attention(*args)  # compile + scratch allocation before capture
-            r = timer.measure(lambda: th.hybrid_paged_attention(*args))
             thr = th.default_seq_threshold_3d(nf + ns)
+            kw = dict(scratch=th.make_hybrid_scratch(thr, p.hq, p.d, device, num_segments),
+                      seq_threshold_3d=thr)
+            th.hybrid_paged_attention(*args, **kw)  # compile before capture
+            r = timer.measure(lambda: th.hybrid_paged_attention(*args, **kw))
             r["path"] = "3d" if (p.max_query_len <= 1 and len(seqs) <= thr) else "2d"
             rows.append(dict(workload=wname, variant=name, **r))
             log(f"  {name:16s} " + " ".join(f"{k}={v:.4f}" for k, v in r.items()
@@ -461,6 +463,8 @@ def main():
     ap.add_argument("--skip-check", action="store_true", help="skip correctness checks")
     ap.add_argument("--skip-check-failures", action="store_true",
                     help="time even if a correctness check fails")
+    ap.add_argument("--num-segments", type=int, default=64,
+                    help="3D split-KV segments of the hybrid kernel (power of 2)")
     ap.add_argument("--no-stock", action="store_true", help="do not run vLLM's kernel")
     ap.add_argument("--stock-src", default=os.environ.get("CONSA_VLLM_STOCK_SRC"),
                     help="folder holding vLLM 0.26's triton_unified_attention.py and "
@@ -487,7 +491,8 @@ def main():
         device=torch.cuda.get_device_name(), torch=torch.__version__,
         triton=triton.__version__, python=platform.python_version(),
         shape=dict(num_q_heads=NUM_Q_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM,
-                   dtype="bfloat16", window=args.window, block_size=args.block_size),
+                   dtype="bfloat16", window=args.window, block_size=args.block_size,
+                   hybrid_num_segments=args.num_segments),
         time=time.strftime("%Y-%m-%d %H:%M:%S"),
         notes="ms per call (one layer); graph_* = CUDA-graph replay of 10 calls, median; "
               "cold = L2 flushed before each call (flush time subtracted)",
@@ -527,7 +532,7 @@ def main():
             sys.exit("bench_hybrid_kernel: correctness check FAILED (see JSON); "
                      "--skip-check-failures to time anyway")
     report["results"] = run_timing(th, stock, device, args.block_size, args.window,
-                                   args.reps, workloads)
+                                   args.reps, workloads, args.num_segments)
     _write(args.out, report)
     log(f"wrote {args.out}")
 

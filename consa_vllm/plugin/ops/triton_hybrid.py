@@ -38,7 +38,7 @@ LOG2E = 1.4426950408889634
 # raw 16-bit integers); under TRITON_INTERPRET=1 the kernel upcasts Q/K/V to float32 before
 # the dots.  Everything else (ranges, masks, softmax, pointer math) is the same code.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-DEFAULT_NUM_SEGMENTS = 16  # vLLM's NUM_PAR_SOFTMAX_SEGMENTS
+DEFAULT_NUM_SEGMENTS = 64  # vLLM uses 16; 64 measured 3x faster at batch 1, 32k, 2F6S (H100)
 MIN_LAUNCH_GRID_SIZE_2D = 128  # vLLM's threshold rule: 3D when num_seqs <= 128 // n_kv
 
 
