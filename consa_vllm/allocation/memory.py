@@ -3,7 +3,8 @@
 Per sequence of context ``N`` tokens, each KV head stores K and V of ``head_dim`` values
 per token it keeps: ``N`` tokens for an F head and ``min(N, W)`` for an S head.
 With ``block_size`` set, tokens are counted in whole paged blocks the way vLLM
-allocates them (an S head holds at most the blocks that overlap its window).
+allocates them (an S head holds the blocks that overlap its window). It may be
+a pair ``(full, sliding)``: the plugin's two KV pools use different block sizes.
 """
 
 from __future__ import annotations
@@ -32,11 +33,12 @@ def tokens_kept(context: int, window: int | None, block_size: int | None = None)
     """Tokens one head keeps for a sequence of ``context`` tokens (``window=None``: full)."""
     if block_size is None:
         return context if window is None else min(context, window)
-    blocks = _cdiv(context, block_size)
-    if window is not None:
-        # The window i-W+1..i can straddle one more block than W/B.
-        blocks = min(blocks, _cdiv(window - 1, block_size) + 1)
-    return blocks * block_size
+    if context == 0:
+        return 0
+    first = 0 if window is None else max(0, context - window)
+    # Whole blocks from the one holding the oldest token still in the window (vLLM frees
+    # the blocks before it) to the one holding the newest.
+    return ((context - 1) // block_size - first // block_size + 1) * block_size
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ def estimate_kv(
     shape: ModelShape,
     context: int,
     dtype: str = "bfloat16",
-    block_size: int | None = None,
+    block_size: int | tuple[int, int] | None = None,
 ) -> KVEstimate:
     """KV bytes per sequence at ``context`` tokens, and the dense figure for comparison."""
     allocation.check_model(shape.num_layers, shape.num_kv_heads)
@@ -70,8 +72,9 @@ def estimate_kv(
     per_token_head = 2 * shape.head_dim * dtype_bytes(dtype)
     n_full = sum(row.count("F") for row in allocation.pattern)
     n_slide = shape.num_layers * shape.num_kv_heads - n_full
-    full_tokens = tokens_kept(context, None, block_size)
-    slide_tokens = tokens_kept(context, allocation.window, block_size)
+    full_bs, slide_bs = block_size if isinstance(block_size, tuple) else (block_size, block_size)
+    full_tokens = tokens_kept(context, None, full_bs)
+    slide_tokens = tokens_kept(context, allocation.window, slide_bs)
     total = per_token_head * (n_full * full_tokens + n_slide * slide_tokens)
-    dense = per_token_head * shape.num_layers * shape.num_kv_heads * full_tokens
+    dense = per_token_head * shape.num_layers * shape.num_kv_heads * tokens_kept(context, None, full_bs)
     return KVEstimate(context, total, dense)
