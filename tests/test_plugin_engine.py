@@ -240,3 +240,35 @@ def test_all_sliding_equals_stock_sliding_window(llama_all_sliding):
     assert consa.tokens == stock.tokens
     assert max_logprob_gap(stock, consa) < TOL
     assert [g[0] for g in consa.extra["groups"]] == ["SlidingWindowSpec"]
+
+
+def test_trained_allocation_is_served(root):
+    """Trainer CLI -> allocation file -> export -> the plugin serves it like the reference."""
+    import subprocess
+    import sys
+
+    from consa_vllm.tiny import stdlib_python_files
+
+    src = tiny_model(root, "qwen3", seed=2)
+    data = root / "train-data"
+    data.mkdir(exist_ok=True)
+    for p in stdlib_python_files(6):
+        (data / f"{p.stem}.py").write_text(p.read_text(errors="ignore"))
+    out = root / "trained.json"
+    args = ["--model", src, "--data", data, "--seq-len", 64,
+                        "--window", WINDOW, "--steps", 30, "--batch-size", 2, "--target-sparsity", 0.5,
+                        "--granularity", "kv_head", "--constraint", "per-layer", "--freeze-weights",
+                        "--gate-lr", 0.1, "--out", out, "--log-dir", root / "train-log", "--device", "cpu",
+                        "--no-progress"]
+    r = subprocess.run([sys.executable, "-m", "consa_vllm.train", *map(str, args)], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    alloc = Allocation.load(out)
+    assert alloc.sparsity == 0.5 and all(row.count("S") == 2 for row in alloc.pattern)
+    prompts = prompts_of([50, 120], seed=4)
+    ref = reference_generate(src, alloc, prompts, 8)
+    from consa_vllm.export import export_model
+
+    got = run_vllm(export_model(src, out, root / "trained-model", force=True), prompts, 8, **ENGINE)
+    assert got.tokens == ref.tokens
+    assert max_logprob_gap(ref, got) < TOL
