@@ -65,12 +65,12 @@ def consa_architecture(base: str) -> str:
     return ARCH_PREFIX + base
 
 
-def read_exported_allocation(config: Any) -> Allocation:
+def read_exported_allocation(config: Any, source: str | os.PathLike | None = None) -> Allocation:
     """The allocation embedded in an exported checkpoint, validated against its shape.
 
     ``config`` is a model directory, a path to its ``config.json``, a parsed
     ``config.json`` dict, or a ``transformers.PretrainedConfig``. Raises
-    :class:`AllocationError` whose message names ``config.json`` and the field.
+    :class:`AllocationError` whose message names ``config.json`` (or ``source``) and the field.
     """
     if isinstance(config, (str, os.PathLike)):
         path = Path(config)
@@ -87,6 +87,8 @@ def read_exported_allocation(config: Any) -> Allocation:
     else:
         raise TypeError(f"expected a model directory, a config.json path, a dict or a PretrainedConfig, "
                         f"got {type(config).__name__}")
+    if source is not None:
+        where = str(source)
 
     raw = data.get(CONFIG_KEY)
     if raw is None:

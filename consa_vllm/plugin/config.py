@@ -11,7 +11,8 @@ import logging
 import os
 from typing import Any
 
-from consa_vllm.allocation import Allocation, AllocationError, ModelShape
+from consa_vllm.allocation import Allocation, AllocationError
+from consa_vllm.export import read_exported_allocation
 
 logger = logging.getLogger("consa_vllm")
 
@@ -19,17 +20,7 @@ logger = logging.getLogger("consa_vllm")
 def read_allocation(hf_config: Any, model_path: str | os.PathLike | None = None) -> Allocation:
     """The validated allocation stored under ``config.json["consa"]``, checked against the model."""
     source = os.path.join(str(model_path), "config.json") if model_path else "config.json"
-    data = getattr(hf_config, "consa", None)
-    if data is None:
-        raise AllocationError(
-            f"{source}: no 'consa' allocation found; export the checkpoint with "
-            "`consa-vllm export --model SRC --allocation A.json --out DST`")
-    if not isinstance(data, dict):
-        raise AllocationError(f"{source}: field 'consa' must be an allocation object, got {type(data).__name__}")
-    allocation = Allocation.from_dict(data, source=f"{source} (field 'consa')")
-    shape = ModelShape.from_config(hf_config)
-    allocation.check_model(shape.num_layers, shape.num_kv_heads, source=f"{source} (field 'consa')")
-    return allocation
+    return read_exported_allocation(hf_config, source=source)
 
 
 def check_serving_config(vllm_config: Any) -> Allocation:
