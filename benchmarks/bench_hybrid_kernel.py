@@ -383,15 +383,48 @@ class Timer:
 
 WORKLOADS = {
     "decode_b1_32k": [(32767, 1)],
+    "decode_b4_32k": [(32767, 1)] * 4,
+    "decode_b16_16k": [(16383, 1)] * 16,
     "decode_b64_16k": [(16383, 1)] * 64,
     "prefill_chunk_2k_at_16k": [(14336, 2048)],
     "prefill_8k": [(0, 8192)],
 }
 
 
-def run_timing(th, stock, device, block_size, window, reps, workloads, num_segments=64):
+def fa3_varlen():
+    """vLLM's FlashAttention 3 varlen function, or None where it is not available."""
+    try:
+        from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
+        from vllm.vllm_flash_attn import flash_attn_varlen_func
+    except Exception:
+        return None
+    return flash_attn_varlen_func if get_flash_attn_version() == 3 else None
+
+
+def fa3_pools(fa, p: Problem, nf, ns, fpool, spool, out):
+    """Two FlashAttention 3 launches: F heads over the F pool (causal), S heads over the S pool."""
+    g = p.hq // (nf + ns)
+    split = nf * g
+    calls = []
+    for pool, nh, q, o, win in ((fpool, nf, p.query[:, :split], out[:, :split], (-1, -1)),
+                                (spool, ns, p.query[:, split:], out[:, split:], (p.W - 1, 0))):
+        if nh:
+            calls.append((pool, nh, q, o, list(win)))
+
+    def run():
+        for (cache, table), nh, q, o, win in calls:
+            fa(q=q, k=cache[:, 0, :, :nh], v=cache[:, 1, :, :nh], out=o,
+               cu_seqlens_q=p.query_start_loc, max_seqlen_q=p.max_query_len,
+               seqused_k=p.seq_lens, max_seqlen_k=p.max_seq_len, softmax_scale=p.scale,
+               causal=True, window_size=win, block_table=table, fa_version=3)
+    return run
+
+
+def run_timing(th, stock, device, block_size, window, reps, workloads, num_segments=64,
+               sweep=None):
     rows = []
     timer = Timer(device, reps)
+    fa = fa3_varlen()
     for wname in workloads:
         seqs = WORKLOADS[wname]
         p = Problem(seqs, block_size, window, torch.bfloat16, device, seed=2)
@@ -408,6 +441,11 @@ def run_timing(th, stock, device, block_size, window, reps, workloads, num_segme
             rows.append(dict(workload=wname, variant=name, **r))
             log(f"  {name:16s} " + " ".join(f"{k}={v:.4f}" for k, v in r.items()
                                               if isinstance(v, float)))
+        if fa is not None:
+            r = timer.measure(fa3_pools(fa, p, NUM_KV_HEADS, 0, dense, None, out))
+            rows.append(dict(workload=wname, variant="fa3_dense", **r))
+            log(f"  fa3_dense        " + " ".join(f"{k}={v:.4f}" for k, v in r.items()
+                                                  if isinstance(v, float)))
         del dense
         torch.cuda.empty_cache()
         for nf, ns in SPLITS:
@@ -424,6 +462,20 @@ def run_timing(th, stock, device, block_size, window, reps, workloads, num_segme
             rows.append(dict(workload=wname, variant=name, **r))
             log(f"  {name:16s} " + " ".join(f"{k}={v:.4f}" for k, v in r.items()
                                               if isinstance(v, float)) + f" [{r['path']}]")
+            if fa is not None and nf and ns:
+                r = timer.measure(fa3_pools(fa, p, nf, ns, fpool, spool, out))
+                rows.append(dict(workload=wname, variant=f"fa3_pools_{nf}F{ns}S", **r))
+                log(f"  fa3_pools_{nf}F{ns}S  " + " ".join(f"{k}={v:.4f}" for k, v in r.items()
+                                                          if isinstance(v, float)))
+            for segs, tile, warps in (sweep or []) if (nf and ns and p.max_query_len <= 1) else []:
+                kw2 = dict(scratch=th.make_hybrid_scratch(thr, p.hq, p.d, device, segs),
+                           seq_threshold_3d=thr, tile_size=tile, num_warps=warps)
+                th.hybrid_paged_attention(*args, **kw2)
+                r = timer.measure(lambda: th.hybrid_paged_attention(*args, **kw2))
+                rows.append(dict(workload=wname, variant=name, num_segments=segs, tile=tile,
+                                 num_warps=warps, sweep=True, **r))
+                log(f"  {name} segs={segs} tile={tile} warps={warps} "
+                    + " ".join(f"{k}={v:.4f}" for k, v in r.items() if isinstance(v, float)))
             del fpool, spool, args
             torch.cuda.empty_cache()
         # write_kv of this workload's new tokens into an S-sized pool (2 heads, like one
@@ -465,6 +517,9 @@ def main():
                     help="time even if a correctness check fails")
     ap.add_argument("--num-segments", type=int, default=64,
                     help="3D split-KV segments of the hybrid kernel (power of 2)")
+    ap.add_argument("--sweep", default="",
+                    help="extra decode configurations of the hybrid kernel to time, as "
+                         "SEGMENTS:TILE:WARPS,... (e.g. 128:16:4,256:32:4)")
     ap.add_argument("--no-stock", action="store_true", help="do not run vLLM's kernel")
     ap.add_argument("--stock-src", default=os.environ.get("CONSA_VLLM_STOCK_SRC"),
                     help="folder holding vLLM 0.26's triton_unified_attention.py and "
@@ -532,7 +587,8 @@ def main():
             sys.exit("bench_hybrid_kernel: correctness check FAILED (see JSON); "
                      "--skip-check-failures to time anyway")
     report["results"] = run_timing(th, stock, device, args.block_size, args.window,
-                                   args.reps, workloads, args.num_segments)
+                                   args.reps, workloads, args.num_segments,
+                                   [tuple(int(x) for x in c.split(":")) for c in args.sweep.split(",") if c])
     _write(args.out, report)
     log(f"wrote {args.out}")
 

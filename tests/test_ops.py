@@ -329,6 +329,19 @@ def _interpret_main(argv):
                 th.write_kv(k, v, c1, slots, 2)
                 torch_write_kv(k, v, c2, slots, 2)
                 assert torch.equal(c1, c2), "triton write_kv != torch write_kv"
+            # one launch for both pools (different block sizes, offsets, slot mappings)
+            k = torch.randn(7, 5, 32, generator=gen).to(dtype)
+            v = torch.randn(7, 5, 32, generator=gen).to(dtype)
+            f1 = _make_pool(6, 4, 5, 32, dtype, True, gen).zero_()
+            s1 = _make_pool(9, 8, 6, 32, dtype, False, gen).zero_()
+            f2, s2 = torch.zeros_like(f1), torch.zeros_like(s1)
+            fslots = torch.tensor([5, -1, 0, 23, 11, -1, 8], dtype=torch.int64)
+            sslots = torch.tensor([70, 3, -1, 12, 40, 1, -1], dtype=torch.int32)
+            th.write_kv_hybrid(k, v, 2, f1, fslots, 1, s1, sslots, 2)
+            torch_write_kv(k[:, :2], v[:, :2], f2, fslots, 1)
+            torch_write_kv(k[:, 2:], v[:, 2:], s2, sslots, 2)
+            assert torch.equal(f1, f2) and torch.equal(s1, s2), "triton write_kv_hybrid != torch write_kv"
+            assert f1.abs().sum() > 0 and s1.abs().sum() > 0
         print("RESULT write_kv ok")
         return
     name, dtype_name, path = what.split(":")

@@ -36,7 +36,7 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec
 
-from consa_vllm.plugin.ops import hybrid_paged_attention, write_kv
+from consa_vllm.plugin.ops import hybrid_paged_attention, write_kv_hybrid
 
 
 @dataclass
@@ -66,7 +66,11 @@ class ConsaMetadataBuilder(AttentionMetadataBuilder[ConsaMetadata]):
         self.scratch = None
         self.seq_threshold_3d = None
         if device.type == "cuda":
-            from consa_vllm.plugin.ops.triton_hybrid import default_seq_threshold_3d, make_hybrid_scratch
+            from consa_vllm.plugin.ops.triton_hybrid import (
+                DEFAULT_NUM_SEGMENTS,
+                default_seq_threshold_3d,
+                make_hybrid_scratch,
+            )
 
             mc, pc = vllm_config.model_config, vllm_config.parallel_config
             threshold = default_seq_threshold_3d(mc.get_num_kv_heads(pc))
@@ -76,7 +80,7 @@ class ConsaMetadataBuilder(AttentionMetadataBuilder[ConsaMetadata]):
                 threshold = min(capture, key=lambda x: abs(x - threshold))
             # Many segments: a batch-1 decode at long context otherwise runs each F head's
             # whole context in a handful of programs and leaves most SMs idle.
-            segments = int(os.environ.get("CONSA_DECODE_SEGMENTS", "64"))
+            segments = int(os.environ.get("CONSA_DECODE_SEGMENTS", DEFAULT_NUM_SEGMENTS))
             self.seq_threshold_3d = threshold
             self.scratch = make_hybrid_scratch(threshold, mc.get_num_attention_heads(pc), mc.get_head_size(),
                                                device, num_segments=segments)
@@ -197,15 +201,11 @@ class ConsaAttentionImpl(AttentionImpl[ConsaMetadata]):
         full_meta = metas[full_name] if lay.n_full else None
         slide_meta = metas[slide_name] if lay.n_sliding else None
         key, value = key[:n], value[:n]
-        full_cache = slide_cache = None
-        if lay.n_full:
-            full_cache = layers[full_name].kv_cache
-            write_kv(key[:, :lay.n_full], value[:, :lay.n_full], full_cache,
-                     full_meta.slot_mapping[:n], lay.full_offset)
-        if lay.n_sliding:
-            slide_cache = layers[slide_name].kv_cache
-            write_kv(key[:, lay.n_full:], value[:, lay.n_full:], slide_cache,
-                     slide_meta.slot_mapping[:n], lay.sliding_offset)
+        full_cache = layers[full_name].kv_cache if lay.n_full else None
+        slide_cache = layers[slide_name].kv_cache if lay.n_sliding else None
+        write_kv_hybrid(key, value, lay.n_full,
+                        full_cache, full_meta.slot_mapping[:n] if full_meta else None, lay.full_offset,
+                        slide_cache, slide_meta.slot_mapping[:n] if slide_meta else None, lay.sliding_offset)
         num_seqs = attn_metadata.query_start_loc.shape[0] - 1
         small_decode = attn_metadata.max_query_len <= 1 and num_seqs <= (attn_metadata.seq_threshold_3d or 0)
         if self.flash_attn is not None and not small_decode and query.dtype in (torch.float16, torch.bfloat16):

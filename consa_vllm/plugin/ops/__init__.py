@@ -12,6 +12,10 @@ block table.
     key/value [T, n, D] -> cache[slot // B, 0/1, slot % B, head_offset:head_offset + n];
     slot < 0 = padding (skipped).
 
+``write_kv_hybrid(key, value, n_full, full_cache, full_slot_mapping, full_head_offset,
+        swa_cache, swa_slot_mapping, swa_head_offset)``
+    a layer's heads ``[0, n_full)`` into the F pool and the rest into the S pool.
+
 ``hybrid_paged_attention(query, output, query_start_loc, seq_lens, scale,
         full_cache, full_block_table, full_head_offset, n_full,
         swa_cache, swa_block_table, swa_head_offset, n_swa,
@@ -36,6 +40,7 @@ from .torch_paged import write_kv as torch_write_kv
 __all__ = [
     "hybrid_paged_attention",
     "write_kv",
+    "write_kv_hybrid",
     "torch_hybrid_paged_attention",
     "torch_write_kv",
     "use_triton",
@@ -60,6 +65,22 @@ def write_kv(key, value, cache, slot_mapping, head_offset: int) -> None:
     else:
         impl = torch_write_kv
     impl(key, value, cache, slot_mapping, head_offset)
+
+
+def write_kv_hybrid(key, value, n_full: int, full_cache, full_slot_mapping, full_head_offset: int,
+                    swa_cache, swa_slot_mapping, swa_head_offset: int) -> None:
+    """A layer's K/V [T, n_full + n_swa, D]: the first n_full heads into the F pool, the
+    rest into the S pool (one launch on GPU; two ``write_kv`` calls in torch)."""
+    if use_triton(key):
+        from .triton_hybrid import write_kv_hybrid as impl
+
+        impl(key, value, n_full, full_cache, full_slot_mapping, full_head_offset,
+             swa_cache, swa_slot_mapping, swa_head_offset)
+        return
+    if n_full:
+        torch_write_kv(key[:, :n_full], value[:, :n_full], full_cache, full_slot_mapping, full_head_offset)
+    if key.shape[1] > n_full:
+        torch_write_kv(key[:, n_full:], value[:, n_full:], swa_cache, swa_slot_mapping, swa_head_offset)
 
 
 def hybrid_paged_attention(

@@ -38,7 +38,12 @@ LOG2E = 1.4426950408889634
 # raw 16-bit integers); under TRITON_INTERPRET=1 the kernel upcasts Q/K/V to float32 before
 # the dots.  Everything else (ranges, masks, softmax, pointer math) is the same code.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-DEFAULT_NUM_SEGMENTS = 64  # vLLM uses 16; 64 measured 3x faster at batch 1, 32k, 2F6S (H100)
+# vLLM uses 16 segments and 16-key tiles.  H100 sweep (benchmarks/results/
+# hybrid_kernel_h100_sweep.json), decode at 2F6S: 128 segments x 32-key tiles gives batch 1 at
+# 32k in 0.034 ms (64 x 16: 0.058 ms; FlashAttention 3, dense: 0.064 ms) and is the best or
+# within 3% of the best at batch 4 (32k) and 16 (16k); 512 segments is 3x slower.
+DEFAULT_NUM_SEGMENTS = 128
+DEFAULT_TILE_3D = 32
 MIN_LAUNCH_GRID_SIZE_2D = 128  # vLLM's threshold rule: 3D when num_seqs <= 128 // n_kv
 
 
@@ -300,6 +305,36 @@ def _reduce_segments_kernel(
 
 
 @triton.jit
+def _write_heads(
+    t, key_ptr, value_ptr, cache_ptr, slot_ptr,
+    k_stride_0: tl.int64, k_stride_1: tl.int64,
+    v_stride_0: tl.int64, v_stride_1: tl.int64,
+    c_stride_0: tl.int64, c_stride_1: tl.int64, c_stride_2: tl.int64,
+    c_stride_3: tl.int64, C_STRIDE_4: tl.constexpr,
+    head_offset,
+    N: tl.constexpr, N_PAD: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """Token ``t``: its N heads' K and V into ``cache[slot // B, 0/1, slot % B, head_offset:+N]``."""
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot >= 0:
+        blk = slot // BLOCK_SIZE
+        off = slot % BLOCK_SIZE
+        offs_h = tl.arange(0, N_PAD)
+        offs_d = tl.arange(0, HEAD_PAD)
+        mask = (offs_h < N)[:, None] & (offs_d < HEAD_SIZE)[None, :]
+        k = tl.load(key_ptr + t.to(tl.int64) * k_stride_0 + offs_h[:, None] * k_stride_1
+                    + offs_d[None, :], mask=mask)
+        v = tl.load(value_ptr + t.to(tl.int64) * v_stride_0 + offs_h[:, None] * v_stride_1
+                    + offs_d[None, :], mask=mask)
+        dst = (cache_ptr + blk * c_stride_0 + off * c_stride_2
+               + (head_offset + offs_h)[:, None].to(tl.int64) * c_stride_3
+               + offs_d[None, :] * C_STRIDE_4)
+        tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(dst + c_stride_1, v.to(cache_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _write_kv_kernel(
     key_ptr, value_ptr, cache_ptr, slot_ptr,
     k_stride_0: tl.int64, k_stride_1: tl.int64,
@@ -310,24 +345,40 @@ def _write_kv_kernel(
     N: tl.constexpr, N_PAD: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
+    _write_heads(tl.program_id(0), key_ptr, value_ptr, cache_ptr, slot_ptr,
+                 k_stride_0, k_stride_1, v_stride_0, v_stride_1,
+                 c_stride_0, c_stride_1, c_stride_2, c_stride_3, C_STRIDE_4,
+                 head_offset, N, N_PAD, HEAD_SIZE, HEAD_PAD, BLOCK_SIZE)
+
+
+@triton.jit
+def _write_kv_hybrid_kernel(
+    key_ptr, value_ptr,
+    k_stride_0: tl.int64, k_stride_1: tl.int64,
+    v_stride_0: tl.int64, v_stride_1: tl.int64,
+    full_cache_ptr, full_slot_ptr, full_head_offset,
+    f_stride_0: tl.int64, f_stride_1: tl.int64, f_stride_2: tl.int64,
+    f_stride_3: tl.int64, F_STRIDE_4: tl.constexpr,
+    swa_cache_ptr, swa_slot_ptr, swa_head_offset,
+    s_stride_0: tl.int64, s_stride_1: tl.int64, s_stride_2: tl.int64,
+    s_stride_3: tl.int64, S_STRIDE_4: tl.constexpr,
+    N_FULL: tl.constexpr, N_FULL_PAD: tl.constexpr, N_SWA: tl.constexpr, N_SWA_PAD: tl.constexpr,
+    HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
+    BLOCK_SIZE_F: tl.constexpr, BLOCK_SIZE_S: tl.constexpr,
+):
+    # Grid axis 1 picks the pool: a layer's K/V reach both pools in one launch.
     t = tl.program_id(0)
-    slot = tl.load(slot_ptr + t).to(tl.int64)
-    if slot < 0:
-        return
-    blk = slot // BLOCK_SIZE
-    off = slot % BLOCK_SIZE
-    offs_h = tl.arange(0, N_PAD)
-    offs_d = tl.arange(0, HEAD_PAD)
-    mask = (offs_h < N)[:, None] & (offs_d < HEAD_SIZE)[None, :]
-    k = tl.load(key_ptr + t.to(tl.int64) * k_stride_0 + offs_h[:, None] * k_stride_1
-                + offs_d[None, :], mask=mask)
-    v = tl.load(value_ptr + t.to(tl.int64) * v_stride_0 + offs_h[:, None] * v_stride_1
-                + offs_d[None, :], mask=mask)
-    dst = (cache_ptr + blk * c_stride_0 + off * c_stride_2
-           + (head_offset + offs_h)[:, None].to(tl.int64) * c_stride_3
-           + offs_d[None, :] * C_STRIDE_4)
-    tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(dst + c_stride_1, v.to(cache_ptr.dtype.element_ty), mask=mask)
+    if tl.program_id(1) == 0:
+        _write_heads(t, key_ptr, value_ptr, full_cache_ptr, full_slot_ptr,
+                     k_stride_0, k_stride_1, v_stride_0, v_stride_1,
+                     f_stride_0, f_stride_1, f_stride_2, f_stride_3, F_STRIDE_4,
+                     full_head_offset, N_FULL, N_FULL_PAD, HEAD_SIZE, HEAD_PAD, BLOCK_SIZE_F)
+    else:
+        _write_heads(t, key_ptr + N_FULL * k_stride_1, value_ptr + N_FULL * v_stride_1,
+                     swa_cache_ptr, swa_slot_ptr,
+                     k_stride_0, k_stride_1, v_stride_0, v_stride_1,
+                     s_stride_0, s_stride_1, s_stride_2, s_stride_3, S_STRIDE_4,
+                     swa_head_offset, N_SWA, N_SWA_PAD, HEAD_SIZE, HEAD_PAD, BLOCK_SIZE_S)
 
 
 # ---------------------------------------------------------------------------------------
@@ -479,7 +530,7 @@ def hybrid_paged_attention(
     use_3d = would_use_3d(query, query_start_loc, max_query_len, scratch, seq_threshold_3d)
 
     if tile_size is None:
-        tile_size = 16 if (use_3d and query.element_size() >= 2) else 32
+        tile_size = DEFAULT_TILE_3D if use_3d else 32
     total_q_blocks = T // block_q + num_seqs
     num_segments = scratch.num_segments if use_3d else 1
     grid = (total_q_blocks, n_kv, num_segments) if use_3d else (total_q_blocks, n_kv)
@@ -545,7 +596,44 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor,
     )
 
 
+def write_kv_hybrid(key: torch.Tensor, value: torch.Tensor, n_full: int,
+                    full_cache, full_slot_mapping, full_head_offset: int,
+                    swa_cache, swa_slot_mapping, swa_head_offset: int) -> None:
+    """One launch writes a layer's K/V: heads ``[0, n_full)`` into the F pool, the rest into
+    the S pool, each through its own slot mapping (see :func:`write_kv`)."""
+    n_swa = key.shape[1] - n_full
+    if n_full == 0:
+        return write_kv(key, value, swa_cache, swa_slot_mapping, swa_head_offset)
+    if n_swa == 0:
+        return write_kv(key, value, full_cache, full_slot_mapping, full_head_offset)
+    d = key.shape[2]
+    num_tokens = min(key.shape[0], full_slot_mapping.shape[0], swa_slot_mapping.shape[0])
+    if num_tokens == 0:
+        return
+    if key.stride(2) != 1:
+        key = key.contiguous()
+    if value.stride(2) != 1:
+        value = value.contiguous()
+    for cache, off, n, name in ((full_cache, full_head_offset, n_full, "F"),
+                                (swa_cache, swa_head_offset, n_swa, "S")):
+        if off < 0 or off + n > cache.shape[3]:
+            raise ValueError(f"{name} heads [{off}, {off + n}) outside the pool's {cache.shape[3]} heads")
+    fc, sc = full_cache, swa_cache
+    _write_kv_hybrid_kernel[(num_tokens, 2)](
+        key, value, key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        fc, full_slot_mapping, full_head_offset,
+        fc.stride(0), fc.stride(1), fc.stride(2), fc.stride(3), fc.stride(4),
+        sc, swa_slot_mapping, swa_head_offset,
+        sc.stride(0), sc.stride(1), sc.stride(2), sc.stride(3), sc.stride(4),
+        N_FULL=n_full, N_FULL_PAD=triton.next_power_of_2(n_full),
+        N_SWA=n_swa, N_SWA_PAD=triton.next_power_of_2(n_swa),
+        HEAD_SIZE=d, HEAD_PAD=triton.next_power_of_2(d),
+        BLOCK_SIZE_F=fc.shape[2], BLOCK_SIZE_S=sc.shape[2],
+    )
+
+
 __all__ = [
     "HybridScratch", "default_seq_threshold_3d", "hybrid_scratch_shapes",
     "make_hybrid_scratch", "would_use_3d", "hybrid_paged_attention", "write_kv",
+    "write_kv_hybrid",
 ]
