@@ -157,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=d.seed, help="seed of data order, gate noise and everything random")
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N (under torchrun: the local rank's GPU)")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default=d.dtype, help="model weights and compute dtype")
-    g.add_argument("--fsdp", action="store_true", help="shard the model with FSDP (torchrun, CUDA) instead of DDP")
+    g.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the model over the processes with FSDP2 (for models that do not "
+                        "fit one GPU) instead of replicating it with DDP; gates and multipliers stay replicated")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p
 
@@ -225,8 +227,6 @@ def validate(cfg: TrainConfig) -> None:
     need(not out.is_dir(), f"--out {cfg.out}: is a directory, expected the allocation JSON file to write")
     need(_creatable(out.parent), f"--out {cfg.out}: cannot create or write to {out.parent}")
     need(not cfg.log_path.exists() or cfg.log_path.is_dir(), f"--log-dir {cfg.log_path}: exists and is not a directory")
-    need(not (cfg.fsdp and cfg.resume), "--resume is not supported with --fsdp yet (optimizer shards are not "
-         "checkpointed); use DDP (the default under torchrun)")
     if cfg.save_model:
         sm = Path(cfg.save_model)
         need(not sm.exists() or (sm.is_dir() and not any(sm.iterdir())),

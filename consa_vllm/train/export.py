@@ -10,8 +10,12 @@ from pathlib import Path
 from consa_vllm.allocation import Allocation
 
 
-def save_trained_model(model, tokenizer, alloc: Allocation, out_dir: Path, source: str) -> Path:
+def save_trained_model(model, tokenizer, alloc: Allocation, out_dir: Path, source: str,
+                       state_dict: dict | None = None) -> Path:
     """``save_pretrained`` into a temp dir next to ``out_dir``, then export with the allocation.
+
+    ``state_dict``: the full weights to write instead of ``model.state_dict()`` (FSDP: the
+    gathered shards).
 
     Uses :func:`consa_vllm.export.export_model` (ConSA architecture name, allocation under
     ``config.json["consa"]``, no global sliding window), which renames into place atomically.
@@ -20,7 +24,7 @@ def save_trained_model(model, tokenizer, alloc: Allocation, out_dir: Path, sourc
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.trained-", dir=out_dir.parent))
     try:
-        model.save_pretrained(str(tmp))
+        model.save_pretrained(str(tmp), state_dict=state_dict)
         tokenizer.save_pretrained(str(tmp))
         for extra in ("generation_config.json",):  # keep what save_pretrained may not write
             src = Path(source) / extra

@@ -20,6 +20,7 @@ from torch import nn
 from consa_vllm.allocation import Allocation, atomic_write_text
 
 from . import checkpoint as ckpt
+from . import dist
 from .config import RESUME_FREE_FIELDS, ConfigError, TrainConfig, TrainingDiverged
 from .data import PackedData, load_data
 from .gates import binarize_topk, expand, expected_sparsity, mask_to_pattern, num_sliding, prob_nonzero, sample_z
@@ -36,13 +37,16 @@ class GatedLM(nn.Module):
     """Model + gates + multipliers in one module, so that DDP/FSDP see every trainable tensor."""
 
     def __init__(self, model: nn.Module, state: Any, units_per_layer: int, init_log_alpha: float,
-                 num_constraints: int):
+                 num_constraints: int, device: torch.device | None = None):
         super().__init__()
         self.model = model
         object.__setattr__(self, "state", state)  # not a submodule: it may hold the model itself
         self.num_kv_heads = state.num_kv_heads
-        self.log_alpha = nn.Parameter(torch.full((state.num_layers, units_per_layer), float(init_log_alpha)))
-        self.lagrangian = Lagrangian(num_constraints)
+        # Created on the target device directly: under FSDP the model is sharded in place and
+        # must not be moved by a blanket ``.to()``.
+        self.log_alpha = nn.Parameter(torch.full((state.num_layers, units_per_layer), float(init_log_alpha),
+                                                 device=device))
+        self.lagrangian = Lagrangian(num_constraints).to(device)
 
     def forward(self, input_ids: torch.Tensor, u: torch.Tensor | None = None, target: float = 0.0):
         """Stage 1 (``u`` given): (task loss, penalty, expected sparsity, sampled z). Stage 2: task loss."""
@@ -59,6 +63,7 @@ class GatedLM(nn.Module):
 
 
 def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
+    """``(rank, world size, device)``; joins the process group under torchrun (NCCL on CUDA, gloo on CPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     want_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
@@ -69,14 +74,15 @@ def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if cfg.fsdp and (world == 1 or not want_cuda):
-        raise ConfigError("--fsdp needs several CUDA processes: run under torchrun --nproc-per-node N")
+    if cfg.fsdp and world == 1:
+        raise ConfigError("--fsdp shards the model over several processes: run under torchrun --nproc-per-node N")
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if want_cuda else "gloo")
     return rank, world, device
 
 
 def load_tokenizer(cfg: TrainConfig):
+    """The tokenizer of ``--tokenizer`` (default ``--model``); one clear error if it cannot be loaded."""
     from transformers import AutoTokenizer
     src = cfg.tokenizer or cfg.model
     try:
@@ -88,6 +94,7 @@ def load_tokenizer(cfg: TrainConfig):
 
 
 def load_model(cfg: TrainConfig, device: torch.device):
+    """The HF causal LM in ``--dtype`` on ``device``, KV cache off (training only)."""
     from transformers import AutoModelForCausalLM
     try:
         model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=getattr(torch, cfg.dtype))
@@ -104,31 +111,11 @@ def noise(seed: int, global_micro: int, shape: torch.Size) -> torch.Tensor:
 
 
 def wrap(net: GatedLM, cfg: TrainConfig, world: int, device: torch.device) -> nn.Module:
-    """DDP around the trainable module; the plain module on one process.
-
-    With ``--fsdp`` the decoder layers are sharded (FSDP2 ``fully_shard``) and the rest
-    (embeddings, head, gates, multipliers) stays replicated: :func:`sync_replicated_grads`
-    averages their gradients after the backward passes.
-    """
-    if world == 1:
-        return net
-    if cfg.fsdp:
-        from torch.distributed.fsdp import fully_shard
-        if not getattr(net, "_consa_sharded", False):
-            for layer in net.model.model.layers:
-                fully_shard(layer)
-            net._consa_sharded = True
+    """DDP around the trainable module; the plain module on one process or under FSDP (sharded at setup)."""
+    if world == 1 or cfg.fsdp:
         return net
     from torch.nn.parallel import DistributedDataParallel as DDP
     return DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def sync_replicated_grads(net: nn.Module) -> None:
-    """FSDP mode: average the gradients of the parameters FSDP does not own (plain tensors)."""
-    from torch.distributed.tensor import DTensor
-    for p in net.parameters():
-        if p.grad is not None and not isinstance(p, DTensor):
-            torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
 
 
 # ------------------------------------------------------------------------------ loop
@@ -144,15 +131,18 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg)
         self.data: PackedData = load_data(cfg.data, self.tokenizer, cfg.seq_len, cfg.seed, cfg.text_field,
                                           cfg.max_tokens)
-        model = load_model(cfg, self.device)
+        # FSDP: load on the CPU and shard there; only each rank's shard goes to the GPU.
+        model = load_model(cfg, torch.device("cpu") if cfg.fsdp else self.device)
         try:
             self.state = patch_model(model, cfg.window)
         except ValueError as e:
             raise ConfigError(f"--model {cfg.model}: {e}") from None
         per_layer = cfg.constraint == "per-layer"
         units = 1 if cfg.granularity == "layer" else self.state.num_kv_heads
+        if cfg.fsdp:
+            dist.shard_model(model, self.device, self.world)
         self.net = GatedLM(model, self.state, units, cfg.init_log_alpha,
-                           self.state.num_layers if per_layer else 1).to(self.device)
+                           self.state.num_layers if per_layer else 1, device=self.device)
         self.n_units = self.state.num_layers * units
         self.ckpt_root = cfg.log_path / "checkpoints"
         self.metrics_path = cfg.log_path / "metrics.jsonl"
@@ -196,8 +186,10 @@ class Trainer:
         s_hat = None
         for m in range(cfg.grad_accum):
             x = self.data.micro_batch(step, m, cfg.grad_accum, cfg.batch_size, self.rank, self.world).to(self.device)
-            sync = m == cfg.grad_accum - 1 or self.world == 1 or not hasattr(wrapped, "no_sync")
-            with nullcontext() if sync else wrapped.no_sync():
+            sync = m == cfg.grad_accum - 1 or self.world == 1
+            if cfg.fsdp and self.world > 1:  # FSDP2: accumulate unsharded grads, reduce-scatter once
+                self.net.model.set_requires_gradient_sync(sync)
+            with nullcontext() if sync or not hasattr(wrapped, "no_sync") else wrapped.no_sync():
                 if stage == 1:
                     g = (step * cfg.grad_accum + m) * self.world + self.rank
                     task, pen, s_hat, z = wrapped(x, noise(cfg.seed, g, self.net.log_alpha.shape), t)
@@ -209,7 +201,7 @@ class Trainer:
                     sums[0] += task.detach().float()
         sums /= cfg.grad_accum
         if self.world > 1 and cfg.fsdp:
-            sync_replicated_grads(self.net)
+            dist.sync_replicated_grads(self.net)
         if self.world > 1:
             torch.distributed.all_reduce(sums, op=torch.distributed.ReduceOp.AVG)
         if not torch.isfinite(sums).all():
@@ -236,11 +228,15 @@ class Trainer:
     def state_dict(self, opts: dict, stage: int) -> dict[str, Any]:
         trainable = {"log_alpha": self.net.log_alpha, "lambda1": self.net.lagrangian.lambda1,
                      "lambda2": self.net.lagrangian.lambda2}
+        if self.cfg.fsdp:  # full (gathered) states, keyed by parameter name: resumable with any world size
+            optimizers = {k: dist.full_optimizer_state(self.net, o) for k, o in opts.items()}
+        else:
+            optimizers = {k: o.state_dict() for k, o in opts.items()}
         st = {"config": self.cfg.to_dict(), "stage": stage, "trainable": trainable, "rng": ckpt.rng_state(),
-              "optimizers": {k: o.state_dict() for k, o in opts.items()}, "stage1_final": self.stage1_final,
-              "elapsed": self.elapsed}
+              "optimizers": optimizers, "stage1_final": self.stage1_final, "elapsed": self.elapsed,
+              "fsdp": self.cfg.fsdp}
         if "weights" in opts:
-            st["model"] = full_state_dict(self.net.model)
+            st["model"] = dist.full_model_state(self.net.model) if self.cfg.fsdp else self.net.model.state_dict()
         return st
 
     def save(self, opts: dict, stage: int) -> None:
@@ -256,6 +252,9 @@ class Trainer:
                 print(f"note: --resume: no checkpoint in {self.ckpt_root}, starting from step 0", file=sys.stderr)
             return None, 1
         step, st = ckpt.load_checkpoint(path)
+        if bool(st.get("fsdp")) != cfg.fsdp:  # optimizer states are keyed differently
+            raise ConfigError(f"--resume {path}: the checkpoint was made {'with' if st.get('fsdp') else 'without'} "
+                              f"--fsdp; resume {'with' if st.get('fsdp') else 'without'} it")
         old = st["config"]
         diffs = [k for k, v in cfg.to_dict().items() if k not in RESUME_FREE_FIELDS and old.get(k) != v]
         if diffs:
@@ -266,7 +265,10 @@ class Trainer:
             self.net.lagrangian.lambda1.copy_(st["trainable"]["lambda1"])
             self.net.lagrangian.lambda2.copy_(st["trainable"]["lambda2"])
         if "model" in st:
-            self.net.model.load_state_dict(st["model"])
+            if cfg.fsdp:
+                dist.load_full_model_state(self.net.model, st["model"])
+            else:
+                self.net.model.load_state_dict(st["model"])
         ckpt.set_rng_state(st["rng"])
         self.step, self.last_ckpt = step, path
         self.stage1_final, self.elapsed = st.get("stage1_final") or {}, st.get("elapsed", 0.0)
@@ -308,7 +310,10 @@ class Trainer:
         if opt_states:
             for k, o in opts.items():
                 if k in opt_states:
-                    o.load_state_dict(opt_states[k])
+                    if cfg.fsdp:
+                        dist.load_full_optimizer_state(self.net, o, opt_states[k])
+                    else:
+                        o.load_state_dict(opt_states[k])
         wrapped = wrap(self.net, cfg, self.world, self.device)
         wrapped.train()
         bar = tqdm(total=end, initial=self.step, desc=f"stage {stage}", disable=not (self.main and cfg.progress),
@@ -369,11 +374,15 @@ class Trainer:
             self.state.set_allocation(alloc)
             self.state.set_gates(None)
             self.run_stage(2, cfg.total_steps, opt_states)
+        weights = None
+        if cfg.save_model and cfg.fsdp:  # gather the shards (collective), rank 0 writes them
+            weights = dist.full_model_state(self.net.model)
         if self.main:
-            self.finish(alloc)
+            self.finish(alloc, weights)
         return alloc
 
-    def finish(self, alloc: Allocation) -> None:
+    def finish(self, alloc: Allocation, weights: dict[str, torch.Tensor] | None = None) -> None:
+        """Rank 0: close the logs, write the model (``weights``: gathered FSDP state), allocation and plots."""
         from .plots import plot_allocation, plot_curves
         cfg = self.cfg
         self.metrics_file.close()
@@ -386,7 +395,8 @@ class Trainer:
         if cfg.save_model:
             from .export import save_trained_model
             self.state.disable()  # restore the stock config before save_pretrained
-            save_trained_model(self.net.model, self.tokenizer, alloc, Path(cfg.save_model), cfg.model)
+            save_trained_model(self.net.model, self.tokenizer, alloc, Path(cfg.save_model), cfg.model,
+                               state_dict=weights)
             print(f"model with the allocation embedded: {cfg.save_model}", file=sys.stderr)
         alloc.save(cfg.out)
         plot_allocation(alloc, cfg.log_path / "allocation.png")
@@ -394,12 +404,6 @@ class Trainer:
         from consa_vllm.allocation import render_text
         print(render_text(alloc), file=sys.stderr)
         print(f"allocation: {cfg.out}\nlogs, checkpoints and plots: {cfg.log_path}", file=sys.stderr)
-
-
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict with FSDP shards gathered (collective under FSDP)."""
-    from torch.distributed.tensor import DTensor
-    return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in model.state_dict().items()}
 
 
 def train(cfg: TrainConfig) -> Allocation:
