@@ -76,8 +76,12 @@ class ConsaKVPools(nn.Module):
             self.sliding = ConsaKVPool(layout.sliding_pool_heads, head_size, layout.sliding_pool_heads,
                                          window, block_s, page, cache_config, self.sliding_name)
         self.block_sizes = (block_f, block_s)
-        logger.info("ConSA KV pools: %d F heads (block %d), %d S heads (block %d, window %d)",
-                    layout.full_pool_heads, block_f, layout.sliding_pool_heads, block_s, window)
+        # Pool sizes are the same on every tensor-parallel rank; a rank may leave a slot
+        # unused (layout.balance_heads) so that vLLM sees identical KV cache specs.
+        logger.info("ConSA KV pools: %d F heads (block %d), %d S heads (block %d, window %d); "
+                    "rank %d of %d uses %d F + %d S", layout.full_pool_heads, block_f,
+                    layout.sliding_pool_heads, block_s, window, layout.tp_rank, layout.tp_size,
+                    layout.full_used, layout.sliding_used)
 
     @property
     def primary_name(self) -> str:

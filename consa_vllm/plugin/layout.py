@@ -8,8 +8,20 @@ kv_head allocations are served with two KV *pools*, one per vLLM KV-cache group:
   manager frees its out-of-window blocks, so S memory per sequence is bounded by W.
 
 Layer ``l`` owns the contiguous head range ``[full_offset[l], full_offset[l] + n_full[l])``
-of the F pool (same for S). Within a layer, heads are permuted at load time so that its
-F heads come first: one fused attention launch then covers the whole layer.
+of the F pool (same for S). Heads are permuted in the checkpoint at load time (see
+``ConsaForCausalLM.load_weights``) so that each rank's share of a layer has its F heads
+first: one fused attention launch then covers the whole layer.
+
+Tensor parallelism. vLLM's sharded loaders give rank ``r`` the contiguous KV heads
+``[r*H/tp, (r+1)*H/tp)`` of every layer, and vLLM needs the *same* KV cache specs on
+every rank. Any permutation of a layer's KV heads (each with its query group and the
+matching ``o_proj`` columns) leaves the layer's function unchanged, so this module
+chooses, per layer, which heads each rank gets (:func:`balance_heads`): every rank gets
+``H/tp`` heads of each layer and, over all layers, F-head counts that differ by at most
+one. Each rank's F heads in a layer also differ by at most one, which balances attention
+work per layer. When the F total is not divisible by ``tp``, the ranks with fewer F heads
+pad their F pool (and the others their S pool) with one unused head slot, so all pools
+have identical sizes; :func:`balance_summary` says what that costs.
 
 Two pools (instead of one module per head or per layer) keep exactly two KV-cache groups
 whatever the allocation, so vLLM's page-size rules and prefix caching (full attention
@@ -29,21 +41,19 @@ class LayerLayout:
     """One decoder layer on one tensor-parallel rank."""
 
     layer: int
-    kv_heads: tuple[int, ...]  # this rank's KV heads (global indices) in load order: F first, then S
+    kv_heads: tuple[int, ...]  # this rank's KV heads (checkpoint indices) in load order: F first, then S
     n_full: int
     n_sliding: int
     full_offset: int  # first head of this layer in the F pool
     sliding_offset: int  # first head of this layer in the S pool
-
-    @property
-    def permutation(self) -> tuple[int, ...]:
-        """Rank-local KV head order: position j holds rank-local head ``permutation[j]``."""
-        base = min(self.kv_heads) if self.kv_heads else 0
-        return tuple(h - base for h in self.kv_heads)
+    # The layer's whole head order over all ranks: served head j is checkpoint head
+    # global_order[j]; rank r serves positions [r*H/tp, (r+1)*H/tp). Same on every rank.
+    global_order: tuple[int, ...] = ()
 
     @property
     def is_identity(self) -> bool:
-        return self.permutation == tuple(range(len(self.kv_heads)))
+        """Whether the checkpoint's head order is already the served order."""
+        return self.global_order == tuple(range(len(self.global_order)))
 
 
 @dataclass(frozen=True)
@@ -52,26 +62,126 @@ class PoolLayout:
 
     layers: tuple[LayerLayout, ...]
     window: int
-    full_pool_heads: int
+    full_pool_heads: int  # pool sizes: identical on every rank (may include unused slots)
     sliding_pool_heads: int
+    tp_size: int = 1
+    tp_rank: int = 0
+
+    @property
+    def full_used(self) -> int:
+        """F heads this rank actually stores (the rest of the F pool is padding)."""
+        return sum(lay.n_full for lay in self.layers)
+
+    @property
+    def sliding_used(self) -> int:
+        """S heads this rank actually stores (the rest of the S pool is padding)."""
+        return sum(lay.n_sliding for lay in self.layers)
 
     @classmethod
     def build(cls, allocation: Allocation, tp_size: int = 1, tp_rank: int = 0) -> "PoolLayout":
-        """Assign heads to pools for rank ``tp_rank`` of ``tp_size`` (KV heads split evenly)."""
-        h = allocation.num_kv_heads
-        if h % tp_size:
-            raise ValueError(f"{h} KV heads cannot be split evenly across tensor-parallel size {tp_size}")
-        per_rank = h // tp_size
-        lo = tp_rank * per_rank
+        """Assign heads to ranks and pools for rank ``tp_rank`` of ``tp_size``.
+
+        Raises ``ValueError`` only when no layout exists: the KV heads of a layer cannot be
+        split evenly across ``tp_size`` ranks.
+        """
+        if tp_size < 1 or not 0 <= tp_rank < tp_size:
+            raise ValueError(f"tensor-parallel rank {tp_rank} of size {tp_size} is not valid")
+        orders = balance_heads(allocation.pattern, tp_size)
+        per_rank = allocation.num_kv_heads // tp_size
         layers, f_off, s_off = [], 0, 0
-        for i, row in enumerate(allocation.pattern):
-            mine = range(lo, lo + per_rank)
-            full = [k for k in mine if row[k] == "F"]
-            slide = [k for k in mine if row[k] == "S"]
-            layers.append(LayerLayout(i, tuple(full + slide), len(full), len(slide), f_off, s_off))
-            f_off += len(full)
-            s_off += len(slide)
-        return cls(tuple(layers), allocation.window, f_off, s_off)
+        for i, (row, order) in enumerate(zip(allocation.pattern, orders)):
+            mine = order[tp_rank * per_rank:(tp_rank + 1) * per_rank]
+            n_full = sum(row[k] == "F" for k in mine)
+            layers.append(LayerLayout(i, mine, n_full, per_rank - n_full, f_off, s_off, order))
+            f_off += n_full
+            s_off += per_rank - n_full
+        full_pool, sliding_pool = pool_sizes(allocation.pattern, tp_size)
+        return cls(tuple(layers), allocation.window, full_pool, sliding_pool, tp_size, tp_rank)
+
+
+def _split_counts(pattern: list[str], tp_size: int) -> list[list[int]]:
+    """F heads per (layer, rank): each layer's F count split as evenly as possible over the
+    ranks, the odd heads handed out round-robin across layers so that rank totals differ
+    by at most one (the first rank of each hand-out continues where the last layer stopped).
+    """
+    counts, cursor = [], 0
+    for row in pattern:
+        f = row.count("F")
+        base, extra = divmod(f, tp_size)
+        per = [base] * tp_size
+        for j in range(extra):
+            per[(cursor + j) % tp_size] += 1
+        cursor = (cursor + extra) % tp_size
+        counts.append(per)
+    return counts
+
+
+def balance_heads(pattern: list[str], tp_size: int) -> list[tuple[int, ...]]:
+    """Per layer, the served order of its KV heads (checkpoint indices) over all ranks.
+
+    Rank ``r`` serves positions ``[r*H/tp, (r+1)*H/tp)`` of each order, with its F heads
+    first. Heads stay on the rank whose natural range holds them as far as the balanced
+    counts allow, so at ``tp_size=1``, and wherever each rank's natural range already
+    holds its balanced share of a layer, heads are only reordered within a rank.
+    """
+    if tp_size < 1:
+        raise ValueError(f"tensor-parallel size must be >= 1, got {tp_size}")
+    h = len(pattern[0]) if pattern else 0
+    if h % tp_size:
+        raise ValueError(f"{h} KV heads per layer cannot be split evenly across tensor-parallel size {tp_size}")
+    per_rank = h // tp_size
+    orders = []
+    for row, f_counts in zip(pattern, _split_counts(pattern, tp_size)):
+        want = {"F": f_counts, "S": [per_rank - f for f in f_counts]}
+        chosen: list[dict[str, list[int]]] = [{"F": [], "S": []} for _ in range(tp_size)]
+        for kind in ("F", "S"):
+            spare = []
+            for r in range(tp_size):  # keep heads on their natural rank first
+                natural = [k for k in range(r * per_rank, (r + 1) * per_rank) if row[k] == kind]
+                chosen[r][kind] = natural[:want[kind][r]]
+                spare += natural[want[kind][r]:]
+            for r in range(tp_size):  # then move the surplus to ranks that lack heads
+                need = want[kind][r] - len(chosen[r][kind])
+                chosen[r][kind] += spare[:need]
+                spare = spare[need:]
+            assert not spare
+        orders.append(tuple(k for r in range(tp_size) for k in sorted(chosen[r]["F"]) + sorted(chosen[r]["S"])))
+    return orders
+
+
+def pool_sizes(pattern: list[str], tp_size: int) -> tuple[int, int]:
+    """(F pool heads, S pool heads) on every rank: the largest per-rank totals."""
+    per_rank = (len(pattern[0]) if pattern else 0) // tp_size
+    counts = _split_counts(pattern, tp_size)
+    full = [sum(c[r] for c in counts) for r in range(tp_size)]
+    return max(full), max(len(pattern) * per_rank - f for f in full)
+
+
+def balance_summary(allocation: Allocation, tp_size: int) -> str | None:
+    """A one-line note on what serving ``allocation`` at ``tp_size`` moves and pads, or None.
+
+    None when every rank's natural head range already holds the balanced F/S counts of
+    every layer and no pool needs padding (nothing worth telling).
+    """
+    if tp_size == 1:
+        return None
+    orders = balance_heads(allocation.pattern, tp_size)
+    per_rank = allocation.num_kv_heads // tp_size
+    moved = sum(sum(order[j] // per_rank != j // per_rank for j in range(len(order))) for order in orders)
+    full_pool, sliding_pool = pool_sizes(allocation.pattern, tp_size)
+    total = len(allocation.pattern) * per_rank
+    pad = full_pool + sliding_pool - total
+    if not moved and not pad:
+        return None
+    msg = (f"ConSA: tensor-parallel size {tp_size}: balanced the kv_head allocation across ranks by "
+           f"moving {moved} KV heads (with their query heads) to another rank at load time (exact: "
+           f"heads of a layer are interchangeable); each rank holds {full_pool} F + {sliding_pool} S "
+           "pool head slots")
+    if pad:
+        f_total = sum(row.count("F") for row in allocation.pattern)
+        msg += (f", of which {pad} unused (the {f_total} F heads do not divide by {tp_size}): "
+                f"{pad / total:.1%} extra KV memory per rank")
+    return msg
 
 
 def choose_block_sizes(

@@ -6,15 +6,18 @@ mapping); only the attention of each layer differs:
 - ``granularity: layer`` allocations with at least one F layer use vLLM's stock
   ``Attention`` with a per-layer sliding window (stock kernels, stock KV specs);
 - everything else (kv_head allocations, all-S models) uses the fused two-pool attention
-  of :mod:`consa_vllm.plugin.attention`. Each layer's KV heads are permuted at load time
-  so that its F heads come first.
+  of :mod:`consa_vllm.plugin.attention`. Each layer's KV heads are permuted in the
+  checkpoint tensors at load time (:func:`permute_checkpoint_heads`), before vLLM's
+  tensor-parallel loaders slice them, so that each rank gets its balanced share of the
+  layer's heads (:mod:`consa_vllm.plugin.layout`) with the F heads first.
 
 The allocation is read from ``config.json["consa"]`` (written by ``consa-vllm export``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Iterator
 from functools import partial
 
 import torch
@@ -39,7 +42,7 @@ from vllm.sequence import IntermediateTensors
 from consa_vllm.allocation import Allocation
 from consa_vllm.plugin.attention import ConsaAttention, ConsaKVPools
 from consa_vllm.plugin.config import read_allocation
-from consa_vllm.plugin.layout import LayerLayout, PoolLayout
+from consa_vllm.plugin.layout import LayerLayout, PoolLayout, balance_summary
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" so vLLM's log handler shows it
 
@@ -50,6 +53,55 @@ def uses_pools(allocation: Allocation) -> bool:
     # Layer allocations map to stock per-layer windows, except all-S ones: with no
     # full-attention group to unify block sizes against, stock CPU attention crashes.
     return allocation.granularity == "kv_head" or not has_full
+
+
+_ATTN_WEIGHT = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj|qkv_proj)\.(weight|bias)$")
+
+
+def permute_checkpoint_heads(weights: Iterable[tuple[str, torch.Tensor]], orders: dict[int, tuple[int, ...]],
+                             num_heads: int, num_kv_heads: int, head_dim: int
+                             ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield checkpoint tensors with each layer's KV heads in served order.
+
+    ``orders[l][j]`` is the checkpoint KV head served at position j of layer l (layers not
+    in ``orders`` pass unchanged). KV head k's query heads are ``k*G .. k*G+G-1`` (HF's
+    ``repeat_kv`` grouping), so the rows of q_proj (query heads), k_proj and v_proj (KV
+    heads), their biases, and the input columns of o_proj move together and the layer
+    computes the same function. Per-head q/k norms share one weight across heads and need
+    no change. Done on the full tensors, before vLLM's loaders take each rank's slice.
+    """
+    g = num_heads // num_kv_heads
+    rows_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def rows(layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer not in rows_cache:
+            kv = torch.tensor(orders[layer], dtype=torch.long)
+            q = (kv[:, None] * g + torch.arange(g)).reshape(-1)
+            d = torch.arange(head_dim)
+            rows_cache[layer] = ((q[:, None] * head_dim + d).reshape(-1), (kv[:, None] * head_dim + d).reshape(-1))
+        return rows_cache[layer]
+
+    for name, tensor in weights:
+        m = _ATTN_WEIGHT.search(name)
+        if m is None or int(m.group(1)) not in orders:
+            yield name, tensor
+            continue
+        layer, proj, kind = int(m.group(1)), m.group(2), m.group(3)
+        if proj == "qkv_proj":
+            raise ValueError(
+                f"checkpoint tensor {name!r}: fused qkv_proj weights are not supported with kv_head "
+                "allocations (the plugin permutes KV heads at load time and needs separate q_proj, "
+                "k_proj and v_proj tensors, as Hugging Face checkpoints store them)")
+        if proj == "o_proj" and kind == "bias":
+            yield name, tensor  # indexed by output features, not heads
+            continue
+        q_rows, kv_rows = rows(layer)
+        idx, dim = (kv_rows, 0) if proj in ("k_proj", "v_proj") else (q_rows, 1 if proj == "o_proj" else 0)
+        if tensor.dim() <= dim or tensor.shape[dim] != idx.numel():
+            raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}; expected "
+                             f"{idx.numel()} along dim {dim} ({proj} of {num_heads} query / {num_kv_heads} KV "
+                             f"heads of size {head_dim})")
+        yield name, tensor.index_select(dim, idx.to(tensor.device))
 
 
 class ConsaSelfAttention(nn.Module):
@@ -108,28 +160,6 @@ class ConsaSelfAttention(nn.Module):
         out, _ = self.o_proj(out)
         return out
 
-    @torch.no_grad()
-    def permute_heads(self) -> None:
-        """Reorder this rank's KV heads (and their query groups) so that F heads come first.
-
-        Rows of q/k/v in ``qkv_proj`` and columns of ``o_proj`` move together, so the layer
-        computes the same function; per-head q/k norms share one weight and need no change.
-        """
-        if self.layout is None or self.layout.is_identity:
-            return
-        perm = torch.tensor(self.layout.permutation, device=self.qkv_proj.weight.device)
-        g, d = self.num_heads // self.num_kv_heads, self.head_dim
-        q_heads = (perm[:, None] * g + torch.arange(g, device=perm.device)).reshape(-1)
-
-        def rows(heads: torch.Tensor, start: int) -> torch.Tensor:
-            return start + (heads[:, None] * d + torch.arange(d, device=heads.device)).reshape(-1)
-
-        order = torch.cat([rows(q_heads, 0), rows(perm, self.q_size), rows(perm, self.q_size + self.kv_size)])
-        self.qkv_proj.weight.copy_(self.qkv_proj.weight[order])
-        if self.qkv_proj.bias is not None:
-            self.qkv_proj.bias.copy_(self.qkv_proj.bias[order])
-        self.o_proj.weight.copy_(self.o_proj.weight[:, rows(q_heads, 0)])
-
 
 class ConsaDecoderLayer(nn.Module):
     def __init__(self, config, cache_config: CacheConfig | None = None,
@@ -168,8 +198,11 @@ class ConsaModel(Qwen2Model):
             raise NotImplementedError("ConSA models do not support pipeline parallelism yet; use tensor parallelism")
         pools = None
         if uses_pools(allocation):
-            layout = PoolLayout.build(allocation, get_tensor_model_parallel_world_size(),
-                                      get_tensor_model_parallel_rank())
+            tp_size, tp_rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
+            layout = PoolLayout.build(allocation, tp_size, tp_rank)
+            note = balance_summary(allocation, tp_size)
+            if note and tp_rank == 0:
+                logger.warning(note)
             head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
             # Pools are built first: the layers register as sharing their KV cache.
             pools = ConsaKVPools(layout, head_dim, vllm_config.cache_config, prefix=f"{prefix}.consa_kv",
@@ -223,11 +256,17 @@ class ConsaForCausalLM(nn.Module, SupportsPP):
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Load HF checkpoint tensors, KV heads permuted into the served order first."""
+        pools = self.model.consa_kv
+        if pools is not None:
+            orders = {lay.layer: lay.global_order for lay in pools.layout.layers if not lay.is_identity}
+            if orders:
+                c = self.config
+                head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+                weights = permute_checkpoint_heads(weights, orders, c.num_attention_heads,
+                                                   c.num_key_value_heads, head_dim)
         loader = AutoWeightsLoader(self, skip_prefixes=(["lm_head."] if self.config.tie_word_embeddings else None))
-        loaded = loader.load_weights(weights)  # ConsaModel (Qwen2Model) maps q/k/v -> qkv_proj
-        for layer in self.model.layers[self.model.start_layer:self.model.end_layer]:
-            layer.self_attn.permute_heads()
-        return loaded
+        return loader.load_weights(weights)  # ConsaModel (Qwen2Model) maps q/k/v -> qkv_proj
 
 
 class ConsaQwen3ForCausalLM(ConsaForCausalLM):
