@@ -6,7 +6,10 @@ A thin wrapper around vLLM's OpenAI-compatible API server. It
    architecture and holds a valid ``consa`` allocation that matches the model's shape),
    and on error prints one line naming the file and the field and exits with status 2,
    before torch, vLLM or any weight is loaded;
-2. on a machine without CUDA, defaults ``VLLM_CPU_KVCACHE_SPACE`` when it is unset;
+2. on a machine without CUDA, defaults ``VLLM_CPU_KVCACHE_SPACE`` when it is unset, and
+   when ``VLLM_PLUGINS`` is unset sets it to every installed vLLM plugin plus the
+   ``consa_endpoint`` endpoint plugin (``/v1/consa/allocation``, ``consa_kv_*`` metrics),
+   which vLLM loads only when ``VLLM_PLUGINS`` names it;
 3. replaces itself (``os.execv``) with
    ``python -m vllm.entrypoints.openai.api_server --model MODEL_DIR <args>``, which works
    under both the ``vllm`` and the ``vllm-cpu`` distributions (the ``vllm`` console script
@@ -28,6 +31,11 @@ from pathlib import Path
 PROG = "consa-vllm serve"
 EXIT_USAGE = 2
 API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+#: The endpoint plugin (group vllm.endpoint_plugins) that serves /v1/consa/allocation.
+ENDPOINT_PLUGIN = "consa_endpoint"
+#: vLLM plugin groups that load every installed plugin when VLLM_PLUGINS is unset.
+PLUGIN_GROUPS = ("vllm.general_plugins", "vllm.platform_plugins", "vllm.stat_logger_plugins",
+                 "vllm.io_processor_plugins")
 #: GiB of KV cache for vLLM's CPU backend when the user has not chosen (vLLM's own default
 #: is larger than small CI machines can give).
 DEFAULT_CPU_KVCACHE_GIB = "4"
@@ -57,6 +65,14 @@ The plugin:
   VLLM_PLUGINS=consa restricts loading to ours (a VLLM_PLUGINS list without `consa` leaves
   the Consa* architectures unknown to vLLM). vLLM has no --plugin flag, so
   `vllm serve --model DIR --plugin consa` does not exist; the forms below are the working ones.
+
+The endpoint (GET /v1/consa/allocation, GET /v1/consa/metrics, consa_kv_* on /metrics):
+  The `consa_endpoint` plugin (entry point group vllm.endpoint_plugins) adds these routes.
+  vLLM loads endpoint plugins only when VLLM_PLUGINS names them. If VLLM_PLUGINS is unset,
+  this command sets it to every installed vLLM plugin (so nothing that loaded before is
+  dropped) plus `consa_endpoint`. If you set VLLM_PLUGINS yourself it is left as it is:
+  VLLM_PLUGINS=consa,consa_endpoint enables both. Plain vLLM:
+                                  VLLM_PLUGINS=consa,consa_endpoint vllm serve MODEL_DIR
 
 Equivalent plain commands (they run the same checks, inside vLLM's config hook):
   GPU (the `vllm` distribution):  vllm serve MODEL_DIR [options...]
@@ -136,6 +152,23 @@ def _plugin_installed() -> bool:
     return any(ep.name == "consa" for ep in eps)
 
 
+def default_vllm_plugins() -> str:
+    """``VLLM_PLUGINS`` that loads what an unset one loads, plus our endpoint plugin.
+
+    vLLM loads every installed general/platform/stat-logger/IO-processor plugin when
+    ``VLLM_PLUGINS`` is unset, but endpoint plugins only when it names them. So the names
+    of all installed plugins of those groups are listed (nothing that loaded before is
+    dropped), and of the endpoint plugins only ours (others stay opt-in, as vLLM intends).
+    """
+    names = {"consa", ENDPOINT_PLUGIN}
+    for group in PLUGIN_GROUPS:
+        try:
+            names.update(ep.name for ep in metadata.entry_points(group=group))
+        except Exception:  # pragma: no cover - broken metadata of another package
+            pass
+    return ",".join(sorted(names))
+
+
 def _has_dist(name: str) -> bool:
     try:
         metadata.distribution(name)
@@ -179,9 +212,18 @@ def main(argv: list[str] | None = None) -> int:
 
     note = lambda msg: print(f"{PROG}: {msg}", file=sys.stderr)  # noqa: E731
     plugins = os.environ.get("VLLM_PLUGINS")
-    if plugins is not None and "consa" not in [p.strip() for p in plugins.split(",")]:
-        note(f"warning: VLLM_PLUGINS={plugins!r} does not include 'consa'; vLLM will not know {arch}")
     env = dict(os.environ)
+    if plugins is not None:
+        names = [p.strip() for p in plugins.split(",")]
+        if "consa" not in names:
+            note(f"warning: VLLM_PLUGINS={plugins!r} does not include 'consa'; vLLM will not know {arch}")
+        if ENDPOINT_PLUGIN not in names:
+            note(f"VLLM_PLUGINS is set without {ENDPOINT_PLUGIN!r}: /v1/consa/allocation and the consa_kv_* "
+                 "metrics are off")
+    else:
+        env["VLLM_PLUGINS"] = default_vllm_plugins()
+        note(f"VLLM_PLUGINS was unset: set to {env['VLLM_PLUGINS']!r} (every installed plugin, as before, "
+             f"plus the {ENDPOINT_PLUGIN!r} endpoint: /v1/consa/allocation, consa_kv_* metrics)")
     if "VLLM_CPU_KVCACHE_SPACE" not in env and not cuda_available():
         env["VLLM_CPU_KVCACHE_SPACE"] = DEFAULT_CPU_KVCACHE_GIB
         note(f"no CUDA device: VLLM_CPU_KVCACHE_SPACE was unset, defaulting to {DEFAULT_CPU_KVCACHE_GIB} (GiB)")

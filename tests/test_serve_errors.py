@@ -7,7 +7,7 @@
   before any weight is read, with the same message.
 - A window >= max_model_len is accepted, with a warning (config hook only, no engine).
 - The wrapper's command line: the exec'd command, VLLM_CPU_KVCACHE_SPACE defaulting,
-  VLLM_PLUGINS untouched, and --help (os.execve is replaced, nothing is started).
+  VLLM_PLUGINS kept when set (all plugins + consa_endpoint when unset), and --help (os.execve is replaced, nothing is started).
 """
 
 from __future__ import annotations
@@ -227,7 +227,9 @@ def test_wrapper_execs_the_api_server(good, fake_exec, monkeypatch, capsys):
     assert fake_exec["argv"] == [sys.executable, "-m", API_SERVER, "--model", str(good),
                                  "--port", "8123", "--dtype", "float32", "--max-model-len", "512"]
     assert fake_exec["env"]["VLLM_CPU_KVCACHE_SPACE"] == "2"  # the user's value wins
-    assert "VLLM_PLUGINS" not in fake_exec["env"]
+    # Unset VLLM_PLUGINS: every installed plugin still loads, plus the consa_endpoint routes.
+    assert fake_exec["env"]["VLLM_PLUGINS"] == serve.default_vllm_plugins()
+    assert {"consa", "consa_endpoint"} <= set(fake_exec["env"]["VLLM_PLUGINS"].split(","))
     err = capsys.readouterr().err
     assert "defaulting" not in err and f"-m {API_SERVER} --model" in err
 

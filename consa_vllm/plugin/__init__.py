@@ -21,6 +21,7 @@ def register() -> None:
     from vllm import ModelRegistry
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
+    from consa_vllm.endpoint import engine as endpoint_engine
     from consa_vllm.plugin.config import ConsaModelConfig
 
     supported = ModelRegistry.get_supported_archs()
@@ -29,3 +30,5 @@ def register() -> None:
             ModelRegistry.register_model(arch, target)
         # Validates the allocation while vLLM builds its config: before any weights load.
         MODELS_CONFIG_MAP.setdefault(arch, ConsaModelConfig)
+    # Engine-core side of /v1/consa/* (the consa_endpoint plugin): per-pool KV block counts.
+    endpoint_engine.install()
