@@ -1,0 +1,197 @@
+"""Multi-GPU trainer check: 1 process vs torchrun DDP vs torchrun FSDP at the same global batch.
+
+    python benchmarks/bench_train_multi_gpu.py --out $OUT/train_2gpu.json            # 2 GPUs
+    python benchmarks/bench_train_multi_gpu.py --device cpu --smoke --out /tmp/m.json  # toy size, CPU/gloo
+
+Builds a small random Qwen3 model (default 8 layers, 16 q / 8 kv heads, head_dim 128, hidden 1024,
+tied embeddings, bf16) and a local tokenizer, takes the standard library's Python files as text,
+and runs the real trainer CLI (``python -m consa_vllm.train``) three times with the same seed:
+
+  (a) one process, micro-batch 1, grad-accum B
+  (b) ``torchrun --nproc-per-node N``, DDP, micro-batch 1, grad-accum B/N
+  (c) the same with ``--fsdp``
+
+so all three see the same B sequences per step *and* the same gate noise per sequence (the
+noise is a function of the global micro-batch index). It compares the allocations: Hamming
+distance (units that differ) and, for every layer (per-layer constraint) or the whole model
+(global) where they differ, whether the difference sits at a log_alpha tie: the gap between
+the last S and the first F unit at the top-k boundary is no larger than twice the largest
+|log_alpha difference| between the runs, i.e. run-to-run noise can swap the order. It also
+records tokens/s (median step after 2 warm-up steps) and wall time of each run, and writes
+one JSON with the devices, the settings and the results. Exit status 0 even when they
+differ: the JSON says so (``equal_up_to_ties``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def build_model(out: Path, layers: int, heads: int, kv_heads: int, head_dim: int, hidden: int, inter: int,
+                vocab: int, dtype: str) -> None:
+    """A random Qwen3 model (tied embeddings, as Qwen3-0.6B) and a small BPE tokenizer trained on stdlib files."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    from consa_vllm.tiny import build_tokenizer
+    cfg = Qwen3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                      max_position_embeddings=40960, rope_theta=1e6, tie_word_embeddings=True,
+                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype)).save_pretrained(str(out))
+    build_tokenizer(out, vocab_size=vocab)
+
+
+def boundary_gap(values: list[float], k: int) -> float:
+    """Gap between the k-th and (k+1)-th smallest value: how far the top-k cut is from a tie."""
+    v = sorted(values)
+    return float("inf") if k <= 0 or k >= len(v) else v[k] - v[k - 1]
+
+
+def compare(ref: dict, other: dict, per_layer: bool, sparsity: float) -> dict:
+    """Hamming distance of two allocation files and whether every difference is at a log_alpha tie."""
+    from consa_vllm.train.gates import num_sliding
+    pa, pb = ref["pattern"], other["pattern"]
+    la, lb = ref["training"]["log_alpha"], other["training"]["log_alpha"]
+    max_dla = max(abs(x - y) for ra, rb in zip(la, lb) for x, y in zip(ra, rb))
+    hamming = sum(x != y for ra, rb in zip(pa, pb) for x, y in zip(ra, rb))
+    # Rows of the top-k: each layer under per-layer, all units at once under global.
+    rows = [(i, la[i], lb[i], pa[i] != pb[i]) for i in range(len(pa))] if per_layer else \
+        [("all", sum(la, []), sum(lb, []), pa != pb)]
+    diffs = []
+    for name, ra, rb, differs in rows:
+        if not differs:
+            continue
+        k = num_sliding(len(ra), sparsity)
+        gap = min(boundary_gap(ra, k), boundary_gap(rb, k))
+        diffs.append({"row": name, "boundary_gap": gap, "at_tie": gap <= 2 * max_dla})
+    return {"hamming": hamming, "units": sum(len(r) for r in pa), "max_abs_log_alpha_diff": max_dla,
+            "differing_rows": diffs, "equal_up_to_ties": all(d["at_tie"] for d in diffs),
+            "final_loss_diff": abs(ref["training"]["final"]["loss"] - other["training"]["final"]["loss"])}
+
+
+def run_trainer(name: str, launcher: list[str], args: list[str], work: Path, env: dict, seq_len: int,
+                global_batch: int, timeout: int) -> dict:
+    """Run one trainer configuration; return its allocation, throughput and wall time."""
+    out = work / f"{name}.json"
+    cmd = [*launcher, "-m", "consa_vllm.train", *args, "--out", str(out), "--log-dir", str(work / f"{name}.logs")]
+    print("+", " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise SystemExit(f"{name} failed (exit {r.returncode}):\n{r.stderr[-4000:]}")
+    hist = [json.loads(l) for l in (work / f"{name}.logs" / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    steps = [h["step_time_s"] for h in hist[2:]] or [h["step_time_s"] for h in hist]
+    step_s = statistics.median(steps)
+    alloc = json.loads(out.read_text())
+    res = {"name": name, "command": " ".join(cmd), "wall_s_including_startup": round(wall, 2),
+           "step_time_s_median": step_s, "tokens_per_s": global_batch * seq_len / step_s,
+           "steps": len(hist), "world_size": alloc["training"]["world_size"], "pattern": alloc["pattern"],
+           "final": alloc["training"]["final"]}
+    print(json.dumps({k: v for k, v in res.items() if k not in ("command", "pattern")}), flush=True)
+    return res | {"_alloc": alloc}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="JSON file to write")
+    ap.add_argument("--work", default="/tmp/consa-train-multi-gpu", help="scratch folder (model, logs)")
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                    help="cuda: one process per GPU (NCCL); cpu: gloo, for a toy-size check")
+    ap.add_argument("--smoke", action="store_true", help="toy size (2 layers, head_dim 32, seq 128, 6 steps, float32)")
+    ap.add_argument("--nproc", type=int, default=2, help="processes (GPUs) for the DDP and FSDP runs")
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=4096)
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--global-batch", type=int, default=8, help="sequences per optimizer step (multiple of --nproc)")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--target-sparsity", type=float, default=0.5)
+    ap.add_argument("--constraint", choices=["per-layer", "global"], default="per-layer")
+    ap.add_argument("--mode", choices=["joint", "masks"], default="joint",
+                    help="joint: gates + weights (FSDP's sharded gradients matter); masks: weights frozen")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--timeout", type=int, default=540, help="seconds per trainer run")
+    args = ap.parse_args()
+    if args.global_batch % args.nproc:
+        ap.error(f"--global-batch {args.global_batch} must be a multiple of --nproc {args.nproc}")
+
+    import torch
+    if args.device == "cuda" and torch.cuda.device_count() < args.nproc:
+        ap.error(f"--nproc {args.nproc}: only {torch.cuda.device_count()} CUDA devices here (use --device cpu?)")
+    if args.smoke:
+        shape = dict(layers=2, heads=4, kv_heads=2, head_dim=32, hidden=128, inter=256, vocab=512, dtype="float32")
+        args.seq_len, args.window, args.steps, args.global_batch = 128, 32, 6, 2 * args.nproc
+    else:
+        shape = dict(layers=args.layers, heads=16, kv_heads=8, head_dim=128, hidden=1024, inter=3072, vocab=4096,
+                     dtype="bfloat16" if args.device == "cuda" else "float32")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    model = work / ("model-" + "-".join(str(v) for v in shape.values()))
+    t0 = time.perf_counter()
+    if not (model / "config.json").exists():
+        build_model(model, **shape)
+    build_s = time.perf_counter() - t0
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
+           "TOKENIZERS_PARALLELISM": "false"}
+    if args.device == "cpu":
+        env.setdefault("OMP_NUM_THREADS", "1")
+    B, n = args.global_batch, args.nproc
+    common = ["--model", str(model), "--data", sysconfig.get_paths()["stdlib"], "--seq-len", str(args.seq_len),
+              "--max-tokens", str((args.steps + 1) * B * args.seq_len), "--window", str(args.window),
+              "--steps", str(args.steps), "--batch-size", "1", "--target-sparsity", str(args.target_sparsity),
+              "--granularity", "kv_head", "--constraint", args.constraint, "--dtype", shape["dtype"],
+              "--device", args.device, "--seed", str(args.seed), "--checkpoint-every", "0", "--no-progress",
+              "--lr", "1e-5" if args.mode == "joint" else "0"]
+    if args.mode == "masks":
+        common.append("--freeze-weights")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n)]
+    runs = [run_trainer("one_process", [sys.executable], common + ["--grad-accum", str(B)], work, env,
+                        args.seq_len, B, args.timeout),
+            run_trainer(f"ddp_{n}", torchrun, common + ["--grad-accum", str(B // n)], work, env,
+                        args.seq_len, B, args.timeout),
+            run_trainer(f"fsdp_{n}", torchrun, common + ["--grad-accum", str(B // n), "--fsdp"], work, env,
+                        args.seq_len, B, args.timeout)]
+    per_layer = args.constraint == "per-layer"
+    comparisons = {r["name"]: compare(runs[0]["_alloc"], r["_alloc"], per_layer, args.target_sparsity)
+                   for r in runs[1:]}
+    for name, c in comparisons.items():
+        print(f"{name} vs one_process: hamming {c['hamming']}/{c['units']}, max |d log_alpha| "
+              f"{c['max_abs_log_alpha_diff']:.3g}, equal up to ties: {c['equal_up_to_ties']}", flush=True)
+    devices = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+               if args.device == "cuda" else [platform.processor() or platform.machine()])
+    result = {
+        "benchmark": "consa_vllm.train: 1 process vs torchrun DDP vs torchrun FSDP at the same global batch",
+        "devices": devices, "torch": torch.__version__, "python": platform.python_version(),
+        "settings": {"device": args.device, "nproc": n, "global_batch": B, "micro_batch": 1, "seq_len": args.seq_len,
+                     "window": args.window, "steps": args.steps, "mode": args.mode, "seed": args.seed,
+                     "target_sparsity": args.target_sparsity, "constraint": args.constraint,
+                     "granularity": "kv_head", "smoke": args.smoke, **shape},
+        "model_build_s": round(build_s, 2),
+        "runs": [{k: v for k, v in r.items() if k != "_alloc"} for r in runs],
+        "comparisons_vs_one_process": comparisons,
+        "equal_up_to_ties": all(c["equal_up_to_ties"] for c in comparisons.values()),
+        "note": "tokens/s: global batch x seq_len / median step time (steps 3+); wall includes start-up and "
+                "data tokenisation; one run each",
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
