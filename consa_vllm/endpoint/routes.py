@@ -147,6 +147,7 @@ class ConsaEndpoint:
         self.error: str | None = "the engine is not ready"
         self._lock: asyncio.Lock | None = None
         self._own_registry = None
+        self._last_error: str | None = None
 
     # ------------------------------------------------------------------ EndpointPlugin API
     def attach_router(self, app) -> None:
@@ -163,9 +164,9 @@ class ConsaEndpoint:
         async def consa_allocation():
             """The served ConSA allocation, its sparsity, KV estimate and blocks in use."""
             if self.info is None:
-                return JSONResponse(status_code=404 if self.engine_client is not None else 503, content={
-                    "error": {"message": f"{ALLOCATION_PATH}: {self.error}", "type": "NotFoundError",
-                              "code": 404 if self.engine_client is not None else 503}})
+                code, kind = (404, "NotFoundError") if self.engine_client is not None else (503, "ServiceUnavailable")
+                return JSONResponse(status_code=code, content={
+                    "error": {"message": f"{ALLOCATION_PATH}: {self.error}", "type": kind, "code": code}})
             await self.refresh()
             return self.info.model_copy(update={"kv_blocks": _COLLECTOR.blocks})
 
@@ -217,8 +218,13 @@ class ConsaEndpoint:
             except Exception as e:
                 # Stale counts would mislead a leak alarm: report none instead.
                 _COLLECTOR.blocks = None
-                logger.warning("ConSA: could not read KV block counts from the engine core (%s: %s); "
-                               "is the 'consa' general plugin loaded (VLLM_PLUGINS)?", type(e).__name__, e)
+                msg = f"{type(e).__name__}: {e}"
+                if msg != self._last_error:  # once per distinct failure, not once per scrape
+                    logger.warning("ConSA: could not read KV block counts from the engine core (%s); is the "
+                                   "'consa' general plugin loaded (VLLM_PLUGINS)?", msg)
+                self._last_error = msg
+            else:
+                self._last_error = None
 
 
 def build_info(vllm_config: Any, blocks: KVBlocks | None) -> AllocationInfo:
