@@ -1,0 +1,7 @@
+"""``python -m consa_vllm.eval``: see ``--help``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

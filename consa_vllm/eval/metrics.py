@@ -1,0 +1,111 @@
+"""Metrics through the reference attention: LM loss by distance beyond the window, retrieval accuracy.
+
+Both run any HF causal LM patched by :func:`consa_vllm.reference.patch_model` with an
+allocation (or all-F, the dense model). Retrieval is scored by teacher forcing: the answer
+is correct when the argmax at every answer position is the answer token, which is exactly
+"greedy decoding starts with the answer", at the cost of one forward pass.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:
+    import torch
+
+    from .tasks import Sample
+
+
+def position_buckets(window: int, length: int) -> list[tuple[int, int]]:
+    """Target-position ranges ``[lo, hi)``: ``[1, W)``, ``[W, 2W)``, ``[2W, 4W)``, ... up to ``length``.
+
+    The token at position ``t`` is predicted from positions ``0..t-1``; an S head there sees the
+    last W of them, so targets at ``t <= W`` lose nothing to the window and a target at
+    ``t`` has ``t - W`` context tokens that only F heads see.
+    """
+    # In "tokens beyond the window" b = t - W: 0 | 1..W | W+1..2W | 2W+1..4W | ... (doubling).
+    edges, b = [1, window + 1], window
+    while edges[-1] < length:
+        edges.append(min(length, window + 1 + b))
+        b *= 2
+    return [(lo, min(hi, length)) for lo, hi in zip(edges, edges[1:]) if lo < length]
+
+
+def lm_loss(model, sequences: "torch.Tensor", window: int, batch_size: int = 8) -> dict[str, Any]:
+    """Mean next-token NLL (nats) over ``sequences`` ``[N, T]``, overall and by distance beyond the window.
+
+    Bucket ``beyond_window = [a, b)`` holds targets with ``a..b-1`` context tokens outside the window.
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    T = sequences.shape[1]
+    nll_sum = torch.zeros(T, dtype=torch.float64)
+    count = torch.zeros(T, dtype=torch.float64)
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, sequences.shape[0], batch_size):
+            x = sequences[i:i + batch_size].to(device)
+            logits = model(input_ids=x).logits.float()
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), x[:, 1:], reduction="none")
+            nll_sum[1:] += nll.double().sum(0).cpu()
+            count[1:] += x.shape[0]
+    buckets = []
+    for lo, hi in position_buckets(window, T):
+        n = count[lo:hi].sum().item()
+        buckets.append({"positions": [lo, hi], "beyond_window": [max(0, lo - window), max(0, hi - window)],
+                        "tokens": int(n), "loss": nll_sum[lo:hi].sum().item() / n})
+    total = count.sum().item()
+    beyond = count[window + 1:].sum().item()
+    return {"loss": nll_sum.sum().item() / total, "tokens": int(total),
+            "loss_beyond_window": nll_sum[window + 1:].sum().item() / beyond if beyond else None,
+            "window": window, "seq_len": T, "sequences": int(sequences.shape[0]), "buckets": buckets}
+
+
+def score_retrieval(model, samples: Sequence["Sample"], batch_size: int = 8) -> list[bool]:
+    """Per sample: does greedy decoding start with the answer ids (teacher-forced check)."""
+    import torch
+
+    device = next(model.parameters()).device
+    model.eval()
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i].prompt_ids) + len(samples[i].answer_ids))
+    correct = [False] * len(samples)
+    with torch.no_grad():
+        i = 0
+        while i < len(order):
+            # Batch samples of one total length (prompt + answer): no padding needed.
+            n = len(samples[order[i]].prompt_ids) + len(samples[order[i]].answer_ids)
+            group = []
+            while i < len(order) and len(group) < batch_size and \
+                    len(samples[order[i]].prompt_ids) + len(samples[order[i]].answer_ids) == n:
+                group.append(order[i])
+                i += 1
+            x = torch.tensor([samples[j].prompt_ids + samples[j].answer_ids[:-1] for j in group], device=device)
+            pred = model(input_ids=x).logits.argmax(-1).cpu()
+            for row, j in enumerate(group):
+                p, a = len(samples[j].prompt_ids), samples[j].answer_ids
+                correct[j] = pred[row, p - 1:p - 1 + len(a)].tolist() == a
+    return correct
+
+
+def summarize_retrieval(samples: Sequence["Sample"], correct: Sequence[bool]) -> dict[str, Any]:
+    """Accuracy overall, beyond the window, and per task x context x depth."""
+    cells: dict[tuple, list[bool]] = defaultdict(list)
+    for s, ok in zip(samples, correct):
+        cells[(s.task, s.context, s.depth)].append(bool(ok))
+    beyond = [bool(ok) for s, ok in zip(samples, correct) if s.beyond_window]
+    by_task: dict[str, list[bool]] = defaultdict(list)
+    for s, ok in zip(samples, correct):
+        by_task[s.task].append(bool(ok))
+    return {
+        "accuracy": sum(map(bool, correct)) / len(correct) if correct else None,
+        "samples": len(correct),
+        "accuracy_beyond_window": sum(beyond) / len(beyond) if beyond else None,
+        "samples_beyond_window": len(beyond),
+        "by_task": {t: sum(v) / len(v) for t, v in sorted(by_task.items())},
+        "cells": [{"task": t, "context": c, "depth": d, "accuracy": sum(v) / len(v), "samples": len(v),
+                   "mean_distance": sum(s.distance for s in samples if (s.task, s.context, s.depth) == (t, c, d))
+                   / len(v)}
+                  for (t, c, d), v in sorted(cells.items())],
+    }

@@ -1,0 +1,68 @@
+"""The same metrics for a model served by vLLM, through the OpenAI completions API.
+
+Prompts go as token ids (the API accepts a list of ints), so the served model sees exactly
+the ids the reference sees. Retrieval: greedy completion (temperature 0) of the answer's
+length; correct when the generated ids start with the answer ids. Loss: the prompt's own
+logprobs, asked with ``echo=True, max_tokens=0, logprobs=1`` (vLLM returns prompt logprobs
+for that), bucketed like :func:`consa_vllm.eval.metrics.lm_loss`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Sequence
+
+from .metrics import position_buckets
+
+if TYPE_CHECKING:
+    from .tasks import Sample
+
+
+class ServedModel:
+    """A completions endpoint of an OpenAI-compatible server (``URL`` ends at the host or at ``/v1``)."""
+
+    def __init__(self, url: str, model: str | None = None, api_key: str = "EMPTY", timeout: float = 600.0):
+        from openai import OpenAI
+
+        base = url.rstrip("/")
+        if not base.endswith("/v1"):
+            base += "/v1"
+        self.client = OpenAI(base_url=base, api_key=api_key, timeout=timeout, max_retries=0)
+        self.model = model or self.client.models.list().data[0].id
+
+    def score_retrieval(self, samples: Sequence["Sample"]) -> list[bool]:
+        """Per sample: does the greedy completion start with the answer ids."""
+        out = []
+        for s in samples:
+            r = self.client.completions.create(model=self.model, prompt=s.prompt_ids, max_tokens=len(s.answer_ids),
+                                               temperature=0.0, extra_body={"return_token_ids": True})
+            got = list(getattr(r.choices[0], "token_ids", None) or [])
+            out.append(got[:len(s.answer_ids)] == list(s.answer_ids))
+        return out
+
+    def token_logprobs(self, ids: Sequence[int]) -> list[float]:
+        """Logprob of each prompt token given the ones before it (``len(ids) - 1`` values)."""
+        r = self.client.completions.create(model=self.model, prompt=list(ids), max_tokens=0, echo=True,
+                                           logprobs=1, temperature=0.0)
+        lps = r.choices[0].logprobs.token_logprobs
+        if lps is None or len(lps) != len(ids):
+            raise RuntimeError(f"server returned {0 if lps is None else len(lps)} prompt logprobs for "
+                               f"{len(ids)} tokens; it must support echo with logprobs (vLLM does)")
+        return [float(x) for x in lps[1:]]
+
+    def lm_loss(self, sequences, window: int) -> dict[str, Any]:
+        """Same report as :func:`consa_vllm.eval.metrics.lm_loss`, from the server's prompt logprobs."""
+        rows = [self.token_logprobs(seq) for seq in sequences.tolist()]
+        T = sequences.shape[1]
+        nll = [0.0] * T
+        for row in rows:
+            for t, lp in enumerate(row, start=1):
+                nll[t] -= lp if math.isfinite(lp) else -1e9
+        n = len(rows)
+        buckets = [{"positions": [lo, hi], "beyond_window": [max(0, lo - window), max(0, hi - window)],
+                    "tokens": n * (hi - lo), "loss": sum(nll[lo:hi]) / (n * (hi - lo))}
+                   for lo, hi in position_buckets(window, T)]
+        beyond = nll[window + 1:]
+        return {"loss": sum(nll) / (n * (T - 1)), "tokens": n * (T - 1),
+                "loss_beyond_window": sum(beyond) / (n * len(beyond)) if beyond else None,
+                "window": window, "seq_len": T, "sequences": n, "buckets": buckets}

@@ -1,0 +1,234 @@
+"""consa_vllm.eval: task generators, metrics through the reference attention, the CLI.
+
+Fast (no vLLM engine): a tiny random Qwen3 and its BPE tokenizer, plus a word-level tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from consa_vllm.allocation import Allocation, ModelShape, estimate_kv, make_allocation
+from consa_vllm.eval import cli, metrics
+from consa_vllm.eval.tasks import (KV, PASSKEY, Filler, build_word_tokenizer, make_sample, make_samples,
+                                   symbolic_filler, symbolic_task, symbolic_vocab, training_document)
+from consa_vllm.tiny import build_tiny_model
+
+WINDOW = 16
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("eval") / "tiny"
+    build_tiny_model(d, num_layers=2, num_attention_heads=4, num_kv_heads=2, head_dim=32, hidden_size=64,
+                     intermediate_size=128, max_position_embeddings=256)
+    return d
+
+
+@pytest.fixture(scope="module")
+def bpe(tiny):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny))
+
+
+@pytest.fixture(scope="module")
+def words():
+    v = symbolic_vocab(16, 16, 8)
+    return v, build_word_tokenizer(v["keys"] + v["values"] + v["filler"])
+
+
+def _find(hay: list[int], needle: list[int]) -> list[int]:
+    return [i for i in range(len(hay) - len(needle) + 1) if hay[i:i + len(needle)] == needle]
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+@pytest.mark.parametrize("task", [PASSKEY, KV], ids=["passkey", "kv"])
+@pytest.mark.parametrize("depth", [0.0, 0.3, 1.0])
+def test_sample_has_exact_length_and_needle_at_the_stated_distance(bpe, task, depth):
+    filler = Filler(bpe, None, min_tokens=400)
+    s = make_sample(task, bpe, filler, 200, depth, random.Random(5), window=WINDOW)
+    assert len(s.prompt_ids) == s.context == 200
+    value = s.answer.strip()
+    needle = bpe(task.needle.format(key="KEY", value=value), add_special_tokens=False)["input_ids"]
+    # The needle's own ids (with the real key) appear at 199 - distance.
+    start = 199 - s.distance
+    assert bpe.decode(s.prompt_ids[start:start + len(needle) + 4]).find(value) >= 0
+    query_end = bpe(task.query.format(key="k_xxxx"), add_special_tokens=False)["input_ids"][-1]
+    assert s.prompt_ids[-1] == query_end  # the prompt ends with the query
+    assert s.answer_ids == bpe(s.answer, add_special_tokens=False)["input_ids"]
+    assert s.beyond_window == (s.distance >= WINDOW)
+
+
+def test_depth_orders_the_distance_and_samples_are_deterministic(bpe):
+    filler = Filler(bpe, None, min_tokens=400)
+    ss = [make_sample(PASSKEY, bpe, filler, 300, d, random.Random(0)) for d in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    dist = [s.distance for s in ss]
+    tail = [len(bpe(t, add_special_tokens=False)["input_ids"])
+            for t in (PASSKEY.needle.format(value=ss[-1].answer.strip()), PASSKEY.query)]
+    assert dist == sorted(dist, reverse=True) and dist[0] == 299 and dist[-1] == sum(tail) - 1
+    a = make_samples([PASSKEY, KV], bpe, filler, [100, 150], [0.0, 0.5], 3, seed=7)
+    b = make_samples([PASSKEY, KV], bpe, filler, [100, 150], [0.0, 0.5], 3, seed=7)
+    c = make_samples([PASSKEY, KV], bpe, filler, [100, 150], [0.0, 0.5], 3, seed=8)
+    assert [s.prompt_ids for s in a] == [s.prompt_ids for s in b]
+    assert [s.prompt_ids for s in a] != [s.prompt_ids for s in c]
+    assert len(a) == 2 * 2 * 2 * 3 and len({s.answer for s in a}) > 6
+
+
+def test_kv_distractors_have_other_keys_and_the_queried_key_once(words):
+    v, tok = words
+    task = symbolic_task(16, 16, distractors=3)
+    filler = Filler(tok, [symbolic_filler(v["filler"], 500, 0)])
+    for seed in range(20):
+        s = make_sample(task, tok, filler, 48, 0.2, random.Random(seed), window=8)
+        text = tok.decode(s.prompt_ids).split()
+        keys = [w for w in text if w.startswith("k")]
+        assert len(keys) == 5 and len(set(keys)) == 4  # 4 needles, the queried key again in the query
+        qkey = text[-1]
+        first = text.index(qkey)
+        assert text[first + 1] == s.answer.strip()  # its needle holds the answer
+        assert len(s.prompt_ids) - 1 - s.distance == first  # word tokenizer: one word, one token
+
+
+def test_too_short_context_is_refused(bpe):
+    with pytest.raises(ValueError, match="too short"):
+        make_sample(KV, bpe, Filler(bpe, None), 10, 0.5, random.Random(0))
+
+
+def test_training_document_queries_are_beyond_min_distance(words):
+    v, tok = words
+    task = symbolic_task(16, 16)
+    filler = Filler(tok, [symbolic_filler(v["filler"], 500, 0)])
+    for seed in range(10):
+        ids = training_document(task, tok, filler, 96, random.Random(seed), num_needles=6, min_distance=24)
+        assert len(ids) == 96
+        text = tok.convert_ids_to_tokens(ids)
+        queries = [i for i, w in enumerate(text) if w == "?"]
+        assert queries, "no query fitted"
+        for q in queries:
+            key, value = text[q + 1], text[q + 2]
+            needle = text.index(key)
+            assert needle < q and text[needle + 1] == value
+            assert (q + 1) - needle >= 24  # the query's last token is min_distance from the needle
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def _model(tiny, alloc=None):
+    return cli.load_reference(tiny, alloc, WINDOW, device="cpu")
+
+
+def test_lm_loss_overall_equals_hf_loss_and_buckets_cover_every_token(tiny):
+    model = _model(tiny)
+    torch.manual_seed(0)
+    x = torch.randint(3, 500, (3, 100))
+    r = metrics.lm_loss(model, x, WINDOW, batch_size=2)
+    with torch.no_grad():
+        hf = model(input_ids=x, labels=x).loss.item()
+    assert r["loss"] == pytest.approx(hf, rel=1e-5)
+    assert sum(b["tokens"] for b in r["buckets"]) == r["tokens"] == 3 * 99
+    assert [b["positions"] for b in r["buckets"]] == [[1, 17], [17, 33], [33, 49], [49, 81], [81, 100]]
+    weighted = sum(b["loss"] * b["tokens"] for b in r["buckets"]) / r["tokens"]
+    assert weighted == pytest.approx(r["loss"], rel=1e-9)
+
+
+def test_sliding_heads_change_only_the_buckets_beyond_the_window(tiny):
+    torch.manual_seed(1)
+    x = torch.randint(3, 500, (2, 90))
+    dense = metrics.lm_loss(_model(tiny), x, WINDOW)
+    all_s = Allocation(granularity="kv_head", window=WINDOW, pattern=["SS", "SS"])
+    swa = metrics.lm_loss(_model(tiny, all_s), x, WINDOW)
+    assert swa["buckets"][0]["loss"] == pytest.approx(dense["buckets"][0]["loss"], abs=1e-5)
+    assert all(abs(a["loss"] - b["loss"]) > 1e-4 for a, b in zip(swa["buckets"][1:], dense["buckets"][1:]))
+
+
+def test_teacher_forced_retrieval_equals_greedy_generation(tiny, bpe):
+    """score_retrieval's verdict is exactly "greedy decoding starts with the answer"."""
+    model = _model(tiny)
+    filler = Filler(bpe, None, min_tokens=200)
+    samples = make_samples([PASSKEY, KV], bpe, filler, [80, 100], [0.0, 0.5], 2, seed=3, window=WINDOW)
+    # Make half of them answerable by construction: the answer is what the model says greedily.
+    with torch.no_grad():
+        for s in samples[::2]:
+            out = model.generate(torch.tensor([s.prompt_ids]), max_new_tokens=2, do_sample=False,
+                                 pad_token_id=0)[0, len(s.prompt_ids):].tolist()
+            s.answer_ids = out
+    got = metrics.score_retrieval(model, samples, batch_size=3)
+    want = []
+    with torch.no_grad():
+        for s in samples:
+            out = model.generate(torch.tensor([s.prompt_ids]), max_new_tokens=len(s.answer_ids), do_sample=False,
+                                 pad_token_id=0)[0, len(s.prompt_ids):].tolist()
+            want.append(out == s.answer_ids)
+    assert got == want and any(got)
+    summary = metrics.summarize_retrieval(samples, got)
+    assert summary["samples"] == len(samples) and len(summary["cells"]) == 2 * 2 * 2
+    assert summary["accuracy"] == pytest.approx(sum(got) / len(got))
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _run(capsys, argv):
+    rc = cli.main(argv)
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def test_help_is_clear(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    for flag in ("--model", "--allocation", "--data", "--served-url", "--contexts", "--depths", "--out"):
+        assert flag in out
+
+
+@pytest.mark.parametrize("case", ["no-model", "bad-alloc-shape", "window-mismatch", "dense-no-window",
+                                  "context-too-long", "missing-data", "served-model-alone", "bad-json"])
+def test_bad_input_is_one_line_naming_the_flag(tmp_path, tiny, capsys, case):
+    good = make_allocation("bottom", 0.5, 2, 2, WINDOW)
+    good.save(tmp_path / "a.json")
+    make_allocation("bottom", 0.5, 3, 2, WINDOW).save(tmp_path / "wrong.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    argv, flag = {
+        "no-model": (["--model", str(tmp_path / "nope"), "--window", "8"], "--model"),
+        "bad-alloc-shape": (["--model", str(tiny), "--allocation", str(tmp_path / "wrong.json")], "--allocation"),
+        "window-mismatch": (["--model", str(tiny), "--allocation", str(tmp_path / "a.json"), "--window", "9"],
+                            "--window"),
+        "dense-no-window": (["--model", str(tiny)], "--window"),
+        "context-too-long": (["--model", str(tiny), "--window", "8", "--contexts", "9999"], "--contexts"),
+        "missing-data": (["--model", str(tiny), "--window", "8", "--data", str(tmp_path / "none.txt")], "--data"),
+        "served-model-alone": (["--model", str(tiny), "--window", "8", "--served-model", "x"], "--served-model"),
+        "bad-json": (["--model", str(tiny), "--allocation", str(tmp_path / "bad.json")], "--allocation"),
+    }[case]
+    rc, out, err = _run(capsys, argv)
+    assert rc == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("consa-vllm eval: error:") and flag in lines[0], err
+
+
+def test_cli_report_on_a_tiny_model(tmp_path, tiny, capsys):
+    alloc = make_allocation("random", 0.5, 2, 2, WINDOW, seed=1)
+    alloc.save(tmp_path / "a.json")
+    data = tmp_path / "heldout.txt"
+    data.write_text("def f(x):\n    return x + 1\n" * 200)
+    out = tmp_path / "r" / "report.json"
+    rc, _, err = _run(capsys, ["--model", str(tiny), "--allocation", str(tmp_path / "a.json"), "--data", str(data),
+                               "--contexts", "96", "128", "--depths", "0", "0.5", "--samples", "2",
+                               "--loss-sequences", "2", "--device", "cpu", "--out", str(out)])
+    assert rc == 0, err
+    report = cli.EvalReport.model_validate_json(out.read_text())
+    assert report.backend == "reference" and report.window == WINDOW and report.sparsity == 0.5
+    assert report.retrieval["samples"] == 2 * 2 * 2 * 2
+    assert report.loss["seq_len"] == 128 and report.loss["sequences"] == 2
+    shape = ModelShape.from_model_dir(tiny)
+    assert [k["ratio_to_dense"] for k in report.kv] == \
+        [estimate_kv(alloc, shape, c).ratio_to_dense for c in (96, 128)]
+    assert json.loads(out.read_text())["allocation"]["pattern"] == alloc.pattern
