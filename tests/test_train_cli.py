@@ -49,6 +49,14 @@ def test_end_to_end(tiny, tmp_path):
     logs = tmp_path / "res" / "alloc.logs"
     assert {"metrics.jsonl", "allocation.png", "curves.png", "checkpoints"} <= {p.name for p in logs.iterdir()}
     assert (logs / "checkpoints" / "latest").read_text().strip() == "step_00000030"
+    # TensorBoard event files hold the same scalars as metrics.jsonl, one per step
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ev = EventAccumulator(str(logs / "tensorboard")).Reload()
+    assert {"loss", "expected_sparsity", "target", "penalty", "tokens_per_s"} <= set(ev.Tags()["scalars"])
+    hist = [json.loads(l) for l in (logs / "metrics.jsonl").read_text().splitlines()]
+    tb_loss = ev.Scalars("loss")
+    assert [e.step for e in tb_loss] == [r["step"] for r in hist] == list(range(30))
+    assert max(abs(e.value - r["loss"]) for e, r in zip(tb_loss, hist)) < 1e-5  # float32 in the event file
     # the progress bar shows loss, sparsity, target and the multipliers
     assert all(k in r.stderr for k in ("stage 1", "loss=", "s=", "t=", "l1=", "l2="))
 

@@ -290,8 +290,9 @@ class Trainer:
         try:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(self.cfg.log_path / "tensorboard"), purge_step=self.step)
-        except ImportError:
-            pass
+        except ImportError:  # optional: metrics.jsonl has everything; say so rather than skip silently
+            print("note: the tensorboard package is not installed; metrics go to metrics.jsonl only "
+                  "(pip install tensorboard for TensorBoard event files)", file=sys.stderr)
 
     def log(self, rec: dict[str, Any]) -> None:
         self.history.append(rec)
