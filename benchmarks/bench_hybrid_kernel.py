@@ -467,14 +467,16 @@ def run_timing(th, stock, device, block_size, window, reps, workloads, num_segme
                 rows.append(dict(workload=wname, variant=f"fa3_pools_{nf}F{ns}S", **r))
                 log(f"  fa3_pools_{nf}F{ns}S  " + " ".join(f"{k}={v:.4f}" for k, v in r.items()
                                                           if isinstance(v, float)))
-            for segs, tile, warps in (sweep or []) if (nf and ns and p.max_query_len <= 1) else []:
+            for segs, tile, warps, *stages in (sweep or []) if (nf and ns and p.max_query_len <= 1) else []:
                 kw2 = dict(scratch=th.make_hybrid_scratch(thr, p.hq, p.d, device, segs),
-                           seq_threshold_3d=thr, tile_size=tile, num_warps=warps)
+                           seq_threshold_3d=thr, tile_size=tile, num_warps=warps,
+                           num_stages=stages[0] if stages else None)
                 th.hybrid_paged_attention(*args, **kw2)
                 r = timer.measure(lambda: th.hybrid_paged_attention(*args, **kw2))
                 rows.append(dict(workload=wname, variant=name, num_segments=segs, tile=tile,
-                                 num_warps=warps, sweep=True, **r))
-                log(f"  {name} segs={segs} tile={tile} warps={warps} "
+                                 num_warps=warps, num_stages=stages[0] if stages else None,
+                                 sweep=True, **r))
+                log(f"  {name} segs={segs} tile={tile} warps={warps} stages={stages} "
                     + " ".join(f"{k}={v:.4f}" for k, v in r.items() if isinstance(v, float)))
             del fpool, spool, args
             torch.cuda.empty_cache()
@@ -519,7 +521,7 @@ def main():
                     help="3D split-KV segments of the hybrid kernel (power of 2)")
     ap.add_argument("--sweep", default="",
                     help="extra decode configurations of the hybrid kernel to time, as "
-                         "SEGMENTS:TILE:WARPS,... (e.g. 128:16:4,256:32:4)")
+                         "SEGMENTS:TILE:WARPS[:STAGES],... (e.g. 128:16:4,256:32:4:3)")
     ap.add_argument("--no-stock", action="store_true", help="do not run vLLM's kernel")
     ap.add_argument("--stock-src", default=os.environ.get("CONSA_VLLM_STOCK_SRC"),
                     help="folder holding vLLM 0.26's triton_unified_attention.py and "
