@@ -327,6 +327,8 @@ class Trainer:
             self.elapsed += dt
             tokens = cfg.batch_size * cfg.grad_accum * self.world * cfg.seq_len
             rec.update(step_time_s=dt, tokens_per_s=tokens / dt, tokens=self.step * tokens)
+            if self.device.type == "cuda":  # this rank's peak so far: shows what FSDP sharding saves
+                rec["max_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             if self.main:
                 self.log(rec)
                 post = {"loss": f"{rec['loss']:.4f}"}
