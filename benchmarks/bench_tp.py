@@ -20,7 +20,7 @@ Usage (on the 2-GPU machine)::
 
     python benchmarks/bench_tp.py --out tp.json                       # everything (~7 min on H200)
     python benchmarks/bench_tp.py --parts greedy --out tp_greedy.json
-    python benchmarks/bench_tp.py --smoke --out /tmp/tp_smoke.json    # CPU, toy sizes, TP=1 only
+    python benchmarks/bench_tp.py --smoke --out /tmp/tp_smoke.json    # CPU, toy sizes (TP=2 needs 2 cores)
 
 Writes one JSON (device, settings, allocation, results), rewritten after every engine.
 Exits 1 if the float32 greedy tokens differ between TP sizes.
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpu-mem", type=float, default=0.85, help="gpu_memory_utilization (ignored on CPU)")
     ap.add_argument("--eager", action="store_true", help="enforce_eager (no torch.compile / CUDA graphs)")
     ap.add_argument("--smoke", action="store_true",
-                    help="CPU check of the script: toy shapes, float32, few short requests (use --tp 1 on CPU)")
+                    help="CPU check of the script: toy shapes, float32, few short requests")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -215,6 +215,13 @@ def main(argv: list[str] | None = None) -> int:
         args.requests, args.prompt, args.output, args.greedy_output = 4, 96, 8, 8
         args.greedy_window, args.window, args.max_num_seqs, args.eager = 24, 32, 8, True
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        if max(tps) > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            # vLLM's automatic binding wants one NUMA node per CPU worker: split the cores instead.
+            cpus, n = sorted(os.sched_getaffinity(0)), max(tps)
+            if len(cpus) < n:
+                ap.error(f"--tp {args.tp}: --smoke on CPU needs at least {n} cores, this process has {len(cpus)}")
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
+                ",".join(map(str, cpus[i * len(cpus) // n:(i + 1) * len(cpus) // n])) for i in range(n))
 
     from consa_vllm.export import read_exported_allocation
     from consa_vllm.plugin.layout import balance_summary
