@@ -38,7 +38,7 @@ def bpe(tiny):
 @pytest.fixture(scope="module")
 def words():
     v = symbolic_vocab(16, 16, 8)
-    return v, build_word_tokenizer(v["keys"] + v["values"] + v["filler"])
+    return v, build_word_tokenizer(v["keys"] + v["values"] + v["needles"] + v["filler"])
 
 
 def _find(hay: list[int], needle: list[int]) -> list[int]:
@@ -87,11 +87,10 @@ def test_kv_distractors_have_other_keys_and_the_queried_key_once(words):
     for seed in range(20):
         s = make_sample(task, tok, filler, 48, 0.2, random.Random(seed), window=8)
         text = tok.decode(s.prompt_ids).split()
-        keys = [w for w in text if w.startswith("k")]
-        assert len(keys) == 5 and len(set(keys)) == 4  # 4 needles, the queried key again in the query
+        needles = [w for w in text if w.startswith("k") and "v" in w]
+        assert len(needles) == 4 and len({w.split("v")[0] for w in needles}) == 4  # 4 distinct keys
         qkey = text[-1]
-        first = text.index(qkey)
-        assert text[first + 1] == s.answer.strip()  # its needle holds the answer
+        first = text.index(qkey + s.answer.strip())  # the queried key's needle holds the answer
         assert len(s.prompt_ids) - 1 - s.distance == first  # word tokenizer: one word, one token
 
 
@@ -105,15 +104,16 @@ def test_training_document_queries_are_beyond_min_distance(words):
     task = symbolic_task(16, 16)
     filler = Filler(tok, [symbolic_filler(v["filler"], 500, 0)])
     for seed in range(10):
-        ids = training_document(task, tok, filler, 96, random.Random(seed), num_needles=6, min_distance=24)
-        assert len(ids) == 96
+        ids, mask = training_document(task, tok, filler, 96, random.Random(seed), num_needles=6, min_distance=24)
+        assert len(ids) == len(mask) == 96
         text = tok.convert_ids_to_tokens(ids)
         queries = [i for i, w in enumerate(text) if w == "?"]
         assert queries, "no query fitted"
+        assert [i for i, m in enumerate(mask) if m] == [q + 2 for q in queries]
         for q in queries:
             key, value = text[q + 1], text[q + 2]
-            needle = text.index(key)
-            assert needle < q and text[needle + 1] == value
+            needle = text.index(key + value)  # the one-token needle holding both
+            assert needle < q and text.count(key + value) == 1
             assert (q + 1) - needle >= 24  # the query's last token is min_distance from the needle
 
 

@@ -94,12 +94,16 @@ PRESETS: dict[str, TaskSpec] = {t.name: t for t in (PASSKEY, KV)}
 class Filler:
     """A stream of filler token ids (a corpus, or the default sentences), cut at random offsets."""
 
-    def __init__(self, tokenizer, texts: Sequence[str] | None = None, min_tokens: int = 0):
-        ids: list[int] = []
-        for text in (texts or [DEFAULT_FILLER]):
-            ids.extend(encode(tokenizer, text))
-        if not ids:
+    def __init__(self, tokenizer, texts: Sequence[str] | None = None, min_tokens: int = 0,
+                 ids: Sequence[int] | None = None):
+        """Tokenize ``texts`` (default: the passkey sentences), or take pre-tokenized ``ids`` (a list or array)."""
+        if ids is None:
+            ids = []
+            for text in (texts or [DEFAULT_FILLER]):
+                ids.extend(encode(tokenizer, text))
+        if len(ids) == 0:
             raise ValueError("filler texts tokenize to nothing")
+        ids = list(ids) if len(ids) < max(min_tokens, 1) else ids
         while len(ids) < max(min_tokens, 1):  # repeat short sources (the default sentences)
             ids = ids + ids
         self.ids = ids
@@ -108,11 +112,13 @@ class Filler:
         """``n`` consecutive filler ids from a random offset (wrapping around)."""
         if n <= 0:
             return []
-        while len(self.ids) < n:
-            self.ids = self.ids + self.ids
+        if len(self.ids) < n:
+            self.ids = list(self.ids)
+            while len(self.ids) < n:
+                self.ids = self.ids + self.ids
         start = rng.randrange(len(self.ids))
-        out = self.ids[start:start + n]
-        return out + self.ids[: n - len(out)]
+        out = [int(i) for i in self.ids[start:start + n]]
+        return out + [int(i) for i in self.ids[: n - len(out)]]
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -188,14 +194,15 @@ def make_samples(tasks: Sequence[TaskSpec], tokenizer, filler: Filler, contexts:
 
 
 def training_document(task: TaskSpec, tokenizer, filler: Filler, length: int, rng: random.Random,
-                      num_needles: int, min_distance: int, max_filler_gap: int = 8) -> list[int]:
-    """Token ids (exactly ``length``) of one training document rich in retrieval.
+                      num_needles: int, min_distance: int, max_filler_gap: int = 8) -> tuple[list[int], list[bool]]:
+    """Token ids (exactly ``length``) of one training document rich in retrieval, and its answer mask.
 
     ``num_needles`` needles with distinct keys sit in the first part, among filler; then their
     queries, each followed by its answer, in random order, separated by short filler runs
     (1..``max_filler_gap`` tokens). Every query ends at least ``min_distance`` tokens after its
     needle starts (set it above the window so that only full attention can answer). Queries
-    that do not fit in ``length`` are dropped.
+    that do not fit in ``length`` are dropped. The mask is True at the answer tokens (a
+    pretraining loop may weight them: they are the only tokens that need retrieval).
     """
     keys = task.draw_keys(rng, num_needles)
     values = [task.draw_value(rng) for _ in keys]
@@ -207,6 +214,7 @@ def training_document(task: TaskSpec, tokenizer, filler: Filler, length: int, rn
     cuts = sorted(rng.randrange(n_fill + 1) for _ in needles)
     fill = filler.take(n_fill, rng)
     ids: list[int] = []
+    answers: list[int] = []  # positions of answer tokens
     starts: list[int] = []
     prev = 0
     for at, piece in zip(cuts, needles):
@@ -227,27 +235,35 @@ def training_document(task: TaskSpec, tokenizer, filler: Filler, length: int, rn
         if len(ids) + len(gap) + len(qa[i]) > length:
             break
         ids += gap + qa[i]
+        n_answer = len(qa[i]) - q_len
+        answers += range(len(ids) - n_answer, len(ids))
     ids += filler.take(length - len(ids), rng)
-    return ids[:length]
+    mask = [False] * length
+    for a in answers:
+        mask[a] = True
+    return ids[:length], mask
 
 
 # ------------------------------------------------------------------ symbolic tasks (tiny models)
 
 
 def symbolic_vocab(num_keys: int, num_values: int, num_filler: int) -> dict[str, list[str]]:
-    """Word lists of a symbolic key-value task: keys ``k0..``, values ``v0..``, filler ``f0..``."""
-    return {"keys": [f"k{i}" for i in range(num_keys)], "values": [f"v{i}" for i in range(num_values)],
+    """Word lists of a symbolic key-value task: keys ``k0..``, values ``v0..``, needles ``k0v0..``, filler ``f0..``."""
+    keys, values = [f"k{i}" for i in range(num_keys)], [f"v{i}" for i in range(num_values)]
+    return {"keys": keys, "values": values, "needles": [k + v for k in keys for v in values],
             "filler": [f"f{i}" for i in range(num_filler)]}
 
 
 def symbolic_task(num_keys: int, num_values: int, distractors: int = 0) -> TaskSpec:
-    """Key-value retrieval with one-token keys and values: needle ``k v``, query ``? k``, answer ``v``.
+    """Key-value retrieval for tiny models: needle ``k3v5`` (one token), query ``? k3``, answer ``v5``.
 
-    With :func:`build_word_tokenizer` every word is one token, so a small model can solve it
-    with an induction head; keys and values are shuffled per sample, so only retrieval helps.
+    With :func:`build_word_tokenizer` over :func:`symbolic_vocab` every word is one token, so one
+    attention head can answer: the query's key token attends to the needle token that holds it
+    and copies its value. Keys and values are drawn per sample, so only retrieval helps; a
+    sliding-window head cannot answer once the needle is ``window`` tokens back.
     """
     v = symbolic_vocab(num_keys, num_values, 0)
-    return TaskSpec(name="symbolic_kv", needle=" {key} {value}", query=" ? {key}", answer=" {value}",
+    return TaskSpec(name="symbolic_kv", needle=" {key}{value}", query=" ? {key}", answer=" {value}",
                     keys=v["keys"], values=v["values"], distractors=distractors)
 
 
@@ -270,7 +286,7 @@ def build_word_tokenizer(words: Sequence[str], out_dir=None):
         vocab.setdefault(w, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
                                    pad_token="<|endoftext|>", unk_token="<|endoftext|>")
     if out_dir is not None:

@@ -1,0 +1,111 @@
+"""Small-model training for the testbed: build a Qwen3-shaped model, train its weights on token batches.
+
+One loop serves pretraining (dense attention, HF SDPA) and stage 2 (the model patched with a
+fixed allocation by :func:`consa_vllm.reference.patch_model`). The loss is the LM loss plus
+``answer_weight`` times the mean loss of the retrieval answer tokens: those are a few tokens
+per sequence, and weighting them is what makes a small model learn retrieval in minutes.
+The allocation itself is learned by the project's trainer (``consa_vllm.train``), not here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+def build_model(shape: dict, seed: int, dtype: str = "float32"):
+    """A randomly initialised Qwen3 causal LM of ``shape`` (Qwen3Config keyword arguments)."""
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    config = Qwen3Config(rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                         bos_token_id=0, eos_token_id=0, pad_token_id=0, **shape)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+
+
+def lm_loss_weighted(model, ids: torch.Tensor, answer_mask: torch.Tensor, answer_weight: float) -> torch.Tensor:
+    """LM loss + ``answer_weight`` x the mean loss at answer positions (``answer_mask`` [B, T], target side)."""
+    logits = model(input_ids=ids).logits[:, :-1].float()
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+    loss = nll.mean()
+    m = answer_mask[:, 1:]
+    if answer_weight and m.any():
+        loss = loss + answer_weight * nll[m].mean()
+    return loss
+
+
+def train_lm(model, batch_fn: Callable[[int], tuple[torch.Tensor, torch.Tensor]], steps: int, lr: float, *,
+             warmup: int = 0, answer_weight: float = 0.0, device: str = "cpu", autocast_dtype: str | None = None,
+             grad_clip: float = 1.0, log_every: int = 50, log: Callable[[dict], None] | None = None,
+             ckpt_dir: Path | None = None, ckpt_every: int = 0, max_seconds: float | None = None) -> dict:
+    """Train all weights for ``steps`` AdamW steps (cosine schedule after ``warmup``); resumable.
+
+    ``batch_fn(step)`` returns ``(ids [B, T], answer_mask [B, T])`` and must be a pure function of
+    ``step``, so that a resumed run sees the same batches. With ``ckpt_dir`` the state is saved
+    every ``ckpt_every`` steps and when ``max_seconds`` runs out; the next call resumes there.
+    Returns ``{"done": bool, "step": int, "last_loss": float}``.
+    """
+    model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup)) * (
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, max(0, s - warmup) / max(1, steps - warmup))))))
+    step, t0, loss_val = 0, time.time(), float("nan")
+    state_path = Path(ckpt_dir) / "state.pt" if ckpt_dir else None
+    if state_path and state_path.exists():
+        st = torch.load(state_path, map_location=device, weights_only=False)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        sched.load_state_dict(st["sched"])
+        step = st["step"]
+
+    def save() -> None:
+        if state_path:
+            state_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = state_path.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                        "step": step}, tmp)
+            tmp.replace(state_path)
+
+    amp = torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, autocast_dtype)) \
+        if autocast_dtype else None
+    while step < steps:
+        ids, mask = batch_fn(step)
+        ids, mask = ids.to(device), mask.to(device)
+        if amp is not None:
+            with amp:
+                loss = lm_loss_weighted(model, ids, mask, answer_weight)
+        else:
+            loss = lm_loss_weighted(model, ids, mask, answer_weight)
+        loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        loss_val = loss.item() if (step % log_every == 0 or step == steps) else loss_val
+        if log and (step % log_every == 0 or step == steps):
+            log({"step": step, "loss": loss_val, "lr": sched.get_last_lr()[0], "seconds": time.time() - t0})
+        if ckpt_every and step % ckpt_every == 0 and step < steps:
+            save()
+        if max_seconds is not None and time.time() - t0 > max_seconds and step < steps:
+            save()
+            return {"done": False, "step": step, "last_loss": loss_val}
+    if state_path and state_path.exists():
+        state_path.unlink()
+    model.eval()
+    return {"done": True, "step": step, "last_loss": loss_val}
+
+
+def write_json(path: Path, obj) -> None:
+    """Write JSON atomically (the allocation module's writer)."""
+    from consa_vllm.allocation import atomic_write_text
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
