@@ -59,7 +59,7 @@ class Settings:
     kv_needles: int = 24
     retrieval_fraction: float = 0.5  # of each pretraining / stage-2 batch
     # pretraining
-    pre_steps: int = 2400
+    pre_steps: int = 2000
     pre_batch: int = 32
     pre_lr: float = 1e-3
     pre_warmup: int = 100
@@ -67,11 +67,11 @@ class Settings:
     # ConSA stage 1 (masks-only, the project's trainer)
     consa_steps: int = 150
     consa_batch: int = 8
-    consa_docs: int = 1600
+    consa_docs: int = 800  # x 2 rows: more than steps x batch, tokenized once per trainer run
     gate_lr: float = 0.05
     lagrangian_lr: float = 0.1
     # stage 2 (same for every allocation)
-    s2_steps: int = 150
+    s2_steps: int = 100
     s2_batch: int = 16
     s2_lr: float = 2e-4
     # eval
@@ -456,6 +456,18 @@ def phase_report(out: Path, s: Settings) -> dict:
     return results
 
 
+def publish(out: Path, dst: Path) -> None:
+    """Copy what is worth committing (a few MB at most) from the run directory to ``dst``."""
+    import shutil
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in ("results.json", "results.md", "settings.json", "pretrain.json", "pretrain-log.jsonl"):
+        shutil.copy2(out / name, dst / name)
+    shutil.copy2(out / "corpus" / "manifest.json", dst / "corpus-manifest.json")
+    shutil.copytree(out / "heatmaps", dst / "heatmaps", dirs_exist_ok=True)
+    log(f"report: copied results to {dst}")
+
+
 # ------------------------------------------------------------------ CLI
 
 
@@ -469,6 +481,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-minutes", type=float, default=None,
                    help="stop the pretrain/stage2/eval phases after about this long, resumable (default: no limit)")
     p.add_argument("--device", default=None, help="override the device (default: cuda, or cpu with --smoke)")
+    p.add_argument("--results-dir", metavar="DIR", default=None,
+                   help="after the report, copy the small artifacts there (results.json/.md, heatmaps/, "
+                        "corpus manifest, pretraining log) for committing")
     args = p.parse_args(argv)
     s = SMOKE if args.smoke else FULL
     if args.device:
@@ -504,6 +519,8 @@ def main(argv: list[str] | None = None) -> int:
             return 3
         elif ph == "report":
             phase_report(out, s)
+            if args.results_dir:
+                publish(out, Path(args.results_dir))
     log(f"done in {time.time() - t0:.0f} s")
     return 0
 

@@ -35,7 +35,8 @@ class ServedModel:
         out = []
         for s in samples:
             r = self.client.completions.create(model=self.model, prompt=s.prompt_ids, max_tokens=len(s.answer_ids),
-                                               temperature=0.0, extra_body={"return_token_ids": True})
+                                               temperature=0.0,
+                                               extra_body={"return_token_ids": True, "ignore_eos": True})
             got = list(getattr(r.choices[0], "token_ids", None) or [])
             out.append(got[:len(s.answer_ids)] == list(s.answer_ids))
         return out
