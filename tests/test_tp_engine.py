@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+import psutil
 import pytest
 
 from engine_harness import export, max_logprob_gap, prompts_of, run_vllm, tiny_model
@@ -28,10 +29,14 @@ TOL = 1e-3  # DESIGN.md §3: float32 engines agree to ~1e-5; 1e-3 means a bug
 
 
 @pytest.fixture(scope="module")
-def generations(tmp_path_factory):
+def model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("tp")
-    src = tiny_model(root, "qwen3")
-    dst = export(src, root / "consa", PATTERN, WINDOW)
+    return export(tiny_model(root, "qwen3"), root / "consa", PATTERN, WINDOW)
+
+
+@pytest.fixture(scope="module")
+def generations(model_dir):
+    dst = model_dir
     prompts = prompts_of(LENGTHS, seed=3)
     kw = dict(max_num_batched_tokens=64, enable_prefix_caching=True)
     tp1 = run_vllm(dst, prompts, NEW, **kw)
@@ -40,9 +45,17 @@ def generations(tmp_path_factory):
     cpus = sorted(os.sched_getaffinity(0))
     bind = "|".join(",".join(map(str, half)) for half in (cpus[:max(1, len(cpus) // 2)],
                                                              cpus[len(cpus) // 2:] or cpus[:1]))
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VLLM_CPU_OMP_THREADS_BIND", os.environ.get("VLLM_CPU_OMP_THREADS_BIND", bind))
-        tp2 = run_vllm(dst, prompts, NEW, tensor_parallel_size=2, **kw)
+        # Shut the executor down explicitly: otherwise its two worker processes (and their
+        # KV caches) live on until the pytest process exits, slowing later tests.
+        tp2 = run_vllm(dst, prompts, NEW, tensor_parallel_size=2,
+                       inspect=lambda llm: llm.llm_engine.engine_core.shutdown() or {}, **kw)
+    # (multiprocessing's resource tracker is one shared helper process, not a worker)
+    leftover = [p for p in psutil.Process().children(recursive=True) if p.pid not in before and p.is_running()
+                and p.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(p.cmdline())]
+    assert not leftover, f"TP worker processes still alive: {[p.cmdline() for p in leftover]}"
     return tp1, tp2
 
 
@@ -63,3 +76,17 @@ def test_tp2_greedy_equals_tp1(generations):
     gap = max_logprob_gap(tp1, tp2)
     print(f"TP=2 vs TP=1 max |dlogprob| = {gap:.2e}")
     assert gap < TOL
+
+
+def _engine_config(model_dir, tp: int):
+    from vllm.engine.arg_utils import EngineArgs
+
+    return EngineArgs(model=str(model_dir), tensor_parallel_size=tp, dtype="float32",
+                      max_model_len=512).create_engine_config()
+
+
+def test_config_accepts_tp2_and_refuses_kv_heads_not_divisible(model_dir):
+    """vLLM's config stage (before any worker or weight): TP=2 passes, 4 KV heads at TP=8 are refused."""
+    assert _engine_config(model_dir, 2).parallel_config.tensor_parallel_size == 2
+    with pytest.raises(ValueError, match=r"consa: 4 KV heads cannot be split across --tensor-parallel-size 8"):
+        _engine_config(model_dir, 8)
