@@ -132,8 +132,9 @@ def test_odd_f_total_pads_one_slot_and_says_what_it_costs():
     assert sorted((p.full_used, p.sliding_used) for p in ranks) == [(5, 11), (6, 10)]
     assert all((p.full_pool_heads, p.sliding_pool_heads) == (6, 11) for p in ranks)
     note = balance_summary(_alloc(pattern), 2)
-    assert "6 F + 11 S" in note and "1 unused" in note and "11 F heads do not divide by 2" in note
-    assert "6.2% extra KV memory per rank" in note  # 1 slot over 16 heads per rank
+    assert "6 F + 11 S" in note and "11 F heads do not divide by 2" in note
+    assert "holding 5 F heads leave 1 of 6 F slots empty (16.7% of F-pool KV memory)" in note
+    assert "the others 1 of 11 S slots (9.1% of S-pool KV memory)" in note
 
 
 def test_heads_not_divisible_by_tp_are_refused():

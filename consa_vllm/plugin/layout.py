@@ -178,9 +178,14 @@ def balance_summary(allocation: Allocation, tp_size: int) -> str | None:
            f"heads of a layer are interchangeable); each rank holds {full_pool} F + {sliding_pool} S "
            "pool head slots")
     if pad:
+        # The F total does not divide by tp: ranks with one F head fewer leave an F slot
+        # empty, the others an S slot. An F slot costs memory that grows with the context,
+        # an S slot only up to the window, so both are stated.
         f_total = sum(row.count("F") for row in allocation.pattern)
-        msg += (f", of which {pad} unused (the {f_total} F heads do not divide by {tp_size}): "
-                f"{pad / total:.1%} extra KV memory per rank")
+        msg += (f", of which 1 unused per rank (the {f_total} F heads do not divide by {tp_size}): ranks "
+                f"holding {full_pool - 1} F heads leave 1 of {full_pool} F slots empty ({1 / full_pool:.1%} "
+                f"of F-pool KV memory), the others 1 of {sliding_pool} S slots ({1 / sliding_pool:.1%} "
+                "of S-pool KV memory)")
     return msg
 
 
