@@ -38,7 +38,38 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from pydantic import BaseModel
+
 PHASES = ("corpus", "pretrain", "allocations", "stage2", "eval", "report")
+
+
+class ResultRow(BaseModel):
+    """One allocation's line of ``results.json`` (metrics of ``consa_vllm.eval`` after stage 2)."""
+
+    name: str
+    kind: str  # "dense", "consa" or "rule"
+    rho: float
+    granularity: str
+    constraint: str | None
+    pattern: list[str]
+    retrieval: float
+    retrieval_beyond_window: float | None
+    retrieval_vs_dense: float | None = None
+    passkey: float | None
+    kv: float | None
+    loss: float
+    loss_beyond_window: float | None
+    kv_ratio_to_dense: float | None
+    kv_context: int | None
+
+
+class TestbedResults(BaseModel):
+    """``results.json``: the settings, the pretraining summary and one row per allocation."""
+
+    settings: dict
+    pretrain: dict
+    corpus_files: int
+    rows: list[ResultRow]
 
 
 @dataclass(frozen=True)
@@ -443,7 +474,7 @@ def phase_report(out: Path, s: Settings) -> dict:
     results = {"settings": asdict(s), "pretrain": json.loads((out / "pretrain.json").read_text()),
                "corpus_files": len(json.loads((out / "corpus" / "manifest.json").read_text())["files"]),
                "rows": rows}
-    write_json(out / "results.json", results)
+    write_json(out / "results.json", TestbedResults.model_validate(results).model_dump())
     lines = ["| allocation | rho | retrieval | beyond window | vs dense | passkey | kv | loss | loss beyond W "
              "| KV vs dense |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["rho"], r["kind"] != "consa", -r["retrieval"])):
