@@ -330,10 +330,14 @@ def _consa_data(out: Path, s: Settings) -> Path:
     return path
 
 
-def phase_allocations(out: Path, s: Settings) -> None:
-    """ConSA allocations with ``python -m consa_vllm.train`` (masks-only) and the rule-based ones."""
+def phase_allocations(out: Path, s: Settings, max_minutes: float | None) -> bool:
+    """ConSA allocations with ``python -m consa_vllm.train`` (masks-only) and the rule-based ones.
+
+    Returns False when the time budget ran out before a trainer run (rerun to continue).
+    """
     from consa_vllm.allocation import Allocation, make_allocation
 
+    t_start = time.time()
     d = out / "allocations"
     d.mkdir(parents=True, exist_ok=True)
     L, H = s.shape["num_hidden_layers"], s.shape["num_key_value_heads"]
@@ -343,6 +347,9 @@ def phase_allocations(out: Path, s: Settings) -> None:
             dst = d / f"{name}-{rho}.json"
             if dst.exists():
                 continue
+            if max_minutes is not None and time.time() - t_start > max_minutes * 60:
+                log("allocations: time budget spent; rerun to continue")
+                return False
             cmd = [sys.executable, "-m", "consa_vllm.train", "--model", str(out / "pretrained"), "--data", str(data),
                    "--seq-len", str(s.seq_len), "--target-sparsity", str(rho), "--granularity", gran,
                    "--constraint", constraint, "--window", str(s.window), "--steps", str(s.consa_steps),
@@ -361,6 +368,7 @@ def phase_allocations(out: Path, s: Settings) -> None:
     dense = d / "dense.json"
     if not dense.exists():
         Allocation(granularity="kv_head", window=s.window, pattern=["F" * H] * L, rule="dense").save(dense)
+    return True
 
 
 def allocation_names(out: Path) -> list[str]:
@@ -542,8 +550,8 @@ def main(argv: list[str] | None = None) -> int:
             phase_corpus(out, s)
         elif ph == "pretrain" and not phase_pretrain(out, s, left):
             return 3
-        elif ph == "allocations":
-            phase_allocations(out, s)
+        elif ph == "allocations" and not phase_allocations(out, s, left):
+            return 3
         elif ph == "stage2" and not phase_stage2(out, s, left):
             return 3
         elif ph == "eval" and not phase_eval(out, s, left):
