@@ -132,7 +132,10 @@ def run_evidence(seed: int, root: Path) -> dict:
         return sum(ok) / len(ok)
 
     rand = [accuracy(make_allocation("random", RHO, 4, 2, W, seed=s)) for s in RANDOM_SEEDS]
+    # Deterministic rules, for the record only (not asserted: one fixed pattern each).
+    rules = {r: accuracy(make_allocation(r, RHO, 4, 2, W)) for r in ("interleave", "bottom", "middle", "top")}
     return {"seed": seed, "dense": accuracy(None), "learned": accuracy(learned), "pattern": learned.pattern,
+            "rules": rules,
             "random": rand, "random_mean": sum(rand) / len(rand), "beyond_window": all(p.beyond_window for p in prompts),
             "learned_sparsity": learned.sparsity, "seconds_pretrain": t_pre, "seconds_calibration": t_cal,
             "seconds": time.time() - t0}

@@ -35,10 +35,9 @@ import random
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 PHASES = ("corpus", "pretrain", "allocations", "stage2", "eval", "report")
 
@@ -72,15 +71,16 @@ class TestbedResults(BaseModel):
     rows: list[ResultRow]
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Every size of a run. ``FULL`` is sized for one H100 (about 12 minutes); ``SMOKE`` for a CPU check."""
+class Settings(BaseModel):
+    """Every size of a run (``settings.json``). ``FULL`` is sized for one H100; ``SMOKE`` for a CPU check."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     max_corpus_bytes: int = 120_000_000
     heldout_per_mille: int = 20
     tokenizer_bytes: int = 30_000_000
     vocab_size: int = 8192
-    shape: dict = field(default_factory=lambda: dict(
+    shape: dict = Field(default_factory=lambda: dict(
         hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=16,
         num_key_value_heads=8, head_dim=64, max_position_embeddings=2048))
     seq_len: int = 2048
@@ -479,7 +479,7 @@ def phase_report(out: Path, s: Settings) -> dict:
     dense = rows[0]
     for r in rows:
         r["retrieval_vs_dense"] = r["retrieval"] / dense["retrieval"] if dense["retrieval"] else None
-    results = {"settings": asdict(s), "pretrain": json.loads((out / "pretrain.json").read_text()),
+    results = {"settings": s.model_dump(), "pretrain": json.loads((out / "pretrain.json").read_text()),
                "corpus_files": len(json.loads((out / "corpus" / "manifest.json").read_text())["files"]),
                "rows": rows}
     write_json(out / "results.json", TestbedResults.model_validate(results).model_dump())
@@ -526,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     s = SMOKE if args.smoke else FULL
     if args.device:
-        s = replace(s, device=args.device)
+        s = s.model_copy(update={"device": args.device})
     if s.device.startswith("cuda"):
         import torch
 
@@ -535,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "settings.json"
-    mine = json.dumps(asdict(s), sort_keys=True)
+    mine = s.model_dump_json()
     if saved.exists() and json.loads(saved.read_text()) != json.loads(mine):
         p.exit(2, f"{p.prog}: error: --out {out}: holds a run with other settings ({saved}); use a new DIR\n")
     saved.write_text(mine + "\n")
