@@ -175,6 +175,15 @@ def test_teacher_forced_retrieval_equals_greedy_generation(tiny, bpe):
 # ----------------------------------------------------------------------------- CLI
 
 
+def _closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _run(capsys, argv):
     rc = cli.main(argv)
     cap = capsys.readouterr()
@@ -191,7 +200,8 @@ def test_help_is_clear(capsys):
 
 
 @pytest.mark.parametrize("case", ["no-model", "bad-alloc-shape", "window-mismatch", "dense-no-window",
-                                  "context-too-long", "missing-data", "served-model-alone", "bad-json"])
+                                  "context-too-long", "missing-data", "served-model-alone", "bad-json",
+                                  "server-down"])
 def test_bad_input_is_one_line_naming_the_flag(tmp_path, tiny, capsys, case):
     good = make_allocation("bottom", 0.5, 2, 2, WINDOW)
     good.save(tmp_path / "a.json")
@@ -207,6 +217,8 @@ def test_bad_input_is_one_line_naming_the_flag(tmp_path, tiny, capsys, case):
         "missing-data": (["--model", str(tiny), "--window", "8", "--data", str(tmp_path / "none.txt")], "--data"),
         "served-model-alone": (["--model", str(tiny), "--window", "8", "--served-model", "x"], "--served-model"),
         "bad-json": (["--model", str(tiny), "--allocation", str(tmp_path / "bad.json")], "--allocation"),
+        "server-down": (["--model", str(tiny), "--window", "8", "--contexts", "96", "--samples", "1",
+                         "--served-url", f"http://127.0.0.1:{_closed_port()}"], "--served-url"),
     }[case]
     rc, out, err = _run(capsys, argv)
     assert rc == 2 and out == ""

@@ -283,6 +283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from consa_vllm.train.config import DataError  # no torch: config.py is light
 
+    from .vllm_client import ServedModelError  # openai is imported only when a server is used
+
     try:
         alloc, window, _ = resolve(args)
         report = evaluate(args.model, alloc, window, data=args.data, tasks=args.tasks, contexts=args.contexts,
@@ -291,6 +293,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                           batch_size=args.batch_size, device=args.device, dtype=args.dtype,
                           text_field=args.text_field, served_url=args.served_url, served_model=args.served_model)
     except EvalError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except ServedModelError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except DataError as e:  # unreadable --data: the trainer's reader names the file

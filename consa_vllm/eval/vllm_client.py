@@ -18,6 +18,10 @@ if TYPE_CHECKING:
     from .tasks import Sample
 
 
+class ServedModelError(RuntimeError):
+    """The server cannot be reached or does not serve what was asked; the message names the URL."""
+
+
 class ServedModel:
     """A completions endpoint of an OpenAI-compatible server (``URL`` ends at the host or at ``/v1``)."""
 
@@ -28,7 +32,16 @@ class ServedModel:
         if not base.endswith("/v1"):
             base += "/v1"
         self.client = OpenAI(base_url=base, api_key=api_key, timeout=timeout, max_retries=0)
-        self.model = model or self.client.models.list().data[0].id
+        try:
+            served = [m.id for m in self.client.models.list().data]
+        except Exception as e:  # connection refused, timeouts, HTTP errors: all mean "no usable server"
+            raise ServedModelError(f"--served-url {url}: cannot list the served models ({type(e).__name__}: "
+                                   f"{' '.join(str(e).split())})") from None
+        if model is not None and model not in served:
+            raise ServedModelError(f"--served-model {model}: not served at {url} (it serves: {', '.join(served)})")
+        if not served:
+            raise ServedModelError(f"--served-url {url}: the server lists no model")
+        self.model = model or served[0]
 
     def score_retrieval(self, samples: Sequence["Sample"]) -> list[bool]:
         """Per sample: does the greedy completion start with the answer ids."""
