@@ -96,7 +96,7 @@ class Settings(BaseModel):
     pre_warmup: int = 100
     answer_weight: float = 1.0
     # ConSA stage 1 (masks-only, the project's trainer)
-    consa_steps: int = 150
+    consa_steps: int = 200
     consa_batch: int = 8
     consa_docs: int = 800  # x 2 rows: more than steps x batch, tokenized once per trainer run
     gate_lr: float = 0.05
