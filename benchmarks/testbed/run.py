@@ -76,7 +76,7 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    max_corpus_bytes: int = 120_000_000
+    max_corpus_bytes: int = 240_000_000  # ~70 M tokens: pretraining sees its code about once
     heldout_per_mille: int = 20
     tokenizer_bytes: int = 30_000_000
     vocab_size: int = 8192
