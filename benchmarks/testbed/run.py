@@ -62,7 +62,7 @@ class ResultRow(BaseModel):
     kv_context: int | None
 
 
-class TestbedResults(BaseModel):
+class RunResults(BaseModel):
     """``results.json``: the settings, the pretraining summary and one row per allocation."""
 
     settings: dict
@@ -482,7 +482,7 @@ def phase_report(out: Path, s: Settings) -> dict:
     results = {"settings": s.model_dump(), "pretrain": json.loads((out / "pretrain.json").read_text()),
                "corpus_files": len(json.loads((out / "corpus" / "manifest.json").read_text())["files"]),
                "rows": rows}
-    write_json(out / "results.json", TestbedResults.model_validate(results).model_dump())
+    write_json(out / "results.json", RunResults.model_validate(results).model_dump())
     lines = ["| allocation | rho | retrieval | beyond window | vs dense | passkey | kv | loss | loss beyond W "
              "| KV vs dense |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["rho"], r["kind"] != "consa", -r["retrieval"])):

@@ -1,0 +1,77 @@
+"""The H100 testbed (``benchmarks/testbed``) end to end at toy size on CPU (``--smoke``, ~45-80 s).
+
+Checks the pipeline, not the science (the toy model learns nothing in 12 steps; the CPU
+evidence is tests/test_evidence_cpu.py): every phase runs, the outputs are complete and
+well-formed, the corpus manifest matches the files, reruns skip finished work, and a run
+directory with other settings is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.testbed.run import CONSA_VARIANTS, RULES, SMOKE, RunResults
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "benchmarks.testbed.run", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("testbed") / "run"
+    pub = out.parent / "published"
+    r = _run("--out", str(out), "--smoke", "--results-dir", str(pub))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return out, pub
+
+
+def test_every_allocation_is_trained_evaluated_and_reported(run_dir):
+    out, pub = run_dir
+    res = RunResults.model_validate_json((out / "results.json").read_text())
+    names = {r.name for r in res.rows}
+    want = {"dense"} | {f"{v}-{rho}" for v in CONSA_VARIANTS for rho in SMOKE.rhos} | \
+        {f"rule-{r}-{rho}" for r in RULES for rho in SMOKE.rhos}
+    assert names == want
+    for r in res.rows:
+        assert (out / "stage2" / r.name / "config.json").is_file()
+        assert (out / "heatmaps" / f"{r.name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert r.rho == (0.0 if r.name == "dense" else float(r.name.rsplit("-", 1)[1]))
+        # Equal rho, equal KV memory: the estimator's ratio depends on rho only (one window).
+        same = [x.kv_ratio_to_dense for x in res.rows if x.rho == r.rho]
+        assert len(set(same)) == 1
+        exported = json.loads((out / "stage2" / r.name / "config.json").read_text())["consa"]
+        assert exported["pattern"] == r.pattern
+    layer = [r for r in res.rows if r.name.startswith("consa-layer")]
+    assert all(set(row) in ({"F"}, {"S"}) for r in layer for row in r.pattern)
+    assert (pub / "results.md").read_text().count("\n") == len(res.rows) + 2
+    assert sorted(p.name for p in (pub / "heatmaps").iterdir()) == sorted(f"{n}.png" for n in names)
+
+
+def test_corpus_manifest_records_the_files_and_their_hashes(run_dir):
+    out, _ = run_dir
+    m = json.loads((out / "corpus" / "manifest.json").read_text())
+    assert m["files"] and {f["split"] for f in m["files"]} == {"train", "heldout"}
+    for f in m["files"][:20]:
+        assert hashlib.sha256(Path(f["path"]).read_bytes()).hexdigest() == f["sha256"]
+    n_train = sum(1 for _ in open(out / "corpus" / "train.jsonl"))
+    assert n_train == sum(f["split"] == "train" for f in m["files"])
+
+
+def test_rerun_skips_finished_work_and_other_settings_are_refused(run_dir):
+    out, _ = run_dir
+    before = (out / "stage2" / "dense" / "config.json").stat().st_mtime_ns
+    r = _run("--out", str(out), "--smoke", "--phase", "stage2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (out / "stage2" / "dense" / "config.json").stat().st_mtime_ns == before
+    r = _run("--out", str(out), "--phase", "corpus", "--device", "cpu")  # full sizes into a smoke run
+    assert r.returncode == 2 and "other settings" in r.stderr and len(r.stderr.strip().splitlines()) == 1
