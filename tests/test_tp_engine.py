@@ -85,8 +85,13 @@ def _engine_config(model_dir, tp: int):
                       max_model_len=512).create_engine_config()
 
 
-def test_config_accepts_tp2_and_refuses_kv_heads_not_divisible(model_dir):
-    """vLLM's config stage (before any worker or weight): TP=2 passes, 4 KV heads at TP=8 are refused."""
-    assert _engine_config(model_dir, 2).parallel_config.tensor_parallel_size == 2
+def test_config_accepts_tp2_and_refuses_kv_heads_not_divisible(model_dir, caplog):
+    """vLLM's config stage (before any worker or weight): TP=2 passes and says what balancing
+    moves and pads, 4 KV heads at TP=8 are refused."""
+    with caplog.at_level("WARNING", logger="consa_vllm"):
+        assert _engine_config(model_dir, 2).parallel_config.tensor_parallel_size == 2
+    notes = [r.getMessage() for r in caplog.records if "tensor-parallel size 2: balanced" in r.getMessage()]
+    assert len(notes) == 1, caplog.text
+    assert "1 unused per rank (the 5 F heads do not divide by 2)" in notes[0]
     with pytest.raises(ValueError, match=r"consa: 4 KV heads cannot be split across --tensor-parallel-size 8"):
         _engine_config(model_dir, 8)

@@ -34,20 +34,17 @@ def check_serving_config(vllm_config: Any) -> Allocation:
             allocation.window, model_config.max_model_len)
     tp = vllm_config.parallel_config.tensor_parallel_size
     if allocation.granularity == "kv_head" and tp > 1:
-        from consa_vllm.plugin.layout import PoolLayout
-
         if allocation.num_kv_heads % tp:
             raise AllocationError(
                 f"{model_config.model}: {allocation.num_kv_heads} KV heads cannot be split across "
                 f"--tensor-parallel-size {tp}")
-        per_rank = [PoolLayout.build(allocation, tp, r) for r in range(tp)]
-        counts = sorted({(p.full_pool_heads, p.sliding_pool_heads) for p in per_rank})
-        if len(counts) > 1:
-            raise AllocationError(
-                f"{model_config.model}: with --tensor-parallel-size {tp} the ranks would hold different "
-                f"numbers of F/S KV heads {[(p.full_pool_heads, p.sliding_pool_heads) for p in per_rank]}; "
-                "vLLM needs identical KV layouts on every rank. Use an allocation with the same number "
-                "of F heads in each rank's head range, or tensor-parallel size 1.")
+        from consa_vllm.plugin.layout import balance_summary
+
+        # Any allocation whose heads divide by tp is served: the loader balances F heads
+        # across ranks (pads pools where totals do not divide). Say so where the user looks.
+        note = balance_summary(allocation, tp)
+        if note:
+            logger.warning("%s", note)
     return allocation
 
 

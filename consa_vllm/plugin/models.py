@@ -42,7 +42,7 @@ from vllm.sequence import IntermediateTensors
 from consa_vllm.allocation import Allocation
 from consa_vllm.plugin.attention import ConsaAttention, ConsaKVPools
 from consa_vllm.plugin.config import read_allocation
-from consa_vllm.plugin.layout import LayerLayout, PoolLayout, balance_summary
+from consa_vllm.plugin.layout import LayerLayout, PoolLayout
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" so vLLM's log handler shows it
 
@@ -198,11 +198,10 @@ class ConsaModel(Qwen2Model):
             raise NotImplementedError("ConSA models do not support pipeline parallelism yet; use tensor parallelism")
         pools = None
         if uses_pools(allocation):
-            tp_size, tp_rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
-            layout = PoolLayout.build(allocation, tp_size, tp_rank)
-            note = balance_summary(allocation, tp_size)
-            if note and tp_rank == 0:
-                logger.warning(note)
+            # What balancing across tensor-parallel ranks moves and pads is logged once, by
+            # the config check (consa_vllm.plugin.config), before any worker starts.
+            layout = PoolLayout.build(allocation, get_tensor_model_parallel_world_size(),
+                                      get_tensor_model_parallel_rank())
             head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
             # Pools are built first: the layers register as sharing their KV cache.
             pools = ConsaKVPools(layout, head_dim, vllm_config.cache_config, prefix=f"{prefix}.consa_kv",
