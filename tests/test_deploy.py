@@ -607,3 +607,24 @@ def test_cpu_entrypoint_maps_the_model_argument(tmp_path: Path, argv: list[str],
     proc = subprocess.run(["sh", str(ENTRYPOINT_CPU), *argv], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["-m", "vllm.entrypoints.openai.api_server", *expected]
+
+
+def _project_plugins() -> set[str]:
+    eps = pyproject()["project"]["entry-points"]
+    return set(eps["vllm.general_plugins"]) | set(eps["vllm.endpoint_plugins"])
+
+
+@pytest.mark.parametrize("dockerfile", [DOCKERFILE_GPU, DOCKERFILE_CPU], ids=["gpu", "cpu"])
+def test_images_load_every_project_plugin(dockerfile: Path) -> None:
+    """VLLM_PLUGINS restricts loading to the names it lists: the images must name the model
+    plugin and the endpoint plugin that pyproject registers, or /v1/consa/* silently vanishes."""
+    envs = [rest for stage in dockerfile_stages(dockerfile) for kw, rest in stage["instructions"] if kw == "ENV"]
+    values = [m.group(1) for env in envs for m in re.finditer(r"\bVLLM_PLUGINS=(\S+)", env)]
+    assert len(values) == 1, f"{dockerfile}: expected one VLLM_PLUGINS, got {values}"
+    assert set(values[0].split(",")) == _project_plugins()
+
+
+def test_k8s_loads_every_project_plugin() -> None:
+    container = k8s_kind("Deployment")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    assert set(env["VLLM_PLUGINS"].split(",")) == _project_plugins()
