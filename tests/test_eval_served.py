@@ -7,17 +7,11 @@ mixed kv_head allocation; queried through the official ``openai`` client by
 
 from __future__ import annotations
 
-import os
 import random
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 
 import pytest
+
+from server_harness import consa_serve
 
 pytest.importorskip("openai")
 pytest.importorskip("vllm")
@@ -25,24 +19,9 @@ pytest.importorskip("vllm")
 WINDOW = 24
 PATTERN = ["FFSS", "SSSS", "FSSS", "FFFS"]
 MAX_MODEL_LEN = 256
-START_TIMEOUT_S = float(os.environ.get("CONSA_TEST_SERVER_TIMEOUT", 300))
 LOSS_ATOL = 1e-3  # float32 CPU: vLLM vs reference logprobs agree to ~1e-5 (DESIGN.md §3)
 
 pytestmark = pytest.mark.engine
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as r:
-            return r.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -60,34 +39,9 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
-    port = _free_port()
     log_path = tmp_path_factory.mktemp("eval-served-log") / "server.log"
-    cmd = [sys.executable, "-m", "consa_vllm.cli", "serve", str(checkpoint["dir"]), "--host", "127.0.0.1",
-           "--port", str(port), "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager",
-           "--max-num-seqs", "8"]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    base, t0 = f"http://127.0.0.1:{port}", time.monotonic()
-    try:
-        while not _healthy(base + "/health"):
-            if proc.poll() is not None or time.monotonic() - t0 > START_TIMEOUT_S:
-                log.flush()
-                pytest.fail(f"server not healthy (status {proc.poll()}):\n{log_path.read_text(errors='replace')[-5000:]}")
-            time.sleep(1.0)
-        yield base
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        log.close()
+    with consa_serve(checkpoint["dir"], log_path, max_model_len=MAX_MODEL_LEN) as srv:
+        yield srv["base"]
 
 
 @pytest.fixture(scope="module")

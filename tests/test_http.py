@@ -11,15 +11,9 @@ client; greedy outputs are compared token by token with the Hugging Face referen
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 import pytest
+
+from server_harness import consa_serve, http_get
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("vllm")
@@ -28,7 +22,6 @@ WINDOW = 24
 PATTERN = ["FFSS", "SSSS", "FSSS", "FFFS"]  # 2, 0, 1, 3 F heads per layer
 MAX_MODEL_LEN = 512
 MAX_TOKENS = 16
-START_TIMEOUT_S = float(os.environ.get("CONSA_TEST_SERVER_TIMEOUT", 300))
 LOGPROB_ATOL = 1e-3  # float32 CPU: real agreement is ~1e-5 (DESIGN.md §3); 1e-3 means a bug
 
 PROMPT = ("import os\nimport sys\n\ndef main(argv):\n    for name in sorted(os.listdir('.')):\n"
@@ -40,22 +33,6 @@ MESSAGES = [{"role": "user", "content": "Write a function that returns the sum o
 
 
 # ----------------------------------------------------------------------------- fixtures
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url: str, timeout: float = 5.0) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except (urllib.error.URLError, OSError):
-        return 0
 
 
 @pytest.fixture(scope="module")
@@ -74,50 +51,10 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
-    """``consa-vllm serve`` on a free loopback port; yields (base_url, model name, log path)."""
-    port = _free_port()
+    """``consa-vllm serve`` on a free loopback port (see server_harness.consa_serve)."""
     log_path = tmp_path_factory.mktemp("http-log") / "server.log"
-    model = str(checkpoint["dir"])
-    cmd = [sys.executable, "-m", "consa_vllm.cli", "serve", model,
-           "--host", "127.0.0.1", "--port", str(port),
-           "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager",
-           "--max-num-seqs", "8"]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-    log = open(log_path, "wb")
-    t0 = time.monotonic()
-    # Own session, so teardown can stop the API server and the engine process it spawned.
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-
-    def dump(reason: str) -> str:
-        log.flush()
-        return f"{reason}\n--- server log ({log_path}) ---\n{log_path.read_text(errors='replace')[-20000:]}"
-
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(dump(f"server exited with status {proc.returncode} before /health answered"))
-            if _get(base + "/health") == 200:
-                break
-            if time.monotonic() - t0 > START_TIMEOUT_S:
-                pytest.fail(dump(f"server not healthy after {START_TIMEOUT_S:.0f} s"))
-            time.sleep(1.0)
-        print(f"\nconsa-vllm serve: healthy after {time.monotonic() - t0:.1f} s")
-        yield {"base": base, "model": model, "log": log_path, "proc": proc, "dump": dump}
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
-        # The engine core is a child in the same session: make sure nothing outlives the module.
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        log.close()
+    with consa_serve(checkpoint["dir"], log_path, max_model_len=MAX_MODEL_LEN) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -296,7 +233,7 @@ def test_request_over_max_model_len_is_400_and_server_survives(client, server, r
         client.completions.create(model=server["model"], prompt=PROMPT, max_tokens=MAX_MODEL_LEN, temperature=0)
     # Still serving.
     assert server["proc"].poll() is None, server["dump"]("server died after a bad request")
-    assert _get(server["base"] + "/health") == 200
+    assert http_get(server["base"] + "/health")[0] == 200
     r = _complete(client, server, PROMPT)
     assert r.choices[0].text
     assert _token_ids(r.choices[0].logprobs.tokens) == reference.greedy(reference.tokenizer(PROMPT)["input_ids"])

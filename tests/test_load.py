@@ -20,17 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 
 import pytest
+
+from server_harness import consa_serve, http_get
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("vllm")
@@ -39,7 +34,6 @@ WINDOW = 24
 PATTERN = ["FFSS", "SSSS", "FSSS", "FFFS"]  # 2, 0, 1, 3 F heads per layer
 MAX_MODEL_LEN = 512
 MAX_NUM_SEQS = 16
-START_TIMEOUT_S = float(os.environ.get("CONSA_TEST_SERVER_TIMEOUT", 300))
 LOAD_TIMEOUT_S = 150  # the whole load phase; it takes ~20-40 s on 2 busy cores
 SETTLE_TIMEOUT_S = 30  # for the block counts to come back to the baseline
 
@@ -49,21 +43,6 @@ PROBE_LEN, PROBE_TOKENS = 200, 16
 
 # ----------------------------------------------------------------------------- helpers
 
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url: str, timeout: float = 10.0) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode(errors="replace")
-    except (urllib.error.URLError, OSError):
-        return 0, ""
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -85,7 +64,7 @@ def consa_metrics(text: str) -> dict:
 
 def blocks_now(server) -> dict:
     """In-use and free blocks from vLLM's own /metrics."""
-    status, text = _get(server["base"] + "/metrics")
+    status, text = http_get(server["base"] + "/metrics")
     assert status == 200, text[-2000:]
     m = consa_metrics(text)
     return {"full": m[("consa_kv_blocks_in_use", "full")], "sliding": m[("consa_kv_blocks_in_use", "sliding")],
@@ -117,49 +96,10 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
     """``consa-vllm serve`` on a free loopback port, VLLM_PLUGINS unset (the wrapper's default)."""
-    port = _free_port()
     log_path = tmp_path_factory.mktemp("load-log") / "server.log"
-    model = str(checkpoint["dir"])
-    cmd = [sys.executable, "-m", "consa_vllm.cli", "serve", model,
-           "--host", "127.0.0.1", "--port", str(port),
-           "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager",
-           "--max-num-seqs", str(MAX_NUM_SEQS)]
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_PLUGINS"}
-    env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")
-    log = open(log_path, "wb")
-    t0 = time.monotonic()
-    # Own session, so teardown can stop the API server and the engine process it spawned.
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-
-    def dump(reason: str) -> str:
-        log.flush()
-        return f"{reason}\n--- server log ({log_path}) ---\n{log_path.read_text(errors='replace')[-20000:]}"
-
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(dump(f"server exited with status {proc.returncode} before /health answered"))
-            if _get(base + "/health", timeout=5)[0] == 200:
-                break
-            if time.monotonic() - t0 > START_TIMEOUT_S:
-                pytest.fail(dump(f"server not healthy after {START_TIMEOUT_S:.0f} s"))
-            time.sleep(1.0)
-        print(f"\nconsa-vllm serve: healthy after {time.monotonic() - t0:.1f} s")
-        yield {"base": base, "model": model, "log": log_path, "proc": proc, "dump": dump}
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        log.close()
+    with consa_serve(checkpoint["dir"], log_path, max_model_len=MAX_MODEL_LEN, max_num_seqs=MAX_NUM_SEQS,
+                     drop_env=("VLLM_PLUGINS",)) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +107,7 @@ def info(server):
     """The parsed /v1/consa/allocation response."""
     from consa_vllm.endpoint.schema import AllocationInfo
 
-    status, body = _get(server["base"] + "/v1/consa/allocation")
+    status, body = http_get(server["base"] + "/v1/consa/allocation")
     assert status == 200, server["dump"](f"/v1/consa/allocation answered {status}: {body[:2000]}")
     return AllocationInfo.model_validate_json(body)
 
@@ -242,11 +182,11 @@ def test_allocation_endpoint_matches_export_and_estimator(info, server, checkpoi
 
 
 def test_metrics_on_vllm_metrics_and_consa_path(info, server):
-    status, text = _get(server["base"] + "/metrics")
+    status, text = http_get(server["base"] + "/metrics")
     assert status == 200
     assert "vllm:" in text  # vLLM's own metrics are on the same page
     on_vllm = consa_metrics(text)
-    status, own = _get(server["base"] + "/v1/consa/metrics")
+    status, own = http_get(server["base"] + "/v1/consa/metrics")
     assert status == 200
     assert consa_metrics(own) == on_vllm
     assert "vllm:" not in own
@@ -388,7 +328,7 @@ def test_load_then_same_answers_and_no_leaked_blocks(server, checkpoint, probe):
 
     # The server still answers, and answers the same.
     assert server["proc"].poll() is None, server["dump"]("server died under load")
-    assert _get(server["base"] + "/health")[0] == 200
+    assert http_get(server["base"] + "/health")[0] == 200
     prompt, before = probe
 
     async def again():
