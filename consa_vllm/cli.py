@@ -19,10 +19,11 @@ import json
 import sys
 import warnings
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
+
+from .cli_args import EXIT_USAGE, UsageParser, int_in_range, unit_interval
 
 PROG = "consa-vllm"
-EXIT_USAGE = 2
 
 #: Subcommands implemented in other modules: name -> ("module", "function", help).
 #: Each target is ``def main(argv: list[str] | None = None) -> int | None`` and receives
@@ -46,38 +47,10 @@ class UserError(Exception):
     """A mistake in the command line or its inputs: reported as one line, exit status 2."""
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one line naming the command and the flag."""
-
-    def error(self, message: str):  # noqa: D401 (argparse API)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
-
-
 # ------------------------------------------------------------------ value types
 
 
-def _int_at_least(lo: int, what: str) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number of {what}, got {text!r}") from None
-        if value < lo:
-            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}")
-        return value
-
-    parse.__name__ = what  # argparse names the type in some messages
-    return parse
-
-
-def _sparsity(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1] (the fraction of S units), got {value:g}")
-    return value
+_sparsity = unit_interval("the fraction of S units")
 
 
 def _dtype(text: str) -> str:
@@ -104,7 +77,7 @@ def _load_allocation_arg(path: str):
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from .allocation import ModelShape, estimate_kv, render_text, summarize
+    from .allocation import estimate_kv, render_text, summarize
 
     alloc, model_dir = _load_allocation_arg(args.allocation)
     model_dir = Path(args.model) if args.model else model_dir
@@ -269,14 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
     from .allocation.rules import RULES
 
     fmt = argparse.RawDescriptionHelpFormatter
-    p = _Parser(prog=PROG, formatter_class=fmt, description=(
+    p = UsageParser(prog=PROG, formatter_class=fmt, description=(
         "ConSA: learned per-KV-head full (F) / sliding-window (S) attention allocations, "
         "and tools to inspect them, build baselines and export checkpoints for the vLLM plugin."),
         epilog="Run `consa-vllm COMMAND --help` for the options of each command.")
     from . import __version__
 
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=UsageParser)
 
     # ---- show
     s = sub.add_parser("show", formatter_class=fmt, help="print an allocation's pattern, statistics and KV estimate",
@@ -291,10 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--title", help="title of the heatmap (default: the file name)")
     s.add_argument("--model", metavar="DIR", help="Hugging Face model directory whose config.json gives the shape "
                                                   "for the KV estimate (default: ALLOC itself when it is a checkpoint)")
-    s.add_argument("--context", metavar="N", nargs="+", type=_int_at_least(1, "tokens"),
+    s.add_argument("--context", metavar="N", nargs="+", type=int_in_range(1, "tokens"),
                    help=f"context lengths for the KV estimate (default: {' '.join(map(str, DEFAULT_CONTEXTS))})")
     s.add_argument("--dtype", type=_dtype, default="bfloat16", help="KV cache dtype (default: bfloat16)")
-    s.add_argument("--block-size", metavar="B", type=_int_at_least(1, "tokens"),
+    s.add_argument("--block-size", metavar="B", type=int_in_range(1, "tokens"),
                    help="count whole paged KV blocks of B tokens, as vLLM allocates them (default: exact tokens)")
     s.add_argument("--json", action="store_true", help="print machine-readable JSON instead of text")
     s.set_defaults(func=cmd_show)
@@ -317,10 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--granularity", choices=("kv_head", "layer"), default="kv_head",
                    help="unit: one KV head with its query group, or a whole layer (default: kv_head)")
     m.add_argument("--model", metavar="DIR", help="take the shape from DIR/config.json")
-    m.add_argument("--layers", type=_int_at_least(1, "layers"), metavar="L", help="number of layers (without --model)")
-    m.add_argument("--kv-heads", type=_int_at_least(1, "KV heads"), metavar="H",
+    m.add_argument("--layers", type=int_in_range(1, "layers"), metavar="L", help="number of layers (without --model)")
+    m.add_argument("--kv-heads", type=int_in_range(1, "KV heads"), metavar="H",
                    help="KV heads per layer (without --model)")
-    m.add_argument("--window", required=True, type=_int_at_least(1, "tokens"), metavar="W",
+    m.add_argument("--window", required=True, type=int_in_range(1, "tokens"), metavar="W",
                    help="sliding window in tokens: query i sees keys i-W+1..i")
     m.add_argument("--seed", type=int, default=0, help="seed for 'random' and 'uniform' (default: 0)")
     m.add_argument("--out", required=True, metavar="A.json", help="allocation file to write")

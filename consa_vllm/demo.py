@@ -30,8 +30,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from consa_vllm.cli_args import EXIT_USAGE, UsageParser, int_in_range
+
 PROG = "consa-vllm demo"
-EXIT_USAGE = 2
 
 #: The embedded default: model shape, corpus and trainer settings.
 MODEL_KW = dict(family="qwen3", num_layers=4, num_attention_heads=8, num_kv_heads=4, head_dim=32)
@@ -47,35 +48,14 @@ class DemoError(Exception):
     """A step failed: reported as one line (plus the relevant log), exit status 1."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # noqa: D401 (argparse API)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
-
-
-def _steps(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of optimizer steps, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a TCP port number, got {text!r}") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be in 1..65535, got {value}")
-    return value
+_steps = int_in_range(1, "optimizer steps")
+_port = int_in_range(1, "TCP port", hi=65535)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .cli import _sparsity  # the same [0, 1] check as `consa-vllm make --sparsity`
 
-    p = _Parser(prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = UsageParser(prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
                 description=__doc__.split("\n\n", 1)[1] if __doc__ else None)
     p.add_argument("--out", default="./demo-out", metavar="DIR",
                    help="working directory for the model, data, allocation, logs (default: ./demo-out)")

@@ -16,8 +16,9 @@ from typing import Any, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
+from consa_vllm.cli_args import EXIT_USAGE, UsageParser, int_in_range, unit_interval
+
 PROG = "consa-vllm eval"
-EXIT_USAGE = 2
 
 
 class EvalError(Exception):
@@ -40,37 +41,15 @@ class EvalReport(BaseModel):
     seconds: float
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # noqa: D401 (argparse API)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
-
-
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
-
-
-def _depth(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1] (0: needle at the start, 1: just before the query), "
-                                         f"got {v:g}")
-    return v
+_positive = int_in_range(1, "tokens or items")
+_depth = unit_interval("0: needle at the start, 1: just before the query")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``consa-vllm eval``."""
     from .tasks import PRESETS
 
-    p = _Parser(prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter, description=(
+    p = UsageParser(prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter, description=(
         "Evaluate a Hugging Face causal LM with a ConSA allocation (or dense): held-out LM loss, overall and "
         "by how far each token's context reaches beyond the sliding window; passkey and key-value retrieval "
         "accuracy at several context lengths and needle depths; KV-cache bytes per sequence from the "

@@ -1,0 +1,53 @@
+"""Argument parsing shared by the ``consa-vllm`` commands: one-line usage errors and checked value types.
+
+Every command reports a bad flag the same way: one line naming the command and the flag,
+exit status 2, before any heavy import or work.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+EXIT_USAGE = 2
+
+
+class UsageParser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line naming the command and the flag."""
+
+    def error(self, message: str):  # noqa: D401 (argparse API)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def int_in_range(lo: int, what: str, hi: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number of ``what`` in ``[lo, hi]`` (``hi`` None: no upper bound)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number ({what}), got {text!r}") from None
+        if hi is None and value < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}")
+        if hi is not None and not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"must be in {lo}..{hi}, got {value}")
+        return value
+
+    parse.__name__ = what  # argparse names the type in some messages
+    return parse
+
+
+def unit_interval(meaning: str) -> Callable[[str], float]:
+    """An argparse type: a number in [0, 1]; ``meaning`` says what it is in the error message."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+        if not 0.0 <= value <= 1.0:
+            raise argparse.ArgumentTypeError(f"must be in [0, 1] ({meaning}), got {value:g}")
+        return value
+
+    parse.__name__ = "number in [0, 1]"
+    return parse
