@@ -444,7 +444,7 @@ def run_timing(th, stock, device, block_size, window, reps, workloads, num_segme
         if fa is not None:
             r = timer.measure(fa3_pools(fa, p, NUM_KV_HEADS, 0, dense, None, out))
             rows.append(dict(workload=wname, variant="fa3_dense", **r))
-            log(f"  fa3_dense        " + " ".join(f"{k}={v:.4f}" for k, v in r.items()
+            log("  fa3_dense        " + " ".join(f"{k}={v:.4f}" for k, v in r.items()
                                                   if isinstance(v, float)))
         del dense
         torch.cuda.empty_cache()

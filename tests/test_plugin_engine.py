@@ -12,7 +12,6 @@ import json
 import pytest
 
 from engine_harness import (
-    Generation,
     export,
     max_logprob_gap,
     prompts_of,

@@ -312,7 +312,6 @@ def phase_pretrain(out: Path, s: Settings, max_minutes: float | None) -> bool:
 
 def _consa_data(out: Path, s: Settings) -> Path:
     """Text of the same mix for the trainer: retrieval documents and code chunks (``consa_docs`` of each kind)."""
-    import numpy as np
     from transformers import AutoTokenizer
 
     path = out / "allocations" / "consa-data.jsonl"
