@@ -275,7 +275,11 @@ def main(argv: list[str] | None = None) -> int:
                                 lengths=lengths, output=args.greedy_output, vocab=g_shape["vocab_size"],
                                 max_model_len=max(lengths) + args.greedy_output)
                     recs[f"tp{tp}"] = child(spec, f"greedy {dtype} tp={tp}")
-                entry = {k: {x: y for x, y in v.items() if x != "top_logprobs"} for k, v in recs.items()}
+                    # Saved after every engine: a run cut short (time limit) keeps what finished.
+                    results["greedy"][dtype] = {k: {x: y for x, y in v.items() if x != "top_logprobs"}
+                                                for k, v in recs.items()}
+                    save()
+                entry = results["greedy"][dtype]
                 ref = recs[f"tp{tps[0]}"]
                 for tp in tps[1:]:
                     other = recs[f"tp{tp}"]
@@ -293,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         if "throughput" in args.parts:
             t_shape = SMOKE_THROUGHPUT_SHAPE if args.smoke else THROUGHPUT_SHAPE
             for name in args.throughput_models:
-                entry = {}
+                entry = results["throughput"][name] = {}
                 for tp in tps:
                     spec = dict(base, job="throughput", model=str(dirs[f"throughput-{name}"]), tp=tp,
                                 dtype="float32" if cpu else "bfloat16", requests=args.requests,
@@ -306,7 +310,6 @@ def main(argv: list[str] | None = None) -> int:
                     rec = entry[f"tp{tp}"]
                     if "generate_s" in rec and "generate_s" in first:
                         entry[f"tp{tp}_speedup_vs_tp{tps[0]}"] = first["generate_s"] / rec["generate_s"]
-                results["throughput"][name] = entry
                 save()
     results["ok"] = ok
     save()

@@ -159,7 +159,7 @@ def step_show(out: Path, base: Path, alloc_path: Path):
 
     _header(3, "inspect the allocation")
     alloc = Allocation.load(alloc_path)
-    png = plot_allocation(alloc, out / "allocation.png", title=f"demo: learned allocation (window {alloc.window})")
+    png = plot_allocation(alloc, out / "allocation.png", title="demo: learned allocation")
     s = summarize(alloc)
     print(render_text(alloc))
     _info(f"F KV heads: {s['full_kv_heads']}   S KV heads: {s['sliding_kv_heads']}   sparsity: {s['sparsity']:.3f}")
