@@ -34,7 +34,7 @@ def test_help():
     for flag in ("--model", "--data", "--target-sparsity", "--granularity", "--constraint", "--window", "--steps",
                  "--batch-size", "--grad-accum", "--lr", "--gate-lr", "--lagrangian-lr", "--target-warmup",
                  "--freeze-weights", "--stage2-steps", "--save-model", "--out", "--resume", "--seed", "--device",
-                 "--dtype", "--log-dir"):
+                 "--dtype", "--log-dir", "--allocation", "--fsdp"):
         assert flag in r.stdout
 
 
@@ -77,6 +77,59 @@ def test_bad_arguments(tiny, tmp_path, extra, message):
     assert r.returncode == 2
     assert message in r.stderr and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_stage2_only_with_a_given_allocation(tiny, tmp_path):
+    """--allocation: no stage 1; the weights train with the given (rule-based) mask and are exported with it."""
+    from safetensors.torch import load_file
+
+    from consa_vllm.allocation import make_allocation
+    from consa_vllm.export import read_exported_allocation
+
+    model, data = tiny
+    given = make_allocation("bottom", 0.5, 2, 2, 24, "kv_head").with_extra(note="from a rule")
+    given.save(tmp_path / "rule.json")
+    # --window/--granularity/--target-sparsity given on the command line are replaced by the file's
+    r = run("--model", model, "--data", data, "--seq-len", 64, "--batch-size", 2, "--lr", 1e-3,
+            "--allocation", tmp_path / "rule.json", "--stage2-steps", 4, "--save-model", tmp_path / "trained",
+            "--window", 7, "--target-sparsity", 0.9, "--out", tmp_path / "out.json", "--checkpoint-every", 0)
+    assert r.returncode == 0, r.stderr
+    assert "stage 2" in r.stderr and "stage 1" not in r.stderr
+    out = Allocation.load(tmp_path / "out.json")
+    assert (out.pattern, out.window, out.granularity) == (given.pattern, 24, "kv_head")
+    t = out.model_extra["training"]
+    assert t["stage1_steps"] == 0 and t["stage2_steps"] == 4 and t["allocation_file"] == str(tmp_path / "rule.json")
+    assert "final_stage2" in t and t["final_stage2"]["loss"] > 0
+    served = read_exported_allocation(tmp_path / "trained")
+    assert served.pattern == given.pattern and served.window == 24
+    hist = [json.loads(line) for line in (tmp_path / "out.logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [h["stage"] for h in hist] == [2, 2, 2, 2]
+    before, after = load_file(model / "model.safetensors"), load_file(tmp_path / "trained" / "model.safetensors")
+    moved = [k for k in before if k in after and not before[k].float().equal(after[k].float())]
+    assert moved, "stage 2 did not change any weight"
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--save-model", "{tmp}/m"], "--allocation runs stage 2 only: give --stage2-steps N"),
+    (["--stage2-steps", "2", "--save-model", "{tmp}/m", "--freeze-weights"], "--freeze-weights would leave nothing"),
+    (["--stage2-steps", "2", "--save-model", "{tmp}/m", "--allocation", "{tmp}/three_layers.json"],
+     "three_layers.json: pattern has 3 layers but the model has 2"),
+    (["--stage2-steps", "2", "--save-model", "{tmp}/m", "--allocation", "{tmp}/missing.json"], "missing.json"),
+])
+def test_bad_fixed_allocation(tiny, tmp_path, extra, message):
+    from consa_vllm.allocation import make_allocation
+
+    model, data = tiny
+    make_allocation("bottom", 0.5, 2, 2, 24, "kv_head").save(tmp_path / "ok.json")
+    make_allocation("bottom", 0.5, 3, 2, 24, "kv_head").save(tmp_path / "three_layers.json")
+    args = [a.format(tmp=tmp_path) for a in extra]
+    if "--allocation" not in args:
+        args += ["--allocation", str(tmp_path / "ok.json")]
+    r = run("--model", model, "--data", data, "--out", tmp_path / "o" / "a.json", *args)
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: --allocation") and message in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "o").exists() and not (tmp_path / "m").exists()
 
 
 def test_bad_model_and_data_paths(tiny, tmp_path):

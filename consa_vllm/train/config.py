@@ -50,6 +50,7 @@ class TrainConfig:
     # stage 2
     stage2_steps: int = 0
     save_model: str | None = None
+    allocation: str | None = None  # stage 2 only, with this fixed allocation (stage 1 skipped)
     # output and runtime
     out: str = "allocation.json"
     log_dir: str | None = None
@@ -145,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight-training steps with the binarised allocation fixed (needs --save-model)")
     g.add_argument("--save-model", default=None, metavar="DIR",
                    help="write the trained model, with the allocation embedded for the vLLM plugin, to DIR")
+    g.add_argument("--allocation", default=None, metavar="FILE",
+                   help="skip stage 1 and run only stage 2 with this fixed allocation (a rule-based one from "
+                        "`consa-vllm make`, or one learned earlier); its granularity, window and sparsity "
+                        "replace --granularity, --window and --target-sparsity; needs --stage2-steps and "
+                        "--save-model")
 
     g = p.add_argument_group("output and runtime")
     g.add_argument("--out", default=d.out, help="allocation file to write (JSON)")
@@ -180,7 +186,7 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.seq_len >= 2, f"--seq-len must be >= 2, got {cfg.seq_len}")
     need(cfg.max_tokens is None or cfg.max_tokens >= cfg.seq_len,
          f"--max-tokens ({cfg.max_tokens}) must be at least --seq-len ({cfg.seq_len})")
-    need(cfg.steps >= 1, f"--steps must be >= 1, got {cfg.steps}")
+    need(cfg.steps >= 1 or cfg.allocation is not None, f"--steps must be >= 1, got {cfg.steps}")
     need(cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}")
     need(cfg.grad_accum >= 1, f"--grad-accum must be >= 1, got {cfg.grad_accum}")
     for flag, v in (("--lr", cfg.lr), ("--gate-lr", cfg.gate_lr), ("--lagrangian-lr", cfg.lagrangian_lr),
@@ -232,10 +238,38 @@ def validate(cfg: TrainConfig) -> None:
         need(not sm.exists() or (sm.is_dir() and not any(sm.iterdir())),
              f"--save-model {sm}: exists and is not an empty directory; choose a new one")
         need(sm.resolve() != model.resolve(), "--save-model must differ from --model (it would overwrite the source)")
+    if cfg.allocation is not None:
+        _use_fixed_allocation(cfg, conf)
     if cfg.resume and cfg.resume != "auto":
         r = Path(cfg.resume)
         need(r.is_dir() and (r / "state.json").is_file(),
              f"--resume {cfg.resume}: not a checkpoint directory (no state.json)")
+
+
+def _use_fixed_allocation(cfg: TrainConfig, model_config: dict) -> None:
+    """``--allocation``: check the file against the model, then take its method settings.
+
+    Stage 1 is skipped (``steps`` becomes 0), so the gate settings do not matter; the
+    window and granularity must be the file's, or stage 2 would train another model than
+    the one the allocation describes and the plugin serves.
+    """
+    from consa_vllm.allocation import Allocation, AllocationError, ModelShape
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    need(cfg.stage2_steps >= 1, "--allocation runs stage 2 only: give --stage2-steps N (N >= 1)")
+    need(not cfg.freeze_weights, "--allocation trains the weights (stage 2); --freeze-weights would leave "
+                                 "nothing to train")
+    try:
+        alloc = Allocation.load(cfg.allocation)
+        shape = ModelShape.from_config(model_config)
+        alloc.check_model(shape.num_layers, shape.num_kv_heads, source=cfg.allocation)
+    except AllocationError as e:
+        raise ConfigError(f"--allocation: {e}") from None
+    cfg.granularity, cfg.window, cfg.target_sparsity, cfg.steps = (
+        alloc.granularity, alloc.window, alloc.sparsity, 0)
 
 
 def _creatable(d: Path) -> bool:

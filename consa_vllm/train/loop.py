@@ -363,6 +363,21 @@ class Trainer:
                 "log_alpha": la.tolist(), "p_nonzero": p.tolist(),
             })
 
+    def fixed_allocation(self) -> Allocation:
+        """``--allocation``: the given allocation (stage 1 skipped), with this run's provenance."""
+        cfg = self.cfg
+        alloc = Allocation.load(cfg.allocation)
+        return alloc.with_extra(
+            target_sparsity=alloc.sparsity, achieved_sparsity=alloc.sparsity,
+            num_layers=self.state.num_layers, num_kv_heads=self.state.num_kv_heads,
+            training={
+                "trainer": "consa_vllm.train", "method": "stage 2 only: weights trained with a fixed allocation",
+                "allocation_file": str(cfg.allocation), "args": cfg.to_dict(), "stage1_steps": 0,
+                "stage2_steps": cfg.stage2_steps, "world_size": self.world,
+                # Where the allocation came from (a learned one's own provenance), kept.
+                "source_training": (alloc.model_extra or {}).get("training"),
+            })
+
     def run(self) -> Allocation:
         cfg = self.cfg
         opt_states, stage = self.resume() if cfg.resume else (None, 1)
@@ -372,7 +387,7 @@ class Trainer:
             self.run_stage(1, cfg.steps, opt_states)
         if stage == 1:  # stage 2 starts with fresh optimizers
             opt_states = None
-        alloc = self.allocation()
+        alloc = self.fixed_allocation() if cfg.allocation else self.allocation()
         if cfg.stage2_steps:
             self.state.set_allocation(alloc)
             self.state.set_gates(None)
