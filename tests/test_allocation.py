@@ -70,7 +70,7 @@ def test_accessors():
         (_valid(pattern=["ssff", "FFFF", "FFFF"]), "pattern", "invalid character"),
         (_valid(window=0), "window", "window must be >= 1, got 0"),
         (_valid(window=-5), "window", "window must be >= 1"),
-        (_valid(granularity="layer", pattern=["SSSS", "FSSF"]), None, "layer 1 ('FSSF') mixes F and S"),
+        (_valid(granularity="layer", pattern=["SSSS", "FSSF"]), "pattern", "layer 1 ('FSSF') mixes F and S"),
         (_valid(pattern=["SSFF", "FF"]), "pattern", "layer 1 has 2 KV heads but layer 0 has 4"),
         (_valid(pattern=[]), "pattern", "pattern is empty"),
         (_valid(granularity="head"), "granularity", "'layer' or 'kv_head'"),
@@ -242,8 +242,7 @@ def test_generators_refuse_impossible_requests(kwargs, phrase):
 
 
 def test_generator_window_validated():
-    # NOTE: rules.py lets pydantic's ValidationError (a ValueError) through, not AllocationError.
-    with pytest.raises(ValueError, match="window must be >= 1"):
+    with pytest.raises(AllocationError, match="field 'window': window must be >= 1, got 0"):
         make_allocation("bottom", 0.5, 4, 2, window=0)
 
 

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 FORMAT_VERSION = 1
 FULL = "F"
@@ -74,16 +74,18 @@ class Allocation(BaseModel):
                 )
         return rows
 
-    @model_validator(mode="after")
-    def _layer_rows_uniform(self) -> "Allocation":
-        if self.granularity == "layer":
-            for i, row in enumerate(self.pattern):
+    @field_validator("pattern")
+    @classmethod
+    def _layer_rows_uniform(cls, rows: list[str], info: ValidationInfo) -> list[str]:
+        # A field validator (granularity is validated first), so the error names 'pattern'.
+        if info.data.get("granularity") == "layer":
+            for i, row in enumerate(rows):
                 if len(set(row)) > 1:
                     raise ValueError(
                         f"layer {i} ({row!r}) mixes F and S, but granularity is 'layer': "
                         "every row must be all-F or all-S"
                     )
-        return self
+        return rows
 
     # ----------------------------------------------------------------- shape
     @property

@@ -107,4 +107,6 @@ def make_allocation(
     extra = {"rule": rule, "target_sparsity": sparsity}
     if rule in ("random", "uniform"):
         extra["seed"] = seed
-    return Allocation(granularity=granularity, window=window, pattern=["".join(r) for r in grid], **extra)
+    # from_dict: a bad argument (window < 1) is an AllocationError naming the field.
+    return Allocation.from_dict(dict(granularity=granularity, window=window,
+                                     pattern=["".join(r) for r in grid], **extra))
