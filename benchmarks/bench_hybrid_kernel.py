@@ -10,8 +10,11 @@ bf16, window 4096), compared with vLLM's stock Triton ``unified_attention``:
                   pool/table (S pool holds only the window's blocks; out-of-window table
                   entries point at the null block 0), for 2F6S, 4F4S, 8F0S, 0F8S
 
-Workloads: decode batch 1 at 32k context, decode batch 64 at 16k, a 2048-token prefill
-chunk on top of 14k context, and an 8k prompt prefill.
+Workloads: decode batch 1 and 4 at 32k context, batch 16, 64 and 128 at 16k, a 2048-token
+prefill chunk on top of 14k context, and an 8k prompt prefill.  With FlashAttention 3
+available (vLLM on Hopper) it also times what vLLM runs per layer: FA3 over a dense layer
+(full and all-sliding) and FA3 twice over the F and S pools; ``--pool-layers L`` sizes the
+pools for L layers so that a layer reads its heads strided, as when served.
 
 Before timing it checks correctness on the GPU at smaller sizes: the Triton kernel (2D and
 3D paths, every split, bf16 and fp32) vs the torch implementation, Triton write_kv vs torch
@@ -121,11 +124,11 @@ class Problem:
         return cache, table
 
 
-def hybrid_args(p: Problem, nf, ns, fpool, spool, out):
+def hybrid_args(p: Problem, nf, ns, fpool, spool, out, f_off=0, s_off=0):
     fc, ft = fpool if nf else (None, None)
     sc, st = spool if ns else (None, None)
     return (p.query, out, p.query_start_loc, p.seq_lens, p.scale,
-            fc, ft, 0, nf, sc, st, 0, ns, p.W, p.max_query_len, p.max_seq_len)
+            fc, ft, f_off, nf, sc, st, s_off, ns, p.W, p.max_query_len, p.max_seq_len)
 
 
 # ---------------------------------------------------------------------------------------
@@ -386,6 +389,7 @@ WORKLOADS = {
     "decode_b4_32k": [(32767, 1)] * 4,
     "decode_b16_16k": [(16383, 1)] * 16,
     "decode_b64_16k": [(16383, 1)] * 64,
+    "decode_b128_16k": [(16383, 1)] * 128,
     "prefill_chunk_2k_at_16k": [(14336, 2048)],
     "prefill_8k": [(0, 8192)],
 }
@@ -401,19 +405,19 @@ def fa3_varlen():
     return flash_attn_varlen_func if get_flash_attn_version() == 3 else None
 
 
-def fa3_pools(fa, p: Problem, nf, ns, fpool, spool, out):
+def fa3_pools(fa, p: Problem, nf, ns, fpool, spool, out, f_off=0, s_off=0):
     """Two FlashAttention 3 launches: F heads over the F pool (causal), S heads over the S pool."""
     g = p.hq // (nf + ns)
     split = nf * g
     calls = []
-    for pool, nh, q, o, win in ((fpool, nf, p.query[:, :split], out[:, :split], (-1, -1)),
-                                (spool, ns, p.query[:, split:], out[:, split:], (p.W - 1, 0))):
+    for pool, nh, off, q, o, win in ((fpool, nf, f_off, p.query[:, :split], out[:, :split], (-1, -1)),
+                                     (spool, ns, s_off, p.query[:, split:], out[:, split:], (p.W - 1, 0))):
         if nh:
-            calls.append((pool, nh, q, o, list(win)))
+            calls.append((pool, nh, off, q, o, list(win)))
 
     def run():
-        for (cache, table), nh, q, o, win in calls:
-            fa(q=q, k=cache[:, 0, :, :nh], v=cache[:, 1, :, :nh], out=o,
+        for (cache, table), nh, off, q, o, win in calls:
+            fa(q=q, k=cache[:, 0, :, off:off + nh], v=cache[:, 1, :, off:off + nh], out=o,
                cu_seqlens_q=p.query_start_loc, max_seqlen_q=p.max_query_len,
                seqused_k=p.seq_lens, max_seqlen_k=p.max_seq_len, softmax_scale=p.scale,
                causal=True, window_size=win, block_table=table, fa_version=3)
@@ -421,7 +425,7 @@ def fa3_pools(fa, p: Problem, nf, ns, fpool, spool, out):
 
 
 def run_timing(th, stock, device, block_size, window, reps, workloads, num_segments=64,
-               sweep=None):
+               sweep=None, pool_layers=1):
     rows = []
     timer = Timer(device, reps)
     fa = fa3_varlen()
@@ -442,16 +446,23 @@ def run_timing(th, stock, device, block_size, window, reps, workloads, num_segme
             log(f"  {name:16s} " + " ".join(f"{k}={v:.4f}" for k, v in r.items()
                                               if isinstance(v, float)))
         if fa is not None:
-            r = timer.measure(fa3_pools(fa, p, NUM_KV_HEADS, 0, dense, None, out))
-            rows.append(dict(workload=wname, variant="fa3_dense", **r))
-            log("  fa3_dense        " + " ".join(f"{k}={v:.4f}" for k, v in r.items()
+            # What a stock layer-wise model runs per layer: FA3 over all heads, full or
+            # sliding. A layer-wise model at sparsity rho costs (1-rho) fa3_dense + rho
+            # fa3_all_swa per layer, to compare with fa3_pools_<nF>F<nS>S at nS/8 = rho.
+            for vname, nf, ns in (("fa3_dense", NUM_KV_HEADS, 0), ("fa3_all_swa", 0, NUM_KV_HEADS)):
+                r = timer.measure(fa3_pools(fa, p, nf, ns, dense, dense, out))
+                rows.append(dict(workload=wname, variant=vname, **r))
+                log(f"  {vname:16s} " + " ".join(f"{k}={v:.4f}" for k, v in r.items()
                                                   if isinstance(v, float)))
         del dense
         torch.cuda.empty_cache()
         for nf, ns in SPLITS:
-            fpool = p.full_pool(nf) if nf else None
-            spool = p.swa_pool(ns) if ns else None
-            args = hybrid_args(p, nf, ns, fpool, spool, out)
+            # As served, a pool holds the heads of many layers and a layer reads its slice
+            # (strided by the pool's head count): --pool-layers L sizes the pools for L layers.
+            fpool = p.full_pool(nf * pool_layers) if nf else None
+            spool = p.swa_pool(ns * pool_layers) if ns else None
+            f_off, s_off = nf * (pool_layers // 2), ns * (pool_layers // 2)
+            args = hybrid_args(p, nf, ns, fpool, spool, out, f_off, s_off)
             name = f"hybrid_{nf}F{ns}S"
             thr = th.default_seq_threshold_3d(nf + ns)
             kw = dict(scratch=th.make_hybrid_scratch(thr, p.hq, p.d, device, num_segments),
@@ -463,7 +474,7 @@ def run_timing(th, stock, device, block_size, window, reps, workloads, num_segme
             log(f"  {name:16s} " + " ".join(f"{k}={v:.4f}" for k, v in r.items()
                                               if isinstance(v, float)) + f" [{r['path']}]")
             if fa is not None and nf and ns:
-                r = timer.measure(fa3_pools(fa, p, nf, ns, fpool, spool, out))
+                r = timer.measure(fa3_pools(fa, p, nf, ns, fpool, spool, out, f_off, s_off))
                 rows.append(dict(workload=wname, variant=f"fa3_pools_{nf}F{ns}S", **r))
                 log(f"  fa3_pools_{nf}F{ns}S  " + " ".join(f"{k}={v:.4f}" for k, v in r.items()
                                                           if isinstance(v, float)))
@@ -522,6 +533,8 @@ def main():
     ap.add_argument("--sweep", default="",
                     help="extra decode configurations of the hybrid kernel to time, as "
                          "SEGMENTS:TILE:WARPS[:STAGES],... (e.g. 128:16:4,256:32:4:3)")
+    ap.add_argument("--pool-layers", type=int, default=1,
+                    help="size the F/S pools for this many layers' heads (as served: strided reads)")
     ap.add_argument("--no-stock", action="store_true", help="do not run vLLM's kernel")
     ap.add_argument("--stock-src", default=os.environ.get("CONSA_VLLM_STOCK_SRC"),
                     help="folder holding vLLM 0.26's triton_unified_attention.py and "
@@ -549,7 +562,7 @@ def main():
         triton=triton.__version__, python=platform.python_version(),
         shape=dict(num_q_heads=NUM_Q_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM,
                    dtype="bfloat16", window=args.window, block_size=args.block_size,
-                   hybrid_num_segments=args.num_segments),
+                   hybrid_num_segments=args.num_segments, pool_layers=args.pool_layers),
         time=time.strftime("%Y-%m-%d %H:%M:%S"),
         notes="ms per call (one layer); graph_* = CUDA-graph replay of 10 calls, median; "
               "cold = L2 flushed before each call (flush time subtracted)",
@@ -590,7 +603,8 @@ def main():
                      "--skip-check-failures to time anyway")
     report["results"] = run_timing(th, stock, device, args.block_size, args.window,
                                    args.reps, workloads, args.num_segments,
-                                   [tuple(int(x) for x in c.split(":")) for c in args.sweep.split(",") if c])
+                                   [tuple(int(x) for x in c.split(":")) for c in args.sweep.split(",") if c],
+                                   args.pool_layers)
     _write(args.out, report)
     log(f"wrote {args.out}")
 
