@@ -33,7 +33,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
-from .allocation.format import Allocation, AllocationError, atomic_write_text
+from .allocation.format import Allocation, AllocationError, atomic_write_text, read_json_object
 from .allocation.shape import ModelShape
 
 CONFIG_KEY = "consa"
@@ -235,17 +235,8 @@ def export_model(
 
 
 def _read_config(path: Path, error: type[Exception] = ExportError) -> dict[str, Any]:
-    if not path.is_file():
-        raise error(f"{path}: not found (is {path.parent} a Hugging Face model directory?)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise error(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-    except UnicodeDecodeError:
-        raise error(f"{path}: not a text file") from None
-    if not isinstance(data, dict):
-        raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(path, error, missing=f"not found (is {path.parent} a Hugging Face model directory?)",
+                            what="a config.json file")
 
 
 def _is_weight(p: Path) -> bool:

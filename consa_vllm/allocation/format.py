@@ -148,18 +148,8 @@ class Allocation(BaseModel):
     def load(cls, path: str | os.PathLike) -> "Allocation":
         """Read and validate an allocation file."""
         p = Path(path)
-        if not p.exists():
-            raise AllocationError(f"{p}: allocation file not found")
-        if p.is_dir():
-            raise AllocationError(f"{p}: is a directory, expected an allocation JSON file")
-        try:
-            data = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise AllocationError(f"{p}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-        except UnicodeDecodeError:
-            raise AllocationError(f"{p}: not a text file, expected allocation JSON") from None
-        if not isinstance(data, dict):
-            raise AllocationError(f"{p}: expected a JSON object, got {type(data).__name__}")
+        data = read_json_object(p, AllocationError, missing="allocation file not found",
+                                what="an allocation JSON file")
         return cls.from_dict(data, source=p)
 
     def to_dict(self) -> dict[str, Any]:
@@ -184,6 +174,29 @@ class Allocation(BaseModel):
     def with_extra(self, **fields: Any) -> "Allocation":
         """A copy with extra (provenance) fields added or replaced."""
         return type(self).model_validate({**self.to_dict(), **fields})
+
+
+def read_json_object(path: Path, error: type[Exception] = ValueError, missing: str = "not found",
+                     what: str = "a JSON file") -> dict[str, Any]:
+    """Parse a JSON file that must hold an object; every failure is one ``error`` naming ``path``.
+
+    The one reader of the project's JSON inputs (allocation files, ``config.json``), so a bad
+    file reads the same wherever it is given.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise error(f"{path}: {missing}")
+    if path.is_dir():
+        raise error(f"{path}: is a directory, expected {what}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except UnicodeDecodeError:
+        raise error(f"{path}: not a text file, expected {what}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def atomic_write_text(path: Path, text: str) -> None:

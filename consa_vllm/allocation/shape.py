@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .format import read_json_object
 
 
 @dataclass(frozen=True)
@@ -39,10 +40,7 @@ class ModelShape:
         cfg = Path(path) / "config.json"
         if not cfg.is_file():
             raise FileNotFoundError(f"{cfg}: not found (is {path} a Hugging Face model directory?)")
-        try:
-            data = json.loads(cfg.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        data = read_json_object(cfg, ValueError, what="a config.json file")
         try:
             return cls.from_config(data)
         except ValueError as e:
