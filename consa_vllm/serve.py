@@ -28,8 +28,9 @@ import shlex
 import sys
 from pathlib import Path
 
+from consa_vllm.cli_args import EXIT_USAGE
+
 PROG = "consa-vllm serve"
-EXIT_USAGE = 2
 API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 #: The endpoint plugin (group vllm.endpoint_plugins) that serves /v1/consa/allocation.
 ENDPOINT_PLUGIN = "consa_endpoint"
