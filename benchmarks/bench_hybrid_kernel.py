@@ -278,6 +278,23 @@ def check_correctness(ops, th, stock, device, block_size):
                                     tol=tol, ok=good))
                 log(f"  check {cname:10s} {str(dtype):15s} {nf}F{ns}S [{path}] "
                     f"max_abs_err={err:.2e} {'ok' if good else 'FAIL'}")
+            # the served FA3 path (two launches, overlapped or not, F splits) vs torch
+            fa = fa3_varlen() if dtype == torch.bfloat16 else None
+            for nf, ns in ((2, 6), (1, 7), (4, 4)) if fa is not None else ():
+                ref = torch.zeros_like(p.query)
+                torch_paged.hybrid_paged_attention(*hybrid_args(p, nf, ns, fpool, spool, ref))
+                for suffix, overlap, f_splits in FA3_POOL_VARIANTS:
+                    out = torch.full_like(p.query, float("nan"))
+                    fa3_pools(fa, p, nf, ns, fpool, spool, out, overlap=overlap, f_splits=f_splits)()
+                    torch.cuda.synchronize()
+                    err = (out.float() - ref.float()).abs().max().item()
+                    good = math.isfinite(err) and err < tol
+                    ok &= good
+                    results.append(dict(check="fa3_pools_vs_torch", case=cname, dtype=str(dtype),
+                                        split=f"{nf}F{ns}S", variant=suffix or "serial",
+                                        max_abs_err=err, tol=tol, ok=good))
+                    log(f"  check {cname:10s} fa3_pools{suffix or '_serial'} {nf}F{ns}S "
+                        f"max_abs_err={err:.2e} {'ok' if good else 'FAIL'}")
             # stock vs hybrid on identical data (dense pool for both F and S heads)
             if stock is not None:
                 dense_c, dense_t = fpool
@@ -388,7 +405,9 @@ WORKLOADS = {
     "decode_b1_32k": [(32767, 1)],
     "decode_b4_32k": [(32767, 1)] * 4,
     "decode_b16_16k": [(16383, 1)] * 16,
+    "decode_b32_16k": [(16383, 1)] * 32,
     "decode_b64_16k": [(16383, 1)] * 64,
+    "decode_b96_16k": [(16383, 1)] * 96,
     "decode_b128_16k": [(16383, 1)] * 128,
     "prefill_chunk_2k_at_16k": [(14336, 2048)],
     "prefill_8k": [(0, 8192)],
@@ -398,30 +417,30 @@ WORKLOADS = {
 def fa3_varlen():
     """vLLM's FlashAttention 3 varlen function, or None where it is not available."""
     try:
-        from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
-        from vllm.vllm_flash_attn import flash_attn_varlen_func
+        from consa_vllm.plugin.ops.flash_pools import flash_attn_varlen
+
+        return flash_attn_varlen()
     except Exception:
         return None
-    return flash_attn_varlen_func if get_flash_attn_version() == 3 else None
 
 
-def fa3_pools(fa, p: Problem, nf, ns, fpool, spool, out, f_off=0, s_off=0):
-    """Two FlashAttention 3 launches: F heads over the F pool (causal), S heads over the S pool."""
-    g = p.hq // (nf + ns)
-    split = nf * g
-    calls = []
-    for pool, nh, off, q, o, win in ((fpool, nf, f_off, p.query[:, :split], out[:, :split], (-1, -1)),
-                                     (spool, ns, s_off, p.query[:, split:], out[:, split:], (p.W - 1, 0))):
-        if nh:
-            calls.append((pool, nh, off, q, o, list(win)))
+def fa3_pools(fa, p: Problem, nf, ns, fpool, spool, out, f_off=0, s_off=0, overlap=False, f_splits=0):
+    """The served FA3 path (ops.flash_pools): F heads over the F pool, S heads over the S pool."""
+    from consa_vllm.plugin.ops.flash_pools import flash_attn_pools
+
+    fc, ft = fpool if nf else (None, None)
+    sc, st = spool if ns else (None, None)
 
     def run():
-        for (cache, table), nh, off, q, o, win in calls:
-            fa(q=q, k=cache[:, 0, :, off:off + nh], v=cache[:, 1, :, off:off + nh], out=o,
-               cu_seqlens_q=p.query_start_loc, max_seqlen_q=p.max_query_len,
-               seqused_k=p.seq_lens, max_seqlen_k=p.max_seq_len, softmax_scale=p.scale,
-               causal=True, window_size=win, block_table=table, fa_version=3)
+        flash_attn_pools(fa, p.query, out, p.query_start_loc, p.seq_lens, p.max_query_len, p.max_seq_len,
+                         p.scale, fc, ft, f_off, nf, sc, st, s_off, ns, p.W,
+                         overlap=overlap, f_splits=f_splits)
     return run
+
+
+# FA3 two-pool variants timed for every F+S split: (name suffix, overlap, F-launch splits).
+FA3_POOL_VARIANTS = (("", False, 0), ("_overlap", True, 0), ("_fsplit2", False, 2),
+                     ("_fsplit4", False, 4), ("_overlap_fsplit2", True, 2))
 
 
 def run_timing(th, stock, device, block_size, window, reps, workloads, num_segments=64,
@@ -473,11 +492,12 @@ def run_timing(th, stock, device, block_size, window, reps, workloads, num_segme
             rows.append(dict(workload=wname, variant=name, **r))
             log(f"  {name:16s} " + " ".join(f"{k}={v:.4f}" for k, v in r.items()
                                               if isinstance(v, float)) + f" [{r['path']}]")
-            if fa is not None and nf and ns:
-                r = timer.measure(fa3_pools(fa, p, nf, ns, fpool, spool, out, f_off, s_off))
-                rows.append(dict(workload=wname, variant=f"fa3_pools_{nf}F{ns}S", **r))
-                log(f"  fa3_pools_{nf}F{ns}S  " + " ".join(f"{k}={v:.4f}" for k, v in r.items()
-                                                          if isinstance(v, float)))
+            for suffix, overlap, f_splits in FA3_POOL_VARIANTS if (fa is not None and nf and ns) else ():
+                r = timer.measure(fa3_pools(fa, p, nf, ns, fpool, spool, out, f_off, s_off, overlap, f_splits))
+                vname = f"fa3_pools_{nf}F{ns}S{suffix}"
+                rows.append(dict(workload=wname, variant=vname, overlap=overlap, f_splits=f_splits, **r))
+                log(f"  {vname:28s} " + " ".join(f"{k}={v:.4f}" for k, v in r.items()
+                                                   if isinstance(v, float)))
             for segs, tile, warps, *stages in (sweep or []) if (nf and ns and p.max_query_len <= 1) else []:
                 kw2 = dict(scratch=th.make_hybrid_scratch(thr, p.hq, p.d, device, segs),
                            seq_threshold_3d=thr, tile_size=tile, num_warps=warps,
@@ -503,6 +523,21 @@ def run_timing(th, stock, device, block_size, window, reps, workloads, num_segme
             f"graph_warm_ms={r.get('graph_warm_ms', float('nan')):.4f}")
         del p, out, c, k
         torch.cuda.empty_cache()
+    # Each FA3 pool variant against what a layer-wise model spends per layer at the same
+    # sparsity, (nF/8) fa3_dense + (nS/8) fa3_all_swa: > 1 means slower than layer-wise.
+    for wname in workloads:
+        ref = {r["variant"]: r for r in rows if r["workload"] == wname}
+        if "fa3_dense" not in ref or "fa3_all_swa" not in ref:
+            continue
+        for r in rows:
+            if r["workload"] != wname or not r["variant"].startswith("fa3_pools_"):
+                continue
+            nf, ns = (int(x) for x in r["variant"].split("_")[2].rstrip("S").split("F"))
+            for key in ("graph_cold_ms", "graph_warm_ms"):
+                if key in r and key in ref["fa3_dense"] and key in ref["fa3_all_swa"]:
+                    equiv = (nf * ref["fa3_dense"][key] + ns * ref["fa3_all_swa"][key]) / NUM_KV_HEADS
+                    r[f"layerwise_equiv_{key}"] = equiv
+                    r[f"vs_layerwise_{key[:-3]}"] = r[key] / equiv if equiv > 0 else None
     # speedups vs stock dense (graph cold if available)
     for wname in workloads:
         base = [r for r in rows if r["workload"] == wname and r["variant"] == "stock_dense"]

@@ -114,7 +114,8 @@ def run_child(spec: dict) -> dict:
     greedy = spec["job"] == "greedy"
     kw = dict(model=spec["model"], tensor_parallel_size=spec["tp"], dtype=spec["dtype"],
               max_model_len=spec["max_model_len"], max_num_seqs=spec["max_num_seqs"], seed=0,
-              skip_tokenizer_init=True, enable_prefix_caching=False, enforce_eager=spec["eager"])
+              skip_tokenizer_init=True, enable_prefix_caching=False, enforce_eager=spec["eager"],
+              disable_custom_all_reduce=spec.get("disable_custom_all_reduce", False))
     if not greedy:
         kw["load_format"] = "dummy"
     if spec["gpu_mem"] is not None:
@@ -185,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--gpu-mem", type=float, default=0.85, help="gpu_memory_utilization (ignored on CPU)")
     ap.add_argument("--eager", action="store_true", help="enforce_eager (no torch.compile / CUDA graphs)")
+    ap.add_argument("--disable-custom-all-reduce", action="store_true",
+                    help="vLLM's disable_custom_all_reduce: all-reduce through NCCL only")
+    ap.add_argument("--engine-timeout", type=float, default=480.0,
+                    help="seconds an engine (start + generation) may take before it is killed and recorded as failed")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU check of the script: toy shapes, float32, few short requests")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -237,12 +242,28 @@ def main(argv: list[str] | None = None) -> int:
     def child(spec: dict, label: str) -> dict:
         print(f"== {label}", flush=True)
         t = time.perf_counter()
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--out", "-", "--child", json.dumps(spec)],
-                              capture_output=True, text=True, env=os.environ.copy())
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        # The engine's whole log goes to a file next to the JSON: when an engine hangs, its
+        # last lines (and vLLM's workers', which inherit it) say where.
+        log_path = out.with_name(f"{out.stem}.{label.replace(' ', '_').replace('=', '')}.log")
+        with open(log_path, "w") as log_f:
+            proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--out", "-", "--child",
+                                     json.dumps(spec)], stdout=log_f, stderr=subprocess.STDOUT, text=True,
+                                    env=os.environ.copy(), start_new_session=True)
+            try:
+                proc.wait(timeout=args.engine_timeout)
+                timed_out = False
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)  # the engine's worker processes too
+                proc.wait()
+                timed_out = True
+        text = log_path.read_text(errors="replace")
+        line = next((x for x in text.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
-            print((proc.stderr or proc.stdout)[-4000:], flush=True)
-            return {"error": (proc.stderr or proc.stdout)[-4000:], "wall_s": time.perf_counter() - t}
+            why = f"no result within --engine-timeout {args.engine_timeout} s" if timed_out else \
+                f"exit status {proc.returncode}"
+            print(f"{label}: {why}; log tail:\n{text[-4000:]}", flush=True)
+            return {"error": why, "log_tail": text[-4000:], "log": log_path.name,
+                    "wall_s": time.perf_counter() - t}
         rec = json.loads(line[len("RESULT "):])
         rec["wall_s"] = time.perf_counter() - t
         results["device"] = results["device"] or rec.get("device")
@@ -264,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         import vllm
 
         results["vllm"] = vllm.__version__
-        base = dict(gpu_mem=None if cpu else args.gpu_mem, eager=args.eager, max_num_seqs=args.max_num_seqs)
+        base = dict(gpu_mem=None if cpu else args.gpu_mem, eager=args.eager, max_num_seqs=args.max_num_seqs,
+                    disable_custom_all_reduce=args.disable_custom_all_reduce)
         if "greedy" in args.parts:
             g_shape = SMOKE_GREEDY_SHAPE if args.smoke else GREEDY_SHAPE
             lengths = [37, 300, 700, 1500, 64, 2500, 1000, 450] if not args.smoke else [30, 75, 9, 140]

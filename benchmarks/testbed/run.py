@@ -68,6 +68,9 @@ class RunResults(BaseModel):
     settings: dict
     pretrain: dict
     corpus_files: int
+    device: str
+    # Wall seconds per phase, summed over the reruns that a time budget split it into.
+    phase_seconds: dict[str, float]
     rows: list[ResultRow]
 
 
@@ -480,7 +483,7 @@ def phase_report(out: Path, s: Settings) -> dict:
         r["retrieval_vs_dense"] = r["retrieval"] / dense["retrieval"] if dense["retrieval"] else None
     results = {"settings": s.model_dump(), "pretrain": json.loads((out / "pretrain.json").read_text()),
                "corpus_files": len(json.loads((out / "corpus" / "manifest.json").read_text())["files"]),
-               "rows": rows}
+               "device": _device_name(s.device), "phase_seconds": _phase_seconds(out), "rows": rows}
     write_json(out / "results.json", RunResults.model_validate(results).model_dump())
     lines = ["| allocation | rho | retrieval | beyond window | vs dense | passkey | kv | loss | loss beyond W "
              "| KV vs dense |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -489,9 +492,33 @@ def phase_report(out: Path, s: Settings) -> dict:
         lines.append(f"| {r['name']} | {r['rho']:.2f} | {f(r['retrieval'])} | {f(r['retrieval_beyond_window'])} "
                      f"| {f(r['retrieval_vs_dense'], 2)} | {f(r['passkey'])} | {f(r['kv'])} | {f(r['loss'], 4)} "
                      f"| {f(r['loss_beyond_window'], 4)} | {f(r['kv_ratio_to_dense'], 3)} |")
+    times = results["phase_seconds"]
+    lines += ["", f"{results['device']}; wall minutes per phase: "
+              + ", ".join(f"{k} {v / 60:.1f}" for k, v in times.items()) + f" (total {sum(times.values()) / 60:.1f})"]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     log("report: " + str(out / "results.md") + "\n" + "\n".join(lines))
     return results
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    import platform
+
+    return f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
+
+
+def _phase_seconds(out: Path) -> dict[str, float]:
+    path = out / "phase-seconds.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _add_phase_seconds(out: Path, phase: str, seconds: float) -> None:
+    times = _phase_seconds(out)
+    times[phase] = round(times.get(phase, 0.0) + seconds, 1)
+    (out / "phase-seconds.json").write_text(json.dumps(times, indent=1) + "\n")
 
 
 def publish(out: Path, dst: Path) -> None:
@@ -545,17 +572,24 @@ def main(argv: list[str] | None = None) -> int:
         if left is not None and left <= 0:
             log(f"time budget spent before phase {ph}; rerun the same command to continue")
             return 3
+        t_phase = time.time()
         if ph == "corpus":
-            phase_corpus(out, s)
-        elif ph == "pretrain" and not phase_pretrain(out, s, left):
+            finished = phase_corpus(out, s)
+        elif ph == "pretrain":
+            finished = phase_pretrain(out, s, left)
+        elif ph == "allocations":
+            finished = phase_allocations(out, s, left)
+        elif ph == "stage2":
+            finished = phase_stage2(out, s, left)
+        elif ph == "eval":
+            finished = phase_eval(out, s, left)
+        else:
+            finished = None
+        if ph != "report":
+            _add_phase_seconds(out, ph, time.time() - t_phase)
+        if finished is False:
             return 3
-        elif ph == "allocations" and not phase_allocations(out, s, left):
-            return 3
-        elif ph == "stage2" and not phase_stage2(out, s, left):
-            return 3
-        elif ph == "eval" and not phase_eval(out, s, left):
-            return 3
-        elif ph == "report":
+        if ph == "report":
             phase_report(out, s)
             if args.results_dir:
                 publish(out, Path(args.results_dir))

@@ -37,6 +37,7 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from consa_vllm.plugin.ops import hybrid_paged_attention, write_kv_hybrid
+from consa_vllm.plugin.ops.flash_pools import default_f_splits, default_overlap, flash_attn_pools, flash_attn_varlen
 
 
 @dataclass
@@ -182,7 +183,9 @@ class ConsaAttentionImpl(AttentionImpl[ConsaMetadata]):
         # (full pool name, sliding pool name, LayerLayout); None for the pool modules,
         # which vLLM never runs.
         self.consa_pools = consa_pools
-        self.flash_attn = _flash_attn_varlen() if consa_pools is not None else None
+        self.flash_attn = flash_attn_varlen() if consa_pools is not None else None
+        self.fa_overlap = default_overlap()
+        self.fa_f_splits = default_f_splits()
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None) -> torch.Tensor:
@@ -209,8 +212,15 @@ class ConsaAttentionImpl(AttentionImpl[ConsaMetadata]):
         num_seqs = attn_metadata.query_start_loc.shape[0] - 1
         small_decode = attn_metadata.max_query_len <= 1 and num_seqs <= (attn_metadata.seq_threshold_3d or 0)
         if self.flash_attn is not None and not small_decode and query.dtype in (torch.float16, torch.bfloat16):
-            self._prefill_flash(query[:n], output[:n], attn_metadata, lay, layer.consa_window,
-                                full_cache, full_meta, slide_cache, slide_meta)
+            # Prefill and large decode batches: FlashAttention 3 per pool is much faster
+            # there than the fused kernel; small decode batches, where launch count and SM
+            # occupancy dominate, keep the single fused split-KV launch (see ops.flash_pools).
+            flash_attn_pools(
+                self.flash_attn, query[:n], output[:n], attn_metadata.query_start_loc, attn_metadata.seq_lens,
+                attn_metadata.max_query_len, attn_metadata.max_seq_len, self.scale,
+                full_cache, full_meta.block_table if full_meta else None, lay.full_offset, lay.n_full,
+                slide_cache, slide_meta.block_table if slide_meta else None, lay.sliding_offset, lay.n_sliding,
+                layer.consa_window, overlap=self.fa_overlap, f_splits=self.fa_f_splits)
             return output
         hybrid_paged_attention(
             query[:n], output[:n],
@@ -222,38 +232,3 @@ class ConsaAttentionImpl(AttentionImpl[ConsaMetadata]):
             scratch=attn_metadata.scratch, seq_threshold_3d=attn_metadata.seq_threshold_3d,
         )
         return output
-
-    def _prefill_flash(self, query, output, meta, lay, window, full_cache, full_meta, slide_cache, slide_meta):
-        """Prefill and large decode batches on GPU: FlashAttention 3 over each pool (two launches).
-
-        There the work per launch is large and FlashAttention 3 is much faster than the
-        fused Triton kernel (measured on H100, benchmarks/results/). Small decode batches,
-        where launch count and SM occupancy dominate, keep the single fused split-KV launch.
-        """
-        g = query.shape[1] // (lay.n_full + lay.n_sliding)
-        split = lay.n_full * g
-        for cache, pmeta, off, nh, q, o, win in (
-            (full_cache, full_meta, lay.full_offset, lay.n_full, query[:, :split], output[:, :split], (-1, -1)),
-            (slide_cache, slide_meta, lay.sliding_offset, lay.n_sliding, query[:, split:], output[:, split:],
-             (window - 1, 0)),
-        ):
-            if nh == 0:
-                continue
-            self.flash_attn(
-                q=q, k=cache[:, 0, :, off:off + nh], v=cache[:, 1, :, off:off + nh], out=o,
-                cu_seqlens_q=meta.query_start_loc, max_seqlen_q=meta.max_query_len,
-                seqused_k=meta.seq_lens, max_seqlen_k=meta.max_seq_len, softmax_scale=self.scale,
-                causal=True, window_size=list(win), block_table=pmeta.block_table, fa_version=3,
-            )
-
-
-def _flash_attn_varlen():
-    """vLLM's FlashAttention 3 varlen function on Hopper GPUs, else None (use the fused kernel)."""
-    if os.environ.get("CONSA_PREFILL_IMPL", "auto") == "fused" or not torch.cuda.is_available():
-        return None
-    try:
-        from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
-        from vllm.vllm_flash_attn import flash_attn_varlen_func
-    except ImportError:
-        return None
-    return flash_attn_varlen_func if get_flash_attn_version() == 3 else None
