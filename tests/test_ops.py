@@ -409,3 +409,22 @@ if __name__ == "__main__":
             _interpret_main([item])
     else:
         sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_flash_pools_knob_and_cpu_fallback(monkeypatch):
+    """CONSA_FA3_OVERLAP parses 0/1 and names itself when wrong; without CUDA there is no
+    FlashAttention path, so every batch takes the fused op (the torch one on CPU)."""
+    from consa_vllm.plugin.ops import flash_pools
+
+    for value, want in (("1", True), ("true", True), ("0", False), ("False", False)):
+        monkeypatch.setenv("CONSA_FA3_OVERLAP", value)
+        assert flash_pools.default_overlap() is want
+    monkeypatch.setenv("CONSA_FA3_OVERLAP", "yes")
+    with pytest.raises(ValueError, match="CONSA_FA3_OVERLAP must be 0 or 1, got 'yes'"):
+        flash_pools.default_overlap()
+    monkeypatch.delenv("CONSA_FA3_OVERLAP")
+    assert flash_pools.default_overlap() is True
+    if not torch.cuda.is_available():
+        assert flash_pools.flash_attn_varlen() is None
+    monkeypatch.setenv("CONSA_PREFILL_IMPL", "fused")
+    assert flash_pools.flash_attn_varlen() is None

@@ -37,7 +37,7 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from consa_vllm.plugin.ops import hybrid_paged_attention, write_kv_hybrid
-from consa_vllm.plugin.ops.flash_pools import default_f_splits, default_overlap, flash_attn_pools, flash_attn_varlen
+from consa_vllm.plugin.ops.flash_pools import default_overlap, flash_attn_pools, flash_attn_varlen
 
 
 @dataclass
@@ -185,7 +185,6 @@ class ConsaAttentionImpl(AttentionImpl[ConsaMetadata]):
         self.consa_pools = consa_pools
         self.flash_attn = flash_attn_varlen() if consa_pools is not None else None
         self.fa_overlap = default_overlap()
-        self.fa_f_splits = default_f_splits()
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None) -> torch.Tensor:
@@ -220,7 +219,7 @@ class ConsaAttentionImpl(AttentionImpl[ConsaMetadata]):
                 attn_metadata.max_query_len, attn_metadata.max_seq_len, self.scale,
                 full_cache, full_meta.block_table if full_meta else None, lay.full_offset, lay.n_full,
                 slide_cache, slide_meta.block_table if slide_meta else None, lay.sliding_offset, lay.n_sliding,
-                layer.consa_window, overlap=self.fa_overlap, f_splits=self.fa_f_splits)
+                layer.consa_window, overlap=self.fa_overlap)
             return output
         hybrid_paged_attention(
             query[:n], output[:n],

@@ -12,9 +12,11 @@ third full. ``overlap=True`` (the default) runs the F launch on vLLM's auxiliary
 concurrently with the S launch, so S tiles fill the F launch's idle SMs, as one fused
 launch would. CUDA-graph capture records the two streams as parallel branches.
 
-``CONSA_FA3_OVERLAP=0`` turns the overlap off and ``CONSA_FA3_SPLITS=N`` forces N KV splits
-on the F launch (0 = FlashAttention's own heuristic); both exist to measure the
-alternatives (benchmarks/bench_hybrid_kernel.py), and are read once per process.
+``CONSA_FA3_OVERLAP=0`` runs the launches one after the other (read once per process), to
+measure what the overlap buys. Forcing KV splits on the F launch (``f_splits``) was
+measured too and changed nothing on the H100
+(benchmarks/results/hybrid_kernel_h100_fa3_pools.json), so the server leaves the split
+count to FlashAttention.
 """
 
 from __future__ import annotations
@@ -44,14 +46,6 @@ def default_overlap() -> bool:
     return v in ("1", "true")
 
 
-def default_f_splits() -> int:
-    """KV splits forced on the F launch (``CONSA_FA3_SPLITS``, default 0 = FlashAttention's heuristic)."""
-    v = os.environ.get("CONSA_FA3_SPLITS", "0").strip()
-    if not v.isdigit():
-        raise ValueError(f"CONSA_FA3_SPLITS must be a non-negative integer, got {v!r}")
-    return int(v)
-
-
 _side_stream = None
 
 
@@ -77,6 +71,8 @@ def flash_attn_pools(fa, query, output, query_start_loc, seq_lens, max_query_len
 
     ``fa`` is :func:`flash_attn_varlen`'s function. Query heads ``[0, n_full * G)`` attend
     over the F pool, the rest over the S pool with keys ``i - window + 1 .. i``.
+    ``f_splits`` > 0 forces that many KV splits on the F launch (the kernel benchmark's
+    variant; 0 leaves it to FlashAttention).
     """
     g = query.shape[1] // (n_full + n_swa)
     split = n_full * g
