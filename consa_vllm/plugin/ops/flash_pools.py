@@ -46,23 +46,6 @@ def default_overlap() -> bool:
     return v in ("1", "true")
 
 
-_side_stream = None
-
-
-def _side_stream_for_device():
-    """The side stream: vLLM's aux_stream() where available (the one side stream vLLM
-    shares among its own overlaps), else one of our own."""
-    global _side_stream
-    try:
-        from vllm.utils.torch_utils import aux_stream
-
-        return aux_stream()
-    except ImportError:
-        if _side_stream is None:
-            _side_stream = torch.cuda.Stream()
-        return _side_stream
-
-
 def flash_attn_pools(fa, query, output, query_start_loc, seq_lens, max_query_len, max_seq_len, scale,
                      full_cache, full_block_table, full_head_offset, n_full,
                      swa_cache, swa_block_table, swa_head_offset, n_swa, window,
@@ -88,15 +71,20 @@ def flash_attn_pools(fa, query, output, query_start_loc, seq_lens, max_query_len
                 seqused_k=seq_lens, max_seqlen_k=max_seq_len, softmax_scale=scale, causal=True,
                 window_size=list(win), block_table=table, num_splits=splits, fa_version=3))
     if len(calls) == 2 and overlap:
-        # torch's current stream, not vLLM's cached one: that cache is only set up in vLLM's
-        # workers, and this also runs in benchmarks and tests.
-        main, side = torch.cuda.current_stream(), _side_stream_for_device()
+        # ``fa`` comes from vLLM, so vLLM is importable here. Its aux_stream() is the one side
+        # stream vLLM shares among its own overlaps. torch's current stream, not vLLM's
+        # cached one: that cache is only set up in vLLM's workers, and this also runs in
+        # the kernel benchmark.
+        from vllm.utils.torch_utils import aux_stream
+
+        main, side = torch.cuda.current_stream(), aux_stream()
         side.wait_stream(main)
         with torch.cuda.stream(side):
             fa(**calls[0])  # F heads: the long launch starts first
         fa(**calls[1])
-        # Every tensor the side stream touched was allocated before the fork and is used
-        # again only after this join, so no record_stream is needed.
+        # Tensors made before the fork are used again only after this join, and
+        # FlashAttention's own buffers are allocated on the side stream itself, so no
+        # record_stream is needed.
         main.wait_stream(side)
         return
     for c in calls:
