@@ -572,27 +572,21 @@ def main(argv: list[str] | None = None) -> int:
         if left is not None and left <= 0:
             log(f"time budget spent before phase {ph}; rerun the same command to continue")
             return 3
-        t_phase = time.time()
-        if ph == "corpus":
-            finished = phase_corpus(out, s)
-        elif ph == "pretrain":
-            finished = phase_pretrain(out, s, left)
-        elif ph == "allocations":
-            finished = phase_allocations(out, s, left)
-        elif ph == "stage2":
-            finished = phase_stage2(out, s, left)
-        elif ph == "eval":
-            finished = phase_eval(out, s, left)
-        else:
-            finished = None
-        if ph != "report":
-            _add_phase_seconds(out, ph, time.time() - t_phase)
-        if finished is False:
-            return 3
         if ph == "report":
             phase_report(out, s)
             if args.results_dir:
                 publish(out, Path(args.results_dir))
+            continue
+        t_phase = time.time()
+        if ph == "corpus":
+            phase_corpus(out, s)  # no time budget: it always runs to the end
+            finished = True
+        else:
+            finished = {"pretrain": phase_pretrain, "allocations": phase_allocations, "stage2": phase_stage2,
+                        "eval": phase_eval}[ph](out, s, left)
+        _add_phase_seconds(out, ph, time.time() - t_phase)
+        if not finished:
+            return 3
     log(f"done in {time.time() - t0:.0f} s")
     return 0
 
