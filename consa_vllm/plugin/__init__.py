@@ -7,13 +7,7 @@ cheap and idempotent: the model code is registered by name and imported lazily.
 
 from __future__ import annotations
 
-# Architecture name in config.json -> "module:Class" (vLLM imports it lazily).
-CONSA_ARCHITECTURES: dict[str, str] = {
-    "ConsaQwen3ForCausalLM": "consa_vllm.plugin.models:ConsaQwen3ForCausalLM",
-    "ConsaLlamaForCausalLM": "consa_vllm.plugin.models:ConsaLlamaForCausalLM",
-    "ConsaQwen2ForCausalLM": "consa_vllm.plugin.models:ConsaQwen2ForCausalLM",
-    "ConsaMistralForCausalLM": "consa_vllm.plugin.models:ConsaMistralForCausalLM",
-}
+from consa_vllm.families import consa_architectures
 
 
 def register() -> None:
@@ -25,7 +19,7 @@ def register() -> None:
     from consa_vllm.plugin.config import ConsaModelConfig
 
     supported = ModelRegistry.get_supported_archs()
-    for arch, target in CONSA_ARCHITECTURES.items():
+    for arch, target in consa_architectures().items():
         if arch not in supported:
             ModelRegistry.register_model(arch, target)
         # Validates the allocation while vLLM builds its config: before any weights load.
