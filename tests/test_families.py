@@ -181,3 +181,20 @@ def test_unknown_family_refused_with_the_supported_list(tmp_path):
         assert f.hf_architecture in str(e.value)
     with pytest.raises(AttributeError):
         getattr(models, "ConsaGPT2LMHeadModel")
+
+
+def test_plain_architecture_with_an_allocation_refused_by_vllm(root):
+    """vLLM's own config building (as under ``vllm serve``) refuses a checkpoint whose
+    config.json carries an allocation under the plain architecture, before any weight loads."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    src = tiny_model(root / "plain", "qwen3_moe")
+    dst = export(src, root / "plain-arch-consa", PATTERN, WINDOW)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["architectures"] = ["Qwen3MoeForCausalLM"]
+    (dst / "config.json").write_text(json.dumps(cfg))
+    # vLLM's pydantic ModelConfig wraps the hook's AllocationError (a ValueError).
+    with pytest.raises(ValueError) as e:
+        EngineArgs(model=str(dst), max_model_len=512).create_engine_config()
+    msg = str(e.value)
+    assert str(dst / "config.json") in msg and "'ConsaQwen3MoeForCausalLM'" in msg and "field 'consa'" in msg

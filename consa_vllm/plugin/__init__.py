@@ -16,7 +16,8 @@ def register() -> None:
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
     from consa_vllm.endpoint import engine as endpoint_engine
-    from consa_vllm.plugin.config import ConsaModelConfig
+    from consa_vllm.families import FAMILIES
+    from consa_vllm.plugin.config import ConsaModelConfig, StockFamilyConfig
 
     supported = ModelRegistry.get_supported_archs()
     for arch, target in consa_architectures().items():
@@ -24,5 +25,8 @@ def register() -> None:
             ModelRegistry.register_model(arch, target)
         # Validates the allocation while vLLM builds its config: before any weights load.
         MODELS_CONFIG_MAP.setdefault(arch, ConsaModelConfig)
+    for family in FAMILIES:
+        # Only where vLLM has no hook of its own for the plain architecture.
+        MODELS_CONFIG_MAP.setdefault(family.hf_architecture, StockFamilyConfig)
     # Engine-core side of /v1/consa/* (the consa_endpoint plugin): per-pool KV block counts.
     endpoint_engine.install()
