@@ -21,6 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
+from . import families
 from .cli_args import EXIT_USAGE, UsageParser, int_in_range, unit_interval
 
 PROG = "consa-vllm"
@@ -303,8 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     # ---- export
     e = sub.add_parser("export", formatter_class=fmt, help="write a checkpoint that the vLLM plugin serves",
-                       description="Copy a Hugging Face checkpoint (Qwen3, Llama, Qwen2, Mistral; or an already "
-                                   "exported ConSA checkpoint) to --out with the allocation embedded in "
+                       description="Copy a Hugging Face checkpoint (one of: " + families.supported_summary()
+                                   + "; or an already exported ConSA checkpoint) to --out with the allocation embedded in "
                                    "config.json (field 'consa') and the architecture renamed to Consa<Original>. "
                                    "Weights are hard-linked by default, tokenizer files copied. --out is built "
                                    "in a temporary directory and renamed into place, so it is never half-written.",

@@ -30,12 +30,13 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from consa_vllm.families import DEFAULT_FAMILY
 from consa_vllm.cli_args import EXIT_USAGE, UsageParser, int_in_range
 
 PROG = "consa-vllm demo"
 
 #: The embedded default: model shape, corpus and trainer settings.
-MODEL_KW = dict(family="qwen3", num_layers=4, num_attention_heads=8, num_kv_heads=4, head_dim=32)
+MODEL_KW = dict(family=DEFAULT_FAMILY, num_layers=4, num_attention_heads=8, num_kv_heads=4, head_dim=32)
 N_CORPUS_FILES = 40
 WINDOW = 32
 SEQ_LEN = 128
@@ -111,11 +112,11 @@ def _tail(path: Path, lines: int = 40) -> str:
 def step_model(out: Path) -> Path:
     from .tiny import build_tiny_model
 
-    _header(1, "build a tiny Qwen3 model + tokenizer")
+    _header(1, f"build a tiny {DEFAULT_FAMILY} model + tokenizer")
     base = out / "base"
     t = time.monotonic()
     build_tiny_model(base, **MODEL_KW)
-    _info(f"{base}: Qwen3, {MODEL_KW['num_layers']} layers, {MODEL_KW['num_attention_heads']} query heads, "
+    _info(f"{base}: {DEFAULT_FAMILY}, {MODEL_KW['num_layers']} layers, {MODEL_KW['num_attention_heads']} query heads, "
           f"{MODEL_KW['num_kv_heads']} KV heads, head_dim {MODEL_KW['head_dim']}, random weights "
           f"({time.monotonic() - t:.1f}s)")
     return base

@@ -34,20 +34,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .allocation.format import Allocation, AllocationError, atomic_write_text, read_json_object
+from . import families
 from .allocation.shape import ModelShape
 
 CONFIG_KEY = "consa"
-ARCH_PREFIX = "Consa"
-#: Architectures the plugin can serve, as named in an HF ``config.json``.
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
-    "Qwen3ForCausalLM",
-    "LlamaForCausalLM",
-    "Qwen2ForCausalLM",
-    "MistralForCausalLM",
-)
-#: model_type values whose HF config class defaults ``sliding_window`` to a number when
-#: the key is absent: the exported config must say ``null`` explicitly.
-_SLIDING_DEFAULT_MODEL_TYPES = ("mistral", "qwen2", "qwen3")
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 WEIGHT_INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json")
@@ -61,8 +51,8 @@ class ExportError(ValueError):
 
 
 def consa_architecture(base: str) -> str:
-    """``Qwen3ForCausalLM`` -> ``ConsaQwen3ForCausalLM``."""
-    return ARCH_PREFIX + base
+    """``Qwen3ForCausalLM`` -> ``ConsaQwen3ForCausalLM`` (the family registry's name)."""
+    return families.by_architecture(base).consa_architecture
 
 
 def read_exported_allocation(config: Any, source: str | os.PathLike | None = None) -> Allocation:
@@ -116,20 +106,23 @@ def base_architecture(config: Mapping[str, Any], where: str = "config.json") -> 
     consa = config.get(CONFIG_KEY)
     if isinstance(consa, Mapping) and consa.get("base_architecture"):
         base = consa["base_architecture"]
+        if base not in families.hf_architectures():
+            raise ExportError(
+                f"{where}: field '{CONFIG_KEY}.base_architecture' is {base!r}, which ConSA cannot serve; "
+                f"supported: {families.supported_summary()}")
         if arch != consa_architecture(base):
             raise ExportError(
                 f"{where}: field 'architectures' is {arch!r} but '{CONFIG_KEY}.base_architecture' is "
                 f"{base!r} (expected {consa_architecture(base)!r})"
             )
         arch = base
-    elif arch.startswith(ARCH_PREFIX) and arch[len(ARCH_PREFIX):] in SUPPORTED_ARCHITECTURES:
-        arch = arch[len(ARCH_PREFIX):]
-    if arch not in SUPPORTED_ARCHITECTURES:
+    try:
+        return families.by_architecture(arch).hf_architecture
+    except families.UnsupportedFamilyError:
         raise ExportError(
             f"{where}: field 'architectures' is {archs[0]!r}, which ConSA cannot serve; "
-            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
-    return arch
+            f"supported: {families.supported_summary()}"
+        ) from None
 
 
 # ---------------------------------------------------------------------------- writing
@@ -149,7 +142,7 @@ def exported_config(config: Mapping[str, Any], allocation: Allocation, where: st
     sw_active = sw not in (None, 0) and use_sw is not False
     if sw_active:
         notes["base_sliding_window"] = sw
-    if "sliding_window" in out or out.get("model_type") in _SLIDING_DEFAULT_MODEL_TYPES:
+    if "sliding_window" in out or families.by_architecture(base).sliding_window_default:
         out["sliding_window"] = None
     if "use_sliding_window" in out:
         out["use_sliding_window"] = False

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import sysconfig
 from pathlib import Path
-from typing import Literal
 
 
 def stdlib_python_files(limit: int | None = None) -> list[Path]:
@@ -46,7 +45,7 @@ def build_tokenizer(out_dir: str | Path, vocab_size: int = 512, files: list[Path
 
 def build_tiny_model(
     out_dir: str | Path,
-    family: Literal["qwen3", "llama"] = "qwen3",
+    family: str | None = None,
     num_layers: int = 4,
     num_attention_heads: int = 4,
     num_kv_heads: int = 2,
@@ -58,10 +57,22 @@ def build_tiny_model(
     seed: int = 0,
     dtype: str = "float32",
     tokenizer: bool = True,
+    **config_fields,
 ) -> Path:
-    """Save a randomly initialised Qwen3 or Llama model (and tokenizer) to ``out_dir``."""
+    """Save a randomly initialised model of a supported family (and a tokenizer) to ``out_dir``.
+
+    ``family`` is a name of :mod:`consa_vllm.families` (default: its ``DEFAULT_FAMILY``); a
+    mixture-of-experts family gets the registry's tiny expert setup (several experts,
+    top-k > 1). ``config_fields`` are extra HF config fields (e.g. ``attention_bias=True``).
+    Biases and expert weights get the same random init as the other matrices, so that
+    a loader dropping any of them changes the model's outputs.
+    """
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from consa_vllm import families
+
+    fam = families.by_name(family or families.DEFAULT_FAMILY)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -70,19 +81,17 @@ def build_tiny_model(
                   num_key_value_heads=num_kv_heads, head_dim=head_dim,
                   max_position_embeddings=max_position_embeddings, rms_norm_eps=1e-6,
                   tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=0,
-                  dtype=dtype)
-    if family == "qwen3":
-        config = Qwen3Config(rope_theta=10000.0, **common)
-    elif family == "llama":
-        config = LlamaConfig(rope_theta=10000.0, **common)
-    else:
-        raise ValueError(f"family must be 'qwen3' or 'llama', got {family!r}")
+                  dtype=dtype, rope_theta=10000.0)
+    if fam.head_dim_from_hidden:
+        common["hidden_size"] = num_attention_heads * head_dim
+    config = AutoConfig.for_model(fam.model_type, **{**common, **fam.tiny, **config_fields})
+    config.architectures = [fam.hf_architecture]
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     # Larger-than-default init so attention patterns (and so F vs S) visibly matter.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dim() == 2:
+            if p.dim() >= 2 or name.endswith(".bias"):
                 p.normal_(0.0, 0.08)
     model.save_pretrained(str(out))
     if tokenizer:

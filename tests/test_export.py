@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from consa_vllm.allocation import Allocation, AllocationError, make_allocation
+from consa_vllm.families import supported_summary
 from consa_vllm.export import (
     CONFIG_KEY,
-    SUPPORTED_ARCHITECTURES,
     ExportError,
     export_model,
     exported_config,
@@ -286,7 +286,7 @@ def test_malformed_allocation_file_refused(qwen3, tmp_path):
             {**BASE_CFG, "architectures": ["Qwen3ForCausalLM"]}))), "no weight files"),
         (lambda d: _fake_checkpoint(d, {**BASE_CFG, "architectures": ["GPT2LMHeadModel"]}),
          "field 'architectures' is 'GPT2LMHeadModel', which ConSA cannot serve; supported: "
-         + ", ".join(SUPPORTED_ARCHITECTURES)),
+         + supported_summary()),
         (lambda d: _fake_checkpoint(d, {**BASE_CFG, "architectures": ["A", "B"]}), "must be a list with one name"),
         (lambda d: (_fake_checkpoint(d, {**BASE_CFG, "architectures": ["LlamaForCausalLM"]}),
                     (d / "model.safetensors.index.json").write_text(json.dumps(

@@ -7,13 +7,7 @@ cheap and idempotent: the model code is registered by name and imported lazily.
 
 from __future__ import annotations
 
-# Architecture name in config.json -> "module:Class" (vLLM imports it lazily).
-CONSA_ARCHITECTURES: dict[str, str] = {
-    "ConsaQwen3ForCausalLM": "consa_vllm.plugin.models:ConsaQwen3ForCausalLM",
-    "ConsaLlamaForCausalLM": "consa_vllm.plugin.models:ConsaLlamaForCausalLM",
-    "ConsaQwen2ForCausalLM": "consa_vllm.plugin.models:ConsaQwen2ForCausalLM",
-    "ConsaMistralForCausalLM": "consa_vllm.plugin.models:ConsaMistralForCausalLM",
-}
+from consa_vllm.families import consa_architectures
 
 
 def register() -> None:
@@ -22,13 +16,17 @@ def register() -> None:
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
     from consa_vllm.endpoint import engine as endpoint_engine
-    from consa_vllm.plugin.config import ConsaModelConfig
+    from consa_vllm.families import FAMILIES
+    from consa_vllm.plugin.config import ConsaModelConfig, StockFamilyConfig
 
     supported = ModelRegistry.get_supported_archs()
-    for arch, target in CONSA_ARCHITECTURES.items():
+    for arch, target in consa_architectures().items():
         if arch not in supported:
             ModelRegistry.register_model(arch, target)
         # Validates the allocation while vLLM builds its config: before any weights load.
         MODELS_CONFIG_MAP.setdefault(arch, ConsaModelConfig)
+    for family in FAMILIES:
+        # Only where vLLM has no hook of its own for the plain architecture.
+        MODELS_CONFIG_MAP.setdefault(family.hf_architecture, StockFamilyConfig)
     # Engine-core side of /v1/consa/* (the consa_endpoint plugin): per-pool KV block counts.
     endpoint_engine.install()

@@ -48,6 +48,28 @@ def check_serving_config(vllm_config: Any) -> Allocation:
     return allocation
 
 
+class StockFamilyConfig:
+    """Hook on the plain architectures of the supported families: a ``config.json`` that
+    carries an allocation under a plain architecture would be served without it."""
+
+    @staticmethod
+    def verify_and_update_model_config(model_config: Any) -> None:
+        if getattr(model_config.hf_config, "consa", None) is None:
+            return
+        from consa_vllm import families
+
+        arch = model_config.architecture
+        source = os.path.join(str(model_config.model), "config.json")
+        raise AllocationError(
+            f"{source}: field 'architectures' is {arch!r} but the file carries a ConSA allocation (field "
+            f"'consa'): vLLM would serve the model without it; the architecture must be "
+            f"{families.by_architecture(arch).consa_architecture!r} (re-export with `consa-vllm export`)")
+
+    @staticmethod
+    def verify_and_update_config(vllm_config: Any) -> None:
+        pass
+
+
 class ConsaModelConfig:
     """vLLM ``VerifyAndUpdateConfig`` hook for the Consa* architectures."""
 

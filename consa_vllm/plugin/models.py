@@ -1,48 +1,45 @@
-"""ConSA variants of vLLM's Llama-family models (Qwen3, Qwen2, Llama, Mistral).
+"""ConSA variants of vLLM's own model classes, one per family of :mod:`consa_vllm.families`.
 
-The decoder is vLLM's own (``Qwen2Model``: embeddings, layer stack, norm, weight
-mapping); only the attention of each layer differs:
+``ConsaQwen3MoeForCausalLM`` *is* vLLM's ``Qwen3MoeForCausalLM`` (a subclass built on
+first use), with one change after vLLM has built it: each decoder layer's attention
+module (``...self_attn.attn``, a vLLM ``Attention``) is replaced. Embeddings, decoder
+layers, MLP and MoE blocks, norms, biases, rotary variants, LoRA, torch.compile and
+weight loading all stay vLLM's, so whatever vLLM's class loads and runs, the ConSA class
+does too.
 
-- ``granularity: layer`` allocations with at least one F layer use vLLM's stock
-  ``Attention`` with a per-layer sliding window (stock kernels, stock KV specs);
-- everything else (kv_head allocations, all-S models) uses the fused two-pool attention
-  of :mod:`consa_vllm.plugin.attention`. Each layer's KV heads are permuted in the
-  checkpoint tensors at load time (:func:`permute_checkpoint_heads`), before vLLM's
-  tensor-parallel loaders slice them, so that each rank gets its balanced share of the
-  layer's heads (:mod:`consa_vllm.plugin.layout`) with the F heads first.
+- ``granularity: layer`` allocations with at least one F layer keep vLLM's stock
+  ``Attention`` on F layers and get a stock ``Attention`` with a per-layer sliding window
+  on S layers (stock kernels, stock KV specs);
+- everything else (kv_head allocations, all-S models) gets the fused two-pool attention
+  of :mod:`consa_vllm.plugin.attention` on every layer. Each layer's KV heads are
+  permuted in the checkpoint tensors as they stream into vLLM's ``load_weights``
+  (:mod:`consa_vllm.plugin.permute`), before vLLM's tensor-parallel loaders slice them,
+  so that each rank gets its balanced share of the layer's heads with the F heads first
+  (:mod:`consa_vllm.plugin.layout`).
 
 The allocation is read from ``config.json["consa"]`` (written by ``consa-vllm export``).
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable, Iterator
-from functools import partial
+from collections.abc import Iterable
+from functools import cache
 
 import torch
 from torch import nn
 
-from vllm.compilation.decorators import support_torch_compile
-from vllm.config import CacheConfig, VllmConfig
+from vllm.config import VllmConfig
 from vllm.distributed import get_pp_group, get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 from vllm.logger import init_logger
 from vllm.model_executor.layers.attention import Attention
-from vllm.model_executor.layers.layernorm import RMSNorm
-from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
-from vllm.model_executor.layers.logits_processor import LogitsProcessor
-from vllm.model_executor.layers.quantization import QuantizationConfig
-from vllm.model_executor.layers.rotary_embedding import get_rope
-from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
-from vllm.model_executor.models.interfaces import SupportsPP
-from vllm.model_executor.models.qwen2 import Qwen2MLP, Qwen2Model
-from vllm.model_executor.models.utils import AutoWeightsLoader, PPMissingLayer, extract_layer_index, maybe_prefix
-from vllm.sequence import IntermediateTensors
+from vllm.model_executor.models.utils import extract_layer_index, maybe_prefix
 
+from consa_vllm import families
 from consa_vllm.allocation import Allocation
 from consa_vllm.plugin.attention import ConsaAttention, ConsaKVPools
 from consa_vllm.plugin.config import read_allocation
-from consa_vllm.plugin.layout import LayerLayout, PoolLayout
+from consa_vllm.plugin.layout import PoolLayout
+from consa_vllm.plugin.permute import permute_checkpoint_heads
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" so vLLM's log handler shows it
 
@@ -55,232 +52,114 @@ def uses_pools(allocation: Allocation) -> bool:
     return allocation.granularity == "kv_head" or not has_full
 
 
-_ATTN_WEIGHT = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj|qkv_proj)\.(weight|bias)$")
+def _decoder_attention(model: nn.Module, num_layers: int) -> dict[int, tuple[nn.Module, str, Attention]]:
+    """Layer index -> (parent module, attribute name, vLLM ``Attention``) for every decoder layer."""
+    found: dict[int, tuple[nn.Module, str, Attention]] = {}
+    for parent_name, parent in model.named_modules():
+        for attr, child in parent.named_children():
+            if type(child) is not Attention:  # exactly stock: our own subclasses are pools/compute
+                continue
+            layer = extract_layer_index(child.layer_name)
+            if layer in found:
+                raise ValueError(f"ConSA: two attention modules for layer {layer} "
+                                 f"({found[layer][2].layer_name}, {child.layer_name})")
+            found[layer] = (parent, attr, child)
+    if sorted(found) != list(range(num_layers)):
+        raise ValueError(f"ConSA: expected one attention module per decoder layer (0..{num_layers - 1}), "
+                         f"found layers {sorted(found)}")
+    return found
 
 
-def permute_checkpoint_heads(weights: Iterable[tuple[str, torch.Tensor]], orders: dict[int, tuple[int, ...]],
-                             num_heads: int, num_kv_heads: int, head_dim: int
-                             ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield checkpoint tensors with each layer's KV heads in served order.
+def _forget(vllm_config: VllmConfig, layer_name: str) -> None:
+    # Attention registers itself by name for KV-cache binding and the forward context;
+    # the replacement registers under the same name.
+    del vllm_config.compilation_config.static_forward_context[layer_name]
 
-    ``orders[l][j]`` is the checkpoint KV head served at position j of layer l (layers not
-    in ``orders`` pass unchanged). KV head k's query heads are ``k*G .. k*G+G-1`` (HF's
-    ``repeat_kv`` grouping), so the rows of q_proj (query heads), k_proj and v_proj (KV
-    heads), their biases, and the input columns of o_proj move together and the layer
-    computes the same function. Per-head q/k norms share one weight across heads and need
-    no change. Done on the full tensors, before vLLM's loaders take each rank's slice.
+
+def install_consa_attention(model: nn.Module, vllm_config: VllmConfig, allocation: Allocation,
+                            prefix: str) -> ConsaKVPools | None:
+    """Replace the attention module of every decoder layer of a freshly built vLLM model.
+
+    Returns the KV pools (kv_head and all-S allocations) or None (stock modules only).
     """
-    g = num_heads // num_kv_heads
-    rows_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    config = vllm_config.model_config.hf_config
+    stock = _decoder_attention(model, allocation.num_layers)
+    if not uses_pools(allocation):
+        for layer, (parent, attr, old) in stock.items():
+            if allocation.pattern[layer][0] == "F":
+                continue  # vLLM's own module, untouched
+            _forget(vllm_config, old.layer_name)
+            setattr(parent, attr, Attention(
+                old.num_heads, old.head_size, old.impl.scale, num_kv_heads=old.num_kv_heads,
+                cache_config=vllm_config.cache_config, quant_config=old.quant_config,
+                per_layer_sliding_window=allocation.window, prefix=old.layer_name))
+        return None
 
-    def rows(layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if layer not in rows_cache:
-            kv = torch.tensor(orders[layer], dtype=torch.long)
-            q = (kv[:, None] * g + torch.arange(g)).reshape(-1)
-            d = torch.arange(head_dim)
-            rows_cache[layer] = ((q[:, None] * head_dim + d).reshape(-1), (kv[:, None] * head_dim + d).reshape(-1))
-        return rows_cache[layer]
-
-    for name, tensor in weights:
-        m = _ATTN_WEIGHT.search(name)
-        if m is None or int(m.group(1)) not in orders:
-            yield name, tensor
-            continue
-        layer, proj, kind = int(m.group(1)), m.group(2), m.group(3)
-        if proj == "qkv_proj":
-            raise ValueError(
-                f"checkpoint tensor {name!r}: fused qkv_proj weights are not supported with kv_head "
-                "allocations (the plugin permutes KV heads at load time and needs separate q_proj, "
-                "k_proj and v_proj tensors, as Hugging Face checkpoints store them)")
-        if proj == "o_proj" and kind == "bias":
-            yield name, tensor  # indexed by output features, not heads
-            continue
-        q_rows, kv_rows = rows(layer)
-        idx, dim = (kv_rows, 0) if proj in ("k_proj", "v_proj") else (q_rows, 1 if proj == "o_proj" else 0)
-        if tensor.dim() <= dim or tensor.shape[dim] != idx.numel():
-            raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}; expected "
-                             f"{idx.numel()} along dim {dim} ({proj} of {num_heads} query / {num_kv_heads} KV "
-                             f"heads of size {head_dim})")
-        yield name, tensor.index_select(dim, idx.to(tensor.device))
-
-
-class ConsaSelfAttention(nn.Module):
-    """Llama/Qwen attention (optional q/k RMSNorm, optional qkv bias) with ConSA heads."""
-
-    def __init__(self, config, allocation: Allocation, pools: ConsaKVPools | None,
-                 cache_config: CacheConfig | None, quant_config: QuantizationConfig | None,
-                 prefix: str, qk_norm: bool, qkv_bias: bool):
-        super().__init__()
-        layer_idx = extract_layer_index(prefix)
-        tp = get_tensor_model_parallel_world_size()
-        self.total_num_heads = config.num_attention_heads
-        self.total_num_kv_heads = config.num_key_value_heads
-        if self.total_num_kv_heads % tp or self.total_num_heads % tp:
-            raise ValueError(f"ConSA needs attention heads ({self.total_num_heads}) and KV heads "
-                             f"({self.total_num_kv_heads}) divisible by tensor-parallel size {tp}")
-        self.num_heads = self.total_num_heads // tp
-        self.num_kv_heads = self.total_num_kv_heads // tp
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.total_num_heads
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
-        self.scaling = self.head_dim ** -0.5
-
-        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, self.total_num_heads,
-                                          self.total_num_kv_heads, bias=qkv_bias, quant_config=quant_config,
-                                          prefix=f"{prefix}.qkv_proj")
-        self.o_proj = RowParallelLinear(self.total_num_heads * self.head_dim, config.hidden_size, bias=False,
-                                        quant_config=quant_config, prefix=f"{prefix}.o_proj")
-        self.rotary_emb = get_rope(self.head_dim, max_position=config.max_position_embeddings,
-                                   rope_parameters=getattr(config, "rope_parameters", None))
-        self.qk_norm = qk_norm
-        if qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
-
-        self.layout: LayerLayout | None = None
-        if pools is None:
-            full = allocation.pattern[layer_idx][0] == "F"
-            self.attn = Attention(self.num_heads, self.head_dim, self.scaling, num_kv_heads=self.num_kv_heads,
-                                  cache_config=cache_config, quant_config=quant_config,
-                                  per_layer_sliding_window=None if full else allocation.window,
-                                  prefix=f"{prefix}.attn")
-        else:
-            self.layout = pools.layout.layers[layer_idx]
-            self.attn = ConsaAttention(self.num_heads, self.head_dim, self.scaling, self.num_kv_heads,
-                                       self.layout, pools, cache_config, prefix=f"{prefix}.attn")
-
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        qkv, _ = self.qkv_proj(hidden_states)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        if self.qk_norm:
-            q = self.q_norm(q.view(*q.shape[:-1], -1, self.head_dim)).view(q.shape)
-            k = self.k_norm(k.view(*k.shape[:-1], -1, self.head_dim)).view(k.shape)
-        q, k = self.rotary_emb(positions, q, k)
-        out = self.attn(q, k, v)
-        out, _ = self.o_proj(out)
-        return out
+    if get_pp_group().world_size > 1:
+        raise NotImplementedError("ConSA kv_head models do not support pipeline parallelism; "
+                                  "use tensor parallelism")
+    for _, _, old in stock.values():
+        _forget(vllm_config, old.layer_name)
+    # What balancing across tensor-parallel ranks moves and pads is logged once, by the
+    # config check (consa_vllm.plugin.config), before any worker starts.
+    layout = PoolLayout.build(allocation, get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank())
+    head_dim = stock[0][2].head_size
+    # Pools first: the compute modules register as sharing their KV cache.
+    pools = ConsaKVPools(layout, head_dim, vllm_config.cache_config, prefix=maybe_prefix(prefix, "consa_kv"),
+                         max_model_len=vllm_config.model_config.max_model_len)
+    for layer, (parent, attr, old) in stock.items():
+        if old.num_kv_heads * layout.tp_size != allocation.num_kv_heads:
+            raise ValueError(f"ConSA: layer {layer} holds {old.num_kv_heads} KV heads per rank, expected "
+                             f"{allocation.num_kv_heads // layout.tp_size} ({config.num_key_value_heads} "
+                             f"heads over tensor-parallel size {layout.tp_size})")
+        setattr(parent, attr, ConsaAttention(
+            old.num_heads, old.head_size, old.impl.scale, old.num_kv_heads, layout.layers[layer], pools,
+            vllm_config.cache_config, prefix=old.layer_name))
+    return pools
 
 
-class ConsaDecoderLayer(nn.Module):
-    def __init__(self, config, cache_config: CacheConfig | None = None,
-                 quant_config: QuantizationConfig | None = None, prefix: str = "", *,
-                 allocation: Allocation, pools: ConsaKVPools | None, qk_norm: bool, qkv_bias: bool):
-        super().__init__()
-        self.self_attn = ConsaSelfAttention(config, allocation, pools, cache_config, quant_config,
-                                            prefix=f"{prefix}.self_attn", qk_norm=qk_norm, qkv_bias=qkv_bias)
-        self.mlp = Qwen2MLP(config.hidden_size, config.intermediate_size, config.hidden_act,
-                            quant_config=quant_config, prefix=f"{prefix}.mlp")
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+class ConsaMixin:
+    """Turns a vLLM model class into its ConSA variant (see the module docstring)."""
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
-                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states)
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.self_attn(positions=positions, hidden_states=hidden_states)
-        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-        return self.mlp(hidden_states), residual
-
-
-@support_torch_compile(
-    dynamic_arg_dims={"input_ids": 0, "positions": -1, "intermediate_tensors": 0, "inputs_embeds": 0}
-)
-class ConsaModel(Qwen2Model):
-    """vLLM's Qwen2 decoder stack with ConSA attention layers and the shared KV pools."""
-
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", qk_norm: bool, qkv_bias: bool):
-        config = vllm_config.model_config.hf_config
-        allocation = read_allocation(config, vllm_config.model_config.model)
-        if get_pp_group().world_size > 1:
-            raise NotImplementedError("ConSA models do not support pipeline parallelism yet; use tensor parallelism")
-        pools = None
-        if uses_pools(allocation):
-            # What balancing across tensor-parallel ranks moves and pads is logged once, by
-            # the config check (consa_vllm.plugin.config), before any worker starts.
-            layout = PoolLayout.build(allocation, get_tensor_model_parallel_world_size(),
-                                      get_tensor_model_parallel_rank())
-            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-            # Pools are built first: the layers register as sharing their KV cache.
-            pools = ConsaKVPools(layout, head_dim, vllm_config.cache_config, prefix=f"{prefix}.consa_kv",
-                                 max_model_len=vllm_config.model_config.max_model_len)
-        layer = partial(ConsaDecoderLayer, allocation=allocation, pools=pools, qk_norm=qk_norm, qkv_bias=qkv_bias)
-        super().__init__(vllm_config=vllm_config, prefix=prefix, decoder_layer_type=layer)
-        self.consa_kv = pools
-        self.allocation = allocation
-
-
-class ConsaForCausalLM(nn.Module, SupportsPP):
-    """Common causal-LM head; subclasses only choose the attention flavour."""
-
-    qk_norm: bool = False
-    packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
-
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
-        super().__init__()
-        config = vllm_config.model_config.hf_config
-        self.config = config
-        self.quant_config = vllm_config.quant_config
-        self.model = ConsaModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"),
-                                qk_norm=self.qk_norm, qkv_bias=self.qkv_bias(config))
-        if self.quant_config is not None and self.model.consa_kv is not None:
-            raise NotImplementedError("quantized checkpoints are not supported with kv_head allocations yet "
-                                      "(head permutation of quantized weights)")
-        if get_pp_group().is_last_rank:
-            if config.tie_word_embeddings:
-                self.lm_head = self.model.embed_tokens
-            else:
-                self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size,
-                                              quant_config=self.quant_config, prefix=maybe_prefix(prefix, "lm_head"))
-        else:
-            self.lm_head = PPMissingLayer()
-        self.logits_processor = LogitsProcessor(config.vocab_size)
-        self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
-
-    @staticmethod
-    def qkv_bias(config) -> bool:
-        return bool(getattr(config, "attention_bias", False))
-
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_input_ids(input_ids)
-
-    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
-                intermediate_tensors: IntermediateTensors | None = None,
-                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor | IntermediateTensors:
-        return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        return self.logits_processor(self.lm_head, hidden_states)
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", **kwargs):
+        super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
+        allocation = read_allocation(vllm_config.model_config.hf_config, vllm_config.model_config.model)
+        self.consa_allocation = allocation
+        self.consa_hf_config = vllm_config.model_config.hf_config
+        self.consa_kv = install_consa_attention(self, vllm_config, allocation, prefix)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Load HF checkpoint tensors, KV heads permuted into the served order first."""
-        pools = self.model.consa_kv
+        """vLLM's own loading, with each layer's KV heads permuted into the served order first."""
+        pools = self.consa_kv
         if pools is not None:
             orders = {lay.layer: lay.global_order for lay in pools.layout.layers if not lay.is_identity}
             if orders:
-                c = self.config
+                c = self.consa_hf_config
                 head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
                 weights = permute_checkpoint_heads(weights, orders, c.num_attention_heads,
                                                    c.num_key_value_heads, head_dim)
-        loader = AutoWeightsLoader(self, skip_prefixes=(["lm_head."] if self.config.tie_word_embeddings else None))
-        return loader.load_weights(weights)  # ConsaModel (Qwen2Model) maps q/k/v -> qkv_proj
+        return super().load_weights(weights)
 
 
-class ConsaQwen3ForCausalLM(ConsaForCausalLM):
-    qk_norm = True
+@cache
+def consa_model_class(architecture: str) -> type[nn.Module]:
+    """The ConSA class for an exported architecture name (``ConsaQwen3MoeForCausalLM``)."""
+    family = families.by_architecture(architecture)
+    base = families.import_object(family.vllm_class)
+    cls = type(family.consa_architecture, (ConsaMixin, base), {
+        "__module__": __name__,
+        "__qualname__": family.consa_architecture,
+        "__doc__": f"vLLM's {base.__name__} with ConSA attention ({family.name} family).",
+    })
+    return cls
 
 
-class ConsaQwen2ForCausalLM(ConsaForCausalLM):
-    @staticmethod
-    def qkv_bias(config) -> bool:
-        return True
-
-
-class ConsaLlamaForCausalLM(ConsaForCausalLM):
-    pass
-
-
-class ConsaMistralForCausalLM(ConsaForCausalLM):
-    pass
+def __getattr__(name: str):
+    # vLLM's registry imports "consa_vllm.plugin.models:<ConsaArch>" lazily; the class is
+    # built on first use from the family registry, so no family is listed here.
+    if name.startswith(families.ARCH_PREFIX):
+        try:
+            return consa_model_class(name)
+        except families.UnsupportedFamilyError:
+            pass
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

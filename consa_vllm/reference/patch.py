@@ -28,7 +28,6 @@ if TYPE_CHECKING:  # imported lazily at run time: the kernels and benchmark need
     from consa_vllm.allocation import Allocation
 
 ATTN_NAME = "consa"
-SUPPORTED_MODEL_TYPES = ("qwen3", "llama", "qwen2", "mistral")
 
 
 class HybridAttentionState:
@@ -187,20 +186,26 @@ def register_attention() -> None:
 
 
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
-    mods = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")]
-    return sorted(mods, key=lambda m: m.layer_idx)
+    """The model's attention modules (its family's HF attention class), by layer."""
+    from consa_vllm import families
+
+    cls = families.import_object(families.by_model_type(model.config.model_type).hf_attention)
+    return sorted((m for m in model.modules() if isinstance(m, cls)), key=lambda m: m.layer_idx)
 
 
 def patch_model(model: nn.Module, window: int, allocation: Allocation | None = None, *,
                 swa_backend: str = "auto", chunk: int = 1024) -> HybridAttentionState:
-    """Patch an HF Qwen3/Llama (also Qwen2/Mistral) causal LM in place; return its state.
+    """Patch an HF causal LM of a supported family (:mod:`consa_vllm.families`) in place; return its state.
 
     The state is also stored as ``model.consa_state`` and starts enabled, in binary mode with
     ``allocation`` (all-F when ``None``). Patching an already patched model replaces its state.
     """
-    model_type = getattr(model.config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"patch_model supports model types {SUPPORTED_MODEL_TYPES}, got {model_type!r}")
+    from consa_vllm import families
+
+    try:
+        families.by_model_type(getattr(model.config, "model_type", None))
+    except families.UnsupportedFamilyError as e:
+        raise ValueError(f"patch_model: {e}") from None
     if getattr(model, "consa_state", None) is not None:
         unpatch_model(model)
     register_attention()

@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from consa_vllm import families
+
 
 class ConfigError(ValueError):
     """A bad argument: the message names the flag (and the file) at fault."""
@@ -98,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m consa_vllm.train",
         description=(
-            "Learn which attention units (layers or KV heads) of a Qwen3/Llama model can use "
+            "Learn which attention units (layers or KV heads) of a model can use "
             "sliding-window attention (S) and which need full attention (F). Hard-concrete L0 "
             "gates mix full and sliding-window attention per unit; an augmented Lagrangian "
             "drives the expected sparsity to --target-sparsity; at the end an exact top-k "
@@ -106,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", required=True, help="local Hugging Face Qwen3/Llama checkpoint directory")
+    g.add_argument("--model", required=True, help="local Hugging Face checkpoint directory of a supported family: "
+                   + families.supported_summary())
     g.add_argument("--data", required=True, nargs="+", metavar="PATH",
                    help="text (.txt/.md/.py/...), .jsonl or .parquet files or folders of them, "
                         "or a folder written by datasets' save_to_disk")

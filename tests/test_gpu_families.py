@@ -1,0 +1,40 @@
+"""GPU (skipped without CUDA): families through vLLM's own classes, bf16, torch.compile + CUDA
+graphs, calibrated parity (see gpu_parity.py).
+
+Run on the GPU machine: ``python -m pytest -q -s tests/test_gpu_families.py``. Each case
+writes its figures to ``$CONSA_GPU_REPORT_DIR`` (default: the test's tmp dir).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+from engine_harness import export, prompts_of, tiny_model  # noqa: E402
+from gpu_parity import calibrated_parity, round_weights_to  # noqa: E402
+
+from consa_vllm.allocation import Allocation  # noqa: E402
+
+WINDOW = 32
+PATTERN = ["FSSS", "SSSS", "SFFS", "FFFF"]
+# 24 sequences: decode batches above 16 run the FlashAttention pool path.
+LENGTHS = [40, 77, 130, 300, 9, 520, 64, 700] * 3
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "qwen3"])
+def test_gpu_family_calibrated_parity(tmp_path, family):
+    src = tiny_model(tmp_path, family, head_dim=64)
+    round_weights_to(src, "bfloat16")
+    alloc = Allocation(granularity="kv_head", window=WINDOW, pattern=PATTERN)
+    dst = export(src, tmp_path / "consa", PATTERN, WINDOW)
+    report = Path(os.environ.get("CONSA_GPU_REPORT_DIR", tmp_path)) / f"families-{family}.json"
+    stock, consa = calibrated_parity(src, dst, alloc, prompts_of(LENGTHS, seed=5), 32, report=report,
+                                     dtype="bfloat16")
+    print(f"{family}: stock all-F {stock}; consa {consa}")
+    assert consa.mean <= stock.mean
+    assert consa.max <= stock.max
