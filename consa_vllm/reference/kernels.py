@@ -140,9 +140,11 @@ def hybrid_attention(
     hkv = key.shape[1]
     g = hq // hkv
     if gates is not None:
-        fa = full_attention(query, repeat_kv(key, g), repeat_kv(value, g), attention_mask, scaling, dropout)
-        swa = sliding_attention(query, repeat_kv(key, g), repeat_kv(value, g), attention_mask, scaling, window,
-                                dropout, swa_backend, chunk)
+        # One repeated K and V for both branches: a second copy would cost [B, Hq, Tk, D] twice more
+        # per layer, kept until backward (autograd saves the SDPA inputs).
+        k_rep, v_rep = repeat_kv(key, g), repeat_kv(value, g)
+        fa = full_attention(query, k_rep, v_rep, attention_mask, scaling, dropout)
+        swa = sliding_attention(query, k_rep, v_rep, attention_mask, scaling, window, dropout, swa_backend, chunk)
         z = gates.to(device=fa.device, dtype=fa.dtype).repeat_interleave(g).view(1, hq, 1, 1)
         return swa + z * (fa - swa)
 
