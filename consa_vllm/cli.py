@@ -78,6 +78,7 @@ def _load_allocation_arg(path: str):
 
 def cmd_show(args: argparse.Namespace) -> int:
     from .allocation import estimate_kv, render_text, summarize
+    from .allocation.stats import describe_sliding
 
     alloc, model_dir = _load_allocation_arg(args.allocation)
     model_dir = Path(args.model) if args.model else model_dir
@@ -101,8 +102,9 @@ def cmd_show(args: argparse.Namespace) -> int:
               f"F KV heads: {s['full_kv_heads']}   S KV heads: {s['sliding_kv_heads']}   "
               f"sparsity: {s['sparsity']:.4f}")
         print(f"all-S layers: {_ranges(s['all_sliding_layers'])}   all-F layers: {_ranges(s['all_full_layers'])}")
+        print(f"S heads: {describe_sliding(alloc)}")
         extra = {k: v for k, v in alloc.to_dict().items()
-                 if k not in ("consa_version", "granularity", "window", "pattern")}
+                 if k not in ("consa_version", "granularity", "window", "sink", "pattern")}
         for k, v in extra.items():
             text = json.dumps(v)
             print(f"{k}: {text if len(text) <= 100 else text[:97] + '...'}")
@@ -153,7 +155,7 @@ def cmd_make(args: argparse.Namespace) -> int:
         layers, kv_heads = args.layers, args.kv_heads
     try:
         alloc = make_allocation(args.rule, args.sparsity, layers, kv_heads, args.window,
-                                granularity=args.granularity, seed=args.seed)
+                                granularity=args.granularity, seed=args.seed, sink=args.sink)
     except ValueError as e:
         flag = "--rule" if "rule" in str(e) else "--sparsity"
         raise UserError(f"{flag}: {e}") from None
@@ -239,7 +241,10 @@ def _bytes(n: int) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .allocation.format import MAX_TOKENS
     from .allocation.rules import RULES
+
+    sink = int_in_range(0, "tokens", hi=MAX_TOKENS)
 
     fmt = argparse.RawDescriptionHelpFormatter
     p = UsageParser(prog=PROG, formatter_class=fmt, description=(
@@ -295,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV heads per layer (without --model)")
     m.add_argument("--window", required=True, type=int_in_range(1, "tokens"), metavar="W",
                    help="sliding window in tokens: query i sees keys i-W+1..i")
+    m.add_argument("--sink", type=sink, default=0, metavar="N",
+                   help="attention-sink tokens: S heads also see keys 0..N-1 (default: 0, a plain window)")
     m.add_argument("--seed", type=int, default=0, help="seed for 'random' and 'uniform' (default: 0)")
     m.add_argument("--out", required=True, metavar="A.json", help="allocation file to write")
     m.add_argument("--force", action="store_true", help="overwrite --out if it exists")
