@@ -4,6 +4,7 @@ Subcommands:
 
 - ``show``   print an allocation (pattern, statistics, KV-cache estimate) and draw it;
 - ``make``   build a rule-based allocation at an exact sparsity;
+- ``import-duo`` turn DuoAttention's published per-KV-head gates into an allocation;
 - ``export`` embed an allocation in a Hugging Face checkpoint that the vLLM plugin serves;
 - ``serve``, ``demo``, ``eval``: hooks that hand the rest of the command line to
   ``consa_vllm.serve:main``, ``consa_vllm.demo:main`` and ``consa_vllm.eval.cli:main``.
@@ -79,6 +80,7 @@ def _load_allocation_arg(path: str):
 
 def cmd_show(args: argparse.Namespace) -> int:
     from .allocation import estimate_kv, render_text, summarize
+    from .allocation.stats import describe_sliding
 
     alloc, model_dir = _load_allocation_arg(args.allocation)
     model_dir = Path(args.model) if args.model else model_dir
@@ -102,8 +104,9 @@ def cmd_show(args: argparse.Namespace) -> int:
               f"F KV heads: {s['full_kv_heads']}   S KV heads: {s['sliding_kv_heads']}   "
               f"sparsity: {s['sparsity']:.4f}")
         print(f"all-S layers: {_ranges(s['all_sliding_layers'])}   all-F layers: {_ranges(s['all_full_layers'])}")
+        print(f"S heads: {describe_sliding(alloc)}")
         extra = {k: v for k, v in alloc.to_dict().items()
-                 if k not in ("consa_version", "granularity", "window", "pattern")}
+                 if k not in ("consa_version", "granularity", "window", "sink", "pattern")}
         for k, v in extra.items():
             text = json.dumps(v)
             print(f"{k}: {text if len(text) <= 100 else text[:97] + '...'}")
@@ -154,7 +157,7 @@ def cmd_make(args: argparse.Namespace) -> int:
         layers, kv_heads = args.layers, args.kv_heads
     try:
         alloc = make_allocation(args.rule, args.sparsity, layers, kv_heads, args.window,
-                                granularity=args.granularity, seed=args.seed)
+                                granularity=args.granularity, seed=args.seed, sink=args.sink)
     except ValueError as e:
         flag = "--rule" if "rule" in str(e) else "--sparsity"
         raise UserError(f"{flag}: {e}") from None
@@ -170,6 +173,41 @@ def cmd_make(args: argparse.Namespace) -> int:
         from .allocation.plot import plot_allocation
 
         title = f"rule '{args.rule}'" + (f" ({Path(args.model).name})" if args.model else "")
+        print(f"wrote {plot_allocation(alloc, args.png, title=title)}")
+    return 0
+
+
+def cmd_import_duo(args: argparse.Namespace) -> int:
+    from .allocation import render_text
+    from .allocation.duo import import_duo
+
+    out = Path(args.out)
+    if out.is_dir():
+        raise UserError(f"--out {out}: is a directory, expected the allocation JSON file to write")
+    if out.exists() and not args.force:
+        raise UserError(f"--out {out}: already exists; pass --force to overwrite it")
+    shape = _shape(args.model) if args.model else None
+    try:
+        alloc = import_duo(args.path, args.sparsity, args.window, args.sink, args.constraint)
+    except ValueError as e:  # AllocationError names the file; a sparsity the rule cannot meet names none
+        from .allocation import AllocationError
+
+        if isinstance(e, AllocationError):
+            raise
+        raise UserError(f"--sparsity: {e}") from None
+    if shape is not None:
+        try:
+            alloc.check_model(shape.num_layers, shape.num_kv_heads, source=args.path)
+        except ValueError as e:
+            raise UserError(f"{e} (model: {Path(args.model) / 'config.json'})") from None
+        alloc = alloc.with_extra(model=str(args.model))
+    alloc.save(out)
+    print(render_text(alloc))
+    print(f"wrote {out}")
+    if args.png:
+        from .allocation.plot import plot_allocation
+
+        title = f"DuoAttention {alloc.model_extra['duo_attention']['file']}"
         print(f"wrote {plot_allocation(alloc, args.png, title=title)}")
     return 0
 
@@ -240,7 +278,10 @@ def _bytes(n: int) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .allocation.format import MAX_TOKENS
     from .allocation.rules import RULES
+
+    sink = int_in_range(0, "tokens", hi=MAX_TOKENS)
 
     fmt = argparse.RawDescriptionHelpFormatter
     p = UsageParser(prog=PROG, formatter_class=fmt, description=(
@@ -296,11 +337,44 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV heads per layer (without --model)")
     m.add_argument("--window", required=True, type=int_in_range(1, "tokens"), metavar="W",
                    help="sliding window in tokens: query i sees keys i-W+1..i")
+    m.add_argument("--sink", type=sink, default=0, metavar="N",
+                   help="attention-sink tokens: S heads also see keys 0..N-1 (default: 0, a plain window)")
     m.add_argument("--seed", type=int, default=0, help="seed for 'random' and 'uniform' (default: 0)")
     m.add_argument("--out", required=True, metavar="A.json", help="allocation file to write")
     m.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     m.add_argument("--png", metavar="OUT.png", help="also draw the heatmap")
     m.set_defaults(func=cmd_make)
+
+    # ---- import-duo
+    d = sub.add_parser("import-duo", formatter_class=fmt,
+                       help="turn DuoAttention's published per-KV-head gates into an allocation",
+                       description="Read DuoAttention's full_attention_heads.tsv (one line per layer, one "
+                                   "tab-separated gate in [0, 1] per KV head, high = keep full attention) and "
+                                   "write a kv_head allocation whose S heads are those with the lowest gates.\n\n"
+                                   "  global     exactly round(S x heads) heads are S; ties broken by "
+                                   "(gate, layer, head)\n"
+                                   "  per-layer  S x heads_per_layer heads in every layer (must be whole); "
+                                   "ties by head\n\n"
+                                   "DuoAttention's streaming heads attend to sink tokens plus a recent window: "
+                                   "give both (its README deploys sink 64, recent 256). The gates, the file "
+                                   "name and the settings are kept in the file's 'duo_attention' field.",
+                       epilog="example:\n  consa-vllm import-duo duo-attention/Meta-Llama-3.1-8B-Instruct "
+                              "--sparsity 0.5 --window 256 --sink 64 --out llama31-duo-0.5.json")
+    d.add_argument("path", metavar="PATH", help="a DuoAttention pattern folder, or its full_attention_heads.tsv")
+    d.add_argument("--sparsity", required=True, type=_sparsity, metavar="S",
+                   help="fraction of KV heads that become S (streaming), in [0, 1]")
+    d.add_argument("--window", required=True, type=int_in_range(1, "tokens", hi=MAX_TOKENS), metavar="W",
+                   help="recent window of the S heads: query i sees keys i-W+1..i")
+    d.add_argument("--sink", required=True, type=sink, metavar="N",
+                   help="attention-sink tokens of the S heads: they also see keys 0..N-1")
+    d.add_argument("--constraint", choices=("global", "per-layer"), default="global",
+                   help="one count over all heads, or the same count in every layer (default: global)")
+    d.add_argument("--model", metavar="DIR", help="check the pattern's shape against DIR/config.json "
+                                                  "(num_hidden_layers, num_key_value_heads)")
+    d.add_argument("--out", required=True, metavar="A.json", help="allocation file to write")
+    d.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    d.add_argument("--png", metavar="OUT.png", help="also draw the heatmap")
+    d.set_defaults(func=cmd_import_duo)
 
     # ---- export
     e = sub.add_parser("export", formatter_class=fmt, help="write a checkpoint that the vLLM plugin serves",
@@ -349,7 +423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
 
 
-_COMMANDS = ("show", "make", "export", *DELEGATED)
+_COMMANDS = ("show", "make", "import-duo", "export", *DELEGATED)
 
 
 def _is_user_error(e: BaseException) -> bool:

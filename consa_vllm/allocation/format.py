@@ -9,8 +9,11 @@ Example::
     {"consa_version": 1, "granularity": "kv_head", "window": 4096,
      "pattern": ["SSSSSSSS", "FFSSSSFS"]}
 
-Window semantics: a query at position ``i`` sees keys ``i-W+1 .. i`` (itself included),
-the convention of ``sliding_window`` in HF transformers and vLLM.
+Window semantics: a query at position ``i`` of an S head sees keys ``i-W+1 .. i`` (itself
+included), the convention of ``sliding_window`` in HF transformers and vLLM, plus the first
+``sink`` tokens of the sequence (attention sinks, StreamingLLM): keys ``0 .. sink-1`` and
+``i-W+1 .. i``, causal. ``sink`` is optional and defaults to 0 (a plain sliding window); it is
+written to the file only when nonzero, so files without sinks read and write exactly as before.
 """
 
 from __future__ import annotations
@@ -19,13 +22,15 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, ValidationInfo, field_validator
 
 FORMAT_VERSION = 1
 FULL = "F"
 SLIDING = "S"
+#: Largest token count a field may hold: positions are int32 in vLLM and in the plugin's kernels.
+MAX_TOKENS = 2**31 - 1
 
 
 class AllocationError(ValueError):
@@ -44,6 +49,9 @@ class Allocation(BaseModel):
     granularity: Literal["layer", "kv_head"]
     window: int = Field(description="sliding window W in tokens (query i sees keys i-W+1..i)")
     pattern: list[str] = Field(description="one string per layer; 'F' full, 'S' sliding, per KV head")
+    # Strict: a bool, a float (even 4.0) or a string is refused, not coerced.
+    sink: Annotated[StrictInt, Field(ge=0, le=MAX_TOKENS)] = Field(
+        default=0, description="attention-sink tokens of every S head: it also sees keys 0..sink-1")
 
     @field_validator("window")
     @classmethod
@@ -153,12 +161,14 @@ class Allocation(BaseModel):
         return cls.from_dict(data, source=p)
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        """The file's JSON object. ``sink`` is left out when 0 (its default), so an allocation
+        without sinks has the same dict, file and exported ``config.json`` as before sinks existed."""
+        return self.model_dump(mode="json", exclude={"sink"} if self.sink == 0 else None)
 
     def to_json(self) -> str:
         """Human-readable JSON: fixed fields first, one pattern row per line."""
         d = self.to_dict()
-        head = {k: d.pop(k) for k in ("consa_version", "granularity", "window")}
+        head = {k: d.pop(k) for k in ("consa_version", "granularity", "window", "sink") if k in d}
         rows = d.pop("pattern")
         parts = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in head.items()]
         parts.append('  "pattern": [\n' + ",\n".join(f"    {json.dumps(r)}" for r in rows) + "\n  ]")
@@ -223,7 +233,7 @@ def _explain(e: ValidationError, source: str | os.PathLike | None) -> str:
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "missing":
             msg = "required field is missing"
-        elif err["type"] == "literal_error":
+        elif err["type"] in ("literal_error", "int_type", "greater_than_equal", "less_than_equal"):
             msg = f"{msg} (got {err.get('input')!r})"
         msgs.append(f"field '{loc}': {msg}")
     return where + "invalid allocation: " + "; ".join(msgs)

@@ -1,10 +1,14 @@
 """KV-cache size of an allocation, in closed form.
 
 Per sequence of context ``N`` tokens, each KV head stores K and V of ``head_dim`` values
-per token it keeps: ``N`` tokens for an F head and ``min(N, W)`` for an S head.
+per token it keeps: ``N`` tokens for an F head and ``min(N, sink + W)`` for an S head
+(its ``sink`` first tokens and its last ``W``).
 With ``block_size`` set, tokens are counted in whole paged blocks the way vLLM
-allocates them (an S head holds the blocks that overlap its window). It may be
-a pair ``(full, sliding)``: the plugin's two KV pools use different block sizes.
+allocates them (an S head holds the blocks that overlap its window, plus the blocks
+holding its sink tokens). It may be a pair ``(full, sliding)``: the plugin's two KV
+pools use different block sizes. At any context an S head then holds at most
+``ceil(sink/B) + ceil(W/B) + 1`` blocks: the sink blocks, and a window of ``W`` tokens
+that straddles at most ``ceil(W/B) + 1`` blocks.
 """
 
 from __future__ import annotations
@@ -29,16 +33,23 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def tokens_kept(context: int, window: int | None, block_size: int | None = None) -> int:
-    """Tokens one head keeps for a sequence of ``context`` tokens (``window=None``: full)."""
+def tokens_kept(context: int, window: int | None, block_size: int | None = None, sink: int = 0) -> int:
+    """Tokens one head keeps for a sequence of ``context`` tokens (``window=None``: full).
+
+    An S head (``window`` set) keeps its first ``sink`` tokens and its last ``window``.
+    """
     if block_size is None:
-        return context if window is None else min(context, window)
+        return context if window is None else min(context, sink + window)
     if context == 0:
         return 0
     first = 0 if window is None else max(0, context - window)
     # Whole blocks from the one holding the oldest token still in the window (vLLM frees
-    # the blocks before it) to the one holding the newest.
-    return ((context - 1) // block_size - first // block_size + 1) * block_size
+    # the blocks before it) to the one holding the newest ...
+    window_blocks = (context - 1) // block_size - first // block_size + 1
+    # ... plus the blocks holding sink tokens that lie before the window's first block
+    # (a sink block that the window also covers is one block, counted once).
+    sink_blocks = 0 if window is None else min(_cdiv(min(sink, context), block_size), first // block_size)
+    return (window_blocks + sink_blocks) * block_size
 
 
 @dataclass(frozen=True)
@@ -74,7 +85,7 @@ def estimate_kv(
     n_slide = shape.num_layers * shape.num_kv_heads - n_full
     full_bs, slide_bs = block_size if isinstance(block_size, tuple) else (block_size, block_size)
     full_tokens = tokens_kept(context, None, full_bs)
-    slide_tokens = tokens_kept(context, allocation.window, slide_bs)
+    slide_tokens = tokens_kept(context, allocation.window, slide_bs, sink=allocation.sink)
     total = per_token_head * (n_full * full_tokens + n_slide * slide_tokens)
     dense = per_token_head * shape.num_layers * shape.num_kv_heads * tokens_kept(context, None, full_bs)
     return KVEstimate(context, total, dense)

@@ -5,7 +5,8 @@ Layout: KV heads on the x axis, layers on the y axis with **layer 0 at the botto
 F cells are dark blue, S cells light orange (distinguishable in greyscale and by
 colour-blind readers). The right-hand margin gives each layer's F count. With
 ``probabilities`` (a ``[L][H]`` array of P(F), e.g. from the trainer's gates) a second
-panel draws them as a continuous map, with the cells finally chosen as F outlined.
+panel draws them as a continuous map, with the cells finally chosen as F outlined. The
+legend and the title name the window and, when the allocation has one, the sink.
 """
 
 from __future__ import annotations
@@ -99,15 +100,22 @@ def plot_allocation(
         cb.set_label("P(F): probability of full attention", fontsize=8)
         cb.ax.tick_params(labelsize=7)
 
+    # S heads with sinks are not a plain sliding window: say so wherever the window is named.
+    if allocation.sink:
+        s_label = f"sink {allocation.sink} + sliding window {allocation.window}"
+        s_params = f"window W = {allocation.window}, sink = {allocation.sink} tokens"
+    else:
+        s_label = f"sliding window (W = {allocation.window})"
+        s_params = f"window W = {allocation.window}"
     fig.legend(
         handles=[Patch(facecolor=F_COLOR, label="F  full attention"),
-                 Patch(facecolor=S_COLOR, label=f"S  sliding window (W = {allocation.window})")],
+                 Patch(facecolor=S_COLOR, label=f"S  {s_label}")],
         loc="outside lower center", ncol=2, fontsize=8, frameon=False, handlelength=1.2,
     )
     fig.suptitle(
         f"{title or 'ConSA allocation'}\n"
         f"sparsity ρ = {allocation.sparsity:.3f}  ({n_s} of {n_cells} KV heads S)\n"
-        f"{L} layers × {H} KV heads, window W = {allocation.window}",
+        f"{L} layers × {H} KV heads, {s_params}",
         fontsize=10,
     )
 

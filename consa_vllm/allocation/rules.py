@@ -66,8 +66,12 @@ def make_allocation(
     window: int,
     granularity: Literal["layer", "kv_head"] = "kv_head",
     seed: int = 0,
+    sink: int = 0,
 ) -> Allocation:
-    """Build a rule-based allocation whose sparsity is exactly ``sparsity``."""
+    """Build a rule-based allocation whose sparsity is exactly ``sparsity``.
+
+    ``sink``: attention-sink tokens of the S heads (0: a plain sliding window).
+    """
     if rule not in RULES:
         raise ValueError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
     if num_layers < 1 or num_kv_heads < 1:
@@ -107,6 +111,6 @@ def make_allocation(
     extra = {"rule": rule, "target_sparsity": sparsity}
     if rule in ("random", "uniform"):
         extra["seed"] = seed
-    # from_dict: a bad argument (window < 1) is an AllocationError naming the field.
-    return Allocation.from_dict(dict(granularity=granularity, window=window,
+    # from_dict: a bad argument (window < 1, sink < 0) is an AllocationError naming the field.
+    return Allocation.from_dict(dict(granularity=granularity, window=window, sink=sink,
                                      pattern=["".join(r) for r in grid], **extra))

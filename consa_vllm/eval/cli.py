@@ -34,6 +34,7 @@ class EvalReport(BaseModel):
     backend: str  # "reference" (HF + consa attention) or "served"
     allocation: dict[str, Any] | None
     window: int
+    sink: int = 0  # attention-sink tokens of the S heads (the allocation's; 0 for dense)
     sparsity: float
     loss: dict[str, Any] | None
     retrieval: dict[str, Any] | None
@@ -171,7 +172,9 @@ def resolve(args: argparse.Namespace):
 
 
 def load_reference(model_dir: str | Path, alloc, window: int, device: str = "auto", dtype: str = "float32"):
-    """The HF model patched with the reference hybrid attention (all-F when ``alloc`` is None)."""
+    """The HF model patched with the reference hybrid attention (all-F when ``alloc`` is None).
+
+    The S heads take the allocation's sink (``patch_model``'s default)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -229,7 +232,7 @@ def evaluate(model_dir: str | Path, alloc, window: int, *, data: Sequence[str] |
     filler = Filler(tokenizer, filler_texts, min_tokens=max(contexts))
     try:
         prompts = make_samples([PRESETS[t] for t in tasks], tokenizer, filler, contexts, depths, samples, seed,
-                               window)
+                               window, sink=alloc.sink if alloc is not None else 0)
     except ValueError as e:  # a context too short for the needle and query
         raise EvalError(f"--contexts: {e}") from None
 
@@ -253,7 +256,7 @@ def evaluate(model_dir: str | Path, alloc, window: int, *, data: Sequence[str] |
             kv.append({"context": c, "bytes_per_sequence": e.bytes_per_sequence,
                        "dense_bytes_per_sequence": e.dense_bytes_per_sequence, "ratio_to_dense": e.ratio_to_dense})
     return EvalReport(model=str(model_dir), backend=backend, allocation=alloc.to_dict() if alloc else None,
-                      window=window, sparsity=alloc.sparsity if alloc else 0.0, loss=loss,
+                      window=window, sink=alloc.sink if alloc else 0, sparsity=alloc.sparsity if alloc else 0.0, loss=loss,
                       retrieval=metrics.summarize_retrieval(prompts, correct), kv=kv, seconds=time.time() - t0)
 
 

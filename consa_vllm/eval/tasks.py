@@ -11,7 +11,8 @@ accepts a list of token ids as the prompt).
 Distance: ``distance`` is the number of tokens from the needle's first token to the last
 prompt token (the position that predicts the first answer token). A sliding-window head
 with window W at that position sees keys ``i-W+1 .. i``, so it cannot see the needle when
-``distance >= W``: ``beyond_window``.
+``distance >= W``: ``beyond_window``. With ``sink`` attention-sink tokens it also sees keys
+``0 .. sink-1``, so a needle that starts there is within reach: not ``beyond_window``.
 
 The same generator writes *training documents* (:func:`training_document`): several
 needles early, their queries later, at distances the caller sets, so that a model trained
@@ -139,15 +140,19 @@ class Sample:
     distance: int  # tokens from the needle's first token to the last prompt token
     window: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    sink: int = 0  # attention-sink tokens of the S heads: they also see prompt tokens 0..sink-1
 
     @property
     def beyond_window(self) -> bool | None:
-        """Whether a sliding-window head at the query cannot see the needle."""
-        return None if self.window is None else self.distance >= self.window
+        """Whether a sliding-window head at the query cannot see the needle (nor, with sinks, its start)."""
+        if self.window is None:
+            return None
+        needle_at = self.context - 1 - self.distance
+        return self.distance >= self.window and needle_at >= self.sink
 
 
 def make_sample(task: TaskSpec, tokenizer, filler: Filler, context: int, depth: float, rng: random.Random,
-                window: int | None = None) -> Sample:
+                window: int | None = None, sink: int = 0) -> Sample:
     """A prompt of exactly ``context`` tokens with the needle at ``depth`` of the filler."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
@@ -178,18 +183,19 @@ def make_sample(task: TaskSpec, tokenizer, filler: Filler, context: int, depth: 
     ids += fill[prev:] + query
     assert len(ids) == context
     return Sample(task=task.name, prompt_ids=ids, answer_ids=answer, answer=answer_text, context=context,
-                  depth=depth, distance=context - 1 - needle_at, window=window)
+                  depth=depth, distance=context - 1 - needle_at, window=window, sink=sink)
 
 
 def make_samples(tasks: Sequence[TaskSpec], tokenizer, filler: Filler, contexts: Sequence[int],
-                 depths: Sequence[float], per_cell: int, seed: int, window: int | None = None) -> list[Sample]:
+                 depths: Sequence[float], per_cell: int, seed: int, window: int | None = None,
+                 sink: int = 0) -> list[Sample]:
     """``per_cell`` samples for every (task, context, depth); deterministic in ``seed``."""
     out = []
     for t in tasks:
         for c in contexts:
             for d in depths:
                 rng = random.Random(f"{seed}/{t.name}/{c}/{d}")
-                out += [make_sample(t, tokenizer, filler, c, d, rng, window) for _ in range(per_cell)]
+                out += [make_sample(t, tokenizer, filler, c, d, rng, window, sink) for _ in range(per_cell)]
     return out
 
 

@@ -4,6 +4,7 @@ The numerical reference for the vLLM plugin and the attention engine of the trai
 
     from consa_vllm.reference import patch_model
     state = patch_model(model, window=4096, allocation=alloc)   # binary F/S per KV head
+    state = patch_model(model, window=256, sink=64)   # S heads see 64 sink tokens + the last 256 (default: alloc.sink)
     state.set_gates(z)        # z [num_layers, num_kv_heads]: z*FA + (1-z)*SWA, differentiable
     state.set_gates(None)     # back to the allocation
     state.disable(); state.enable()
@@ -14,10 +15,10 @@ plugin's import path. The benchmark runs with torch alone: ``python -m consa_vll
 """
 
 from .benchmark import benchmark_reference_attention
-from .kernels import band_mask, full_attention, hybrid_attention, sliding_attention
+from .kernels import band_mask, full_attention, hybrid_attention, sink_slots, sliding_attention
 from .patch import ATTN_NAME, HybridAttentionState, consa_attention_forward, patch_model, unpatch_model
 
 __all__ = [
     "patch_model", "unpatch_model", "HybridAttentionState", "ATTN_NAME", "consa_attention_forward",
-    "hybrid_attention", "full_attention", "sliding_attention", "band_mask", "benchmark_reference_attention",
+    "hybrid_attention", "full_attention", "sliding_attention", "band_mask", "sink_slots", "benchmark_reference_attention",
 ]

@@ -31,7 +31,10 @@ ATTN_NAME = "consa"
 
 
 class HybridAttentionState:
-    """The switchboard of one patched model: window, allocation or gates, on/off.
+    """The switchboard of one patched model: window and sink, allocation or gates, on/off.
+
+    S heads attend to the first ``sink`` tokens and the last ``window`` (``sink=0``: a plain window)
+    in both modes.
 
     Modes, in priority order:
     - disabled: stock model behaviour (its original attention implementation and config);
@@ -41,13 +44,19 @@ class HybridAttentionState:
     """
 
     def __init__(self, model: nn.Module, window: int, allocation: Allocation | None = None,
-                 swa_backend: str = "auto", chunk: int = 1024):
+                 swa_backend: str = "auto", chunk: int = 1024, sink: int | None = None):
         cfg = model.config
         if int(window) < 1:
             raise ValueError(f"window must be >= 1, got {window}")
+        # Default: the allocation's sink (an allocation file carries it), else none.
+        if sink is None:
+            sink = allocation.sink if allocation is not None else 0
+        if isinstance(sink, bool) or not isinstance(sink, int) or sink < 0:
+            raise ValueError(f"sink must be a whole number of tokens >= 0, got {sink!r}")
         if swa_backend not in SWA_BACKENDS:
             raise ValueError(f"swa_backend must be one of {SWA_BACKENDS}, got {swa_backend!r}")
         self.window = int(window)
+        self.sink = sink
         self.num_layers = int(cfg.num_hidden_layers)
         self.num_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
         self.num_q_per_kv = int(cfg.num_attention_heads) // self.num_kv_heads
@@ -78,6 +87,11 @@ class HybridAttentionState:
             raise AllocationError(
                 f"allocation window {allocation.window} differs from the patched window {self.window}; "
                 "patch the model with the allocation's window"
+            )
+        if allocation.sink != self.sink:
+            raise AllocationError(
+                f"allocation sink {allocation.sink} differs from the patched sink {self.sink}; "
+                "patch the model with the allocation's sink"
             )
         self.allocation = allocation
         self._full_heads = [allocation.full_heads(layer) for layer in range(self.num_layers)]
@@ -141,14 +155,14 @@ class HybridAttentionState:
         if self.gates is not None:
             return hybrid_attention(query, key, value, attention_mask, scaling, self.window,
                                     gates=self.gates[layer], dropout=dropout,
-                                    swa_backend=self.swa_backend, chunk=self.chunk)
+                                    swa_backend=self.swa_backend, chunk=self.chunk, sink=self.sink)
         return hybrid_attention(query, key, value, attention_mask, scaling, self.window,
                                 full_kv_heads=self._full_heads[layer], dropout=dropout,
-                                swa_backend=self.swa_backend, chunk=self.chunk)
+                                swa_backend=self.swa_backend, chunk=self.chunk, sink=self.sink)
 
     def __repr__(self) -> str:
         mode = "gates" if self.gates is not None else ("allocation" if self.allocation is not None else "all-F")
-        return (f"HybridAttentionState(window={self.window}, layers={self.num_layers}, "
+        return (f"HybridAttentionState(window={self.window}, sink={self.sink}, layers={self.num_layers}, "
                 f"kv_heads={self.num_kv_heads}, q_per_kv={self.num_q_per_kv}, mode={mode}, enabled={self.enabled})")
 
 
@@ -194,11 +208,12 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def patch_model(model: nn.Module, window: int, allocation: Allocation | None = None, *,
-                swa_backend: str = "auto", chunk: int = 1024) -> HybridAttentionState:
+                swa_backend: str = "auto", chunk: int = 1024, sink: int | None = None) -> HybridAttentionState:
     """Patch an HF causal LM of a supported family (:mod:`consa_vllm.families`) in place; return its state.
 
     The state is also stored as ``model.consa_state`` and starts enabled, in binary mode with
-    ``allocation`` (all-F when ``None``). Patching an already patched model replaces its state.
+    ``allocation`` (all-F when ``None``). ``sink``: attention-sink tokens of the S heads (default:
+    the allocation's, 0 without one). Patching an already patched model replaces its state.
     """
     from consa_vllm import families
 
@@ -209,7 +224,7 @@ def patch_model(model: nn.Module, window: int, allocation: Allocation | None = N
     if getattr(model, "consa_state", None) is not None:
         unpatch_model(model)
     register_attention()
-    state = HybridAttentionState(model, window, allocation, swa_backend=swa_backend, chunk=chunk)
+    state = HybridAttentionState(model, window, allocation, swa_backend=swa_backend, chunk=chunk, sink=sink)
     mods = _attention_modules(model)
     if len(mods) != state.num_layers:
         raise ValueError(f"found {len(mods)} attention modules with a layer_idx, expected {state.num_layers}")

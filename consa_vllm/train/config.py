@@ -38,6 +38,7 @@ class TrainConfig:
     granularity: Literal["layer", "kv_head"] = "kv_head"
     constraint: Literal["global", "per-layer"] = "per-layer"
     window: int = 512
+    sink: int = 0
     init_log_alpha: float = 3.0
     target_warmup: float = 0.5
     # optimisation
@@ -127,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one sparsity constraint over all units, or the same sparsity in every layer "
                         "(per-layer needs --granularity kv_head)")
     g.add_argument("--window", type=int, default=d.window, help="sliding window W in tokens (query i sees keys i-W+1..i)")
+    g.add_argument("--sink", type=int, default=d.sink, metavar="N",
+                   help="attention-sink tokens: S units also see keys 0..N-1 (the gates mix full attention with "
+                        "sink + window attention; the allocation file records N)")
     g.add_argument("--init-log-alpha", type=float, default=d.init_log_alpha,
                    help="initial gate log_alpha (high = every unit starts as full attention)")
     g.add_argument("--target-warmup", type=float, default=d.target_warmup,
@@ -151,8 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the trained model, with the allocation embedded for the vLLM plugin, to DIR")
     g.add_argument("--allocation", default=None, metavar="FILE",
                    help="skip stage 1 and run only stage 2 with this fixed allocation (a rule-based one from "
-                        "`consa-vllm make`, or one learned earlier); its granularity, window and sparsity "
-                        "replace --granularity, --window and --target-sparsity; needs --stage2-steps and "
+                        "`consa-vllm make`, or one learned earlier); its granularity, window, sink and sparsity "
+                        "replace --granularity, --window, --sink and --target-sparsity; needs --stage2-steps and "
                         "--save-model")
 
     g = p.add_argument_group("output and runtime")
@@ -186,6 +190,7 @@ def validate(cfg: TrainConfig) -> None:
 
     need(0.0 <= cfg.target_sparsity <= 1.0, f"--target-sparsity must be in [0, 1], got {cfg.target_sparsity}")
     need(cfg.window >= 1, f"--window must be >= 1, got {cfg.window}")
+    need(0 <= cfg.sink <= 2**31 - 1, f"--sink must be a whole number of tokens in 0..2147483647, got {cfg.sink}")
     need(cfg.seq_len >= 2, f"--seq-len must be >= 2, got {cfg.seq_len}")
     need(cfg.max_tokens is None or cfg.max_tokens >= cfg.seq_len,
          f"--max-tokens ({cfg.max_tokens}) must be at least --seq-len ({cfg.seq_len})")
@@ -253,8 +258,8 @@ def _use_fixed_allocation(cfg: TrainConfig, model_config: dict) -> None:
     """``--allocation``: check the file against the model, then take its method settings.
 
     Stage 1 is skipped (``steps`` becomes 0), so the gate settings do not matter; the
-    window and granularity must be the file's, or stage 2 would train another model than
-    the one the allocation describes and the plugin serves.
+    window, sink and granularity must be the file's, or stage 2 would train another model
+    than the one the allocation describes and the plugin serves.
     """
     from consa_vllm.allocation import Allocation, AllocationError, ModelShape
 
@@ -271,8 +276,8 @@ def _use_fixed_allocation(cfg: TrainConfig, model_config: dict) -> None:
         alloc.check_model(shape.num_layers, shape.num_kv_heads, source=cfg.allocation)
     except AllocationError as e:
         raise ConfigError(f"--allocation: {e}") from None
-    cfg.granularity, cfg.window, cfg.target_sparsity, cfg.steps = (
-        alloc.granularity, alloc.window, alloc.sparsity, 0)
+    cfg.granularity, cfg.window, cfg.sink, cfg.target_sparsity, cfg.steps = (
+        alloc.granularity, alloc.window, alloc.sink, alloc.sparsity, 0)
 
 
 def _creatable(d: Path) -> bool:

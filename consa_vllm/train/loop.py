@@ -27,10 +27,10 @@ from .gates import binarize_topk, expand, expected_sparsity, mask_to_pattern, nu
 from .lagrangian import Lagrangian, target_at
 
 
-def patch_model(model, window: int):
-    """The reference hybrid attention (imported late: it pulls in transformers)."""
+def patch_model(model, window: int, sink: int = 0):
+    """The reference hybrid attention (imported late: it pulls in transformers); S = sink + window."""
     from consa_vllm.reference import patch_model as _patch
-    return _patch(model, window=window, allocation=None)
+    return _patch(model, window=window, allocation=None, sink=sink)
 
 
 class GatedLM(nn.Module):
@@ -134,7 +134,7 @@ class Trainer:
         # FSDP: load on the CPU and shard there; only each rank's shard goes to the GPU.
         model = load_model(cfg, torch.device("cpu") if cfg.fsdp else self.device)
         try:
-            self.state = patch_model(model, cfg.window)
+            self.state = patch_model(model, cfg.window, cfg.sink)
         except ValueError as e:
             raise ConfigError(f"--model {cfg.model}: {e}") from None
         per_layer = cfg.constraint == "per-layer"
@@ -255,7 +255,8 @@ class Trainer:
         if bool(st.get("fsdp")) != cfg.fsdp:  # optimizer states are keyed differently
             raise ConfigError(f"--resume {path}: the checkpoint was made {'with' if st.get('fsdp') else 'without'} "
                               f"--fsdp; resume {'with' if st.get('fsdp') else 'without'} it")
-        old = st["config"]
+        # A setting the checkpoint does not record (it predates the flag, e.g. --sink) had its default.
+        old = {**TrainConfig().to_dict(), **st["config"]}
         diffs = [k for k, v in cfg.to_dict().items() if k not in RESUME_FREE_FIELDS and old.get(k) != v]
         if diffs:
             raise ConfigError(f"--resume {path}: the checkpoint was made with different settings: " + ", ".join(
@@ -348,7 +349,7 @@ class Trainer:
     def allocation(self) -> Allocation:
         cfg, la = self.cfg, self.net.log_alpha.detach().float().cpu()
         keep = binarize_topk(la, cfg.target_sparsity, per_layer=cfg.constraint == "per-layer")
-        alloc = Allocation(granularity=cfg.granularity, window=cfg.window,
+        alloc = Allocation(granularity=cfg.granularity, window=cfg.window, sink=cfg.sink,
                            pattern=mask_to_pattern(keep, self.state.num_kv_heads))
         p = prob_nonzero(la)
         return alloc.with_extra(
