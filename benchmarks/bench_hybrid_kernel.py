@@ -103,32 +103,31 @@ class Problem:
             pos += n
         return cache, table
 
-    def sliding_pool(self, heads):
-        """Pool holding only the blocks a sliding-window manager keeps (window of the first
-        new token on); earlier table entries = null block 0."""
-        firsts, need = [], []
+    def sliding_pool(self, heads, sink=0):
+        """Pool holding only the blocks a sliding-window manager keeps (the sink blocks and
+        the window of the first new token on); other table entries = null block 0."""
+        kept = []
         for (ctx, q), L in zip(self.seqs, self.seq_lens_list):
-            first = max(0, ctx - self.W + 1) // self.B
-            firsts.append(first)
-            need.append(cdiv(L, self.B) - first)
-        num_blocks = sum(need) + 1
+            first, last = max(0, ctx - self.W + 1) // self.B, cdiv(L, self.B)
+            kept.append(sorted(set(range(min(cdiv(sink, self.B), last))) | set(range(first, last))))
+        num_blocks = sum(len(k) for k in kept) + 1
         cache = self._rand_cache(num_blocks, heads)
-        perm = torch.randperm(num_blocks - 1, device=self.dev, generator=self.gen) + 1
+        perm = (torch.randperm(num_blocks - 1, device=self.dev, generator=self.gen) + 1).to(torch.int32)
         max_blocks = max(cdiv(L, self.B) for L in self.seq_lens_list)
         table = torch.zeros(len(self.seqs), max_blocks, dtype=torch.int32, device=self.dev)
         pos = 0
-        for s, (first, n) in enumerate(zip(firsts, need)):
-            table[s, first:first + n] = perm[pos:pos + n].to(torch.int32)
-            pos += n
+        for s, blocks in enumerate(kept):
+            table[s, torch.tensor(blocks, dtype=torch.long, device=self.dev)] = perm[pos:pos + len(blocks)]
+            pos += len(blocks)
         return cache, table
 
 
-def pools(p: Problem, nf, ns, fpool, spool, f_off=0, s_off=0):
+def pools(p: Problem, nf, ns, fpool, spool, f_off=0, s_off=0, sink=0):
     """The (full, sliding) KVPool pair of one layer with nf F and ns S heads."""
     from consa_vllm.plugin.ops import KVPool
 
     full = KVPool(fpool[0], fpool[1], None, f_off, nf) if nf else None
-    sliding = KVPool(spool[0], spool[1], None, s_off, ns, window=p.W) if ns else None
+    sliding = KVPool(spool[0], spool[1], None, s_off, ns, window=p.W, sink=sink) if ns else None
     return full, sliding
 
 
@@ -275,6 +274,27 @@ def fa3_pools(fa, p: Problem, full, sliding, out, overlap=False):
     return run
 
 
+def fa3_full_triton_sliding(fa, th, p: Problem, full, sliding, out):
+    """The alternative for sinks: F heads through FA3 (side stream), S heads through the
+    fused Triton kernel with the sinks inside (2D path), concurrently."""
+    from vllm.utils.torch_utils import aux_stream
+
+    from consa_vllm.plugin.ops.flash_pools import flash_attn_pools
+
+    g = p.hq // (full.num_heads + sliding.num_heads)
+    split = full.num_heads * g
+    q_f, q_s, o_f, o_s = p.query[:, :split], p.query[:, split:], out[:, :split], out[:, split:]
+
+    def run():
+        main, side = torch.cuda.current_stream(), aux_stream()
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            flash_attn_pools(fa, q_f, o_f, p.batch, p.scale, full, None)
+        th.hybrid_paged_attention(q_s, o_s, p.batch, p.scale, None, sliding)
+        main.wait_stream(side)
+    return run
+
+
 # FA3 two-pool variants timed for every F+S split: (name suffix, overlap). Forcing KV splits
 # on the F launch was measured on the H100 and changed nothing (results/
 # hybrid_kernel_h100_fa3_pools.json); the served op leaves the split count to FlashAttention.
@@ -286,7 +306,8 @@ def _log_row(name, r):
         + (f" [{r['path']}]" if "path" in r else ""))
 
 
-def run_timing(th, stock, device, block_size, window, reps, workloads, num_segments, sweep=None, pool_layers=1):
+def run_timing(th, stock, device, block_size, window, reps, workloads, num_segments, sweep=None, pool_layers=1,
+               sinks=(0,)):
     rows = []
     timer = Timer(device, reps)
     fa = fa3_varlen()
@@ -316,32 +337,43 @@ def run_timing(th, stock, device, block_size, window, reps, workloads, num_segme
             # As served, a pool holds the heads of many layers and a layer reads its slice
             # (strided by the pool's head count): --pool-layers L sizes the pools for L layers.
             fpool = p.full_pool(nf * pool_layers) if nf else None
-            spool = p.sliding_pool(ns * pool_layers) if ns else None
-            full, sliding = pools(p, nf, ns, fpool, spool, nf * (pool_layers // 2), ns * (pool_layers // 2))
-            name = f"hybrid_{nf}F{ns}S"
             thr = th.default_seq_threshold_3d(nf + ns)
             scratch = th.make_hybrid_scratch(thr, p.hq, p.d, device, num_segments)
-            run = lambda: th.hybrid_paged_attention(p.query, out, p.batch, p.scale, full, sliding, scratch)  # noqa: E731
-            run()  # compile before capture
-            r = timer.measure(run)
-            r["path"] = "3d" if th.would_use_3d(p.query, p.batch, scratch) else "2d"
-            rows.append(dict(workload=wname, variant=name, **r))
-            _log_row(name, r)
-            for suffix, overlap in FA3_POOL_VARIANTS if (fa is not None and nf and ns) else ():
-                r = timer.measure(fa3_pools(fa, p, full, sliding, out, overlap))
-                vname = f"fa3_pools_{nf}F{ns}S{suffix}"
-                rows.append(dict(workload=wname, variant=vname, overlap=overlap, **r))
-                _log_row(vname, r)
-            for segs, tile, warps, *stages in (sweep or []) if (nf and ns and p.max_query_len <= 1) else []:
-                scratch2 = th.make_hybrid_scratch(thr, p.hq, p.d, device, segs)
-                cfg = th.LaunchConfig(tile_size=tile, num_warps=warps, num_stages=stages[0] if stages else None)
-                run2 = lambda: th.launch_attention(p.query, out, p.batch, p.scale, full, sliding, scratch2, cfg)  # noqa: E731
-                run2()
-                r = timer.measure(run2)
-                rows.append(dict(workload=wname, variant=name, num_segments=segs, tile=tile, num_warps=warps,
-                                 num_stages=cfg.num_stages, sweep=True, **r))
-                _log_row(f"{name} segs={segs} tile={tile} warps={warps} stages={cfg.num_stages}", r)
-            del fpool, spool, full, sliding
+            for sink in sinks if ns else (0,):
+                spool = p.sliding_pool(ns * pool_layers, sink) if ns else None
+                full, sliding = pools(p, nf, ns, fpool, spool, nf * (pool_layers // 2), ns * (pool_layers // 2), sink)
+                tag = f"{nf}F{ns}S" + (f"_sink{sink}" if sink else "")
+                run = lambda: th.hybrid_paged_attention(p.query, out, p.batch, p.scale, full, sliding, scratch)  # noqa: E731
+                run()  # compile before capture
+                r = timer.measure(run)
+                r["path"] = "3d" if th.would_use_3d(p.query, p.batch, scratch) else "2d"
+                rows.append(dict(workload=wname, variant=f"hybrid_{tag}", sink=sink, **r))
+                _log_row(f"hybrid_{tag}", r)
+                for suffix, overlap in FA3_POOL_VARIANTS if (fa is not None and nf and ns) else ():
+                    run = fa3_pools(fa, p, full, sliding, out, overlap)
+                    run()
+                    r = timer.measure(run)
+                    vname = f"fa3_pools_{nf}F{ns}S{suffix}" + (f"_sink{sink}" if sink else "")
+                    rows.append(dict(workload=wname, variant=vname, overlap=overlap, sink=sink, **r))
+                    _log_row(vname, r)
+                if fa is not None and nf and ns and len(sinks) > 1:
+                    run = fa3_full_triton_sliding(fa, th, p, full, sliding, out)
+                    run()
+                    r = timer.measure(run)
+                    rows.append(dict(workload=wname, variant=f"fa3f_tritons_{tag}", sink=sink, **r))
+                    _log_row(f"fa3f_tritons_{tag}", r)
+                for segs, tile, warps, *stages in (sweep or []) if (nf and ns and not sink and p.max_query_len <= 1) else []:
+                    scratch2 = th.make_hybrid_scratch(thr, p.hq, p.d, device, segs)
+                    cfg = th.LaunchConfig(tile_size=tile, num_warps=warps, num_stages=stages[0] if stages else None)
+                    run2 = lambda: th.launch_attention(p.query, out, p.batch, p.scale, full, sliding, scratch2, cfg)  # noqa: E731
+                    run2()
+                    r = timer.measure(run2)
+                    rows.append(dict(workload=wname, variant=f"hybrid_{tag}", num_segments=segs, tile=tile,
+                                     num_warps=warps, num_stages=cfg.num_stages, sweep=True, **r))
+                    _log_row(f"hybrid_{tag} segs={segs} tile={tile} warps={warps} stages={cfg.num_stages}", r)
+                del spool, full, sliding
+                torch.cuda.empty_cache()
+            del fpool
             torch.cuda.empty_cache()
         # write_kv of this workload's new tokens into a pool of 8 heads (6 of them, like one
         # layer's S part) -- informational
@@ -370,6 +402,14 @@ def run_timing(th, stock, device, block_size, window, reps, workloads, num_segme
                     equiv = (nf * ref["fa3_dense"][key] + ns * ref["fa3_all_sliding"][key]) / NUM_KV_HEADS
                     r[f"layerwise_equiv_{key}"] = equiv
                     r[f"vs_layerwise_{key[:-3]}"] = r[key] / equiv if equiv > 0 else None
+    # Each variant with sinks against the same variant without (> 1: what the sinks cost).
+    for r in rows:
+        if r.get("sink"):
+            base = [b for b in rows if b["workload"] == r["workload"] and not b.get("sink") and not b.get("sweep")
+                    and b["variant"] == r["variant"].removesuffix(f"_sink{r['sink']}")]
+            for key in ("graph_cold_ms", "graph_warm_ms"):
+                if base and key in r and base[0].get(key):
+                    r[f"vs_sink0_{key[:-3]}"] = r[key] / base[0][key]
     # speedups vs stock dense (graph cold if available)
     for wname in workloads:
         base = [r for r in rows if r["workload"] == wname and r["variant"] == "stock_dense"]
@@ -399,6 +439,8 @@ def main():
                          "SEGMENTS:TILE:WARPS[:STAGES],... (e.g. 128:16:4,256:32:4:3)")
     ap.add_argument("--pool-layers", type=int, default=1,
                     help="size the F/S pools for this many layers' heads (as served: strided reads)")
+    ap.add_argument("--sinks", default="0",
+                    help="sink sizes to time the S heads with, comma list (e.g. 0,64; 0 = no sinks)")
     ap.add_argument("--no-stock", action="store_true", help="do not run vLLM's kernel")
     args = ap.parse_args()
 
@@ -407,6 +449,7 @@ def main():
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("bench_hybrid_kernel: unset TRITON_INTERPRET")
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    sinks = sorted({int(x) for x in args.sinks.split(",") if x.strip()} | {0})
     bad = [w for w in workloads if w not in WORKLOADS]
     if bad:
         sys.exit(f"unknown workloads {bad}; choose from {list(WORKLOADS)}")
@@ -422,7 +465,7 @@ def main():
         triton=triton.__version__, python=platform.python_version(),
         shape=dict(num_q_heads=NUM_Q_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM,
                    dtype="bfloat16", window=args.window, block_size=args.block_size,
-                   hybrid_num_segments=args.num_segments, pool_layers=args.pool_layers),
+                   hybrid_num_segments=args.num_segments, pool_layers=args.pool_layers, sinks=sinks),
         time=time.strftime("%Y-%m-%d %H:%M:%S"),
         notes="ms per call (one layer); graph_* = CUDA-graph replay of 10 calls, median; "
               "cold = L2 flushed before each call (flush time subtracted)",
@@ -441,7 +484,7 @@ def main():
     report["results"] = run_timing(th, stock, device, args.block_size, args.window, args.reps, workloads,
                                    args.num_segments,
                                    [tuple(int(x) for x in c.split(":")) for c in args.sweep.split(",") if c],
-                                   args.pool_layers)
+                                   args.pool_layers, sinks)
     _write(args.out, report)
     log(f"wrote {args.out}")
 

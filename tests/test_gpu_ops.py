@@ -2,11 +2,12 @@
 
 At served sizes (16 query / 8 KV heads, head_dim 128, window 512, contexts to 5k, F and S
 pools with their own block sizes, strided pages, garbage out-of-window block-table
-entries): the Triton kernel (2D and 3D paths, every F/S split, bf16 and fp32) and the
-Triton K/V write against the torch implementation (itself checked against a dense
-reference in tests/test_ops.py); with vLLM importable, FlashAttention 3 over the pools
-(two launches, in sequence and on two streams) against the same, and the Triton kernel
-with all heads F or all heads S against vLLM's own Triton kernel.
+entries): the Triton kernel (2D and 3D paths, every F/S split, bf16 and fp32, sinks 0, 1,
+4, 16, 64) and the Triton K/V write against the torch implementation (itself checked
+against a dense reference in tests/test_ops.py); with vLLM importable, FlashAttention 3
+over the pools (two launches, in sequence and on two streams; with sinks, plus the sink
+merge) against the same, and the Triton kernel with all heads F or all heads S against
+vLLM's own Triton kernel.
 
 Run on the GPU machine: ``python -m pytest -q tests/test_gpu_ops.py``.
 """
@@ -39,9 +40,9 @@ SPLITS = [(2, 6), (4, 4), (8, 0), (0, 8), (1, 7)]
 TOL = {torch.bfloat16: 2e-2, torch.float32: 2e-3}
 
 
-def _case(name, nf, ns, dtype):
+def _case(name, nf, ns, dtype, sink=0):
     return make_case(CASES[name], nf, ns, HQ // HKV, D, BLOCK_F, BLOCK_S, W, dtype=dtype, extra_heads=(3, 2),
-                     seed=1, device="cuda")
+                     seed=1, device="cuda", sink=sink)
 
 
 def _max_err(out, ref, num_tokens):
@@ -70,6 +71,26 @@ def test_triton_vs_torch(name, dtype):
         print(f"{name} {dtype} {nf}F{ns}S [{path}] max_abs_err={err:.2e}")
         assert path == name.split("_")[1]
         assert math.isfinite(err) and err < TOL[dtype], (name, dtype, nf, ns, err)
+
+
+SINKS = (1, 4, 16, 64)
+
+
+@pytest.mark.parametrize("sink", SINKS)
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_triton_sinks_vs_torch(name, sink):
+    """S heads with sinks (the S pool keeps the sink blocks, frees those up to the window)."""
+    from consa_vllm.plugin.ops import triton_hybrid as th
+
+    for nf, ns in ((2, 6), (0, 8)):
+        for dtype in (torch.bfloat16, torch.float32):
+            case = _case(name, nf, ns, dtype, sink)
+            scratch = th.make_hybrid_scratch(th.default_seq_threshold_3d(HKV), HQ, D, "cuda")
+            out = torch.full_like(case.query, float("nan"))
+            th.hybrid_paged_attention(*case.args(out), scratch=scratch)
+            err = _max_err(out, _torch_reference(case), case.query.shape[0])
+            print(f"{name} sink {sink} {dtype} {nf}F{ns}S max_abs_err={err:.2e}")
+            assert math.isfinite(err) and err < TOL[dtype], (name, sink, dtype, nf, ns, err)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
@@ -127,6 +148,23 @@ def test_flash_pools_vs_torch(name, overlap):
         err = _max_err(out, _torch_reference(case), case.batch.query_start_loc[-1].item())
         print(f"{name} fa3 overlap={overlap} {nf}F{ns}S max_abs_err={err:.2e}")
         assert math.isfinite(err) and err < TOL[torch.bfloat16], (name, nf, ns, err)
+
+
+@pytest.mark.parametrize("sink", SINKS)
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_flash_pools_sinks_vs_torch(name, sink):
+    """FlashAttention over the window plus the sink merge (the served path with sinks)."""
+    from consa_vllm.plugin.ops.flash_pools import flash_attn_pools
+
+    fa = _flash_attn()
+    for nf, ns in ((2, 6), (0, 8)):
+        case = _case(name, nf, ns, torch.bfloat16, sink)
+        out = torch.full_like(case.query, float("nan"))
+        flash_attn_pools(fa, case.query, out, case.batch, case.scale, case.full, case.sliding)
+        torch.cuda.synchronize()
+        err = _max_err(out, _torch_reference(case), case.batch.query_start_loc[-1].item())
+        print(f"{name} fa3 sink {sink} {nf}F{ns}S max_abs_err={err:.2e}")
+        assert math.isfinite(err) and err < TOL[torch.bfloat16], (name, sink, nf, ns, err)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])

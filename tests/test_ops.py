@@ -71,16 +71,22 @@ class Case:
     def window(self) -> int:
         return self.sliding.window if self.sliding is not None else 0
 
+    @property
+    def sink(self) -> int:
+        return self.sliding.sink if self.sliding is not None else 0
+
     def args(self, output):
         return (self.query, output, self.batch, self.scale, self.full, self.sliding)
 
 
 def make_case(seqs, n_full, n_sliding, group, d, block_f, block_s, window, dtype=torch.float32,
               padded_page=True, extra_heads=(1, 2), seed=0, pad_tokens=0,
-              use_write_kv=True, device="cpu") -> Case:
+              use_write_kv=True, device="cpu", sink=0) -> Case:
     """seqs: list of (context_len, query_len).  Prior context is written into the caches
     directly by the test; the new tokens through write_kv (torch) with padding slots.
-    Built on the CPU, then moved to ``device`` (the ground truth stays on the CPU)."""
+    Built on the CPU, then moved to ``device`` (the ground truth stays on the CPU).
+    With ``sink``, the S pool keeps the blocks holding keys 0 .. sink-1 (as the sink KV
+    manager does) and frees the blocks between them and the window."""
     gen = torch.Generator().manual_seed(seed)
     hkv = n_full + n_sliding
     hq = hkv * group
@@ -114,14 +120,16 @@ def make_case(seqs, n_full, n_sliding, group, d, block_f, block_s, window, dtype
         for s, (ctx, ql) in enumerate(seqs):
             L = ctx + ql
             first_blk = (max(0, ctx - window + 1) // block_size) if is_sliding else 0
+            sink_blks = _cdiv(sink, block_size) if is_sliding else 0
             for b in range(need[s]):
-                if b < first_blk:
+                if sink_blks <= b < first_blk:
                     # freed (out-of-window) block: null block or someone else's block
                     table[s, b] = 0 if b % 2 == 0 else perm[(s * 7 + b) % len(perm)]
                 else:
                     table[s, b] = perm.pop()
-            # prior context, positions first_blk*B .. ctx-1: written directly
-            pos = torch.arange(first_blk * block_size, ctx)
+            # prior context in kept blocks (sinks, then first_blk*B .. ctx-1): written directly
+            kept = torch.arange(ctx)
+            pos = kept[(kept < sink_blks * block_size) | (kept >= first_blk * block_size)]
             blk, off = table[s, pos // block_size].long(), pos % block_size
             cache[:, 0][blk, off, head_off:head_off + n] = keys[s][pos, kv_head_lo:kv_head_lo + n].to(dtype)
             cache[:, 1][blk, off, head_off:head_off + n] = values[s][pos, kv_head_lo:kv_head_lo + n].to(dtype)
@@ -136,7 +144,8 @@ def make_case(seqs, n_full, n_sliding, group, d, block_f, block_s, window, dtype
         k_new = torch.cat([k_new, torch.randn(pad_tokens, n, d, generator=gen).to(dtype)])
         v_new = torch.cat([v_new, torch.randn(pad_tokens, n, d, generator=gen).to(dtype)])
         slots = torch.tensor(slots + [-1] * pad_tokens, dtype=torch.int64)
-        pool = KVPool(cache, table, slots, head_off, n, window=window if is_sliding else None)
+        pool = KVPool(cache, table, slots, head_off, n, window=window if is_sliding else None,
+                      sink=sink if is_sliding else 0)
         if use_write_kv:
             torch_write_kv(k_new, v_new, pool)
         else:
@@ -166,11 +175,17 @@ def _pool_to(pool: KVPool, device) -> KVPool:
     return dataclasses.replace(pool, cache=cache, **moved)
 
 
-def dense_reference(case: Case) -> torch.Tensor:
-    """Independent reference: the test's own contiguous K/V, explicit masks, float64."""
-    q_all = case.query.double()
+def dense_reference(case: Case, sink: int | None = None, with_lse: bool = False):
+    """Independent reference: the test's own contiguous K/V, explicit masks, float64.
+
+    ``sink`` overrides the case's sink (0: the window alone); ``with_lse`` also returns the
+    natural log-sum-exp of the scores ``[Hq, T]``, as FlashAttention reports it.
+    """
+    sink = case.sink if sink is None else sink
+    q_all = case.query.cpu().double()
     T, hq, d = q_all.shape
     out = torch.zeros(T, hq, d, dtype=torch.float64)
+    lse = torch.full((hq, T), float("-inf"), dtype=torch.float64)
     qsl = case.batch.query_start_loc.tolist()
     hkv = case.keys[0].shape[1]
     for s in range(len(qsl) - 1):
@@ -188,11 +203,12 @@ def dense_reference(case: Case) -> torch.Tensor:
             scores = q[:, h] @ k[:, kh].T * case.scale  # [ql, L]
             mask = kpos <= qpos
             if kh >= case.n_full:
-                mask = mask & (kpos > qpos - case.window)
+                mask = mask & ((kpos > qpos - case.window) | (kpos < sink))
             scores = scores.masked_fill(~mask, float("-inf"))
             out[q0:q1, h] = torch.softmax(scores, -1) @ v[:, kh]
+            lse[h, q0:q1] = torch.logsumexp(scores, -1)
         assert hkv * case.group == hq
-    return out
+    return (out, lse) if with_lse else out
 
 
 # A spread of configurations: (seqs, n_full, n_sliding, G, D, B_F, B_S, W)
@@ -290,6 +306,60 @@ def test_torch_sliding_reads_only_window():
     assert not torch.isnan(out2).any()
 
 
+# Sinks: windows and prompts much longer than sink + W, prefill from 0 and chunks starting
+# mid-sequence (queries whose window still covers the sinks and queries far beyond), decode.
+# (seqs, n_full, n_sliding, G, D, B_F, B_S, W)
+SINK_CONFIGS = {
+    "sink_mixed": ([(0, 70), (90, 25), (200, 1), (150, 1), (33, 40), (5, 3), (17, 1)], 1, 3, 2, 32, 4, 8, 8),
+    "sink_decode": ([(200, 1), (15, 1), (60, 1), (3, 1), (121, 1)], 2, 2, 2, 32, 8, 4, 9),
+    "sink_all_sliding": ([(0, 50), (120, 9), (64, 1)], 0, 2, 3, 48, 8, 16, 5),
+}
+SINKS = (1, 4, 16)
+
+
+@pytest.mark.parametrize("sink", SINKS)
+@pytest.mark.parametrize("name", sorted(SINK_CONFIGS))
+def test_torch_sinks_vs_dense(name, sink):
+    seqs, nf, ns, g, d, bf, bs, w = SINK_CONFIGS[name]
+    case = make_case(seqs, nf, ns, g, d, bf, bs, w, pad_tokens=2, sink=sink)
+    out = torch.full_like(case.query, 7.0)
+    torch_attn(*case.args(out))
+    ref = dense_reference(case)
+    T = int(case.batch.query_start_loc[-1])
+    err = (out[:T].double() - ref[:T]).abs().max().item()
+    assert err < 1e-5, f"{name} sink {sink}: max abs err {err}"
+    assert torch.all(out[T:] == 7.0)
+    # The sinks matter: the same pools read as if there were none give another result.
+    no_sink = (dense_reference(case, sink=0)[:T] - ref[:T]).abs().max().item()
+    assert no_sink > 1e-2, no_sink
+
+
+def test_torch_sinks_query_chunking(monkeypatch):
+    """Long prefill split into query chunks (chunk size forced small): some chunks' windows
+    still reach the sinks, later ones do not."""
+    monkeypatch.setattr(torch_paged, "_Q_CHUNK", 7)
+    case = make_case([(0, 60), (40, 23), (30, 1)], 1, 2, 2, 32, 4, 8, 6, sink=5)
+    out = torch.empty_like(case.query)
+    torch_attn(*case.args(out))
+    err = (out.double() - dense_reference(case)).abs().max().item()
+    assert err < 1e-5, err
+
+
+def test_torch_sinks_read_only_sink_and_window_blocks():
+    """S block-table entries between the sink blocks and the window pointing anywhere (an
+    out-of-range id) change nothing: those blocks are never read."""
+    seqs = [(100, 1), (80, 6), (57, 20)]
+    case = make_case(seqs, 1, 2, 2, 32, 4, 4, 6, sink=6)
+    out = torch.empty_like(case.query)
+    torch_attn(*case.args(out))
+    tbl = case.sliding.block_table
+    for s, (ctx, _) in enumerate(seqs):
+        tbl[s, 2:max(0, ctx - case.window + 1) // 4] = 10 ** 6  # blocks 0-1 hold the 6 sinks
+    out2 = torch.empty_like(case.query)
+    torch_attn(*case.args(out2))
+    assert torch.equal(out, out2) and not torch.isnan(out2).any()
+
+
 # ---------------------------------------------------------------------------------------
 # Triton kernels under TRITON_INTERPRET=1 (subprocess) vs torch implementation
 # ---------------------------------------------------------------------------------------
@@ -310,6 +380,19 @@ INTERPRET_CASES = [
     ("padded_seqs", "float32", "2d"),
     ("padded_decode", "float32", "3d"),
     ("decode_only_g2", "bfloat16", "2d"),  # decode batch through the 2D path
+    # sinks (config@sink)
+    ("sink_mixed@1", "float32", "2d"),
+    ("sink_mixed@16", "float32", "2d"),
+    ("sink_mixed@4", "bfloat16", "2d"),
+    ("sink_all_sliding@4", "float32", "2d"),
+    ("sink_decode@4", "float32", "3d"),
+    ("sink_decode@16", "float32", "3d"),
+    ("sink_decode@1", "float16", "3d"),
+    # FlashAttention's window-only result plus the sink merge (path "merge")
+    ("sink_mixed@4", "float32", "merge"),
+    ("sink_mixed@16", "bfloat16", "merge"),
+    ("sink_all_sliding@1", "float32", "merge"),
+    ("sink_decode@16", "float32", "merge"),
 ]
 CONFIGS["decode_only_nf0"] = ([(50, 1), (3, 1), (17, 1)], 0, 2, 2, 32, 8, 4, 9)
 CONFIGS["decode_only_ns0"] = ([(50, 1), (3, 1), (17, 1)], 2, 0, 1, 32, 8, 4, 9)
@@ -352,8 +435,12 @@ def _interpret_main(argv):
         return
     name, dtype_name, path = what.split(":")
     dtype = getattr(torch, dtype_name)
-    seqs, nf, ns, g, d, bf, bs, w = CONFIGS[name]
-    case = make_case(seqs, nf, ns, g, d, bf, bs, w, dtype=dtype, pad_tokens=1)
+    name, _, sink = name.partition("@")
+    seqs, nf, ns, g, d, bf, bs, w = {**CONFIGS, **SINK_CONFIGS}[name]
+    case = make_case(seqs, nf, ns, g, d, bf, bs, w, dtype=dtype, pad_tokens=1, sink=int(sink or 0))
+    if path == "merge":
+        _interpret_merge(th, what, case, dtype)
+        return
     ref = torch.full_like(case.query, 7.0)
     torch_attn(*case.args(ref))
     out = torch.full_like(case.query, 7.0)
@@ -367,6 +454,24 @@ def _interpret_main(argv):
     assert not torch.isnan(out[:T]).any(), "NaN in triton output"
     err = (out[:T].float() - ref[:T].float()).abs().max().item()
     assert torch.all(out[T:] == 7.0), "padding rows written"
+    print(f"RESULT {what} max_abs_err={err:.3e}")
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    assert err < tol, f"{what}: max abs err {err} >= {tol}"
+
+
+def _interpret_merge(th, what, case, dtype):
+    """What the FlashAttention path runs with sinks: a window-only result and its LSE (here
+    from the dense reference, as FlashAttention would give them), then merge_sinks."""
+    window_out, lse = dense_reference(case, sink=0, with_lse=True)
+    out = window_out.to(dtype)
+    T = int(case.batch.query_start_loc[-1])
+    out[T:] = 7.0
+    split = case.n_full * case.group
+    th.merge_sinks(case.query[:, split:], out[:, split:], lse[split:].float(), case.batch, case.scale, case.sliding)
+    ref = dense_reference(case)
+    err = (out[:T].double() - ref[:T]).abs().max().item()
+    assert torch.all(out[T:] == 7.0), "padding rows written"
+    assert torch.equal(out[:T, :split], window_out[:T, :split].to(dtype)), "F heads touched"
     print(f"RESULT {what} max_abs_err={err:.3e}")
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     assert err < tol, f"{what}: max abs err {err} >= {tol}"

@@ -214,7 +214,7 @@ class ConsaAttentionImpl(AttentionImpl[ConsaMetadata]):
         if lay.n_sliding:
             meta = metas[sliding_name]
             sliding = KVPool(layers[sliding_name].kv_cache, meta.block_table, meta.slot_mapping[:n],
-                             lay.sliding_offset, lay.n_sliding, window=layer.consa_window)
+                             lay.sliding_offset, lay.n_sliding, window=layer.consa_window, sink=layer.consa_sink)
         self.ops.write_kv_hybrid(key[:n], value[:n], full, sliding)
         batch = attn_metadata.batch
         scratch = attn_metadata.scratch

@@ -16,6 +16,12 @@ launch would. CUDA-graph capture records the two streams as parallel branches.
 measure what the overlap buys. Forcing KV splits on the F launch was measured too and
 changed nothing on the H100 (benchmarks/results/hybrid_kernel_h100_fa3_pools.json), so the
 split count is left to FlashAttention.
+
+Sinks (S heads that also see keys ``0 .. sink - 1``): FlashAttention masks are causal or
+local bands, and "below ``sink`` and more than a window back" is neither, so with sinks
+the S launch runs the window alone and returns its log-sum-exp, and one small Triton
+launch (:func:`.triton_hybrid.merge_sinks`) folds in the sink keys each query sees beyond
+its window. With sink 0 the S launch is exactly as before: no log-sum-exp, no extra launch.
 """
 
 from __future__ import annotations
@@ -52,7 +58,8 @@ def flash_attn_pools(fa, query: torch.Tensor, output: torch.Tensor, batch: AttnB
     """One hybrid layer through FlashAttention 3 (same contract as ``hybrid_paged_attention``).
 
     ``fa`` is :func:`flash_attn_varlen`'s function. Query heads ``[0, n_full * G)`` attend
-    over the F pool, the rest over the S pool with keys ``i - window + 1 .. i``.
+    over the F pool, the rest over the S pool with keys ``i - window + 1 .. i`` plus, with
+    sinks, keys ``0 .. sink - 1`` (:func:`.triton_hybrid.merge_sinks`).
     """
     n_full = full.num_heads if full is not None else 0
     n_sliding = sliding.num_heads if sliding is not None else 0
@@ -62,15 +69,29 @@ def flash_attn_pools(fa, query: torch.Tensor, output: torch.Tensor, batch: AttnB
     for pool, heads in ((full, slice(0, split)), (sliding, slice(split, None))):
         if pool is None or not pool.num_heads:
             continue
-        if pool.sink or pool.is_fp8:
-            raise NotImplementedError("sinks and FP8 caches are not supported yet")
+        if pool.is_fp8:
+            raise NotImplementedError("FP8 caches are not supported yet")
         kv = pool.heads()
         window = (-1, -1) if pool.window is None else (pool.window - 1, 0)
-        calls.append(dict(
+        calls.append((pool, heads, dict(
             q=query[:, heads], k=kv[:, 0], v=kv[:, 1], out=output[:, heads],
             cu_seqlens_q=batch.query_start_loc, max_seqlen_q=batch.max_query_len,
             seqused_k=batch.seq_lens, max_seqlen_k=batch.max_seq_len, softmax_scale=scale, causal=True,
-            window_size=list(window), block_table=pool.block_table, fa_version=3))
+            window_size=list(window), block_table=pool.block_table, fa_version=3,
+            return_softmax_lse=bool(pool.sink))))
+
+    def launch(pool, heads, kwargs) -> None:
+        if not pool.sink:
+            fa(**kwargs)
+            return
+        # Sinks: FlashAttention runs the window alone; one small launch adds the sink keys
+        # beyond each query's window, merged by log-sum-exp (benchmarks/bench_hybrid_kernel.py
+        # times it against sink 0).
+        from .triton_hybrid import merge_sinks
+
+        _, lse = fa(**kwargs)
+        merge_sinks(query[:, heads], output[:, heads], lse, batch, scale, pool)
+
     if len(calls) == 2 and overlap:
         # ``fa`` comes from vLLM, so vLLM is importable here. Its aux_stream() is the one side
         # stream vLLM shares among its own overlaps. torch's current stream, not vLLM's
@@ -81,12 +102,12 @@ def flash_attn_pools(fa, query: torch.Tensor, output: torch.Tensor, batch: AttnB
         main, side = torch.cuda.current_stream(), aux_stream()
         side.wait_stream(main)
         with torch.cuda.stream(side):
-            fa(**calls[0])  # F heads: the long launch starts first
-        fa(**calls[1])
+            launch(*calls[0])  # F heads: the long launch starts first
+        launch(*calls[1])
         # Tensors made before the fork are used again only after this join, and
         # FlashAttention's own buffers are allocated on the side stream itself, so no
         # record_stream is needed.
         main.wait_stream(side)
         return
     for c in calls:
-        fa(**c)
+        launch(*c)

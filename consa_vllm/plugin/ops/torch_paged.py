@@ -8,13 +8,13 @@ Dim 0 may be non-contiguous (padded pages); everything here goes through views a
 A layer owns a contiguous head range of each pool (:class:`~.interface.KVPool`). Full
 attention (F) heads live in the F pool and are read through the F block table; sliding
 window (S) heads live in the S pool and are read through the S block table. For S heads
-only the blocks that hold keys inside the window of the current query chunk are gathered:
-out-of-window block-table entries may be 0 or garbage (vLLM's sliding-window manager
+only the blocks that hold sink keys or keys inside the window of the current query chunk
+are gathered: other block-table entries may be 0 or garbage (the sliding-window manager
 replaces freed blocks with the null block) and are never dereferenced.
 
 Semantics: a query at absolute position i sees keys
     F heads: 0 .. i
-    S heads: max(0, i - W + 1) .. i
+    S heads: 0 .. sink - 1 and max(0, i - W + 1) .. i (never a key after i)
 """
 
 from __future__ import annotations
@@ -95,15 +95,20 @@ def _attend_group(query: torch.Tensor, output: torch.Tensor, q0: int, q_len: int
         hi = ctx + b  # exclusive: the last query of the chunk sees itself
         lo = 0 if window is None else max(0, ctx + a - window + 1)
         k, v = _gather_kv(pool, block_table_row, lo, hi)  # [n, kl, D]
+        kpos = torch.arange(lo, hi, device=query.device)
+        sink_hi = min(pool.sink, lo)  # sink keys below the chunk's window range
+        if sink_hi:
+            ks, vs = _gather_kv(pool, block_table_row, 0, sink_hi)
+            k, v = torch.cat([ks, k], dim=1), torch.cat([vs, v], dim=1)
+            kpos = torch.cat([torch.arange(0, sink_hi, device=query.device), kpos])
         # q [qc, n*G, D] -> [n, G*qc, D] (row r = g * qc + t)
         q = query[q0 + a : q0 + b, q_head_start : q_head_start + nq].float()
         q = q.reshape(qc, n, group, d).permute(1, 2, 0, 3).reshape(n, group * qc, d)
         qpos = torch.arange(ctx + a, ctx + b, device=query.device)
-        kpos = torch.arange(lo, hi, device=query.device)
         diff = qpos[:, None] - kpos[None, :]
         mask = diff >= 0
         if window is not None:
-            mask = mask & (diff < window)
+            mask = mask & ((diff < window) | (kpos[None, :] < pool.sink))
         if group > 1:
             mask = mask.repeat(group, 1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
@@ -132,8 +137,8 @@ def hybrid_paged_attention(query: torch.Tensor, output: torch.Tensor, batch: Att
     for pool, name in ((full, "full"), (sliding, "sliding")):
         if pool is not None and pool.num_heads:
             check_pool(pool, name, d)
-            if pool.sink or pool.is_fp8:
-                raise NotImplementedError(f"{name}: sinks and FP8 caches are not supported yet")
+            if pool.is_fp8:
+                raise NotImplementedError(f"{name}: FP8 caches are not supported yet")
     if n_full and full.window is not None:
         raise ValueError(f"full: the F pool has no window, got {full.window}")
     if n_sliding and sliding.window is None:

@@ -3,8 +3,8 @@
 Derived from vLLM 0.26's ``vllm/v1/attention/ops/triton_unified_attention.py``
 (Apache-2.0, authors Burkhard Ringlein, Jan van Lunteren, Chih-Chieh Yang, Thomas
 Parnell): same q-block grid, online softmax and 2D / 3D (split-KV + reduce) structure,
-stripped of the features ConSA does not need (alibi, sinks, softcap, fp8, mm-prefix ...)
-and extended so that one program reads either pool:
+stripped of the features ConSA does not need (alibi, learned sink logits, softcap,
+mm-prefix ...) and extended so that one program reads either pool:
 
 * grid axis 1 is the layer's KV head ``h`` in ``[0, n_full + n_sliding)``; ``h < n_full``
   reads the F pool through the F block table (causal), otherwise the S pool through the S
@@ -12,6 +12,9 @@ and extended so that one program reads either pool:
 * every program only iterates over the key range its q-block can see:
   F ``[0, last_q]``, S ``[max(0, first_q - W + 1), last_q]``; loads are masked to that
   range, so out-of-window block-table entries (null block / garbage) are never read;
+* attention sinks (S heads that also see keys ``0 .. SINK - 1``, a constexpr): an S
+  program first iterates over the sink keys below its window range, as tiles of their
+  own, then over the window; with ``SINK = 0`` that code is not compiled at all;
 * 3D (decode, few sequences): the key range of each head is split into NUM_SEGMENTS
   segments (an S head splits its ~W keys, an F head its whole context); every segment
   program writes its partial (M, L, acc), empty segments write (-inf, 0, 0), and a reduce
@@ -93,7 +96,7 @@ def _attn_body(
     BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
     HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
-    IS_SLIDING: tl.constexpr, IS_3D: tl.constexpr, NUM_SEGMENTS: tl.constexpr,
+    IS_SLIDING: tl.constexpr, SINK: tl.constexpr, IS_3D: tl.constexpr, NUM_SEGMENTS: tl.constexpr,
     DOT_IEEE: tl.constexpr, CAST_F32: tl.constexpr,
 ):
     offs_m = tl.arange(0, BLOCK_M)
@@ -125,6 +128,12 @@ def _attn_body(
     else:
         range_lo = ctx * 0
     num_tiles = _cdiv(range_hi - range_lo, TILE)
+    if SINK > 0:
+        # Sink keys below the window range of the block's first query come first, as
+        # tiles of their own: keys [0, sink_hi), then the window range.
+        sink_hi = tl.minimum(range_lo, SINK)
+        num_sink_tiles = _cdiv(sink_hi, TILE)
+        num_tiles += num_sink_tiles
     if IS_3D:
         tiles_per_segment = _cdiv(num_tiles, NUM_SEGMENTS)
         t_lo = segm_idx * tiles_per_segment
@@ -142,8 +151,13 @@ def _attn_body(
     v_base = k_base + c_stride_1
 
     for j in range(t_lo, t_hi):
-        k_pos = range_lo + j * TILE + offs_t
-        k_valid = k_pos < range_hi
+        if SINK > 0:
+            in_sink = j < num_sink_tiles
+            k_pos = tl.where(in_sink, j * TILE, range_lo + (j - num_sink_tiles) * TILE) + offs_t
+            k_valid = k_pos < tl.where(in_sink, sink_hi, range_hi)
+        else:
+            k_pos = range_lo + j * TILE + offs_t
+            k_valid = k_pos < range_hi
         blk = tl.load(bt_base + k_pos // BLOCK_SIZE, mask=k_valid, other=0).to(tl.int64)
         slot_off = blk * c_stride_0 + (k_pos % BLOCK_SIZE).to(tl.int64) * c_stride_2
         # K : (HEAD_PAD, TILE)
@@ -167,7 +181,10 @@ def _attn_body(
 
         allowed = (k_pos[None, :] <= q_abs[:, None]) & k_valid[None, :] & row_valid[:, None]
         if IS_SLIDING:
-            allowed = allowed & ((q_abs[:, None] - k_pos[None, :]) < window)
+            visible = (q_abs[:, None] - k_pos[None, :]) < window
+            if SINK > 0:
+                visible = visible | (k_pos[None, :] < SINK)
+            allowed = allowed & visible
         S = tl.where(allowed, S, float("-inf"))
 
         m_new = tl.maximum(M, tl.max(S, axis=1))
@@ -213,7 +230,7 @@ def _hybrid_attn_kernel(
     scale_log2, window,
     q_stride_0: tl.int64, q_stride_1: tl.int64,
     o_stride_0: tl.int64, o_stride_1: tl.int64,
-    N_FULL: tl.constexpr, N_SLIDING: tl.constexpr, G: tl.constexpr,
+    N_FULL: tl.constexpr, N_SLIDING: tl.constexpr, G: tl.constexpr, SINK: tl.constexpr,
     BLOCK_SIZE_F: tl.constexpr, BLOCK_SIZE_S: tl.constexpr,
     TILE: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
@@ -245,7 +262,7 @@ def _hybrid_attn_kernel(
                    full_bt_stride, q_stride_0, q_stride_1, o_stride_0, o_stride_1,
                    f_stride_0, f_stride_1, f_stride_2, f_stride_3, F_STRIDE_4,
                    NUM_QUERY_HEADS, G, BLOCK_SIZE_F, TILE, HEAD_SIZE, HEAD_PAD,
-                   BLOCK_M, BLOCK_Q, False, IS_3D, NUM_SEGMENTS, DOT_IEEE, CAST_F32)
+                   BLOCK_M, BLOCK_Q, False, 0, IS_3D, NUM_SEGMENTS, DOT_IEEE, CAST_F32)
     elif N_FULL == 0:
         _attn_body(output_ptr, query_ptr, sliding_cache_ptr, sliding_bt_ptr,
                    segm_output_ptr, segm_max_ptr, segm_expsum_ptr,
@@ -254,7 +271,7 @@ def _hybrid_attn_kernel(
                    sliding_bt_stride, q_stride_0, q_stride_1, o_stride_0, o_stride_1,
                    s_stride_0, s_stride_1, s_stride_2, s_stride_3, S_STRIDE_4,
                    NUM_QUERY_HEADS, G, BLOCK_SIZE_S, TILE, HEAD_SIZE, HEAD_PAD,
-                   BLOCK_M, BLOCK_Q, True, IS_3D, NUM_SEGMENTS, DOT_IEEE, CAST_F32)
+                   BLOCK_M, BLOCK_Q, True, SINK, IS_3D, NUM_SEGMENTS, DOT_IEEE, CAST_F32)
     else:
         if kv_head_idx < N_FULL:
             _attn_body(output_ptr, query_ptr, full_cache_ptr, full_bt_ptr,
@@ -264,7 +281,7 @@ def _hybrid_attn_kernel(
                        full_bt_stride, q_stride_0, q_stride_1, o_stride_0, o_stride_1,
                        f_stride_0, f_stride_1, f_stride_2, f_stride_3, F_STRIDE_4,
                        NUM_QUERY_HEADS, G, BLOCK_SIZE_F, TILE, HEAD_SIZE, HEAD_PAD,
-                       BLOCK_M, BLOCK_Q, False, IS_3D, NUM_SEGMENTS, DOT_IEEE, CAST_F32)
+                       BLOCK_M, BLOCK_Q, False, 0, IS_3D, NUM_SEGMENTS, DOT_IEEE, CAST_F32)
         else:
             _attn_body(output_ptr, query_ptr, sliding_cache_ptr, sliding_bt_ptr,
                        segm_output_ptr, segm_max_ptr, segm_expsum_ptr,
@@ -274,7 +291,7 @@ def _hybrid_attn_kernel(
                        sliding_bt_stride, q_stride_0, q_stride_1, o_stride_0, o_stride_1,
                        s_stride_0, s_stride_1, s_stride_2, s_stride_3, S_STRIDE_4,
                        NUM_QUERY_HEADS, G, BLOCK_SIZE_S, TILE, HEAD_SIZE, HEAD_PAD,
-                       BLOCK_M, BLOCK_Q, True, IS_3D, NUM_SEGMENTS, DOT_IEEE, CAST_F32)
+                       BLOCK_M, BLOCK_Q, True, SINK, IS_3D, NUM_SEGMENTS, DOT_IEEE, CAST_F32)
 
 
 @triton.jit
@@ -305,6 +322,103 @@ def _reduce_segments_kernel(
     acc = tl.where(denom == 0.0, 0.0, acc / denom)
     tl.store(output_ptr + tok.to(tl.int64) * o_stride_0 + head * o_stride_1 + offs_d,
              acc.to(output_ptr.dtype.element_ty), mask=dim_mask)
+
+
+@triton.jit
+def _sink_merge_kernel(
+    output_ptr, query_ptr, lse_ptr, query_start_len_ptr, seq_lens_ptr, num_seqs: tl.int32,
+    cache_ptr, bt_ptr, head_offset, bt_stride: tl.int64,
+    c_stride_0: tl.int64, c_stride_1: tl.int64, c_stride_2: tl.int64,
+    c_stride_3: tl.int64, C_STRIDE_4: tl.constexpr,
+    scale_log2, window,
+    q_stride_0: tl.int64, q_stride_1: tl.int64,
+    o_stride_0: tl.int64, o_stride_1: tl.int64,
+    lse_stride_h: tl.int64, lse_stride_t: tl.int64,
+    G: tl.constexpr, SINK: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
+    HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
+    DOT_IEEE: tl.constexpr, CAST_F32: tl.constexpr,
+):
+    """S heads: fold the sink keys a query sees beyond its window (keys k < SINK with
+    k <= i - window) into a window-only result (``output``, normalised, with its natural
+    log-sum-exp ``lse``), in place. Same grid as the attention kernel, S heads only."""
+    q_block_global_idx = tl.program_id(0)
+    kv_head_idx = tl.program_id(1)
+    seq_idx = _find_seq_idx(query_start_len_ptr, q_block_global_idx, num_seqs, BLOCK_Q, True)
+    q_start = tl.load(query_start_len_ptr + seq_idx)
+    q_len = tl.load(query_start_len_ptr + seq_idx + 1) - q_start
+    q_block_local_idx = q_block_global_idx - (q_start // BLOCK_Q + seq_idx)
+    if q_block_local_idx * BLOCK_Q >= q_len:
+        return
+    ctx = tl.load(seq_lens_ptr + seq_idx) - q_len
+    qpos_hi = tl.minimum(q_block_local_idx * BLOCK_Q + BLOCK_Q - 1, q_len - 1)
+    sink_hi = tl.minimum(ctx + qpos_hi - window + 1, SINK)  # the block's last query sees most
+    if sink_hi <= 0:
+        return  # every query of the block has its sinks inside its window
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_PAD)
+    offs_t = tl.arange(0, TILE)
+    q_pos = q_block_local_idx * BLOCK_Q + offs_m // G
+    q_tok = q_start + q_pos
+    q_head = kv_head_idx * G + offs_m % G
+    row_valid = (q_pos < q_len) & (offs_m < BLOCK_Q * G)
+    dim_mask = offs_d < HEAD_SIZE
+    q_abs = ctx + q_pos
+    rows = row_valid[:, None] & dim_mask[None, :]
+    Q = tl.load(query_ptr + q_tok[:, None].to(tl.int64) * q_stride_0 + q_head[:, None] * q_stride_1
+                + offs_d[None, :], mask=rows, other=0.0)
+    if CAST_F32:
+        Q = Q.to(tl.float32)
+
+    M = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    L = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_PAD], dtype=tl.float32)
+    bt_base = bt_ptr + seq_idx.to(tl.int64) * bt_stride
+    k_base = cache_ptr + (head_offset + kv_head_idx).to(tl.int64) * c_stride_3
+    v_base = k_base + c_stride_1
+    for j in range(0, _cdiv(sink_hi, TILE)):
+        k_pos = j * TILE + offs_t
+        k_valid = k_pos < sink_hi
+        blk = tl.load(bt_base + k_pos // BLOCK_SIZE, mask=k_valid, other=0).to(tl.int64)
+        slot_off = blk * c_stride_0 + (k_pos % BLOCK_SIZE).to(tl.int64) * c_stride_2
+        K = tl.load(k_base + slot_off[None, :] + offs_d[:, None] * C_STRIDE_4,
+                    mask=dim_mask[:, None] & k_valid[None, :], other=0.0).to(Q.dtype)
+        V = tl.load(v_base + slot_off[:, None] + offs_d[None, :] * C_STRIDE_4,
+                    mask=k_valid[:, None] & dim_mask[None, :], other=0.0).to(Q.dtype)
+        if DOT_IEEE:
+            S = tl.dot(Q, K, input_precision="ieee")
+        else:
+            S = tl.dot(Q, K)
+        S = S * scale_log2
+        # Only sinks outside the query's window: those inside it are in ``output`` already.
+        allowed = k_valid[None, :] & row_valid[:, None] & ((q_abs[:, None] - k_pos[None, :]) >= window)
+        S = tl.where(allowed, S, float("-inf"))
+        m_new = tl.maximum(M, tl.max(S, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        P = tl.exp2(S - m_safe[:, None])
+        alpha = tl.exp2(M - m_safe)
+        L = L * alpha + tl.sum(P, axis=1)
+        if DOT_IEEE:
+            pv = tl.dot(P.to(V.dtype), V, input_precision="ieee")
+        else:
+            pv = tl.dot(P.to(V.dtype), V)
+        acc = acc * alpha[:, None] + pv
+        M = m_new
+
+    # Merge the two partial softmaxes by their log-sum-exp (natural log, as FlashAttention's).
+    has_sinks = row_valid & (L > 0.0)
+    L_safe = tl.where(has_sinks, L, 1.0)
+    lse_sink = tl.where(has_sinks, (M + tl.log2(L_safe)) * 0.6931471805599453, float("-inf"))
+    lse_win = tl.load(lse_ptr + q_head.to(tl.int64) * lse_stride_h + q_tok.to(tl.int64) * lse_stride_t,
+                      mask=has_sinks, other=0.0)
+    m = tl.maximum(lse_win, lse_sink)
+    w_win = tl.exp(lse_win - m)
+    w_sink = tl.where(has_sinks, tl.exp(lse_sink - m), 0.0)
+    o_ptrs = output_ptr + q_tok[:, None].to(tl.int64) * o_stride_0 + q_head[:, None] * o_stride_1 + offs_d[None, :]
+    out_mask = has_sinks[:, None] & dim_mask[None, :]
+    o_win = tl.load(o_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+    out = (o_win * w_win[:, None] + (acc / L_safe[:, None]) * w_sink[:, None]) / (w_win + w_sink)[:, None]
+    tl.store(o_ptrs, out.to(output_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -479,8 +593,8 @@ def launch_attention(query: torch.Tensor, output: torch.Tensor, batch: AttnBatch
     for pool, name in ((full, "full"), (sliding, "sliding")):
         if pool is not None and pool.num_heads:
             check_pool(pool, name, d)
-            if pool.sink or pool.is_fp8:
-                raise NotImplementedError(f"{name}: sinks and FP8 caches are not supported yet")
+            if pool.is_fp8:
+                raise NotImplementedError(f"{name}: FP8 caches are not supported yet")
     if n_full and full.window is not None:
         raise ValueError(f"full: the F pool has no window, got {full.window}")
     if n_sliding and sliding.window is None:
@@ -518,7 +632,7 @@ def launch_attention(query: torch.Tensor, output: torch.Tensor, batch: AttnBatch
         segm[0], segm[1], segm[2],
         float(scale) * LOG2E, int(window),
         query.stride(0), query.stride(1), output.stride(0), output.stride(1),
-        N_FULL=n_full, N_SLIDING=n_sliding, G=group,
+        N_FULL=n_full, N_SLIDING=n_sliding, G=group, SINK=sliding.sink if n_sliding else 0,
         BLOCK_SIZE_F=fc.shape[2], BLOCK_SIZE_S=sc.shape[2],
         TILE=tile_size, HEAD_SIZE=d, HEAD_PAD=head_pad,
         BLOCK_M=block_m, BLOCK_Q=block_q,
@@ -535,6 +649,47 @@ def launch_attention(query: torch.Tensor, output: torch.Tensor, batch: AttnBatch
             NUM_QUERY_HEADS=hq, HEAD_SIZE=d, HEAD_PAD=head_pad,
             NUM_SEGMENTS=num_segments,
         )
+
+
+def merge_sinks(query: torch.Tensor, output: torch.Tensor, lse: torch.Tensor, batch: AttnBatch, scale: float,
+                sliding: KVPool) -> None:
+    """Fold the sink keys of a layer's S heads into a window-only attention result, in place.
+
+    ``query``/``output`` are the S heads' query heads ``[T, n_sliding * G, D]``; ``output``
+    holds attention over each query's window alone and ``lse`` its natural log-sum-exp
+    ``[n_sliding * G, T]`` (FlashAttention's ``softmax_lse``; ``[T, n_sliding * G]`` works
+    too). Afterwards ``output`` is attention over the window plus keys ``0 .. sink - 1``.
+    One launch; none when ``sliding.sink`` is 0.
+    """
+    if not sliding.sink or not sliding.num_heads:
+        return
+    T, hq, d = query.shape
+    check_pool(sliding, "sliding", d)
+    if sliding.window is None or hq % sliding.num_heads:
+        raise ValueError(f"sliding: {hq} query heads over {sliding.num_heads} S heads with window {sliding.window}")
+    if lse.shape[0] == hq and lse.shape[1] >= T:
+        lse_stride_h, lse_stride_t = lse.stride(0), lse.stride(1)
+    elif lse.shape[1] == hq and lse.shape[0] >= T:
+        lse_stride_h, lse_stride_t = lse.stride(1), lse.stride(0)
+    else:
+        raise ValueError(f"lse of shape {tuple(lse.shape)} does not cover {T} tokens x {hq} heads")
+    num_seqs = batch.num_seqs
+    if num_seqs <= 0 or T == 0:
+        return
+    group = hq // sliding.num_heads
+    block_m = 16 if group <= 16 else triton.next_power_of_2(group)
+    block_q = block_m // group
+    c = sliding.cache
+    _sink_merge_kernel[(T // block_q + num_seqs, sliding.num_heads)](
+        output, query, lse, batch.query_start_loc, batch.seq_lens, num_seqs,
+        c, sliding.block_table, sliding.head_offset, sliding.block_table.stride(0),
+        c.stride(0), c.stride(1), c.stride(2), c.stride(3), c.stride(4),
+        float(scale) * LOG2E, int(sliding.window),
+        query.stride(0), query.stride(1), output.stride(0), output.stride(1), lse_stride_h, lse_stride_t,
+        G=group, SINK=sliding.sink, BLOCK_SIZE=c.shape[2], TILE=16 if sliding.sink <= 16 else 32,
+        HEAD_SIZE=d, HEAD_PAD=triton.next_power_of_2(d), BLOCK_M=block_m, BLOCK_Q=block_q,
+        DOT_IEEE=(query.dtype == torch.float32) or _INTERPRET, CAST_F32=_INTERPRET,
+    )
 
 
 def _check_write(key: torch.Tensor, pool: KVPool, name: str) -> None:
@@ -604,5 +759,5 @@ def write_kv_hybrid(key: torch.Tensor, value: torch.Tensor, full: KVPool | None,
 
 __all__ = [
     "HybridScratch", "LaunchConfig", "default_seq_threshold_3d", "make_hybrid_scratch", "would_use_3d",
-    "hybrid_paged_attention", "launch_attention", "write_kv", "write_kv_hybrid",
+    "hybrid_paged_attention", "launch_attention", "merge_sinks", "write_kv", "write_kv_hybrid",
 ]
