@@ -102,4 +102,5 @@ class ConsaAttention(Attention):
                          kv_sharing_target_layer_name=pools.primary_name,
                          consa_pools=(pools.full_name, pools.sliding_name, layer))
         self.consa_window = pools.layout.window
+        self.consa_sink = pools.layout.sink
         self.consa_layer = layer

@@ -66,6 +66,7 @@ class PoolLayout:
     sliding_pool_heads: int
     tp_size: int = 1
     tp_rank: int = 0
+    sink: int = 0  # S heads also see keys 0 .. sink-1 (the attention ops' KVPool.sink)
 
     @property
     def full_used(self) -> int:
