@@ -184,3 +184,21 @@ def test_bad_data_messages(tiny, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="folder has no readable data files"):
         load_data([str(tmp_path / "empty")], tok, 64, 0)
+
+
+def test_saved_dataset_folders_are_recognised_precisely(tmp_path):
+    """A folder reads as a ``datasets`` folder exactly when ``datasets.load_from_disk`` would take it;
+    a trainer checkpoint folder (it has a state.json too) is an ordinary folder of files."""
+    import datasets
+
+    from consa_vllm.train.checkpoint import save_checkpoint
+    from consa_vllm.train.data import list_sources
+
+    one = datasets.Dataset.from_dict({"text": ["a b c"]})
+    one.save_to_disk(str(tmp_path / "ds"))
+    datasets.DatasetDict({"train": one}).save_to_disk(str(tmp_path / "dd"))
+    assert list_sources([str(tmp_path / "ds")]) == [("datasets", tmp_path / "ds")]
+    assert list_sources([str(tmp_path / "dd")]) == [("datasets", tmp_path / "dd")]
+    ckpt = save_checkpoint(tmp_path / "checkpoints", 10, {"log_alpha": torch.zeros(2)})
+    assert (ckpt / "state.json").is_file()
+    assert list_sources([str(ckpt)]) == [("jsonl", ckpt / "state.json")]
