@@ -202,3 +202,21 @@ def test_saved_dataset_folders_are_recognised_precisely(tmp_path):
     ckpt = save_checkpoint(tmp_path / "checkpoints", 10, {"log_alpha": torch.zeros(2)})
     assert (ckpt / "state.json").is_file()
     assert list_sources([str(ckpt)]) == [("jsonl", ckpt / "state.json")]
+
+
+def test_run_heatmap_is_the_allocation_heatmap_with_the_gate_probabilities(tmp_path):
+    """The trainer draws its allocation.png with the package's one heatmap; the recorded P(F)
+    (one gate per layer under layer granularity) fill its second panel."""
+    from consa_vllm.allocation import plot_allocation
+    from consa_vllm.train.plots import gate_probabilities
+
+    layer = Allocation(granularity="layer", window=8, pattern=["FF", "SS"]).with_extra(
+        training={"p_nonzero": [[0.9], [0.2]]})
+    assert gate_probabilities(layer) == [[0.9, 0.9], [0.2, 0.2]]
+    heads = Allocation(granularity="kv_head", window=8, pattern=["FS", "SF"]).with_extra(
+        training={"p_nonzero": [[0.7, 0.1], [0.3, 0.6]]})
+    assert gate_probabilities(heads) == [[0.7, 0.1], [0.3, 0.6]]
+    assert gate_probabilities(Allocation(granularity="layer", window=8, pattern=["F", "S"])) is None
+    # The probabilities are accepted by the heatmap (it checks their shape and range).
+    png = plot_allocation(layer, tmp_path / "a.png", probabilities=gate_probabilities(layer))
+    assert png.read_bytes()[:4] == b"\x89PNG"

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from consa_vllm.allocation import Allocation, atomic_write_text
+from consa_vllm.allocation import Allocation, atomic_write_text, plot_allocation, render_text
 
 from . import checkpoint as ckpt
 from . import dist
@@ -401,7 +401,7 @@ class Trainer:
 
     def finish(self, alloc: Allocation, weights: dict[str, torch.Tensor] | None = None) -> None:
         """Rank 0: close the logs, write the model (``weights``: gathered FSDP state), allocation and plots."""
-        from .plots import plot_allocation, plot_curves
+        from .plots import gate_probabilities, plot_curves
         cfg = self.cfg
         self.metrics_file.close()
         if self.tb:
@@ -417,9 +417,9 @@ class Trainer:
                                state_dict=weights)
             print(f"model with the allocation embedded: {cfg.save_model}", file=sys.stderr)
         alloc.save(cfg.out)
-        plot_allocation(alloc, cfg.log_path / "allocation.png")
+        plot_allocation(alloc, cfg.log_path / "allocation.png", title=Path(cfg.out).name,
+                        probabilities=gate_probabilities(alloc))
         plot_curves(self.history, cfg.log_path / "curves.png")
-        from consa_vllm.allocation import render_text
         print(render_text(alloc), file=sys.stderr)
         print(f"allocation: {cfg.out}\nlogs, checkpoints and plots: {cfg.log_path}", file=sys.stderr)
 
