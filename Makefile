@@ -29,5 +29,10 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q tests
 
+# The suite without the tests that start vLLM engines or servers (marked `engine`, about 90 s
+# each on a 2-core CPU): everything else, for a quick check while working.
+test-fast: setup
+	$(PY) -m pytest -q -m "not engine" tests
+
 clean-venv:
 	rm -rf $(VENV)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 torch = pytest.importorskip("torch")
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.engine, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 from engine_harness import export, max_logprob_gap, prompts_of, reference_generate, run_vllm, tiny_model  # noqa: E402
 

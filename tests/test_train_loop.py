@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from consa_vllm.allocation import Allocation
-from consa_vllm.tiny import build_tiny_model, stdlib_python_files
+from consa_vllm.tiny import stdlib_python_files
 from consa_vllm.train import ConfigError, TrainConfig, train, validate
 from consa_vllm.train import loop as loop_mod
 from consa_vllm.train.data import DataError, PackedData, load_data
@@ -17,10 +17,10 @@ torch.set_num_threads(1)  # the CI box has 2 shared cores: oversubscription only
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("train")
-    model = build_tiny_model(root / "model", family="qwen3", num_layers=4, num_attention_heads=8, num_kv_heads=4,
-                             head_dim=32, hidden_size=128, intermediate_size=256)
+    model = tiny_model("qwen3", num_layers=4, num_attention_heads=8, num_kv_heads=4, head_dim=32, hidden_size=128,
+                       intermediate_size=256)
     data = root / "data"
     data.mkdir()
     for f in stdlib_python_files(12):
