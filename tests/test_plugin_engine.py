@@ -32,7 +32,7 @@ NEW = 16
 QWEN_PATTERN = ["FSSS", "SSSS", "SFFS", "FFFF"]
 LLAMA_PATTERN = ["SSFS", "FFFF", "SSSS", "FSFS"]
 ENGINE = dict(max_num_batched_tokens=64, enable_prefix_caching=True)
-# DESIGN.md §3: stock CPU attention vs an eager reference is ~1e-5; 1e-3 means a bug.
+# docs/DESIGN.md §10: stock CPU attention vs an eager reference is ~1e-5; 1e-3 means a bug.
 TOL = 1e-3
 
 
@@ -225,8 +225,8 @@ def test_kv_head_rows_equal_stock_layer_windows(llama_layerwise):
 def llama_all_sliding(root, llama):
     src = llama[0]
     prompts = prompts_of(LENGTHS, seed=3)
-    # Stock vLLM on CPU crashes on an all-sliding model with the hybrid manager (DESIGN.md
-    # §3); without it, stock still applies the window in the kernel: a valid numerical oracle.
+    # Stock vLLM on CPU crashes on an all-sliding model with the hybrid manager (docs/DESIGN.md
+    # §7); without it, stock still applies the window in the kernel: a valid numerical oracle.
     stock = run_vllm(_stock_llama_with_windows(src, root / "llama-stock-allS", ["sliding_attention"] * 4),
                      prompts, NEW, disable_hybrid_kv_cache_manager=True, **ENGINE)
     consa = run_vllm(export(src, root / "llama-allS", ["SSSS"] * 4, WINDOW, "layer"), prompts, NEW,

@@ -25,7 +25,7 @@ WINDOW = 24
 PATTERN = ["FFSS", "FSSS", "SSSS", "FFSS"]
 LENGTHS = [30, 75, 140, 9]
 NEW = 12
-TOL = 1e-3  # DESIGN.md §3: float32 engines agree to ~1e-5; 1e-3 means a bug
+TOL = 1e-3  # docs/DESIGN.md §10: float32 engines agree to ~1e-5; 1e-3 means a bug
 
 
 @pytest.fixture(scope="module")

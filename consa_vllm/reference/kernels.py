@@ -11,7 +11,7 @@ of ``generate``); ``StaticCache`` is not supported. The window is measured in sl
 ``sliding_window_overlay`` does: with left padding the real tokens of a row are contiguous, so
 slot distance equals token distance.
 
-Window semantics (DESIGN.md §2): query at slot ``i`` sees keys ``i-W+1 .. i``, itself included.
+Window semantics (docs/DESIGN.md §4): query at slot ``i`` sees keys ``i-W+1 .. i``, itself included.
 
 Masks. ``attention_mask`` is what the model built for a full-attention layer (padding, packing):
 ``None`` (plain causal, SDPA's ``is_causal``), a boolean ``[B|1, 1, Tq, Tk]`` (True = attend) or an

@@ -12,7 +12,7 @@ only the blocks that hold keys inside the window of the current query chunk are 
 out-of-window block-table entries may be 0 or garbage (vLLM's sliding-window manager
 replaces freed blocks with the null block) and are never dereferenced.
 
-Semantics (DESIGN.md §2): a query at absolute position i sees keys
+Semantics (docs/DESIGN.md §4): a query at absolute position i sees keys
     F heads: 0 .. i
     S heads: max(0, i - W + 1) .. i
 """
