@@ -4,11 +4,13 @@
   (:func:`consa_vllm.tiny.build_tiny_model`). Each shape is built once per session and shared
   by every module that asks for it; tests read these models and never write into them
   (exports and runs go to the tests' own temporary directories).
-- The ``engine`` marker: tests that start a real vLLM engine or server (about 90 s each on a
-  2-core CPU). ``make test-fast`` runs everything else (``-m "not engine"``). A test module
-  that imports the engine or server harness (tests/engine_harness.py, tests/server_harness.py)
-  must mark its tests ``engine``; collection stops with a message naming the test otherwise,
-  so that the fast run never starts an engine by accident.
+- The markers. ``engine``: the test starts a real vLLM engine or server (about 90 s each on a
+  2-core CPU). ``slow``: a whole pipeline, a multi-process training run or a subprocess that
+  imports vLLM (tens of seconds each). ``make test-fast`` runs the rest
+  (``-m "not engine and not slow"``), ``make test`` everything. A test module that imports the
+  engine or server harness (tests/engine_harness.py, tests/server_harness.py) must mark its
+  tests ``engine``; collection stops with a message naming the test otherwise, so that the
+  fast run never starts an engine by accident.
 """
 
 from __future__ import annotations

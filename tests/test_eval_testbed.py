@@ -35,6 +35,7 @@ def run_dir(tmp_path_factory):
     return out, pub
 
 
+@pytest.mark.slow
 def test_every_allocation_is_trained_evaluated_and_reported(run_dir):
     out, pub = run_dir
     res = RunResults.model_validate_json((out / "results.json").read_text())
@@ -61,6 +62,7 @@ def test_every_allocation_is_trained_evaluated_and_reported(run_dir):
     assert sorted(p.name for p in (pub / "heatmaps").iterdir()) == sorted(f"{n}.png" for n in names)
 
 
+@pytest.mark.slow
 def test_corpus_manifest_records_the_files_and_their_hashes(run_dir):
     out, _ = run_dir
     m = json.loads((out / "corpus" / "manifest.json").read_text())
@@ -71,6 +73,7 @@ def test_corpus_manifest_records_the_files_and_their_hashes(run_dir):
     assert n_train == sum(f["split"] == "train" for f in m["files"])
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_work_and_other_settings_are_refused(run_dir):
     out, _ = run_dir
     before = (out / "stage2" / "dense" / "config.json").stat().st_mtime_ns

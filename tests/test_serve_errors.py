@@ -185,6 +185,7 @@ def test_plain_vllm_server_stops_before_loading_weights(good, tmp_path, plugins)
 # ----------------------------------------------------------------------------- window >= max_model_len
 
 
+@pytest.mark.slow  # three vLLM engine configurations in a subprocess (no engine starts)
 def test_window_at_least_max_model_len_is_accepted_with_a_warning(good, tmp_path):
     """Through the plugin's config hook (EngineArgs.create_engine_config), no engine started."""
     pytest.importorskip("vllm")

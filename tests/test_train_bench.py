@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
+@pytest.mark.slow
 def test_bench_smoke_writes_json(tmp_path):
     out = tmp_path / "res" / "stage1.json"
     r = subprocess.run([sys.executable, "-m", "consa_vllm.train.bench", "--device", "cpu", "--smoke",

@@ -155,6 +155,7 @@ def test_unreadable_data_fails_before_training(tiny, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_torchrun_ddp_matches_one_process(tiny, tmp_path):
     """2 CPU ranks (gloo) x accum 1 == 1 process x accum 2: same data, same gate noise, same result."""
     if shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None:

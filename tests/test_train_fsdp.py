@@ -18,6 +18,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 PORT = "29547"  # not the DDP test's port: the two may run in parallel
 
+pytestmark = pytest.mark.slow  # three torchrun training runs
+
 
 def python(*args):
     return subprocess.run([sys.executable, "-m", "consa_vllm.train", *map(str, args)], capture_output=True,
