@@ -29,5 +29,11 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q tests
 
+# A quick check while working: the suite without the tests that start vLLM engines or servers
+# (marked `engine`, about 90 s each on a 2-core CPU) and without the pipeline and
+# multi-process runs (marked `slow`). `make test` runs them all.
+test-fast: setup
+	$(PY) -m pytest -q -m "not engine and not slow" tests
+
 clean-venv:
 	rm -rf $(VENV)

@@ -6,8 +6,8 @@ Subcommands:
 - ``make``   build a rule-based allocation at an exact sparsity;
 - ``import-duo`` turn DuoAttention's published per-KV-head gates into an allocation;
 - ``export`` embed an allocation in a Hugging Face checkpoint that the vLLM plugin serves;
-- ``serve``, ``demo``, ``eval``: hooks that hand the rest of the command line to
-  ``consa_vllm.serve:main``, ``consa_vllm.demo:main`` and ``consa_vllm.eval.cli:main``.
+- ``serve``, ``demo``, ``eval``: implemented by ``consa_vllm.serve:main``, ``consa_vllm.demo:main``
+  and ``consa_vllm.eval.cli:main``, which receive the rest of the command line unparsed.
 
 User errors print one line on stderr and exit with status 2 (no traceback).
 """
@@ -31,13 +31,10 @@ PROG = "consa-vllm"
 #: Each target is ``def main(argv: list[str] | None = None) -> int | None`` and receives
 #: every argument after the subcommand name, unparsed (its own --help included).
 DELEGATED: dict[str, tuple[str, str, str]] = {
-    # HOOK(serve): the lead implements consa_vllm/serve.py:main
     "serve": ("consa_vllm.serve", "main",
               "serve an exported ConSA checkpoint with vLLM (OpenAI-compatible API)"),
-    # HOOK(demo): the lead implements consa_vllm/demo.py:main
     "demo": ("consa_vllm.demo", "main",
              "end-to-end demo on an embedded default: tiny model, train, export, serve, query"),
-    # HOOK(eval): the lead implements consa_vllm/eval/cli.py:main
     "eval": ("consa_vllm.eval.cli", "main",
              "evaluate a ConSA checkpoint (accuracy, long-context retrieval, KV memory)"),
 }
@@ -52,7 +49,8 @@ class UserError(Exception):
 # ------------------------------------------------------------------ value types
 
 
-_sparsity = unit_interval("the fraction of S units")
+#: argparse type of a sparsity (``--sparsity``), shared with ``consa-vllm demo``.
+sparsity_arg = unit_interval("the fraction of S units")
 
 
 def _dtype(text: str) -> str:
@@ -129,7 +127,8 @@ def cmd_show(args: argparse.Namespace) -> int:
                   f"x head_dim {shape.head_dim}, {args.dtype}{blk}):")
             print(f"  {'context':>9}  {'ConSA':>11}  {'dense':>11}  {'ratio':>6}  {'seqs that fit':>13}")
             for r in rows:
-                print(f"  {r.context:>9}  {_bytes(r.bytes_per_sequence):>11}  {_bytes(r.dense_bytes_per_sequence):>11}"
+                print(f"  {r.context:>9}  {format_bytes(r.bytes_per_sequence):>11}"
+                      f"  {format_bytes(r.dense_bytes_per_sequence):>11}"
                       f"  {r.ratio_to_dense:>6.3f}  {r.capacity_gain:>12.2f}x")
 
     if args.json:
@@ -229,14 +228,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _delegate(name: str, argv: list[str]) -> int:
+    # Imported only now: each command's module pulls in what it needs (vLLM, torch) itself.
     module_name, func, _ = DELEGATED[name]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
-            raise UserError(f"'{name}' is not available in this build ({module_name} is not installed yet)") from None
-        raise
-    rc = getattr(module, func)(argv)
+    rc = getattr(importlib.import_module(module_name), func)(argv)
     return int(rc or 0)
 
 
@@ -266,7 +260,8 @@ def _ranges(xs: Sequence[int]) -> str:
     return ",".join(parts)
 
 
-def _bytes(n: int) -> str:
+def format_bytes(n: int) -> str:
+    """``n`` bytes for people: ``512 B``, ``1.50 KiB`` ... ``2.00 TiB`` (shared with ``consa-vllm demo``)."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
@@ -327,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="example:\n  consa-vllm make --rule bottom --sparsity 0.75 --granularity kv_head "
                               "--layers 28 --kv-heads 8 --window 4096 --out a.json --png a.png")
     m.add_argument("--rule", required=True, choices=RULES, help="which units become S")
-    m.add_argument("--sparsity", required=True, type=_sparsity, metavar="RHO",
+    m.add_argument("--sparsity", required=True, type=sparsity_arg, metavar="RHO",
                    help="fraction of units that are S, in [0, 1]; must be exact for the unit count")
     m.add_argument("--granularity", choices=("kv_head", "layer"), default="kv_head",
                    help="unit: one KV head with its query group, or a whole layer (default: kv_head)")
@@ -395,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--force", action="store_true", help="replace DST if it exists (the swap is atomic)")
     e.set_defaults(func=cmd_export)
 
-    # ---- hooks filled by other modules
+    # ---- commands implemented in other modules
     for name, (module, func, help_text) in DELEGATED.items():
         d = sub.add_parser(name, help=help_text, add_help=False,
                            description=f"{help_text}. Arguments are passed to {module}:{func}.")

@@ -18,20 +18,16 @@ The model is random, so its output is gibberish: the demo shows the plumbing, no
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
 from consa_vllm.families import DEFAULT_FAMILY
 from consa_vllm.cli_args import EXIT_USAGE, UsageParser, int_in_range
+from consa_vllm.server_process import ServerError, ServerProcess, free_port, http_get
 
 PROG = "consa-vllm demo"
 
@@ -54,7 +50,7 @@ _port = int_in_range(1, "TCP port", hi=65535)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import _sparsity  # the same [0, 1] check as `consa-vllm make --sparsity`
+    from .cli import sparsity_arg  # the same [0, 1] check as `consa-vllm make --sparsity`
 
     p = UsageParser(prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
                 description=__doc__.split("\n\n", 1)[1] if __doc__ else None)
@@ -64,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-server", action="store_true",
                    help="leave the server running at the end and print its URL and process group")
     p.add_argument("--steps", type=_steps, default=60, help="trainer optimizer steps (default: 60)")
-    p.add_argument("--sparsity", type=_sparsity, default=0.5, metavar="RHO",
+    p.add_argument("--sparsity", type=sparsity_arg, default=0.5, metavar="RHO",
                    help="target fraction of sliding-window KV heads, in [0, 1] (default: 0.5)")
     return p
 
@@ -82,28 +78,9 @@ def _info(msg: str) -> None:
     print(f"    {msg}", flush=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _http_status(url: str) -> int | None:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except OSError:
-        return None
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-    try:
-        text = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return "(no log)"
-    return "\n".join("    | " + line for line in text[-lines:])
+def _tail(server: ServerProcess, lines: int = 40) -> str:
+    """The end of the server log, indented under the error message."""
+    return "\n".join("    | " + line for line in server.read_log().splitlines()[-lines:])
 
 
 # ------------------------------------------------------------------ steps
@@ -156,7 +133,7 @@ def step_train(out: Path, base: Path, steps: int, sparsity: float) -> Path:
 
 def step_show(out: Path, base: Path, alloc_path: Path):
     from .allocation import Allocation, ModelShape, estimate_kv, plot_allocation, render_text, summarize
-    from .cli import _bytes
+    from .cli import format_bytes
 
     _header(3, "inspect the allocation")
     alloc = Allocation.load(alloc_path)
@@ -169,7 +146,7 @@ def step_show(out: Path, base: Path, alloc_path: Path):
     _info(f"  {'context':>9}  {'ConSA':>11}  {'dense':>11}  {'ratio':>6}  {'seqs that fit':>13}")
     for n in KV_CONTEXTS:
         r = estimate_kv(alloc, shape, n)
-        _info(f"  {n:>9}  {_bytes(r.bytes_per_sequence):>11}  {_bytes(r.dense_bytes_per_sequence):>11}"
+        _info(f"  {n:>9}  {format_bytes(r.bytes_per_sequence):>11}  {format_bytes(r.dense_bytes_per_sequence):>11}"
               f"  {r.ratio_to_dense:>6.3f}  {r.capacity_gain:>12.2f}x")
     _info(f"heatmap: {png}")
     return alloc, png
@@ -188,99 +165,48 @@ def step_export(out: Path, base: Path, alloc) -> Path:
     return dst
 
 
-def serve_command(model: Path, port: int) -> list[str]:
-    return [sys.executable, "-m", "consa_vllm.cli", "serve", str(model), "--port", str(port),
-            "--host", "127.0.0.1", "--max-model-len", str(MAX_MODEL_LEN), "--dtype", "float32",
-            "--enforce-eager"]
+#: ``consa-vllm serve`` options of the demo server: float32, eager (no compile wait on a CPU).
+SERVE_ARGS = ("--max-model-len", str(MAX_MODEL_LEN), "--dtype", "float32", "--enforce-eager")
 
 
-class Server:
-    """``consa-vllm serve`` in its own process group, logging to a file."""
+class _WaitNote:
+    """Progress while the server starts: a spinner on a terminal, a line every 15 s otherwise."""
 
-    def __init__(self, model: Path, port: int, log_path: Path):
-        self.cmd = serve_command(model, port)
-        self.base = f"http://127.0.0.1:{port}"
-        self.log_path = log_path
-        self.proc: subprocess.Popen | None = None
-        self.healthy = False
+    SPIN = "|/-\\"
 
-    def start(self) -> None:
-        env = dict(os.environ)
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # 1 GiB is plenty for a 512-token tiny model
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=env, start_new_session=True)
+    def __init__(self, base: str):
+        self.base, self.tty, self.polls, self.last_note = base, sys.stdout.isatty(), 0, 0.0
 
-    def wait_healthy(self, timeout: float = HEALTH_TIMEOUT_S) -> float:
-        assert self.proc is not None
-        t0 = time.monotonic()
-        spin = "|/-\\"
-        i = 0
-        tty = sys.stdout.isatty()
-        last_note = 0.0
-        while True:
-            elapsed = time.monotonic() - t0
-            if self.proc.poll() is not None:
-                self._end_line(tty)
-                raise DemoError(f"the server exited with status {self.proc.returncode} before /health answered; "
-                                f"last lines of {self.log_path}:\n{_tail(self.log_path)}")
-            if _http_status(self.base + "/health") == 200:
-                self._end_line(tty)
-                self.healthy = True
-                return elapsed
-            if elapsed > timeout:
-                self._end_line(tty)
-                raise DemoError(f"the server did not answer /health within {timeout:.0f}s; "
-                                f"last lines of {self.log_path}:\n{_tail(self.log_path)}")
-            if tty:
-                print(f"\r    {spin[i % 4]} waiting for {self.base}/health ... {elapsed:5.0f}s", end="", flush=True)
-            elif elapsed - last_note >= 15:
-                _info(f"waiting for {self.base}/health ... {elapsed:.0f}s")
-                last_note = elapsed
-            i += 1
-            time.sleep(0.5)
+    def __call__(self, elapsed: float) -> None:
+        if self.tty:
+            spin = self.SPIN[self.polls % 4]
+            print(f"\r    {spin} waiting for {self.base}/health ... {elapsed:5.0f}s", end="", flush=True)
+        elif elapsed - self.last_note >= 15:
+            _info(f"waiting for {self.base}/health ... {elapsed:.0f}s")
+            self.last_note = elapsed
+        self.polls += 1
 
-    @staticmethod
-    def _end_line(tty: bool) -> None:
-        if tty:
+    def end_line(self) -> None:
+        if self.tty and self.polls:
             print("\r" + " " * 70 + "\r", end="", flush=True)
 
-    def stop(self) -> None:
-        """SIGTERM the server (vLLM shuts its engine down), then make sure the group is gone."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            # A server still starting up ignores SIGINT until its engine is up: short grace then.
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=30 if self.healthy else 5)
-            except subprocess.TimeoutExpired:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    pass
-        # The engine core is a child in the same process group: nothing may outlive the demo.
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
 
-
-def step_serve(server: Server) -> None:
+def step_serve(server: ServerProcess) -> None:
     _header(5, "serve it with vLLM (consa-vllm serve)")
     _info(shlex.join([Path(server.cmd[0]).name, *server.cmd[1:]]))
     _info(f"log: {server.log_path}  (vLLM on CPU takes a minute or more to start)")
     server.start()
-    took = server.wait_healthy()
+    note = _WaitNote(server.base)
+    try:
+        took = server.wait_healthy(HEALTH_TIMEOUT_S, on_wait=note)
+    except ServerError as e:
+        raise DemoError(f"{e}; last lines of {server.log_path}:\n{_tail(server)}") from None
+    finally:
+        note.end_line()
     _info(f"healthy at {server.base} after {took:.0f}s")
 
 
-def step_query(server: Server, model: Path) -> None:
+def step_query(server: ServerProcess, model: Path) -> None:
     import json
 
     import openai
@@ -320,7 +246,7 @@ def step_query(server: Server, model: Path) -> None:
 
 
 def _summary(out: Path, alloc_path: Path | None, png: Path | None, model: Path | None,
-             server: Server | None, kept: bool, rc: int) -> None:
+             server: ServerProcess | None, kept: bool, rc: int) -> None:
     _header(7, "summary")
     rows = [("allocation", alloc_path), ("heatmap", png), ("training logs", out / "train"),
             ("exported model", model), ("server log", server.log_path if server else None)]
@@ -347,15 +273,15 @@ def main(argv: list[str] | None = None) -> int:
     if out.exists() and not out.is_dir():
         print(f"{PROG}: error: --out {out}: exists and is not a directory", file=sys.stderr)
         return EXIT_USAGE
-    port = args.port or _free_port()
-    if args.port and _http_status(f"http://127.0.0.1:{port}/health") is not None:
+    port = args.port or free_port()
+    if args.port and http_get(f"http://127.0.0.1:{port}/health", timeout=2)[0] != 0:
         print(f"{PROG}: error: --port {port}: something already answers there; pick another port", file=sys.stderr)
         return EXIT_USAGE
     out.mkdir(parents=True, exist_ok=True)
     print(f"{PROG}: tiny model -> train allocation -> export -> serve with vLLM -> query; working in {out}")
 
     alloc_path = png = model = None
-    server: Server | None = None
+    server: ServerProcess | None = None
     kept = False
     rc = 0
     try:
@@ -363,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         alloc_path = step_train(out, base, args.steps, args.sparsity)
         alloc, png = step_show(out, base, alloc_path)
         model = step_export(out, base, alloc)
-        server = Server(model, port, out / "server.log")
+        server = ServerProcess(model, port, out / "server.log", args=SERVE_ARGS)
         step_serve(server)
         step_query(server, model)
         kept = args.keep_server
@@ -379,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         print(f"\n{PROG}: error: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
         if server is not None and server.proc is not None:
-            print(f"last lines of {server.log_path}:\n{_tail(server.log_path)}", file=sys.stderr)
+            print(f"last lines of {server.log_path}:\n{_tail(server)}", file=sys.stderr)
         rc = 1
     finally:
         if server is not None and not kept:
@@ -388,11 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 server.stop()
             except KeyboardInterrupt:  # a second Ctrl-C: kill the group at once
-                if server.proc is not None:
-                    try:
-                        os.killpg(server.proc.pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+                server.kill()
             if server.proc is not None and server.proc.returncode is not None:
                 _info(f"server stopped (exit status {server.proc.returncode})")
     _summary(out, alloc_path, png, model, server, kept, rc)

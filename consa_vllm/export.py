@@ -9,7 +9,7 @@ What the exported directory holds (``DST``):
     original architecture name;
   - no active global sliding window. vLLM reads ``sliding_window`` from the HF config and,
     when no layer types say otherwise, turns it into ``cache_config.sliding_window``,
-    which silently makes *every* attention module sliding (DESIGN.md §3, Traps). So
+    which silently makes *every* attention module sliding (docs/DESIGN.md §7, Traps). So
     ``sliding_window`` is written as ``null`` where the source had the key (or where the
     HF config class would default it to a number: Mistral), ``use_sliding_window`` is
     ``false`` where present, and ``layer_types``, where present, is all
@@ -136,7 +136,7 @@ def exported_config(config: Mapping[str, Any], allocation: Allocation, where: st
     out = dict(config)
     notes: dict[str, Any] = {}
 
-    # No global sliding window that vLLM could read (DESIGN.md §3 Traps).
+    # No global sliding window that vLLM could read (docs/DESIGN.md §7, Traps).
     sw = out.get("sliding_window")
     use_sw = out.get("use_sliding_window")
     sw_active = sw not in (None, 0) and use_sw is not False

@@ -18,8 +18,8 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 from consa_vllm.allocation import Allocation  # noqa: E402
 from consa_vllm.export import export_model  # noqa: E402
-from consa_vllm.tiny import build_tiny_model  # noqa: E402
 
+#: The engine tests' model shape: ``tiny_model(family, seed=..., **TINY)`` (tests/conftest.py).
 TINY = dict(num_layers=4, num_attention_heads=8, num_kv_heads=4, head_dim=32, hidden_size=128,
             intermediate_size=256, vocab_size=512, max_position_embeddings=2048)
 
@@ -31,14 +31,6 @@ class Generation:
     tokens: list[list[int]]
     top_logprobs: list[list[dict[int, float]]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def tiny_model(root: Path, family: str, seed: int = 0, **overrides) -> Path:
-    """Build (once per directory) a tiny random HF model."""
-    d = Path(root) / f"{family}-{seed}"
-    if not (d / "config.json").exists():
-        build_tiny_model(d, family=family, seed=seed, **{**TINY, **overrides})
-    return d
 
 
 def export(src: Path, out: Path, pattern: list[str], window: int, granularity: str = "kv_head") -> Path:

@@ -83,7 +83,7 @@ def test_general_plugin_installs_the_engine_core_utility():
 
 
 @pytest.fixture(scope="module")
-def configs(tmp_path_factory):
+def configs(tmp_path_factory, tiny_model):
     """Real vLLM configurations of a ConSA checkpoint and of its dense source."""
     pytest.importorskip("vllm")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -91,11 +91,9 @@ def configs(tmp_path_factory):
 
     from consa_vllm.allocation import Allocation
     from consa_vllm.export import export_model
-    from consa_vllm.tiny import build_tiny_model
 
-    root = tmp_path_factory.mktemp("endpoint")
-    src, dst = root / "tiny", root / "tiny-consa"
-    build_tiny_model(src, family="qwen3", num_layers=2, num_attention_heads=4, num_kv_heads=2, head_dim=32)
+    dst = tmp_path_factory.mktemp("endpoint") / "tiny-consa"
+    src = tiny_model("qwen3", num_layers=2, num_attention_heads=4, num_kv_heads=2, head_dim=32)
     alloc = Allocation(granularity="kv_head", window=16, pattern=["FS", "SS"])
     export_model(src, alloc, dst, force=True)
     mk = lambda d: EngineArgs(model=str(d), max_model_len=256, dtype="float32",  # noqa: E731

@@ -15,17 +15,14 @@ from consa_vllm.allocation import Allocation, ModelShape, estimate_kv, make_allo
 from consa_vllm.eval import cli, metrics
 from consa_vllm.eval.tasks import (KV, PASSKEY, Filler, build_word_tokenizer, make_sample, make_samples,
                                    symbolic_filler, symbolic_task, symbolic_vocab, training_document)
-from consa_vllm.tiny import build_tiny_model
 
 WINDOW = 16
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("eval") / "tiny"
-    build_tiny_model(d, num_layers=2, num_attention_heads=4, num_kv_heads=2, head_dim=32, hidden_size=64,
-                     intermediate_size=128, max_position_embeddings=256)
-    return d
+def tiny(tiny_model):
+    return tiny_model(num_layers=2, num_attention_heads=4, num_kv_heads=2, head_dim=32, hidden_size=64,
+                      intermediate_size=128, max_position_embeddings=256)
 
 
 @pytest.fixture(scope="module")

@@ -19,20 +19,19 @@ pytest.importorskip("vllm")
 WINDOW = 24
 PATTERN = ["FFSS", "SSSS", "FSSS", "FFFS"]
 MAX_MODEL_LEN = 256
-LOSS_ATOL = 1e-3  # float32 CPU: vLLM vs reference logprobs agree to ~1e-5 (DESIGN.md §3)
+LOSS_ATOL = 1e-3  # float32 CPU: vLLM vs reference logprobs agree to ~1e-5 (docs/DESIGN.md §10)
 
 pytestmark = pytest.mark.engine
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def checkpoint(tmp_path_factory, tiny_model):
     from consa_vllm.allocation import Allocation
     from consa_vllm.export import export_model
-    from consa_vllm.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("eval-served")
-    src = build_tiny_model(root / "tiny", num_layers=4, num_attention_heads=8, num_kv_heads=4, head_dim=32,
-                           max_position_embeddings=MAX_MODEL_LEN)
+    src = tiny_model(num_layers=4, num_attention_heads=8, num_kv_heads=4, head_dim=32,
+                     max_position_embeddings=MAX_MODEL_LEN)
     alloc = Allocation(granularity="kv_head", window=WINDOW, pattern=PATTERN)
     return {"dir": export_model(src, alloc, root / "tiny-consa", force=True), "allocation": alloc}
 

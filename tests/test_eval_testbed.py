@@ -35,6 +35,7 @@ def run_dir(tmp_path_factory):
     return out, pub
 
 
+@pytest.mark.slow
 def test_every_allocation_is_trained_evaluated_and_reported(run_dir):
     out, pub = run_dir
     res = RunResults.model_validate_json((out / "results.json").read_text())
@@ -61,6 +62,7 @@ def test_every_allocation_is_trained_evaluated_and_reported(run_dir):
     assert sorted(p.name for p in (pub / "heatmaps").iterdir()) == sorted(f"{n}.png" for n in names)
 
 
+@pytest.mark.slow
 def test_corpus_manifest_records_the_files_and_their_hashes(run_dir):
     out, _ = run_dir
     m = json.loads((out / "corpus" / "manifest.json").read_text())
@@ -71,6 +73,7 @@ def test_corpus_manifest_records_the_files_and_their_hashes(run_dir):
     assert n_train == sum(f["split"] == "train" for f in m["files"])
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_work_and_other_settings_are_refused(run_dir):
     out, _ = run_dir
     before = (out / "stage2" / "dense" / "config.json").stat().st_mtime_ns
@@ -79,3 +82,34 @@ def test_rerun_skips_finished_work_and_other_settings_are_refused(run_dir):
     assert (out / "stage2" / "dense" / "config.json").stat().st_mtime_ns == before
     r = _run("--out", str(out), "--phase", "corpus", "--device", "cpu")  # full sizes into a smoke run
     assert r.returncode == 2 and "other settings" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_lm_training_resumes_from_a_safetensors_checkpoint_to_the_same_weights(tmp_path):
+    """``train_lm`` stopped by its time budget and called again ends where one uninterrupted run
+    ends; the state in between is safetensors + JSON (no pickle), and it is removed at the end."""
+    import torch
+
+    from benchmarks.testbed.lm import build_model, train_lm
+
+    shape = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+
+    def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.randint(1, 64, (2, 16), generator=torch.Generator().manual_seed(step))
+        return ids, ids == 7
+
+    kw = dict(warmup=2, answer_weight=1.0, log_every=1)
+    straight = build_model(shape, seed=0)
+    assert train_lm(straight, batch, 6, 1e-2, **kw)["done"]
+
+    resumed = build_model(shape, seed=0)
+    ckpt = tmp_path / "state"
+    first = train_lm(resumed, batch, 6, 1e-2, ckpt_dir=ckpt, max_seconds=0.0, **kw)
+    assert first == {"done": False, "step": 1, "last_loss": first["last_loss"]}
+    files = sorted(p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file())
+    assert files == ["latest", "step_00000001/state.json", "step_00000001/tensors.safetensors"]
+    fresh = build_model(shape, seed=1)  # other weights: everything must come from the checkpoint
+    second = train_lm(fresh, batch, 6, 1e-2, ckpt_dir=ckpt, **kw)
+    assert second["done"] and second["step"] == 6 and not ckpt.exists()
+    want, got = straight.state_dict(), fresh.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)

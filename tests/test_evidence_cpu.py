@@ -151,6 +151,7 @@ def deterministic():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", SEEDS)
 def test_learned_kv_head_allocation_beats_seeded_random_on_retrieval(seed, tmp_path, deterministic):
     r = run_evidence(seed, tmp_path)

@@ -20,20 +20,18 @@ from consa_vllm.export import (
     exported_config,
     read_exported_allocation,
 )
-from consa_vllm.tiny import build_tiny_model
 
 L, H = 4, 2
 
 
 @pytest.fixture(scope="module")
-def qwen3(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("src") / "qwen3", "qwen3", num_layers=L, num_kv_heads=H)
+def qwen3(tiny_model) -> Path:
+    return tiny_model("qwen3", num_layers=L, num_kv_heads=H)
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("src") / "llama", "llama", num_layers=L, num_kv_heads=H,
-                            tokenizer=False)
+def llama(tiny_model) -> Path:
+    return tiny_model("llama", num_layers=L, num_kv_heads=H, tokenizer=False)
 
 
 @pytest.fixture
@@ -74,7 +72,7 @@ def test_export_qwen3_loads_with_transformers(qwen3, alloc, tmp_path):
     assert cfg.architectures == ["ConsaQwen3ForCausalLM"]
     assert cfg.consa["base_architecture"] == "Qwen3ForCausalLM"
     assert cfg.consa["pattern"] == alloc.pattern
-    # No global sliding window that vLLM could pick up (DESIGN.md §3 Traps).
+    # No global sliding window that vLLM could pick up (docs/DESIGN.md §7, Traps).
     assert cfg.sliding_window is None and cfg.use_sliding_window is False
     assert cfg.layer_types == ["full_attention"] * L
     assert cfg.num_hidden_layers == L and cfg.num_key_value_heads == H

@@ -8,18 +8,18 @@ from __future__ import annotations
 import pytest
 
 torch = pytest.importorskip("torch")
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.engine, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-from engine_harness import export, max_logprob_gap, prompts_of, reference_generate, run_vllm, tiny_model  # noqa: E402
+from engine_harness import TINY, export, max_logprob_gap, prompts_of, reference_generate, run_vllm  # noqa: E402
 
 PATTERN = ["FSSS", "SSSS", "SFFS", "FFFF"]
 WINDOW = 32
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
+def model(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("gpu")
-    src = tiny_model(root, "qwen3", head_dim=64)
+    src = tiny_model("qwen3", **{**TINY, "head_dim": 64})
     return src, export(src, root / "consa", PATTERN, WINDOW)
 
 

@@ -18,11 +18,13 @@ from server_harness import consa_serve, http_get
 openai = pytest.importorskip("openai")
 pytest.importorskip("vllm")
 
+pytestmark = pytest.mark.engine
+
 WINDOW = 24
 PATTERN = ["FFSS", "SSSS", "FSSS", "FFFS"]  # 2, 0, 1, 3 F heads per layer
 MAX_MODEL_LEN = 512
 MAX_TOKENS = 16
-LOGPROB_ATOL = 1e-3  # float32 CPU: real agreement is ~1e-5 (DESIGN.md §3); 1e-3 means a bug
+LOGPROB_ATOL = 1e-3  # float32 CPU: real agreement is ~1e-5 (docs/DESIGN.md §10); 1e-3 means a bug
 
 PROMPT = ("import os\nimport sys\n\ndef main(argv):\n    for name in sorted(os.listdir('.')):\n"
           "        print(name, file=sys.stderr)\n    return 0\n")
@@ -36,14 +38,12 @@ MESSAGES = [{"role": "user", "content": "Write a function that returns the sum o
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def checkpoint(tmp_path_factory, tiny_model):
     from consa_vllm.allocation import Allocation
     from consa_vllm.export import export_model
-    from consa_vllm.tiny import build_tiny_model
 
-    root = tmp_path_factory.mktemp("http")
-    src, dst = root / "tiny-qwen3", root / "tiny-qwen3-consa"
-    build_tiny_model(src, family="qwen3", num_layers=4, num_attention_heads=8, num_kv_heads=4, head_dim=32)
+    dst = tmp_path_factory.mktemp("http") / "tiny-qwen3-consa"
+    src = tiny_model("qwen3", num_layers=4, num_attention_heads=8, num_kv_heads=4, head_dim=32)
     alloc = Allocation(granularity="kv_head", window=WINDOW, pattern=PATTERN)
     export_model(src, alloc, dst, force=True)
     return {"src": src, "dir": dst, "allocation": alloc}

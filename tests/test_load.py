@@ -30,6 +30,8 @@ from server_harness import consa_serve, http_get
 openai = pytest.importorskip("openai")
 pytest.importorskip("vllm")
 
+pytestmark = pytest.mark.engine
+
 WINDOW = 24
 PATTERN = ["FFSS", "SSSS", "FSSS", "FFFS"]  # 2, 0, 1, 3 F heads per layer
 MAX_MODEL_LEN = 512
@@ -79,14 +81,12 @@ def random_prompt(rng: random.Random, n: int, vocab: int) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def checkpoint(tmp_path_factory, tiny_model):
     from consa_vllm.allocation import Allocation
     from consa_vllm.export import export_model
-    from consa_vllm.tiny import build_tiny_model
 
-    root = tmp_path_factory.mktemp("load")
-    src, dst = root / "tiny-qwen3", root / "tiny-qwen3-consa"
-    build_tiny_model(src, family="qwen3", num_layers=4, num_attention_heads=8, num_kv_heads=4, head_dim=32)
+    dst = tmp_path_factory.mktemp("load") / "tiny-qwen3-consa"
+    src = tiny_model("qwen3", num_layers=4, num_attention_heads=8, num_kv_heads=4, head_dim=32)
     alloc = Allocation(granularity="kv_head", window=WINDOW, pattern=PATTERN).with_extra(target_sparsity=0.5)
     export_model(src, alloc, dst, force=True)
     vocab = json.loads((dst / "config.json").read_text())["vocab_size"]

@@ -496,11 +496,13 @@ def _triton_available():
     return True
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _triton_available(), reason="triton not installed")
 def test_triton_interpret_write_kv():
     assert "RESULT write_kv ok" in _run_interpret("write_kv")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _triton_available(), reason="triton not installed")
 def test_triton_interpret_attention():
     # one subprocess for all cases (startup + import cost paid once)

@@ -12,12 +12,12 @@ import json
 import pytest
 
 from engine_harness import (
+    TINY,
     export,
     max_logprob_gap,
     prompts_of,
     reference_generate,
     run_vllm,
-    tiny_model,
 )
 
 from consa_vllm.allocation import Allocation, ModelShape, estimate_kv
@@ -32,7 +32,7 @@ NEW = 16
 QWEN_PATTERN = ["FSSS", "SSSS", "SFFS", "FFFF"]
 LLAMA_PATTERN = ["SSFS", "FFFF", "SSSS", "FSFS"]
 ENGINE = dict(max_num_batched_tokens=64, enable_prefix_caching=True)
-# DESIGN.md §3: stock CPU attention vs an eager reference is ~1e-5; 1e-3 means a bug.
+# docs/DESIGN.md §10: stock CPU attention vs an eager reference is ~1e-5; 1e-3 means a bug.
 TOL = 1e-3
 
 
@@ -82,8 +82,8 @@ def root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def qwen3(root):
-    src = tiny_model(root, "qwen3")
+def qwen3(root, tiny_model):
+    src = tiny_model("qwen3", **TINY)
     alloc = Allocation(granularity="kv_head", window=WINDOW, pattern=QWEN_PATTERN)
     prompts = prompts_of(LENGTHS)
     ref = reference_generate(src, alloc, prompts, NEW)
@@ -168,8 +168,8 @@ def test_capacity_grows_as_estimated(qwen3, qwen3_stock_dense):
 
 
 @pytest.fixture(scope="module")
-def llama(root):
-    src = tiny_model(root, "llama", seed=1)
+def llama(root, tiny_model):
+    src = tiny_model("llama", seed=1, **TINY)
     alloc = Allocation(granularity="kv_head", window=WINDOW, pattern=LLAMA_PATTERN)
     prompts = prompts_of(LENGTHS, seed=1)
     ref = reference_generate(src, alloc, prompts, NEW)
@@ -225,8 +225,8 @@ def test_kv_head_rows_equal_stock_layer_windows(llama_layerwise):
 def llama_all_sliding(root, llama):
     src = llama[0]
     prompts = prompts_of(LENGTHS, seed=3)
-    # Stock vLLM on CPU crashes on an all-sliding model with the hybrid manager (DESIGN.md
-    # §3); without it, stock still applies the window in the kernel: a valid numerical oracle.
+    # Stock vLLM on CPU crashes on an all-sliding model with the hybrid manager (docs/DESIGN.md
+    # §7); without it, stock still applies the window in the kernel: a valid numerical oracle.
     stock = run_vllm(_stock_llama_with_windows(src, root / "llama-stock-allS", ["sliding_attention"] * 4),
                      prompts, NEW, disable_hybrid_kv_cache_manager=True, **ENGINE)
     consa = run_vllm(export(src, root / "llama-allS", ["SSSS"] * 4, WINDOW, "layer"), prompts, NEW,
@@ -241,14 +241,14 @@ def test_all_sliding_equals_stock_sliding_window(llama_all_sliding):
     assert [g[0] for g in consa.extra["groups"]] == ["SlidingWindowSpec"]
 
 
-def test_trained_allocation_is_served(root):
+def test_trained_allocation_is_served(root, tiny_model):
     """Trainer CLI -> allocation file -> export -> the plugin serves it like the reference."""
     import subprocess
     import sys
 
     from consa_vllm.tiny import stdlib_python_files
 
-    src = tiny_model(root, "qwen3", seed=2)
+    src = tiny_model("qwen3", seed=2, **TINY)
     data = root / "train-data"
     data.mkdir(exist_ok=True)
     for p in stdlib_python_files(6):

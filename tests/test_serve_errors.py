@@ -31,15 +31,13 @@ API_SERVER = "vllm.entrypoints.openai.api_server"
 
 
 @pytest.fixture(scope="module")
-def good(tmp_path_factory) -> Path:
+def good(tmp_path_factory, tiny_model) -> Path:
     """A real exported tiny Qwen3 (4 layers x 4 KV heads) that vLLM could serve."""
     from consa_vllm.allocation import Allocation
     from consa_vllm.export import export_model
-    from consa_vllm.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("serve-errors")
-    src = root / "src"
-    build_tiny_model(src, family="qwen3", num_layers=4, num_attention_heads=8, num_kv_heads=4, head_dim=32)
+    src = tiny_model("qwen3", num_layers=4, num_attention_heads=8, num_kv_heads=4, head_dim=32)
     return export_model(src, Allocation(granularity="kv_head", window=WINDOW, pattern=PATTERN),
                         root / "good", force=True)
 
@@ -124,6 +122,23 @@ def test_serve_directory_without_config(tmp_path):
     assert_one_line_error(r, elapsed, str(tmp_path / "config.json"), "not found")
 
 
+def test_server_process_reports_an_early_exit_with_the_server_log(tmp_path):
+    """The package's server manager (demo, HTTP tests): a server that stops before /health
+    answers is reported at once, its log kept, nothing left running."""
+    from consa_vllm.server_process import ServerError, ServerProcess, free_port
+
+    d = tmp_path / "does-not-exist"
+    server = ServerProcess(d, free_port(), tmp_path / "server.log", args=("--max-model-len", "512"))
+    server.start()
+    t0 = time.monotonic()
+    with pytest.raises(ServerError, match="exited with status 2 before /health answered"):
+        server.wait_healthy(timeout=FAST_S)
+    assert time.monotonic() - t0 < FAST_S
+    assert f"consa-vllm serve: error: {d / 'config.json'}" in server.read_log()
+    server.stop()
+    assert server.proc.returncode == 2
+
+
 def test_serve_usage_errors(good):
     r, elapsed = run_serve("--port", "8000")
     assert_one_line_error(r, elapsed, "missing MODEL_DIR")
@@ -145,6 +160,7 @@ def test_serve_error_imports_nothing_heavy(good, tmp_path):
 # ----------------------------------------------------------------------------- plain vLLM server
 
 
+@pytest.mark.engine  # starts vLLM's API server (which must stop before its engine starts)
 @pytest.mark.parametrize("plugins", [None, "consa"], ids=["entry-point", "VLLM_PLUGINS=consa"])
 def test_plain_vllm_server_stops_before_loading_weights(good, tmp_path, plugins):
     pytest.importorskip("vllm")
@@ -169,6 +185,7 @@ def test_plain_vllm_server_stops_before_loading_weights(good, tmp_path, plugins)
 # ----------------------------------------------------------------------------- window >= max_model_len
 
 
+@pytest.mark.slow  # three vLLM engine configurations in a subprocess (no engine starts)
 def test_window_at_least_max_model_len_is_accepted_with_a_warning(good, tmp_path):
     """Through the plugin's config hook (EngineArgs.create_engine_config), no engine started."""
     pytest.importorskip("vllm")

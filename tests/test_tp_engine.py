@@ -13,7 +13,7 @@ import os
 import psutil
 import pytest
 
-from engine_harness import export, max_logprob_gap, prompts_of, run_vllm, tiny_model
+from engine_harness import TINY, export, max_logprob_gap, prompts_of, run_vllm
 
 from consa_vllm.allocation import Allocation
 from consa_vllm.plugin.layout import PoolLayout
@@ -25,13 +25,13 @@ WINDOW = 24
 PATTERN = ["FFSS", "FSSS", "SSSS", "FFSS"]
 LENGTHS = [30, 75, 140, 9]
 NEW = 12
-TOL = 1e-3  # DESIGN.md §3: float32 engines agree to ~1e-5; 1e-3 means a bug
+TOL = 1e-3  # docs/DESIGN.md §10: float32 engines agree to ~1e-5; 1e-3 means a bug
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
+def model_dir(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("tp")
-    return export(tiny_model(root, "qwen3"), root / "consa", PATTERN, WINDOW)
+    return export(tiny_model("qwen3", **TINY), root / "consa", PATTERN, WINDOW)
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 BENCH = str(Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train_stage1.py")
 
 
+@pytest.mark.slow
 def test_bench_smoke_writes_json(tmp_path):
     out = tmp_path / "res" / "stage1.json"
     r = subprocess.run([sys.executable, BENCH, "--device", "cpu", "--smoke",

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from consa_vllm.allocation import Allocation
-from consa_vllm.tiny import build_tiny_model, stdlib_python_files
+from consa_vllm.tiny import stdlib_python_files
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -20,9 +20,9 @@ def run(*args, timeout=240, cwd=None):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("cli")
-    model = build_tiny_model(root / "model", num_layers=2, num_attention_heads=4, num_kv_heads=2, head_dim=32)
+    model = tiny_model(num_layers=2, num_attention_heads=4, num_kv_heads=2, head_dim=32)
     data = root / "data.jsonl"
     data.write_text("".join(json.dumps({"text": f.read_text()}) + "\n" for f in stdlib_python_files(6)))
     return model, data
@@ -155,6 +155,7 @@ def test_unreadable_data_fails_before_training(tiny, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_torchrun_ddp_matches_one_process(tiny, tmp_path):
     """2 CPU ranks (gloo) x accum 1 == 1 process x accum 2: same data, same gate noise, same result."""
     if shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None:

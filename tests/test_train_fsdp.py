@@ -12,11 +12,13 @@ from safetensors.torch import load_file
 
 from consa_vllm.allocation import Allocation
 from consa_vllm.export import read_exported_allocation
-from consa_vllm.tiny import build_tiny_model, stdlib_python_files
+from consa_vllm.tiny import stdlib_python_files
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 PORT = "29547"  # not the DDP test's port: the two may run in parallel
+
+pytestmark = pytest.mark.slow  # three torchrun training runs
 
 
 def python(*args):
@@ -34,12 +36,12 @@ def weights(d):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, tiny_model):
     """One process, FSDP on 2 ranks (checkpoints every 3 steps), and FSDP resumed from its stage-1 step 6."""
     if not os.path.exists(TORCHRUN):
         pytest.skip("torchrun not installed")
     root = tmp_path_factory.mktemp("fsdp")
-    model = build_tiny_model(root / "model", num_layers=2, num_attention_heads=4, num_kv_heads=2, head_dim=32)
+    model = tiny_model(num_layers=2, num_attention_heads=4, num_kv_heads=2, head_dim=32)
     data = root / "data.jsonl"
     data.write_text("".join(json.dumps({"text": f.read_text()}) + "\n" for f in stdlib_python_files(6)))
     # Same global batch and the same micro-batches: 1 x (batch 1, accum 4) == 2 ranks x (batch 1, accum 2).

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from consa_vllm.allocation import Allocation
-from consa_vllm.tiny import build_tiny_model, stdlib_python_files
+from consa_vllm.tiny import stdlib_python_files
 from consa_vllm.train import ConfigError, TrainConfig, train, validate
 from consa_vllm.train import loop as loop_mod
 from consa_vllm.train.data import DataError, PackedData, load_data
@@ -17,10 +17,10 @@ torch.set_num_threads(1)  # the CI box has 2 shared cores: oversubscription only
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("train")
-    model = build_tiny_model(root / "model", family="qwen3", num_layers=4, num_attention_heads=8, num_kv_heads=4,
-                             head_dim=32, hidden_size=128, intermediate_size=256)
+    model = tiny_model("qwen3", num_layers=4, num_attention_heads=8, num_kv_heads=4, head_dim=32, hidden_size=128,
+                       intermediate_size=256)
     data = root / "data"
     data.mkdir()
     for f in stdlib_python_files(12):
@@ -184,3 +184,39 @@ def test_bad_data_messages(tiny, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="folder has no readable data files"):
         load_data([str(tmp_path / "empty")], tok, 64, 0)
+
+
+def test_saved_dataset_folders_are_recognised_precisely(tmp_path):
+    """A folder reads as a ``datasets`` folder exactly when ``datasets.load_from_disk`` would take it;
+    a trainer checkpoint folder (it has a state.json too) is an ordinary folder of files."""
+    import datasets
+
+    from consa_vllm.train.checkpoint import save_checkpoint
+    from consa_vllm.train.data import list_sources
+
+    one = datasets.Dataset.from_dict({"text": ["a b c"]})
+    one.save_to_disk(str(tmp_path / "ds"))
+    datasets.DatasetDict({"train": one}).save_to_disk(str(tmp_path / "dd"))
+    assert list_sources([str(tmp_path / "ds")]) == [("datasets", tmp_path / "ds")]
+    assert list_sources([str(tmp_path / "dd")]) == [("datasets", tmp_path / "dd")]
+    ckpt = save_checkpoint(tmp_path / "checkpoints", 10, {"log_alpha": torch.zeros(2)})
+    assert (ckpt / "state.json").is_file()
+    assert list_sources([str(ckpt)]) == [("jsonl", ckpt / "state.json")]
+
+
+def test_run_heatmap_is_the_allocation_heatmap_with_the_gate_probabilities(tmp_path):
+    """The trainer draws its allocation.png with the package's one heatmap; the recorded P(F)
+    (one gate per layer under layer granularity) fill its second panel."""
+    from consa_vllm.allocation import plot_allocation
+    from consa_vllm.train.plots import gate_probabilities
+
+    layer = Allocation(granularity="layer", window=8, pattern=["FF", "SS"]).with_extra(
+        training={"p_nonzero": [[0.9], [0.2]]})
+    assert gate_probabilities(layer) == [[0.9, 0.9], [0.2, 0.2]]
+    heads = Allocation(granularity="kv_head", window=8, pattern=["FS", "SF"]).with_extra(
+        training={"p_nonzero": [[0.7, 0.1], [0.3, 0.6]]})
+    assert gate_probabilities(heads) == [[0.7, 0.1], [0.3, 0.6]]
+    assert gate_probabilities(Allocation(granularity="layer", window=8, pattern=["F", "S"])) is None
+    # The probabilities are accepted by the heatmap (it checks their shape and range).
+    png = plot_allocation(layer, tmp_path / "a.png", probabilities=gate_probabilities(layer))
+    assert png.read_bytes()[:4] == b"\x89PNG"

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+from consa_vllm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
 
 def build_model(shape: dict, seed: int, dtype: str = "float32"):
@@ -49,6 +52,9 @@ def train_lm(model, batch_fn: Callable[[int], tuple[torch.Tensor, torch.Tensor]]
     ``batch_fn(step)`` returns ``(ids [B, T], answer_mask [B, T])`` and must be a pure function of
     ``step``, so that a resumed run sees the same batches. With ``ckpt_dir`` the state is saved
     every ``ckpt_every`` steps and when ``max_seconds`` runs out; the next call resumes there.
+    The state (weights, optimizer, schedule) is written as the trainer writes its checkpoints
+    (:mod:`consa_vllm.train.checkpoint`: tensors in safetensors, the rest in JSON, no pickle);
+    ``ckpt_dir`` is removed once training is done.
     Returns ``{"done": bool, "step": int, "last_loss": float}``.
     """
     model.to(device).train()
@@ -56,21 +62,18 @@ def train_lm(model, batch_fn: Callable[[int], tuple[torch.Tensor, torch.Tensor]]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup)) * (
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, max(0, s - warmup) / max(1, steps - warmup))))))
     step, t0, loss_val = 0, time.time(), float("nan")
-    state_path = Path(ckpt_dir) / "state.pt" if ckpt_dir else None
-    if state_path and state_path.exists():
-        st = torch.load(state_path, map_location=device, weights_only=False)
+    ckpt_root = Path(ckpt_dir) if ckpt_dir else None
+    latest = latest_checkpoint(ckpt_root) if ckpt_root else None
+    if latest is not None:
+        step, st = load_checkpoint(latest)  # tensors come back on the CPU; load_state_dict moves them
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         sched.load_state_dict(st["sched"])
-        step = st["step"]
 
     def save() -> None:
-        if state_path:
-            state_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = state_path.with_suffix(".tmp")
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                        "step": step}, tmp)
-            tmp.replace(state_path)
+        if ckpt_root:
+            save_checkpoint(ckpt_root, step, {"model": model.state_dict(), "opt": opt.state_dict(),
+                                              "sched": sched.state_dict()}, keep=1)
 
     amp = torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, autocast_dtype)) \
         if autocast_dtype else None
@@ -97,8 +100,8 @@ def train_lm(model, batch_fn: Callable[[int], tuple[torch.Tensor, torch.Tensor]]
         if max_seconds is not None and time.time() - t0 > max_seconds and step < steps:
             save()
             return {"done": False, "step": step, "last_loss": loss_val}
-    if state_path and state_path.exists():
-        state_path.unlink()
+    if ckpt_root:
+        shutil.rmtree(ckpt_root, ignore_errors=True)
     model.eval()
     return {"done": True, "step": step, "last_loss": loss_val}
 

@@ -1,6 +1,6 @@
 """The allocation file: which attention units are full (F) and which are sliding-window (S).
 
-This module is the single definition of the file format (DESIGN.md §2). The trainer
+This module is the single definition of the file format (docs/DESIGN.md §3). The trainer
 writes it, the CLI draws it, the exporter embeds it in ``config.json`` and the vLLM
 plugin reads it. Everything else imports :class:`Allocation` from here.
 

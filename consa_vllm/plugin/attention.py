@@ -28,8 +28,8 @@ class ConsaKVPool(Attention):
     for the S pool, frees out-of-window) blocks for these heads.
     """
 
-    def __init__(self, num_heads: int, head_size: int, pool_heads: int, window: int | None,
-                 block_size: int, page_tokens_heads: int, cache_config: CacheConfig | None, prefix: str):
+    def __init__(self, head_size: int, pool_heads: int, window: int | None, block_size: int,
+                 page_tokens_heads: int, cache_config: CacheConfig | None, prefix: str):
         super().__init__(num_heads=pool_heads, head_size=head_size, scale=1.0, num_kv_heads=pool_heads,
                          cache_config=cache_config, per_layer_sliding_window=window, prefix=prefix,
                          attn_backend=ConsaAttentionBackend)
@@ -69,12 +69,11 @@ class ConsaKVPools(nn.Module):
         self.full_name = f"{prefix}.0.full" if layout.full_pool_heads else None
         self.sliding_name = f"{prefix}.0.sliding" if layout.sliding_pool_heads else None
         if layout.full_pool_heads:
-            self.full = ConsaKVPool(layout.full_pool_heads, head_size, layout.full_pool_heads, None,
-                                      block_f, page, cache_config, self.full_name)
+            self.full = ConsaKVPool(head_size, layout.full_pool_heads, None, block_f, page, cache_config,
+                                    self.full_name)
         if layout.sliding_pool_heads:
-            self.sliding = ConsaKVPool(layout.sliding_pool_heads, head_size, layout.sliding_pool_heads,
-                                         window, block_s, page, cache_config, self.sliding_name)
-        self.block_sizes = (block_f, block_s)
+            self.sliding = ConsaKVPool(head_size, layout.sliding_pool_heads, window, block_s, page, cache_config,
+                                       self.sliding_name)
         # Pool sizes are the same on every tensor-parallel rank; a rank may leave a slot
         # unused (layout.balance_heads) so that vLLM sees identical KV cache specs.
         logger.info("ConSA KV pools: %d F heads (block %d), %d S heads (block %d, window %d); "
@@ -103,4 +102,3 @@ class ConsaAttention(Attention):
                          consa_pools=(pools.full_name, pools.sliding_name, layer))
         self.consa_window = pools.layout.window
         self.consa_sink = pools.layout.sink
-        self.consa_layer = layer

@@ -11,7 +11,7 @@ of ``generate``); ``StaticCache`` is not supported. The window is measured in sl
 ``sliding_window_overlay`` does: with left padding the real tokens of a row are contiguous, so
 slot distance equals token distance.
 
-Window semantics (DESIGN.md §2): query at slot ``i`` sees keys ``i-W+1 .. i``, itself included.
+Window semantics (docs/DESIGN.md §4): query at slot ``i`` sees keys ``i-W+1 .. i``, itself included.
 With ``sink > 0`` (attention sinks, StreamingLLM) an S head also sees the first ``sink`` tokens of its
 sequence: keys ``0 .. sink-1`` and ``i-W+1 .. i``, causal. Without a model mask the sink tokens are slots
 ``0 .. sink-1``; with one, they are each row's first ``sink`` real tokens (the slots some query may

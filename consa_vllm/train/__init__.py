@@ -2,7 +2,7 @@
 
 Run ``python -m consa_vllm.train --help``. Modules: :mod:`.config` (TrainConfig and the CLI),
 :mod:`.gates` (gate math), :mod:`.lagrangian`, :mod:`.data`, :mod:`.checkpoint`,
-:mod:`.loop` (the training loop), :mod:`.dist` (FSDP2 sharding and full state dicts), :mod:`.plots`,
+:mod:`.loop` (the training loop), :mod:`.dist` (one process, DDP or FSDP2, behind one object), :mod:`.plots`,
 :mod:`.export`, :mod:`.bench` (stage-1 throughput).
 """
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -68,10 +68,6 @@ class TrainConfig:
 
     # ------------------------------------------------------------------ derived
     @property
-    def out_path(self) -> Path:
-        return Path(self.out)
-
-    @property
     def log_path(self) -> Path:
         if self.log_dir:
             return Path(self.log_dir)
@@ -84,11 +80,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 # Fields that may change between a run and its resumption without changing the result.

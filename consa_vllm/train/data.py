@@ -24,8 +24,16 @@ PARQUET_EXTS = {".parquet"}
 
 
 def _is_saved_dataset(p: Path) -> bool:
-    return p.is_dir() and ((p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file()
-                           or (p / "state.json").is_file())
+    """Whether ``p`` is a folder written by ``datasets``' ``save_to_disk``.
+
+    The same test as ``datasets.load_from_disk``: a ``Dataset`` folder has both
+    ``dataset_info.json`` and ``state.json``, a ``DatasetDict`` folder ``dataset_dict.json``.
+    ``state.json`` alone is no sign: the trainer's own checkpoint folders have one.
+    """
+    if not p.is_dir():
+        return False
+    dataset = (p / "dataset_info.json").is_file() and (p / "state.json").is_file()
+    return dataset or (p / "dataset_dict.json").is_file()
 
 
 def list_sources(paths: list[str]) -> list[tuple[str, Path]]:

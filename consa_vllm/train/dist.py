@@ -1,4 +1,8 @@
-"""FSDP2 helpers: shard the model, keep the replicated gates in step, gather and restore full state.
+"""Running the trainer on several processes: one process, DDP, or FSDP2, behind one object.
+
+:class:`Parallel` is the only place where the three modes differ. The training loop calls its
+methods whatever the mode: where to load the model, sharding, the module to call for a stage,
+gradient sync across micro-batches, and the state dicts of checkpoints.
 
 Under ``--fsdp`` every decoder layer, then the rest of the causal LM (embeddings, final norm,
 head), is sharded with FSDP2's ``fully_shard``. The gates (``log_alpha``) and the Lagrange
@@ -10,10 +14,112 @@ as without FSDP and a run can be resumed with any number of processes.
 
 from __future__ import annotations
 
+import os
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+
+from .config import ConfigError
+
+
+@dataclass(frozen=True)
+class Parallel:
+    """This process's place in the run, and every step that differs between the modes.
+
+    ``world == 1``: one process. ``world > 1`` without ``fsdp``: DDP (each rank holds the
+    whole model). ``fsdp``: FSDP2 (each rank holds a shard; needs ``world > 1``).
+    """
+
+    rank: int
+    world: int
+    device: torch.device
+    fsdp: bool
+
+    @classmethod
+    def from_env(cls, device: str, fsdp: bool) -> "Parallel":
+        """Read torchrun's environment, pick the device and join the process group (NCCL on CUDA, gloo on CPU).
+
+        ``device`` is ``--device`` (``auto``, ``cpu``, ``cuda`` or ``cuda:N``).
+        """
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+        want_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+        if want_cuda and not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: CUDA is not available on this machine")
+        if want_cuda:
+            dev = torch.device(f"cuda:{local}" if world > 1 or device in ("auto", "cuda") else device)
+            torch.cuda.set_device(dev)
+        else:
+            dev = torch.device("cpu")
+        if fsdp and world == 1:
+            raise ConfigError("--fsdp shards the model over several processes: run under torchrun --nproc-per-node N")
+        if world > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if want_cuda else "gloo")
+        return cls(rank, world, dev, fsdp)
+
+    @property
+    def load_device(self) -> torch.device:
+        """Where the model is loaded: the CPU under FSDP (only each rank's shard goes to ``device``)."""
+        return torch.device("cpu") if self.fsdp else self.device
+
+    def shard(self, model: nn.Module) -> None:
+        """FSDP: shard ``model`` in place (:func:`shard_model`); nothing otherwise."""
+        if self.fsdp:
+            shard_model(model, self.device, self.world)
+
+    def wrap(self, net: nn.Module) -> nn.Module:
+        """The module a stage calls: DDP around ``net`` under DDP, ``net`` itself otherwise.
+
+        Called once per stage: DDP registers the parameters that require gradients when it
+        is built, and the stages train different ones.
+        """
+        if self.world == 1 or self.fsdp:
+            return net
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        return DDP(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def micro_batch(self, net: nn.Module, wrapped: nn.Module, sync: bool) -> AbstractContextManager:
+        """Context of one micro-batch's forward and backward; gradients are reduced across
+        ranks only when ``sync`` (the last micro-batch of a step)."""
+        if self.fsdp:  # FSDP2: accumulate unsharded grads, reduce-scatter once
+            net.model.set_requires_gradient_sync(sync)
+            return nullcontext()
+        return nullcontext() if sync else wrapped.no_sync()
+
+    def reduce_replicated_grads(self, net: nn.Module) -> None:
+        """FSDP: average the gradients of the replicated gates and multipliers (DDP does it itself)."""
+        if self.fsdp:
+            sync_replicated_grads(net)
+
+    def model_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The weights for a checkpoint: FSDP gathers them (collective; ``{}`` off rank 0)."""
+        return full_model_state(model) if self.fsdp else model.state_dict()
+
+    def load_model_state(self, model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
+        """Load weights saved by :meth:`model_state`."""
+        if self.fsdp:
+            load_full_model_state(model, sd)
+        else:
+            model.load_state_dict(sd)
+
+    def optimizer_state(self, net: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+        """``opt``'s state for a checkpoint: FSDP gathers it, keyed by parameter name (collective)."""
+        return full_optimizer_state(net, opt) if self.fsdp else opt.state_dict()
+
+    def load_optimizer_state(self, net: nn.Module, opt: torch.optim.Optimizer, sd: dict[str, Any]) -> None:
+        """Load a state saved by :meth:`optimizer_state`."""
+        if self.fsdp:
+            load_full_optimizer_state(net, opt, sd)
+        else:
+            opt.load_state_dict(sd)
+
+    def weights_to_save(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
+        """``--save-model``: FSDP gathers the full weights (collective); otherwise None, and the
+        model writes its own."""
+        return full_model_state(model) if self.fsdp else None
 
 
 def shard_model(model: nn.Module, device: torch.device, world: int) -> None:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
 
 from consa_vllm.allocation import Allocation
+from consa_vllm.export import export_model
 
 
 def save_trained_model(model, tokenizer, alloc: Allocation, out_dir: Path, source: str,
@@ -30,27 +30,9 @@ def save_trained_model(model, tokenizer, alloc: Allocation, out_dir: Path, sourc
             src = Path(source) / extra
             if src.is_file() and not (tmp / extra).exists():
                 shutil.copy2(src, tmp / extra)
-        try:
-            from consa_vllm.export import export_model
-        except ImportError:  # exporter not available: embed the allocation ourselves
-            return _embed(tmp, alloc, out_dir)
         # out_dir is absent or empty (checked before training); weights are copied, not linked,
         # because the temporary source is deleted afterwards.
         return export_model(tmp, alloc, out_dir, link=False, force=out_dir.exists())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-
-def _embed(tmp: Path, alloc: Allocation, out_dir: Path) -> Path:
-    cfg_path = tmp / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    base = cfg["architectures"][0]
-    cfg["architectures"] = ["Consa" + base]
-    cfg["consa"] = {**alloc.to_dict(), "base_architecture": base}
-    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    final = tmp.with_name(tmp.name + ".final")
-    shutil.copytree(tmp, final)
-    if out_dir.exists():
-        out_dir.rmdir()  # empty, checked before training
-    final.rename(out_dir)
-    return out_dir

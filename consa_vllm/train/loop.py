@@ -7,17 +7,15 @@ its own small module; what is here is setup, one step, and the two stages.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from consa_vllm.allocation import Allocation, atomic_write_text
+from consa_vllm.allocation import Allocation, atomic_write_text, plot_allocation, render_text
 
 from . import checkpoint as ckpt
 from . import dist
@@ -62,25 +60,6 @@ class GatedLM(nn.Module):
 # ------------------------------------------------------------------------------ setup
 
 
-def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
-    """``(rank, world size, device)``; joins the process group under torchrun (NCCL on CUDA, gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    want_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
-    if want_cuda and not torch.cuda.is_available():
-        raise ConfigError(f"--device {cfg.device}: CUDA is not available on this machine")
-    if want_cuda:
-        device = torch.device(f"cuda:{local}" if world > 1 or cfg.device in ("auto", "cuda") else cfg.device)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if cfg.fsdp and world == 1:
-        raise ConfigError("--fsdp shards the model over several processes: run under torchrun --nproc-per-node N")
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if want_cuda else "gloo")
-    return rank, world, device
-
-
 def load_tokenizer(cfg: TrainConfig):
     """The tokenizer of ``--tokenizer`` (default ``--model``); one clear error if it cannot be loaded."""
     from transformers import AutoTokenizer
@@ -110,37 +89,29 @@ def noise(seed: int, global_micro: int, shape: torch.Size) -> torch.Tensor:
     return torch.rand(shape, generator=g)
 
 
-def wrap(net: GatedLM, cfg: TrainConfig, world: int, device: torch.device) -> nn.Module:
-    """DDP around the trainable module; the plain module on one process or under FSDP (sharded at setup)."""
-    if world == 1 or cfg.fsdp:
-        return net
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    return DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
-
-
 # ------------------------------------------------------------------------------ loop
 
 
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
-        self.rank, self.world, self.device = setup_distributed(cfg)
+        # Everything that differs between one process, DDP and FSDP goes through self.par.
+        self.par = dist.Parallel.from_env(cfg.device, cfg.fsdp)
+        self.rank, self.world, self.device = self.par.rank, self.par.world, self.par.device
         self.main = self.rank == 0
         torch.manual_seed(cfg.seed)
         # Everything that can fail on bad input runs before anything is written.
         self.tokenizer = load_tokenizer(cfg)
         self.data: PackedData = load_data(cfg.data, self.tokenizer, cfg.seq_len, cfg.seed, cfg.text_field,
                                           cfg.max_tokens)
-        # FSDP: load on the CPU and shard there; only each rank's shard goes to the GPU.
-        model = load_model(cfg, torch.device("cpu") if cfg.fsdp else self.device)
+        model = load_model(cfg, self.par.load_device)
         try:
             self.state = patch_model(model, cfg.window, cfg.sink)
         except ValueError as e:
             raise ConfigError(f"--model {cfg.model}: {e}") from None
         per_layer = cfg.constraint == "per-layer"
         units = 1 if cfg.granularity == "layer" else self.state.num_kv_heads
-        if cfg.fsdp:
-            dist.shard_model(model, self.device, self.world)
+        self.par.shard(model)
         self.net = GatedLM(model, self.state, units, cfg.init_log_alpha,
                            self.state.num_layers if per_layer else 1, device=self.device)
         self.n_units = self.state.num_layers * units
@@ -187,9 +158,7 @@ class Trainer:
         for m in range(cfg.grad_accum):
             x = self.data.micro_batch(step, m, cfg.grad_accum, cfg.batch_size, self.rank, self.world).to(self.device)
             sync = m == cfg.grad_accum - 1 or self.world == 1
-            if cfg.fsdp and self.world > 1:  # FSDP2: accumulate unsharded grads, reduce-scatter once
-                self.net.model.set_requires_gradient_sync(sync)
-            with nullcontext() if sync or not hasattr(wrapped, "no_sync") else wrapped.no_sync():
+            with self.par.micro_batch(self.net, wrapped, sync):
                 if stage == 1:
                     g = (step * cfg.grad_accum + m) * self.world + self.rank
                     task, pen, s_hat, z = wrapped(x, noise(cfg.seed, g, self.net.log_alpha.shape), t)
@@ -200,8 +169,7 @@ class Trainer:
                     (task / cfg.grad_accum).backward()
                     sums[0] += task.detach().float()
         sums /= cfg.grad_accum
-        if self.world > 1 and cfg.fsdp:
-            dist.sync_replicated_grads(self.net)
+        self.par.reduce_replicated_grads(self.net)
         if self.world > 1:
             torch.distributed.all_reduce(sums, op=torch.distributed.ReduceOp.AVG)
         if not torch.isfinite(sums).all():
@@ -228,15 +196,13 @@ class Trainer:
     def state_dict(self, opts: dict, stage: int) -> dict[str, Any]:
         trainable = {"log_alpha": self.net.log_alpha, "lambda1": self.net.lagrangian.lambda1,
                      "lambda2": self.net.lagrangian.lambda2}
-        if self.cfg.fsdp:  # full (gathered) states, keyed by parameter name: resumable with any world size
-            optimizers = {k: dist.full_optimizer_state(self.net, o) for k, o in opts.items()}
-        else:
-            optimizers = {k: o.state_dict() for k, o in opts.items()}
+        # FSDP: full (gathered) states, keyed by parameter name: resumable with any world size.
+        optimizers = {k: self.par.optimizer_state(self.net, o) for k, o in opts.items()}
         st = {"config": self.cfg.to_dict(), "stage": stage, "trainable": trainable, "rng": ckpt.rng_state(),
               "optimizers": optimizers, "stage1_final": self.stage1_final, "elapsed": self.elapsed,
               "fsdp": self.cfg.fsdp}
         if "weights" in opts:
-            st["model"] = dist.full_model_state(self.net.model) if self.cfg.fsdp else self.net.model.state_dict()
+            st["model"] = self.par.model_state(self.net.model)
         return st
 
     def save(self, opts: dict, stage: int) -> None:
@@ -266,10 +232,7 @@ class Trainer:
             self.net.lagrangian.lambda1.copy_(st["trainable"]["lambda1"])
             self.net.lagrangian.lambda2.copy_(st["trainable"]["lambda2"])
         if "model" in st:
-            if cfg.fsdp:
-                dist.load_full_model_state(self.net.model, st["model"])
-            else:
-                self.net.model.load_state_dict(st["model"])
+            self.par.load_model_state(self.net.model, st["model"])
         ckpt.set_rng_state(st["rng"])
         self.step, self.last_ckpt = step, path
         self.stage1_final, self.elapsed = st.get("stage1_final") or {}, st.get("elapsed", 0.0)
@@ -312,11 +275,8 @@ class Trainer:
         if opt_states:
             for k, o in opts.items():
                 if k in opt_states:
-                    if cfg.fsdp:
-                        dist.load_full_optimizer_state(self.net, o, opt_states[k])
-                    else:
-                        o.load_state_dict(opt_states[k])
-        wrapped = wrap(self.net, cfg, self.world, self.device)
+                    self.par.load_optimizer_state(self.net, o, opt_states[k])
+        wrapped = self.par.wrap(self.net)
         wrapped.train()
         bar = tqdm(total=end, initial=self.step, desc=f"stage {stage}", disable=not (self.main and cfg.progress),
                    dynamic_ncols=True, file=sys.stderr)
@@ -393,16 +353,15 @@ class Trainer:
             self.state.set_allocation(alloc)
             self.state.set_gates(None)
             self.run_stage(2, cfg.total_steps, opt_states)
-        weights = None
-        if cfg.save_model and cfg.fsdp:  # gather the shards (collective), rank 0 writes them
-            weights = dist.full_model_state(self.net.model)
+        # FSDP: gather the shards (collective), rank 0 writes them.
+        weights = self.par.weights_to_save(self.net.model) if cfg.save_model else None
         if self.main:
             self.finish(alloc, weights)
         return alloc
 
     def finish(self, alloc: Allocation, weights: dict[str, torch.Tensor] | None = None) -> None:
         """Rank 0: close the logs, write the model (``weights``: gathered FSDP state), allocation and plots."""
-        from .plots import plot_allocation, plot_curves
+        from .plots import gate_probabilities, plot_curves
         cfg = self.cfg
         self.metrics_file.close()
         if self.tb:
@@ -418,9 +377,9 @@ class Trainer:
                                state_dict=weights)
             print(f"model with the allocation embedded: {cfg.save_model}", file=sys.stderr)
         alloc.save(cfg.out)
-        plot_allocation(alloc, cfg.log_path / "allocation.png")
+        plot_allocation(alloc, cfg.log_path / "allocation.png", title=Path(cfg.out).name,
+                        probabilities=gate_probabilities(alloc))
         plot_curves(self.history, cfg.log_path / "curves.png")
-        from consa_vllm.allocation import render_text
         print(render_text(alloc), file=sys.stderr)
         print(f"allocation: {cfg.out}\nlogs, checkpoints and plots: {cfg.log_path}", file=sys.stderr)
 

@@ -1,4 +1,7 @@
-"""PNG figures of a run: the learned allocation (heatmap) and the training curves. Agg backend."""
+"""PNG figures of a run: the training curves (Agg backend), and the gate probabilities that the
+allocation heatmap (the package's one, :func:`consa_vllm.allocation.plot_allocation`) draws beside
+the learned pattern.
+"""
 
 from __future__ import annotations
 
@@ -29,34 +32,17 @@ def _save(fig, path: Path) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
-def plot_allocation(alloc: Allocation, path: Path) -> Path:
-    """Left: the binary F/S pattern (layers x KV heads). Right: P(z>0) per unit, if recorded."""
-    plt = _pyplot()
-    import numpy as np
-    full = np.array(alloc.mask(), dtype=float)
-    probs = (alloc.model_extra or {}).get("training", {}).get("p_nonzero")
-    ncols = 2 if probs is not None else 1
-    fig, axes = plt.subplots(1, ncols, figsize=(2.2 + 1.2 * ncols * max(2, alloc.num_kv_heads) ** 0.7 * 1.5,
-                                                1.2 + 0.28 * alloc.num_layers), squeeze=False)
-    ax = axes[0, 0]
-    ax.imshow(full, cmap="RdYlBu", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
-    ax.set_title(f"allocation (blue F, red S)\nsparsity {alloc.sparsity:.3f}, W={alloc.window}")
-    if probs is not None:
-        p = np.array(probs, dtype=float)
-        if p.shape[1] == 1:
-            p = np.repeat(p, alloc.num_kv_heads, axis=1)
-        im = axes[0, 1].imshow(p, cmap="viridis", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
-        axes[0, 1].set_title("P(z>0) (keep full)")
-        fig.colorbar(im, ax=axes[0, 1])
-    for a in axes[0]:
-        a.set_xlabel("KV head")
-        a.set_ylabel("layer")
-        a.set_xticks(range(alloc.num_kv_heads))
-        if alloc.num_layers <= 40:
-            a.set_yticks(range(alloc.num_layers))
-    _save(fig, path)
-    plt.close(fig)
-    return path
+def gate_probabilities(alloc: Allocation) -> list[list[float]] | None:
+    """P(F) per layer and KV head as the trainer recorded it (``training.p_nonzero``), or None.
+
+    None for an allocation the trainer did not learn (``--allocation``: stage 2 alone). Under
+    layer granularity there is one gate per layer; its probability is repeated over the
+    layer's KV heads, the shape :func:`consa_vllm.allocation.plot_allocation` draws.
+    """
+    probs = ((alloc.model_extra or {}).get("training") or {}).get("p_nonzero")
+    if probs is None:
+        return None
+    return [list(row) * alloc.num_kv_heads if len(row) == 1 else list(row) for row in probs]
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path) -> Path:

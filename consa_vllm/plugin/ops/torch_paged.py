@@ -12,7 +12,7 @@ only the blocks that hold sink keys or keys inside the window of the current que
 are gathered: other block-table entries may be 0 or garbage (the sliding-window manager
 replaces freed blocks with the null block) and are never dereferenced.
 
-Semantics: a query at absolute position i sees keys
+Semantics (docs/DESIGN.md §4): a query at absolute position i sees keys
     F heads: 0 .. i
     S heads: 0 .. sink - 1 and max(0, i - W + 1) .. i (never a key after i)
 """
