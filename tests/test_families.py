@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from engine_harness import export, max_logprob_gap, prompts_of, reference_generate, run_vllm, tiny_model
+from engine_harness import TINY, export, max_logprob_gap, prompts_of, reference_generate, run_vllm
 
 from consa_vllm import families
 from consa_vllm.allocation import Allocation
@@ -27,6 +27,8 @@ PATTERN = ["FSSS", "SSSS", "SFFS", "FFFF"]
 LENGTHS = [30, 75, 140, 260]
 NEW = 12
 ENGINE = dict(max_num_batched_tokens=64, enable_prefix_caching=True)
+pytestmark = pytest.mark.engine
+
 TOL = 1e-3  # float32: stock CPU attention vs an eager reference is ~1e-5; 1e-3 means a bug
 BIAS = dict(attention_bias=True, mlp_bias=True)
 
@@ -55,10 +57,10 @@ def root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module", params=CASES)
-def served(request, root):
+def served(request, root, tiny_model):
     """(family, checkpoint, reference generation, served generation) for one case."""
     name, extra = request.param
-    src = tiny_model(root / ("bias" if extra else "plain"), name, **extra)
+    src = tiny_model(name, **{**TINY, **extra})
     dst = export(src, root / f"{name}{'-bias' if extra else ''}-consa", PATTERN, WINDOW)
     prompts = prompts_of(LENGTHS, seed=3)
     alloc = Allocation(granularity="kv_head", window=WINDOW, pattern=PATTERN)
@@ -67,14 +69,12 @@ def served(request, root):
     return families.by_name(name), src, ref, got
 
 
-@pytest.mark.engine
 def test_greedy_parity_with_reference(served):
     family, src, ref, got = served
     assert got.tokens == ref.tokens
     assert max_logprob_gap(ref, got) < TOL
 
 
-@pytest.mark.engine
 def test_served_class_is_vllms_own(served):
     family, src, _, got = served
     facts = got.extra
@@ -90,9 +90,9 @@ def test_served_class_is_vllms_own(served):
 
 
 @pytest.fixture(scope="module")
-def llama_bias_all_full(root):
+def llama_bias_all_full(root, tiny_model):
     """Stock vLLM and the all-F ConSA model on one Llama checkpoint with every bias."""
-    src = tiny_model(root / "bias", "llama", **BIAS)
+    src = tiny_model("llama", **{**TINY, **BIAS})
     prompts = prompts_of(LENGTHS, seed=4)
     stock = run_vllm(src, prompts, NEW, inspect=_served_model_facts, **ENGINE)
     consa = run_vllm(export(src, root / "llama-bias-allF", ["FFFF"] * 4, WINDOW), prompts, NEW,
@@ -100,7 +100,6 @@ def llama_bias_all_full(root):
     return stock, consa
 
 
-@pytest.mark.engine
 def test_llama_biases_all_full_equals_stock(llama_bias_all_full):
     stock, consa = llama_bias_all_full
     assert consa.tokens == stock.tokens

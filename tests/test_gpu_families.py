@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 torch = pytest.importorskip("torch")
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.engine,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-from engine_harness import export, prompts_of, tiny_model  # noqa: E402
+from engine_harness import TINY, export, prompts_of  # noqa: E402
 from gpu_parity import calibrated_parity, round_weights_to  # noqa: E402
 
 from consa_vllm.allocation import Allocation  # noqa: E402
@@ -28,7 +29,10 @@ LENGTHS = [40, 77, 130, 300, 9, 520, 64, 700] * 3
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "qwen3"])
 def test_gpu_family_calibrated_parity(tmp_path, family):
-    src = tiny_model(tmp_path, family, head_dim=64)
+    from consa_vllm.tiny import build_tiny_model
+
+    # Its own copy: the weights are rounded to bf16 in place.
+    src = build_tiny_model(tmp_path / "src", family, **{**TINY, "head_dim": 64})
     round_weights_to(src, "bfloat16")
     alloc = Allocation(granularity="kv_head", window=WINDOW, pattern=PATTERN)
     dst = export(src, tmp_path / "consa", PATTERN, WINDOW)
