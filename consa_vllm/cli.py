@@ -356,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="example:\n  consa-vllm import-duo duo-attention/Meta-Llama-3.1-8B-Instruct "
                               "--sparsity 0.5 --window 256 --sink 64 --out llama31-duo-0.5.json")
     d.add_argument("path", metavar="PATH", help="a DuoAttention pattern folder, or its full_attention_heads.tsv")
-    d.add_argument("--sparsity", required=True, type=_sparsity, metavar="S",
+    d.add_argument("--sparsity", required=True, type=sparsity_arg, metavar="S",
                    help="fraction of KV heads that become S (streaming), in [0, 1]")
     d.add_argument("--window", required=True, type=int_in_range(1, "tokens", hi=MAX_TOKENS), metavar="W",
                    help="recent window of the S heads: query i sees keys i-W+1..i")
