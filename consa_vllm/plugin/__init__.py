@@ -17,12 +17,13 @@ CONSA_ARCHITECTURES: dict[str, str] = {
 
 
 def register() -> None:
-    """Register the ConSA model classes and their config checks with vLLM."""
+    """Register the ConSA model classes, their config checks and KV-cache spec with vLLM."""
     from vllm import ModelRegistry
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
     from consa_vllm.endpoint import engine as endpoint_engine
     from consa_vllm.plugin.config import ConsaModelConfig
+    from consa_vllm.plugin.sink_kv import register_sink_kv_cache_spec
 
     supported = ModelRegistry.get_supported_archs()
     for arch, target in CONSA_ARCHITECTURES.items():
@@ -30,5 +31,8 @@ def register() -> None:
             ModelRegistry.register_model(arch, target)
         # Validates the allocation while vLLM builds its config: before any weights load.
         MODELS_CONFIG_MAP.setdefault(arch, ConsaModelConfig)
+    # The S pool's KV-cache spec with attention sinks and its block manager: the scheduler
+    # (engine-core process) looks the manager up by spec type.
+    register_sink_kv_cache_spec()
     # Engine-core side of /v1/consa/* (the consa_endpoint plugin): per-pool KV block counts.
     endpoint_engine.install()
