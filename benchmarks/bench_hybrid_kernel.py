@@ -5,7 +5,7 @@ One attention layer at the Qwen3-0.6B shape (16 query heads, 8 KV heads, head_di
 bf16, window 4096), compared with vLLM's stock Triton ``unified_attention``:
 
   stock_dense   : stock kernel, all 8 KV heads full attention
-  stock_all_swa : stock kernel, all 8 KV heads sliding window
+  stock_all_sliding : stock kernel, all 8 KV heads sliding window
   hybrid_<nF>F<nS>S : our kernel, nF heads through the F pool/table, nS through the S
                   pool/table (S pool holds only the window's blocks; out-of-window table
                   entries point at the null block 0), for 2F6S, 4F4S, 8F0S, 0F8S
@@ -16,10 +16,8 @@ available (vLLM on Hopper) it also times what vLLM runs per layer: FA3 over a de
 (full and all-sliding) and FA3 twice over the F and S pools; ``--pool-layers L`` sizes the
 pools for L layers so that a layer reads its heads strided, as when served.
 
-Before timing it checks correctness on the GPU at smaller sizes: the Triton kernel (2D and
-3D paths, every split, bf16 and fp32) vs the torch implementation, Triton write_kv vs torch
-write_kv, and hybrid 8F0S / 0F8S vs the stock kernel.  Exits non-zero if a check fails
-(use --skip-check-failures to time anyway).
+Correctness of the same kernels on the GPU is tested in tests/test_gpu_ops.py (run it
+before timing).
 
 Timing: CUDA events around CUDA-graph replays of 10 back-to-back calls (what vLLM decode
 sees; no Python launch overhead), median over --reps replays; "warm" = KV may sit in L2
@@ -33,12 +31,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
 import time
-import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -83,6 +79,9 @@ class Problem:
         self.seq_lens = torch.tensor(self.seq_lens_list, dtype=torch.int32, device=device)
         self.max_query_len = max(q for _, q in seqs)
         self.max_seq_len = max(self.seq_lens_list)
+        from consa_vllm.plugin.ops import AttnBatch
+
+        self.batch = AttnBatch(self.query_start_loc, self.seq_lens, self.max_query_len, self.max_seq_len)
         self.query = torch.randn(self.T, hq, d, generator=self.gen, device=device, dtype=dtype)
         self.scale = d ** -0.5
 
@@ -104,99 +103,37 @@ class Problem:
             pos += n
         return cache, table
 
-    def swa_pool(self, heads):
-        """Pool holding only the blocks a sliding-window manager keeps (window of the first
-        new token on); earlier table entries = null block 0."""
-        firsts, need = [], []
+    def sliding_pool(self, heads, sink=0):
+        """Pool holding only the blocks a sliding-window manager keeps (the sink blocks and
+        the window of the first new token on); other table entries = null block 0."""
+        kept = []
         for (ctx, q), L in zip(self.seqs, self.seq_lens_list):
-            first = max(0, ctx - self.W + 1) // self.B
-            firsts.append(first)
-            need.append(cdiv(L, self.B) - first)
-        num_blocks = sum(need) + 1
+            first, last = max(0, ctx - self.W + 1) // self.B, cdiv(L, self.B)
+            kept.append(sorted(set(range(min(cdiv(sink, self.B), last))) | set(range(first, last))))
+        num_blocks = sum(len(k) for k in kept) + 1
         cache = self._rand_cache(num_blocks, heads)
-        perm = torch.randperm(num_blocks - 1, device=self.dev, generator=self.gen) + 1
+        perm = (torch.randperm(num_blocks - 1, device=self.dev, generator=self.gen) + 1).to(torch.int32)
         max_blocks = max(cdiv(L, self.B) for L in self.seq_lens_list)
         table = torch.zeros(len(self.seqs), max_blocks, dtype=torch.int32, device=self.dev)
         pos = 0
-        for s, (first, n) in enumerate(zip(firsts, need)):
-            table[s, first:first + n] = perm[pos:pos + n].to(torch.int32)
-            pos += n
+        for s, blocks in enumerate(kept):
+            table[s, torch.tensor(blocks, dtype=torch.long, device=self.dev)] = perm[pos:pos + len(blocks)]
+            pos += len(blocks)
         return cache, table
 
 
-def hybrid_args(p: Problem, nf, ns, fpool, spool, out, f_off=0, s_off=0):
-    fc, ft = fpool if nf else (None, None)
-    sc, st = spool if ns else (None, None)
-    return (p.query, out, p.query_start_loc, p.seq_lens, p.scale,
-            fc, ft, f_off, nf, sc, st, s_off, ns, p.W, p.max_query_len, p.max_seq_len)
+def pools(p: Problem, nf, ns, fpool, spool, f_off=0, s_off=0, sink=0):
+    """The (full, sliding) KVPool pair of one layer with nf F and ns S heads."""
+    from consa_vllm.plugin.ops import KVPool
+
+    full = KVPool(fpool[0], fpool[1], None, f_off, nf) if nf else None
+    sliding = KVPool(spool[0], spool[1], None, s_off, ns, window=p.W, sink=sink) if ns else None
+    return full, sliding
 
 
 # ---------------------------------------------------------------------------------------
 # Stock vLLM kernel
 # ---------------------------------------------------------------------------------------
-
-
-def load_stock_from_source(src_dir):
-    """Load vLLM's triton_unified_attention.py + triton_attention_helpers.py (copied from a
-    vLLM 0.26 install into ``src_dir``) without vLLM installed, by stubbing the few vLLM
-    modules they import.  For GPU machines that have torch + triton but no vLLM."""
-    import enum
-    import importlib.util
-    import logging
-    import types
-
-    import triton
-    import triton.language as tl
-
-    files = {n: os.path.join(src_dir, n) for n in
-             ("triton_unified_attention.py", "triton_attention_helpers.py")}
-    missing = [f for f in files.values() if not os.path.isfile(f)]
-    if missing:
-        raise FileNotFoundError(f"stock kernel sources missing: {missing}")
-
-    def mod(name, **attrs):
-        m = types.ModuleType(name)
-        m.__path__ = []  # make it a package so submodules resolve
-        m.__dict__.update(attrs)
-        sys.modules[name] = m
-        return m
-
-    class _Platform:
-        @staticmethod
-        def fp8_dtype():
-            return torch.float8_e4m3fn
-
-        @staticmethod
-        def is_device_capability_family(cap):
-            major, minor = torch.cuda.get_device_capability()
-            return major * 10 + minor >= cap and major == cap // 10
-
-    class KVQuantMode(enum.IntEnum):
-        NONE = 0
-        FP8_PER_TENSOR = 1
-        INT8_PER_TOKEN_HEAD = 2
-        FP8_PER_TOKEN_HEAD = 3
-        INT4_PER_TOKEN_HEAD = 4
-        NVFP4 = 5
-
-    mod("vllm")
-    mod("vllm.envs", VLLM_BATCH_INVARIANT=False)
-    mod("vllm.logger", init_logger=logging.getLogger)
-    mod("vllm.platforms", current_platform=_Platform())
-    mod("vllm.triton_utils", tl=tl, triton=triton)
-    mod("vllm.v1")
-    mod("vllm.v1.kv_cache_interface", KVQuantMode=KVQuantMode)
-    mod("vllm.v1.attention")
-    mod("vllm.v1.attention.ops")
-    out = None
-    for short in ("triton_attention_helpers", "triton_unified_attention"):
-        name = f"vllm.v1.attention.ops.{short}"
-        spec = importlib.util.spec_from_file_location(name, files[short + ".py"])
-        m = importlib.util.module_from_spec(spec)
-        sys.modules[name] = m
-        spec.loader.exec_module(m)
-        out = m
-    return out.unified_attention
 
 
 class Stock:
@@ -232,102 +169,6 @@ class Stock:
             softmax_segm_output=self.segm_out, softmax_segm_max=self.segm_max,
             softmax_segm_expsum=self.segm_sum,
         )
-
-
-# ---------------------------------------------------------------------------------------
-# Correctness
-# ---------------------------------------------------------------------------------------
-
-
-def check_correctness(ops, th, stock, device, block_size):
-    from consa_vllm.plugin.ops import torch_paged
-
-    results = []
-    ok = True
-    W = 512
-    fa = fa3_varlen()  # the served FlashAttention path is checked in bf16 only
-    cases = {
-        # mixed batch -> 2D path: prefill chunks with prior context + decodes
-        "mixed_2d": [(1500, 300), (0, 700), (3000, 1), (600, 1), (2048, 64)],
-        # decode batch <= threshold -> 3D path
-        "decode_3d": [(5000, 1), (300, 1), (1023, 1), (4096, 1)],
-        # decode batch > threshold -> 2D path
-        "decode_2d": [(700 + 97 * i, 1) for i in range(20)],
-    }
-    for dtype in (torch.bfloat16, torch.float32):
-        tol = 2e-2 if dtype == torch.bfloat16 else 2e-3
-        for cname, seqs in cases.items():
-            p = Problem(seqs, block_size, W, dtype, device, seed=1)
-            fpool = p.full_pool(NUM_KV_HEADS)
-            spool = p.swa_pool(NUM_KV_HEADS)
-            for nf, ns in SPLITS + [(1, 7)]:
-                out = torch.full_like(p.query, float("nan"))
-                ref = torch.zeros_like(p.query)
-                th.hybrid_paged_attention(*hybrid_args(p, nf, ns, fpool, spool, out))
-                torch_paged.hybrid_paged_attention(*hybrid_args(p, nf, ns, fpool, spool, ref))
-                torch.cuda.synchronize()
-                err = (out.float() - ref.float()).abs().max().item()
-                good = math.isfinite(err) and err < tol
-                ok &= good
-                path = "3d" if th.would_use_3d(
-                    p.query, p.query_start_loc, p.max_query_len,
-                    th._cached_scratch(device, p.hq, p.d,
-                                       th.default_seq_threshold_3d(nf + ns)),
-                    th.default_seq_threshold_3d(nf + ns)) else "2d"
-                results.append(dict(check="triton_vs_torch", case=cname, dtype=str(dtype),
-                                    split=f"{nf}F{ns}S", path=path, max_abs_err=err,
-                                    tol=tol, ok=good))
-                log(f"  check {cname:10s} {str(dtype):15s} {nf}F{ns}S [{path}] "
-                    f"max_abs_err={err:.2e} {'ok' if good else 'FAIL'}")
-            # the served FA3 path (two launches, overlapped or not, F splits) vs torch
-            for nf, ns in ((2, 6), (1, 7), (4, 4)) if fa is not None and dtype == torch.bfloat16 else ():
-                ref = torch.zeros_like(p.query)
-                torch_paged.hybrid_paged_attention(*hybrid_args(p, nf, ns, fpool, spool, ref))
-                for suffix, overlap, f_splits in FA3_POOL_VARIANTS:
-                    out = torch.full_like(p.query, float("nan"))
-                    fa3_pools(fa, p, nf, ns, fpool, spool, out, overlap=overlap, f_splits=f_splits)()
-                    torch.cuda.synchronize()
-                    err = (out.float() - ref.float()).abs().max().item()
-                    good = math.isfinite(err) and err < tol
-                    ok &= good
-                    results.append(dict(check="fa3_pools_vs_torch", case=cname, dtype=str(dtype),
-                                        split=f"{nf}F{ns}S", variant=suffix or "serial",
-                                        max_abs_err=err, tol=tol, ok=good))
-                    log(f"  check {cname:10s} fa3_pools{suffix or '_serial'} {nf}F{ns}S "
-                        f"max_abs_err={err:.2e} {'ok' if good else 'FAIL'}")
-            # stock vs hybrid on identical data (dense pool for both F and S heads)
-            if stock is not None:
-                dense_c, dense_t = fpool
-                for nf, ns, win in ((8, 0, 0), (0, 8, W)):
-                    o1 = torch.zeros_like(p.query)
-                    o2 = torch.zeros_like(p.query)
-                    stock(p, dense_c, dense_t, o1, win)
-                    th.hybrid_paged_attention(*hybrid_args(p, nf, ns, fpool, fpool, o2))
-                    torch.cuda.synchronize()
-                    err = (o1.float() - o2.float()).abs().max().item()
-                    good = math.isfinite(err) and err < 2e-2  # stock uses tf32 on fp32
-                    ok &= good
-                    results.append(dict(check="hybrid_vs_stock", case=cname,
-                                        dtype=str(dtype), split=f"{nf}F{ns}S",
-                                        max_abs_err=err, tol=2e-2, ok=good))
-                    log(f"  check {cname:10s} {str(dtype):15s} {nf}F{ns}S vs stock "
-                        f"max_abs_err={err:.2e} {'ok' if good else 'FAIL'}")
-            del p, fpool, spool
-    # write_kv
-    for dtype in (torch.bfloat16, torch.float32):
-        c1 = torch.zeros(64, 2, block_size, 12, HEAD_DIM, device=device, dtype=dtype)
-        c2 = torch.zeros_like(c1)
-        k = torch.randn(300, 4, HEAD_DIM, device=device, dtype=dtype)
-        v = torch.randn(300, 4, HEAD_DIM, device=device, dtype=dtype)
-        slots = torch.randperm(64 * block_size, device=device)[:300]
-        slots[::17] = -1
-        th.write_kv(k, v, c1, slots, 5)
-        torch_paged.write_kv(k, v, c2, slots, 5)
-        good = torch.equal(c1, c2)
-        ok &= good
-        results.append(dict(check="write_kv", dtype=str(dtype), ok=good))
-        log(f"  check write_kv {dtype}: {'ok' if good else 'FAIL'}")
-    return ok, results
 
 
 # ---------------------------------------------------------------------------------------
@@ -424,27 +265,49 @@ def fa3_varlen():
         return None
 
 
-def fa3_pools(fa, p: Problem, nf, ns, fpool, spool, out, f_off=0, s_off=0, overlap=False, f_splits=0):
+def fa3_pools(fa, p: Problem, full, sliding, out, overlap=False):
     """The served FA3 path (ops.flash_pools): F heads over the F pool, S heads over the S pool."""
     from consa_vllm.plugin.ops.flash_pools import flash_attn_pools
 
-    fc, ft = fpool if nf else (None, None)
-    sc, st = spool if ns else (None, None)
-
     def run():
-        flash_attn_pools(fa, p.query, out, p.query_start_loc, p.seq_lens, p.max_query_len, p.max_seq_len,
-                         p.scale, fc, ft, f_off, nf, sc, st, s_off, ns, p.W,
-                         overlap=overlap, f_splits=f_splits)
+        flash_attn_pools(fa, p.query, out, p.batch, p.scale, full, sliding, overlap=overlap)
     return run
 
 
-# FA3 two-pool variants timed for every F+S split: (name suffix, overlap, F-launch splits).
-FA3_POOL_VARIANTS = (("", False, 0), ("_overlap", True, 0), ("_fsplit2", False, 2),
-                     ("_fsplit4", False, 4), ("_overlap_fsplit2", True, 2))
+def fa3_full_triton_sliding(fa, th, p: Problem, full, sliding, out):
+    """The alternative for sinks: F heads through FA3 (side stream), S heads through the
+    fused Triton kernel with the sinks inside (2D path), concurrently."""
+    from vllm.utils.torch_utils import aux_stream
+
+    from consa_vllm.plugin.ops.flash_pools import flash_attn_pools
+
+    g = p.hq // (full.num_heads + sliding.num_heads)
+    split = full.num_heads * g
+    q_f, q_s, o_f, o_s = p.query[:, :split], p.query[:, split:], out[:, :split], out[:, split:]
+
+    def run():
+        main, side = torch.cuda.current_stream(), aux_stream()
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            flash_attn_pools(fa, q_f, o_f, p.batch, p.scale, full, None)
+        th.hybrid_paged_attention(q_s, o_s, p.batch, p.scale, None, sliding)
+        main.wait_stream(side)
+    return run
 
 
-def run_timing(th, stock, device, block_size, window, reps, workloads, num_segments=64,
-               sweep=None, pool_layers=1):
+# FA3 two-pool variants timed for every F+S split: (name suffix, overlap). Forcing KV splits
+# on the F launch was measured on the H100 and changed nothing (results/
+# hybrid_kernel_h100_fa3_pools.json); the served op leaves the split count to FlashAttention.
+FA3_POOL_VARIANTS = (("", False), ("_overlap", True))
+
+
+def _log_row(name, r):
+    log(f"  {name:28s} " + " ".join(f"{k}={v:.4f}" for k, v in r.items() if isinstance(v, float))
+        + (f" [{r['path']}]" if "path" in r else ""))
+
+
+def run_timing(th, stock, device, block_size, window, reps, workloads, num_segments, sweep=None, pool_layers=1,
+               sinks=(0,)):
     rows = []
     timer = Timer(device, reps)
     fa = fa3_varlen()
@@ -457,87 +320,96 @@ def run_timing(th, stock, device, block_size, window, reps, workloads, num_segme
         dense = p.full_pool(NUM_KV_HEADS)
         if stock is not None:
             variants.append(("stock_dense", lambda: stock(p, dense[0], dense[1], out, 0)))
-            variants.append(("stock_all_swa",
-                             lambda: stock(p, dense[0], dense[1], out, window)))
-        for name, fn in variants:
-            r = timer.measure(fn)
-            rows.append(dict(workload=wname, variant=name, **r))
-            log(f"  {name:16s} " + " ".join(f"{k}={v:.4f}" for k, v in r.items()
-                                              if isinstance(v, float)))
+            variants.append(("stock_all_sliding", lambda: stock(p, dense[0], dense[1], out, window)))
         if fa is not None:
             # What a stock layer-wise model runs per layer: FA3 over all heads, full or
             # sliding. A layer-wise model at sparsity rho costs (1-rho) fa3_dense + rho
-            # fa3_all_swa per layer, to compare with fa3_pools_<nF>F<nS>S at nS/8 = rho.
-            for vname, nf, ns in (("fa3_dense", NUM_KV_HEADS, 0), ("fa3_all_swa", 0, NUM_KV_HEADS)):
-                r = timer.measure(fa3_pools(fa, p, nf, ns, dense, dense, out))
-                rows.append(dict(workload=wname, variant=vname, **r))
-                log(f"  {vname:16s} " + " ".join(f"{k}={v:.4f}" for k, v in r.items()
-                                                  if isinstance(v, float)))
-        del dense
+            # fa3_all_sliding per layer, to compare with fa3_pools_<nF>F<nS>S at nS/8 = rho.
+            for vname, nf, ns in (("fa3_dense", NUM_KV_HEADS, 0), ("fa3_all_sliding", 0, NUM_KV_HEADS)):
+                variants.append((vname, fa3_pools(fa, p, *pools(p, nf, ns, dense, dense), out)))
+        for name, fn in variants:
+            r = timer.measure(fn)
+            rows.append(dict(workload=wname, variant=name, **r))
+            _log_row(name, r)
+        del dense, variants
         torch.cuda.empty_cache()
         for nf, ns in SPLITS:
             # As served, a pool holds the heads of many layers and a layer reads its slice
             # (strided by the pool's head count): --pool-layers L sizes the pools for L layers.
             fpool = p.full_pool(nf * pool_layers) if nf else None
-            spool = p.swa_pool(ns * pool_layers) if ns else None
-            f_off, s_off = nf * (pool_layers // 2), ns * (pool_layers // 2)
-            args = hybrid_args(p, nf, ns, fpool, spool, out, f_off, s_off)
-            name = f"hybrid_{nf}F{ns}S"
             thr = th.default_seq_threshold_3d(nf + ns)
-            kw = dict(scratch=th.make_hybrid_scratch(thr, p.hq, p.d, device, num_segments),
-                      seq_threshold_3d=thr)
-            th.hybrid_paged_attention(*args, **kw)  # compile before capture
-            r = timer.measure(lambda: th.hybrid_paged_attention(*args, **kw))
-            r["path"] = "3d" if (p.max_query_len <= 1 and len(seqs) <= thr) else "2d"
-            rows.append(dict(workload=wname, variant=name, **r))
-            log(f"  {name:16s} " + " ".join(f"{k}={v:.4f}" for k, v in r.items()
-                                              if isinstance(v, float)) + f" [{r['path']}]")
-            for suffix, overlap, f_splits in FA3_POOL_VARIANTS if (fa is not None and nf and ns) else ():
-                r = timer.measure(fa3_pools(fa, p, nf, ns, fpool, spool, out, f_off, s_off, overlap, f_splits))
-                vname = f"fa3_pools_{nf}F{ns}S{suffix}"
-                rows.append(dict(workload=wname, variant=vname, overlap=overlap, f_splits=f_splits, **r))
-                log(f"  {vname:28s} " + " ".join(f"{k}={v:.4f}" for k, v in r.items()
-                                                   if isinstance(v, float)))
-            for segs, tile, warps, *stages in (sweep or []) if (nf and ns and p.max_query_len <= 1) else []:
-                kw2 = dict(scratch=th.make_hybrid_scratch(thr, p.hq, p.d, device, segs),
-                           seq_threshold_3d=thr, tile_size=tile, num_warps=warps,
-                           num_stages=stages[0] if stages else None)
-                th.hybrid_paged_attention(*args, **kw2)
-                r = timer.measure(lambda: th.hybrid_paged_attention(*args, **kw2))
-                rows.append(dict(workload=wname, variant=name, num_segments=segs, tile=tile,
-                                 num_warps=warps, num_stages=stages[0] if stages else None,
-                                 sweep=True, **r))
-                log(f"  {name} segs={segs} tile={tile} warps={warps} stages={stages} "
-                    + " ".join(f"{k}={v:.4f}" for k, v in r.items() if isinstance(v, float)))
-            del fpool, spool, args
+            scratch = th.make_hybrid_scratch(thr, p.hq, p.d, device, num_segments)
+            for sink in sinks if ns else (0,):
+                spool = p.sliding_pool(ns * pool_layers, sink) if ns else None
+                full, sliding = pools(p, nf, ns, fpool, spool, nf * (pool_layers // 2), ns * (pool_layers // 2), sink)
+                tag = f"{nf}F{ns}S" + (f"_sink{sink}" if sink else "")
+                run = lambda: th.hybrid_paged_attention(p.query, out, p.batch, p.scale, full, sliding, scratch)  # noqa: E731
+                run()  # compile before capture
+                r = timer.measure(run)
+                r["path"] = "3d" if th.would_use_3d(p.query, p.batch, scratch) else "2d"
+                rows.append(dict(workload=wname, variant=f"hybrid_{tag}", sink=sink, **r))
+                _log_row(f"hybrid_{tag}", r)
+                for suffix, overlap in FA3_POOL_VARIANTS if (fa is not None and nf and ns) else ():
+                    run = fa3_pools(fa, p, full, sliding, out, overlap)
+                    run()
+                    r = timer.measure(run)
+                    vname = f"fa3_pools_{nf}F{ns}S{suffix}" + (f"_sink{sink}" if sink else "")
+                    rows.append(dict(workload=wname, variant=vname, overlap=overlap, sink=sink, **r))
+                    _log_row(vname, r)
+                if fa is not None and nf and ns and len(sinks) > 1:
+                    run = fa3_full_triton_sliding(fa, th, p, full, sliding, out)
+                    run()
+                    r = timer.measure(run)
+                    rows.append(dict(workload=wname, variant=f"fa3f_tritons_{tag}", sink=sink, **r))
+                    _log_row(f"fa3f_tritons_{tag}", r)
+                for segs, tile, warps, *stages in (sweep or []) if (nf and ns and not sink and p.max_query_len <= 1) else []:
+                    scratch2 = th.make_hybrid_scratch(thr, p.hq, p.d, device, segs)
+                    cfg = th.LaunchConfig(tile_size=tile, num_warps=warps, num_stages=stages[0] if stages else None)
+                    run2 = lambda: th.launch_attention(p.query, out, p.batch, p.scale, full, sliding, scratch2, cfg)  # noqa: E731
+                    run2()
+                    r = timer.measure(run2)
+                    rows.append(dict(workload=wname, variant=f"hybrid_{tag}", num_segments=segs, tile=tile,
+                                     num_warps=warps, num_stages=cfg.num_stages, sweep=True, **r))
+                    _log_row(f"hybrid_{tag} segs={segs} tile={tile} warps={warps} stages={cfg.num_stages}", r)
+                del spool, full, sliding
+                torch.cuda.empty_cache()
+            del fpool
             torch.cuda.empty_cache()
-        # write_kv of this workload's new tokens into an S-sized pool (2 heads, like one
-        # layer's F part) -- informational
-        c = torch.zeros(cdiv(p.T, block_size) + 1, 2, block_size, 8, HEAD_DIM,
-                        device=device, dtype=torch.bfloat16)
+        # write_kv of this workload's new tokens into a pool of 8 heads (6 of them, like one
+        # layer's S part) -- informational
+        from consa_vllm.plugin.ops import KVPool
+
+        c = torch.zeros(cdiv(p.T, block_size) + 1, 2, block_size, 8, HEAD_DIM, device=device, dtype=torch.bfloat16)
         k = torch.randn(p.T, 6, HEAD_DIM, device=device, dtype=torch.bfloat16)
-        slots = torch.arange(p.T, device=device)
-        r = timer.measure(lambda: th.write_kv(k, k, c, slots, 2))
+        target = KVPool(c, None, torch.arange(p.T, device=device), 2, 6)
+        r = timer.measure(lambda: th.write_kv(k, k, target))
         rows.append(dict(workload=wname, variant="write_kv_6heads", **r))
-        log(f"  write_kv 6 heads  eager_ms={r['eager_ms']:.4f} "
-            f"graph_warm_ms={r.get('graph_warm_ms', float('nan')):.4f}")
-        del p, out, c, k
+        _log_row("write_kv_6heads", r)
+        del p, out, c, k, target
         torch.cuda.empty_cache()
     # Each FA3 pool variant against what a layer-wise model spends per layer at the same
-    # sparsity, (nF/8) fa3_dense + (nS/8) fa3_all_swa: > 1 means slower than layer-wise.
+    # sparsity, (nF/8) fa3_dense + (nS/8) fa3_all_sliding: > 1 means slower than layer-wise.
     for wname in workloads:
         ref = {r["variant"]: r for r in rows if r["workload"] == wname}
-        if "fa3_dense" not in ref or "fa3_all_swa" not in ref:
+        if "fa3_dense" not in ref or "fa3_all_sliding" not in ref:
             continue
         for r in rows:
             if r["workload"] != wname or not r["variant"].startswith("fa3_pools_"):
                 continue
             nf, ns = (int(x) for x in r["variant"].split("_")[2].rstrip("S").split("F"))
             for key in ("graph_cold_ms", "graph_warm_ms"):
-                if key in r and key in ref["fa3_dense"] and key in ref["fa3_all_swa"]:
-                    equiv = (nf * ref["fa3_dense"][key] + ns * ref["fa3_all_swa"][key]) / NUM_KV_HEADS
+                if key in r and key in ref["fa3_dense"] and key in ref["fa3_all_sliding"]:
+                    equiv = (nf * ref["fa3_dense"][key] + ns * ref["fa3_all_sliding"][key]) / NUM_KV_HEADS
                     r[f"layerwise_equiv_{key}"] = equiv
                     r[f"vs_layerwise_{key[:-3]}"] = r[key] / equiv if equiv > 0 else None
+    # Each variant with sinks against the same variant without (> 1: what the sinks cost).
+    for r in rows:
+        if r.get("sink"):
+            base = [b for b in rows if b["workload"] == r["workload"] and not b.get("sink") and not b.get("sweep")
+                    and b["variant"] == r["variant"].removesuffix(f"_sink{r['sink']}")]
+            for key in ("graph_cold_ms", "graph_warm_ms"):
+                if base and key in r and base[0].get(key):
+                    r[f"vs_sink0_{key[:-3]}"] = r[key] / base[0][key]
     # speedups vs stock dense (graph cold if available)
     for wname in workloads:
         base = [r for r in rows if r["workload"] == wname and r["variant"] == "stock_dense"]
@@ -552,28 +424,24 @@ def run_timing(th, stock, device, block_size, window, reps, workloads, num_segme
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    from consa_vllm.plugin.ops.triton_hybrid import DEFAULT_NUM_SEGMENTS
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="JSON output path")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--window", type=int, default=4096)
     ap.add_argument("--reps", type=int, default=30)
-    ap.add_argument("--workloads", default=",".join(WORKLOADS),
-                    help=f"comma list from {list(WORKLOADS)}")
-    ap.add_argument("--skip-check", action="store_true", help="skip correctness checks")
-    ap.add_argument("--skip-check-failures", action="store_true",
-                    help="time even if a correctness check fails")
-    ap.add_argument("--num-segments", type=int, default=64,
-                    help="3D split-KV segments of the hybrid kernel (power of 2)")
+    ap.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma list from {list(WORKLOADS)}")
+    ap.add_argument("--num-segments", type=int, default=DEFAULT_NUM_SEGMENTS,
+                    help=f"3D split-KV segments of the hybrid kernel (power of 2; served: {DEFAULT_NUM_SEGMENTS})")
     ap.add_argument("--sweep", default="",
                     help="extra decode configurations of the hybrid kernel to time, as "
                          "SEGMENTS:TILE:WARPS[:STAGES],... (e.g. 128:16:4,256:32:4:3)")
     ap.add_argument("--pool-layers", type=int, default=1,
                     help="size the F/S pools for this many layers' heads (as served: strided reads)")
+    ap.add_argument("--sinks", default="0",
+                    help="sink sizes to time the S heads with, comma list (e.g. 0,64; 0 = no sinks)")
     ap.add_argument("--no-stock", action="store_true", help="do not run vLLM's kernel")
-    ap.add_argument("--stock-src", default=os.environ.get("CONSA_VLLM_STOCK_SRC"),
-                    help="folder holding vLLM 0.26's triton_unified_attention.py and "
-                         "triton_attention_helpers.py, used when vllm is not importable")
     args = ap.parse_args()
 
     if not torch.cuda.is_available():
@@ -581,6 +449,7 @@ def main():
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("bench_hybrid_kernel: unset TRITON_INTERPRET")
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    sinks = sorted({int(x) for x in args.sinks.split(",") if x.strip()} | {0})
     bad = [w for w in workloads if w not in WORKLOADS]
     if bad:
         sys.exit(f"unknown workloads {bad}; choose from {list(WORKLOADS)}")
@@ -589,7 +458,6 @@ def main():
 
     import triton
 
-    from consa_vllm.plugin import ops
     from consa_vllm.plugin.ops import triton_hybrid as th
 
     report = dict(
@@ -597,7 +465,7 @@ def main():
         triton=triton.__version__, python=platform.python_version(),
         shape=dict(num_q_heads=NUM_Q_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM,
                    dtype="bfloat16", window=args.window, block_size=args.block_size,
-                   hybrid_num_segments=args.num_segments, pool_layers=args.pool_layers),
+                   hybrid_num_segments=args.num_segments, pool_layers=args.pool_layers, sinks=sinks),
         time=time.strftime("%Y-%m-%d %H:%M:%S"),
         notes="ms per call (one layer); graph_* = CUDA-graph replay of 10 calls, median; "
               "cold = L2 flushed before each call (flush time subtracted)",
@@ -605,41 +473,18 @@ def main():
     stock = None
     if not args.no_stock:
         try:
-            try:
-                import vllm
-                from vllm.v1.attention.ops.triton_unified_attention import unified_attention
+            import vllm
+            from vllm.v1.attention.ops.triton_unified_attention import unified_attention
 
-                report["vllm"] = vllm.__version__
-            except ImportError as e:
-                if not args.stock_src:
-                    raise RuntimeError(f"vllm not importable ({e!r}) and no --stock-src")
-                for k in [k for k in sys.modules if k == "vllm" or k.startswith("vllm.")]:
-                    del sys.modules[k]
-                unified_attention = load_stock_from_source(args.stock_src)
-                report["vllm"] = f"stock kernel source from {args.stock_src}"
+            report["vllm"] = vllm.__version__
             stock = Stock(device, NUM_Q_HEADS, HEAD_DIM, unified_attention)
         except Exception as e:
             report["stock_error"] = repr(e)
-            log(f"WARNING: stock vLLM kernel unavailable, timing hybrid only: {e!r}")
-
-    ok = True
-    if not args.skip_check:
-        log("== correctness (GPU, small sizes)")
-        try:
-            ok, checks = check_correctness(ops, th, stock, device, args.block_size)
-        except Exception:
-            traceback.print_exc()
-            ok, checks = False, [dict(check="exception", error=traceback.format_exc())]
-        report["correctness_ok"] = ok
-        report["checks"] = checks
-        if not ok and not args.skip_check_failures:
-            _write(args.out, report)
-            sys.exit("bench_hybrid_kernel: correctness check FAILED (see JSON); "
-                     "--skip-check-failures to time anyway")
-    report["results"] = run_timing(th, stock, device, args.block_size, args.window,
-                                   args.reps, workloads, args.num_segments,
+            log(f"WARNING: stock vLLM kernel unavailable, timing the hybrid kernel only: {e!r}")
+    report["results"] = run_timing(th, stock, device, args.block_size, args.window, args.reps, workloads,
+                                   args.num_segments,
                                    [tuple(int(x) for x in c.split(":")) for c in args.sweep.split(",") if c],
-                                   args.pool_layers)
+                                   args.pool_layers, sinks)
     _write(args.out, report)
     log(f"wrote {args.out}")
 

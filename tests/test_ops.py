@@ -14,6 +14,7 @@ owned by other sequences.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -26,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from consa_vllm.plugin.ops import torch_paged  # noqa: E402
+from consa_vllm.plugin.ops import AttnBatch, KVPool, torch_paged  # noqa: E402
 from consa_vllm.plugin.ops.torch_paged import hybrid_paged_attention as torch_attn  # noqa: E402
 from consa_vllm.plugin.ops.torch_paged import write_kv as torch_write_kv  # noqa: E402
 
@@ -53,39 +54,41 @@ def _make_pool(num_blocks, block_size, heads, d, dtype, padded_page, gen):
 @dataclass
 class Case:
     query: torch.Tensor
-    query_start_loc: torch.Tensor
-    seq_lens: torch.Tensor
+    batch: AttnBatch
     scale: float
-    full_cache: torch.Tensor | None
-    full_block_table: torch.Tensor | None
-    full_head_offset: int
-    n_full: int
-    swa_cache: torch.Tensor | None
-    swa_block_table: torch.Tensor | None
-    swa_head_offset: int
-    n_swa: int
-    window: int
-    max_query_len: int
-    max_seq_len: int
+    full: KVPool | None
+    sliding: KVPool | None
     # ground truth kept by the test
-    keys: list  # per seq [L, n_full + n_swa, D] float32
+    keys: list  # per seq [L, n_full + n_sliding, D] float32
     values: list
     group: int
 
+    @property
+    def n_full(self) -> int:
+        return self.full.num_heads if self.full is not None else 0
+
+    @property
+    def window(self) -> int:
+        return self.sliding.window if self.sliding is not None else 0
+
+    @property
+    def sink(self) -> int:
+        return self.sliding.sink if self.sliding is not None else 0
+
     def args(self, output):
-        return (self.query, output, self.query_start_loc, self.seq_lens, self.scale,
-                self.full_cache, self.full_block_table, self.full_head_offset, self.n_full,
-                self.swa_cache, self.swa_block_table, self.swa_head_offset, self.n_swa,
-                self.window, self.max_query_len, self.max_seq_len)
+        return (self.query, output, self.batch, self.scale, self.full, self.sliding)
 
 
-def make_case(seqs, n_full, n_swa, group, d, block_f, block_s, window, dtype=torch.float32,
+def make_case(seqs, n_full, n_sliding, group, d, block_f, block_s, window, dtype=torch.float32,
               padded_page=True, extra_heads=(1, 2), seed=0, pad_tokens=0,
-              use_write_kv=True) -> Case:
+              use_write_kv=True, device="cpu", sink=0) -> Case:
     """seqs: list of (context_len, query_len).  Prior context is written into the caches
-    directly by the test; the new tokens through write_kv (torch) with padding slots."""
+    directly by the test; the new tokens through write_kv (torch) with padding slots.
+    Built on the CPU, then moved to ``device`` (the ground truth stays on the CPU).
+    With ``sink``, the S pool keeps the blocks holding keys 0 .. sink-1 (as the sink KV
+    manager does) and frees the blocks between them and the window."""
     gen = torch.Generator().manual_seed(seed)
-    hkv = n_full + n_swa
+    hkv = n_full + n_sliding
     hq = hkv * group
     keys, values = [], []
     for ctx, ql in seqs:
@@ -100,9 +103,9 @@ def make_case(seqs, n_full, n_swa, group, d, block_f, block_s, window, dtype=tor
     seq_lens = [ctx + ql for ctx, ql in seqs]
     num_seqs = len(seqs)
 
-    def build_pool(n, block_size, kv_head_lo, is_swa):
+    def build_pool(n, block_size, kv_head_lo, is_sliding):
         if n == 0:
-            return None, None, 0
+            return None
         head_off = extra_heads[0]
         pool_heads = n + extra_heads[0] + extra_heads[1]
         need = [_cdiv(L, block_size) for L in seq_lens]
@@ -116,20 +119,20 @@ def make_case(seqs, n_full, n_swa, group, d, block_f, block_s, window, dtype=tor
         slot_lists = []
         for s, (ctx, ql) in enumerate(seqs):
             L = ctx + ql
-            first_blk = (max(0, ctx - window + 1) // block_size) if is_swa else 0
+            first_blk = (max(0, ctx - window + 1) // block_size) if is_sliding else 0
+            sink_blks = _cdiv(sink, block_size) if is_sliding else 0
             for b in range(need[s]):
-                if b < first_blk:
+                if sink_blks <= b < first_blk:
                     # freed (out-of-window) block: null block or someone else's block
                     table[s, b] = 0 if b % 2 == 0 else perm[(s * 7 + b) % len(perm)]
                 else:
                     table[s, b] = perm.pop()
-            # prior context, positions first_blk*B .. ctx-1: written directly
-            for p in range(first_blk * block_size, ctx):
-                blk = int(table[s, p // block_size])
-                cache[blk, 0, p % block_size, head_off:head_off + n] = \
-                    keys[s][p, kv_head_lo:kv_head_lo + n].to(dtype)
-                cache[blk, 1, p % block_size, head_off:head_off + n] = \
-                    values[s][p, kv_head_lo:kv_head_lo + n].to(dtype)
+            # prior context in kept blocks (sinks, then first_blk*B .. ctx-1): written directly
+            kept = torch.arange(ctx)
+            pos = kept[(kept < sink_blks * block_size) | (kept >= first_blk * block_size)]
+            blk, off = table[s, pos // block_size].long(), pos % block_size
+            cache[:, 0][blk, off, head_off:head_off + n] = keys[s][pos, kv_head_lo:kv_head_lo + n].to(dtype)
+            cache[:, 1][blk, off, head_off:head_off + n] = values[s][pos, kv_head_lo:kv_head_lo + n].to(dtype)
             slot_lists.append([int(table[s, p // block_size]) * block_size + p % block_size
                                for p in range(ctx, L)])
         # new tokens via write_kv, with padding slots (-1) interleaved at the end
@@ -141,61 +144,80 @@ def make_case(seqs, n_full, n_swa, group, d, block_f, block_s, window, dtype=tor
         k_new = torch.cat([k_new, torch.randn(pad_tokens, n, d, generator=gen).to(dtype)])
         v_new = torch.cat([v_new, torch.randn(pad_tokens, n, d, generator=gen).to(dtype)])
         slots = torch.tensor(slots + [-1] * pad_tokens, dtype=torch.int64)
+        pool = KVPool(cache, table, slots, head_off, n, window=window if is_sliding else None,
+                      sink=sink if is_sliding else 0)
         if use_write_kv:
-            torch_write_kv(k_new, v_new, cache, slots, head_off)
+            torch_write_kv(k_new, v_new, pool)
         else:
             for t, sl in enumerate(slots.tolist()):
                 if sl >= 0:
                     cache[sl // block_size, 0, sl % block_size, head_off:head_off + n] = k_new[t]
                     cache[sl // block_size, 1, sl % block_size, head_off:head_off + n] = v_new[t]
-        return cache, table, head_off
+        return _pool_to(pool, device)
 
-    fc, ft, fo = build_pool(n_full, block_f, 0, False)
-    sc, st, so = build_pool(n_swa, block_s, n_full, True)
-    return Case(query=query, query_start_loc=torch.tensor(qsl, dtype=torch.int32),
-                seq_lens=torch.tensor(seq_lens, dtype=torch.int32), scale=d ** -0.5,
-                full_cache=fc, full_block_table=ft, full_head_offset=fo, n_full=n_full,
-                swa_cache=sc, swa_block_table=st, swa_head_offset=so, n_swa=n_swa,
-                window=window, max_query_len=max(ql for _, ql in seqs),
-                max_seq_len=max(seq_lens), keys=keys, values=values, group=group)
+    batch = AttnBatch(query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=device),
+                      seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+                      max_query_len=max(ql for _, ql in seqs), max_seq_len=max(seq_lens))
+    return Case(query=query.to(device), batch=batch, scale=d ** -0.5,
+                full=build_pool(n_full, block_f, 0, False), sliding=build_pool(n_sliding, block_s, n_full, True),
+                keys=keys, values=values, group=group)
 
 
-def dense_reference(case: Case) -> torch.Tensor:
-    """Independent reference: the test's own contiguous K/V, explicit masks, float64."""
-    q_all = case.query.double()
+def _pool_to(pool: KVPool, device) -> KVPool:
+    """The pool on ``device``, its cache keeping its (padded-page) strides."""
+    if torch.device(device) == pool.cache.device:
+        return pool
+    c = pool.cache
+    base = (c._base if c._base is not None else c).to(device)
+    cache = base.as_strided(c.shape, c.stride(), c.storage_offset())
+    moved = {f: (getattr(pool, f).to(device) if getattr(pool, f) is not None else None)
+             for f in ("block_table", "slot_mapping", "k_scale", "v_scale", "q_scale")}
+    return dataclasses.replace(pool, cache=cache, **moved)
+
+
+def dense_reference(case: Case, sink: int | None = None, with_lse: bool = False):
+    """Independent reference: the test's own contiguous K/V, explicit masks, float64.
+
+    ``sink`` overrides the case's sink (0: the window alone); ``with_lse`` also returns the
+    natural log-sum-exp of the scores ``[Hq, T]``, as FlashAttention reports it.
+    """
+    sink = case.sink if sink is None else sink
+    q_all = case.query.cpu().double()
     T, hq, d = q_all.shape
     out = torch.zeros(T, hq, d, dtype=torch.float64)
-    qsl = case.query_start_loc.tolist()
-    hkv = case.n_full + case.n_swa
+    lse = torch.full((hq, T), float("-inf"), dtype=torch.float64)
+    qsl = case.batch.query_start_loc.tolist()
+    hkv = case.keys[0].shape[1]
     for s in range(len(qsl) - 1):
         q0, q1 = qsl[s], qsl[s + 1]
         ql = q1 - q0
-        L = int(case.seq_lens[s])
+        L = int(case.batch.seq_lens[s])
         ctx = L - ql
         k = case.keys[s].to(case.query.dtype).double()  # [L, hkv, D] (cache dtype rounding)
         v = case.values[s].to(case.query.dtype).double()
         q = q_all[q0:q1]  # [ql, hq, D]
+        qpos = torch.arange(ctx, L)[:, None]
+        kpos = torch.arange(L)[None, :]
         for h in range(hq):
             kh = h // case.group
             scores = q[:, h] @ k[:, kh].T * case.scale  # [ql, L]
-            mask = torch.zeros(ql, L, dtype=torch.bool)
-            for i in range(ql):
-                pos = ctx + i
-                lo = 0 if kh < case.n_full else max(0, pos - case.window + 1)
-                mask[i, lo:pos + 1] = True
+            mask = kpos <= qpos
+            if kh >= case.n_full:
+                mask = mask & ((kpos > qpos - case.window) | (kpos < sink))
             scores = scores.masked_fill(~mask, float("-inf"))
             out[q0:q1, h] = torch.softmax(scores, -1) @ v[:, kh]
+            lse[h, q0:q1] = torch.logsumexp(scores, -1)
         assert hkv * case.group == hq
-    return out
+    return (out, lse) if with_lse else out
 
 
-# A spread of configurations: (seqs, n_full, n_swa, G, D, B_F, B_S, W)
+# A spread of configurations: (seqs, n_full, n_sliding, G, D, B_F, B_S, W)
 MIXED = [(0, 13), (21, 1), (9, 6), (40, 1), (3, 1), (30, 17)]
 CONFIGS = {
     "mixed_2f2s_g2": (MIXED, 2, 2, 2, 32, 4, 8, 7),
     "mixed_1f3s_g1": (MIXED, 1, 3, 1, 32, 8, 4, 5),
     "nfull0_g2": (MIXED, 0, 3, 2, 32, 8, 4, 6),
-    "nswa0_g1": (MIXED, 3, 0, 1, 32, 4, 8, 6),
+    "nsliding0_g1": (MIXED, 3, 0, 1, 32, 4, 8, 6),
     "decode_only_g2": ([(50, 1), (3, 1), (17, 1), (0, 1)], 2, 2, 2, 64, 8, 4, 9),
     "window1": ([(5, 4), (0, 3)], 1, 1, 2, 32, 4, 4, 1),
     "window_large": ([(10, 8), (0, 6)], 1, 2, 1, 32, 4, 8, 1000),
@@ -216,7 +238,7 @@ def _check_write_kv_matches_loop(dtype):
     k = torch.randn(7, 2, 32, generator=gen).to(dtype)
     v = torch.randn(7, 2, 32, generator=gen).to(dtype)
     slots = torch.tensor([5, -1, 0, 23, 11, -1, 8], dtype=torch.int32)
-    torch_write_kv(k, v, c1, slots, 2)
+    torch_write_kv(k, v, KVPool(c1, None, slots, 2, 2))
     for t, s in enumerate(slots.tolist()):
         if s >= 0:
             c2[s // 4, 0, s % 4, 2:4] = k[t]
@@ -242,7 +264,7 @@ def test_torch_vs_dense(name):
     out = torch.full_like(case.query, 7.0)
     torch_attn(*case.args(out))
     ref = dense_reference(case)
-    T = int(case.query_start_loc[-1])
+    T = int(case.batch.query_start_loc[-1])
     err = (out[:T].double() - ref[:T]).abs().max().item()
     assert err < 1e-5, f"{name}: max abs err {err}"
     assert torch.all(out[T:] == 7.0)  # padding rows untouched
@@ -268,13 +290,13 @@ def test_torch_query_chunking(monkeypatch):
     assert err < 1e-5, err
 
 
-def test_torch_swa_reads_only_window():
+def test_torch_sliding_reads_only_window():
     """Making every block outside the S window unreadable (NaN K and V) and every
     out-of-window table entry an out-of-range id must not change the result."""
     case = make_case([(60, 1), (45, 5)], 1, 2, 2, 32, 4, 4, 6)
     out = torch.empty_like(case.query)
     torch_attn(*case.args(out))
-    tbl = case.swa_block_table
+    tbl = case.sliding.block_table
     for s, (ctx, ql) in enumerate([(60, 1), (45, 5)]):
         first = max(0, ctx - case.window + 1) // 4
         tbl[s, :first] = 10 ** 6
@@ -282,6 +304,60 @@ def test_torch_swa_reads_only_window():
     torch_attn(*case.args(out2))
     assert torch.equal(out, out2)
     assert not torch.isnan(out2).any()
+
+
+# Sinks: windows and prompts much longer than sink + W, prefill from 0 and chunks starting
+# mid-sequence (queries whose window still covers the sinks and queries far beyond), decode.
+# (seqs, n_full, n_sliding, G, D, B_F, B_S, W)
+SINK_CONFIGS = {
+    "sink_mixed": ([(0, 70), (90, 25), (200, 1), (150, 1), (33, 40), (5, 3), (17, 1)], 1, 3, 2, 32, 4, 8, 8),
+    "sink_decode": ([(200, 1), (15, 1), (60, 1), (3, 1), (121, 1)], 2, 2, 2, 32, 8, 4, 9),
+    "sink_all_sliding": ([(0, 50), (120, 9), (64, 1)], 0, 2, 3, 48, 8, 16, 5),
+}
+SINKS = (1, 4, 16)
+
+
+@pytest.mark.parametrize("sink", SINKS)
+@pytest.mark.parametrize("name", sorted(SINK_CONFIGS))
+def test_torch_sinks_vs_dense(name, sink):
+    seqs, nf, ns, g, d, bf, bs, w = SINK_CONFIGS[name]
+    case = make_case(seqs, nf, ns, g, d, bf, bs, w, pad_tokens=2, sink=sink)
+    out = torch.full_like(case.query, 7.0)
+    torch_attn(*case.args(out))
+    ref = dense_reference(case)
+    T = int(case.batch.query_start_loc[-1])
+    err = (out[:T].double() - ref[:T]).abs().max().item()
+    assert err < 1e-5, f"{name} sink {sink}: max abs err {err}"
+    assert torch.all(out[T:] == 7.0)
+    # The sinks matter: the same pools read as if there were none give another result.
+    no_sink = (dense_reference(case, sink=0)[:T] - ref[:T]).abs().max().item()
+    assert no_sink > 1e-2, no_sink
+
+
+def test_torch_sinks_query_chunking(monkeypatch):
+    """Long prefill split into query chunks (chunk size forced small): some chunks' windows
+    still reach the sinks, later ones do not."""
+    monkeypatch.setattr(torch_paged, "_Q_CHUNK", 7)
+    case = make_case([(0, 60), (40, 23), (30, 1)], 1, 2, 2, 32, 4, 8, 6, sink=5)
+    out = torch.empty_like(case.query)
+    torch_attn(*case.args(out))
+    err = (out.double() - dense_reference(case)).abs().max().item()
+    assert err < 1e-5, err
+
+
+def test_torch_sinks_read_only_sink_and_window_blocks():
+    """S block-table entries between the sink blocks and the window pointing anywhere (an
+    out-of-range id) change nothing: those blocks are never read."""
+    seqs = [(100, 1), (80, 6), (57, 20)]
+    case = make_case(seqs, 1, 2, 2, 32, 4, 4, 6, sink=6)
+    out = torch.empty_like(case.query)
+    torch_attn(*case.args(out))
+    tbl = case.sliding.block_table
+    for s, (ctx, _) in enumerate(seqs):
+        tbl[s, 2:max(0, ctx - case.window + 1) // 4] = 10 ** 6  # blocks 0-1 hold the 6 sinks
+    out2 = torch.empty_like(case.query)
+    torch_attn(*case.args(out2))
+    assert torch.equal(out, out2) and not torch.isnan(out2).any()
 
 
 # ---------------------------------------------------------------------------------------
@@ -293,7 +369,7 @@ INTERPRET_CASES = [
     ("mixed_2f2s_g2", "float32", "2d"),
     ("mixed_1f3s_g1", "float32", "2d"),
     ("nfull0_g2", "float32", "2d"),
-    ("nswa0_g1", "float32", "2d"),
+    ("nsliding0_g1", "float32", "2d"),
     ("window1", "float32", "2d"),
     ("mixed_2f2s_g2", "bfloat16", "2d"),
     ("decode_only_g2", "float32", "3d"),
@@ -304,6 +380,19 @@ INTERPRET_CASES = [
     ("padded_seqs", "float32", "2d"),
     ("padded_decode", "float32", "3d"),
     ("decode_only_g2", "bfloat16", "2d"),  # decode batch through the 2D path
+    # sinks (config@sink)
+    ("sink_mixed@1", "float32", "2d"),
+    ("sink_mixed@16", "float32", "2d"),
+    ("sink_mixed@4", "bfloat16", "2d"),
+    ("sink_all_sliding@4", "float32", "2d"),
+    ("sink_decode@4", "float32", "3d"),
+    ("sink_decode@16", "float32", "3d"),
+    ("sink_decode@1", "float16", "3d"),
+    # FlashAttention's window-only result plus the sink merge (path "merge")
+    ("sink_mixed@4", "float32", "merge"),
+    ("sink_mixed@16", "bfloat16", "merge"),
+    ("sink_all_sliding@1", "float32", "merge"),
+    ("sink_decode@16", "float32", "merge"),
 ]
 CONFIGS["decode_only_nf0"] = ([(50, 1), (3, 1), (17, 1)], 0, 2, 2, 32, 8, 4, 9)
 CONFIGS["decode_only_ns0"] = ([(50, 1), (3, 1), (17, 1)], 2, 0, 1, 32, 8, 4, 9)
@@ -326,8 +415,8 @@ def _interpret_main(argv):
             v = torch.randn(7, 2, 32, generator=gen).to(dtype)
             for sl_dtype in (torch.int32, torch.int64):
                 slots = torch.tensor([5, -1, 0, 23, 11, -1, 8], dtype=sl_dtype)
-                th.write_kv(k, v, c1, slots, 2)
-                torch_write_kv(k, v, c2, slots, 2)
+                th.write_kv(k, v, KVPool(c1, None, slots, 2, 2))
+                torch_write_kv(k, v, KVPool(c2, None, slots, 2, 2))
                 assert torch.equal(c1, c2), "triton write_kv != torch write_kv"
             # one launch for both pools (different block sizes, offsets, slot mappings)
             k = torch.randn(7, 5, 32, generator=gen).to(dtype)
@@ -337,35 +426,52 @@ def _interpret_main(argv):
             f2, s2 = torch.zeros_like(f1), torch.zeros_like(s1)
             fslots = torch.tensor([5, -1, 0, 23, 11, -1, 8], dtype=torch.int64)
             sslots = torch.tensor([70, 3, -1, 12, 40, 1, -1], dtype=torch.int32)
-            th.write_kv_hybrid(k, v, 2, f1, fslots, 1, s1, sslots, 2)
-            torch_write_kv(k[:, :2], v[:, :2], f2, fslots, 1)
-            torch_write_kv(k[:, 2:], v[:, 2:], s2, sslots, 2)
+            th.write_kv_hybrid(k, v, KVPool(f1, None, fslots, 1, 2), KVPool(s1, None, sslots, 2, 3, window=4))
+            torch_write_kv(k[:, :2], v[:, :2], KVPool(f2, None, fslots, 1, 2))
+            torch_write_kv(k[:, 2:], v[:, 2:], KVPool(s2, None, sslots, 2, 3))
             assert torch.equal(f1, f2) and torch.equal(s1, s2), "triton write_kv_hybrid != torch write_kv"
             assert f1.abs().sum() > 0 and s1.abs().sum() > 0
         print("RESULT write_kv ok")
         return
     name, dtype_name, path = what.split(":")
     dtype = getattr(torch, dtype_name)
-    seqs, nf, ns, g, d, bf, bs, w = CONFIGS[name]
-    case = make_case(seqs, nf, ns, g, d, bf, bs, w, dtype=dtype, pad_tokens=1)
+    name, _, sink = name.partition("@")
+    seqs, nf, ns, g, d, bf, bs, w = {**CONFIGS, **SINK_CONFIGS}[name]
+    case = make_case(seqs, nf, ns, g, d, bf, bs, w, dtype=dtype, pad_tokens=1, sink=int(sink or 0))
+    if path == "merge":
+        _interpret_merge(th, what, case, dtype)
+        return
     ref = torch.full_like(case.query, 7.0)
     torch_attn(*case.args(ref))
     out = torch.full_like(case.query, 7.0)
-    kwargs = dict(seq_threshold_3d=0)  # forces the 2D path
+    scratch = None  # no split-KV scratch: the 2D path
     if path == "3d":
-        scratch = th.make_hybrid_scratch(case.query.shape[0], case.query.shape[1], d,
-                                         torch.device("cpu"), num_segments=4)
-        kwargs = dict(scratch=scratch, seq_threshold_3d=64)
-        assert th.would_use_3d(case.query, case.query_start_loc, case.max_query_len,
-                               scratch, 64)
-    else:
-        assert not th.would_use_3d(case.query, case.query_start_loc, case.max_query_len,
-                                   None, 0)
-    th.hybrid_paged_attention(*case.args(out), **kwargs)
-    T = int(case.query_start_loc[-1])
+        rows = max(case.query.shape[0], case.batch.num_seqs)  # padded tokens or sequences
+        scratch = th.make_hybrid_scratch(rows, case.query.shape[1], d, torch.device("cpu"), num_segments=4)
+    assert th.would_use_3d(case.query, case.batch, scratch) == (path == "3d")
+    th.hybrid_paged_attention(*case.args(out), scratch=scratch)
+    T = int(case.batch.query_start_loc[-1])
     assert not torch.isnan(out[:T]).any(), "NaN in triton output"
     err = (out[:T].float() - ref[:T].float()).abs().max().item()
     assert torch.all(out[T:] == 7.0), "padding rows written"
+    print(f"RESULT {what} max_abs_err={err:.3e}")
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    assert err < tol, f"{what}: max abs err {err} >= {tol}"
+
+
+def _interpret_merge(th, what, case, dtype):
+    """What the FlashAttention path runs with sinks: a window-only result and its LSE (here
+    from the dense reference, as FlashAttention would give them), then merge_sinks."""
+    window_out, lse = dense_reference(case, sink=0, with_lse=True)
+    out = window_out.to(dtype)
+    T = int(case.batch.query_start_loc[-1])
+    out[T:] = 7.0
+    split = case.n_full * case.group
+    th.merge_sinks(case.query[:, split:], out[:, split:], lse[split:].float(), case.batch, case.scale, case.sliding)
+    ref = dense_reference(case)
+    err = (out[:T].double() - ref[:T]).abs().max().item()
+    assert torch.all(out[T:] == 7.0), "padding rows written"
+    assert torch.equal(out[:T, :split], window_out[:T, :split].to(dtype)), "F heads touched"
     print(f"RESULT {what} max_abs_err={err:.3e}")
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     assert err < tol, f"{what}: max abs err {err} >= {tol}"
@@ -428,3 +534,29 @@ def test_flash_pools_knob_and_cpu_fallback(monkeypatch):
         assert flash_pools.flash_attn_varlen() is None
     monkeypatch.setenv("CONSA_PREFILL_IMPL", "fused")
     assert flash_pools.flash_attn_varlen() is None
+
+
+def test_select_ops_once_per_device(monkeypatch):
+    """The backend picks an implementation once per layer: Triton on CUDA, torch elsewhere,
+    CONSA_ATTN_IMPL overriding; a bad value names the variable."""
+    from consa_vllm.plugin.ops import select_ops
+
+    monkeypatch.delenv("CONSA_ATTN_IMPL", raising=False)
+    assert select_ops("cpu").name == "torch"
+    assert select_ops("cuda").name == "triton"
+    monkeypatch.setenv("CONSA_ATTN_IMPL", "torch")
+    assert select_ops("cuda").name == "torch"
+    monkeypatch.setenv("CONSA_ATTN_IMPL", "triton")
+    assert select_ops("cpu").name == "triton"
+    monkeypatch.setenv("CONSA_ATTN_IMPL", "cuda")
+    with pytest.raises(ValueError, match="CONSA_ATTN_IMPL must be torch, triton or auto, got 'cuda'"):
+        select_ops("cpu")
+    # The torch implementation's attention takes (and ignores) the Triton op's scratch.
+    monkeypatch.setenv("CONSA_ATTN_IMPL", "auto")
+    ops = select_ops("cpu")
+    case = make_case([(11, 5), (30, 1)], 2, 2, 2, 32, 4, 8, 6)
+    out = torch.empty_like(case.query)
+    ops.attention(*case.args(out), None)
+    ref = torch.empty_like(case.query)
+    torch_attn(*case.args(ref))
+    assert torch.equal(out, ref)

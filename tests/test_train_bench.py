@@ -1,16 +1,18 @@
-"""The H100 stage-1 bench (``python -m consa_vllm.train.bench``) at toy size on CPU: it runs and its JSON is sound."""
+"""The H100 stage-1 bench (``benchmarks/bench_train_stage1.py``) at toy size on CPU: it runs and its JSON is sound."""
 
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+BENCH = str(Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train_stage1.py")
 
 
 def test_bench_smoke_writes_json(tmp_path):
     out = tmp_path / "res" / "stage1.json"
-    r = subprocess.run([sys.executable, "-m", "consa_vllm.train.bench", "--device", "cpu", "--smoke",
+    r = subprocess.run([sys.executable, BENCH, "--device", "cpu", "--smoke",
                         "--json", str(out), "--work", str(tmp_path / "work")],
                        capture_output=True, text=True, timeout=240, env=ENV)
     assert r.returncode == 0, r.stderr
@@ -29,7 +31,7 @@ def test_bench_smoke_writes_json(tmp_path):
 
 
 def test_bench_bad_arguments(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "consa_vllm.train.bench", "--json", str(tmp_path / "x.json"),
+    r = subprocess.run([sys.executable, BENCH, "--json", str(tmp_path / "x.json"),
                         "--modes", "masks,fast"], capture_output=True, text=True, timeout=60, env=ENV)
     assert r.returncode == 2 and "--modes: expected masks and/or joint, got 'masks,fast'" in r.stderr
     assert not (tmp_path / "x.json").exists()

@@ -36,7 +36,7 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec
 
-from consa_vllm.plugin.ops import hybrid_paged_attention, write_kv_hybrid
+from consa_vllm.plugin.ops import AttnBatch, KVPool, select_ops
 from consa_vllm.plugin.ops.flash_pools import default_overlap, flash_attn_pools, flash_attn_varlen
 
 
@@ -45,15 +45,21 @@ class ConsaMetadata:
     """Per KV-cache group: the batch shape plus that group's block table and slots."""
 
     num_actual_tokens: int
-    max_query_len: int
-    max_seq_len: int
-    query_start_loc: torch.Tensor  # int32 [num_seqs + 1]
-    seq_lens: torch.Tensor  # int32 [num_seqs], context including the new tokens
+    batch: AttnBatch
     block_table: torch.Tensor  # int32 [num_seqs, max_blocks]
     slot_mapping: torch.Tensor  # int64 [num_tokens]
-    # Split-KV decode (GPU): scratch buffers and the batch size up to which they are used.
+    # Split-KV decode scratch of the fused Triton op (GPU; only in the metadata that the
+    # compute modules receive). Decode batches up to its rows run that op, larger ones
+    # FlashAttention 3.
     scratch: Any = None
-    seq_threshold_3d: int | None = None
+
+
+def _serves_compute_layers(vllm_config: VllmConfig, layer_names: list[str]) -> bool:
+    """Whether a KV-cache group holds ConSA compute modules (vLLM adds each to the group of
+    the pool whose cache it shares), i.e. whether its metadata reaches the attention ops."""
+    layers = vllm_config.compilation_config.static_forward_context
+    return any(getattr(getattr(layers.get(n), "impl", None), "consa_pools", None) is not None
+               for n in layer_names)
 
 
 class ConsaMetadataBuilder(AttentionMetadataBuilder[ConsaMetadata]):
@@ -65,8 +71,9 @@ class ConsaMetadataBuilder(AttentionMetadataBuilder[ConsaMetadata]):
                  vllm_config: VllmConfig, device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.scratch = None
-        self.seq_threshold_3d = None
-        if device.type == "cuda":
+        # One builder per pool; only the compute modules' group needs the scratch
+        # (about 16 MiB at the Qwen3-0.6B shape), so it is allocated once.
+        if device.type == "cuda" and _serves_compute_layers(vllm_config, layer_names):
             from consa_vllm.plugin.ops.triton_hybrid import (
                 DEFAULT_NUM_SEGMENTS,
                 default_seq_threshold_3d,
@@ -82,30 +89,22 @@ class ConsaMetadataBuilder(AttentionMetadataBuilder[ConsaMetadata]):
             # Many segments: a batch-1 decode at long context otherwise runs each F head's
             # whole context in a handful of programs and leaves most SMs idle.
             segments = int(os.environ.get("CONSA_DECODE_SEGMENTS", DEFAULT_NUM_SEGMENTS))
-            self.seq_threshold_3d = threshold
             self.scratch = make_hybrid_scratch(threshold, mc.get_num_attention_heads(pc), mc.get_head_size(),
                                                device, num_segments=segments)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> ConsaMetadata:
         m = common_attn_metadata
-        return ConsaMetadata(
-            num_actual_tokens=m.num_actual_tokens,
-            max_query_len=m.max_query_len,
-            max_seq_len=m.max_seq_len,
-            query_start_loc=m.query_start_loc,
-            seq_lens=m.seq_lens,
-            block_table=m.block_table_tensor,
-            slot_mapping=m.slot_mapping,
-            scratch=self.scratch,
-            seq_threshold_3d=self.seq_threshold_3d,
-        )
+        batch = AttnBatch(query_start_loc=m.query_start_loc, seq_lens=m.seq_lens,
+                          max_query_len=m.max_query_len, max_seq_len=m.max_seq_len)
+        return ConsaMetadata(num_actual_tokens=m.num_actual_tokens, batch=batch,
+                             block_table=m.block_table_tensor, slot_mapping=m.slot_mapping, scratch=self.scratch)
 
     def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata) -> ConsaMetadata:
         meta = self.build(0, common_attn_metadata)
         # As vLLM's Triton backend does: capturing with max-length sequences is slow
         # and the captured kernels read the real lengths at replay anyway.
-        meta.seq_lens.fill_(1)
+        meta.batch.seq_lens.fill_(1)
         return meta
 
 
@@ -183,7 +182,14 @@ class ConsaAttentionImpl(AttentionImpl[ConsaMetadata]):
         # (full pool name, sliding pool name, LayerLayout); None for the pool modules,
         # which vLLM never runs.
         self.consa_pools = consa_pools
-        self.flash_attn = flash_attn_varlen() if consa_pools is not None else None
+        self.ops = None
+        self.flash_attn = None
+        if consa_pools is not None:
+            from vllm.platforms import current_platform
+
+            # Chosen once, when vLLM builds the model (environment knobs: see ops.select_ops).
+            self.ops = select_ops(current_platform.device_type)
+            self.flash_attn = flash_attn_varlen()
         self.fa_overlap = default_overlap()
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
@@ -193,41 +199,32 @@ class ConsaAttentionImpl(AttentionImpl[ConsaMetadata]):
         if attn_metadata is None:
             # Profiling run: no KV cache yet.
             return output.fill_(0)
-        full_name, slide_name, lay = self.consa_pools
+        full_name, sliding_name, lay = self.consa_pools
         ctx = get_forward_context()
         metas = ctx.attn_metadata
         if isinstance(metas, list):  # speculative decoding passes a list; [0] is the base model
             metas = metas[0]
         layers = ctx.no_compile_layers
         n = attn_metadata.num_actual_tokens
-        full_meta = metas[full_name] if lay.n_full else None
-        slide_meta = metas[slide_name] if lay.n_sliding else None
-        key, value = key[:n], value[:n]
-        full_cache = layers[full_name].kv_cache if lay.n_full else None
-        slide_cache = layers[slide_name].kv_cache if lay.n_sliding else None
-        write_kv_hybrid(key, value, lay.n_full,
-                        full_cache, full_meta.slot_mapping[:n] if full_meta else None, lay.full_offset,
-                        slide_cache, slide_meta.slot_mapping[:n] if slide_meta else None, lay.sliding_offset)
-        num_seqs = attn_metadata.query_start_loc.shape[0] - 1
-        small_decode = attn_metadata.max_query_len <= 1 and num_seqs <= (attn_metadata.seq_threshold_3d or 0)
+        full = sliding = None
+        if lay.n_full:
+            meta = metas[full_name]
+            full = KVPool(layers[full_name].kv_cache, meta.block_table, meta.slot_mapping[:n],
+                          lay.full_offset, lay.n_full)
+        if lay.n_sliding:
+            meta = metas[sliding_name]
+            sliding = KVPool(layers[sliding_name].kv_cache, meta.block_table, meta.slot_mapping[:n],
+                             lay.sliding_offset, lay.n_sliding, window=layer.consa_window, sink=layer.consa_sink)
+        self.ops.write_kv_hybrid(key[:n], value[:n], full, sliding)
+        batch = attn_metadata.batch
+        scratch = attn_metadata.scratch
+        small_decode = scratch is not None and batch.max_query_len <= 1 and batch.num_seqs <= scratch.max_seqs
         if self.flash_attn is not None and not small_decode and query.dtype in (torch.float16, torch.bfloat16):
             # Prefill and large decode batches: FlashAttention 3 per pool is much faster
             # there than the fused kernel; small decode batches, where launch count and SM
             # occupancy dominate, keep the single fused split-KV launch (see ops.flash_pools).
-            flash_attn_pools(
-                self.flash_attn, query[:n], output[:n], attn_metadata.query_start_loc, attn_metadata.seq_lens,
-                attn_metadata.max_query_len, attn_metadata.max_seq_len, self.scale,
-                full_cache, full_meta.block_table if full_meta else None, lay.full_offset, lay.n_full,
-                slide_cache, slide_meta.block_table if slide_meta else None, lay.sliding_offset, lay.n_sliding,
-                layer.consa_window, overlap=self.fa_overlap)
+            flash_attn_pools(self.flash_attn, query[:n], output[:n], batch, self.scale, full, sliding,
+                             overlap=self.fa_overlap)
             return output
-        hybrid_paged_attention(
-            query[:n], output[:n],
-            attn_metadata.query_start_loc, attn_metadata.seq_lens, self.scale,
-            full_cache, full_meta.block_table if full_meta else None, lay.full_offset, lay.n_full,
-            slide_cache, slide_meta.block_table if slide_meta else None, lay.sliding_offset, lay.n_sliding,
-            window=layer.consa_window,
-            max_query_len=attn_metadata.max_query_len, max_seq_len=attn_metadata.max_seq_len,
-            scratch=attn_metadata.scratch, seq_threshold_3d=attn_metadata.seq_threshold_3d,
-        )
+        self.ops.attention(query[:n], output[:n], batch, self.scale, full, sliding, scratch)
         return output

@@ -69,7 +69,9 @@ class PoolLayout:
     sliding_pool_heads: int
     tp_size: int = 1
     tp_rank: int = 0
-    sink: int = 0  # S heads also see keys 0 .. sink-1 (attention sinks); 0: plain sliding window
+    # S heads also see keys 0 .. sink-1 (the attention ops' KVPool.sink; the S pool's
+    # SinkSlidingWindowSpec keeps their blocks); 0: plain sliding window.
+    sink: int = 0
 
     @property
     def full_used(self) -> int:

@@ -10,14 +10,13 @@ The numerical reference for the vLLM plugin and the attention engine of the trai
     unpatch_model(model)
 
 Imports torch at module load (transformers and pydantic only when patching): not for the vLLM
-plugin's import path. The benchmark runs with torch alone: ``python -m consa_vllm.reference.benchmark``.
+plugin's import path. Its speed and memory are measured by ``benchmarks/bench_reference_attention.py``.
 """
 
-from .benchmark import benchmark_reference_attention
 from .kernels import band_mask, full_attention, hybrid_attention, sliding_attention
 from .patch import ATTN_NAME, HybridAttentionState, consa_attention_forward, patch_model, unpatch_model
 
 __all__ = [
     "patch_model", "unpatch_model", "HybridAttentionState", "ATTN_NAME", "consa_attention_forward",
-    "hybrid_attention", "full_attention", "sliding_attention", "band_mask", "benchmark_reference_attention",
+    "hybrid_attention", "full_attention", "sliding_attention", "band_mask",
 ]

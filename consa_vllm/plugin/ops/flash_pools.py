@@ -13,10 +13,15 @@ concurrently with the S launch, so S tiles fill the F launch's idle SMs, as one 
 launch would. CUDA-graph capture records the two streams as parallel branches.
 
 ``CONSA_FA3_OVERLAP=0`` runs the launches one after the other (read once per process), to
-measure what the overlap buys. Forcing KV splits on the F launch (``f_splits``) was
-measured too and changed nothing on the H100
-(benchmarks/results/hybrid_kernel_h100_fa3_pools.json), so the server leaves the split
-count to FlashAttention.
+measure what the overlap buys. Forcing KV splits on the F launch was measured too and
+changed nothing on the H100 (benchmarks/results/hybrid_kernel_h100_fa3_pools.json), so the
+split count is left to FlashAttention.
+
+Sinks (S heads that also see keys ``0 .. sink - 1``): FlashAttention masks are causal or
+local bands, and "below ``sink`` and more than a window back" is neither, so with sinks
+the S launch runs the window alone and returns its log-sum-exp, and one small Triton
+launch (:func:`.triton_hybrid.merge_sinks`) folds in the sink keys each query sees beyond
+its window. With sink 0 the S launch is exactly as before: no log-sum-exp, no extra launch.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from __future__ import annotations
 import os
 
 import torch
+
+from .interface import AttnBatch, KVPool
 
 
 def flash_attn_varlen():
@@ -46,30 +53,45 @@ def default_overlap() -> bool:
     return v in ("1", "true")
 
 
-def flash_attn_pools(fa, query, output, query_start_loc, seq_lens, max_query_len, max_seq_len, scale,
-                     full_cache, full_block_table, full_head_offset, n_full,
-                     swa_cache, swa_block_table, swa_head_offset, n_swa, window,
-                     *, overlap: bool = True, f_splits: int = 0) -> None:
+def flash_attn_pools(fa, query: torch.Tensor, output: torch.Tensor, batch: AttnBatch, scale: float,
+                     full: KVPool | None, sliding: KVPool | None, *, overlap: bool = True) -> None:
     """One hybrid layer through FlashAttention 3 (same contract as ``hybrid_paged_attention``).
 
     ``fa`` is :func:`flash_attn_varlen`'s function. Query heads ``[0, n_full * G)`` attend
-    over the F pool, the rest over the S pool with keys ``i - window + 1 .. i``.
-    ``f_splits`` > 0 forces that many KV splits on the F launch (the kernel benchmark's
-    variant; 0 leaves it to FlashAttention).
+    over the F pool, the rest over the S pool with keys ``i - window + 1 .. i`` plus, with
+    sinks, keys ``0 .. sink - 1`` (:func:`.triton_hybrid.merge_sinks`).
     """
-    g = query.shape[1] // (n_full + n_swa)
+    n_full = full.num_heads if full is not None else 0
+    n_sliding = sliding.num_heads if sliding is not None else 0
+    g = query.shape[1] // (n_full + n_sliding)
     split = n_full * g
     calls = []
-    for cache, table, off, nh, sl, win, splits in (
-        (full_cache, full_block_table, full_head_offset, n_full, slice(0, split), (-1, -1), f_splits),
-        (swa_cache, swa_block_table, swa_head_offset, n_swa, slice(split, None), (window - 1, 0), 0),
-    ):
-        if nh:
-            calls.append(dict(
-                q=query[:, sl], k=cache[:, 0, :, off:off + nh], v=cache[:, 1, :, off:off + nh],
-                out=output[:, sl], cu_seqlens_q=query_start_loc, max_seqlen_q=max_query_len,
-                seqused_k=seq_lens, max_seqlen_k=max_seq_len, softmax_scale=scale, causal=True,
-                window_size=list(win), block_table=table, num_splits=splits, fa_version=3))
+    for pool, heads in ((full, slice(0, split)), (sliding, slice(split, None))):
+        if pool is None or not pool.num_heads:
+            continue
+        if pool.is_fp8:
+            raise NotImplementedError("FP8 caches are not supported yet")
+        kv = pool.heads()
+        window = (-1, -1) if pool.window is None else (pool.window - 1, 0)
+        calls.append((pool, heads, dict(
+            q=query[:, heads], k=kv[:, 0], v=kv[:, 1], out=output[:, heads],
+            cu_seqlens_q=batch.query_start_loc, max_seqlen_q=batch.max_query_len,
+            seqused_k=batch.seq_lens, max_seqlen_k=batch.max_seq_len, softmax_scale=scale, causal=True,
+            window_size=list(window), block_table=pool.block_table, fa_version=3,
+            return_softmax_lse=bool(pool.sink))))
+
+    def launch(pool, heads, kwargs) -> None:
+        if not pool.sink:
+            fa(**kwargs)
+            return
+        # Sinks: FlashAttention runs the window alone; one small launch adds the sink keys
+        # beyond each query's window, merged by log-sum-exp (benchmarks/bench_hybrid_kernel.py
+        # times it against sink 0).
+        from .triton_hybrid import merge_sinks
+
+        _, lse = fa(**kwargs)
+        merge_sinks(query[:, heads], output[:, heads], lse, batch, scale, pool)
+
     if len(calls) == 2 and overlap:
         # ``fa`` comes from vLLM, so vLLM is importable here. Its aux_stream() is the one side
         # stream vLLM shares among its own overlaps. torch's current stream, not vLLM's
@@ -80,12 +102,12 @@ def flash_attn_pools(fa, query, output, query_start_loc, seq_lens, max_query_len
         main, side = torch.cuda.current_stream(), aux_stream()
         side.wait_stream(main)
         with torch.cuda.stream(side):
-            fa(**calls[0])  # F heads: the long launch starts first
-        fa(**calls[1])
+            launch(*calls[0])  # F heads: the long launch starts first
+        launch(*calls[1])
         # Tensors made before the fork are used again only after this join, and
         # FlashAttention's own buffers are allocated on the side stream itself, so no
         # record_stream is needed.
         main.wait_stream(side)
         return
     for c in calls:
-        fa(**c)
+        launch(*c)

@@ -3,23 +3,26 @@
 Derived from vLLM 0.26's ``vllm/v1/attention/ops/triton_unified_attention.py``
 (Apache-2.0, authors Burkhard Ringlein, Jan van Lunteren, Chih-Chieh Yang, Thomas
 Parnell): same q-block grid, online softmax and 2D / 3D (split-KV + reduce) structure,
-stripped of the features ConSA does not need (alibi, sinks, softcap, fp8, mm-prefix ...)
-and extended so that one program reads either pool:
+stripped of the features ConSA does not need (alibi, learned sink logits, softcap,
+mm-prefix ...) and extended so that one program reads either pool:
 
-* grid axis 1 is the layer's KV head ``h`` in ``[0, n_full + n_swa)``; ``h < n_full``
+* grid axis 1 is the layer's KV head ``h`` in ``[0, n_full + n_sliding)``; ``h < n_full``
   reads the F pool through the F block table (causal), otherwise the S pool through the S
   block table (sliding window W);
 * every program only iterates over the key range its q-block can see:
   F ``[0, last_q]``, S ``[max(0, first_q - W + 1), last_q]``; loads are masked to that
   range, so out-of-window block-table entries (null block / garbage) are never read;
+* attention sinks (S heads that also see keys ``0 .. SINK - 1``, a constexpr): an S
+  program first iterates over the sink keys below its window range, as tiles of their
+  own, then over the window; with ``SINK = 0`` that code is not compiled at all;
 * 3D (decode, few sequences): the key range of each head is split into NUM_SEGMENTS
   segments (an S head splits its ~W keys, an F head its whole context); every segment
   program writes its partial (M, L, acc), empty segments write (-inf, 0, 0), and a reduce
   kernel combines them.  The reduce therefore needs no knowledge of the ranges.
 
 CUDA-graph safety: no host syncs; grid sizes come from tensor shapes and the host ints
-``max_query_len``; 3D scratch comes from the caller (``make_hybrid_scratch``) or a
-per-device cache created on first use (create it before graph capture).
+``max_query_len``; 3D scratch comes from the caller (``make_hybrid_scratch``, allocated
+once before graph capture by the backend's metadata builder).
 
 No vLLM import here (keeps this module importable and testable alone).
 """
@@ -27,11 +30,14 @@ No vLLM import here (keeps this module importable and testable alone).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+
+from .interface import AttnBatch, KVPool, check_pool
 
 LOG2E = 1.4426950408889634
 # Triton's CPU interpreter computes tl.dot wrongly on bfloat16/float16 operands (it sees
@@ -90,7 +96,7 @@ def _attn_body(
     BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
     HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
-    IS_SWA: tl.constexpr, IS_3D: tl.constexpr, NUM_SEGMENTS: tl.constexpr,
+    IS_SLIDING: tl.constexpr, SINK: tl.constexpr, IS_3D: tl.constexpr, NUM_SEGMENTS: tl.constexpr,
     DOT_IEEE: tl.constexpr, CAST_F32: tl.constexpr,
 ):
     offs_m = tl.arange(0, BLOCK_M)
@@ -117,11 +123,17 @@ def _attn_body(
     qpos_lo = q_block_local_idx * BLOCK_Q
     qpos_hi = tl.minimum(qpos_lo + BLOCK_Q - 1, q_len - 1)
     range_hi = ctx + qpos_hi + 1  # exclusive
-    if IS_SWA:
+    if IS_SLIDING:
         range_lo = tl.maximum(ctx + qpos_lo - window + 1, 0)
     else:
         range_lo = ctx * 0
     num_tiles = _cdiv(range_hi - range_lo, TILE)
+    if SINK > 0:
+        # Sink keys below the window range of the block's first query come first, as
+        # tiles of their own: keys [0, sink_hi), then the window range.
+        sink_hi = tl.minimum(range_lo, SINK)
+        num_sink_tiles = _cdiv(sink_hi, TILE)
+        num_tiles += num_sink_tiles
     if IS_3D:
         tiles_per_segment = _cdiv(num_tiles, NUM_SEGMENTS)
         t_lo = segm_idx * tiles_per_segment
@@ -139,8 +151,13 @@ def _attn_body(
     v_base = k_base + c_stride_1
 
     for j in range(t_lo, t_hi):
-        k_pos = range_lo + j * TILE + offs_t
-        k_valid = k_pos < range_hi
+        if SINK > 0:
+            in_sink = j < num_sink_tiles
+            k_pos = tl.where(in_sink, j * TILE, range_lo + (j - num_sink_tiles) * TILE) + offs_t
+            k_valid = k_pos < tl.where(in_sink, sink_hi, range_hi)
+        else:
+            k_pos = range_lo + j * TILE + offs_t
+            k_valid = k_pos < range_hi
         blk = tl.load(bt_base + k_pos // BLOCK_SIZE, mask=k_valid, other=0).to(tl.int64)
         slot_off = blk * c_stride_0 + (k_pos % BLOCK_SIZE).to(tl.int64) * c_stride_2
         # K : (HEAD_PAD, TILE)
@@ -163,8 +180,11 @@ def _attn_body(
         S = S * scale_log2
 
         allowed = (k_pos[None, :] <= q_abs[:, None]) & k_valid[None, :] & row_valid[:, None]
-        if IS_SWA:
-            allowed = allowed & ((q_abs[:, None] - k_pos[None, :]) < window)
+        if IS_SLIDING:
+            visible = (q_abs[:, None] - k_pos[None, :]) < window
+            if SINK > 0:
+                visible = visible | (k_pos[None, :] < SINK)
+            allowed = allowed & visible
         S = tl.where(allowed, S, float("-inf"))
 
         m_new = tl.maximum(M, tl.max(S, axis=1))
@@ -203,14 +223,14 @@ def _hybrid_attn_kernel(
     full_cache_ptr, full_bt_ptr, full_head_offset, full_bt_stride: tl.int64,
     f_stride_0: tl.int64, f_stride_1: tl.int64, f_stride_2: tl.int64,
     f_stride_3: tl.int64, F_STRIDE_4: tl.constexpr,
-    swa_cache_ptr, swa_bt_ptr, swa_head_offset, swa_bt_stride: tl.int64,
+    sliding_cache_ptr, sliding_bt_ptr, sliding_head_offset, sliding_bt_stride: tl.int64,
     s_stride_0: tl.int64, s_stride_1: tl.int64, s_stride_2: tl.int64,
     s_stride_3: tl.int64, S_STRIDE_4: tl.constexpr,
     segm_output_ptr, segm_max_ptr, segm_expsum_ptr,
     scale_log2, window,
     q_stride_0: tl.int64, q_stride_1: tl.int64,
     o_stride_0: tl.int64, o_stride_1: tl.int64,
-    N_FULL: tl.constexpr, N_SWA: tl.constexpr, G: tl.constexpr,
+    N_FULL: tl.constexpr, N_SLIDING: tl.constexpr, G: tl.constexpr, SINK: tl.constexpr,
     BLOCK_SIZE_F: tl.constexpr, BLOCK_SIZE_S: tl.constexpr,
     TILE: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
@@ -232,9 +252,9 @@ def _hybrid_attn_kernel(
     if q_block_local_idx * BLOCK_Q >= q_len:
         return
     seq_len = tl.load(seq_lens_ptr + seq_idx)
-    NUM_QUERY_HEADS: tl.constexpr = (N_FULL + N_SWA) * G
+    NUM_QUERY_HEADS: tl.constexpr = (N_FULL + N_SLIDING) * G
 
-    if N_SWA == 0:
+    if N_SLIDING == 0:
         _attn_body(output_ptr, query_ptr, full_cache_ptr, full_bt_ptr,
                    segm_output_ptr, segm_max_ptr, segm_expsum_ptr,
                    seq_idx, segm_idx, q_block_local_idx, q_start, q_len, seq_len,
@@ -242,16 +262,16 @@ def _hybrid_attn_kernel(
                    full_bt_stride, q_stride_0, q_stride_1, o_stride_0, o_stride_1,
                    f_stride_0, f_stride_1, f_stride_2, f_stride_3, F_STRIDE_4,
                    NUM_QUERY_HEADS, G, BLOCK_SIZE_F, TILE, HEAD_SIZE, HEAD_PAD,
-                   BLOCK_M, BLOCK_Q, False, IS_3D, NUM_SEGMENTS, DOT_IEEE, CAST_F32)
+                   BLOCK_M, BLOCK_Q, False, 0, IS_3D, NUM_SEGMENTS, DOT_IEEE, CAST_F32)
     elif N_FULL == 0:
-        _attn_body(output_ptr, query_ptr, swa_cache_ptr, swa_bt_ptr,
+        _attn_body(output_ptr, query_ptr, sliding_cache_ptr, sliding_bt_ptr,
                    segm_output_ptr, segm_max_ptr, segm_expsum_ptr,
                    seq_idx, segm_idx, q_block_local_idx, q_start, q_len, seq_len,
-                   kv_head_idx, swa_head_offset + kv_head_idx, scale_log2, window,
-                   swa_bt_stride, q_stride_0, q_stride_1, o_stride_0, o_stride_1,
+                   kv_head_idx, sliding_head_offset + kv_head_idx, scale_log2, window,
+                   sliding_bt_stride, q_stride_0, q_stride_1, o_stride_0, o_stride_1,
                    s_stride_0, s_stride_1, s_stride_2, s_stride_3, S_STRIDE_4,
                    NUM_QUERY_HEADS, G, BLOCK_SIZE_S, TILE, HEAD_SIZE, HEAD_PAD,
-                   BLOCK_M, BLOCK_Q, True, IS_3D, NUM_SEGMENTS, DOT_IEEE, CAST_F32)
+                   BLOCK_M, BLOCK_Q, True, SINK, IS_3D, NUM_SEGMENTS, DOT_IEEE, CAST_F32)
     else:
         if kv_head_idx < N_FULL:
             _attn_body(output_ptr, query_ptr, full_cache_ptr, full_bt_ptr,
@@ -261,17 +281,17 @@ def _hybrid_attn_kernel(
                        full_bt_stride, q_stride_0, q_stride_1, o_stride_0, o_stride_1,
                        f_stride_0, f_stride_1, f_stride_2, f_stride_3, F_STRIDE_4,
                        NUM_QUERY_HEADS, G, BLOCK_SIZE_F, TILE, HEAD_SIZE, HEAD_PAD,
-                       BLOCK_M, BLOCK_Q, False, IS_3D, NUM_SEGMENTS, DOT_IEEE, CAST_F32)
+                       BLOCK_M, BLOCK_Q, False, 0, IS_3D, NUM_SEGMENTS, DOT_IEEE, CAST_F32)
         else:
-            _attn_body(output_ptr, query_ptr, swa_cache_ptr, swa_bt_ptr,
+            _attn_body(output_ptr, query_ptr, sliding_cache_ptr, sliding_bt_ptr,
                        segm_output_ptr, segm_max_ptr, segm_expsum_ptr,
                        seq_idx, segm_idx, q_block_local_idx, q_start, q_len, seq_len,
-                       kv_head_idx, swa_head_offset + (kv_head_idx - N_FULL),
+                       kv_head_idx, sliding_head_offset + (kv_head_idx - N_FULL),
                        scale_log2, window,
-                       swa_bt_stride, q_stride_0, q_stride_1, o_stride_0, o_stride_1,
+                       sliding_bt_stride, q_stride_0, q_stride_1, o_stride_0, o_stride_1,
                        s_stride_0, s_stride_1, s_stride_2, s_stride_3, S_STRIDE_4,
                        NUM_QUERY_HEADS, G, BLOCK_SIZE_S, TILE, HEAD_SIZE, HEAD_PAD,
-                       BLOCK_M, BLOCK_Q, True, IS_3D, NUM_SEGMENTS, DOT_IEEE, CAST_F32)
+                       BLOCK_M, BLOCK_Q, True, SINK, IS_3D, NUM_SEGMENTS, DOT_IEEE, CAST_F32)
 
 
 @triton.jit
@@ -302,6 +322,103 @@ def _reduce_segments_kernel(
     acc = tl.where(denom == 0.0, 0.0, acc / denom)
     tl.store(output_ptr + tok.to(tl.int64) * o_stride_0 + head * o_stride_1 + offs_d,
              acc.to(output_ptr.dtype.element_ty), mask=dim_mask)
+
+
+@triton.jit
+def _sink_merge_kernel(
+    output_ptr, query_ptr, lse_ptr, query_start_len_ptr, seq_lens_ptr, num_seqs: tl.int32,
+    cache_ptr, bt_ptr, head_offset, bt_stride: tl.int64,
+    c_stride_0: tl.int64, c_stride_1: tl.int64, c_stride_2: tl.int64,
+    c_stride_3: tl.int64, C_STRIDE_4: tl.constexpr,
+    scale_log2, window,
+    q_stride_0: tl.int64, q_stride_1: tl.int64,
+    o_stride_0: tl.int64, o_stride_1: tl.int64,
+    lse_stride_h: tl.int64, lse_stride_t: tl.int64,
+    G: tl.constexpr, SINK: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
+    HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
+    DOT_IEEE: tl.constexpr, CAST_F32: tl.constexpr,
+):
+    """S heads: fold the sink keys a query sees beyond its window (keys k < SINK with
+    k <= i - window) into a window-only result (``output``, normalised, with its natural
+    log-sum-exp ``lse``), in place. Same grid as the attention kernel, S heads only."""
+    q_block_global_idx = tl.program_id(0)
+    kv_head_idx = tl.program_id(1)
+    seq_idx = _find_seq_idx(query_start_len_ptr, q_block_global_idx, num_seqs, BLOCK_Q, True)
+    q_start = tl.load(query_start_len_ptr + seq_idx)
+    q_len = tl.load(query_start_len_ptr + seq_idx + 1) - q_start
+    q_block_local_idx = q_block_global_idx - (q_start // BLOCK_Q + seq_idx)
+    if q_block_local_idx * BLOCK_Q >= q_len:
+        return
+    ctx = tl.load(seq_lens_ptr + seq_idx) - q_len
+    qpos_hi = tl.minimum(q_block_local_idx * BLOCK_Q + BLOCK_Q - 1, q_len - 1)
+    sink_hi = tl.minimum(ctx + qpos_hi - window + 1, SINK)  # the block's last query sees most
+    if sink_hi <= 0:
+        return  # every query of the block has its sinks inside its window
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_PAD)
+    offs_t = tl.arange(0, TILE)
+    q_pos = q_block_local_idx * BLOCK_Q + offs_m // G
+    q_tok = q_start + q_pos
+    q_head = kv_head_idx * G + offs_m % G
+    row_valid = (q_pos < q_len) & (offs_m < BLOCK_Q * G)
+    dim_mask = offs_d < HEAD_SIZE
+    q_abs = ctx + q_pos
+    rows = row_valid[:, None] & dim_mask[None, :]
+    Q = tl.load(query_ptr + q_tok[:, None].to(tl.int64) * q_stride_0 + q_head[:, None] * q_stride_1
+                + offs_d[None, :], mask=rows, other=0.0)
+    if CAST_F32:
+        Q = Q.to(tl.float32)
+
+    M = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    L = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_PAD], dtype=tl.float32)
+    bt_base = bt_ptr + seq_idx.to(tl.int64) * bt_stride
+    k_base = cache_ptr + (head_offset + kv_head_idx).to(tl.int64) * c_stride_3
+    v_base = k_base + c_stride_1
+    for j in range(0, _cdiv(sink_hi, TILE)):
+        k_pos = j * TILE + offs_t
+        k_valid = k_pos < sink_hi
+        blk = tl.load(bt_base + k_pos // BLOCK_SIZE, mask=k_valid, other=0).to(tl.int64)
+        slot_off = blk * c_stride_0 + (k_pos % BLOCK_SIZE).to(tl.int64) * c_stride_2
+        K = tl.load(k_base + slot_off[None, :] + offs_d[:, None] * C_STRIDE_4,
+                    mask=dim_mask[:, None] & k_valid[None, :], other=0.0).to(Q.dtype)
+        V = tl.load(v_base + slot_off[:, None] + offs_d[None, :] * C_STRIDE_4,
+                    mask=k_valid[:, None] & dim_mask[None, :], other=0.0).to(Q.dtype)
+        if DOT_IEEE:
+            S = tl.dot(Q, K, input_precision="ieee")
+        else:
+            S = tl.dot(Q, K)
+        S = S * scale_log2
+        # Only sinks outside the query's window: those inside it are in ``output`` already.
+        allowed = k_valid[None, :] & row_valid[:, None] & ((q_abs[:, None] - k_pos[None, :]) >= window)
+        S = tl.where(allowed, S, float("-inf"))
+        m_new = tl.maximum(M, tl.max(S, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        P = tl.exp2(S - m_safe[:, None])
+        alpha = tl.exp2(M - m_safe)
+        L = L * alpha + tl.sum(P, axis=1)
+        if DOT_IEEE:
+            pv = tl.dot(P.to(V.dtype), V, input_precision="ieee")
+        else:
+            pv = tl.dot(P.to(V.dtype), V)
+        acc = acc * alpha[:, None] + pv
+        M = m_new
+
+    # Merge the two partial softmaxes by their log-sum-exp (natural log, as FlashAttention's).
+    has_sinks = row_valid & (L > 0.0)
+    L_safe = tl.where(has_sinks, L, 1.0)
+    lse_sink = tl.where(has_sinks, (M + tl.log2(L_safe)) * 0.6931471805599453, float("-inf"))
+    lse_win = tl.load(lse_ptr + q_head.to(tl.int64) * lse_stride_h + q_tok.to(tl.int64) * lse_stride_t,
+                      mask=has_sinks, other=0.0)
+    m = tl.maximum(lse_win, lse_sink)
+    w_win = tl.exp(lse_win - m)
+    w_sink = tl.where(has_sinks, tl.exp(lse_sink - m), 0.0)
+    o_ptrs = output_ptr + q_tok[:, None].to(tl.int64) * o_stride_0 + q_head[:, None] * o_stride_1 + offs_d[None, :]
+    out_mask = has_sinks[:, None] & dim_mask[None, :]
+    o_win = tl.load(o_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+    out = (o_win * w_win[:, None] + (acc / L_safe[:, None]) * w_sink[:, None]) / (w_win + w_sink)[:, None]
+    tl.store(o_ptrs, out.to(output_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -359,10 +476,10 @@ def _write_kv_hybrid_kernel(
     full_cache_ptr, full_slot_ptr, full_head_offset,
     f_stride_0: tl.int64, f_stride_1: tl.int64, f_stride_2: tl.int64,
     f_stride_3: tl.int64, F_STRIDE_4: tl.constexpr,
-    swa_cache_ptr, swa_slot_ptr, swa_head_offset,
+    sliding_cache_ptr, sliding_slot_ptr, sliding_head_offset,
     s_stride_0: tl.int64, s_stride_1: tl.int64, s_stride_2: tl.int64,
     s_stride_3: tl.int64, S_STRIDE_4: tl.constexpr,
-    N_FULL: tl.constexpr, N_FULL_PAD: tl.constexpr, N_SWA: tl.constexpr, N_SWA_PAD: tl.constexpr,
+    N_FULL: tl.constexpr, N_FULL_PAD: tl.constexpr, N_SLIDING: tl.constexpr, N_SLIDING_PAD: tl.constexpr,
     HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
     BLOCK_SIZE_F: tl.constexpr, BLOCK_SIZE_S: tl.constexpr,
 ):
@@ -375,10 +492,10 @@ def _write_kv_hybrid_kernel(
                      full_head_offset, N_FULL, N_FULL_PAD, HEAD_SIZE, HEAD_PAD, BLOCK_SIZE_F)
     else:
         _write_heads(t, key_ptr + N_FULL * k_stride_1, value_ptr + N_FULL * v_stride_1,
-                     swa_cache_ptr, swa_slot_ptr,
+                     sliding_cache_ptr, sliding_slot_ptr,
                      k_stride_0, k_stride_1, v_stride_0, v_stride_1,
                      s_stride_0, s_stride_1, s_stride_2, s_stride_3, S_STRIDE_4,
-                     swa_head_offset, N_SWA, N_SWA_PAD, HEAD_SIZE, HEAD_PAD, BLOCK_SIZE_S)
+                     sliding_head_offset, N_SLIDING, N_SLIDING_PAD, HEAD_SIZE, HEAD_PAD, BLOCK_SIZE_S)
 
 
 # ---------------------------------------------------------------------------------------
@@ -387,14 +504,17 @@ def _write_kv_hybrid_kernel(
 
 
 class HybridScratch(NamedTuple):
-    """Scratch for the 3D (split-KV) decode path; one per device, shared by all layers."""
+    """Scratch of the 3D (split-KV) decode path; one per engine, shared by all layers.
 
-    segm_output: torch.Tensor  # [max_tokens, Hq, NUM_SEGMENTS, HEAD_PAD] float32
-    segm_max: torch.Tensor  # [max_tokens, Hq, NUM_SEGMENTS] float32
-    segm_expsum: torch.Tensor  # [max_tokens, Hq, NUM_SEGMENTS] float32
+    Its rows bound the decode batch that takes the 3D path (one row per sequence).
+    """
+
+    segm_output: torch.Tensor  # [max_seqs, Hq, NUM_SEGMENTS, HEAD_PAD] float32
+    segm_max: torch.Tensor  # [max_seqs, Hq, NUM_SEGMENTS] float32
+    segm_expsum: torch.Tensor  # [max_seqs, Hq, NUM_SEGMENTS] float32
 
     @property
-    def max_tokens(self) -> int:
+    def max_seqs(self) -> int:
         return self.segm_output.shape[0]
 
     @property
@@ -402,156 +522,117 @@ class HybridScratch(NamedTuple):
         return self.segm_output.shape[2]
 
 
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Kernel launch parameters; None = the served defaults. Only kernel benchmarks set them."""
+
+    tile_size: int | None = None
+    num_warps: int | None = None
+    num_stages: int | None = None
+
+
 def default_seq_threshold_3d(num_kv_heads: int) -> int:
     """vLLM's rule: use 3D (split-KV) decode when num_seqs <= 128 // num_kv_heads."""
     return max(1, MIN_LAUNCH_GRID_SIZE_2D // max(1, num_kv_heads))
 
 
-def hybrid_scratch_shapes(max_tokens: int, num_q_heads: int, head_size: int,
-                          num_segments: int = DEFAULT_NUM_SEGMENTS):
-    hp = triton.next_power_of_2(head_size)
-    return ((max_tokens, num_q_heads, num_segments, hp),
-            (max_tokens, num_q_heads, num_segments),
-            (max_tokens, num_q_heads, num_segments))
-
-
-def make_hybrid_scratch(max_tokens: int, num_q_heads: int, head_size: int, device,
+def make_hybrid_scratch(max_seqs: int, num_q_heads: int, head_size: int, device,
                         num_segments: int = DEFAULT_NUM_SEGMENTS) -> HybridScratch:
-    """Allocate 3D scratch.  ``max_tokens`` = the largest decode batch that should take the
-    3D path (typically ``default_seq_threshold_3d(n_kv)``, or the CUDA-graph capture size
-    closest to it, as vLLM's triton backend does).  num_segments must be a power of 2."""
+    """Allocate 3D scratch for decode batches of up to ``max_seqs`` sequences (typically
+    ``default_seq_threshold_3d(n_kv)``, or the CUDA-graph capture size closest to it, as
+    vLLM's Triton backend does).  ``num_segments`` must be a power of 2."""
     if num_segments < 1 or num_segments & (num_segments - 1):
         raise ValueError(f"num_segments must be a power of 2, got {num_segments}")
-    s_out, s_max, s_sum = hybrid_scratch_shapes(max_tokens, num_q_heads, head_size,
-                                                num_segments)
-    return HybridScratch(torch.empty(s_out, dtype=torch.float32, device=device),
-                         torch.empty(s_max, dtype=torch.float32, device=device),
-                         torch.empty(s_sum, dtype=torch.float32, device=device))
+    hp = triton.next_power_of_2(head_size)
+    f32 = dict(dtype=torch.float32, device=device)
+    return HybridScratch(torch.empty(max_seqs, num_q_heads, num_segments, hp, **f32),
+                         torch.empty(max_seqs, num_q_heads, num_segments, **f32),
+                         torch.empty(max_seqs, num_q_heads, num_segments, **f32))
 
 
-_SCRATCH_CACHE: dict = {}
-
-
-def _cached_scratch(device, num_q_heads, head_size, rows) -> HybridScratch:
-    key = (str(device), num_q_heads, triton.next_power_of_2(head_size), rows)
-    s = _SCRATCH_CACHE.get(key)
-    if s is None:
-        s = make_hybrid_scratch(rows, num_q_heads, head_size, device)
-        _SCRATCH_CACHE[key] = s
-    return s
-
-
-def would_use_3d(query, query_start_loc, max_query_len, scratch, seq_threshold_3d) -> bool:
-    """Host-side path choice (shapes and host ints only: no sync)."""
+def would_use_3d(query: torch.Tensor, batch: AttnBatch, scratch: HybridScratch | None) -> bool:
+    """Host-side path choice (shapes and host ints only: no sync): 3D for decode batches
+    (every sequence has one new token) that the scratch holds."""
     if scratch is None:
         return False
-    num_seqs = query_start_loc.shape[0] - 1
-    return (max_query_len <= 1 and num_seqs <= seq_threshold_3d
-            and query.shape[0] <= scratch.max_tokens
+    return (batch.max_query_len <= 1 and batch.num_seqs <= scratch.max_seqs
+            and query.shape[0] <= scratch.max_seqs
             and scratch.segm_output.shape[1] == query.shape[1]
             and scratch.segm_output.shape[3] == triton.next_power_of_2(query.shape[2]))
 
 
-def _check_cache(cache, name, head_offset, n, head_size):
-    if cache.dim() != 5 or cache.shape[1] != 2:
-        raise ValueError(f"{name}: expected [num_blocks, 2, block_size, heads, D], "
-                         f"got {tuple(cache.shape)}")
-    if cache.shape[4] != head_size:
-        raise ValueError(f"{name}: head_dim {cache.shape[4]} != query head_dim {head_size}")
-    if head_offset < 0 or head_offset + n > cache.shape[3]:
-        raise ValueError(f"{name}: heads [{head_offset}, {head_offset + n}) outside the "
-                         f"pool's {cache.shape[3]} heads")
+def hybrid_paged_attention(query: torch.Tensor, output: torch.Tensor, batch: AttnBatch, scale: float,
+                           full: KVPool | None, sliding: KVPool | None,
+                           scratch: HybridScratch | None = None) -> None:
+    """All heads of a layer in one launch (2D), or two (3D split-KV attention + reduce).
 
-
-def hybrid_paged_attention(
-    query: torch.Tensor,
-    output: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    seq_lens: torch.Tensor,
-    scale: float,
-    full_cache, full_block_table, full_head_offset: int, n_full: int,
-    swa_cache, swa_block_table, swa_head_offset: int, n_swa: int,
-    window: int,
-    max_query_len: int,
-    max_seq_len: int,
-    *,
-    scratch: HybridScratch | None = None,
-    seq_threshold_3d: int | None = None,
-    tile_size: int | None = None,
-    num_warps: int | None = None,
-    num_stages: int | None = None,
-) -> None:
-    """One launch (2D) or two launches (3D attention + reduce) for all heads of a layer.
-
-    3D is used when ``max_query_len <= 1``, ``num_seqs <= seq_threshold_3d`` (default:
-    vLLM's 128 // n_kv) and the scratch holds ``query.shape[0]`` tokens.  When
-    ``scratch`` is None a per-device cached scratch of ``seq_threshold_3d`` rows is used
-    (allocated on first use: make that happen before CUDA-graph capture, or pass one).
+    Same contract as :func:`consa_vllm.plugin.ops.torch_paged.hybrid_paged_attention`.
+    3D runs for decode batches that ``scratch`` holds (:func:`would_use_3d`); without
+    ``scratch`` every batch runs 2D.
     """
-    n_kv = n_full + n_swa
+    launch_attention(query, output, batch, scale, full, sliding, scratch, LaunchConfig())
+
+
+def launch_attention(query: torch.Tensor, output: torch.Tensor, batch: AttnBatch, scale: float,
+                     full: KVPool | None, sliding: KVPool | None, scratch: HybridScratch | None,
+                     config: LaunchConfig) -> None:
+    """:func:`hybrid_paged_attention` with explicit launch parameters (kernel benchmarks)."""
+    n_full = full.num_heads if full is not None else 0
+    n_sliding = sliding.num_heads if sliding is not None else 0
+    n_kv = n_full + n_sliding
     if n_kv == 0:
         return
     T, hq, d = query.shape
     if hq % n_kv:
-        raise ValueError(f"query heads {hq} not a multiple of n_full + n_swa = {n_kv}")
+        raise ValueError(f"query heads {hq} not a multiple of n_full + n_sliding = {n_kv}")
     group = hq // n_kv
     if output.shape != query.shape:
         raise ValueError(f"output shape {tuple(output.shape)} != query {tuple(query.shape)}")
     if query.stride(2) != 1 or output.stride(2) != 1:
         raise ValueError("query/output need a contiguous last dim")
-    if n_full > 0:
-        if full_cache is None or full_block_table is None:
-            raise ValueError("n_full > 0 needs full_cache and full_block_table")
-        _check_cache(full_cache, "full_cache", full_head_offset, n_full, d)
-    if n_swa > 0:
-        if swa_cache is None or swa_block_table is None:
-            raise ValueError("n_swa > 0 needs swa_cache and swa_block_table")
-        _check_cache(swa_cache, "swa_cache", swa_head_offset, n_swa, d)
-        if window < 1:
-            raise ValueError(f"window must be >= 1, got {window}")
-    # Absent pool: pass the other one as a dummy (its branch is compiled out).
-    if n_full == 0:
-        full_cache, full_block_table, full_head_offset = swa_cache, swa_block_table, 0
-    if n_swa == 0:
-        swa_cache, swa_block_table, swa_head_offset = full_cache, full_block_table, 0
-        window = max(int(window), 1)
-    num_seqs = query_start_loc.shape[0] - 1
+    for pool, name in ((full, "full"), (sliding, "sliding")):
+        if pool is not None and pool.num_heads:
+            check_pool(pool, name, d)
+            if pool.is_fp8:
+                raise NotImplementedError(f"{name}: FP8 caches are not supported yet")
+    if n_full and full.window is not None:
+        raise ValueError(f"full: the F pool has no window, got {full.window}")
+    if n_sliding and sliding.window is None:
+        raise ValueError("sliding: the S pool needs a window")
+    # An absent pool is passed as the other one (its branch is compiled out).
+    fp = full if n_full else sliding
+    sp = sliding if n_sliding else full
+    window = sliding.window if n_sliding else 1
+    num_seqs = batch.num_seqs
     if num_seqs <= 0 or T == 0:
         return
 
     head_pad = triton.next_power_of_2(d)
     block_m = 16 if group <= 16 else triton.next_power_of_2(group)
     block_q = block_m // group
-
-    if seq_threshold_3d is None:
-        seq_threshold_3d = default_seq_threshold_3d(n_kv)
-    if scratch is None and max_query_len <= 1 and num_seqs <= seq_threshold_3d:
-        scratch = _cached_scratch(query.device, hq, d, seq_threshold_3d)
-    use_3d = would_use_3d(query, query_start_loc, max_query_len, scratch, seq_threshold_3d)
-
-    if tile_size is None:
-        tile_size = DEFAULT_TILE_3D if use_3d else 32
+    use_3d = would_use_3d(query, batch, scratch)
+    tile_size = config.tile_size or (DEFAULT_TILE_3D if use_3d else 32)
     total_q_blocks = T // block_q + num_seqs
     num_segments = scratch.num_segments if use_3d else 1
     grid = (total_q_blocks, n_kv, num_segments) if use_3d else (total_q_blocks, n_kv)
     launch = {}
-    if num_warps is not None:
-        launch["num_warps"] = num_warps
-    if num_stages is not None:
-        launch["num_stages"] = num_stages
+    if config.num_warps is not None:
+        launch["num_warps"] = config.num_warps
+    if config.num_stages is not None:
+        launch["num_stages"] = config.num_stages
 
-    fc, sc = full_cache, swa_cache
+    fc, sc = fp.cache, sp.cache
     segm = scratch if use_3d else (output, output, output)
     _hybrid_attn_kernel[grid](
-        output, query, query_start_loc, seq_lens, num_seqs,
-        fc, full_block_table, full_head_offset, full_block_table.stride(0),
+        output, query, batch.query_start_loc, batch.seq_lens, num_seqs,
+        fc, fp.block_table, fp.head_offset if n_full else 0, fp.block_table.stride(0),
         fc.stride(0), fc.stride(1), fc.stride(2), fc.stride(3), fc.stride(4),
-        sc, swa_block_table, swa_head_offset, swa_block_table.stride(0),
+        sc, sp.block_table, sp.head_offset if n_sliding else 0, sp.block_table.stride(0),
         sc.stride(0), sc.stride(1), sc.stride(2), sc.stride(3), sc.stride(4),
         segm[0], segm[1], segm[2],
         float(scale) * LOG2E, int(window),
         query.stride(0), query.stride(1), output.stride(0), output.stride(1),
-        N_FULL=n_full, N_SWA=n_swa, G=group,
+        N_FULL=n_full, N_SLIDING=n_sliding, G=group, SINK=sliding.sink if n_sliding else 0,
         BLOCK_SIZE_F=fc.shape[2], BLOCK_SIZE_S=sc.shape[2],
         TILE=tile_size, HEAD_SIZE=d, HEAD_PAD=head_pad,
         BLOCK_M=block_m, BLOCK_Q=block_q,
@@ -563,77 +644,120 @@ def hybrid_paged_attention(
     if use_3d:
         _reduce_segments_kernel[(T, hq)](
             output, scratch.segm_output, scratch.segm_max, scratch.segm_expsum,
-            query_start_loc, num_seqs,
+            batch.query_start_loc, num_seqs,
             output.stride(0), output.stride(1),
             NUM_QUERY_HEADS=hq, HEAD_SIZE=d, HEAD_PAD=head_pad,
             NUM_SEGMENTS=num_segments,
         )
 
 
-def write_kv(key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor,
-             slot_mapping: torch.Tensor, head_offset: int) -> None:
+def merge_sinks(query: torch.Tensor, output: torch.Tensor, lse: torch.Tensor, batch: AttnBatch, scale: float,
+                sliding: KVPool) -> None:
+    """Fold the sink keys of a layer's S heads into a window-only attention result, in place.
+
+    ``query``/``output`` are the S heads' query heads ``[T, n_sliding * G, D]``; ``output``
+    holds attention over each query's window alone and ``lse`` its natural log-sum-exp
+    ``[n_sliding * G, T]`` (FlashAttention's ``softmax_lse``; ``[T, n_sliding * G]`` works
+    too). Afterwards ``output`` is attention over the window plus keys ``0 .. sink - 1``.
+    One launch; none when ``sliding.sink`` is 0.
+    """
+    if not sliding.sink or not sliding.num_heads:
+        return
+    T, hq, d = query.shape
+    check_pool(sliding, "sliding", d)
+    if sliding.window is None or hq % sliding.num_heads:
+        raise ValueError(f"sliding: {hq} query heads over {sliding.num_heads} S heads with window {sliding.window}")
+    if lse.shape[0] == hq and lse.shape[1] >= T:
+        lse_stride_h, lse_stride_t = lse.stride(0), lse.stride(1)
+    elif lse.shape[1] == hq and lse.shape[0] >= T:
+        lse_stride_h, lse_stride_t = lse.stride(1), lse.stride(0)
+    else:
+        raise ValueError(f"lse of shape {tuple(lse.shape)} does not cover {T} tokens x {hq} heads")
+    num_seqs = batch.num_seqs
+    if num_seqs <= 0 or T == 0:
+        return
+    group = hq // sliding.num_heads
+    block_m = 16 if group <= 16 else triton.next_power_of_2(group)
+    block_q = block_m // group
+    c = sliding.cache
+    _sink_merge_kernel[(T // block_q + num_seqs, sliding.num_heads)](
+        output, query, lse, batch.query_start_loc, batch.seq_lens, num_seqs,
+        c, sliding.block_table, sliding.head_offset, sliding.block_table.stride(0),
+        c.stride(0), c.stride(1), c.stride(2), c.stride(3), c.stride(4),
+        float(scale) * LOG2E, int(sliding.window),
+        query.stride(0), query.stride(1), output.stride(0), output.stride(1), lse_stride_h, lse_stride_t,
+        G=group, SINK=sliding.sink, BLOCK_SIZE=c.shape[2], TILE=16 if sliding.sink <= 16 else 32,
+        HEAD_SIZE=d, HEAD_PAD=triton.next_power_of_2(d), BLOCK_M=block_m, BLOCK_Q=block_q,
+        DOT_IEEE=(query.dtype == torch.float32) or _INTERPRET, CAST_F32=_INTERPRET,
+    )
+
+
+def _check_write(key: torch.Tensor, pool: KVPool, name: str) -> None:
+    if pool.head_offset < 0 or pool.head_offset + pool.num_heads > pool.cache.shape[3]:
+        raise ValueError(f"{name}: heads [{pool.head_offset}, {pool.head_offset + pool.num_heads}) outside "
+                         f"the pool's {pool.cache.shape[3]} heads")
+    if pool.is_fp8:
+        raise NotImplementedError(f"{name}: FP8 caches are not supported yet")
+
+
+def write_kv(key: torch.Tensor, value: torch.Tensor, pool: KVPool) -> None:
     """Triton scatter: one program per token writes its n heads' K and V (slot < 0 skipped).
 
     Uses min(key.shape[0], slot_mapping.shape[0]) tokens; grid size from shapes only."""
     n, d = key.shape[1], key.shape[2]
-    num_tokens = min(key.shape[0], slot_mapping.shape[0])
+    num_tokens = min(key.shape[0], pool.slot_mapping.shape[0])
     if num_tokens == 0 or n == 0:
         return
     if key.stride(2) != 1:
         key = key.contiguous()
     if value.stride(2) != 1:
         value = value.contiguous()
-    if head_offset < 0 or head_offset + n > cache.shape[3]:
-        raise ValueError(f"heads [{head_offset}, {head_offset + n}) outside the pool's "
-                         f"{cache.shape[3]} heads")
+    _check_write(key, pool, "pool")
+    cache = pool.cache
     _write_kv_kernel[(num_tokens,)](
-        key, value, cache, slot_mapping,
+        key, value, cache, pool.slot_mapping,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3), cache.stride(4),
-        head_offset,
+        pool.head_offset,
         N=n, N_PAD=triton.next_power_of_2(n), HEAD_SIZE=d,
         HEAD_PAD=triton.next_power_of_2(d), BLOCK_SIZE=cache.shape[2],
     )
 
 
-def write_kv_hybrid(key: torch.Tensor, value: torch.Tensor, n_full: int,
-                    full_cache, full_slot_mapping, full_head_offset: int,
-                    swa_cache, swa_slot_mapping, swa_head_offset: int) -> None:
+def write_kv_hybrid(key: torch.Tensor, value: torch.Tensor, full: KVPool | None, sliding: KVPool | None) -> None:
     """One launch writes a layer's K/V: heads ``[0, n_full)`` into the F pool, the rest into
     the S pool, each through its own slot mapping (see :func:`write_kv`)."""
-    n_swa = key.shape[1] - n_full
+    n_full = full.num_heads if full is not None else 0
+    n_sliding = sliding.num_heads if sliding is not None else 0
     if n_full == 0:
-        return write_kv(key, value, swa_cache, swa_slot_mapping, swa_head_offset)
-    if n_swa == 0:
-        return write_kv(key, value, full_cache, full_slot_mapping, full_head_offset)
+        return write_kv(key, value, sliding)
+    if n_sliding == 0:
+        return write_kv(key, value, full)
     d = key.shape[2]
-    num_tokens = min(key.shape[0], full_slot_mapping.shape[0], swa_slot_mapping.shape[0])
+    num_tokens = min(key.shape[0], full.slot_mapping.shape[0], sliding.slot_mapping.shape[0])
     if num_tokens == 0:
         return
     if key.stride(2) != 1:
         key = key.contiguous()
     if value.stride(2) != 1:
         value = value.contiguous()
-    for cache, off, n, name in ((full_cache, full_head_offset, n_full, "F"),
-                                (swa_cache, swa_head_offset, n_swa, "S")):
-        if off < 0 or off + n > cache.shape[3]:
-            raise ValueError(f"{name} heads [{off}, {off + n}) outside the pool's {cache.shape[3]} heads")
-    fc, sc = full_cache, swa_cache
+    _check_write(key, full, "full")
+    _check_write(key, sliding, "sliding")
+    fc, sc = full.cache, sliding.cache
     _write_kv_hybrid_kernel[(num_tokens, 2)](
         key, value, key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        fc, full_slot_mapping, full_head_offset,
+        fc, full.slot_mapping, full.head_offset,
         fc.stride(0), fc.stride(1), fc.stride(2), fc.stride(3), fc.stride(4),
-        sc, swa_slot_mapping, swa_head_offset,
+        sc, sliding.slot_mapping, sliding.head_offset,
         sc.stride(0), sc.stride(1), sc.stride(2), sc.stride(3), sc.stride(4),
         N_FULL=n_full, N_FULL_PAD=triton.next_power_of_2(n_full),
-        N_SWA=n_swa, N_SWA_PAD=triton.next_power_of_2(n_swa),
+        N_SLIDING=n_sliding, N_SLIDING_PAD=triton.next_power_of_2(n_sliding),
         HEAD_SIZE=d, HEAD_PAD=triton.next_power_of_2(d),
         BLOCK_SIZE_F=fc.shape[2], BLOCK_SIZE_S=sc.shape[2],
     )
 
 
 __all__ = [
-    "HybridScratch", "default_seq_threshold_3d", "hybrid_scratch_shapes",
-    "make_hybrid_scratch", "would_use_3d", "hybrid_paged_attention", "write_kv",
-    "write_kv_hybrid",
+    "HybridScratch", "LaunchConfig", "default_seq_threshold_3d", "make_hybrid_scratch", "would_use_3d",
+    "hybrid_paged_attention", "launch_attention", "merge_sinks", "write_kv", "write_kv_hybrid",
 ]

@@ -1,7 +1,7 @@
 """Stage-1 throughput of the trainer on a full-size shape (random weights): tokens/s, memory, time to 4M tokens.
 
-    python -m consa_vllm.train.bench --json benchmarks/results/train_stage1_h100.json   # H100, ~4 min
-    python -m consa_vllm.train.bench --device cpu --smoke --json /tmp/train_stage1.json  # toy size, CPU
+    python benchmarks/bench_train_stage1.py --json benchmarks/results/train_stage1_h100.json   # H100, ~4 min
+    python benchmarks/bench_train_stage1.py --device cpu --smoke --json /tmp/train_stage1.json  # toy size, CPU
 
 Builds a Qwen3-0.6B-shaped model (28 layers, 16/8 heads, head_dim 128, hidden 1024, vocab
 151936, tied embeddings) with random bf16 weights and a small local tokenizer, reads the
@@ -19,9 +19,12 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import sysconfig
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project, when run as a script
 
 TOKENS_FOR_ALLOCATION = 4_000_000
 FULL = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
@@ -47,7 +50,7 @@ def build_model(out: Path, shape: dict, dtype: str, tokenizer_vocab: int) -> Pat
 
 def main(argv: list[str] | None = None) -> None:
     """CLI: build the model once, then one trainer run per mode; write the JSON."""
-    ap = argparse.ArgumentParser(prog="python -m consa_vllm.train.bench", description=__doc__,
+    ap = argparse.ArgumentParser(prog="bench_train_stage1.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", required=True, help="result file to write")
     ap.add_argument("--work", default="/tmp/consa-bench", help="scratch folder (model, logs)")

@@ -1,10 +1,8 @@
 """Time and memory of the reference attention kernels at one sequence length.
 
-Usable from a script (the lead runs it on the GPU)::
+    python benchmarks/bench_reference_attention.py 8192 16384 32768 --device cuda [--backward]
 
-    from consa_vllm.reference import benchmark_reference_attention
-    for row in benchmark_reference_attention(8192, device="cuda", dtype="bfloat16"):
-        print(row)
+prints one JSON line per variant and length.
 
 Each variant runs one layer's attention (Qwen3-1.7B shape by default: 16 query heads, 8 KV heads,
 head_dim 128) on random q/k/v, forward only or forward+backward. Peak memory is measured with
@@ -35,13 +33,17 @@ T=4096: dense 664, binary-sdpa 1901, binary-chunked 426, gates-sdpa 1438, gates-
 
 from __future__ import annotations
 
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .kernels import hybrid_attention, repeat_kv
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project, when run as a script
+
+from consa_vllm.reference.kernels import hybrid_attention, repeat_kv  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -129,7 +131,7 @@ def benchmark_reference_attention(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI: ``python -m consa_vllm.reference.benchmark 8192 16384 [--window W] [--backward] [--device D]``."""
+    """CLI: ``python benchmarks/bench_reference_attention.py 8192 16384 [--window W] [--backward] [--device D]``."""
     import argparse
     import json
 

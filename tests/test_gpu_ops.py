@@ -1,0 +1,203 @@
+"""GPU correctness of the hybrid attention ops (skipped without CUDA).
+
+At served sizes (16 query / 8 KV heads, head_dim 128, window 512, contexts to 5k, F and S
+pools with their own block sizes, strided pages, garbage out-of-window block-table
+entries): the Triton kernel (2D and 3D paths, every F/S split, bf16 and fp32, sinks 0, 1,
+4, 16, 64) and the Triton K/V write against the torch implementation (itself checked
+against a dense reference in tests/test_ops.py); with vLLM importable, FlashAttention 3
+over the pools (two launches, in sequence and on two streams; with sinks, plus the sink
+merge) against the same, and the Triton kernel with all heads F or all heads S against
+vLLM's own Triton kernel.
+
+Run on the GPU machine: ``python -m pytest -q tests/test_gpu_ops.py``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+from test_ops import make_case  # noqa: E402
+
+from consa_vllm.plugin.ops import KVPool  # noqa: E402
+from consa_vllm.plugin.ops import torch_paged  # noqa: E402
+
+HQ, HKV, D, W = 16, 8, 128, 512
+BLOCK_F, BLOCK_S = 16, 32
+CASES = {
+    # mixed batch -> 2D path: prefill chunks with prior context + decodes
+    "mixed_2d": [(1500, 300), (0, 700), (3000, 1), (600, 1), (2048, 64)],
+    # decode batch <= threshold -> 3D path
+    "decode_3d": [(5000, 1), (300, 1), (1023, 1), (4096, 1)],
+    # decode batch > threshold -> 2D path
+    "decode_2d": [(700 + 97 * i, 1) for i in range(20)],
+}
+SPLITS = [(2, 6), (4, 4), (8, 0), (0, 8), (1, 7)]
+TOL = {torch.bfloat16: 2e-2, torch.float32: 2e-3}
+
+
+def _case(name, nf, ns, dtype, sink=0):
+    return make_case(CASES[name], nf, ns, HQ // HKV, D, BLOCK_F, BLOCK_S, W, dtype=dtype, extra_heads=(3, 2),
+                     seed=1, device="cuda", sink=sink)
+
+
+def _max_err(out, ref, num_tokens):
+    return (out[:num_tokens].float() - ref[:num_tokens].float()).abs().max().item()
+
+
+def _torch_reference(case):
+    ref = torch.zeros_like(case.query)
+    torch_paged.hybrid_paged_attention(*case.args(ref))
+    return ref
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_triton_vs_torch(name, dtype):
+    from consa_vllm.plugin.ops import triton_hybrid as th
+
+    for nf, ns in SPLITS:
+        case = _case(name, nf, ns, dtype)
+        scratch = th.make_hybrid_scratch(th.default_seq_threshold_3d(HKV), HQ, D, "cuda")
+        out = torch.full_like(case.query, float("nan"))
+        th.hybrid_paged_attention(*case.args(out), scratch=scratch)
+        ref = _torch_reference(case)
+        err = _max_err(out, ref, case.query.shape[0])
+        path = "3d" if th.would_use_3d(case.query, case.batch, scratch) else "2d"
+        print(f"{name} {dtype} {nf}F{ns}S [{path}] max_abs_err={err:.2e}")
+        assert path == name.split("_")[1]
+        assert math.isfinite(err) and err < TOL[dtype], (name, dtype, nf, ns, err)
+
+
+SINKS = (1, 4, 16, 64)
+
+
+@pytest.mark.parametrize("sink", SINKS)
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_triton_sinks_vs_torch(name, sink):
+    """S heads with sinks (the S pool keeps the sink blocks, frees those up to the window)."""
+    from consa_vllm.plugin.ops import triton_hybrid as th
+
+    for nf, ns in ((2, 6), (0, 8)):
+        for dtype in (torch.bfloat16, torch.float32):
+            case = _case(name, nf, ns, dtype, sink)
+            scratch = th.make_hybrid_scratch(th.default_seq_threshold_3d(HKV), HQ, D, "cuda")
+            out = torch.full_like(case.query, float("nan"))
+            th.hybrid_paged_attention(*case.args(out), scratch=scratch)
+            err = _max_err(out, _torch_reference(case), case.query.shape[0])
+            print(f"{name} sink {sink} {dtype} {nf}F{ns}S max_abs_err={err:.2e}")
+            assert math.isfinite(err) and err < TOL[dtype], (name, sink, dtype, nf, ns, err)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_triton_write_kv_vs_torch(dtype):
+    from consa_vllm.plugin.ops import triton_hybrid as th
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    c1 = torch.zeros(64, 2, BLOCK_F, 12, D, device="cuda", dtype=dtype)
+    c2 = torch.zeros_like(c1)
+    k = torch.randn(300, 4, D, device="cuda", dtype=dtype, generator=gen)
+    v = torch.randn(300, 4, D, device="cuda", dtype=dtype, generator=gen)
+    slots = torch.randperm(64 * BLOCK_F, device="cuda", generator=gen)[:300]
+    slots[::17] = -1
+    th.write_kv(k, v, KVPool(c1, None, slots, 5, 4))
+    torch_paged.write_kv(k, v, KVPool(c2, None, slots, 5, 4))
+    assert torch.equal(c1, c2) and c1.abs().sum() > 0
+    # one launch for both pools vs two torch writes
+    f1 = torch.zeros(40, 2, BLOCK_F, 6, D, device="cuda", dtype=dtype)
+    s1 = torch.zeros(30, 2, BLOCK_S, 9, D, device="cuda", dtype=dtype)
+    f2, s2 = torch.zeros_like(f1), torch.zeros_like(s1)
+    k = torch.randn(300, 5, D, device="cuda", dtype=dtype, generator=gen)
+    v = torch.randn(300, 5, D, device="cuda", dtype=dtype, generator=gen)
+    fslots = torch.randperm(40 * BLOCK_F, device="cuda", generator=gen)[:300]
+    sslots = torch.randperm(30 * BLOCK_S, device="cuda", generator=gen)[:300].to(torch.int32)
+    fslots[::13] = -1
+    th.write_kv_hybrid(k, v, KVPool(f1, None, fslots, 1, 2), KVPool(s1, None, sslots, 4, 3, window=W))
+    torch_paged.write_kv_hybrid(k, v, KVPool(f2, None, fslots, 1, 2), KVPool(s2, None, sslots, 4, 3, window=W))
+    assert torch.equal(f1, f2) and torch.equal(s1, s2)
+
+
+def _flash_attn():
+    from consa_vllm.plugin.ops.flash_pools import flash_attn_varlen
+
+    try:
+        fa = flash_attn_varlen()
+    except Exception:
+        fa = None
+    if fa is None:
+        pytest.skip("FlashAttention 3 (vLLM on Hopper) not available")
+    return fa
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "two-streams"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_flash_pools_vs_torch(name, overlap):
+    """The served prefill / large-decode path, bf16 (FlashAttention takes no fp32)."""
+    from consa_vllm.plugin.ops.flash_pools import flash_attn_pools
+
+    fa = _flash_attn()
+    for nf, ns in ((2, 6), (1, 7), (4, 4)):
+        case = _case(name, nf, ns, torch.bfloat16)
+        out = torch.full_like(case.query, float("nan"))
+        flash_attn_pools(fa, case.query, out, case.batch, case.scale, case.full, case.sliding, overlap=overlap)
+        torch.cuda.synchronize()
+        err = _max_err(out, _torch_reference(case), case.batch.query_start_loc[-1].item())
+        print(f"{name} fa3 overlap={overlap} {nf}F{ns}S max_abs_err={err:.2e}")
+        assert math.isfinite(err) and err < TOL[torch.bfloat16], (name, nf, ns, err)
+
+
+@pytest.mark.parametrize("sink", SINKS)
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_flash_pools_sinks_vs_torch(name, sink):
+    """FlashAttention over the window plus the sink merge (the served path with sinks)."""
+    from consa_vllm.plugin.ops.flash_pools import flash_attn_pools
+
+    fa = _flash_attn()
+    for nf, ns in ((2, 6), (0, 8)):
+        case = _case(name, nf, ns, torch.bfloat16, sink)
+        out = torch.full_like(case.query, float("nan"))
+        flash_attn_pools(fa, case.query, out, case.batch, case.scale, case.full, case.sliding)
+        torch.cuda.synchronize()
+        err = _max_err(out, _torch_reference(case), case.batch.query_start_loc[-1].item())
+        print(f"{name} fa3 sink {sink} {nf}F{ns}S max_abs_err={err:.2e}")
+        assert math.isfinite(err) and err < TOL[torch.bfloat16], (name, sink, nf, ns, err)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_triton_vs_stock_vllm_kernel(name, dtype):
+    """All heads F (or all S) through our kernel against vLLM's unified Triton attention
+    on the same pool (vLLM's kernel uses tf32 on fp32, hence one tolerance)."""
+    vllm_ops = pytest.importorskip("vllm.v1.attention.ops.triton_unified_attention")
+    from consa_vllm.plugin.ops import triton_hybrid as th
+
+    case = _case(name, HKV, 0, dtype)
+    pool = case.full
+    thr, nseg = 128 // HKV, 16
+    segm = (torch.empty(thr, HQ, nseg, D, dtype=torch.float32, device="cuda"),
+            torch.empty(thr, HQ, nseg, dtype=torch.float32, device="cuda"),
+            torch.empty(thr, HQ, nseg, dtype=torch.float32, device="cuda"))
+    ones = torch.ones(case.batch.num_seqs, HKV, dtype=torch.float32, device="cuda")
+    kv = pool.heads()
+    for window in (None, W):
+        stock = torch.zeros_like(case.query)
+        vllm_ops.unified_attention(
+            q=case.query, k=kv[:, 0], v=kv[:, 1], out=stock, cu_seqlens_q=case.batch.query_start_loc,
+            max_seqlen_q=case.batch.max_query_len, seqused_k=case.batch.seq_lens,
+            max_seqlen_k=case.batch.max_seq_len, softmax_scale=case.scale, causal=True,
+            window_size=(window - 1, 0) if window else (-1, -1), block_table=pool.block_table, softcap=0,
+            q_descale=None, k_descale=ones, v_descale=ones, seq_threshold_3D=thr, num_par_softmax_segments=nseg,
+            softmax_segm_output=segm[0], softmax_segm_max=segm[1], softmax_segm_expsum=segm[2])
+        ours = torch.zeros_like(case.query)
+        if window is None:
+            th.hybrid_paged_attention(case.query, ours, case.batch, case.scale, pool, None)
+        else:
+            sliding = KVPool(pool.cache, pool.block_table, None, pool.head_offset, HKV, window=W)
+            th.hybrid_paged_attention(case.query, ours, case.batch, case.scale, None, sliding)
+        err = _max_err(ours, stock, case.batch.query_start_loc[-1].item())
+        print(f"{name} {dtype} window={window} vs stock max_abs_err={err:.2e}")
+        assert math.isfinite(err) and err < 2e-2, (name, dtype, window, err)
