@@ -312,3 +312,25 @@ def test_without_prefix_caching():
     assert max(sum(not b.is_null for b in blocks) for _, blocks in trace[-4:]) == NUM_SINK_BLOCKS + cdiv(WINDOW, BLOCK) + 1
     kvm.free(req)
     assert kvm.block_pool.get_num_free_blocks() == free
+
+
+# ------------------------------------------------------------ the config
+def test_kv_offloading_refused_with_sinks_before_the_engine_starts(tmp_path):
+    """vLLM's own config building (as under ``vllm serve``) runs the plugin's check."""
+    from engine_harness import tiny_model
+    from vllm.engine.arg_utils import EngineArgs
+
+    from consa_vllm.allocation import Allocation
+    from consa_vllm.export import export_model
+
+    src = tiny_model(tmp_path, "qwen3")
+    args = dict(max_model_len=256, dtype="float32", enforce_eager=True, kv_offloading_size=1.0)
+    pattern = ["FSSS", "SSSS", "SFFS", "FFFF"]
+    with_sink = export_model(src, Allocation(granularity="kv_head", window=WINDOW, pattern=pattern, sink=4),
+                             tmp_path / "sink", force=True)
+    with pytest.raises(ValueError, match=r"attention sinks \(sink 4\) cannot be served with a KV connector"):
+        EngineArgs(model=str(with_sink), **args).create_engine_config()
+    # The same allocation without sinks keeps vLLM's sliding-window rules: accepted.
+    plain = export_model(src, Allocation(granularity="kv_head", window=WINDOW, pattern=pattern),
+                         tmp_path / "plain", force=True)
+    assert EngineArgs(model=str(plain), **args).create_engine_config().kv_transfer_config is not None
