@@ -17,6 +17,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec, SlidingWi
 
 from consa_vllm.plugin.backend import ConsaAttentionBackend
 from consa_vllm.plugin.layout import LayerLayout, PoolLayout, choose_block_sizes
+from consa_vllm.plugin.sink_kv import SinkSlidingWindowSpec
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" so vLLM's log handler shows it
 
@@ -25,28 +26,31 @@ class ConsaKVPool(Attention):
     """Owns the KV memory of all F heads (or all S heads) of the model on this rank.
 
     vLLM never runs it: it exists so that the hybrid KV-cache manager allocates (and,
-    for the S pool, frees out-of-window) blocks for these heads.
+    for the S pool, frees out-of-window) blocks for these heads. An S pool with
+    attention sinks (``sink > 0``) reports a :class:`SinkSlidingWindowSpec`, whose
+    manager keeps each sequence's sink blocks.
     """
 
     def __init__(self, head_size: int, pool_heads: int, window: int | None, block_size: int,
-                 page_tokens_heads: int, cache_config: CacheConfig | None, prefix: str):
+                 page_tokens_heads: int, cache_config: CacheConfig | None, prefix: str, sink: int = 0):
         super().__init__(num_heads=pool_heads, head_size=head_size, scale=1.0, num_kv_heads=pool_heads,
                          cache_config=cache_config, per_layer_sliding_window=window, prefix=prefix,
                          attn_backend=ConsaAttentionBackend)
         self.consa_block_size = block_size
         self.consa_page_tokens_heads = page_tokens_heads
+        self.consa_sink = sink
 
     def get_kv_cache_spec(self, vllm_config: VllmConfig) -> KVCacheSpec | None:
         spec = super().get_kv_cache_spec(vllm_config)
         assert spec is not None
-        base = FullAttentionSpec(block_size=self.consa_block_size, num_kv_heads=self.num_kv_heads,
-                                 head_size=self.head_size, head_size_v=self.head_size_v,
-                                 dtype=spec.dtype, kv_quant_mode=spec.kv_quant_mode)
-        if self.sliding_window is not None:
-            base = SlidingWindowSpec(block_size=self.consa_block_size, num_kv_heads=self.num_kv_heads,
-                                     head_size=self.head_size, head_size_v=self.head_size_v,
-                                     dtype=spec.dtype, kv_quant_mode=spec.kv_quant_mode,
-                                     sliding_window=self.sliding_window)
+        common = dict(block_size=self.consa_block_size, num_kv_heads=self.num_kv_heads, head_size=self.head_size,
+                      head_size_v=self.head_size_v, dtype=spec.dtype, kv_quant_mode=spec.kv_quant_mode)
+        if self.sliding_window is None:
+            base = FullAttentionSpec(**common)
+        elif self.consa_sink:
+            base = SinkSlidingWindowSpec(**common, sliding_window=self.sliding_window, sink=self.consa_sink)
+        else:
+            base = SlidingWindowSpec(**common, sliding_window=self.sliding_window)
         # Both pools get the same page (the smaller one padded, see choose_block_sizes).
         per_head_token = base.page_size_bytes // (self.consa_block_size * self.num_kv_heads)
         page = self.consa_page_tokens_heads * per_head_token
@@ -73,12 +77,12 @@ class ConsaKVPools(nn.Module):
                                     self.full_name)
         if layout.sliding_pool_heads:
             self.sliding = ConsaKVPool(head_size, layout.sliding_pool_heads, window, block_s, page, cache_config,
-                                       self.sliding_name)
+                                       self.sliding_name, sink=layout.sink)
         # Pool sizes are the same on every tensor-parallel rank; a rank may leave a slot
         # unused (layout.balance_heads) so that vLLM sees identical KV cache specs.
-        logger.info("ConSA KV pools: %d F heads (block %d), %d S heads (block %d, window %d); "
+        logger.info("ConSA KV pools: %d F heads (block %d), %d S heads (block %d, window %d, sink %d); "
                     "rank %d of %d uses %d F + %d S", layout.full_pool_heads, block_f,
-                    layout.sliding_pool_heads, block_s, window, layout.tp_rank, layout.tp_size,
+                    layout.sliding_pool_heads, block_s, window, layout.sink, layout.tp_rank, layout.tp_size,
                     layout.full_used, layout.sliding_used)
 
     @property

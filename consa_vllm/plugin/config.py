@@ -13,6 +13,7 @@ from typing import Any
 
 from consa_vllm.allocation import Allocation, AllocationError
 from consa_vllm.export import read_exported_allocation
+from consa_vllm.plugin.layout import allocation_sink
 
 logger = logging.getLogger("consa_vllm")
 
@@ -32,6 +33,15 @@ def check_serving_config(vllm_config: Any) -> Allocation:
             "ConSA: window %d >= max_model_len %d, so the sliding-window (S) heads see the whole "
             "context and act as full attention; S KV memory is not reduced.",
             allocation.window, model_config.max_model_len)
+    sink = allocation_sink(allocation)
+    if sink and any("S" in r for r in allocation.pattern):
+        transfer = vllm_config.kv_transfer_config
+        if (transfer is not None and transfer.kv_connector) or vllm_config.cache_config.kv_offloading_size:
+            # A connector saves and loads blocks by vLLM's sliding-window rules, which drop
+            # the sink blocks (consa_vllm.plugin.sink_kv).
+            raise AllocationError(
+                f"{model_config.model}: attention sinks (sink {sink}) cannot be served with a KV "
+                "connector or KV offloading (--kv-transfer-config / --kv-offloading-size)")
     tp = vllm_config.parallel_config.tensor_parallel_size
     if allocation.granularity == "kv_head" and tp > 1:
         if allocation.num_kv_heads % tp:

@@ -6,6 +6,9 @@ kv_head allocations are served with two KV *pools*, one per vLLM KV-cache group:
   all layers on this rank;
 - the S pool, a ``SlidingWindowSpec`` holding every S head; vLLM's sliding-window
   manager frees its out-of-window blocks, so S memory per sequence is bounded by W.
+  With attention sinks (``sink > 0``) it is the plugin's ``SinkSlidingWindowSpec``,
+  whose manager also keeps each sequence's first ``sink`` tokens
+  (:mod:`consa_vllm.plugin.sink_kv`).
 
 Layer ``l`` owns the contiguous head range ``[full_offset[l], full_offset[l] + n_full[l])``
 of the F pool (same for S). Heads are permuted in the checkpoint at load time (see
@@ -66,7 +69,9 @@ class PoolLayout:
     sliding_pool_heads: int
     tp_size: int = 1
     tp_rank: int = 0
-    sink: int = 0  # S heads also see keys 0 .. sink-1 (the attention ops' KVPool.sink)
+    # S heads also see keys 0 .. sink-1 (the attention ops' KVPool.sink; the S pool's
+    # SinkSlidingWindowSpec keeps their blocks); 0: plain sliding window.
+    sink: int = 0
 
     @property
     def full_used(self) -> int:
@@ -97,7 +102,14 @@ class PoolLayout:
             f_off += n_full
             s_off += per_rank - n_full
         full_pool, sliding_pool = pool_sizes(allocation.pattern, tp_size)
-        return cls(tuple(layers), allocation.window, full_pool, sliding_pool, tp_size, tp_rank)
+        return cls(tuple(layers), allocation.window, full_pool, sliding_pool, tp_size, tp_rank,
+                   sink=allocation_sink(allocation))
+
+
+def allocation_sink(allocation: Allocation) -> int:
+    """The allocation's attention sink in tokens (0 when the file has none)."""
+    # Read as an optional field: files written before sinks existed have none.
+    return getattr(allocation, "sink", 0) or 0
 
 
 def _split_counts(pattern: list[str], tp_size: int) -> list[list[int]]:

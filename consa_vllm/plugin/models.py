@@ -38,7 +38,7 @@ from consa_vllm import families
 from consa_vllm.allocation import Allocation
 from consa_vllm.plugin.attention import ConsaAttention, ConsaKVPools
 from consa_vllm.plugin.config import read_allocation
-from consa_vllm.plugin.layout import PoolLayout
+from consa_vllm.plugin.layout import PoolLayout, allocation_sink
 from consa_vllm.plugin.permute import permute_checkpoint_heads
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" so vLLM's log handler shows it
@@ -47,9 +47,10 @@ logger = init_logger(f"vllm.{__name__}")  # under "vllm" so vLLM's log handler s
 def uses_pools(allocation: Allocation) -> bool:
     """Whether the fused two-pool attention serves this allocation (else stock modules)."""
     has_full = any("F" in row for row in allocation.pattern)
-    # Layer allocations map to stock per-layer windows, except all-S ones: with no
-    # full-attention group to unify block sizes against, stock CPU attention crashes.
-    return allocation.granularity == "kv_head" or not has_full
+    # Layer allocations map to stock per-layer windows, except all-S ones (with no
+    # full-attention group to unify block sizes against, stock CPU attention crashes) and
+    # ones with attention sinks (stock sliding-window layers free the sink blocks).
+    return allocation.granularity == "kv_head" or not has_full or allocation_sink(allocation) > 0
 
 
 def _decoder_attention(model: nn.Module, num_layers: int) -> dict[int, tuple[nn.Module, str, Attention]]:
