@@ -315,15 +315,15 @@ def test_without_prefix_caching():
 
 
 # ------------------------------------------------------------ the config
-def test_kv_offloading_refused_with_sinks_before_the_engine_starts(tmp_path):
+def test_kv_offloading_refused_with_sinks_before_the_engine_starts(tmp_path, tiny_model):
     """vLLM's own config building (as under ``vllm serve``) runs the plugin's check."""
-    from engine_harness import tiny_model
+    from engine_harness import TINY
     from vllm.engine.arg_utils import EngineArgs
 
     from consa_vllm.allocation import Allocation
     from consa_vllm.export import export_model
 
-    src = tiny_model(tmp_path, "qwen3")
+    src = tiny_model("qwen3", **TINY)
     args = dict(max_model_len=256, dtype="float32", enforce_eager=True, kv_offloading_size=1.0)
     pattern = ["FSSS", "SSSS", "SFFS", "FFFF"]
     with_sink = export_model(src, Allocation(granularity="kv_head", window=WINDOW, pattern=pattern, sink=4),
