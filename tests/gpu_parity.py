@@ -69,7 +69,7 @@ def calibrated_parity(src: Path, consa_dir: Path, allocation, prompts: list[list
     ``stock_dir`` is what stock vLLM serves (default ``src``: the same checkpoint, e.g. a
     quantized one); the reference always runs on ``src``'s (dequantized) weights.
     """
-    kw = dict(enforce_eager=False, gpu_memory_utilization=0.35, max_num_seqs=64, max_model_len=2048)
+    kw = dict(enforce_eager=False, gpu_memory_utilization=0.06, max_num_seqs=64, max_model_len=2048)
     kw.update(engine_kw)
     stock_gen = run_vllm(stock_dir or src, prompts, max_tokens, **kw)
     consa_gen = run_vllm(consa_dir, prompts, max_tokens, **kw)
