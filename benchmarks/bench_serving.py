@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
                 results["models"][name] = {"error": (proc.stderr or proc.stdout)[-3000:]}
                 print(proc.stderr[-3000:], flush=True)
             else:
-                results["models"][name] = {**json.loads(line[len("RESULT "):]), **startup_breakdown(proc.stderr)}
+                results["models"][name] = {**json.loads(line[len("RESULT "):]), **startup_breakdown(proc.stdout + proc.stderr)}
                 print(results["models"][name], flush=True)
             Path(args.out).write_text(json.dumps(results, indent=2))
     dense = results["models"].get("dense", {})
