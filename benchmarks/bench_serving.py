@@ -12,6 +12,7 @@ Usage (on the GPU machine)::
 
     python benchmarks/bench_serving.py --out results.json               # all models
     python benchmarks/bench_serving.py --models dense,kv0.75 --out r.json
+    python benchmarks/bench_serving.py --kv-cache-dtype fp8 --out results_fp8.json   # FP8 KV cache
 
 Writes one JSON with the device name, the settings and one record per model.
 """
@@ -74,7 +75,7 @@ def run_one(model_dir: str, args: argparse.Namespace) -> dict:
     llm = LLM(model=model_dir, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
               max_model_len=max(args.prompt + args.output, args.b1_prompt + args.b1_output),
               gpu_memory_utilization=args.gpu_mem, max_num_seqs=args.max_num_seqs,
-              enable_prefix_caching=False, seed=0)
+              kv_cache_dtype=args.kv_cache_dtype, enable_prefix_caching=False, seed=0)
     startup = time.perf_counter() - t0
     rng = np.random.default_rng(0)
     vocab = SHAPE["vocab_size"]
@@ -123,6 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--b1-output", type=int, default=256)
     ap.add_argument("--gpu-mem", type=float, default=0.9)
     ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--kv-cache-dtype", default="auto", help="vLLM's --kv-cache-dtype for every model (e.g. fp8)")
     ap.add_argument("--out", required=True, help="JSON file to write")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
