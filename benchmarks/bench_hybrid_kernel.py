@@ -30,6 +30,7 @@ subtracted.  Eager (no graph) mean time is reported too.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -352,7 +353,8 @@ def run_timing(th, stock, device, block_size, window, reps, workloads, num_segme
                 spool = p.sliding_pool(ns * pool_layers, sink) if ns else None
                 full, sliding = pools(p, nf, ns, fpool, spool, nf * (pool_layers // 2), ns * (pool_layers // 2), sink)
                 tag = f"{nf}F{ns}S" + (f"_sink{sink}" if sink else "")
-                run = lambda: th.hybrid_paged_attention(p.query, out, p.batch, p.scale, full, sliding, scratch)  # noqa: E731
+                run = functools.partial(th.hybrid_paged_attention, p.query, out, p.batch, p.scale, full, sliding,
+                                        scratch)
                 run()  # compile before capture
                 r = timer.measure(run)
                 r["path"] = "3d" if th.would_use_3d(p.query, p.batch, scratch) else "2d"
@@ -371,10 +373,12 @@ def run_timing(th, stock, device, block_size, window, reps, workloads, num_segme
                     r = timer.measure(run)
                     rows.append(dict(workload=wname, variant=f"fa3f_tritons_{tag}", sink=sink, **r))
                     _log_row(f"fa3f_tritons_{tag}", r)
-                for segs, tile, warps, *stages in (sweep or []) if (nf and ns and not sink and p.max_query_len <= 1) else []:
+                sweep_here = sweep if (nf and ns and not sink and p.max_query_len <= 1) else []
+                for segs, tile, warps, *stages in sweep_here or []:
                     scratch2 = th.make_hybrid_scratch(thr, p.hq, p.d, device, segs)
                     cfg = th.LaunchConfig(tile_size=tile, num_warps=warps, num_stages=stages[0] if stages else None)
-                    run2 = lambda: th.launch_attention(p.query, out, p.batch, p.scale, full, sliding, scratch2, cfg)  # noqa: E731
+                    run2 = functools.partial(th.launch_attention, p.query, out, p.batch, p.scale, full, sliding,
+                                             scratch2, cfg)
                     run2()
                     r = timer.measure(run2)
                     rows.append(dict(workload=wname, variant=f"hybrid_{tag}", num_segments=segs, tile=tile,
