@@ -32,6 +32,14 @@ def model(tmp_path_factory):
     return src, export(src, root / "consa", PATTERN, WINDOW)
 
 
+def _split_kv_scratch_buffers(llm) -> dict:
+    """How many metadata builders hold the fused decode's split-KV scratch (one per pool
+    builder was the old waste; the compute modules' group needs the only one)."""
+    runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
+    builders = [b for groups in runner.attn_groups for g in groups for b in g.metadata_builders]
+    return {"builders": len(builders), "with_scratch": sum(b.scratch is not None for b in builders)}
+
+
 @pytest.mark.parametrize("eager", [True, False], ids=["eager", "compiled+cudagraphs"])
 def test_gpu_greedy_parity(model, eager):
     src, dst = model
@@ -41,11 +49,12 @@ def test_gpu_greedy_parity(model, eager):
     prompts = prompts_of([40, 77, 130, 300, 9])
     ref = reference_generate(src, alloc, prompts, max_new_tokens=24)
     got = run_vllm(dst, prompts, max_tokens=24, enforce_eager=eager, max_num_batched_tokens=128,
-                   gpu_memory_utilization=0.3)
+                   gpu_memory_utilization=0.3, inspect=_split_kv_scratch_buffers)
     gap = max_logprob_gap(ref, got)
     print(f"max |dlogprob| = {gap:.2e}")
     assert got.tokens == ref.tokens
     assert gap < 2e-3
+    assert got.extra == {"builders": 2, "with_scratch": 1}
 
 
 def test_gpu_bf16_flash_prefill_matches_fused(model, monkeypatch):
