@@ -30,6 +30,7 @@ subtracted.  Eager (no graph) mean time is reported too.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -66,8 +67,9 @@ class Problem:
     and for a split (nF, nS) an F pool/table and a compact S pool/table."""
 
     def __init__(self, seqs, block_size, window, dtype, device, seed=0, hq=NUM_Q_HEADS,
-                 hkv=NUM_KV_HEADS, d=HEAD_DIM):
+                 hkv=NUM_KV_HEADS, d=HEAD_DIM, kv_fp8=False):
         self.seqs, self.B, self.W, self.dtype, self.dev = seqs, block_size, window, dtype, device
+        self.kv_fp8 = kv_fp8
         self.hq, self.hkv, self.d = hq, hkv, d
         self.gen = torch.Generator(device=device).manual_seed(seed)
         self.seq_lens_list = [c + q for c, q in seqs]
@@ -88,6 +90,10 @@ class Problem:
     def _rand_cache(self, num_blocks, heads):
         c = torch.empty(num_blocks, 2, self.B, heads, self.d, device=self.dev, dtype=self.dtype)
         c.normal_(generator=self.gen)
+        if self.kv_fp8:
+            from consa_vllm.plugin.ops.interface import FP8_DTYPE
+
+            c = c.to(FP8_DTYPE)
         return c
 
     def full_pool(self, heads):
@@ -126,8 +132,12 @@ def pools(p: Problem, nf, ns, fpool, spool, f_off=0, s_off=0, sink=0):
     """The (full, sliding) KVPool pair of one layer with nf F and ns S heads."""
     from consa_vllm.plugin.ops import KVPool
 
-    full = KVPool(fpool[0], fpool[1], None, f_off, nf) if nf else None
-    sliding = KVPool(spool[0], spool[1], None, s_off, ns, window=p.W, sink=sink) if ns else None
+    def fp8(n):  # per-tensor scales, expanded as the backend passes them
+        one = torch.ones(1, device=p.dev)
+        return dict(k_scale=one.expand(n), v_scale=one.expand(n), q_scale=one.expand(n)) if p.kv_fp8 else {}
+
+    full = KVPool(fpool[0], fpool[1], None, f_off, nf, **fp8(nf)) if nf else None
+    sliding = KVPool(spool[0], spool[1], None, s_off, ns, window=p.W, sink=sink, **fp8(ns)) if ns else None
     return full, sliding
 
 
@@ -307,13 +317,13 @@ def _log_row(name, r):
 
 
 def run_timing(th, stock, device, block_size, window, reps, workloads, num_segments, sweep=None, pool_layers=1,
-               sinks=(0,)):
+               sinks=(0,), kv_fp8=False):
     rows = []
     timer = Timer(device, reps)
     fa = fa3_varlen()
     for wname in workloads:
         seqs = WORKLOADS[wname]
-        p = Problem(seqs, block_size, window, torch.bfloat16, device, seed=2)
+        p = Problem(seqs, block_size, window, torch.bfloat16, device, seed=2, kv_fp8=kv_fp8)
         out = torch.empty_like(p.query)
         log(f"== {wname}: {len(seqs)} seqs, q_len {p.max_query_len}, seq_len {p.max_seq_len}")
         variants = []
@@ -343,7 +353,8 @@ def run_timing(th, stock, device, block_size, window, reps, workloads, num_segme
                 spool = p.sliding_pool(ns * pool_layers, sink) if ns else None
                 full, sliding = pools(p, nf, ns, fpool, spool, nf * (pool_layers // 2), ns * (pool_layers // 2), sink)
                 tag = f"{nf}F{ns}S" + (f"_sink{sink}" if sink else "")
-                run = lambda: th.hybrid_paged_attention(p.query, out, p.batch, p.scale, full, sliding, scratch)  # noqa: E731
+                run = functools.partial(th.hybrid_paged_attention, p.query, out, p.batch, p.scale, full, sliding,
+                                        scratch)
                 run()  # compile before capture
                 r = timer.measure(run)
                 r["path"] = "3d" if th.would_use_3d(p.query, p.batch, scratch) else "2d"
@@ -362,10 +373,12 @@ def run_timing(th, stock, device, block_size, window, reps, workloads, num_segme
                     r = timer.measure(run)
                     rows.append(dict(workload=wname, variant=f"fa3f_tritons_{tag}", sink=sink, **r))
                     _log_row(f"fa3f_tritons_{tag}", r)
-                for segs, tile, warps, *stages in (sweep or []) if (nf and ns and not sink and p.max_query_len <= 1) else []:
+                sweep_here = sweep if (nf and ns and not sink and p.max_query_len <= 1) else []
+                for segs, tile, warps, *stages in sweep_here or []:
                     scratch2 = th.make_hybrid_scratch(thr, p.hq, p.d, device, segs)
                     cfg = th.LaunchConfig(tile_size=tile, num_warps=warps, num_stages=stages[0] if stages else None)
-                    run2 = lambda: th.launch_attention(p.query, out, p.batch, p.scale, full, sliding, scratch2, cfg)  # noqa: E731
+                    run2 = functools.partial(th.launch_attention, p.query, out, p.batch, p.scale, full, sliding,
+                                             scratch2, cfg)
                     run2()
                     r = timer.measure(run2)
                     rows.append(dict(workload=wname, variant=f"hybrid_{tag}", num_segments=segs, tile=tile,
@@ -382,6 +395,11 @@ def run_timing(th, stock, device, block_size, window, reps, workloads, num_segme
         c = torch.zeros(cdiv(p.T, block_size) + 1, 2, block_size, 8, HEAD_DIM, device=device, dtype=torch.bfloat16)
         k = torch.randn(p.T, 6, HEAD_DIM, device=device, dtype=torch.bfloat16)
         target = KVPool(c, None, torch.arange(p.T, device=device), 2, 6)
+        if kv_fp8:
+            from consa_vllm.plugin.ops.interface import FP8_DTYPE
+
+            one = torch.ones(1, device=device).expand(6)
+            target = KVPool(c.to(FP8_DTYPE), None, target.slot_mapping, 2, 6, k_scale=one, v_scale=one)
         r = timer.measure(lambda: th.write_kv(k, k, target))
         rows.append(dict(workload=wname, variant="write_kv_6heads", **r))
         _log_row("write_kv_6heads", r)
@@ -441,6 +459,8 @@ def main():
                     help="size the F/S pools for this many layers' heads (as served: strided reads)")
     ap.add_argument("--sinks", default="0",
                     help="sink sizes to time the S heads with, comma list (e.g. 0,64; 0 = no sinks)")
+    ap.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
+                    help="fp8: the F/S pools hold FP8 (scales 1.0); vLLM's kernel is then not run")
     ap.add_argument("--no-stock", action="store_true", help="do not run vLLM's kernel")
     args = ap.parse_args()
 
@@ -465,13 +485,14 @@ def main():
         triton=triton.__version__, python=platform.python_version(),
         shape=dict(num_q_heads=NUM_Q_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM,
                    dtype="bfloat16", window=args.window, block_size=args.block_size,
-                   hybrid_num_segments=args.num_segments, pool_layers=args.pool_layers, sinks=sinks),
+                   hybrid_num_segments=args.num_segments, pool_layers=args.pool_layers, sinks=sinks,
+                   kv_cache_dtype=args.kv_cache_dtype),
         time=time.strftime("%Y-%m-%d %H:%M:%S"),
         notes="ms per call (one layer); graph_* = CUDA-graph replay of 10 calls, median; "
               "cold = L2 flushed before each call (flush time subtracted)",
     )
     stock = None
-    if not args.no_stock:
+    if not args.no_stock and args.kv_cache_dtype == "auto":
         try:
             import vllm
             from vllm.v1.attention.ops.triton_unified_attention import unified_attention
@@ -484,7 +505,7 @@ def main():
     report["results"] = run_timing(th, stock, device, args.block_size, args.window, args.reps, workloads,
                                    args.num_segments,
                                    [tuple(int(x) for x in c.split(":")) for c in args.sweep.split(",") if c],
-                                   args.pool_layers, sinks)
+                                   args.pool_layers, sinks, args.kv_cache_dtype == "fp8")
     _write(args.out, report)
     log(f"wrote {args.out}")
 

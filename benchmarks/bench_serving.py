@@ -23,6 +23,7 @@ Usage (on the GPU machine)::
 
     python benchmarks/bench_serving.py --out results.json               # all models
     python benchmarks/bench_serving.py --shape qwen3-30b-a3b --models dense,layer0.75,kv0.75 --out r.json
+    python benchmarks/bench_serving.py --kv-cache-dtype fp8 --out results_fp8.json   # FP8 KV cache
 
 Writes one JSON with the device name, the settings and one record per model.
 """

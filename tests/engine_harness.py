@@ -101,6 +101,18 @@ def run_vllm(model_dir: Path, prompts: list[list[int]], max_tokens: int, logprob
         cleanup_dist_env_and_memory()
 
 
+def logprob_gaps(a: Generation, b: Generation) -> dict[str, float]:
+    """Max and mean |logprob difference| over all tokens present in both top-k lists, each
+    prompt up to its first token mismatch (the values :func:`max_logprob_gap` looks at)."""
+    diffs = []
+    for ta, tb, la, lb in zip(a.tokens, b.tokens, a.top_logprobs, b.top_logprobs):
+        for i, (x, y) in enumerate(zip(ta, tb)):
+            diffs += [abs(la[i][t] - lb[i][t]) for t in set(la[i]) & set(lb[i])]
+            if x != y:
+                break
+    return {"max": max(diffs), "mean": sum(diffs) / len(diffs), "values": len(diffs)}
+
+
 def max_logprob_gap(a: Generation, b: Generation) -> float:
     """Largest |logprob difference| over tokens present in both top-k lists, up to the first token mismatch."""
     gap = 0.0

@@ -330,6 +330,15 @@ def test_estimator_closed_form_exact_tokens():
     assert est.capacity_gain == pytest.approx(1_024_000 / 544_768)
 
 
+def test_estimator_fp8_cache_is_one_byte_a_value():
+    """--kv-cache-dtype fp8 / fp8_e4m3: half the bf16 bytes, ratio to dense unchanged."""
+    bf16 = estimate_kv(ALLOC, SHAPE, context=1000, dtype="bfloat16", block_size=(16, 32))
+    for name in ("fp8", "fp8_e4m3"):
+        est = estimate_kv(ALLOC, SHAPE, context=1000, dtype=name, block_size=(16, 32))
+        assert 2 * est.bytes_per_sequence == bf16.bytes_per_sequence
+        assert 2 * est.dense_bytes_per_sequence == bf16.dense_bytes_per_sequence
+
+
 def test_estimator_context_shorter_than_window_is_dense():
     est = estimate_kv(ALLOC, SHAPE, context=10, dtype="float32")
     assert est.bytes_per_sequence == est.dense_bytes_per_sequence == 2 * 32 * 4 * 8 * 10

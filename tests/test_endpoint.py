@@ -20,10 +20,10 @@ def _snapshot(groups):
     return {"num_blocks": 100, "free_blocks": 90, "num_requests": 2, "groups": groups}
 
 
-def _group(i, pool, bs, used, layers=1):
+def _group(i, pool, bs, used, layers=1, page_bytes=1000):
     spec = {"full": "FullAttentionSpec", "sliding": "SlidingWindowSpec"}[pool]
     return {"group": i, "pool": pool, "spec": spec, "block_size": bs, "sliding_window": 24 if pool == "sliding"
-            else None, "num_layers": layers, "blocks_in_use": used}
+            else None, "num_layers": layers, "blocks_in_use": used, "page_bytes": page_bytes}
 
 
 def test_entry_point_is_discoverable_and_loads():
@@ -47,6 +47,8 @@ def test_pool_blocks_adds_up_groups_of_one_kind():
     pools = {p.pool: p for p in kv.pools}
     assert (pools["full"].blocks_in_use, pools["full"].num_groups, pools["full"].num_layers) == (5, 1, 2)
     assert (pools["sliding"].blocks_in_use, pools["sliding"].num_groups, pools["sliding"].num_layers) == (5, 2, 4)
+    # each layer keeps its own page of a block: 5 blocks x 1000 bytes x 2 layers
+    assert (pools["full"].bytes_in_use, pools["sliding"].bytes_in_use) == (10000, 10000)
     assert (kv.num_blocks, kv.free_blocks, kv.num_requests) == (100, 90, 2)
 
 
@@ -62,11 +64,12 @@ def test_prometheus_text_reports_both_pools_even_when_one_is_absent():
     reg = CollectorRegistry()
     reg.register(c)
     assert b"consa_kv_blocks_in_use{" not in generate_latest(reg)  # nothing known yet: no numbers
-    c.blocks = pool_blocks(_snapshot([_group(0, "sliding", 64, 7)]))  # an all-S model
+    c.blocks = pool_blocks(_snapshot([_group(0, "sliding", 64, 7, page_bytes=4096)]))  # an all-S model
     samples = {(s.name, s.labels.get("pool")): s.value
                for f in text_string_to_metric_families(generate_latest(reg).decode()) for s in f.samples}
     assert samples == {("consa_kv_blocks_in_use", "full"): 0, ("consa_kv_blocks_in_use", "sliding"): 7,
                        ("consa_kv_block_size_tokens", "sliding"): 64,
+                       ("consa_kv_bytes_in_use", "full"): 0, ("consa_kv_bytes_in_use", "sliding"): 7 * 4096,
                        ("consa_kv_blocks_total", None): 100, ("consa_kv_blocks_free", None): 90}
 
 

@@ -7,13 +7,16 @@ entries): the Triton kernel (2D and 3D paths, every F/S split, bf16 and fp32, si
 against a dense reference in tests/test_ops.py); with vLLM importable, FlashAttention 3
 over the pools (two launches, in sequence and on two streams; with sinks, plus the sink
 merge) against the same, and the Triton kernel with all heads F or all heads S against
-vLLM's own Triton kernel.
+vLLM's own Triton kernel. FP8 pools (per-tensor and per-head scales): the Triton kernel
+and K/V write against torch, FlashAttention 3 calibrated against its own single-launch
+error on the same data.
 
 Run on the GPU machine: ``python -m pytest -q tests/test_gpu_ops.py``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -25,6 +28,7 @@ from test_ops import make_case  # noqa: E402
 
 from consa_vllm.plugin.ops import KVPool  # noqa: E402
 from consa_vllm.plugin.ops import torch_paged  # noqa: E402
+from consa_vllm.plugin.ops.interface import FP8_DTYPE, quantize_fp8  # noqa: E402
 
 HQ, HKV, D, W = 16, 8, 128, 512
 BLOCK_F, BLOCK_S = 16, 32
@@ -40,9 +44,9 @@ SPLITS = [(2, 6), (4, 4), (8, 0), (0, 8), (1, 7)]
 TOL = {torch.bfloat16: 2e-2, torch.float32: 2e-3}
 
 
-def _case(name, nf, ns, dtype, sink=0):
+def _case(name, nf, ns, dtype, sink=0, kv_fp8=None):
     return make_case(CASES[name], nf, ns, HQ // HKV, D, BLOCK_F, BLOCK_S, W, dtype=dtype, extra_heads=(3, 2),
-                     seed=1, device="cuda", sink=sink)
+                     seed=1, device="cuda", sink=sink, kv_fp8=kv_fp8)
 
 
 def _max_err(out, ref, num_tokens):
@@ -121,6 +125,54 @@ def test_triton_write_kv_vs_torch(dtype):
     assert torch.equal(f1, f2) and torch.equal(s1, s2)
 
 
+@pytest.mark.parametrize("sink", [0, 16])
+@pytest.mark.parametrize("scales", ["per_tensor", "per_head"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_triton_fp8_vs_torch(name, scales, sink):
+    """FP8 pools read by the Triton kernel (2D and 3D) against the torch op on the same cache."""
+    from consa_vllm.plugin.ops import triton_hybrid as th
+
+    for nf, ns in ((2, 6), (8, 0), (0, 8)):
+        case = _case(name, nf, ns, torch.bfloat16, sink, scales)
+        scratch = th.make_hybrid_scratch(th.default_seq_threshold_3d(HKV), HQ, D, "cuda")
+        out = torch.full_like(case.query, float("nan"))
+        th.hybrid_paged_attention(*case.args(out), scratch=scratch)
+        err = _max_err(out, _torch_reference(case), case.query.shape[0])
+        print(f"{name} fp8 {scales} sink {sink} {nf}F{ns}S max_abs_err={err:.2e}")
+        assert math.isfinite(err) and err < TOL[torch.bfloat16], (name, scales, sink, nf, ns, err)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_triton_write_kv_fp8_vs_torch(dtype):
+    """Random K/V (subnormals, values rounding up to a power of two, saturation) written as
+    FP8 by the Triton kernel and by torch: the same bytes."""
+    from consa_vllm.plugin.ops import triton_hybrid as th
+
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    k = (torch.randn(300, 5, D, device="cuda", generator=gen) * 40).to(dtype)
+    v = torch.randn(300, 5, D, device="cuda", generator=gen).to(dtype)
+    fk, fv = torch.tensor([0.05, 1.5], device="cuda"), torch.tensor([0.02, 0.9], device="cuda")
+    sk, sv = torch.tensor([0.07], device="cuda").expand(3), torch.tensor([0.01], device="cuda").expand(3)
+    caches = [torch.zeros(40, 2, BLOCK_F, 6, D, device="cuda", dtype=torch.uint8).view(FP8_DTYPE),
+              torch.zeros(30, 2, BLOCK_S, 9, D, device="cuda", dtype=torch.uint8).view(FP8_DTYPE)]
+    twins = [c.clone() for c in caches]
+    fslots = torch.randperm(40 * BLOCK_F, device="cuda", generator=gen)[:300]
+    sslots = torch.randperm(30 * BLOCK_S, device="cuda", generator=gen)[:300].to(torch.int32)
+    fslots[::13] = -1
+
+    def pools(f, s):
+        return (KVPool(f, None, fslots, 1, 2, k_scale=fk, v_scale=fv),
+                KVPool(s, None, sslots, 4, 3, window=W, k_scale=sk, v_scale=sv))
+
+    th.write_kv_hybrid(k, v, *pools(*caches))
+    torch_paged.write_kv_hybrid(k, v, *pools(*twins))
+    for a, b in zip(caches, twins):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    written = caches[1].float()
+    assert (caches[0].float().abs() == 448).any(), "nothing saturated"
+    assert ((written.abs() < 2 ** -6) & (written != 0)).any(), "no subnormal written"
+
+
 def _flash_attn():
     from consa_vllm.plugin.ops.flash_pools import flash_attn_varlen
 
@@ -165,6 +217,37 @@ def test_flash_pools_sinks_vs_torch(name, sink):
         err = _max_err(out, _torch_reference(case), case.batch.query_start_loc[-1].item())
         print(f"{name} fa3 sink {sink} {nf}F{ns}S max_abs_err={err:.2e}")
         assert math.isfinite(err) and err < TOL[torch.bfloat16], (name, sink, nf, ns, err)
+
+
+@pytest.mark.parametrize("sink", [0, 16])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_flash_pools_fp8_calibrated(name, sink):
+    """FP8 pools through FlashAttention 3 (FP8 queries quantized with q_scale, descales) vs
+    the torch op fed the same quantized queries. FlashAttention 3 also rounds the softmax
+    probabilities to FP8, so the bound is its own error in stock use on the same data: one
+    launch over all 8 heads as F heads, one as S heads (calibrated parity)."""
+    from consa_vllm.plugin.ops.flash_pools import flash_attn_pools
+
+    fa = _flash_attn()
+
+    def err_of(nf, ns):
+        case = _case(name, nf, ns, torch.bfloat16, sink, "per_head")
+        out = torch.full_like(case.query, float("nan"))
+        flash_attn_pools(fa, case.query, out, case.batch, case.scale, case.full, case.sliding)
+        torch.cuda.synchronize()
+        # The reference sees the queries FlashAttention sees (quantized per KV head).
+        q_scale = torch.cat([p.q_scale for p in (case.full, case.sliding) if p is not None])
+        g = HQ // HKV
+        q8 = quantize_fp8(case.query.unflatten(1, (HKV, g)), q_scale[:, None, None]).float()
+        ref_case = dataclasses.replace(case, query=(q8 * q_scale[:, None, None]).flatten(1, 2).to(case.query.dtype))
+        return _max_err(out, _torch_reference(ref_case), case.batch.query_start_loc[-1].item())
+
+    stock = max(err_of(HKV, 0), err_of(0, HKV))
+    for nf, ns in ((2, 6), (1, 7), (4, 4)):
+        err = err_of(nf, ns)
+        print(f"{name} fa3 fp8 sink {sink} {nf}F{ns}S max_abs_err={err:.2e} (single launches: {stock:.2e})")
+        assert math.isfinite(err) and err <= 1.25 * stock, (name, sink, nf, ns, err, stock)
+    assert stock < 0.1
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])

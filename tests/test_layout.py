@@ -204,3 +204,44 @@ def test_permutation_moves_biases_and_refuses_fused_qkv():
     with pytest.raises(ValueError, match=r"k_proj.weight' has shape \(3, 5\); expected 2 along dim 0"):
         list(permute_checkpoint_heads([("model.layers.0.self_attn.k_proj.weight", torch.zeros(3, 5))],
                                       orders, 4, 2, 1))
+
+
+def test_per_head_kv_scales_follow_the_heads_across_ranks():
+    """Checkpoint per-KV-head scales (compressed-tensors "attn_head") reach each rank in its
+    served head order, F heads first, so the F and S pools get their own heads' scales."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("vllm")
+    from consa_vllm.plugin.attention import served_head_scales
+    from consa_vllm.plugin.backend import layer_kv_scales
+
+    alloc = Allocation(granularity="kv_head", window=8, pattern=PATTERNS["odd_total"])
+    k = torch.arange(8, dtype=torch.float32) + 1  # KV head h has scale h + 1
+    q = torch.arange(16, dtype=torch.float32)  # two query heads per KV head: max is 2h + 1
+    for tp in (1, 2, 4):
+        for rank in range(tp):
+            for lay in PoolLayout.build(alloc, tp, rank).layers:
+                got = served_head_scales(k, lay.kv_heads, 2, "k")
+                assert got.tolist() == [h + 1 for h in lay.kv_heads]
+                assert served_head_scales(q, lay.kv_heads, 2, "q").tolist() == [2 * h + 1 for h in lay.kv_heads]
+                holder = type("Layer", (), {})()  # the three buffers vLLM's attention layer owns
+                holder._k_scale, holder._v_scale, holder._q_scale = got, got * 10, got
+                (fk, fv, _), (sk, sv, _) = layer_kv_scales(holder, lay.n_full, lay.n_sliding)
+                row = alloc.pattern[lay.layer]
+                assert all(row[int(s) - 1] == "F" for s in fk.tolist())
+                assert all(row[int(s) - 1] == "S" for s in sk.tolist())
+                assert fv.tolist() == [10 * s for s in fk.tolist()] and len(sv) == lay.n_sliding
+
+
+def test_per_tensor_kv_scales_expand_without_copies():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("vllm")
+    from consa_vllm.plugin.backend import layer_kv_scales
+
+    holder = type("Layer", (), {})()
+    holder._k_scale, holder._v_scale, holder._q_scale = (torch.tensor(v) for v in (0.5, 0.25, 2.0))
+    (fk, fv, fq), (sk, sv, sq) = layer_kv_scales(holder, 3, 5)
+    assert fk.tolist() == [0.5] * 3 and sv.tolist() == [0.25] * 5 and sq.tolist() == [2.0] * 5
+    assert fk.stride() == (0,) and fk.data_ptr() == holder._k_scale.data_ptr()  # views: updates show
+    holder._k_scale = torch.ones(4)
+    with pytest.raises(ValueError, match=r"_k_scale has 4 values; expected 1 or one per KV head \(8\)"):
+        layer_kv_scales(holder, 3, 5)

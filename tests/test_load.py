@@ -195,6 +195,7 @@ def test_metrics_on_vllm_metrics_and_consa_path(info, server):
         ("consa_kv_blocks_in_use", "full"): 0.0, ("consa_kv_blocks_in_use", "sliding"): 0.0,
         ("consa_kv_block_size_tokens", "full"): sizes["full"],
         ("consa_kv_block_size_tokens", "sliding"): sizes["sliding"],
+        ("consa_kv_bytes_in_use", "full"): 0.0, ("consa_kv_bytes_in_use", "sliding"): 0.0,
         "consa_kv_blocks_total": info.kv_blocks.num_blocks, "consa_kv_blocks_free": info.kv_blocks.num_blocks,
     }
     assert f'model_name="{server["model"]}"' in text

@@ -28,6 +28,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from consa_vllm.plugin.ops import AttnBatch, KVPool, torch_paged  # noqa: E402
+from consa_vllm.plugin.ops.interface import FP8_DTYPE, quantize_fp8  # noqa: E402
 from consa_vllm.plugin.ops.torch_paged import hybrid_paged_attention as torch_attn  # noqa: E402
 from consa_vllm.plugin.ops.torch_paged import write_kv as torch_write_kv  # noqa: E402
 
@@ -81,12 +82,14 @@ class Case:
 
 def make_case(seqs, n_full, n_sliding, group, d, block_f, block_s, window, dtype=torch.float32,
               padded_page=True, extra_heads=(1, 2), seed=0, pad_tokens=0,
-              use_write_kv=True, device="cpu", sink=0) -> Case:
+              use_write_kv=True, device="cpu", sink=0, kv_fp8=None) -> Case:
     """seqs: list of (context_len, query_len).  Prior context is written into the caches
     directly by the test; the new tokens through write_kv (torch) with padding slots.
     Built on the CPU, then moved to ``device`` (the ground truth stays on the CPU).
     With ``sink``, the S pool keeps the blocks holding keys 0 .. sink-1 (as the sink KV
-    manager does) and frees the blocks between them and the window."""
+    manager does) and frees the blocks between them and the window.
+    ``kv_fp8`` ("per_tensor" or "per_head"): FP8 pools with those k/v scales (distinct per
+    pool); the ground truth is then the dequantized K/V."""
     gen = torch.Generator().manual_seed(seed)
     hkv = n_full + n_sliding
     hq = hkv * group
@@ -95,6 +98,19 @@ def make_case(seqs, n_full, n_sliding, group, d, block_f, block_s, window, dtype
         L = ctx + ql
         keys.append(torch.randn(L, hkv, d, generator=gen))
         values.append(torch.randn(L, hkv, d, generator=gen))
+    cache_dtype, scales = dtype, None
+    if kv_fp8:
+        cache_dtype = FP8_DTYPE
+        if kv_fp8 == "per_head":  # own generator: the rest of the case is the unquantized one's
+            sgen = torch.Generator().manual_seed(seed + 1)
+            ks, vs = 0.02 + 0.1 * torch.rand(hkv, generator=sgen), 0.02 + 0.1 * torch.rand(hkv, generator=sgen)
+        else:  # one value per pool, passed expanded (stride 0) as the backend does
+            ks = torch.tensor([0.05] * n_full + [0.08] * n_sliding)
+            vs = torch.tensor([0.07] * n_full + [0.03] * n_sliding)
+        scales = (ks, vs)
+        for truths, sc in ((keys, ks[:, None]), (values, vs[:, None])):
+            for t in truths:  # the ground truth: what the cache can hold
+                t.copy_(quantize_fp8(t, sc).float() * sc)
     T = sum(ql for _, ql in seqs)
     query = torch.randn(T + pad_tokens, hq, d, generator=gen).to(dtype)
     qsl = [0]
@@ -110,7 +126,7 @@ def make_case(seqs, n_full, n_sliding, group, d, block_f, block_s, window, dtype
         pool_heads = n + extra_heads[0] + extra_heads[1]
         need = [_cdiv(L, block_size) for L in seq_lens]
         num_blocks = sum(need) + 3
-        cache = _make_pool(num_blocks, block_size, pool_heads, d, dtype, padded_page, gen)
+        cache = _make_pool(num_blocks, block_size, pool_heads, d, cache_dtype, padded_page, gen)
         perm = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()  # 0 = null
         max_blocks = max(need) + 2
         table = torch.zeros(num_seqs, max_blocks, dtype=torch.int32)
@@ -131,8 +147,11 @@ def make_case(seqs, n_full, n_sliding, group, d, block_f, block_s, window, dtype
             kept = torch.arange(ctx)
             pos = kept[(kept < sink_blks * block_size) | (kept >= first_blk * block_size)]
             blk, off = table[s, pos // block_size].long(), pos % block_size
-            cache[:, 0][blk, off, head_off:head_off + n] = keys[s][pos, kv_head_lo:kv_head_lo + n].to(dtype)
-            cache[:, 1][blk, off, head_off:head_off + n] = values[s][pos, kv_head_lo:kv_head_lo + n].to(dtype)
+            for i, truth in ((0, keys[s]), (1, values[s])):
+                x = truth[pos, kv_head_lo:kv_head_lo + n]
+                if scales is not None:
+                    x = quantize_fp8(x, scales[i][kv_head_lo:kv_head_lo + n, None])
+                cache[:, i][blk, off, head_off:head_off + n] = x.to(cache_dtype)
             slot_lists.append([int(table[s, p // block_size]) * block_size + p % block_size
                                for p in range(ctx, L)])
         # new tokens via write_kv, with padding slots (-1) interleaved at the end
@@ -144,11 +163,19 @@ def make_case(seqs, n_full, n_sliding, group, d, block_f, block_s, window, dtype
         k_new = torch.cat([k_new, torch.randn(pad_tokens, n, d, generator=gen).to(dtype)])
         v_new = torch.cat([v_new, torch.randn(pad_tokens, n, d, generator=gen).to(dtype)])
         slots = torch.tensor(slots + [-1] * pad_tokens, dtype=torch.int64)
+        fp8 = {}
+        if scales is not None:
+            per_tensor = kv_fp8 == "per_tensor"
+            ks, vs = (t[kv_head_lo:kv_head_lo + n] for t in scales)
+            if per_tensor:
+                ks, vs = ks[:1].expand(n), vs[:1].expand(n)
+            fp8 = dict(k_scale=ks, v_scale=vs, q_scale=ks.clone())
         pool = KVPool(cache, table, slots, head_off, n, window=window if is_sliding else None,
-                      sink=sink if is_sliding else 0)
+                      sink=sink if is_sliding else 0, **fp8)
         if use_write_kv:
             torch_write_kv(k_new, v_new, pool)
         else:
+            assert scales is None
             for t, sl in enumerate(slots.tolist()):
                 if sl >= 0:
                     cache[sl // block_size, 0, sl % block_size, head_off:head_off + n] = k_new[t]
@@ -360,6 +387,61 @@ def test_torch_sinks_read_only_sink_and_window_blocks():
     assert torch.equal(out, out2) and not torch.isnan(out2).any()
 
 
+FP8_CASES = [("mixed_2f2s_g2", 0), ("decode_only_g2", 0), ("nfull0_g2", 0), ("sink_mixed", 4)]
+
+
+@pytest.mark.parametrize("scales", ["per_tensor", "per_head"])
+@pytest.mark.parametrize("name,sink", FP8_CASES)
+def test_torch_fp8_vs_dense(name, sink, scales):
+    """FP8 pools: the op reads what the cache holds (the dequantized K/V) exactly, and the
+    quantization is real (against the unquantized K/V the result moves)."""
+    seqs, nf, ns, g, d, bf, bs, w = {**CONFIGS, **SINK_CONFIGS}[name]
+    case = make_case(seqs, nf, ns, g, d, bf, bs, w, pad_tokens=2, sink=sink, kv_fp8=scales)
+    for pool in (case.full, case.sliding):
+        assert pool is None or (pool.cache.dtype == FP8_DTYPE and not pool.cache.is_contiguous())
+    out = torch.full_like(case.query, 7.0)
+    torch_attn(*case.args(out))
+    T = int(case.batch.query_start_loc[-1])
+    err = (out[:T].double() - dense_reference(case)[:T]).abs().max().item()
+    assert err < 1e-5, f"{name} {scales}: max abs err {err}"
+    assert torch.all(out[T:] == 7.0)
+    exact = make_case(seqs, nf, ns, g, d, bf, bs, w, pad_tokens=2, sink=sink)  # same seed, unquantized
+    moved = (out[:T].double() - dense_reference(exact)[:T]).abs().max().item()
+    assert 1e-3 < moved < 0.2, moved
+
+
+def test_torch_write_kv_fp8_saturates_per_head():
+    """K / k_scale per head, saturated at +-448 (vLLM's cache writes saturate; a plain cast
+    to float8_e4m3fn would give NaN), padding slots skipped."""
+    gen = torch.Generator().manual_seed(4)
+    cache = _make_pool(6, 4, 5, 32, FP8_DTYPE, True, gen)
+    k = torch.randn(7, 2, 32, generator=gen) * 30
+    v = torch.randn(7, 2, 32, generator=gen)
+    ks, vs = torch.tensor([0.05, 2.0]), torch.tensor([1.0, 0.01])
+    slots = torch.tensor([5, -1, 0, 23, 11, -1, 8])
+    torch_write_kv(k, v, KVPool(cache, None, slots, 2, 2, k_scale=ks, v_scale=vs))
+    for t, sl in enumerate(slots.tolist()):
+        if sl < 0:
+            continue
+        got_k = cache[sl // 4, 0, sl % 4, 2:4].float()
+        got_v = cache[sl // 4, 1, sl % 4, 2:4].float()
+        want_k = (k[t] / ks[:, None]).clamp(-448, 448).to(FP8_DTYPE).float()
+        assert torch.equal(got_k, want_k) and torch.equal(got_v, (v[t] / vs[:, None]).to(FP8_DTYPE).float())
+    assert (cache[:, 0, :, 2].float().abs() == 448).any(), "no value saturated: the test lost its point"
+    assert torch.isnan(cache[:, :, :, :2].float()).all()  # other heads untouched
+
+
+def test_fp8_pool_checks():
+    """An FP8 pool without per-head scales of the right shape is refused, naming the pool."""
+    case = make_case([(10, 3)], 1, 1, 2, 32, 4, 4, 5, kv_fp8="per_head")
+    bad = dataclasses.replace(case.sliding, v_scale=None)
+    with pytest.raises(ValueError, match="sliding: an FP8 cache needs v_scale as float32"):
+        torch_attn(case.query, torch.empty_like(case.query), case.batch, case.scale, case.full, bad)
+    bad = dataclasses.replace(case.full, k_scale=case.full.k_scale.expand(3))
+    with pytest.raises(ValueError, match=r"full: an FP8 cache needs k_scale as float32 \[1\]"):
+        torch_attn(case.query, torch.empty_like(case.query), case.batch, case.scale, bad, case.sliding)
+
+
 # ---------------------------------------------------------------------------------------
 # Triton kernels under TRITON_INTERPRET=1 (subprocess) vs torch implementation
 # ---------------------------------------------------------------------------------------
@@ -393,6 +475,14 @@ INTERPRET_CASES = [
     ("sink_mixed@16", "bfloat16", "merge"),
     ("sink_all_sliding@1", "float32", "merge"),
     ("sink_decode@16", "float32", "merge"),
+    # FP8 pools (4th field: the scales)
+    ("mixed_2f2s_g2", "float32", "2d", "per_head"),
+    ("mixed_1f3s_g1", "bfloat16", "2d", "per_tensor"),
+    ("decode_only_g2", "float32", "3d", "per_tensor"),
+    ("decode_only_nf0", "float16", "3d", "per_head"),
+    ("sink_decode@16", "float32", "3d", "per_head"),
+    ("sink_mixed@4", "float32", "2d", "per_head"),
+    ("sink_mixed@4", "float32", "merge", "per_head"),
 ]
 CONFIGS["decode_only_nf0"] = ([(50, 1), (3, 1), (17, 1)], 0, 2, 2, 32, 8, 4, 9)
 CONFIGS["decode_only_ns0"] = ([(50, 1), (3, 1), (17, 1)], 2, 0, 1, 32, 8, 4, 9)
@@ -431,13 +521,39 @@ def _interpret_main(argv):
             torch_write_kv(k[:, 2:], v[:, 2:], KVPool(s2, None, sslots, 2, 3))
             assert torch.equal(f1, f2) and torch.equal(s1, s2), "triton write_kv_hybrid != torch write_kv"
             assert f1.abs().sum() > 0 and s1.abs().sum() > 0
+        # FP8 pools: per-head and (expanded) per-tensor scales, saturation. The interpreter's
+        # float -> FP8 conversion flushes subnormals and mis-rounds values that round up to
+        # a power of two (the GPU's does neither: tests/test_gpu_ops.py writes random
+        # values), so here K/V lie on the FP8 grid times the scale, or far beyond its range.
+        gen = torch.Generator().manual_seed(6)
+        fks, fvs = torch.tensor([0.05, 2.0]), torch.tensor([0.3, 0.7])  # F pool: per head
+        sks, svs = torch.tensor([0.05]).expand(3), torch.tensor([0.3]).expand(3)  # S pool: per tensor
+        scale = torch.stack([torch.cat([fks, sks]), torch.cat([fvs, svs])])[:, None, :, None]
+        grid = quantize_fp8(torch.randn(2, 7, 5, 32, generator=gen) * 100, 1.0).float()
+        grid = torch.where(grid.abs() < 2 ** -6, 1.0, grid)  # no subnormals
+        grid[:, :, :, ::7] = 448 * torch.randint(2, 12, (2, 7, 5, 5), generator=gen) * grid[:, :, :, ::7].sign()
+        k, v = grid * scale
+        f1 = _make_pool(6, 4, 5, 32, FP8_DTYPE, True, gen)
+        s1 = _make_pool(9, 8, 6, 32, FP8_DTYPE, False, gen)
+        f2, s2 = f1.clone(), s1.clone()
+        fslots = torch.tensor([5, -1, 0, 23, 11, -1, 8], dtype=torch.int64)
+        sslots = torch.tensor([70, 3, -1, 12, 40, 1, -1], dtype=torch.int32)
+        full = dict(slot_mapping=fslots, head_offset=1, num_heads=2, k_scale=fks, v_scale=fvs)
+        sliding = dict(slot_mapping=sslots, head_offset=2, num_heads=3, window=4, k_scale=sks, v_scale=svs)
+        th.write_kv_hybrid(k, v, KVPool(f1, None, **full), KVPool(s1, None, **sliding))
+        torch_write_kv(k[:, :2], v[:, :2], KVPool(f2, None, **full))
+        torch_write_kv(k[:, 2:], v[:, 2:], KVPool(s2, None, **sliding))
+        same = lambda a, b: torch.equal(a.view(torch.uint8), b.view(torch.uint8))  # noqa: E731
+        assert same(f1, f2) and same(s1, s2), "triton FP8 write != torch FP8 write"
+        assert (f1.float().abs() == 448).any(), "nothing saturated"
         print("RESULT write_kv ok")
         return
-    name, dtype_name, path = what.split(":")
+    name, dtype_name, path, *kv_fp8 = what.split(":")
     dtype = getattr(torch, dtype_name)
     name, _, sink = name.partition("@")
     seqs, nf, ns, g, d, bf, bs, w = {**CONFIGS, **SINK_CONFIGS}[name]
-    case = make_case(seqs, nf, ns, g, d, bf, bs, w, dtype=dtype, pad_tokens=1, sink=int(sink or 0))
+    case = make_case(seqs, nf, ns, g, d, bf, bs, w, dtype=dtype, pad_tokens=1, sink=int(sink or 0),
+                     kv_fp8=kv_fp8[0] if kv_fp8 else None)
     if path == "merge":
         _interpret_merge(th, what, case, dtype)
         return
@@ -506,7 +622,7 @@ def test_triton_interpret_write_kv():
 @pytest.mark.skipif(not _triton_available(), reason="triton not installed")
 def test_triton_interpret_attention():
     # one subprocess for all cases (startup + import cost paid once)
-    out = _run_interpret(",".join(f"{n}:{dt}:{p}" for n, dt, p in INTERPRET_CASES))
+    out = _run_interpret(",".join(":".join(c) for c in INTERPRET_CASES))
     assert out.count("RESULT") == len(INTERPRET_CASES), out
     print(out)
 

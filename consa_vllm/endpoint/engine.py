@@ -59,6 +59,8 @@ def kv_blocks(scheduler: Any) -> dict[str, Any]:
             "sliding_window": getattr(spec, "sliding_window", None),
             "num_layers": len(group.layer_names),
             "blocks_in_use": len(ids),
+            # Bytes of one block of one layer, in the cache dtype (FP8: 1 byte a value).
+            "page_bytes": int(spec.page_size_bytes),
         })
     pool = kvm.block_pool
     return {

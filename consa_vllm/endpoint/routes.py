@@ -13,6 +13,8 @@ default one, i.e. one API server process) and always on ``/v1/consa/metrics``:
 
 - ``consa_kv_blocks_in_use{pool="full"|"sliding",model_name}``: blocks live requests hold;
 - ``consa_kv_block_size_tokens{pool,model_name}``: tokens per block of each pool;
+- ``consa_kv_bytes_in_use{pool,model_name}``: the bytes of those blocks in the KV-cache dtype
+  (``--kv-cache-dtype fp8``: one byte a value);
 - ``consa_kv_blocks_total{model_name}`` / ``consa_kv_blocks_free{model_name}``: the one block
   pool both pools draw from (free includes evictable prefix-cache blocks).
 
@@ -45,16 +47,19 @@ def pool_blocks(snapshot: dict[str, Any]) -> KVBlocks:
     pools: dict[str, PoolBlocks] = {}
     for g in snapshot["groups"]:
         p = pools.get(g["pool"])
+        # Every layer of a group keeps its own page of each block it holds.
+        nbytes = g["blocks_in_use"] * g["page_bytes"] * g["num_layers"]
         if p is None:
             pools[g["pool"]] = PoolBlocks(pool=g["pool"], block_size=g["block_size"],
                                           blocks_in_use=g["blocks_in_use"], num_groups=1,
-                                          num_layers=g["num_layers"])
+                                          num_layers=g["num_layers"], bytes_in_use=nbytes)
         else:
             # vLLM may split one kind into several equal-size groups (layer allocations);
             # they draw from the same pool with the same page size, so they add up.
             p.blocks_in_use += g["blocks_in_use"]
             p.num_groups += 1
             p.num_layers += g["num_layers"]
+            p.bytes_in_use += nbytes
     return KVBlocks(num_blocks=snapshot["num_blocks"], free_blocks=snapshot["free_blocks"],
                     num_requests=snapshot["num_requests"], pools=list(pools.values()))
 
@@ -89,6 +94,9 @@ class ConsaCollector:
                                    "(full: F heads, sliding: S heads)", labels=["pool", "model_name"])
         size = GaugeMetricFamily("consa_kv_block_size_tokens", "Tokens per KV-cache block of each ConSA pool",
                                  labels=["pool", "model_name"])
+        nbytes = GaugeMetricFamily("consa_kv_bytes_in_use",
+                                   "KV-cache bytes of the blocks live requests hold, per ConSA pool, in the "
+                                   "KV-cache dtype", labels=["pool", "model_name"])
         total = GaugeMetricFamily("consa_kv_blocks_total",
                                   "Usable blocks of the block pool shared by the full and sliding pools",
                                   labels=["model_name"])
@@ -100,11 +108,12 @@ class ConsaCollector:
             for name in POOLS:  # both pools always present: an all-S model holds 0 F blocks
                 p = by_pool.get(name)
                 in_use.add_metric([name, self.model_name], p.blocks_in_use if p else 0)
+                nbytes.add_metric([name, self.model_name], p.bytes_in_use if p else 0)
                 if p:
                     size.add_metric([name, self.model_name], p.block_size)
             total.add_metric([self.model_name], blocks.num_blocks)
             free.add_metric([self.model_name], blocks.free_blocks)
-        return in_use, size, total, free
+        return in_use, size, nbytes, total, free
 
 
 #: One collector per process: vLLM builds one app, but a registry refuses a second copy.

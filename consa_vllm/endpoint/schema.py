@@ -30,6 +30,7 @@ class PoolBlocks(BaseModel):
     blocks_in_use: int = Field(description="blocks referenced by live requests (shared prefix blocks once)")
     num_groups: int
     num_layers: int = Field(description="attention modules whose KV lives in this pool")
+    bytes_in_use: int = Field(description="KV bytes of the blocks in use, in the cache dtype (all its layers)")
 
 
 class KVBlocks(BaseModel):

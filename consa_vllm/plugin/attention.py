@@ -7,12 +7,15 @@ See :mod:`consa_vllm.plugin.layout` for where heads live and
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 
+import torch
 from torch import nn
 
 from vllm.config import CacheConfig, VllmConfig
 from vllm.logger import init_logger
 from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec, SlidingWindowSpec
 
 from consa_vllm.plugin.backend import ConsaAttentionBackend
@@ -20,6 +23,11 @@ from consa_vllm.plugin.layout import LayerLayout, PoolLayout, choose_block_sizes
 from consa_vllm.plugin.sink_kv import SinkSlidingWindowSpec
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" so vLLM's log handler shows it
+
+
+def _load_served_head_scales(param: torch.Tensor, loaded: torch.Tensor, *, kv_heads: tuple[int, ...], group: int,
+                             kind: str) -> None:
+    param.data.copy_(served_head_scales(loaded, kv_heads, group, kind).to(param.dtype))
 
 
 class ConsaKVPool(Attention):
@@ -91,18 +99,48 @@ class ConsaKVPools(nn.Module):
         return self.full_name or self.sliding_name
 
 
+def served_head_scales(loaded: torch.Tensor, kv_heads: tuple[int, ...], group: int, kind: str) -> torch.Tensor:
+    """This rank's per-KV-head scales in served order, from a checkpoint's per-head scales.
+
+    ``loaded`` holds one scale per KV head of the layer (``k``/``v``) or per query head
+    (``q``, reduced to its KV head by the maximum over the group, as vLLM does for
+    FlashAttention), in checkpoint order; ``kv_heads`` are this rank's KV heads as
+    checkpoint indices in served order (:attr:`LayerLayout.kv_heads`: F heads first).
+    """
+    loaded = loaded.flatten()
+    if kind == "q":
+        if loaded.numel() % group:
+            raise ValueError(f"q_scale: {loaded.numel()} values do not split into groups of {group} query heads")
+        loaded = loaded.view(-1, group).amax(dim=1)
+    if max(kv_heads) >= loaded.numel():
+        raise ValueError(f"{kind}_scale: {loaded.numel()} per-head values, KV head {max(kv_heads)} needed")
+    return loaded[torch.tensor(kv_heads, dtype=torch.long, device=loaded.device)]
+
+
 class ConsaAttention(Attention):
     """Computes one decoder layer's attention over its F and S heads in one launch.
 
     Query heads arrive permuted so that the layer's F KV heads (and their query groups)
     come first; see :meth:`consa_vllm.plugin.models.ConsaForCausalLM.load_weights`.
+
+    With an FP8 KV cache this module owns its layer's scales (vLLM's ``_k_scale``,
+    ``_v_scale``, ``_q_scale``: from the checkpoint through ``quant_config``, else 1.0);
+    the attention backend splits them with the heads into the F and S pools' parts.
     """
 
     def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int,
-                 layer: LayerLayout, pools: ConsaKVPools, cache_config: CacheConfig | None, prefix: str):
+                 layer: LayerLayout, pools: ConsaKVPools, cache_config: CacheConfig | None, prefix: str,
+                 quant_config: QuantizationConfig | None = None):
         super().__init__(num_heads=num_heads, head_size=head_size, scale=scale, num_kv_heads=num_kv_heads,
-                         cache_config=cache_config, prefix=prefix, attn_backend=ConsaAttentionBackend,
-                         kv_sharing_target_layer_name=pools.primary_name,
+                         cache_config=cache_config, quant_config=quant_config, prefix=prefix,
+                         attn_backend=ConsaAttentionBackend, kv_sharing_target_layer_name=pools.primary_name,
                          consa_pools=(pools.full_name, pools.sliding_name, layer))
         self.consa_window = pools.layout.window
         self.consa_sink = pools.layout.sink
+        # Per-head scales (compressed-tensors "attn_head" KV schemes) follow the head
+        # permutation: vLLM's own loader would take this rank's natural head range instead.
+        for kind in ("k", "v", "q"):
+            param = getattr(self, f"{kind}_scale", None)
+            if isinstance(param, torch.Tensor) and param.numel() > 1:
+                param.weight_loader = partial(_load_served_head_scales, kv_heads=layer.kv_heads,
+                                              group=num_heads // num_kv_heads, kind=kind)

@@ -38,6 +38,35 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 
 from consa_vllm.plugin.ops import AttnBatch, KVPool, select_ops
 from consa_vllm.plugin.ops.flash_pools import default_overlap, flash_attn_pools, flash_attn_varlen
+from consa_vllm.plugin.ops.interface import FP8_DTYPE
+
+
+# vLLM's names of the FP8 (e4m3) cache; the pools hold it as uint8, the ops read it as FP8.
+FP8_KV_CACHE_DTYPES = ("fp8", "fp8_e4m3")
+
+
+def layer_kv_scales(layer, n_full: int, n_sliding: int) -> tuple[tuple, tuple]:
+    """A layer's (k, v, q) scales for its F heads and for its S heads: float32 ``[n]`` views.
+
+    vLLM's attention layer keeps ``_k_scale``/``_v_scale``/``_q_scale`` per tensor (one
+    value, from the checkpoint or 1.0) or, for checkpoints with per-head scales, one per KV
+    head of this rank, already in the served order (``ConsaAttention`` loads them so): the
+    F heads' scales first, then the S heads'.
+    """
+    full, sliding = [], []
+    for name in ("_k_scale", "_v_scale", "_q_scale"):
+        t = getattr(layer, name)
+        if t.numel() == 1:
+            one = t.reshape(1)
+            full.append(one.expand(n_full))
+            sliding.append(one.expand(n_sliding))
+        elif t.numel() == n_full + n_sliding:
+            full.append(t[:n_full])
+            sliding.append(t[n_full:])
+        else:
+            raise ValueError(f"{getattr(layer, 'layer_name', 'layer')}: {name} has {t.numel()} values; expected 1 "
+                             f"or one per KV head ({n_full + n_sliding})")
+    return tuple(full), tuple(sliding)
 
 
 @dataclass
@@ -111,7 +140,7 @@ class ConsaMetadataBuilder(AttentionMetadataBuilder[ConsaMetadata]):
 class ConsaAttentionBackend(AttentionBackend):
     forward_includes_kv_cache_update: bool = True
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
-    supported_kv_cache_dtypes: ClassVar[list] = ["auto", "float16", "bfloat16"]
+    supported_kv_cache_dtypes: ClassVar[list] = ["auto", "float16", "bfloat16", *FP8_KV_CACHE_DTYPES]
 
     @staticmethod
     def get_name() -> str:
@@ -170,13 +199,16 @@ class ConsaAttentionImpl(AttentionImpl[ConsaMetadata]):
                  consa_pools=None) -> None:
         if alibi_slopes is not None or logits_soft_cap:
             raise NotImplementedError("ConSA attention supports neither ALiBi nor logit soft-capping")
-        if kv_cache_dtype not in ("auto", "float16", "bfloat16"):
-            raise NotImplementedError(f"ConSA attention does not support kv_cache_dtype={kv_cache_dtype!r} yet")
+        if kv_cache_dtype not in ConsaAttentionBackend.supported_kv_cache_dtypes:
+            raise NotImplementedError(
+                f"ConSA attention: --kv-cache-dtype {kv_cache_dtype} is not supported; use one of "
+                f"{', '.join(ConsaAttentionBackend.supported_kv_cache_dtypes)} (fp8 = fp8_e4m3)")
         self.num_heads = num_heads
         self.head_size = head_size
         self.scale = float(scale)
         self.num_kv_heads = num_kv_heads or num_heads
         self.kv_cache_dtype = kv_cache_dtype
+        self.kv_fp8 = kv_cache_dtype in FP8_KV_CACHE_DTYPES
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.attn_type = attn_type
         # (full pool name, sliding pool name, LayerLayout); None for the pool modules,
@@ -206,15 +238,22 @@ class ConsaAttentionImpl(AttentionImpl[ConsaMetadata]):
             metas = metas[0]
         layers = ctx.no_compile_layers
         n = attn_metadata.num_actual_tokens
+        # FP8: vLLM allocates the pools as uint8; the layer (not the shared pools) owns the
+        # scales, split with its heads.
+        scales = {"full": {}, "sliding": {}}
+        if self.kv_fp8:
+            for pool, (k, v, q) in zip(scales, layer_kv_scales(layer, lay.n_full, lay.n_sliding)):
+                scales[pool] = dict(k_scale=k, v_scale=v, q_scale=q)
         full = sliding = None
         if lay.n_full:
-            meta = metas[full_name]
-            full = KVPool(layers[full_name].kv_cache, meta.block_table, meta.slot_mapping[:n],
-                          lay.full_offset, lay.n_full)
+            meta, cache = metas[full_name], layers[full_name].kv_cache
+            full = KVPool(cache.view(FP8_DTYPE) if self.kv_fp8 else cache, meta.block_table, meta.slot_mapping[:n],
+                          lay.full_offset, lay.n_full, **scales["full"])
         if lay.n_sliding:
-            meta = metas[sliding_name]
-            sliding = KVPool(layers[sliding_name].kv_cache, meta.block_table, meta.slot_mapping[:n],
-                             lay.sliding_offset, lay.n_sliding, window=layer.consa_window, sink=layer.consa_sink)
+            meta, cache = metas[sliding_name], layers[sliding_name].kv_cache
+            sliding = KVPool(cache.view(FP8_DTYPE) if self.kv_fp8 else cache, meta.block_table,
+                             meta.slot_mapping[:n], lay.sliding_offset, lay.n_sliding, window=layer.consa_window,
+                             sink=layer.consa_sink, **scales["sliding"])
         self.ops.write_kv_hybrid(key[:n], value[:n], full, sliding)
         batch = attn_metadata.batch
         scratch = attn_metadata.scratch

@@ -115,7 +115,7 @@ def install_consa_attention(model: nn.Module, vllm_config: VllmConfig, allocatio
                              f"heads over tensor-parallel size {layout.tp_size})")
         setattr(parent, attr, ConsaAttention(
             old.num_heads, old.head_size, old.impl.scale, old.num_kv_heads, layout.layers[layer], pools,
-            vllm_config.cache_config, prefix=old.layer_name))
+            vllm_config.cache_config, prefix=old.layer_name, quant_config=old.quant_config))
     return pools
 
 

@@ -6,7 +6,9 @@ and the batch shape as an :class:`AttnBatch`.
 
 KV pool ("pool" = one KV-cache group): ``cache[num_blocks, 2, block_size, pool_heads, D]``,
 dim 1 index 0 = K, 1 = V, possibly non-contiguous in dim 0. The F pool (full attention
-heads) and the S pool (sliding-window heads) have their own block size and block table.
+heads) and the S pool (sliding-window heads, optionally with attention sinks) have their
+own block size and block table. Both hold the model dtype, or both FP8 (``float8_e4m3fn``,
+``K / k_scale`` and ``V / v_scale`` with the layer's scales split per pool).
 
 ``write_kv_hybrid(key, value, full, sliding)``
     key/value ``[T, n_full + n_sliding, D]``: heads ``[0, n_full)`` into the F pool, the

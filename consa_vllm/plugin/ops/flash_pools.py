@@ -22,6 +22,11 @@ local bands, and "below ``sink`` and more than a window back" is neither, so wit
 the S launch runs the window alone and returns its log-sum-exp, and one small Triton
 launch (:func:`.triton_hybrid.merge_sinks`) folds in the sink keys each query sees beyond
 its window. With sink 0 the S launch is exactly as before: no log-sum-exp, no extra launch.
+
+FP8 caches: FlashAttention 3 takes FP8 queries with them, so each launch quantizes its
+query heads with the layer's q_scale first (as vLLM's own attention layer does before its
+FlashAttention backend) and passes the q/k/v descales; the sink merge reads the query as
+it is.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import os
 
 import torch
 
-from .interface import AttnBatch, KVPool
+from .interface import AttnBatch, KVPool, quantize_fp8
 
 
 def flash_attn_varlen():
@@ -53,6 +58,18 @@ def default_overlap() -> bool:
     return v in ("1", "true")
 
 
+def _fp8_args(query: torch.Tensor, pool: KVPool, num_seqs: int, group: int) -> dict:
+    """FlashAttention 3 reads an FP8 cache only with FP8 queries: the pool's query heads
+    quantized with its q_scale (per KV head), and the descales as vLLM's FlashAttention
+    backend passes them, expanded to (num_seqs, num_kv_heads)."""
+    if pool.q_scale is None or tuple(pool.q_scale.shape) != (pool.num_heads,):
+        raise ValueError(f"an FP8 pool read by FlashAttention needs q_scale as [{pool.num_heads}]")
+    q = quantize_fp8(query.unflatten(1, (pool.num_heads, group)), pool.q_scale[:, None, None]).flatten(1, 2)
+    shape = (num_seqs, pool.num_heads)
+    return dict(q=q, q_descale=pool.q_scale.expand(shape), k_descale=pool.k_scale.expand(shape),
+                v_descale=pool.v_scale.expand(shape))
+
+
 def flash_attn_pools(fa, query: torch.Tensor, output: torch.Tensor, batch: AttnBatch, scale: float,
                      full: KVPool | None, sliding: KVPool | None, *, overlap: bool = True) -> None:
     """One hybrid layer through FlashAttention 3 (same contract as ``hybrid_paged_attention``).
@@ -69,16 +86,17 @@ def flash_attn_pools(fa, query: torch.Tensor, output: torch.Tensor, batch: AttnB
     for pool, heads in ((full, slice(0, split)), (sliding, slice(split, None))):
         if pool is None or not pool.num_heads:
             continue
-        if pool.is_fp8:
-            raise NotImplementedError("FP8 caches are not supported yet")
         kv = pool.heads()
         window = (-1, -1) if pool.window is None else (pool.window - 1, 0)
-        calls.append((pool, heads, dict(
+        kwargs = dict(
             q=query[:, heads], k=kv[:, 0], v=kv[:, 1], out=output[:, heads],
             cu_seqlens_q=batch.query_start_loc, max_seqlen_q=batch.max_query_len,
             seqused_k=batch.seq_lens, max_seqlen_k=batch.max_seq_len, softmax_scale=scale, causal=True,
             window_size=list(window), block_table=pool.block_table, fa_version=3,
-            return_softmax_lse=bool(pool.sink))))
+            return_softmax_lse=bool(pool.sink))
+        if pool.is_fp8:
+            kwargs.update(_fp8_args(kwargs["q"], pool, batch.num_seqs, g))
+        calls.append((pool, heads, kwargs))
 
     def launch(pool, heads, kwargs) -> None:
         if not pool.sink:

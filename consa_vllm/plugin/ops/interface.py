@@ -15,6 +15,16 @@ from dataclasses import dataclass
 
 import torch
 
+# The FP8 KV-cache format: vLLM's "fp8" / "fp8_e4m3" on CUDA and CPU.
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
+
+
+def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x / scale`` as FP8, saturated to the format's range as vLLM's cache writes are
+    (``scale`` is float32 and broadcasts against ``x``)."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
 
 @dataclass(frozen=True)
 class AttnBatch:
@@ -64,7 +74,7 @@ class KVPool:
 
     @property
     def is_fp8(self) -> bool:
-        return self.cache.dtype == torch.float8_e4m3fn
+        return self.cache.dtype == FP8_DTYPE
 
     def heads(self) -> torch.Tensor:
         """The layer's slice of the cache: ``[num_blocks, 2, block_size, num_heads, D]`` (a view)."""
@@ -85,5 +95,11 @@ def check_pool(pool: KVPool, name: str, head_size: int) -> None:
         raise ValueError(f"{name}: window must be >= 1, got {pool.window}")
     if pool.sink < 0 or (pool.sink and pool.window is None):
         raise ValueError(f"{name}: sink {pool.sink} needs a window and must be >= 0")
-    if pool.is_fp8 and (pool.k_scale is None or pool.v_scale is None):
-        raise ValueError(f"{name}: an FP8 cache needs k_scale and v_scale")
+    if pool.is_fp8:
+        for kind in ("k_scale", "v_scale"):
+            t = getattr(pool, kind)
+            if t is None or t.dtype != torch.float32 or tuple(t.shape) != (pool.num_heads,):
+                raise ValueError(f"{name}: an FP8 cache needs {kind} as float32 [{pool.num_heads}], got "
+                                 f"{None if t is None else (t.dtype, tuple(t.shape))}")
+        if pool.k_scale.stride() != pool.v_scale.stride():
+            raise ValueError(f"{name}: k_scale and v_scale must both be per-tensor (expanded) or per-head")

@@ -15,6 +15,9 @@ replaces freed blocks with the null block) and are never dereferenced.
 Semantics (docs/DESIGN.md §4): a query at absolute position i sees keys
     F heads: 0 .. i
     S heads: 0 .. sink - 1 and max(0, i - W + 1) .. i (never a key after i)
+
+FP8 pools (``float8_e4m3fn`` caches) hold ``K / k_scale`` and ``V / v_scale`` per head,
+saturated; K and V are dequantized to float32 as they are gathered.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .interface import AttnBatch, KVPool, check_pool
+from .interface import AttnBatch, KVPool, check_pool, quantize_fp8
 
 # Queries are processed in chunks of this many tokens per sequence: bounds the size of the
 # (chunk x keys) mask / score matrices, and makes S heads O(q_len * (chunk + W)).
@@ -34,7 +37,8 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, pool: KVPool) -> None:
 
     ``pool.slot_mapping`` is int64/int32 [T] (it may be longer than T: extra entries are
     ignored; ``key`` may also be longer than the slot mapping: extra rows are ignored).
-    Slots < 0 are padding and are skipped.
+    Slots < 0 are padding and are skipped. An FP8 pool stores ``K / k_scale`` and
+    ``V / v_scale`` (per head), saturated.
     """
     slot_mapping, cache, n = pool.slot_mapping, pool.cache, pool.num_heads
     num_tokens = min(key.shape[0], slot_mapping.shape[0])
@@ -53,6 +57,9 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, pool: KVPool) -> None:
     off = slots % pool.block_size
     # cache[:, 0] is a view [num_blocks, B, H, D]; advanced indices (blk, off) are adjacent
     # so the indexed shape is [T', n, D].  Setitem on a view writes the cache storage.
+    if pool.is_fp8:
+        key = quantize_fp8(key, pool.k_scale[:, None])
+        value = quantize_fp8(value, pool.v_scale[:, None])
     lo, hi = pool.head_offset, pool.head_offset + n
     cache[:, 0][blk, off, lo:hi] = key.to(cache.dtype)
     cache[:, 1][blk, off, lo:hi] = value.to(cache.dtype)
@@ -69,8 +76,8 @@ def write_kv_hybrid(key: torch.Tensor, value: torch.Tensor, full: KVPool | None,
 
 
 def _gather_kv(pool: KVPool, block_table_row: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Contiguous K, V [n, hi - lo, D] (float32) of positions lo..hi-1, reading only the blocks
-    that hold those positions."""
+    """Contiguous K, V [n, hi - lo, D] (float32, dequantized) of positions lo..hi-1, reading
+    only the blocks that hold those positions."""
     block_size, n = pool.block_size, pool.num_heads
     blk_lo = lo // block_size
     blk_hi = (hi + block_size - 1) // block_size
@@ -80,6 +87,8 @@ def _gather_kv(pool: KVPool, block_table_row: torch.Tensor, lo: int, hi: int) ->
     kv = kv.permute(1, 3, 0, 2, 4).reshape(2, n, nb * block_size, d)
     start = lo - blk_lo * block_size
     kv = kv[:, :, start : start + (hi - lo)].float()
+    if pool.is_fp8:
+        return kv[0] * pool.k_scale[:, None, None], kv[1] * pool.v_scale[:, None, None]
     return kv[0], kv[1]
 
 
@@ -137,8 +146,6 @@ def hybrid_paged_attention(query: torch.Tensor, output: torch.Tensor, batch: Att
     for pool, name in ((full, "full"), (sliding, "sliding")):
         if pool is not None and pool.num_heads:
             check_pool(pool, name, d)
-            if pool.is_fp8:
-                raise NotImplementedError(f"{name}: FP8 caches are not supported yet")
     if n_full and full.window is not None:
         raise ValueError(f"full: the F pool has no window, got {full.window}")
     if n_sliding and sliding.window is None:

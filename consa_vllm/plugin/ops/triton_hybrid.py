@@ -15,6 +15,10 @@ mm-prefix ...) and extended so that one program reads either pool:
 * attention sinks (S heads that also see keys ``0 .. SINK - 1``, a constexpr): an S
   program first iterates over the sink keys below its window range, as tiles of their
   own, then over the window; with ``SINK = 0`` that code is not compiled at all;
+* FP8 pools (constexpr ``FP8``): K/V tiles convert exactly from FP8 to the query's type,
+  the head's k_scale folds into the score scale and its v_scale into the result (one
+  scalar load per program, per-tensor scales passed with stride 0); the query is never
+  quantized;
 * 3D (decode, few sequences): the key range of each head is split into NUM_SEGMENTS
   segments (an S head splits its ~W keys, an F head its whole context); every segment
   program writes its partial (M, L, acc), empty segments write (-inf, 0, 0), and a reduce
@@ -37,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .interface import AttnBatch, KVPool, check_pool
+from .interface import FP8_MAX, AttnBatch, KVPool, check_pool
 
 LOG2E = 1.4426950408889634
 # Triton's CPU interpreter computes tl.dot wrongly on bfloat16/float16 operands (it sees
@@ -51,6 +55,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 DEFAULT_NUM_SEGMENTS = 128
 DEFAULT_TILE_3D = 32
 MIN_LAUNCH_GRID_SIZE_2D = 128  # vLLM's threshold rule: 3D when num_seqs <= 128 // n_kv
+_FP8_MAX = tl.constexpr(FP8_MAX)
 
 
 # ---------------------------------------------------------------------------------------
@@ -85,8 +90,8 @@ def _attn_body(
     output_ptr, query_ptr, cache_ptr, block_table_ptr,
     segm_output_ptr, segm_max_ptr, segm_expsum_ptr,
     seq_idx, segm_idx, q_block_local_idx, q_start, q_len, seq_len,
-    kv_head_idx, pool_head,
-    scale_log2, window,
+    kv_head_idx, pool_head, scale_idx,
+    scale_log2, window, k_scale_ptr, v_scale_ptr, scale_stride,
     block_table_stride: tl.int64,
     q_stride_0: tl.int64, q_stride_1: tl.int64,
     o_stride_0: tl.int64, o_stride_1: tl.int64,
@@ -97,7 +102,7 @@ def _attn_body(
     HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
     IS_SLIDING: tl.constexpr, SINK: tl.constexpr, IS_3D: tl.constexpr, NUM_SEGMENTS: tl.constexpr,
-    DOT_IEEE: tl.constexpr, CAST_F32: tl.constexpr,
+    DOT_IEEE: tl.constexpr, CAST_F32: tl.constexpr, FP8: tl.constexpr,
 ):
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_PAD)
@@ -117,6 +122,11 @@ def _attn_body(
     )
     if CAST_F32:
         Q = Q.to(tl.float32)
+    if FP8:
+        # The cache holds K / k_scale and V / v_scale: an FP8 value converts exactly to
+        # Q's type, k_scale folds into the score scale and v_scale into the result.
+        scale_log2 = scale_log2 * tl.load(k_scale_ptr + scale_idx * scale_stride)
+        v_scale = tl.load(v_scale_ptr + scale_idx * scale_stride)
 
     ctx = seq_len - q_len
     q_abs = ctx + q_pos
@@ -199,6 +209,8 @@ def _attn_body(
         acc = acc * alpha[:, None] + pv
         M = m_new
 
+    if FP8:
+        acc = acc * v_scale
     if IS_3D:
         segm_off = (q_tok.to(tl.int64) * (NUM_QUERY_HEADS * NUM_SEGMENTS)
                     + q_head * NUM_SEGMENTS + segm_idx)
@@ -228,6 +240,8 @@ def _hybrid_attn_kernel(
     s_stride_3: tl.int64, S_STRIDE_4: tl.constexpr,
     segm_output_ptr, segm_max_ptr, segm_expsum_ptr,
     scale_log2, window,
+    full_k_scale_ptr, full_v_scale_ptr, full_scale_stride,
+    sliding_k_scale_ptr, sliding_v_scale_ptr, sliding_scale_stride,
     q_stride_0: tl.int64, q_stride_1: tl.int64,
     o_stride_0: tl.int64, o_stride_1: tl.int64,
     N_FULL: tl.constexpr, N_SLIDING: tl.constexpr, G: tl.constexpr, SINK: tl.constexpr,
@@ -235,7 +249,7 @@ def _hybrid_attn_kernel(
     TILE: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
     IS_3D: tl.constexpr, NUM_SEGMENTS: tl.constexpr, DOT_IEEE: tl.constexpr,
-    CAST_F32: tl.constexpr,
+    CAST_F32: tl.constexpr, FP8: tl.constexpr,
 ):
     q_block_global_idx = tl.program_id(0)
     kv_head_idx = tl.program_id(1)
@@ -258,40 +272,44 @@ def _hybrid_attn_kernel(
         _attn_body(output_ptr, query_ptr, full_cache_ptr, full_bt_ptr,
                    segm_output_ptr, segm_max_ptr, segm_expsum_ptr,
                    seq_idx, segm_idx, q_block_local_idx, q_start, q_len, seq_len,
-                   kv_head_idx, full_head_offset + kv_head_idx, scale_log2, window,
+                   kv_head_idx, full_head_offset + kv_head_idx, kv_head_idx, scale_log2, window,
+                   full_k_scale_ptr, full_v_scale_ptr, full_scale_stride,
                    full_bt_stride, q_stride_0, q_stride_1, o_stride_0, o_stride_1,
                    f_stride_0, f_stride_1, f_stride_2, f_stride_3, F_STRIDE_4,
                    NUM_QUERY_HEADS, G, BLOCK_SIZE_F, TILE, HEAD_SIZE, HEAD_PAD,
-                   BLOCK_M, BLOCK_Q, False, 0, IS_3D, NUM_SEGMENTS, DOT_IEEE, CAST_F32)
+                   BLOCK_M, BLOCK_Q, False, 0, IS_3D, NUM_SEGMENTS, DOT_IEEE, CAST_F32, FP8)
     elif N_FULL == 0:
         _attn_body(output_ptr, query_ptr, sliding_cache_ptr, sliding_bt_ptr,
                    segm_output_ptr, segm_max_ptr, segm_expsum_ptr,
                    seq_idx, segm_idx, q_block_local_idx, q_start, q_len, seq_len,
-                   kv_head_idx, sliding_head_offset + kv_head_idx, scale_log2, window,
+                   kv_head_idx, sliding_head_offset + kv_head_idx, kv_head_idx, scale_log2, window,
+                   sliding_k_scale_ptr, sliding_v_scale_ptr, sliding_scale_stride,
                    sliding_bt_stride, q_stride_0, q_stride_1, o_stride_0, o_stride_1,
                    s_stride_0, s_stride_1, s_stride_2, s_stride_3, S_STRIDE_4,
                    NUM_QUERY_HEADS, G, BLOCK_SIZE_S, TILE, HEAD_SIZE, HEAD_PAD,
-                   BLOCK_M, BLOCK_Q, True, SINK, IS_3D, NUM_SEGMENTS, DOT_IEEE, CAST_F32)
+                   BLOCK_M, BLOCK_Q, True, SINK, IS_3D, NUM_SEGMENTS, DOT_IEEE, CAST_F32, FP8)
     else:
         if kv_head_idx < N_FULL:
             _attn_body(output_ptr, query_ptr, full_cache_ptr, full_bt_ptr,
                        segm_output_ptr, segm_max_ptr, segm_expsum_ptr,
                        seq_idx, segm_idx, q_block_local_idx, q_start, q_len, seq_len,
-                       kv_head_idx, full_head_offset + kv_head_idx, scale_log2, window,
+                       kv_head_idx, full_head_offset + kv_head_idx, kv_head_idx, scale_log2, window,
+                       full_k_scale_ptr, full_v_scale_ptr, full_scale_stride,
                        full_bt_stride, q_stride_0, q_stride_1, o_stride_0, o_stride_1,
                        f_stride_0, f_stride_1, f_stride_2, f_stride_3, F_STRIDE_4,
                        NUM_QUERY_HEADS, G, BLOCK_SIZE_F, TILE, HEAD_SIZE, HEAD_PAD,
-                       BLOCK_M, BLOCK_Q, False, 0, IS_3D, NUM_SEGMENTS, DOT_IEEE, CAST_F32)
+                       BLOCK_M, BLOCK_Q, False, 0, IS_3D, NUM_SEGMENTS, DOT_IEEE, CAST_F32, FP8)
         else:
             _attn_body(output_ptr, query_ptr, sliding_cache_ptr, sliding_bt_ptr,
                        segm_output_ptr, segm_max_ptr, segm_expsum_ptr,
                        seq_idx, segm_idx, q_block_local_idx, q_start, q_len, seq_len,
-                       kv_head_idx, sliding_head_offset + (kv_head_idx - N_FULL),
+                       kv_head_idx, sliding_head_offset + (kv_head_idx - N_FULL), kv_head_idx - N_FULL,
                        scale_log2, window,
+                       sliding_k_scale_ptr, sliding_v_scale_ptr, sliding_scale_stride,
                        sliding_bt_stride, q_stride_0, q_stride_1, o_stride_0, o_stride_1,
                        s_stride_0, s_stride_1, s_stride_2, s_stride_3, S_STRIDE_4,
                        NUM_QUERY_HEADS, G, BLOCK_SIZE_S, TILE, HEAD_SIZE, HEAD_PAD,
-                       BLOCK_M, BLOCK_Q, True, SINK, IS_3D, NUM_SEGMENTS, DOT_IEEE, CAST_F32)
+                       BLOCK_M, BLOCK_Q, True, SINK, IS_3D, NUM_SEGMENTS, DOT_IEEE, CAST_F32, FP8)
 
 
 @triton.jit
@@ -330,13 +348,13 @@ def _sink_merge_kernel(
     cache_ptr, bt_ptr, head_offset, bt_stride: tl.int64,
     c_stride_0: tl.int64, c_stride_1: tl.int64, c_stride_2: tl.int64,
     c_stride_3: tl.int64, C_STRIDE_4: tl.constexpr,
-    scale_log2, window,
+    scale_log2, window, k_scale_ptr, v_scale_ptr, scale_stride,
     q_stride_0: tl.int64, q_stride_1: tl.int64,
     o_stride_0: tl.int64, o_stride_1: tl.int64,
     lse_stride_h: tl.int64, lse_stride_t: tl.int64,
     G: tl.constexpr, SINK: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
     HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
-    DOT_IEEE: tl.constexpr, CAST_F32: tl.constexpr,
+    DOT_IEEE: tl.constexpr, CAST_F32: tl.constexpr, FP8: tl.constexpr,
 ):
     """S heads: fold the sink keys a query sees beyond its window (keys k < SINK with
     k <= i - window) into a window-only result (``output``, normalised, with its natural
@@ -369,6 +387,9 @@ def _sink_merge_kernel(
                 + offs_d[None, :], mask=rows, other=0.0)
     if CAST_F32:
         Q = Q.to(tl.float32)
+    if FP8:  # as in the attention kernel
+        scale_log2 = scale_log2 * tl.load(k_scale_ptr + kv_head_idx * scale_stride)
+        v_scale = tl.load(v_scale_ptr + kv_head_idx * scale_stride)
 
     M = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     L = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -405,6 +426,8 @@ def _sink_merge_kernel(
         acc = acc * alpha[:, None] + pv
         M = m_new
 
+    if FP8:
+        acc = acc * v_scale
     # Merge the two partial softmaxes by their log-sum-exp (natural log, as FlashAttention's).
     has_sinks = row_valid & (L > 0.0)
     L_safe = tl.where(has_sinks, L, 1.0)
@@ -428,11 +451,12 @@ def _write_heads(
     v_stride_0: tl.int64, v_stride_1: tl.int64,
     c_stride_0: tl.int64, c_stride_1: tl.int64, c_stride_2: tl.int64,
     c_stride_3: tl.int64, C_STRIDE_4: tl.constexpr,
-    head_offset,
+    head_offset, k_scale_ptr, v_scale_ptr, scale_stride,
     N: tl.constexpr, N_PAD: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, FP8: tl.constexpr,
 ):
-    """Token ``t``: its N heads' K and V into ``cache[slot // B, 0/1, slot % B, head_offset:+N]``."""
+    """Token ``t``: its N heads' K and V into ``cache[slot // B, 0/1, slot % B, head_offset:+N]``
+    (FP8: divided by the head's scale and saturated, as vLLM's cache writes)."""
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot >= 0:
         blk = slot // BLOCK_SIZE
@@ -444,6 +468,11 @@ def _write_heads(
                     + offs_d[None, :], mask=mask)
         v = tl.load(value_ptr + t.to(tl.int64) * v_stride_0 + offs_h[:, None] * v_stride_1
                     + offs_d[None, :], mask=mask)
+        if FP8:
+            k_scale = tl.load(k_scale_ptr + offs_h * scale_stride, mask=offs_h < N, other=1.0)
+            v_scale = tl.load(v_scale_ptr + offs_h * scale_stride, mask=offs_h < N, other=1.0)
+            k = tl.clamp(k.to(tl.float32) / k_scale[:, None], -_FP8_MAX, _FP8_MAX)
+            v = tl.clamp(v.to(tl.float32) / v_scale[:, None], -_FP8_MAX, _FP8_MAX)
         dst = (cache_ptr + blk * c_stride_0 + off * c_stride_2
                + (head_offset + offs_h)[:, None].to(tl.int64) * c_stride_3
                + offs_d[None, :] * C_STRIDE_4)
@@ -458,14 +487,15 @@ def _write_kv_kernel(
     v_stride_0: tl.int64, v_stride_1: tl.int64,
     c_stride_0: tl.int64, c_stride_1: tl.int64, c_stride_2: tl.int64,
     c_stride_3: tl.int64, C_STRIDE_4: tl.constexpr,
-    head_offset,
+    head_offset, k_scale_ptr, v_scale_ptr, scale_stride,
     N: tl.constexpr, N_PAD: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, FP8: tl.constexpr,
 ):
     _write_heads(tl.program_id(0), key_ptr, value_ptr, cache_ptr, slot_ptr,
                  k_stride_0, k_stride_1, v_stride_0, v_stride_1,
                  c_stride_0, c_stride_1, c_stride_2, c_stride_3, C_STRIDE_4,
-                 head_offset, N, N_PAD, HEAD_SIZE, HEAD_PAD, BLOCK_SIZE)
+                 head_offset, k_scale_ptr, v_scale_ptr, scale_stride,
+                 N, N_PAD, HEAD_SIZE, HEAD_PAD, BLOCK_SIZE, FP8)
 
 
 @triton.jit
@@ -476,12 +506,14 @@ def _write_kv_hybrid_kernel(
     full_cache_ptr, full_slot_ptr, full_head_offset,
     f_stride_0: tl.int64, f_stride_1: tl.int64, f_stride_2: tl.int64,
     f_stride_3: tl.int64, F_STRIDE_4: tl.constexpr,
+    full_k_scale_ptr, full_v_scale_ptr, full_scale_stride,
     sliding_cache_ptr, sliding_slot_ptr, sliding_head_offset,
     s_stride_0: tl.int64, s_stride_1: tl.int64, s_stride_2: tl.int64,
     s_stride_3: tl.int64, S_STRIDE_4: tl.constexpr,
+    sliding_k_scale_ptr, sliding_v_scale_ptr, sliding_scale_stride,
     N_FULL: tl.constexpr, N_FULL_PAD: tl.constexpr, N_SLIDING: tl.constexpr, N_SLIDING_PAD: tl.constexpr,
     HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
-    BLOCK_SIZE_F: tl.constexpr, BLOCK_SIZE_S: tl.constexpr,
+    BLOCK_SIZE_F: tl.constexpr, BLOCK_SIZE_S: tl.constexpr, FP8: tl.constexpr,
 ):
     # Grid axis 1 picks the pool: a layer's K/V reach both pools in one launch.
     t = tl.program_id(0)
@@ -489,13 +521,15 @@ def _write_kv_hybrid_kernel(
         _write_heads(t, key_ptr, value_ptr, full_cache_ptr, full_slot_ptr,
                      k_stride_0, k_stride_1, v_stride_0, v_stride_1,
                      f_stride_0, f_stride_1, f_stride_2, f_stride_3, F_STRIDE_4,
-                     full_head_offset, N_FULL, N_FULL_PAD, HEAD_SIZE, HEAD_PAD, BLOCK_SIZE_F)
+                     full_head_offset, full_k_scale_ptr, full_v_scale_ptr, full_scale_stride,
+                     N_FULL, N_FULL_PAD, HEAD_SIZE, HEAD_PAD, BLOCK_SIZE_F, FP8)
     else:
         _write_heads(t, key_ptr + N_FULL * k_stride_1, value_ptr + N_FULL * v_stride_1,
                      sliding_cache_ptr, sliding_slot_ptr,
                      k_stride_0, k_stride_1, v_stride_0, v_stride_1,
                      s_stride_0, s_stride_1, s_stride_2, s_stride_3, S_STRIDE_4,
-                     sliding_head_offset, N_SLIDING, N_SLIDING_PAD, HEAD_SIZE, HEAD_PAD, BLOCK_SIZE_S)
+                     sliding_head_offset, sliding_k_scale_ptr, sliding_v_scale_ptr, sliding_scale_stride,
+                     N_SLIDING, N_SLIDING_PAD, HEAD_SIZE, HEAD_PAD, BLOCK_SIZE_S, FP8)
 
 
 # ---------------------------------------------------------------------------------------
@@ -529,6 +563,14 @@ class LaunchConfig:
     tile_size: int | None = None
     num_warps: int | None = None
     num_stages: int | None = None
+
+
+def _scale_args(pool: KVPool | None, dummy: torch.Tensor) -> tuple:
+    """(k_scale, v_scale, stride) kernel arguments of a pool; ``dummy`` where there are none
+    (the kernels read them only for FP8 caches)."""
+    if pool is None or not pool.is_fp8:
+        return dummy, dummy, 0
+    return pool.k_scale, pool.v_scale, pool.k_scale.stride(0)
 
 
 def default_seq_threshold_3d(num_kv_heads: int) -> int:
@@ -593,8 +635,8 @@ def launch_attention(query: torch.Tensor, output: torch.Tensor, batch: AttnBatch
     for pool, name in ((full, "full"), (sliding, "sliding")):
         if pool is not None and pool.num_heads:
             check_pool(pool, name, d)
-            if pool.is_fp8:
-                raise NotImplementedError(f"{name}: FP8 caches are not supported yet")
+    if n_full and n_sliding and full.is_fp8 != sliding.is_fp8:
+        raise ValueError("the F and S pools must both be FP8 or neither")
     if n_full and full.window is not None:
         raise ValueError(f"full: the F pool has no window, got {full.window}")
     if n_sliding and sliding.window is None:
@@ -631,6 +673,7 @@ def launch_attention(query: torch.Tensor, output: torch.Tensor, batch: AttnBatch
         sc.stride(0), sc.stride(1), sc.stride(2), sc.stride(3), sc.stride(4),
         segm[0], segm[1], segm[2],
         float(scale) * LOG2E, int(window),
+        *_scale_args(full if n_full else None, output), *_scale_args(sliding if n_sliding else None, output),
         query.stride(0), query.stride(1), output.stride(0), output.stride(1),
         N_FULL=n_full, N_SLIDING=n_sliding, G=group, SINK=sliding.sink if n_sliding else 0,
         BLOCK_SIZE_F=fc.shape[2], BLOCK_SIZE_S=sc.shape[2],
@@ -638,7 +681,7 @@ def launch_attention(query: torch.Tensor, output: torch.Tensor, batch: AttnBatch
         BLOCK_M=block_m, BLOCK_Q=block_q,
         IS_3D=use_3d, NUM_SEGMENTS=num_segments,
         DOT_IEEE=(query.dtype == torch.float32) or _INTERPRET,
-        CAST_F32=_INTERPRET,
+        CAST_F32=_INTERPRET, FP8=fp.is_fp8,
         **launch,
     )
     if use_3d:
@@ -684,27 +727,26 @@ def merge_sinks(query: torch.Tensor, output: torch.Tensor, lse: torch.Tensor, ba
         output, query, lse, batch.query_start_loc, batch.seq_lens, num_seqs,
         c, sliding.block_table, sliding.head_offset, sliding.block_table.stride(0),
         c.stride(0), c.stride(1), c.stride(2), c.stride(3), c.stride(4),
-        float(scale) * LOG2E, int(sliding.window),
+        float(scale) * LOG2E, int(sliding.window), *_scale_args(sliding, output),
         query.stride(0), query.stride(1), output.stride(0), output.stride(1), lse_stride_h, lse_stride_t,
         G=group, SINK=sliding.sink, BLOCK_SIZE=c.shape[2], TILE=16 if sliding.sink <= 16 else 32,
         HEAD_SIZE=d, HEAD_PAD=triton.next_power_of_2(d), BLOCK_M=block_m, BLOCK_Q=block_q,
-        DOT_IEEE=(query.dtype == torch.float32) or _INTERPRET, CAST_F32=_INTERPRET,
+        DOT_IEEE=(query.dtype == torch.float32) or _INTERPRET, CAST_F32=_INTERPRET, FP8=sliding.is_fp8,
     )
 
 
 def _check_write(key: torch.Tensor, pool: KVPool, name: str) -> None:
-    if pool.head_offset < 0 or pool.head_offset + pool.num_heads > pool.cache.shape[3]:
-        raise ValueError(f"{name}: heads [{pool.head_offset}, {pool.head_offset + pool.num_heads}) outside "
-                         f"the pool's {pool.cache.shape[3]} heads")
-    if pool.is_fp8:
-        raise NotImplementedError(f"{name}: FP8 caches are not supported yet")
+    check_pool(pool, name, key.shape[2])
+    if key.shape[1] < pool.num_heads:
+        raise ValueError(f"{name}: {pool.num_heads} heads to write, the key has {key.shape[1]}")
 
 
 def write_kv(key: torch.Tensor, value: torch.Tensor, pool: KVPool) -> None:
     """Triton scatter: one program per token writes its n heads' K and V (slot < 0 skipped).
 
-    Uses min(key.shape[0], slot_mapping.shape[0]) tokens; grid size from shapes only."""
-    n, d = key.shape[1], key.shape[2]
+    Uses min(key.shape[0], slot_mapping.shape[0]) tokens and the first ``pool.num_heads``
+    heads of ``key``; grid size from shapes only."""
+    n, d = pool.num_heads, key.shape[2]
     num_tokens = min(key.shape[0], pool.slot_mapping.shape[0])
     if num_tokens == 0 or n == 0:
         return
@@ -718,9 +760,9 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, pool: KVPool) -> None:
         key, value, cache, pool.slot_mapping,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3), cache.stride(4),
-        pool.head_offset,
+        pool.head_offset, *_scale_args(pool, key),
         N=n, N_PAD=triton.next_power_of_2(n), HEAD_SIZE=d,
-        HEAD_PAD=triton.next_power_of_2(d), BLOCK_SIZE=cache.shape[2],
+        HEAD_PAD=triton.next_power_of_2(d), BLOCK_SIZE=cache.shape[2], FP8=pool.is_fp8,
     )
 
 
@@ -742,18 +784,20 @@ def write_kv_hybrid(key: torch.Tensor, value: torch.Tensor, full: KVPool | None,
     if value.stride(2) != 1:
         value = value.contiguous()
     _check_write(key, full, "full")
-    _check_write(key, sliding, "sliding")
+    _check_write(key[:, n_full:], sliding, "sliding")
+    if full.is_fp8 != sliding.is_fp8:
+        raise ValueError("the F and S pools must both be FP8 or neither")
     fc, sc = full.cache, sliding.cache
     _write_kv_hybrid_kernel[(num_tokens, 2)](
         key, value, key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         fc, full.slot_mapping, full.head_offset,
-        fc.stride(0), fc.stride(1), fc.stride(2), fc.stride(3), fc.stride(4),
+        fc.stride(0), fc.stride(1), fc.stride(2), fc.stride(3), fc.stride(4), *_scale_args(full, key),
         sc, sliding.slot_mapping, sliding.head_offset,
-        sc.stride(0), sc.stride(1), sc.stride(2), sc.stride(3), sc.stride(4),
+        sc.stride(0), sc.stride(1), sc.stride(2), sc.stride(3), sc.stride(4), *_scale_args(sliding, key),
         N_FULL=n_full, N_FULL_PAD=triton.next_power_of_2(n_full),
         N_SLIDING=n_sliding, N_SLIDING_PAD=triton.next_power_of_2(n_sliding),
         HEAD_SIZE=d, HEAD_PAD=triton.next_power_of_2(d),
-        BLOCK_SIZE_F=fc.shape[2], BLOCK_SIZE_S=sc.shape[2],
+        BLOCK_SIZE_F=fc.shape[2], BLOCK_SIZE_S=sc.shape[2], FP8=full.is_fp8,
     )
 
 
