@@ -17,7 +17,7 @@ import json
 
 import pytest
 
-from engine_harness import export, logprob_gaps, prompts_of, reference_generate, run_vllm, tiny_model
+from engine_harness import TINY, export, logprob_gaps, prompts_of, reference_generate, run_vllm
 from test_plugin_engine import ENGINE, LENGTHS, NEW, QWEN_PATTERN, TOL, WINDOW, _bytes_held_at_decode, _kv_state, \
     _trace_long_request
 
@@ -47,9 +47,9 @@ def _inspect(llm) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("fp8")
-    src = tiny_model(root, "qwen3")
+    src = tiny_model("qwen3", **TINY)
     alloc = Allocation(granularity="kv_head", window=WINDOW, pattern=QWEN_PATTERN)
     dst = export(src, root / "qwen3-consa", QWEN_PATTERN, WINDOW)
     all_f = export(src, root / "qwen3-all-f", ["FFFF"] * 4, WINDOW)
