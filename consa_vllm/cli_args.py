@@ -37,6 +37,19 @@ def int_in_range(lo: int, what: str, hi: int | None = None) -> Callable[[str], i
     return parse
 
 
+def whole_number(what: str) -> Callable[[str], int]:
+    """An argparse type: any whole number of ``what`` (range checks are the caller's), e.g. not '64.5'."""
+
+    def parse(text: str) -> int:
+        try:
+            return int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number ({what}), got {text!r}") from None
+
+    parse.__name__ = what
+    return parse
+
+
 def unit_interval(meaning: str) -> Callable[[str], float]:
     """An argparse type: a number in [0, 1]; ``meaning`` says what it is in the error message."""
 
