@@ -24,7 +24,7 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
-from .cli_args import EXIT_USAGE, UsageParser, int_in_range, unit_interval
+from .cli_args import EXIT_USAGE, UsageParser, int_in_range, unit_interval, whole_number
 
 PROG = "consa-vllm"
 
@@ -288,6 +288,7 @@ def _bytes(n: int) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .allocation.format import MAX_KV_HEADS, MAX_LAYERS, MAX_TOKENS
     from .allocation.rules import RULES
 
     fmt = argparse.RawDescriptionHelpFormatter
@@ -343,12 +344,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--granularity", choices=("kv_head", "layer"), default="kv_head",
                    help="unit: one KV head with its query group, or a whole layer (default: kv_head)")
     m.add_argument("--model", metavar="DIR", help="take the shape from DIR/config.json")
-    m.add_argument("--layers", type=int_in_range(1, "layers"), metavar="L", help="number of layers (without --model)")
-    m.add_argument("--kv-heads", type=int_in_range(1, "KV heads"), metavar="H",
+    m.add_argument("--layers", type=int_in_range(1, "layers", hi=MAX_LAYERS), metavar="L",
+                   help="number of layers (without --model)")
+    m.add_argument("--kv-heads", type=int_in_range(1, "KV heads", hi=MAX_KV_HEADS), metavar="H",
                    help="KV heads per layer (without --model)")
-    m.add_argument("--window", required=True, type=int_in_range(1, "tokens"), metavar="W",
+    m.add_argument("--window", required=True, type=int_in_range(1, "tokens", hi=MAX_TOKENS), metavar="W",
                    help="sliding window in tokens: query i sees keys i-W+1..i")
-    m.add_argument("--seed", type=int, default=0, help="seed for 'random' and 'uniform' (default: 0)")
+    m.add_argument("--seed", type=whole_number("a seed"), default=0, help="seed for 'random' and 'uniform' (default: 0)")
     m.add_argument("--out", required=True, metavar="A.json", help="allocation file to write")
     m.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     m.add_argument("--png", metavar="OUT.png", help="also draw the heatmap")

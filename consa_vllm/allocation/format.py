@@ -33,6 +33,11 @@ SLIDING = "S"
 #: would only fail later, inside the running server.
 MAX_TOKENS = 2**31 - 1
 
+#: Bounds of the pattern, far above any model (the largest have ~100 layers, 128 KV heads):
+#: a typo such as 100000 layers is refused before it allocates gigabytes.
+MAX_LAYERS = 1024
+MAX_KV_HEADS = 1024
+
 #: A whole number of tokens: a JSON integer (the model is strict, so not a boolean, a
 #: string or a float) in ``[1, MAX_TOKENS]``. Use it for every token-count field.
 Tokens = Annotated[int, Field(ge=1, le=MAX_TOKENS)]
@@ -62,7 +67,8 @@ class Allocation(BaseModel):
     consa_version: Annotated[Literal[1], BeforeValidator(_json_int)] = FORMAT_VERSION
     granularity: Literal["layer", "kv_head"]
     window: Tokens = Field(description="sliding window W in tokens (query i sees keys i-W+1..i)")
-    pattern: list[str] = Field(description="one string per layer; 'F' full, 'S' sliding, per KV head")
+    pattern: list[str] = Field(max_length=MAX_LAYERS,
+                               description="one string per layer; 'F' full, 'S' sliding, per KV head")
 
     @field_validator("pattern")
     @classmethod
@@ -70,6 +76,8 @@ class Allocation(BaseModel):
         if not rows:
             raise ValueError("pattern is empty: expected one string per layer")
         width = len(rows[0])
+        if width > MAX_KV_HEADS:
+            raise ValueError(f"layer 0 has {width} KV heads; at most {MAX_KV_HEADS} are allowed")
         for i, row in enumerate(rows):
             bad = sorted(set(row) - {FULL, SLIDING})
             if bad:
@@ -298,6 +306,8 @@ def _explain(e: ValidationError, source: str | os.PathLike | None) -> str:
             msg = f"expected a JSON integer (a whole number without quotes), got {_show(value)}"
         elif kind in ("string_type", "list_type"):
             msg = f"expected {'a JSON string' if kind == 'string_type' else 'a JSON list'}, got {_show(value)}"
+        elif kind == "too_long":
+            msg = f"{ctx.get('actual_length')} layers; at most {ctx.get('max_length')} are allowed"
         elif kind == "greater_than_equal":
             msg = f"{name} must be >= {ctx['ge']}, got {value}"
         elif kind == "less_than_equal":
