@@ -232,6 +232,12 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"--model {cfg_json}: not valid JSON ({e})") from None
     need(isinstance(conf, dict) and conf.get("num_hidden_layers") and conf.get("num_attention_heads"),
          f"--model {cfg_json}: no num_hidden_layers/num_attention_heads, not a decoder language model")
+    from consa_vllm.allocation import ModelShape
+
+    try:
+        ModelShape.from_config(conf)  # every shape field a positive integer
+    except ValueError as e:
+        raise ConfigError(f"--model {cfg_json}: {e}") from None
     max_pos = conf.get("max_position_embeddings")
     need(not isinstance(max_pos, int) or cfg.seq_len <= max_pos,
          f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings {max_pos} ({cfg_json}): "
@@ -275,6 +281,11 @@ def validate(cfg: TrainConfig) -> None:
         need(not sm.exists() or (sm.is_dir() and not any(sm.iterdir())),
              f"--save-model {sm}: exists and is not an empty directory; choose a new one")
         need(sm.resolve() != model.resolve(), "--save-model must differ from --model (it would overwrite the source)")
+        # The trained model replaces DIR at the very end: the run's own outputs must not be in it.
+        for flag, path in (("--out", out), (log_flag, log)):
+            inside = path.resolve() == sm.resolve() or sm.resolve() in path.resolve().parents
+            need(not inside, f"--save-model {sm}: {flag} {path} is inside it, and the trained model replaces "
+                             "that folder at the end; put them in different places")
         problem = output_problem(sm, "folder")
         need(problem is None, f"--save-model {sm}: {problem}")
     if cfg.resume and cfg.resume != "auto":
