@@ -198,20 +198,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export import ExportInterrupted, export_model, public_provenance, read_exported_allocation
 
     out = Path(args.out)
-    if not (out.exists() and not args.force):  # "already exists" is export_model's message
-        _check_output("--out", args.out, "folder")
+    _check_output("--out", args.out, "folder")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             dst = export_model(args.model, args.allocation, out, link=not args.copy, force=args.force,
                                keep_paths=args.keep_paths)
-        except OSError as e:  # disk full, ...: name the user's path, not the temporary one
-            raise UserError(f"--out {out}: writing the export failed ({e.strerror}); "
-                            f"{'it is unchanged' if out.exists() else 'nothing was created'}") from None
+        except OSError as e:  # name the user's path, never the temporary copy
+            state = "it is unchanged" if out.exists() else "nothing was created"
+            if e.filename and Path(args.model).resolve() in Path(e.filename).resolve().parents:
+                raise UserError(f"--model {args.model}: cannot read {e.filename} ({e.strerror}); {state}") from None
+            raise UserError(f"--out {out}: writing the export failed ({e.strerror}); {state}") from None
         except ExportInterrupted as e:
-            _print_warnings(caught)
             raise _Interrupted(str(e), e.__cause__) from None
-    _print_warnings(caught)
+        finally:  # also when it failed: a warning may say what happened before (a restored --out)
+            _print_warnings(caught)
     dropped = [] if args.keep_paths else public_provenance(Allocation.load(args.allocation).to_dict())[1]
     alloc = read_exported_allocation(dst)
     base = alloc.to_dict().get("base_architecture", "?")

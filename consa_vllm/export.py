@@ -280,18 +280,17 @@ def export_model(
         raise AllocationError(f"{e} (model: {cfg_path})") from None
     new_config = exported_config(config, alloc, where=str(cfg_path), keep_paths=keep_paths)
 
-    if dst.exists() or dst.is_symlink():
-        if not force:
-            raise ExportError(f"{dst}: already exists; pass --force (force=True) to replace it")
-        if not dst.is_dir() or dst.is_symlink():
-            raise ExportError(f"{dst}: exists and is not a directory; refusing to replace it")
-    if dst.resolve() in src_dir.resolve().parents:
-        raise ExportError(f"{dst}: the output directory contains the source model {src_dir}")
+    if dst.is_symlink() or (dst.exists() and not dst.is_dir()):
+        raise ExportError(f"{dst}: exists and is not a directory; refusing to replace it")
     problem = output_problem(dst, "folder")
     if problem:
         raise ExportError(f"{dst}: {problem}")
+    _clean_up_after_killed_exports(dst)  # first: it may put back a dst that a killed export moved aside
+    if dst.exists() and not force:
+        raise ExportError(f"{dst}: already exists; pass --force (force=True) to replace it")
+    if dst.resolve() in src_dir.resolve().parents:
+        raise ExportError(f"{dst}: the output directory contains the source model {src_dir}")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    _clean_up_after_killed_exports(dst)
 
     existed, swapped = dst.exists(), False
     tmp = make_temp_dir(dst)
