@@ -78,10 +78,13 @@ def _demo_sparsity(text: str) -> float:
     from .cli import _sparsity  # the same [0, 1] check as `consa-vllm make --sparsity`
 
     value = _sparsity(text)
+    heads = MODEL_KW["num_kv_heads"]
     try:
-        exact_count(value, MODEL_KW["num_kv_heads"], "KV heads per layer of the demo model")
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+        exact_count(value, heads)
+    except ValueError:
+        reachable = ", ".join(f"{k / heads:g}" for k in range(heads + 1))
+        raise argparse.ArgumentTypeError(f"{value:g} is not reachable with the demo model's {heads} KV heads per "
+                                         f"layer; use one of {reachable}") from None
     return value
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,5 +58,5 @@ class ModelShape:
 def _count(field: str, value: Any) -> int:
     """A config field that must be a positive whole number (not a boolean, a string or 0)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"field '{field}' must be a positive integer, got {value!r}")
+        raise ValueError(f"field '{field}' must be a positive integer, got {json.dumps(value, default=str)}")
     return value
