@@ -160,8 +160,8 @@ def test_byte_order_mark_is_accepted(tmp_path):
 
 @pytest.mark.parametrize("field, value, phrase", [
     ("num_attention_heads", 0, "field 'num_attention_heads' must be a positive integer, got 0"),
-    ("num_hidden_layers", "two", "field 'num_hidden_layers' must be a positive integer, got 'two'"),
-    ("num_key_value_heads", True, "field 'num_key_value_heads' must be a positive integer, got True"),
+    ("num_hidden_layers", "two", "field 'num_hidden_layers' must be a positive integer, got \"two\""),
+    ("num_key_value_heads", True, "field 'num_key_value_heads' must be a positive integer, got true"),
 ])
 def test_bad_model_config_fields_are_named(tmp_path, tiny, alloc_file, field, value, phrase):
     """0 heads was a ZeroDivisionError traceback; true was read as 1."""
@@ -590,3 +590,15 @@ def test_make_model_path_left_out_of_export(tmp_path, tiny):
     assert run(CLI, "export", "--model", model, "--allocation", a, "--out", tmp_path / "dst").returncode == 0
     consa = json.loads((tmp_path / "dst" / "config.json").read_text())["consa"]
     assert "model" not in consa and consa["rule"] == "bottom"
+
+
+# ----------------------------------------------------------------------------- demo
+
+
+def test_demo_refuses_before_building_anything(tmp_path, locked):
+    one_line(run(CLI, "demo", "--out", tmp_path / "d", "--sparsity", "0.3"), "consa-vllm demo: error: ",
+             "argument --sparsity: 0.3 is not reachable with the demo model's 4 KV heads per layer",
+             "0, 0.25, 0.5, 0.75, 1")
+    one_line(run(CLI, "demo", "--out", locked / "d"), "consa-vllm demo: error: ",
+             f"--out {locked / 'd'}: cannot write in {locked}")
+    assert entries(tmp_path) == ["locked"] and entries(locked) == []
