@@ -75,6 +75,8 @@ PUBLIC_TRAINING_ARGS = ("seq_len", "max_tokens", "text_field", "target_sparsity"
                         "window", "init_log_alpha", "target_warmup", "steps", "batch_size", "grad_accum", "lr",
                         "gate_lr", "lagrangian_lr", "grad_clip", "freeze_weights", "stage2_steps", "seed",
                         "dtype", "fsdp")
+#: The trainer settings that are paths (reported when left out).
+TRAINING_PATH_ARGS = ("model", "data", "tokenizer", "out", "log_dir", "save_model", "allocation", "resume")
 #: Provenance fields that hold paths of the machine that made the allocation.
 PATH_FIELDS = ("model", "allocation_file")
 
@@ -175,7 +177,8 @@ def public_provenance(fields: Mapping[str, Any]) -> tuple[dict[str, Any], list[s
                 if k in PATH_FIELDS and isinstance(v, str):
                     dropped.append(key)
                 elif k == "args" and name.endswith("training") and isinstance(v, Mapping):
-                    dropped.extend(f"{key}.{a}" for a in v if a not in PUBLIC_TRAINING_ARGS)
+                    # The paths are named; runtime settings (--device, --progress) go quietly.
+                    dropped.extend(f"{key}.{a}" for a, x in v.items() if a in TRAINING_PATH_ARGS and x)
                     out[k] = {a: clean(x, f"{key}.{a}") for a, x in v.items() if a in PUBLIC_TRAINING_ARGS}
                 else:
                     out[k] = clean(v, key)
