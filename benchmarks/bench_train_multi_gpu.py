@@ -88,7 +88,9 @@ def run_trainer(name: str, launcher: list[str], args: list[str], work: Path, env
                 global_batch: int, timeout: int) -> dict:
     """Run one trainer configuration; return its allocation, throughput and wall time."""
     out = work / f"{name}.json"
-    cmd = [*launcher, "-m", "consa_vllm.train", *args, "--out", str(out), "--log-dir", str(work / f"{name}.logs")]
+    # --force: a rerun in the same --work replaces this configuration's earlier run.
+    cmd = [*launcher, "-m", "consa_vllm.train", *args, "--out", str(out), "--log-dir", str(work / f"{name}.logs"),
+           "--force"]
     print("+", " ".join(cmd), flush=True)
     t0 = time.perf_counter()
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -6,10 +6,15 @@ Subcommands:
 - ``make``   build a rule-based allocation at an exact sparsity;
 - ``import-duo`` turn DuoAttention's published per-KV-head gates into an allocation;
 - ``export`` embed an allocation in a Hugging Face checkpoint that the vLLM plugin serves;
-- ``serve``, ``demo``, ``eval``: implemented by ``consa_vllm.serve:main``, ``consa_vllm.demo:main``
-  and ``consa_vllm.eval.cli:main``, which receive the rest of the command line unparsed.
+- ``train``, ``serve``, ``demo``, ``eval``: implemented by ``consa_vllm.train.__main__:cli_main``,
+  ``consa_vllm.serve:main``, ``consa_vllm.demo:main`` and ``consa_vllm.eval.cli:main``, which receive
+  the rest of the command line unparsed.
 
 User errors print one line on stderr and exit with status 2 (no traceback).
+
+User errors print one line on stderr and exit with status 2 (no traceback); every output
+path is checked before any work. Ctrl-C, SIGTERM and SIGHUP print one line too, and exit
+with 128 + the signal number.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from pathlib import Path
 from typing import Sequence
 
 from . import families
-from .cli_args import EXIT_USAGE, UsageParser, int_in_range, unit_interval
+from .cli_args import EXIT_USAGE, UsageParser, int_in_range, unit_interval, whole_number
 
 PROG = "consa-vllm"
 
@@ -31,6 +36,8 @@ PROG = "consa-vllm"
 #: Each target is ``def main(argv: list[str] | None = None) -> int | None`` and receives
 #: every argument after the subcommand name, unparsed (its own --help included).
 DELEGATED: dict[str, tuple[str, str, str]] = {
+    "train": ("consa_vllm.train.__main__", "cli_main",
+              "learn an allocation from a Hugging Face model and data (same as python -m consa_vllm.train)"),
     "serve": ("consa_vllm.serve", "main",
               "serve an exported ConSA checkpoint with vLLM (OpenAI-compatible API)"),
     "demo": ("consa_vllm.demo", "main",
@@ -61,6 +68,15 @@ def _dtype(text: str) -> str:
     return text
 
 
+def _check_output(flag: str, path: str | None, kind: str = "file") -> None:
+    """Stop with one line naming ``flag`` unless ``path`` can be written (before any work)."""
+    from .outputs import output_problem
+
+    problem = output_problem(path, kind) if path else None
+    if problem:
+        raise UserError(f"{flag} {path}: {problem}")
+
+
 # ------------------------------------------------------------------ commands
 
 
@@ -80,6 +96,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     from .allocation import estimate_kv, render_text, summarize
     from .allocation.stats import describe_sliding
 
+    _check_output("--png", args.png)
     alloc, model_dir = _load_allocation_arg(args.allocation)
     model_dir = Path(args.model) if args.model else model_dir
     if args.context and model_dir is None:
@@ -144,6 +161,11 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_make(args: argparse.Namespace) -> int:
     from .allocation import make_allocation, render_text
 
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise UserError(f"--out {out}: already exists; pass --force to overwrite it")
+    _check_output("--out", args.out)
+    _check_output("--png", args.png)  # before the JSON is written: both or neither
     if args.model:
         if args.layers is not None or args.kv_heads is not None:
             raise UserError("give either --model DIR or --layers L --kv-heads H, not both")
@@ -162,10 +184,10 @@ def cmd_make(args: argparse.Namespace) -> int:
         raise UserError(f"{flag}: {e}") from None
     if args.model:
         alloc = alloc.with_extra(model=str(args.model))
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise UserError(f"--out {out}: already exists; pass --force to overwrite it")
-    alloc.save(out)
+    try:
+        alloc.save(out)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write it ({e.strerror})") from None
     print(render_text(alloc))
     print(f"wrote {out}")
     if args.png:
@@ -212,19 +234,49 @@ def cmd_import_duo(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_model, read_exported_allocation
+    from .allocation import Allocation
+    from .export import ExportInterrupted, export_model, public_provenance, read_exported_allocation
 
+    out = Path(args.out)
+    _check_output("--out", args.out, "folder")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        dst = export_model(args.model, args.allocation, args.out, link=not args.copy, force=args.force)
-    for w in caught:
-        print(f"{PROG} export: warning: {w.message}", file=sys.stderr)
+        try:
+            dst = export_model(args.model, args.allocation, out, link=not args.copy, force=args.force,
+                               keep_paths=args.keep_paths)
+        except OSError as e:  # name the user's path, never the temporary copy
+            state = "it is unchanged" if out.exists() else "nothing was created"
+            if e.filename and Path(args.model).resolve() in Path(e.filename).resolve().parents:
+                raise UserError(f"--model {args.model}: cannot read {e.filename} ({e.strerror}); {state}") from None
+            raise UserError(f"--out {out}: writing the export failed ({e.strerror}); {state}") from None
+        except ExportInterrupted as e:
+            raise _Interrupted(str(e), e.__cause__) from None
+        finally:  # also when it failed: a warning may say what happened before (a restored --out)
+            _print_warnings(caught)
+    dropped = [] if args.keep_paths else public_provenance(Allocation.load(args.allocation).to_dict())[1]
     alloc = read_exported_allocation(dst)
     base = alloc.to_dict().get("base_architecture", "?")
     how = "copied" if args.copy else "hard-linked (copied where linking is impossible)"
     print(f"wrote {dst}: architecture Consa{base}, {alloc.num_layers} layers x {alloc.num_kv_heads} KV heads, "
           f"sparsity {alloc.sparsity:.4f}, window {alloc.window}; weights {how}")
+    if dropped:
+        print(f"left out of config.json (machine paths): {', '.join(dropped)}; --keep-paths keeps them")
     return 0
+
+
+def _print_warnings(caught) -> None:
+    for w in caught:
+        print(f"{PROG} export: warning: {' '.join(str(w.message).split())}", file=sys.stderr)
+
+
+class _Interrupted(Exception):
+    """A command stopped by a signal: one line, exit status 128 + the signal number."""
+
+    def __init__(self, message: str, cause: BaseException | None):
+        from .outputs import signal_of
+
+        name, self.status = signal_of(cause if isinstance(cause, KeyboardInterrupt) else KeyboardInterrupt())
+        super().__init__(f"interrupted by {name}; {message}")
 
 
 def _delegate(name: str, argv: list[str]) -> int:
@@ -273,15 +325,16 @@ def format_bytes(n: int) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .allocation.format import MAX_TOKENS
+    from .allocation.format import MAX_KV_HEADS, MAX_LAYERS, MAX_TOKENS
     from .allocation.rules import RULES
 
     sink = int_in_range(0, "tokens", hi=MAX_TOKENS)
 
     fmt = argparse.RawDescriptionHelpFormatter
     p = UsageParser(prog=PROG, formatter_class=fmt, description=(
-        "ConSA: learned per-KV-head full (F) / sliding-window (S) attention allocations, "
-        "and tools to inspect them, build baselines and export checkpoints for the vLLM plugin."),
+        "ConSA: learned per-KV-head full (F) / sliding-window (S) attention allocations. Train one "
+        "(`consa-vllm train`), inspect it, build rule-based baselines, export a checkpoint for the vLLM "
+        "plugin, serve and evaluate it."),
         epilog="Run `consa-vllm COMMAND --help` for the options of each command.")
     from . import __version__
 
@@ -303,7 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "for the KV estimate (default: ALLOC itself when it is a checkpoint)")
     s.add_argument("--context", metavar="N", nargs="+", type=int_in_range(1, "tokens"),
                    help=f"context lengths for the KV estimate (default: {' '.join(map(str, DEFAULT_CONTEXTS))})")
-    s.add_argument("--dtype", type=_dtype, default="bfloat16", help="KV cache dtype (default: bfloat16)")
+    from .allocation.memory import DTYPE_BYTES
+
+    s.add_argument("--dtype", type=_dtype, default="bfloat16",
+                   help=f"KV cache dtype, one of: {', '.join(DTYPE_BYTES)} (default: bfloat16)")
     s.add_argument("--block-size", metavar="B", type=int_in_range(1, "tokens"),
                    help="count whole paged KV blocks of B tokens, as vLLM allocates them (default: exact tokens)")
     s.add_argument("--json", action="store_true", help="print machine-readable JSON instead of text")
@@ -327,14 +383,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--granularity", choices=("kv_head", "layer"), default="kv_head",
                    help="unit: one KV head with its query group, or a whole layer (default: kv_head)")
     m.add_argument("--model", metavar="DIR", help="take the shape from DIR/config.json")
-    m.add_argument("--layers", type=int_in_range(1, "layers"), metavar="L", help="number of layers (without --model)")
-    m.add_argument("--kv-heads", type=int_in_range(1, "KV heads"), metavar="H",
+    m.add_argument("--layers", type=int_in_range(1, "layers", hi=MAX_LAYERS), metavar="L",
+                   help="number of layers (without --model)")
+    m.add_argument("--kv-heads", type=int_in_range(1, "KV heads", hi=MAX_KV_HEADS), metavar="H",
                    help="KV heads per layer (without --model)")
-    m.add_argument("--window", required=True, type=int_in_range(1, "tokens"), metavar="W",
+    m.add_argument("--window", required=True, type=int_in_range(1, "tokens", hi=MAX_TOKENS), metavar="W",
                    help="sliding window in tokens: query i sees keys i-W+1..i")
     m.add_argument("--sink", type=sink, default=0, metavar="N",
                    help="attention-sink tokens: S heads also see keys 0..N-1 (default: 0, a plain window)")
-    m.add_argument("--seed", type=int, default=0, help="seed for 'random' and 'uniform' (default: 0)")
+    m.add_argument("--seed", type=whole_number("a seed"), default=0, help="seed for 'random' and 'uniform' (default: 0)")
     m.add_argument("--out", required=True, metavar="A.json", help="allocation file to write")
     m.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     m.add_argument("--png", metavar="OUT.png", help="also draw the heatmap")
@@ -379,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Weights are hard-linked by default, tokenizer files copied. --out is built "
                                    "in a temporary directory and renamed into place, so it is never half-written.",
                        epilog="example:\n  consa-vllm export --model ./tiny --allocation a.json --out ./tiny-consa\n"
-                              "  vllm serve ./tiny-consa   # with the consa plugin installed")
+                              "  consa-vllm serve ./tiny-consa   # checks it, then runs vLLM's server (CPU and GPU)")
     e.add_argument("--model", required=True, metavar="SRC", help="source Hugging Face model directory")
     e.add_argument("--allocation", required=True, metavar="A.json", help="allocation file matching the model's shape")
     e.add_argument("--out", required=True, metavar="DST", help="directory to create")
@@ -388,6 +445,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="hard-link the weight files, copying where the filesystem cannot link (default)")
     how.add_argument("--copy", action="store_true", help="copy the weight files")
     e.add_argument("--force", action="store_true", help="replace DST if it exists (the swap is atomic)")
+    e.add_argument("--keep-paths", action="store_true",
+                   help="keep the machine paths of the allocation's provenance (the trainer's model, data and "
+                        "log folders) in config.json; by default they are left out, as the checkpoint and "
+                        "/v1/consa/allocation show them to everyone")
     e.set_defaults(func=cmd_export)
 
     # ---- commands implemented in other modules
@@ -410,6 +471,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help(sys.stderr)
             return EXIT_USAGE
         return args.func(args)
+    except _Interrupted as e:
+        print(f"{PROG} {argv[0]}: {e}", file=sys.stderr)
+        return e.status
+    except KeyboardInterrupt as e:  # Ctrl-C (or SIGTERM inside export) anywhere else: nothing to clean up
+        from .outputs import signal_of
+
+        name, status = signal_of(e)
+        cmd = f" {argv[0]}" if argv and argv[0] in _COMMANDS else ""
+        print(f"{PROG}{cmd}: interrupted by {name}", file=sys.stderr)
+        return status
     except Exception as e:
         if not _is_user_error(e):
             raise

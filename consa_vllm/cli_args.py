@@ -27,13 +27,26 @@ def int_in_range(lo: int, what: str, hi: int | None = None) -> Callable[[str], i
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a whole number ({what}), got {text!r}") from None
-        if hi is None and value < lo:
+        if value < lo:
             raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}")
-        if hi is not None and not lo <= value <= hi:
-            raise argparse.ArgumentTypeError(f"must be in {lo}..{hi}, got {value}")
+        if hi is not None and value > hi:
+            raise argparse.ArgumentTypeError(f"must be <= {hi}, got {value}")
         return value
 
     parse.__name__ = what  # argparse names the type in some messages
+    return parse
+
+
+def whole_number(what: str) -> Callable[[str], int]:
+    """An argparse type: any whole number of ``what`` (range checks are the caller's), e.g. not '64.5'."""
+
+    def parse(text: str) -> int:
+        try:
+            return int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number ({what}), got {text!r}") from None
+
+    parse.__name__ = what
     return parse
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from consa_vllm.families import DEFAULT_FAMILY
 from consa_vllm.cli_args import EXIT_USAGE, UsageParser, int_in_range
 from consa_vllm.server_process import ServerError, ServerProcess, free_port, http_get
+from consa_vllm.outputs import Interrupted, output_problem, signal_of, signals_raise
 
 PROG = "consa-vllm demo"
 
@@ -49,19 +50,53 @@ _steps = int_in_range(1, "optimizer steps")
 _port = int_in_range(1, "TCP port", hi=65535)
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: What ``consa-vllm demo --help`` says (plain text: the module docstring is reST).
+DESCRIPTION = """\
+The whole ConSA pipeline, end to end, on an embedded default. Runs on a CPU machine with
+no network access, in a few minutes:
+
+  1. builds a tiny random Qwen3 model and a BPE tokenizer;
+  2. writes a small corpus (standard-library Python files) and trains a kv_head allocation
+     with the trainer (consa-vllm train, run in-process, frozen weights);
+  3. draws the allocation heatmap and prints the pattern and the KV-cache estimate;
+  4. exports a checkpoint that the vLLM plugin serves (consa-vllm export);
+  5. serves it with consa-vllm serve (vLLM's OpenAI-compatible server) in a subprocess;
+  6. queries it with the official openai client (completion, streamed chat, /v1/models);
+  7. stops the server (always, also on Ctrl-C, SIGTERM or an error, unless --keep-server)
+     and prints where everything is and how to serve the model again.
+
+The model is random, so its output is gibberish: the demo shows the plumbing, not quality.
+Running it again with the same --out replaces the earlier results."""
+
+
+def _demo_sparsity(text: str) -> float:
+    """--sparsity: in [0, 1] and reachable exactly with the demo model's KV heads per layer."""
+    from .allocation.rules import exact_count
     from .cli import sparsity_arg  # the same [0, 1] check as `consa-vllm make --sparsity`
 
-    p = UsageParser(prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
-                description=__doc__.split("\n\n", 1)[1] if __doc__ else None)
+    value = sparsity_arg(text)
+    heads = MODEL_KW["num_kv_heads"]
+    try:
+        exact_count(value, heads)
+    except ValueError:
+        reachable = ", ".join(f"{k / heads:g}" for k in range(heads + 1))
+        raise argparse.ArgumentTypeError(f"{value:g} is not reachable with the demo model's {heads} KV heads per "
+                                         f"layer; use one of {reachable}") from None
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``consa-vllm demo``."""
+    p = UsageParser(prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter, description=DESCRIPTION)
     p.add_argument("--out", default="./demo-out", metavar="DIR",
                    help="working directory for the model, data, allocation, logs (default: ./demo-out)")
     p.add_argument("--port", type=_port, default=None, help="server port (default: a free port)")
     p.add_argument("--keep-server", action="store_true",
                    help="leave the server running at the end and print its URL and process group")
     p.add_argument("--steps", type=_steps, default=60, help="trainer optimizer steps (default: 60)")
-    p.add_argument("--sparsity", type=sparsity_arg, default=0.5, metavar="RHO",
-                   help="target fraction of sliding-window KV heads, in [0, 1] (default: 0.5)")
+    p.add_argument("--sparsity", type=_demo_sparsity, default=0.5, metavar="RHO",
+                   help="target fraction of sliding-window KV heads: 0, 0.25, 0.5, 0.75 or 1 (the demo model "
+                        f"has {MODEL_KW['num_kv_heads']} KV heads per layer; default: 0.5)")
     return p
 
 
@@ -118,13 +153,13 @@ def step_train(out: Path, base: Path, steps: int, sparsity: float) -> Path:
             "--granularity", "kv_head", "--constraint", "per-layer", "--window", str(WINDOW),
             "--seq-len", str(SEQ_LEN), "--steps", str(steps), "--freeze-weights",
             "--out", str(alloc_path), "--log-dir", str(out / "train"), "--device", "cpu",
-            "--checkpoint-every", "0"]
-    _info("python -m consa_vllm.train " + shlex.join(argv))
+            "--checkpoint-every", "0", "--force"]  # --force: the demo owns --out; a rerun replaces its run
+    _info("consa-vllm train " + shlex.join(argv))
     t = time.monotonic()
     sys.stdout.flush()
-    rc = train_main(argv)
-    if rc == 130:
-        raise KeyboardInterrupt
+    rc = train_main(argv, prog="consa-vllm train")
+    if rc > 128:  # stopped by a signal (Ctrl-C, SIGTERM): stop the demo the same way
+        raise Interrupted(rc - 128)
     if rc != 0:
         raise DemoError(f"the trainer exited with status {rc} (see the messages above and {out / 'train'})")
     _info(f"trained in {time.monotonic() - t:.1f}s -> {alloc_path}")
@@ -261,7 +296,7 @@ def _summary(out: Path, alloc_path: Path | None, png: Path | None, model: Path |
     if kept and server is not None and server.proc is not None:
         _info(f"server still running at {server.base}/v1 (process group {server.proc.pid}); "
               f"stop it with: kill -INT -{server.proc.pid}")
-    how = "done" if rc == 0 else ("interrupted" if rc == 130 else "FAILED")
+    how = "done" if rc == 0 else ("interrupted" if rc > 128 else "FAILED")
     print(f"\n{how} in {time.monotonic() - _T0:.0f}s", flush=True)
 
 
@@ -270,8 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     _T0 = time.monotonic()
     out = Path(args.out).resolve()
-    if out.exists() and not out.is_dir():
-        print(f"{PROG}: error: --out {out}: exists and is not a directory", file=sys.stderr)
+    problem = output_problem(out, "contents")
+    if problem:
+        print(f"{PROG}: error: --out {out}: {problem}", file=sys.stderr)
         return EXIT_USAGE
     port = args.port or free_port()
     if args.port and http_get(f"http://127.0.0.1:{port}/health", timeout=2)[0] != 0:
@@ -284,39 +320,41 @@ def main(argv: list[str] | None = None) -> int:
     server: ServerProcess | None = None
     kept = False
     rc = 0
-    try:
-        base = step_model(out)
-        alloc_path = step_train(out, base, args.steps, args.sparsity)
-        alloc, png = step_show(out, base, alloc_path)
-        model = step_export(out, base, alloc)
-        server = ServerProcess(model, port, out / "server.log", args=SERVE_ARGS)
-        step_serve(server)
-        step_query(server, model)
-        kept = args.keep_server
-    except KeyboardInterrupt:
-        print(f"\n{PROG}: interrupted", file=sys.stderr)
-        rc = 130
-    except DemoError as e:
-        print(f"\n{PROG}: error: {e}", file=sys.stderr)
-        rc = 1
-    except Exception as e:  # noqa: BLE001 - report, clean up, and keep the traceback for bugs
-        import traceback
+    # SIGTERM/SIGHUP stop the demo like Ctrl-C, so the server is stopped then too.
+    with signals_raise():
+        try:
+            base = step_model(out)
+            alloc_path = step_train(out, base, args.steps, args.sparsity)
+            alloc, png = step_show(out, base, alloc_path)
+            model = step_export(out, base, alloc)
+            server = ServerProcess(model, port, out / "server.log", args=SERVE_ARGS)
+            step_serve(server)
+            step_query(server, model)
+            kept = args.keep_server
+        except KeyboardInterrupt as e:
+            name, rc = signal_of(e)
+            print(f"\n{PROG}: interrupted by {name}", file=sys.stderr)
+        except DemoError as e:
+            print(f"\n{PROG}: error: {e}", file=sys.stderr)
+            rc = 1
+        except Exception as e:  # noqa: BLE001 - report, clean up, and keep the traceback for bugs
+            import traceback
 
-        traceback.print_exc()
-        print(f"\n{PROG}: error: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
-        if server is not None and server.proc is not None:
-            print(f"last lines of {server.log_path}:\n{_tail(server)}", file=sys.stderr)
-        rc = 1
-    finally:
-        if server is not None and not kept:
-            if server.proc is not None and server.proc.poll() is None:
-                print("\n    stopping the server ...", flush=True)
-            try:
-                server.stop()
-            except KeyboardInterrupt:  # a second Ctrl-C: kill the group at once
-                server.kill()
-            if server.proc is not None and server.proc.returncode is not None:
-                _info(f"server stopped (exit status {server.proc.returncode})")
+            traceback.print_exc()
+            print(f"\n{PROG}: error: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
+            if server is not None and server.proc is not None:
+                print(f"last lines of {server.log_path}:\n{_tail(server)}", file=sys.stderr)
+            rc = 1
+        finally:
+            if server is not None and not kept:
+                if server.proc is not None and server.proc.poll() is None:
+                    print("\n    stopping the server ...", flush=True)
+                try:
+                    server.stop()
+                except KeyboardInterrupt:  # a second Ctrl-C: kill the group at once
+                    server.kill()
+                if server.proc is not None and server.proc.returncode is not None:
+                    _info(f"server stopped (exit status {server.proc.returncode})")
     _summary(out, alloc_path, png, model, server, kept, rc)
     return rc
 

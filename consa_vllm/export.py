@@ -21,6 +21,14 @@ What the exported directory holds (``DST``):
 
 ``DST`` is never half-written: everything is built in a temporary directory next to it
 and renamed into place at the end. Everything is validated before anything is written.
+SIGTERM and SIGHUP are handled like Ctrl-C (the temporary directory is removed), and the
+temporary directories that a killed export (SIGKILL) left behind are removed by the next
+export to the same ``DST``. The directory and ``config.json`` get ordinary permissions
+(0777/0666 less the umask; a ``--force`` export in place keeps the old directory's mode).
+
+The allocation's provenance is copied without machine paths (the trainer's data and log
+folders, the source model's directory), which every client of ``/v1/consa/allocation``
+and everyone the checkpoint is shared with would see; ``keep_paths=True`` keeps them.
 """
 
 from __future__ import annotations
@@ -28,7 +36,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
@@ -36,6 +43,7 @@ from typing import Any, Mapping
 from .allocation.format import Allocation, AllocationError, atomic_write_text, read_json_object
 from . import families
 from .allocation.shape import ModelShape
+from .outputs import make_temp_dir, output_problem, remove_stale_temps, signals_held, signals_raise, stale_temps
 
 CONFIG_KEY = "consa"
 
@@ -45,6 +53,22 @@ WEIGHT_INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json")
 
 class ExportError(ValueError):
     """The export cannot be done; the message names the file and the field at fault."""
+
+
+class ExportInterrupted(KeyboardInterrupt):
+    """Ctrl-C, SIGTERM or SIGHUP during an export; the message says what state ``DST`` is in."""
+
+
+#: Trainer settings (``training.args``) kept in an exported checkpoint: the method and the
+#: optimisation, none of the machine's paths (model, data, tokenizer, out, log_dir, ...).
+PUBLIC_TRAINING_ARGS = ("seq_len", "max_tokens", "text_field", "target_sparsity", "granularity", "constraint",
+                        "window", "init_log_alpha", "target_warmup", "steps", "batch_size", "grad_accum", "lr",
+                        "gate_lr", "lagrangian_lr", "grad_clip", "freeze_weights", "stage2_steps", "seed",
+                        "dtype", "fsdp")
+#: The trainer settings that are paths (reported when left out).
+TRAINING_PATH_ARGS = ("model", "data", "tokenizer", "out", "log_dir", "save_model", "allocation", "resume")
+#: Provenance fields that hold paths of the machine that made the allocation.
+PATH_FIELDS = ("model", "allocation_file")
 
 
 # ---------------------------------------------------------------------------- reading
@@ -128,13 +152,61 @@ def base_architecture(config: Mapping[str, Any], where: str = "config.json") -> 
 # ---------------------------------------------------------------------------- writing
 
 
-def exported_config(config: Mapping[str, Any], allocation: Allocation, where: str = "config.json") -> dict[str, Any]:
-    """The ``config.json`` of the exported checkpoint (pure: no I/O)."""
+def public_provenance(fields: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``fields`` (an allocation's JSON) without machine paths, and the dotted names left out.
+
+    Dropped: the trainer's settings other than :data:`PUBLIC_TRAINING_ARGS` (so its model,
+    data, tokenizer, output and log paths), the fields in :data:`PATH_FIELDS` at any depth,
+    and any other string that is an absolute path. Kept: the method, the target, the steps,
+    the seed, the data hash (``training.data_sha256``), losses and gate values.
+    """
+    dropped: list[str] = []
+
+    def clean(value: Any, name: str) -> Any:
+        if isinstance(value, Mapping):
+            out = {}
+            for k, v in value.items():
+                key = f"{name}.{k}" if name else str(k)
+                if k in PATH_FIELDS and isinstance(v, str):
+                    dropped.append(key)
+                elif k == "args" and name.endswith("training") and isinstance(v, Mapping):
+                    # The paths are named; runtime settings (--device, --progress) go quietly.
+                    dropped.extend(f"{key}.{a}" for a, x in v.items() if a in TRAINING_PATH_ARGS and x)
+                    out[k] = {a: clean(x, f"{key}.{a}") for a, x in v.items() if a in PUBLIC_TRAINING_ARGS}
+                else:
+                    out[k] = clean(v, key)
+            return {k: v for k, v in out.items() if v is not _DROP}
+        if isinstance(value, list):
+            return [x for x in (clean(x, f"{name}[{i}]") for i, x in enumerate(value)) if x is not _DROP]
+        if isinstance(value, str) and (os.path.isabs(value) or value.startswith("~")):
+            dropped.append(name)
+            return _DROP
+        return value
+
+    return clean(fields, ""), dropped
+
+
+_DROP = object()
+
+
+def exported_config(config: Mapping[str, Any], allocation: Allocation, where: str = "config.json",
+                    keep_paths: bool = False) -> dict[str, Any]:
+    """The ``config.json`` of the exported checkpoint (pure: no I/O).
+
+    The allocation's provenance loses its machine paths (:func:`public_provenance`) unless
+    ``keep_paths``.
+    """
     base = base_architecture(config, where)
     shape = ModelShape.from_config(dict(config))
     allocation.check_model(shape.num_layers, shape.num_kv_heads)
     out = dict(config)
     notes: dict[str, Any] = {}
+    max_pos = config.get("max_position_embeddings")
+    if isinstance(max_pos, int) and allocation.window >= max_pos and allocation.sparsity > 0:
+        warnings.warn(
+            f"window {allocation.window} >= the model's max_position_embeddings {max_pos} ({where}): the "
+            "sliding-window (S) heads see every token of any sequence the model takes, so they act as full "
+            "attention and save no KV memory", stacklevel=3)
 
     # No global sliding window that vLLM could read (docs/DESIGN.md §7, Traps).
     sw = out.get("sliding_window")
@@ -165,7 +237,8 @@ def exported_config(config: Mapping[str, Any], allocation: Allocation, where: st
                 notes[k] = prev[k]
 
     out["architectures"] = [consa_architecture(base)]
-    out[CONFIG_KEY] = {**allocation.to_dict(), "base_architecture": base, **notes}
+    fields = allocation.to_dict() if keep_paths else public_provenance(allocation.to_dict())[0]
+    out[CONFIG_KEY] = {**fields, "base_architecture": base, **notes}
     return out
 
 
@@ -175,15 +248,18 @@ def export_model(
     out_dir: str | os.PathLike,
     link: bool = True,
     force: bool = False,
+    keep_paths: bool = False,
 ) -> Path:
     """Write ``out_dir``: ``src`` with ``allocation`` embedded, servable by the consa plugin.
 
     ``link=True`` hard-links the weight files (falling back to a copy where the filesystem
     cannot link), ``link=False`` copies them. An existing ``out_dir`` is refused unless
     ``force``. ``src`` may itself be an exported ConSA checkpoint (re-export with a new
-    allocation; ``src == out_dir`` with ``force`` works too). Returns ``out_dir``.
+    allocation; ``src == out_dir`` with ``force`` works too). ``keep_paths`` keeps the
+    machine paths of the allocation's provenance. Returns ``out_dir``.
 
     All checks run before anything is written; ``out_dir`` is never left half-written.
+    Ctrl-C, SIGTERM or SIGHUP raise :class:`ExportInterrupted` after the clean-up.
     """
     src_dir, dst = Path(src), Path(out_dir)
     config, weights, others = _check_source(src_dir)
@@ -198,26 +274,40 @@ def export_model(
         alloc.check_model(shape.num_layers, shape.num_kv_heads, source=alloc_src)
     except AllocationError as e:
         raise AllocationError(f"{e} (model: {cfg_path})") from None
-    new_config = exported_config(config, alloc, where=str(cfg_path))
+    new_config = exported_config(config, alloc, where=str(cfg_path), keep_paths=keep_paths)
 
-    if dst.exists() or dst.is_symlink():
-        if not force:
-            raise ExportError(f"{dst}: already exists; pass --force (force=True) to replace it")
-        if not dst.is_dir() or dst.is_symlink():
-            raise ExportError(f"{dst}: exists and is not a directory; refusing to replace it")
+    if dst.is_symlink() or (dst.exists() and not dst.is_dir()):
+        raise ExportError(f"{dst}: exists and is not a directory; refusing to replace it")
+    problem = output_problem(dst, "folder")
+    if problem:
+        raise ExportError(f"{dst}: {problem}")
+    _clean_up_after_killed_exports(dst)  # first: it may put back a dst that a killed export moved aside
+    if dst.exists() and not force:
+        raise ExportError(f"{dst}: already exists; pass --force (force=True) to replace it")
     if dst.resolve() in src_dir.resolve().parents:
         raise ExportError(f"{dst}: the output directory contains the source model {src_dir}")
     dst.parent.mkdir(parents=True, exist_ok=True)
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.consa-tmp-", dir=dst.parent))
+    existed, swapped = dst.exists(), False
+    tmp = make_temp_dir(dst)
     try:
-        for f in weights:
-            _link_or_copy(f, tmp / f.name, link)
-        for f in others:
-            shutil.copy2(f, tmp / f.name)
-        atomic_write_text(tmp / "config.json", json.dumps(new_config, indent=2, sort_keys=True) + "\n")
-        _fsync_dir(tmp)
-        _swap_into_place(tmp, dst)
+        with signals_raise():
+            if existed:  # in place: the folder keeps its mode (who may read it)
+                os.chmod(tmp, os.stat(dst).st_mode & 0o7777)
+            for f in weights:
+                _link_or_copy(f, tmp / f.name, link)
+            for f in others:
+                shutil.copy2(f, tmp / f.name)
+            atomic_write_text(tmp / "config.json", json.dumps(new_config, indent=2, sort_keys=True) + "\n")
+            _fsync_dir(tmp)
+            with signals_held():  # the two renames of a swap are never split by a signal
+                _swap_into_place(tmp, dst)
+                swapped = True
+    except KeyboardInterrupt as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        state = ("the export was complete before it" if swapped else
+                 f"{dst} is unchanged" if existed else f"{dst} was not created")
+        raise ExportInterrupted(f"{state}; no temporary files are left") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -293,12 +383,29 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _clean_up_after_killed_exports(dst: Path) -> None:
+    """Remove what an export to ``dst`` killed by SIGKILL left: its temporary copy, or an old ``dst``.
+
+    An export killed between the two renames of a swap leaves the old ``dst`` moved aside
+    and no ``dst``: that one is put back, as if the killed export had not started.
+    """
+    for path in remove_stale_temps(dst):
+        warnings.warn(f"removed {path}, the temporary copy of an export that was killed", stacklevel=3)
+    for path in stale_temps(dst, "consa-old"):
+        if dst.exists():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.rename(path, dst)
+            warnings.warn(f"restored {dst} from {path}, where an export killed while replacing it had "
+                          "moved it", stacklevel=3)
+
+
 def _swap_into_place(tmp: Path, dst: Path) -> None:
     """Rename ``tmp`` to ``dst``; an existing ``dst`` is moved aside first and deleted after."""
     if not dst.exists():
         os.rename(tmp, dst)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.consa-old-", dir=dst.parent))
+    old = make_temp_dir(dst, "consa-old")
     old.rmdir()  # only the unique name is wanted
     os.rename(dst, old)
     try:

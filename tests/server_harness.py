@@ -23,16 +23,16 @@ START_TIMEOUT_S = float(os.environ.get("CONSA_TEST_SERVER_TIMEOUT", 300))
 
 @contextmanager
 def consa_serve(model_dir: Path, log_path: Path, *, max_model_len: int, max_num_seqs: int = 8,
-                drop_env: Sequence[str] = ()) -> Iterator[dict]:
+                drop_env: Sequence[str] = (), extra_args: Sequence[str] = ()) -> Iterator[dict]:
     """Run ``consa-vllm serve MODEL`` on a free loopback port until /health answers; stop it after.
 
     Yields ``{"base", "model", "log", "proc", "dump"}``; ``dump(reason)`` returns the reason
     followed by the end of the server log, for failure messages. ``drop_env`` names
-    environment variables the server must not inherit.
+    environment variables the server must not inherit; ``extra_args`` go to vLLM (``--api-key K``).
     """
     model = str(model_dir)
     args = ("--dtype", "float32", "--max-model-len", str(max_model_len), "--enforce-eager",
-            "--max-num-seqs", str(max_num_seqs))
+            "--max-num-seqs", str(max_num_seqs), *extra_args)
     env = {k: v for k, v in os.environ.items() if k not in drop_env}
     server = ServerProcess(model, free_port(), log_path, args=args, env=env)
 

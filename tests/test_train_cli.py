@@ -75,7 +75,7 @@ def test_bad_arguments(tiny, tmp_path, extra, message):
     model, data = tiny
     r = run("--model", model, "--data", data, "--out", tmp_path / "o" / "a.json", *extra)
     assert r.returncode == 2
-    assert message in r.stderr and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert message in r.stderr and r.stderr.startswith("python -m consa_vllm.train: error: ") and r.stderr.count("\n") == 1, r.stderr
     assert not (tmp_path / "o").exists()
 
 
@@ -127,7 +127,7 @@ def test_bad_fixed_allocation(tiny, tmp_path, extra, message):
         args += ["--allocation", str(tmp_path / "ok.json")]
     r = run("--model", model, "--data", data, "--out", tmp_path / "o" / "a.json", *args)
     assert r.returncode == 2
-    assert r.stderr.startswith("error: --allocation") and message in r.stderr, r.stderr
+    assert r.stderr.startswith("python -m consa_vllm.train: error: --allocation") and message in r.stderr, r.stderr
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "o").exists() and not (tmp_path / "m").exists()
 
@@ -149,7 +149,7 @@ def test_unreadable_data_fails_before_training(tiny, tmp_path):
     bad.mkdir()
     (bad / "a.txt").write_text("fine text " * 50)
     (bad / "b.txt").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xff" * 20)
-    r = run("--model", model, "--data", bad, "--out", tmp_path / "o" / "a.json", "--seq-len", 16)
+    r = run("--model", model, "--data", bad, "--out", tmp_path / "o" / "a.json", "--seq-len", 16, "--window", 8)
     assert r.returncode == 2, r.stderr
     assert "b.txt: not UTF-8 text" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists()

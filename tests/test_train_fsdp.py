@@ -120,7 +120,8 @@ def test_fsdp_checkpoint_refused_without_fsdp(runs):
                "--out", root / "x.json", "--save-model", root / "x_model",
                "--resume", root / "fsdp.logs" / "checkpoints" / "step_00000006")
     assert r.returncode == 2, r.stderr
-    assert "made with --fsdp" in r.stderr and r.stderr.strip().splitlines()[-1].startswith("error: --resume")
+    assert "made with --fsdp" in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("python -m consa_vllm.train: error: --resume")
 
 
 def test_fsdp_needs_torchrun(runs):

@@ -358,7 +358,8 @@ def phase_allocations(out: Path, s: Settings, max_minutes: float | None) -> bool
                    "--batch-size", str(s.consa_batch), "--freeze-weights", "--gate-lr", str(s.gate_lr),
                    "--lagrangian-lr", str(s.lagrangian_lr), "--seed", str(s.seed), "--device", s.device,
                    "--dtype", s.dtype, "--checkpoint-every", "0", "--no-progress", "--out", str(dst),
-                   "--log-dir", str(d / f"{name}-{rho}.logs")]
+                   "--log-dir", str(d / f"{name}-{rho}.logs"),
+                   "--force"]  # a run cut short by the time budget left its logs: start that one again
             log(f"allocations: {name} rho={rho}")
             t0 = time.time()
             subprocess.run(cmd, check=True)

@@ -19,18 +19,37 @@ written to the file only when nonzero, so files without sinks read and write exa
 from __future__ import annotations
 
 import json
+import math
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 FORMAT_VERSION = 1
 FULL = "F"
 SLIDING = "S"
-#: Largest token count a field may hold: positions are int32 in vLLM and in the plugin's kernels.
+#: The largest token count (window, ...) a file may hold. vLLM and the attention kernels
+#: (FlashAttention, Triton) take windows and positions as 32-bit integers; a larger number
+#: would only fail later, inside the running server.
 MAX_TOKENS = 2**31 - 1
+
+#: Bounds of the pattern, far above any model (the largest have ~100 layers, 128 KV heads):
+#: a typo such as 100000 layers is refused before it allocates gigabytes.
+MAX_LAYERS = 1024
+MAX_KV_HEADS = 1024
+
+#: A whole number of tokens: a JSON integer (the model is strict, so not a boolean, a
+#: string or a float) in ``[1, MAX_TOKENS]``. Use it for every token-count field.
+Tokens = Annotated[int, Field(ge=1, le=MAX_TOKENS)]
+
+
+def _json_int(value: Any) -> Any:
+    """Refuse booleans and floats before a ``Literal`` int compares them equal to 1 (True == 1.0 == 1)."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"expected the JSON integer {FORMAT_VERSION}, got {_show(value)}")
+    return value
 
 
 class AllocationError(ValueError):
@@ -43,22 +62,17 @@ class AllocationError(ValueError):
 class Allocation(BaseModel):
     """A validated F/S pattern: one string per layer, one character per KV head."""
 
-    model_config = ConfigDict(extra="allow", frozen=True)
+    # strict: a JSON integer field takes only JSON integers ("64", 64.0 and true are refused),
+    # a list only lists; every field added later gets the same treatment.
+    model_config = ConfigDict(extra="allow", frozen=True, strict=True)
 
-    consa_version: Literal[1] = FORMAT_VERSION
+    consa_version: Annotated[Literal[1], BeforeValidator(_json_int)] = FORMAT_VERSION
     granularity: Literal["layer", "kv_head"]
-    window: int = Field(description="sliding window W in tokens (query i sees keys i-W+1..i)")
-    pattern: list[str] = Field(description="one string per layer; 'F' full, 'S' sliding, per KV head")
-    # Strict: a bool, a float (even 4.0) or a string is refused, not coerced.
-    sink: Annotated[StrictInt, Field(ge=0, le=MAX_TOKENS)] = Field(
+    window: Tokens = Field(description="sliding window W in tokens (query i sees keys i-W+1..i)")
+    pattern: list[str] = Field(max_length=MAX_LAYERS,
+                               description="one string per layer; 'F' full, 'S' sliding, per KV head")
+    sink: Annotated[int, Field(ge=0, le=MAX_TOKENS)] = Field(
         default=0, description="attention-sink tokens of every S head: it also sees keys 0..sink-1")
-
-    @field_validator("window")
-    @classmethod
-    def _window_positive(cls, w: int) -> int:
-        if w < 1:
-            raise ValueError(f"window must be >= 1, got {w}")
-        return w
 
     @field_validator("pattern")
     @classmethod
@@ -66,6 +80,8 @@ class Allocation(BaseModel):
         if not rows:
             raise ValueError("pattern is empty: expected one string per layer")
         width = len(rows[0])
+        if width > MAX_KV_HEADS:
+            raise ValueError(f"layer 0 has {width} KV heads; at most {MAX_KV_HEADS} are allowed")
         for i, row in enumerate(rows):
             bad = sorted(set(row) - {FULL, SLIDING})
             if bad:
@@ -157,7 +173,7 @@ class Allocation(BaseModel):
         """Read and validate an allocation file."""
         p = Path(path)
         data = read_json_object(p, AllocationError, missing="allocation file not found",
-                                what="an allocation JSON file")
+                                what="an allocation JSON file", unique_keys=True)
         return cls.from_dict(data, source=p)
 
     def to_dict(self) -> dict[str, Any]:
@@ -187,11 +203,13 @@ class Allocation(BaseModel):
 
 
 def read_json_object(path: Path, error: type[Exception] = ValueError, missing: str = "not found",
-                     what: str = "a JSON file") -> dict[str, Any]:
+                     what: str = "a JSON file", unique_keys: bool = False) -> dict[str, Any]:
     """Parse a JSON file that must hold an object; every failure is one ``error`` naming ``path``.
 
     The one reader of the project's JSON inputs (allocation files, ``config.json``), so a bad
-    file reads the same wherever it is given.
+    file reads the same wherever it is given. A UTF-8 byte-order mark is accepted. With
+    ``unique_keys`` a key given twice in one object is refused (plain JSON parsing silently
+    keeps the last one, so ``{"window": 64, "window": 4096}`` would serve 4096).
     """
     path = Path(path)
     if not path.exists():
@@ -199,22 +217,50 @@ def read_json_object(path: Path, error: type[Exception] = ValueError, missing: s
     if path.is_dir():
         raise error(f"{path}: is a directory, expected {what}")
     try:
-        data = json.loads(path.read_text())
+        # utf-8-sig: editors on Windows save a BOM, which json.loads refuses.
+        text = path.read_text(encoding="utf-8-sig")
+        data = json.loads(text, object_pairs_hook=_unique_keys if unique_keys else None)
     except json.JSONDecodeError as e:
         raise error(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except _DuplicateKey as e:
+        raise error(f"{path}: field '{e.key}' is given twice in one JSON object; keep one") from None
     except UnicodeDecodeError:
         raise error(f"{path}: not a text file, expected {what}") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read it ({e.strerror})") from None
     if not isinstance(data, dict):
         raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
 
 
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in seen:
+            raise _DuplicateKey(k)
+        seen[k] = v
+    return seen
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same directory and a rename."""
+    """Write ``text`` to ``path`` via a temp file in the same directory and a rename.
+
+    The file gets the mode any new file gets (0666 less the umask), or keeps the mode of
+    the file it replaces: not the 0600 of a ``mkstemp`` file, which another user (a vLLM
+    container) could not read.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temp_file(path)
     try:
+        if path.is_file():
+            os.chmod(tmp, os.stat(path).st_mode & 0o7777)
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -225,15 +271,58 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def _create_temp_file(path: Path) -> tuple[int, str]:
+    """An exclusive new file beside ``path``, created with mode 0666 so that the umask applies."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), str(tmp)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path.parent}: no free temporary file name")  # pragma: no cover
+
+
+def _show(value: Any) -> str:
+    """A value as it reads in JSON, with its JSON type: ``"64" (a string)``, ``true (a boolean)``."""
+    kind = ("a boolean" if isinstance(value, bool) else "a string" if isinstance(value, str)
+            else "not a finite number" if isinstance(value, float) and not math.isfinite(value)
+            else "a number with a fraction or exponent" if isinstance(value, float)
+            else "a list" if isinstance(value, list) else "an object" if isinstance(value, dict)
+            else "null" if value is None else "a number")
+    try:
+        text = json.dumps(value)
+    except ValueError:  # NaN/Infinity with allow_nan=False never happens here; be safe
+        text = repr(value)
+    if len(text) > 40:
+        text = text[:37] + "..."
+    return text if value is None else f"{text} ({kind})"
+
+
 def _explain(e: ValidationError, source: str | os.PathLike | None) -> str:
     where = f"{source}: " if source else ""
     msgs = []
     for err in e.errors():
         loc = ".".join(str(x) for x in err["loc"]) or "allocation"
+        name = str(err["loc"][-1]) if err["loc"] else "value"
+        kind, value, ctx = err["type"], err.get("input"), err.get("ctx") or {}
         msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "missing":
+        if kind == "missing":
             msg = "required field is missing"
-        elif err["type"] in ("literal_error", "int_type", "greater_than_equal", "less_than_equal"):
-            msg = f"{msg} (got {err.get('input')!r})"
+        elif kind in ("int_type", "int_parsing", "int_from_float"):
+            msg = f"expected a JSON integer (a whole number without quotes), got {_show(value)}"
+        elif kind in ("string_type", "list_type"):
+            msg = f"expected {'a JSON string' if kind == 'string_type' else 'a JSON list'}, got {_show(value)}"
+        elif kind == "too_long":
+            msg = f"{ctx.get('actual_length')} layers; at most {ctx.get('max_length')} are allowed"
+        elif kind == "greater_than_equal":
+            msg = f"{name} must be >= {ctx['ge']}, got {value}"
+        elif kind == "less_than_equal":
+            why = (" (vLLM and its attention kernels hold token counts as 32-bit integers)"
+                   if ctx["le"] == MAX_TOKENS else "")
+            msg = f"{name} must be <= {ctx['le']}{why}, got {value}"
+        elif kind == "literal_error" and loc == "consa_version":
+            msg = f"got {value!r}, but this consa-vllm reads allocation format version {FORMAT_VERSION}"
+        elif kind == "literal_error":
+            msg = f"{msg} (got {value!r})"
         msgs.append(f"field '{loc}': {msg}")
     return where + "invalid allocation: " + "; ".join(msgs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,16 @@ class ModelShape:
         n_layers, n_heads = get("num_hidden_layers"), get("num_attention_heads")
         if n_layers is None or n_heads is None:
             raise ValueError("config has no num_hidden_layers/num_attention_heads: not a decoder LM config")
-        n_kv = get("num_key_value_heads") or n_heads
-        head_dim = get("head_dim") or get("hidden_size") // n_heads
-        return cls(int(n_layers), int(n_kv), int(n_heads), int(head_dim))
+        n_layers, n_heads = _count("num_hidden_layers", n_layers), _count("num_attention_heads", n_heads)
+        n_kv = get("num_key_value_heads")
+        n_kv = n_heads if n_kv is None else _count("num_key_value_heads", n_kv)
+        head_dim = get("head_dim")
+        if head_dim is None:
+            hidden = get("hidden_size")
+            if hidden is None:
+                raise ValueError("config has neither head_dim nor hidden_size: the head size is unknown")
+            head_dim = _count("hidden_size", hidden) // n_heads
+        return cls(n_layers, n_kv, n_heads, _count("head_dim", head_dim))
 
     @classmethod
     def from_model_dir(cls, path: str | Path) -> "ModelShape":
@@ -45,3 +53,10 @@ class ModelShape:
             return cls.from_config(data)
         except ValueError as e:
             raise ValueError(f"{cfg}: {e}") from None
+
+
+def _count(field: str, value: Any) -> int:
+    """A config field that must be a positive whole number (not a boolean, a string or 0)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"field '{field}' must be a positive integer, got {json.dumps(value, default=str)}")
+    return value

@@ -159,8 +159,12 @@ def resolve(args: argparse.Namespace):
         for d in args.data:
             if not Path(d).exists():
                 raise EvalError(f"--data {d}: no such file or directory")
-    if args.out and Path(args.out).is_dir():
-        raise EvalError(f"--out {args.out}: is a directory, expected a JSON file to write")
+    if args.out:  # checked now: the report must not be lost after the evaluation
+        from consa_vllm.outputs import output_problem
+
+        problem = output_problem(args.out, "file")
+        if problem:
+            raise EvalError(f"--out {args.out}: {problem}")
     if args.served_model and not args.served_url:
         raise EvalError("--served-model needs --served-url")
     if args.served_url and not args.served_url.startswith(("http://", "https://")):
@@ -287,8 +291,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out:
         from consa_vllm.allocation import atomic_write_text
 
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(args.out), text + "\n")
+        try:
+            atomic_write_text(Path(args.out), text + "\n")
+        except OSError as e:  # e.g. the disk filled up during the run: keep the report
+            print(text)
+            print(f"{PROG}: error: --out {args.out}: cannot write it ({e.strerror}); the report is on stdout",
+                  file=sys.stderr)
+            return EXIT_USAGE
         print(f"wrote {args.out}", file=sys.stderr)
     else:
         print(text)

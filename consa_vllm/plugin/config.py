@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 from typing import Any
 
 from consa_vllm.allocation import Allocation, AllocationError
@@ -81,12 +82,28 @@ class StockFamilyConfig:
 
 
 class ConsaModelConfig:
-    """vLLM ``VerifyAndUpdateConfig`` hook for the Consa* architectures."""
+    """vLLM ``VerifyAndUpdateConfig`` hook for the Consa* architectures.
+
+    vLLM reports an error raised here at the end of a long traceback (pydantic wraps it while
+    it builds ``ModelConfig``), so the message is also logged as one ERROR line first: the
+    first line of the failure says what is wrong.
+    """
 
     @staticmethod
     def verify_and_update_model_config(model_config: Any) -> None:
-        read_allocation(model_config.hf_config, model_config.model)
+        with _logged():
+            read_allocation(model_config.hf_config, model_config.model)
 
     @staticmethod
     def verify_and_update_config(vllm_config: Any) -> None:
-        check_serving_config(vllm_config)
+        with _logged():
+            check_serving_config(vllm_config)
+
+
+@contextmanager
+def _logged():
+    try:
+        yield
+    except AllocationError as e:
+        logger.error("ConSA: the server cannot start: %s", " ".join(str(e).split()))
+        raise

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,10 @@ from consa_vllm.allocation import atomic_write_text
 
 TENSORS = "tensors.safetensors"
 STATE = "state.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read (truncated, corrupted); the message names the file."""
 
 
 def flatten(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
@@ -76,13 +81,17 @@ def save_checkpoint(ckpt_root: Path, step: int, state: dict[str, Any], keep: int
     final, tmp = ckpt_root / name, ckpt_root / f".tmp-{name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    tensors: dict[str, torch.Tensor] = {}
-    tree = flatten(state, "s", tensors)
-    save_file(tensors, str(tmp / TENSORS))
-    (tmp / STATE).write_text(json.dumps({"step": step, "state": tree}))
-    for f in (TENSORS, STATE):
-        with open(tmp / f, "rb") as fh:
-            os.fsync(fh.fileno())
+    try:
+        tensors: dict[str, torch.Tensor] = {}
+        tree = flatten(state, "s", tensors)
+        save_file(tensors, str(tmp / TENSORS))
+        (tmp / STATE).write_text(json.dumps({"step": step, "state": tree}))
+        for f in (TENSORS, STATE):
+            with open(tmp / f, "rb") as fh:
+                os.fsync(fh.fileno())
+    except BaseException:  # interrupted or disk full: no half-written checkpoint folder stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():  # re-written after a resume: swap, then drop the old one
         old = ckpt_root / f".old-{name}"
         shutil.rmtree(old, ignore_errors=True)
@@ -116,7 +125,68 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path) -> tuple[int, dict[str, Any]]:
-    """``(step, state)`` as saved by :func:`save_checkpoint`."""
-    meta = json.loads((path / STATE).read_text())
-    tensors = load_file(str(path / TENSORS))
-    return int(meta["step"]), unflatten(meta["state"], tensors)
+    """``(step, state)`` as saved by :func:`save_checkpoint`; :class:`CheckpointError` names a bad file."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / STATE).read_text())
+        step, tree = int(meta["step"]), meta["state"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path / STATE} is unreadable, truncated or corrupted ({_reason(e)})") from None
+    try:
+        tensors = load_file(str(path / TENSORS))
+    except Exception as e:  # safetensors raises its own error type for a bad header or a short file
+        raise CheckpointError(f"{path / TENSORS} is unreadable, truncated or corrupted ({_reason(e)})") from None
+    try:
+        return step, unflatten(tree, tensors)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path / STATE} does not match {path / TENSORS} ({_reason(e)})") from None
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Raise :class:`CheckpointError` unless ``path`` is complete; cheap, no tensor is read.
+
+    ``state.json`` must parse, and ``tensors.safetensors`` must have a readable header and be
+    exactly as long as that header says (a truncated copy or an interrupted download is not).
+    """
+    path = Path(path)
+    try:
+        meta = json.loads((path / STATE).read_text())
+        int(meta["step"]), meta["state"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path / STATE} is unreadable, truncated or corrupted ({_reason(e)})") from None
+    f = path / TENSORS
+    try:
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        size = os.path.getsize(f)
+        if size != 8 + n + end:
+            raise ValueError(f"{size} bytes where its header describes {8 + n + end}")
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, struct.error) as e:
+        raise CheckpointError(f"{f} is unreadable, truncated or corrupted ({_reason(e)})") from None
+
+
+def intact_before(path: Path) -> Path | None:
+    """The newest checkpoint older than ``path`` (beside it) that :func:`verify_checkpoint` accepts."""
+    path = Path(path)
+    for older in reversed(list_checkpoints(path.parent)):
+        if older.name < path.name:
+            try:
+                verify_checkpoint(older)
+            except CheckpointError:
+                continue
+            return older
+    return None
+
+
+def explain_bad_checkpoint(error: CheckpointError, path: Path) -> str:
+    """``error`` plus which earlier checkpoint to resume from instead (one line, for ``--resume``)."""
+    intact = intact_before(path)
+    hint = (f"the earlier checkpoint {intact} is intact: resume from it with --resume {intact}" if intact
+            else "no earlier checkpoint is intact: start again without --resume (with --force)")
+    return f"--resume: {error}; {hint}"
+
+
+def _reason(e: BaseException) -> str:
+    return " ".join(f"{type(e).__name__}: {e}".split())[:200]

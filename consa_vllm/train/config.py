@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from consa_vllm import families
+from consa_vllm.cli_args import UsageParser, whole_number
+from consa_vllm.outputs import output_problem
+
+PROG = "python -m consa_vllm.train"
+#: What a run writes into its log folder; a new run (--force) removes an earlier run's.
+RUN_ARTIFACTS = ("metrics.jsonl", "checkpoints", "tensorboard", "allocation.png", "curves.png")
 
 
 class ConfigError(ValueError):
@@ -65,8 +71,14 @@ class TrainConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"
     fsdp: bool = False
     progress: bool = True
+    force: bool = False  # replace an earlier run's --out and log folder
 
     # ------------------------------------------------------------------ derived
+    @property
+    def out_path(self) -> Path:
+        """The allocation file this run writes (``--out``)."""
+        return Path(self.out)
+
     @property
     def log_path(self) -> Path:
         if self.log_dir:
@@ -84,13 +96,15 @@ class TrainConfig:
 
 # Fields that may change between a run and its resumption without changing the result.
 RESUME_FREE_FIELDS = {"resume", "progress", "checkpoint_every", "keep_checkpoints", "device", "log_dir",
-                      "out", "save_model", "fsdp"}
+                      "out", "save_model", "fsdp", "force"}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    """The trainer's command line; a usage error is one line naming the flag (exit status 2)."""
     d = TrainConfig()
-    p = argparse.ArgumentParser(
-        prog="python -m consa_vllm.train",
+    tokens, count = whole_number("tokens"), whole_number("a count")
+    p = UsageParser(
+        prog=prog,
         description=(
             "Learn which attention units (layers or KV heads) of a model can use "
             "sliding-window attention (S) and which need full attention (F). Hard-concrete L0 "
@@ -107,8 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "or a folder written by datasets' save_to_disk")
     g.add_argument("--text-field", default=d.text_field, help="column/key holding the text in jsonl, parquet and datasets")
     g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
-    g.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per packed training sequence")
-    g.add_argument("--max-tokens", type=int, default=None, help="stop reading data after this many tokens")
+    g.add_argument("--seq-len", type=tokens, default=d.seq_len, help="tokens per packed training sequence")
+    g.add_argument("--max-tokens", type=tokens, default=None, help="stop reading data after this many tokens")
 
     g = p.add_argument_group("method")
     g.add_argument("--target-sparsity", type=float, default=d.target_sparsity,
@@ -118,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--constraint", choices=["global", "per-layer"], default=d.constraint,
                    help="one sparsity constraint over all units, or the same sparsity in every layer "
                         "(per-layer needs --granularity kv_head)")
-    g.add_argument("--window", type=int, default=d.window, help="sliding window W in tokens (query i sees keys i-W+1..i)")
-    g.add_argument("--sink", type=int, default=d.sink, metavar="N",
+    g.add_argument("--window", type=tokens, default=d.window, help="sliding window W in tokens (query i sees keys i-W+1..i)")
+    g.add_argument("--sink", type=whole_number("sink tokens"), default=d.sink, metavar="N",
                    help="attention-sink tokens: S units also see keys 0..N-1 (the gates mix full attention with "
                         "sink + window attention; the allocation file records N)")
     g.add_argument("--init-log-alpha", type=float, default=d.init_log_alpha,
@@ -128,9 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of the stage-1 steps over which the target ramps linearly from 0")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=d.steps, help="stage-1 optimizer steps")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per micro-batch per process")
-    g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
+    g.add_argument("--steps", type=count, default=d.steps, help="stage-1 optimizer steps")
+    g.add_argument("--batch-size", type=count, default=d.batch_size, help="sequences per micro-batch per process")
+    g.add_argument("--grad-accum", type=count, default=d.grad_accum, help="micro-batches per optimizer step")
     g.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate of the model weights")
     g.add_argument("--gate-lr", type=float, default=d.gate_lr, help="Adam learning rate of the gates' log_alpha")
     g.add_argument("--lagrangian-lr", type=float, default=d.lagrangian_lr,
@@ -140,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="masks-only calibration: train the gates, keep the model weights fixed")
 
     g = p.add_argument_group("stage 2 (continued training with the binary mask)")
-    g.add_argument("--stage2-steps", type=int, default=d.stage2_steps,
+    g.add_argument("--stage2-steps", type=count, default=d.stage2_steps,
                    help="weight-training steps with the binarised allocation fixed (needs --save-model)")
     g.add_argument("--save-model", default=None, metavar="DIR",
                    help="write the trained model, with the allocation embedded for the vLLM plugin, to DIR")
@@ -152,13 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("output and runtime")
     g.add_argument("--out", default=d.out, help="allocation file to write (JSON)")
+    g.add_argument("--force", action="store_true",
+                   help="start a new run even if --out or the log folder hold an earlier run's results: "
+                        "they are replaced (without it such a run is refused)")
     g.add_argument("--log-dir", default=None,
                    help="metrics.jsonl, checkpoints, plots (default: <out without .json>.logs next to --out)")
-    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints (0: none)")
-    g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="how many recent checkpoints to keep")
+    g.add_argument("--checkpoint-every", type=count, default=d.checkpoint_every, help="steps between checkpoints (0: none)")
+    g.add_argument("--keep-checkpoints", type=count, default=d.keep_checkpoints, help="how many recent checkpoints to keep")
     g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
                    help="resume from the latest checkpoint in --log-dir, or from the checkpoint directory given")
-    g.add_argument("--seed", type=int, default=d.seed, help="seed of data order, gate noise and everything random")
+    g.add_argument("--seed", type=whole_number("a seed"), default=d.seed, help="seed of data order, gate noise and everything random")
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N (under torchrun: the local rank's GPU)")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default=d.dtype, help="model weights and compute dtype")
     g.add_argument("--fsdp", action="store_true",
@@ -168,8 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    ns = build_parser().parse_args(argv)
+def parse_args(argv: list[str] | None = None, prog: str = PROG) -> TrainConfig:
+    """The :class:`TrainConfig` of a command line (usage errors exit with status 2)."""
+    ns = build_parser(prog).parse_args(argv)
     return TrainConfig(**vars(ns))
 
 
@@ -215,8 +233,17 @@ def validate(cfg: TrainConfig) -> None:
         conf = json.loads(cfg_json.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"--model {cfg_json}: not valid JSON ({e})") from None
-    need(isinstance(conf, dict) and conf.get("num_hidden_layers") and conf.get("num_attention_heads"),
-         f"--model {cfg_json}: no num_hidden_layers/num_attention_heads, not a decoder language model")
+    need(isinstance(conf, dict), f"--model {cfg_json}: expected a JSON object")
+    from consa_vllm.allocation import ModelShape
+
+    try:
+        ModelShape.from_config(conf)  # every shape field a positive integer
+    except ValueError as e:
+        raise ConfigError(f"--model {cfg_json}: {e}") from None
+    max_pos = conf.get("max_position_embeddings")
+    need(not isinstance(max_pos, int) or cfg.seq_len <= max_pos,
+         f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings {max_pos} ({cfg_json}): "
+         f"positions beyond it were never trained; use --seq-len {max_pos} or less")
     tok = Path(cfg.tokenizer or cfg.model)
     need(tok.is_dir() and any((tok / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")),
          f"{'--tokenizer' if cfg.tokenizer else '--model'} {tok}: no tokenizer files (tokenizer.json, "
@@ -227,22 +254,55 @@ def validate(cfg: TrainConfig) -> None:
     for d in cfg.data:
         need(Path(d).exists(), f"--data {d}: no such file or directory")
 
-    # outputs
-    out = Path(cfg.out)
-    need(not out.is_dir(), f"--out {cfg.out}: is a directory, expected the allocation JSON file to write")
-    need(_creatable(out.parent), f"--out {cfg.out}: cannot create or write to {out.parent}")
-    need(not cfg.log_path.exists() or cfg.log_path.is_dir(), f"--log-dir {cfg.log_path}: exists and is not a directory")
+    if cfg.allocation is not None:
+        _use_fixed_allocation(cfg, conf)
+    else:
+        _check_reachable_sparsity(cfg, conf)
+    if cfg.window >= cfg.seq_len:
+        what = f"the window {cfg.window} of --allocation {cfg.allocation}" if cfg.allocation else f"--window {cfg.window}"
+        raise ConfigError(
+            f"{what} >= --seq-len {cfg.seq_len}: every training sequence fits in the window, so sliding-window "
+            "attention equals full attention and training cannot tell F from S; use a window below --seq-len "
+            "(or a longer --seq-len)")
+
+    # outputs: checked now, so that nothing is lost after the training
+    out, log = Path(cfg.out), cfg.log_path
+    log_flag = "--log-dir" if cfg.log_dir else "--log-dir (default: next to --out)"
+    for flag, path, kind in (("--out", out, "file"), (log_flag, log, "contents")):
+        problem = output_problem(path, kind)
+        need(problem is None, f"{flag} {path}: {problem}")
+    need(not (cfg.force and cfg.resume), "--force starts a new run and --resume continues one: give only one")
+    if not cfg.resume and not cfg.force:
+        need(not out.exists(), f"--out {out}: already exists (an earlier run's allocation); pass --force to "
+                               "replace it and that run's logs, or --resume to continue that run")
+        earlier = [a for a in RUN_ARTIFACTS if (log / a).exists()]
+        need(not earlier, f"{log_flag} {log}: holds an earlier run ({', '.join(earlier)}); pass --force to "
+                          "replace it, or --resume to continue that run (runs are never mixed in one folder)")
     if cfg.save_model:
         sm = Path(cfg.save_model)
         need(not sm.exists() or (sm.is_dir() and not any(sm.iterdir())),
              f"--save-model {sm}: exists and is not an empty directory; choose a new one")
         need(sm.resolve() != model.resolve(), "--save-model must differ from --model (it would overwrite the source)")
-    if cfg.allocation is not None:
-        _use_fixed_allocation(cfg, conf)
+        # The trained model replaces DIR at the very end: the run's own outputs must not be in it.
+        for flag, path in (("--out", out), (log_flag, log)):
+            inside = path.resolve() == sm.resolve() or sm.resolve() in path.resolve().parents
+            need(not inside, f"--save-model {sm}: {flag} {path} is inside it, and the trained model replaces "
+                             "that folder at the end; put them in different places")
+        problem = output_problem(sm, "folder")
+        need(problem is None, f"--save-model {sm}: {problem}")
     if cfg.resume and cfg.resume != "auto":
         r = Path(cfg.resume)
         need(r.is_dir() and (r / "state.json").is_file(),
              f"--resume {cfg.resume}: not a checkpoint directory (no state.json)")
+    if cfg.resume:  # before the model loads: a truncated checkpoint is named, with the one to use instead
+        from .checkpoint import CheckpointError, explain_bad_checkpoint, latest_checkpoint, verify_checkpoint
+
+        path = latest_checkpoint(log / "checkpoints") if cfg.resume == "auto" else Path(cfg.resume)
+        if path is not None:
+            try:
+                verify_checkpoint(path)
+            except CheckpointError as e:
+                raise ConfigError(explain_bad_checkpoint(e, path)) from None
 
 
 def _use_fixed_allocation(cfg: TrainConfig, model_config: dict) -> None:
@@ -271,10 +331,24 @@ def _use_fixed_allocation(cfg: TrainConfig, model_config: dict) -> None:
         alloc.granularity, alloc.window, alloc.sink, alloc.sparsity, 0)
 
 
-def _creatable(d: Path) -> bool:
-    d = d if str(d) else Path(".")
-    while not d.exists():
-        if d.parent == d:
-            return False
-        d = d.parent
-    return d.is_dir() and os.access(d, os.W_OK)
+def _check_reachable_sparsity(cfg: TrainConfig, model_config: dict) -> None:
+    """Refuse a --target-sparsity that the unit count cannot hit exactly (as ``consa-vllm make`` does).
+
+    The trainer binarises to exactly round(rho * units) S units; a rho between two reachable
+    values would be rounded to one of them silently (0.75 of 2 heads per layer is all-S).
+    """
+    from consa_vllm.allocation import ModelShape
+
+    shape = ModelShape.from_config(model_config)
+    if cfg.granularity == "layer":
+        units, what = shape.num_layers, "layers"
+    elif cfg.constraint == "per-layer":
+        units, what = shape.num_kv_heads, "KV heads per layer (--constraint per-layer)"
+    else:
+        units, what = shape.num_layers * shape.num_kv_heads, "KV heads in all"
+    need_s = cfg.target_sparsity * units
+    if abs(need_s - round(need_s)) > 1e-6:  # the tolerance of consa-vllm make (rules.exact_count)
+        lo = math.floor(need_s)
+        raise ConfigError(
+            f"--target-sparsity {cfg.target_sparsity} cannot be reached with {units} {what}: it needs "
+            f"{need_s:g} S units; nearest reachable values: {lo / units:.6g} or {min(lo + 1, units) / units:.6g}")

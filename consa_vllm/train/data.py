@@ -9,6 +9,7 @@ so a resumed run, or a run split over ranks, sees exactly the same sequences.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Iterator
@@ -175,9 +176,10 @@ class PackedData:
     micro-batches and ``k`` ranks with ``accum`` each see the same sequences per step.
     """
 
-    def __init__(self, sequences: torch.Tensor, seed: int):
+    def __init__(self, sequences: torch.Tensor, seed: int, sha256: str | None = None):
         self.sequences = sequences
         self.seed = seed
+        self.sha256 = sha256  # of the documents read (provenance without the data's paths)
         self._perm_epoch = -1
         self._perm = None
 
@@ -204,7 +206,14 @@ def load_data(paths: list[str], tokenizer, seq_len: int, seed: int, text_field: 
               max_tokens: int | None = None) -> PackedData:
     """Read, tokenize and pack; raise :class:`DataError` with one clear message if unusable."""
     sources = list_sources(paths)
-    seqs = tokenize_and_pack(iter_documents(sources, text_field), tokenizer, seq_len, max_tokens)
+    digest = hashlib.sha256()
+
+    def hashed(docs: Iterator[str]) -> Iterator[str]:
+        for doc in docs:  # what was read, in reading order, NUL-separated
+            digest.update(doc.encode("utf-8", "surrogatepass") + b"\0")
+            yield doc
+
+    seqs = tokenize_and_pack(hashed(iter_documents(sources, text_field)), tokenizer, seq_len, max_tokens)
     if seqs.shape[0] == 0:
         raise DataError(f"--data {' '.join(paths)}: not enough text for one sequence of --seq-len {seq_len} tokens")
-    return PackedData(seqs, seed)
+    return PackedData(seqs, seed, digest.hexdigest())

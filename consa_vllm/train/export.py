@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 
 from consa_vllm.allocation import Allocation
 from consa_vllm.export import export_model
+from consa_vllm.outputs import make_temp_dir, remove_stale_temps
 
 
 def save_trained_model(model, tokenizer, alloc: Allocation, out_dir: Path, source: str,
@@ -22,7 +22,8 @@ def save_trained_model(model, tokenizer, alloc: Allocation, out_dir: Path, sourc
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.trained-", dir=out_dir.parent))
+    remove_stale_temps(out_dir, "consa-trained")  # left by a run killed while saving (SIGKILL)
+    tmp = make_temp_dir(out_dir, "consa-trained")
     try:
         model.save_pretrained(str(tmp), state_dict=state_dict)
         tokenizer.save_pretrained(str(tmp))

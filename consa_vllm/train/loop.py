@@ -7,6 +7,7 @@ its own small module; what is here is setup, one step, and the two stages.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from consa_vllm.allocation import Allocation, atomic_write_text, plot_allocation
 
 from . import checkpoint as ckpt
 from . import dist
-from .config import RESUME_FREE_FIELDS, ConfigError, TrainConfig, TrainingDiverged
+from .config import RESUME_FREE_FIELDS, RUN_ARTIFACTS, ConfigError, TrainConfig, TrainingDiverged
 from .data import PackedData, load_data
 from .gates import binarize_topk, expand, expected_sparsity, mask_to_pattern, num_sliding, prob_nonzero, sample_z
 from .lagrangian import Lagrangian, target_at
@@ -217,7 +218,10 @@ class Trainer:
             if self.main:
                 print(f"note: --resume: no checkpoint in {self.ckpt_root}, starting from step 0", file=sys.stderr)
             return None, 1
-        step, st = ckpt.load_checkpoint(path)
+        try:
+            step, st = ckpt.load_checkpoint(path)
+        except ckpt.CheckpointError as e:  # damaged after validate() checked it, or a bad tensor
+            raise ConfigError(ckpt.explain_bad_checkpoint(e, path)) from None
         if bool(st.get("fsdp")) != cfg.fsdp:  # optimizer states are keyed differently
             raise ConfigError(f"--resume {path}: the checkpoint was made {'with' if st.get('fsdp') else 'without'} "
                               f"--fsdp; resume {'with' if st.get('fsdp') else 'without'} it")
@@ -242,6 +246,8 @@ class Trainer:
 
     # -------------------------------------------------------------- logging
     def open_logs(self) -> None:
+        if self.step == 0:  # a new run: nothing of an earlier one stays in its folder (validate needs --force)
+            self._remove_earlier_run()
         self.cfg.log_path.mkdir(parents=True, exist_ok=True)
         kept = []
         if self.metrics_path.exists():  # after a resume, drop what the checkpoint does not cover
@@ -257,6 +263,16 @@ class Trainer:
         except ImportError:  # optional: metrics.jsonl has everything; say so rather than skip silently
             print("note: the tensorboard package is not installed; metrics go to metrics.jsonl only "
                   "(pip install tensorboard for TensorBoard event files)", file=sys.stderr)
+
+    def _remove_earlier_run(self) -> None:
+        log = self.cfg.log_path
+        gone = [log / a for a in RUN_ARTIFACTS if (log / a).exists()]
+        if self.cfg.force and self.cfg.out_path.exists():
+            gone.append(self.cfg.out_path)
+        for p in gone:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        if gone:
+            print(f"note: removed the earlier run's {', '.join(map(str, gone))}", file=sys.stderr)
 
     def log(self, rec: dict[str, Any]) -> None:
         self.history.append(rec)
@@ -317,8 +333,8 @@ class Trainer:
             num_layers=self.state.num_layers, num_kv_heads=self.state.num_kv_heads,
             training={
                 "trainer": "consa_vllm.train", "method": "hard-concrete L0 gates + augmented Lagrangian",
-                "args": cfg.to_dict(), "stage1_steps": cfg.steps, "stage2_steps": cfg.stage2_steps,
-                "world_size": self.world, "tokens_stage1": cfg.steps * cfg.batch_size * cfg.grad_accum
+                "args": cfg.to_dict(), "data_sha256": self.data.sha256, "stage1_steps": cfg.steps,
+                "stage2_steps": cfg.stage2_steps, "world_size": self.world, "tokens_stage1": cfg.steps * cfg.batch_size * cfg.grad_accum
                 * self.world * cfg.seq_len, "final": self.stage1_final,
                 "expected_sparsity": expected_sparsity(la).item(), "duration_s": round(self.elapsed, 3),
                 "log_alpha": la.tolist(), "p_nonzero": p.tolist(),
@@ -333,7 +349,8 @@ class Trainer:
             num_layers=self.state.num_layers, num_kv_heads=self.state.num_kv_heads,
             training={
                 "trainer": "consa_vllm.train", "method": "stage 2 only: weights trained with a fixed allocation",
-                "allocation_file": str(cfg.allocation), "args": cfg.to_dict(), "stage1_steps": 0,
+                "allocation_file": str(cfg.allocation), "args": cfg.to_dict(),
+                "data_sha256": self.data.sha256, "stage1_steps": 0,
                 "stage2_steps": cfg.stage2_steps, "world_size": self.world,
                 # Where the allocation came from (a learned one's own provenance), kept.
                 "source_training": (alloc.model_extra or {}).get("training"),

@@ -6,7 +6,6 @@ the learned pattern.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +22,9 @@ def _pyplot():
 def _save(fig, path: Path) -> None:
     """Atomic PNG write."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
+    # A name of this process rather than mkstemp's file, which is 0600: savefig creates it with
+    # the ordinary mode (0666 less the umask), as for the allocation heatmap.
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
     try:
         fig.savefig(tmp, dpi=110, bbox_inches="tight")
         os.replace(tmp, path)
