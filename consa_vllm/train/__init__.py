@@ -14,5 +14,8 @@ __all__ = ["ConfigError", "TrainConfig", "build_parser", "parse_args", "validate
 def train(cfg: TrainConfig):
     """Validate ``cfg`` and run the trainer; returns the :class:`~consa_vllm.allocation.Allocation`."""
     validate(cfg)
+    if cfg.method == "duo":
+        from .duo import train_duo
+        return train_duo(cfg)
     from .loop import train as _train
     return _train(cfg)

@@ -13,7 +13,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     try:
         validate(cfg)  # cheap checks first: no torch import for a bad flag
-        from .loop import train
+        if cfg.method == "duo":
+            from .duo import train_duo as train
+        else:
+            from .loop import train
         train(cfg)
     except (ConfigError, DataError, AllocationError) as e:
         print(f"error: {e}", file=sys.stderr)
