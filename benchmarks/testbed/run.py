@@ -382,8 +382,11 @@ def allocation_names(out: Path) -> list[str]:
 # ------------------------------------------------------------------ phase 4: stage 2
 
 
-def phase_stage2(out: Path, s: Settings, max_minutes: float | None) -> bool:
-    """The same weight training for every allocation, from the same checkpoint, into ``out/stage2/NAME``."""
+def phase_stage2(out: Path, s: Settings, max_minutes: float | None, names: list[str] | None = None) -> bool:
+    """The same weight training for every allocation, from the same checkpoint, into ``out/stage2/NAME``.
+
+    ``names``: only these allocations (default: all of the run; version 2 splits them over GPUs).
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -395,7 +398,7 @@ def phase_stage2(out: Path, s: Settings, max_minutes: float | None) -> bool:
 
     t_start = time.time()
     tok = AutoTokenizer.from_pretrained(str(out / "pretrained"))
-    for name in allocation_names(out):
+    for name in allocation_names(out) if names is None else names:
         dst = out / "stage2" / name
         if (dst / "config.json").exists():
             continue
