@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.testbed.run_v2 import MODES, SMOKE2, ResultsV2, base_of, holm, thirds
+from benchmarks.testbed.run_v2 import MODES, SMOKE2, ResultsV2, base_of, groups, holm, thirds
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,8 +42,7 @@ def test_every_allocation_in_both_modes_is_evaluated_and_reported(run_dir):
     res = ResultsV2.model_validate_json((pub / "results.json").read_text())
     bases = {"consa-kv_head-per-layer", "consa-kv_head-global", "consa-layer", "duo"} | \
         {f"rule-{r}" for r in SMOKE2.rules}
-    want = {"dense"} | {f"{b}-{rho}" + (f"-sink{k}" if k else "") for b in bases for rho in SMOKE2.rhos
-                        for k in SMOKE2.sinks}
+    want = {"dense"} | {f"{b}-{rho}" + (f"-sink{k}" if k else "") for b in bases for k, rho in groups(SMOKE2)}
     for mode in MODES:
         assert {r.name for r in res.rows if r.mode == mode} == want
     for r in res.rows:
@@ -62,7 +61,7 @@ def test_every_allocation_in_both_modes_is_evaluated_and_reported(run_dir):
             assert exported["pattern"] == r.pattern and exported.get("sink", 0) == r.sink
     # every pair within each (mode, rho, sink) group plus dense is compared once
     n = 1 + len(bases)
-    assert len(res.differences) == len(MODES) * len(SMOKE2.rhos) * len(SMOKE2.sinks) * n * (n - 1) // 2
+    assert len(res.differences) == len(MODES) * len(groups(SMOKE2)) * n * (n - 1) // 2
     assert res.paper_order and all(c["verdict"].split()[0] in ("agrees", "disagrees", "equal") for c in res.paper_order)
     assert "95% percentile-bootstrap" in (pub / "results.md").read_text()
 
@@ -98,6 +97,9 @@ def test_heldout_prompts_are_exact_and_beyond_the_window():
 
 
 def test_report_helpers():
+    from benchmarks.testbed.run_v2 import FULL2
+    assert groups(FULL2) == [(0, 0.5), (0, 0.75), (64, 0.75)]
+    assert len(FULL2.eval_tasks) * len(FULL2.eval_contexts) * len(FULL2.eval_depths) * FULL2.per_cell == 2268
     assert base_of("consa-kv_head-per-layer-0.75-sink64") == ("consa-kv_head-per-layer", 0.75, 64)
     assert base_of("rule-uniform-0.5") == ("rule-uniform", 0.5, 0) and base_of("dense") == ("dense", 0.0, 0)
     assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])

@@ -54,14 +54,20 @@ class Settings2(Settings):
     """Version-2 sizes: :class:`benchmarks.testbed.run.Settings` plus sinks, DuoAttention and the eval."""
 
     sinks: tuple[int, ...] = (0, 64)
+    sink_rhos: tuple[float, ...] = (0.75,)  # the rhos at which the sink > 0 variants are made (budget)
     rules: tuple[str, ...] = RULES
-    duo_steps: int = 150
+    duo_steps: int = 100
     duo_gate_lr: float = 0.02
     duo_l1: float = 0.05
     eval_tasks: tuple[str, ...] = TASKS
     eval_contexts: tuple[int, ...] = (2048, 4096, 8192)
     eval_depths: tuple[float, ...] = (0.1, 0.3, 0.5)
-    per_cell: int = 150  # 3 tasks x 3 contexts x 3 depths x 150 = 4,050 prompts per allocation and mode
+    # 3 tasks x 3 contexts x 3 depths x 84 = 2,268 prompts per allocation and mode: a 2-point difference
+    # is 3 standard errors when the two allocations disagree on <= 10% of the prompts (paired:
+    # se = sqrt(0.10 / 2268) = 0.0066), or unpaired when both accuracies are >= 0.95 or <= 0.05
+    # (se = sqrt(2 x 0.95 x 0.05 / 2268) = 0.0065); at accuracy 0.5 unpaired it would take 11,250
+    # (consa_vllm.eval.stats.prompts_for_difference). The report gives each difference's own se.
+    per_cell: int = 84
     eval_batch: int = 4
 
 
@@ -71,15 +77,20 @@ FULL2 = Settings2(
                num_key_value_heads=8, head_dim=64, max_position_embeddings=8192),
     seq_len=8192, window=512, retrieval_docs=6000, kv_needles=48,
     pre_steps=640, pre_batch=8, pre_lr=1e-3, pre_warmup=40,
-    consa_steps=150, consa_batch=4, consa_docs=400, s2_steps=100, s2_batch=4, loss_sequences=16)
+    consa_steps=100, consa_batch=4, consa_docs=400, s2_steps=100, s2_batch=4, loss_sequences=16)
 SMOKE2 = Settings2(
     max_corpus_bytes=400_000, heldout_per_mille=250, tokenizer_bytes=200_000, vocab_size=512,
     shape=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=8,
                num_key_value_heads=4, head_dim=16, max_position_embeddings=512),
     seq_len=256, window=32, rhos=(0.75,), retrieval_docs=32, kv_needles=4, pre_steps=6, pre_batch=2, pre_lr=3e-3,
     pre_warmup=2, consa_steps=2, consa_batch=2, consa_docs=8, s2_steps=1, s2_batch=2, loss_sequences=2,
-    sinks=(0, 4), rules=("bottom", "uniform"), duo_steps=2, eval_contexts=(512,), eval_depths=(0.1, 0.5), per_cell=1, eval_batch=8,
+    sinks=(0, 4), sink_rhos=(0.75,), rules=("bottom", "uniform"), duo_steps=2, eval_contexts=(512,), eval_depths=(0.1, 0.5), per_cell=1, eval_batch=8,
     device="cpu", dtype="float32")
+
+
+def groups(s: Settings2) -> list[tuple[int, float]]:
+    """The (sink, rho) combinations of the run: every rho without sinks, ``sink_rhos`` with them."""
+    return [(k, rho) for k in s.sinks for rho in s.rhos if k == 0 or rho in s.sink_rhos]
 
 
 def alloc_name(base: str, rho: float, sink: int) -> str:
@@ -120,7 +131,7 @@ def allocation_jobs(out: Path, s: Settings2) -> list[tuple[str, Callable[[Path],
         return run
 
     jobs: list[tuple[str, Callable[[Path], None]]] = []
-    for sink, rho in itertools.product(s.sinks, s.rhos):
+    for sink, rho in groups(s):
         for base, (gran, constraint) in CONSA_VARIANTS.items():
             jobs.append((alloc_name(base, rho, sink), learned(
                 alloc_name(base, rho, sink), target_sparsity=rho, granularity=gran, constraint=constraint, sink=sink,
@@ -129,7 +140,7 @@ def allocation_jobs(out: Path, s: Settings2) -> list[tuple[str, Callable[[Path],
         jobs.append((alloc_name("duo", rho, sink), learned(
             alloc_name("duo", rho, sink), method="duo", target_sparsity=rho, constraint="global", sink=sink,
             steps=s.duo_steps, batch_size=s.consa_batch, gate_lr=s.duo_gate_lr, duo_l1=s.duo_l1)))
-    for sink, rho in itertools.product(s.sinks, s.rhos):
+    for sink, rho in groups(s):
         jobs += [(alloc_name(f"rule-{r}", rho, sink), rule(r, rho, sink)) for r in s.rules]
     jobs.append(("dense", lambda dst: Allocation(granularity="kv_head", window=s.window, pattern=["F" * H] * L,
                                                  rule="dense").save(dst)))
@@ -332,7 +343,7 @@ def phase_report(out: Path, s: Settings2) -> dict:
                 plot_allocation(alloc, png, title=name)
     # Comparison groups: one mode, rho and sink, plus dense (equal KV memory within a group).
     diffs, order_checks, pattern_checks = [], [], []
-    for mode, rho, sink in itertools.product(MODES, s.rhos, s.sinks):
+    for mode, (sink, rho) in itertools.product(MODES, groups(s)):
         group = f"{mode} rho={rho} sink={sink}"
         members = [r for r in rows if r.mode == mode and (r.base == "dense" or (r.rho == rho and r.sink == sink))]
         pairs = list(itertools.combinations(members, 2))
@@ -425,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="allocations, stage2, eval: run every N-th job from the I-th (one process per GPU)")
     p.add_argument("--device", default=None, help="override the device (default: cuda, or cpu with --smoke)")
+    p.add_argument("--per-cell", type=int, default=None, metavar="N",
+                   help="override the prompts per (task, context, depth) cell (fix it before the eval phase starts)")
     p.add_argument("--results-dir", metavar="DIR", default=None, help="after the report, copy the small artifacts there")
     args = p.parse_args(argv)
     if args.shard is not None:
@@ -436,6 +449,10 @@ def main(argv: list[str] | None = None) -> int:
     s = SMOKE2 if args.smoke else FULL2
     if args.device:
         s = s.model_copy(update={"device": args.device})
+    if args.per_cell is not None:
+        if args.per_cell < 1:
+            p.exit(2, f"{p.prog}: error: --per-cell must be >= 1, got {args.per_cell}\n")
+        s = s.model_copy(update={"per_cell": args.per_cell})
     if s.device.startswith("cuda"):
         import torch
 
