@@ -63,7 +63,10 @@ def test_every_allocation_in_both_modes_is_evaluated_and_reported(run_dir):
     n = 1 + len(bases)
     assert len(res.differences) == len(MODES) * len(groups(SMOKE2)) * n * (n - 1) // 2
     assert res.paper_order and all(c["verdict"].split()[0] in ("agrees", "disagrees", "equal") for c in res.paper_order)
-    assert "95% percentile-bootstrap" in (pub / "results.md").read_text()
+    md = (pub / "results.md").read_text()
+    assert "95% percentile-bootstrap" in md
+    table = [line for line in md.splitlines() if line.startswith("|")]
+    assert len(table) == len(res.rows) + 2 and len({line.count("|") for line in table}) == 1
 
 
 def test_rerun_skips_finished_work_and_other_settings_are_refused(run_dir):

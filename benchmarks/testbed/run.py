@@ -328,7 +328,11 @@ def _consa_data(out: Path, s: Settings) -> Path:
         for row in ids.tolist():
             rows.append(json.dumps({"text": tok.decode(row[:-1] if row[-1] == tok.eos_token_id else row)}))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(rows) + "\n")
+    # Write then rename: version 2 runs one process per GPU, and a second one must never read a
+    # half-written file (the content is a pure function of the settings, so the last rename is harmless).
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("\n".join(rows) + "\n")
+    tmp.replace(path)
     return path
 
 

@@ -385,7 +385,7 @@ def render_markdown(r: ResultsV2) -> str:
     f = lambda x, p=3: "-" if x is None else f"{x:.{p}f}"  # noqa: E731
     lines = [f"{r.prompts} prompts per allocation and mode; 95% percentile-bootstrap intervals over prompts.", "",
              "| mode | allocation | rho | sink | retrieval [95% CI] | " + " | ".join(r.settings["eval_tasks"])
-             + " | beyond W | loss | loss beyond W |", "|---" * (9 + len(r.settings["eval_tasks"])) + "|"]
+             + " | beyond W | loss | loss beyond W |", "|---" * (8 + len(r.settings["eval_tasks"])) + "|"]
     for x in sorted(r.rows, key=lambda x: (x.mode, x.rho, x.sink, -x.accuracy)):
         lines.append(f"| {x.mode} | {x.base} | {x.rho:.2f} | {x.sink} | {x.accuracy:.3f} [{x.ci_low:.3f}, "
                      f"{x.ci_high:.3f}] | " + " | ".join(f(x.by_task[t]) for t in r.settings["eval_tasks"])

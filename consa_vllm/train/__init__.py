@@ -3,7 +3,7 @@
 Run ``python -m consa_vllm.train --help``. Modules: :mod:`.config` (TrainConfig and the CLI),
 :mod:`.gates` (gate math), :mod:`.lagrangian`, :mod:`.data`, :mod:`.checkpoint`,
 :mod:`.loop` (the training loop), :mod:`.dist` (FSDP2 sharding and full state dicts), :mod:`.plots`,
-:mod:`.export`, :mod:`.bench` (stage-1 throughput).
+:mod:`.export`, :mod:`.bench` (stage-1 throughput), :mod:`.duo` (``--method duo``: DuoAttention-style gates).
 """
 
 from .config import ConfigError, TrainConfig, build_parser, parse_args, validate
