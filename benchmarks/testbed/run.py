@@ -328,7 +328,11 @@ def _consa_data(out: Path, s: Settings) -> Path:
         for row in ids.tolist():
             rows.append(json.dumps({"text": tok.decode(row[:-1] if row[-1] == tok.eos_token_id else row)}))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(rows) + "\n")
+    # Write then rename: version 2 runs one process per GPU, and a second one must never read a
+    # half-written file (the content is a pure function of the settings, so the last rename is harmless).
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("\n".join(rows) + "\n")
+    tmp.replace(path)
     return path
 
 
@@ -383,8 +387,11 @@ def allocation_names(out: Path) -> list[str]:
 # ------------------------------------------------------------------ phase 4: stage 2
 
 
-def phase_stage2(out: Path, s: Settings, max_minutes: float | None) -> bool:
-    """The same weight training for every allocation, from the same checkpoint, into ``out/stage2/NAME``."""
+def phase_stage2(out: Path, s: Settings, max_minutes: float | None, names: list[str] | None = None) -> bool:
+    """The same weight training for every allocation, from the same checkpoint, into ``out/stage2/NAME``.
+
+    ``names``: only these allocations (default: all of the run; version 2 splits them over GPUs).
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -396,7 +403,7 @@ def phase_stage2(out: Path, s: Settings, max_minutes: float | None) -> bool:
 
     t_start = time.time()
     tok = AutoTokenizer.from_pretrained(str(out / "pretrained"))
-    for name in allocation_names(out):
+    for name in allocation_names(out) if names is None else names:
         dst = out / "stage2" / name
         if (dst / "config.json").exists():
             continue

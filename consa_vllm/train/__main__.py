@@ -18,7 +18,10 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
         # SIGTERM/SIGHUP (kill, docker stop, torchrun stopping its workers) end the run like
         # Ctrl-C: temporary folders are removed and the checkpoints stay resumable.
         with signals_raise():
-            from .loop import train
+            if cfg.method == "duo":
+                from .duo import train_duo as train
+            else:
+                from .loop import train
             train(cfg)
     except (ConfigError, DataError, AllocationError) as e:
         print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)

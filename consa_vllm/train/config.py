@@ -40,6 +40,8 @@ class TrainConfig:
     seq_len: int = 2048
     max_tokens: int | None = None
     # the method
+    method: Literal["consa", "duo"] = "consa"
+    duo_l1: float = 0.05  # --method duo: weight of the L1 penalty on the gates
     target_sparsity: float = 0.5
     granularity: Literal["layer", "kv_head"] = "kv_head"
     constraint: Literal["global", "per-layer"] = "per-layer"
@@ -125,6 +127,14 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     g.add_argument("--max-tokens", type=tokens, default=None, help="stop reading data after this many tokens")
 
     g = p.add_argument_group("method")
+    g.add_argument("--method", choices=["consa", "duo"], default=d.method,
+                   help="consa: hard-concrete L0 gates + augmented Lagrangian (the default). duo: DuoAttention-style "
+                        "identification: one gate in [0, 1] per KV head mixes full and sink + window attention, "
+                        "trained (weights frozen) to match the dense model's last hidden states on synthetic "
+                        "passkey/key-value documents built from --data, plus --duo-l1 x mean gate; binarised at "
+                        "--target-sparsity with import-duo's quantile rule")
+    g.add_argument("--duo-l1", type=float, default=d.duo_l1,
+                   help="--method duo: weight of the L1 penalty (mean gate) added to the distillation loss")
     g.add_argument("--target-sparsity", type=float, default=d.target_sparsity,
                    help="fraction of units that become sliding-window (S), in [0, 1]")
     g.add_argument("--granularity", choices=["layer", "kv_head"], default=d.granularity,
@@ -197,6 +207,9 @@ def validate(cfg: TrainConfig) -> None:
         if not ok:
             raise ConfigError(msg)
 
+    if cfg.method == "duo":  # first: a ConSA-only flag is the problem, whatever else it conflicts with
+        _check_duo(cfg)
+    need(cfg.method == "duo" or cfg.duo_l1 == TrainConfig().duo_l1, "--duo-l1 applies to --method duo only")
     need(0.0 <= cfg.target_sparsity <= 1.0, f"--target-sparsity must be in [0, 1], got {cfg.target_sparsity}")
     need(cfg.window >= 1, f"--window must be >= 1, got {cfg.window}")
     need(0 <= cfg.sink <= 2**31 - 1, f"--sink must be a whole number of tokens in 0..2147483647, got {cfg.sink}")
@@ -352,3 +365,25 @@ def _check_reachable_sparsity(cfg: TrainConfig, model_config: dict) -> None:
         raise ConfigError(
             f"--target-sparsity {cfg.target_sparsity} cannot be reached with {units} {what}: it needs "
             f"{need_s:g} S units; nearest reachable values: {lo / units:.6g} or {min(lo + 1, units) / units:.6g}")
+
+
+#: Flags that mean nothing to ``--method duo`` (it has no L0 gates, no Lagrangian, trains no weights,
+#: runs in one process and is not checkpointed): given with another value than the default, refused.
+DUO_REFUSED = {"init_log_alpha": "--init-log-alpha", "target_warmup": "--target-warmup",
+               "lagrangian_lr": "--lagrangian-lr", "lr": "--lr", "grad_clip": "--grad-clip",
+               "stage2_steps": "--stage2-steps", "save_model": "--save-model", "allocation": "--allocation",
+               "resume": "--resume", "fsdp": "--fsdp", "granularity": "--granularity"}
+
+
+def _check_duo(cfg: TrainConfig) -> None:
+    """``--method duo``: refuse, in one line, every flag that belongs to the ConSA method only."""
+    default = TrainConfig()
+    given = [flag for name, flag in DUO_REFUSED.items() if getattr(cfg, name) != getattr(default, name)]
+    if given:
+        raise ConfigError(f"{', '.join(given)} do{'es' if len(given) == 1 else ''} not apply to --method duo "
+                          "(one [0, 1] gate per KV head, weights frozen, no Lagrangian, no stage 2, one process)")
+    if not (cfg.duo_l1 >= 0 and cfg.duo_l1 != float("inf")):
+        raise ConfigError(f"--duo-l1 must be a finite number >= 0, got {cfg.duo_l1}")
+    if cfg.seq_len < 2 * cfg.window + 16:
+        raise ConfigError(f"--method duo: --seq-len ({cfg.seq_len}) must be at least 2 x --window + 16 "
+                          f"({2 * cfg.window + 16}) so that its passkey needles can lie beyond the window")

@@ -1,0 +1,501 @@
+"""Testbed version 2: ConSA against DuoAttention-style identification and rules, with significance.
+
+Version 1 (``benchmarks.testbed.run``, results in ``benchmarks/testbed/results``) stays as it is.
+Version 2 reuses its corpus, pretraining and stage-2 phases with larger sizes, and adds:
+
+- context 8192, window 512, every allocation without and with 64 attention-sink tokens;
+- a DuoAttention-style allocation (``python -m consa_vllm.train --method duo``) beside ConSA
+  kv_head per-layer / global and layer, and the rules bottom, middle, interleave and seeded
+  random (``uniform``: the same F count per layer), at rho 0.5 and 0.75, and dense;
+- every allocation evaluated masks-only (the pretrained weights) and after the same stage 2;
+- retrieval in held-out RULER-style formats (:mod:`benchmarks.testbed.tasks_v2`: multi-key,
+  multi-value, variable tracking) that pretraining never showed, first needle at depth 0.1-0.5
+  (>= 3,500 tokens before the query at 8k: 7 windows), the same prompts for every allocation;
+  held-out loss by distance beyond the window;
+- per-prompt verdicts kept, so the report gives 95% percentile-bootstrap intervals and paired
+  bootstrap differences (:mod:`consa_vllm.eval.stats`), Holm-corrected within each comparison
+  group, and checks the ConSA paper's ordering (kv_head per-layer > global > dense > layer > rules;
+  S at the bottom, F in a middle block).
+
+Phases (each skips finished work; ``--shard i/n`` runs every n-th job of the allocations, stage2
+and eval phases, one process per GPU)::
+
+    python -m benchmarks.testbed.run_v2 --out DIR --phase corpus
+    python -m benchmarks.testbed.run_v2 --out DIR --phase pretrain --max-minutes 9
+    for i in 0..7: CUDA_VISIBLE_DEVICES=$i python -m benchmarks.testbed.run_v2 --out DIR --phase allocations --shard $i/8 &
+    (the same for stage2, then eval), then --phase report --results-dir DIR2
+    python -m benchmarks.testbed.run_v2 --out DIR --smoke      # every phase at toy size on CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from pydantic import BaseModel
+
+from .run import (CONSA_VARIANTS, Settings, _add_phase_seconds, _consa_data, _device_name, _phase_seconds,
+                  allocation_names, log, phase_corpus, phase_pretrain, phase_stage2)
+from .tasks_v2 import TASKS
+
+PHASES = ("corpus", "pretrain", "allocations", "stage2", "eval", "report")
+RULES = ("bottom", "middle", "interleave", "uniform")
+MODES = ("masks", "stage2")
+#: The ConSA paper's ordering of retrieval accuracy, best first ("rules": the best rule).
+PAPER_ORDER = ("consa-kv_head-per-layer", "consa-kv_head-global", "dense", "consa-layer", "rules")
+
+
+class Settings2(Settings):
+    """Version-2 sizes: :class:`benchmarks.testbed.run.Settings` plus sinks, DuoAttention and the eval."""
+
+    sinks: tuple[int, ...] = (0, 64)
+    sink_rhos: tuple[float, ...] = (0.75,)  # the rhos at which the sink > 0 variants are made (budget)
+    rules: tuple[str, ...] = RULES
+    duo_steps: int = 100
+    duo_gate_lr: float = 0.02
+    duo_l1: float = 0.05
+    eval_tasks: tuple[str, ...] = TASKS
+    eval_contexts: tuple[int, ...] = (2048, 4096, 8192)
+    eval_depths: tuple[float, ...] = (0.1, 0.3, 0.5)
+    # 3 tasks x 3 contexts x 3 depths x 84 = 2,268 prompts per allocation and mode: a 2-point difference
+    # is 3 standard errors when the two allocations disagree on <= 10% of the prompts (paired:
+    # se = sqrt(0.10 / 2268) = 0.0066), or unpaired when both accuracies are >= 0.95 or <= 0.05
+    # (se = sqrt(2 x 0.95 x 0.05 / 2268) = 0.0065); at accuracy 0.5 unpaired it would take 11,250
+    # (consa_vllm.eval.stats.prompts_for_difference). The report gives each difference's own se.
+    per_cell: int = 84
+    eval_batch: int = 4
+
+
+FULL2 = Settings2(
+    max_corpus_bytes=240_000_000, vocab_size=8192,
+    shape=dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=16,
+               num_key_value_heads=8, head_dim=64, max_position_embeddings=8192),
+    seq_len=8192, window=512, retrieval_docs=6000, kv_needles=48,
+    pre_steps=640, pre_batch=8, pre_lr=1e-3, pre_warmup=40,
+    consa_steps=100, consa_batch=4, consa_docs=400, s2_steps=100, s2_batch=4, loss_sequences=16)
+SMOKE2 = Settings2(
+    max_corpus_bytes=400_000, heldout_per_mille=250, tokenizer_bytes=200_000, vocab_size=512,
+    shape=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=8,
+               num_key_value_heads=4, head_dim=16, max_position_embeddings=512),
+    seq_len=256, window=32, rhos=(0.75,), retrieval_docs=32, kv_needles=4, pre_steps=6, pre_batch=2, pre_lr=3e-3,
+    pre_warmup=2, consa_steps=2, consa_batch=2, consa_docs=8, s2_steps=1, s2_batch=2, loss_sequences=2,
+    sinks=(0, 4), sink_rhos=(0.75,), rules=("bottom", "uniform"), duo_steps=2, eval_contexts=(512,), eval_depths=(0.1, 0.5), per_cell=1, eval_batch=8,
+    device="cpu", dtype="float32")
+
+
+def groups(s: Settings2) -> list[tuple[int, float]]:
+    """The (sink, rho) combinations of the run: every rho without sinks, ``sink_rhos`` with them."""
+    return [(k, rho) for k in s.sinks for rho in s.rhos if k == 0 or rho in s.sink_rhos]
+
+
+def alloc_name(base: str, rho: float, sink: int) -> str:
+    return f"{base}-{rho}" + (f"-sink{sink}" if sink else "")
+
+
+def shard(jobs: list, spec: str | None) -> list:
+    """Every n-th job from the i-th (``spec`` = ``"i/n"``); all of them without a spec."""
+    if not spec:
+        return jobs
+    i, n = (int(x) for x in spec.split("/"))
+    return jobs[i::n]
+
+
+# ------------------------------------------------------------------ allocations
+
+
+def allocation_jobs(out: Path, s: Settings2) -> list[tuple[str, Callable[[Path], None]]]:
+    """``(name, write(dst))`` for every allocation of the run, learned ones first (they take the time)."""
+    from consa_vllm.allocation import Allocation, make_allocation
+    from consa_vllm.train import TrainConfig, train
+
+    L, H = s.shape["num_hidden_layers"], s.shape["num_key_value_heads"]
+    d = out / "allocations"
+
+    def learned(name: str, **kw) -> Callable[[Path], None]:
+        def run(dst: Path) -> None:
+            data = _consa_data(out, s)
+            train(TrainConfig(model=str(out / "pretrained"), data=[str(data)], seq_len=s.seq_len, window=s.window,
+                              seed=s.seed, device=s.device, dtype=s.dtype, checkpoint_every=0, progress=False,
+                              out=str(dst), log_dir=str(d / f"{name}.logs"), **kw))
+        return run
+
+    def rule(r: str, rho: float, sink: int) -> Callable[[Path], None]:
+        def run(dst: Path) -> None:
+            a = make_allocation(r, rho, L, H, s.window, granularity="kv_head", seed=s.seed)
+            Allocation.from_dict({**a.to_dict(), "sink": sink}).save(dst)
+        return run
+
+    jobs: list[tuple[str, Callable[[Path], None]]] = []
+    for sink, rho in groups(s):
+        for base, (gran, constraint) in CONSA_VARIANTS.items():
+            jobs.append((alloc_name(base, rho, sink), learned(
+                alloc_name(base, rho, sink), target_sparsity=rho, granularity=gran, constraint=constraint, sink=sink,
+                steps=s.consa_steps, batch_size=s.consa_batch, freeze_weights=True, gate_lr=s.gate_lr,
+                lagrangian_lr=s.lagrangian_lr)))
+        jobs.append((alloc_name("duo", rho, sink), learned(
+            alloc_name("duo", rho, sink), method="duo", target_sparsity=rho, constraint="global", sink=sink,
+            steps=s.duo_steps, batch_size=s.consa_batch, gate_lr=s.duo_gate_lr, duo_l1=s.duo_l1)))
+    for sink, rho in groups(s):
+        jobs += [(alloc_name(f"rule-{r}", rho, sink), rule(r, rho, sink)) for r in s.rules]
+    jobs.append(("dense", lambda dst: Allocation(granularity="kv_head", window=s.window, pattern=["F" * H] * L,
+                                                 rule="dense").save(dst)))
+    return jobs
+
+
+def phase_allocations(out: Path, s: Settings2, max_minutes: float | None, spec: str | None) -> bool:
+    t0 = time.time()
+    (out / "allocations").mkdir(parents=True, exist_ok=True)
+    for name, write in shard(allocation_jobs(out, s), spec):
+        dst = out / "allocations" / f"{name}.json"
+        if dst.exists():
+            continue
+        if max_minutes is not None and time.time() - t0 > max_minutes * 60:
+            log("allocations: time budget spent; rerun to continue")
+            return False
+        t1 = time.time()
+        write(dst)
+        log(f"allocations: {name} in {time.time() - t1:.0f} s")
+    return True
+
+
+# ------------------------------------------------------------------ eval
+
+
+def eval_prompts(out: Path, s: Settings2):
+    """The held-out prompts (the same for every allocation) and the held-out loss sequences."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from consa_vllm.eval.cli import read_loss_sequences
+    from consa_vllm.eval.tasks import Filler
+
+    from .tasks_v2 import make_task_samples
+
+    tok = AutoTokenizer.from_pretrained(str(out / "pretrained"))
+    filler = Filler(tok, ids=np.load(out / "corpus" / "heldout_ids.npy", mmap_mode="r"))
+    prompts = make_task_samples(s.eval_tasks, tok, filler, s.eval_contexts, s.eval_depths, s.per_cell,
+                                seed=s.seed + 4321, window=s.window)
+    loss_seqs = read_loss_sequences([str(out / "corpus" / "heldout.jsonl")], tok, s.seq_len, s.loss_sequences)
+    return prompts, loss_seqs
+
+
+def beyond(sample, window: int, sink: int) -> bool:
+    """No needle the answer needs is visible to an S head (window ``window``, ``sink`` sinks) from the query."""
+    return sample.distance >= window and sample.context - 1 - sample.distance >= sink
+
+
+def eval_one(model, alloc, prompts, loss_seqs, s: Settings2) -> dict:
+    """Per-prompt verdicts, accuracy by task, held-out loss by distance beyond the window.
+
+    ``model``: an HF model; it is (re)patched with ``alloc`` (its window and sink) here.
+    """
+    from consa_vllm.eval.metrics import lm_loss, score_retrieval
+    from consa_vllm.reference import patch_model
+
+    patch_model(model, window=alloc.window, allocation=alloc)
+    ok = [int(v) for v in score_retrieval(model, prompts, batch_size=s.eval_batch)]
+    loss = lm_loss(model, loss_seqs, alloc.window, batch_size=s.eval_batch)
+    by_task = {t: sum(v for p, v in zip(prompts, ok) if p.task == t) / sum(p.task == t for p in prompts)
+               for t in s.eval_tasks}
+    far = [v for p, v in zip(prompts, ok) if beyond(p, alloc.window, alloc.sink)]
+    return {"accuracy": sum(ok) / len(ok), "by_task": by_task,
+            "accuracy_beyond_window": sum(far) / len(far) if far else None, "prompts_beyond_window": len(far),
+            "loss": loss["loss"], "loss_beyond_window": loss["loss_beyond_window"], "verdicts": ok}
+
+
+def phase_eval(out: Path, s: Settings2, max_minutes: float | None, spec: str | None) -> bool:
+    """Every allocation, masks-only and after stage 2: ``out/eval/MODE/NAME.json``."""
+    from consa_vllm.allocation import Allocation
+
+    t0 = time.time()
+    jobs = shard([(m, n) for n in allocation_names(out) for m in MODES], spec)
+    from consa_vllm.eval.cli import load_reference
+
+    prompts = loss_seqs = pretrained = None
+    for mode, name in jobs:
+        dst = out / "eval" / mode / f"{name}.json"
+        if dst.exists():
+            continue
+        if max_minutes is not None and time.time() - t0 > max_minutes * 60:
+            log("eval: time budget spent; rerun to continue")
+            return False
+        if prompts is None:
+            prompts, loss_seqs = eval_prompts(out, s)
+            log(f"eval: {len(prompts)} prompts per allocation")
+        alloc = Allocation.load(out / "allocations" / f"{name}.json")
+        t1 = time.time()
+        if mode == "masks":  # one load of the pretrained weights serves every masks-only allocation
+            if pretrained is None:
+                pretrained = load_reference(out / "pretrained", None, alloc.window, s.device, s.dtype)
+            model = pretrained
+        else:
+            model = load_reference(out / "stage2" / name, None, alloc.window, s.device, s.dtype)
+        r = eval_one(model, alloc, prompts, loss_seqs, s)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_text(json.dumps(r) + "\n")
+        log(f"eval: {mode} {name}: retrieval {r['accuracy']:.3f}, loss {r['loss']:.4f} ({time.time() - t1:.0f} s)")
+    return True
+
+
+# ------------------------------------------------------------------ report
+
+
+class Row(BaseModel):
+    """One allocation in one mode: retrieval with its 95% bootstrap interval, loss, pattern."""
+
+    name: str
+    mode: str
+    base: str  # the allocation without rho and sink: dense, consa-..., duo, rule-...
+    rho: float
+    sink: int
+    accuracy: float
+    ci_low: float
+    ci_high: float
+    by_task: dict[str, float]
+    accuracy_beyond_window: float | None
+    loss: float
+    loss_beyond_window: float | None
+    pattern: list[str]
+
+
+class Difference(BaseModel):
+    """A paired comparison ``a - b`` on the same prompts, within one (mode, rho, sink) group."""
+
+    group: str
+    a: str
+    b: str
+    diff: float
+    low: float
+    high: float
+    p_value: float
+    p_holm: float
+    significant: bool  # Holm-adjusted p < 0.05
+
+
+class ResultsV2(BaseModel):
+    settings: dict
+    pretrain: dict
+    device: str
+    phase_seconds: dict[str, float]
+    prompts: int
+    rows: list[Row]
+    differences: list[Difference]
+    paper_order: list[dict]
+    layer_pattern: list[dict]
+
+
+def base_of(name: str) -> tuple[str, float, int]:
+    """``consa-layer-0.75-sink64`` -> ``("consa-layer", 0.75, 64)``; dense -> ``("dense", 0.0, 0)``."""
+    if name == "dense":
+        return "dense", 0.0, 0
+    parts = name.split("-")
+    sink = 0
+    if parts[-1].startswith("sink"):
+        sink = int(parts.pop()[4:])
+    return "-".join(parts[:-1]), float(parts[-1]), sink
+
+
+def holm(p: list[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (same order as ``p``)."""
+    order = sorted(range(len(p)), key=lambda i: p[i])
+    adj, running = [0.0] * len(p), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p) - rank) * p[i]))
+        adj[i] = running
+    return adj
+
+
+def thirds(pattern: list[str]) -> dict[str, float]:
+    """F fraction of the bottom, middle and top third of the layers."""
+    n = len(pattern)
+    cut = [0, n // 3, n - n // 3, n]
+    f = lambda rows: sum(r.count("F") for r in rows) / max(1, sum(len(r) for r in rows))  # noqa: E731
+    return {k: f(pattern[cut[i]:cut[i + 1]]) for i, k in enumerate(("bottom", "middle", "top"))}
+
+
+def phase_report(out: Path, s: Settings2) -> dict:
+    """``results.json``, ``results.md`` and ``heatmaps/NAME.png`` (learned allocations)."""
+    from consa_vllm.allocation import Allocation, plot_allocation
+    from consa_vllm.eval.stats import bootstrap_ci, paired_bootstrap
+
+    from .lm import write_json
+
+    rows, verdicts = [], {}
+    for mode in MODES:
+        for name in allocation_names(out):
+            alloc = Allocation.load(out / "allocations" / f"{name}.json")
+            ev = json.loads((out / "eval" / mode / f"{name}.json").read_text())
+            ci = bootstrap_ci(ev["verdicts"], seed=s.seed)
+            base, rho, sink = base_of(name)
+            rows.append(Row(name=name, mode=mode, base=base, rho=rho, sink=sink, accuracy=ev["accuracy"],
+                            ci_low=ci.low, ci_high=ci.high, by_task=ev["by_task"],
+                            accuracy_beyond_window=ev["accuracy_beyond_window"], loss=ev["loss"],
+                            loss_beyond_window=ev["loss_beyond_window"], pattern=alloc.pattern))
+            verdicts[(mode, name)] = ev["verdicts"]
+            if base.startswith(("consa", "duo")) and mode == "masks":
+                png = out / "heatmaps" / f"{name}.png"
+                png.parent.mkdir(parents=True, exist_ok=True)
+                plot_allocation(alloc, png, title=name)
+    # Comparison groups: one mode, rho and sink, plus dense (equal KV memory within a group).
+    diffs, order_checks, pattern_checks = [], [], []
+    for mode, (sink, rho) in itertools.product(MODES, groups(s)):
+        group = f"{mode} rho={rho} sink={sink}"
+        members = [r for r in rows if r.mode == mode and (r.base == "dense" or (r.rho == rho and r.sink == sink))]
+        pairs = list(itertools.combinations(members, 2))
+        res = [paired_bootstrap(verdicts[(mode, a.name)], verdicts[(mode, b.name)], seed=s.seed) for a, b in pairs]
+        adj = holm([r.p_value for r in res])
+        for (a, b), r, p in zip(pairs, res, adj):
+            diffs.append(Difference(group=group, a=a.name, b=b.name, diff=r.mean, low=r.low, high=r.high,
+                                    p_value=r.p_value, p_holm=p, significant=p < 0.05))
+        by_base = {r.base: r for r in members}
+        rules = [r for r in members if r.base.startswith("rule-")]
+        if rules:
+            by_base["rules"] = max(rules, key=lambda r: r.accuracy)
+        chain = [by_base[b] for b in PAPER_ORDER if b in by_base]
+        for hi, lo in zip(chain, chain[1:]):
+            d = next(x for x in diffs if x.group == group and {x.a, x.b} == {hi.name, lo.name})
+            sign = d.diff if d.a == hi.name else -d.diff
+            verdict = ("agrees" if sign > 0 else "disagrees" if sign < 0 else "equal") + (
+                " (significant)" if d.significant else " (n.s.)")
+            order_checks.append({"group": group, "higher_in_paper": hi.name, "lower_in_paper": lo.name,
+                                 "diff": sign, "verdict": verdict})
+        if mode == "masks":
+            for r in members:
+                if r.base.startswith(("consa", "duo")):
+                    t = thirds(r.pattern)
+                    pattern_checks.append({"name": r.name, **t,
+                                           "s_bottom_f_middle": t["bottom"] < t["middle"]})
+    prompts = len(next(iter(verdicts.values())))
+    results = {"settings": s.model_dump(), "pretrain": json.loads((out / "pretrain.json").read_text()),
+               "device": _device_name(s.device), "phase_seconds": _phase_seconds(out), "prompts": prompts,
+               "rows": [r.model_dump() for r in rows], "differences": [d.model_dump() for d in diffs],
+               "paper_order": order_checks, "layer_pattern": pattern_checks}
+    write_json(out / "results.json", ResultsV2.model_validate(results).model_dump())
+    (out / "results.md").write_text(render_markdown(ResultsV2.model_validate(results)))
+    log("report: " + str(out / "results.md"))
+    return results
+
+
+def render_markdown(r: ResultsV2) -> str:
+    f = lambda x, p=3: "-" if x is None else f"{x:.{p}f}"  # noqa: E731
+    lines = [f"{r.prompts} prompts per allocation and mode; 95% percentile-bootstrap intervals over prompts.", "",
+             "| mode | allocation | rho | sink | retrieval [95% CI] | " + " | ".join(r.settings["eval_tasks"])
+             + " | beyond W | loss | loss beyond W |", "|---" * (8 + len(r.settings["eval_tasks"])) + "|"]
+    for x in sorted(r.rows, key=lambda x: (x.mode, x.rho, x.sink, -x.accuracy)):
+        lines.append(f"| {x.mode} | {x.base} | {x.rho:.2f} | {x.sink} | {x.accuracy:.3f} [{x.ci_low:.3f}, "
+                     f"{x.ci_high:.3f}] | " + " | ".join(f(x.by_task[t]) for t in r.settings["eval_tasks"])
+                     + f" | {f(x.accuracy_beyond_window)} | {f(x.loss, 4)} | {f(x.loss_beyond_window, 4)} |")
+    lines += ["", "Significant paired differences (Holm-adjusted p < 0.05 within each group):", ""]
+    lines += [f"- {d.group}: {d.a} - {d.b} = {d.diff:+.3f} [{d.low:+.3f}, {d.high:+.3f}], p_holm {d.p_holm:.2g}"
+              for d in r.differences if d.significant] or ["- none"]
+    lines += ["", "The paper's ordering (kv_head per-layer > global > dense > layer > rules):", ""]
+    lines += [f"- {c['group']}: {c['higher_in_paper']} vs {c['lower_in_paper']}: {c['diff']:+.3f}, {c['verdict']}"
+              for c in r.paper_order]
+    lines += ["", "Learned patterns, F fraction by third of the layers (paper: S at the bottom, F in a middle block):",
+              ""]
+    lines += [f"- {c['name']}: bottom {c['bottom']:.2f}, middle {c['middle']:.2f}, top {c['top']:.2f}"
+              for c in r.layer_pattern]
+    times = r.phase_seconds
+    lines += ["", f"{r.device}; wall minutes per phase: " + ", ".join(f"{k} {v / 60:.1f}" for k, v in times.items())]
+    return "\n".join(lines) + "\n"
+
+
+def publish(out: Path, dst: Path) -> None:
+    """Copy what is worth committing (small: JSON, allocations, per-prompt verdicts, heatmaps, logs) to ``dst``."""
+    import shutil
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in ("results.json", "results.md", "settings.json", "pretrain.json", "pretrain-log.jsonl",
+                 "phase-seconds.json"):
+        if (out / name).exists():
+            shutil.copy2(out / name, dst / name)
+    shutil.copy2(out / "corpus" / "manifest.json", dst / "corpus-manifest.json")
+    for sub in ("heatmaps", "eval"):
+        shutil.copytree(out / sub, dst / sub, dirs_exist_ok=True)
+    (dst / "allocations").mkdir(exist_ok=True)
+    for p in (out / "allocations").glob("*.json"):
+        shutil.copy2(p, dst / "allocations" / p.name)
+    log(f"report: copied results to {dst}")
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.testbed.run_v2", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, metavar="DIR", help="run directory (created; reruns continue in it)")
+    p.add_argument("--phase", choices=("all", *PHASES), default="all", help="run one phase (default: all)")
+    p.add_argument("--smoke", action="store_true", help="toy sizes on CPU, float32 (checks the pipeline only)")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop a phase after about this long, resumable")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="allocations, stage2, eval: run every N-th job from the I-th (one process per GPU)")
+    p.add_argument("--device", default=None, help="override the device (default: cuda, or cpu with --smoke)")
+    p.add_argument("--per-cell", type=int, default=None, metavar="N",
+                   help="override the prompts per (task, context, depth) cell (fix it before the eval phase starts)")
+    p.add_argument("--results-dir", metavar="DIR", default=None, help="after the report, copy the small artifacts there")
+    args = p.parse_args(argv)
+    if args.shard is not None:
+        i, _, n = args.shard.partition("/")
+        if not (i.isdigit() and n.isdigit() and 0 <= int(i) < int(n)):
+            p.exit(2, f"{p.prog}: error: --shard {args.shard}: expected I/N with 0 <= I < N\n")
+        if args.phase not in ("allocations", "stage2", "eval"):
+            p.exit(2, f"{p.prog}: error: --shard applies to --phase allocations, stage2 or eval\n")
+    s = SMOKE2 if args.smoke else FULL2
+    if args.device:
+        s = s.model_copy(update={"device": args.device})
+    if args.per_cell is not None:
+        if args.per_cell < 1:
+            p.exit(2, f"{p.prog}: error: --per-cell must be >= 1, got {args.per_cell}\n")
+        s = s.model_copy(update={"per_cell": args.per_cell})
+    if s.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            p.exit(2, f"{p.prog}: error: --device {s.device}: CUDA is not available (use --smoke on CPU)\n")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    saved = out / "settings.json"
+    mine = s.model_dump_json()
+    if saved.exists() and json.loads(saved.read_text()) != json.loads(mine):
+        p.exit(2, f"{p.prog}: error: --out {out}: holds a run with other settings ({saved}); use a new DIR\n")
+    saved.write_text(mine + "\n")
+    phases = PHASES if args.phase == "all" else (args.phase,)
+    t0 = time.time()
+    for ph in phases:
+        left = None if args.max_minutes is None else args.max_minutes - (time.time() - t0) / 60
+        if left is not None and left <= 0:
+            log(f"time budget spent before phase {ph}; rerun the same command to continue")
+            return 3
+        if ph == "report":
+            phase_report(out, s)
+            if args.results_dir:
+                publish(out, Path(args.results_dir))
+            continue
+        t_phase = time.time()
+        if ph == "corpus":
+            phase_corpus(out, s)
+            finished = True
+        elif ph == "pretrain":
+            finished = phase_pretrain(out, s, left)
+        elif ph == "allocations":
+            finished = phase_allocations(out, s, left, args.shard)
+        elif ph == "stage2":
+            finished = phase_stage2(out, s, left, shard(allocation_names(out), args.shard))
+        else:
+            finished = phase_eval(out, s, left, args.shard)
+        if args.shard is None:  # parallel shards would race on the file; the log has their times
+            _add_phase_seconds(out, ph, time.time() - t_phase)
+        if not finished:
+            return 3
+    log(f"done in {time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

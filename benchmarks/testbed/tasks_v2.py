@@ -1,0 +1,124 @@
+"""Held-out retrieval formats of testbed version 2, after RULER (Hsieh et al., 2024).
+
+Pretraining (and every allocation's training) shows the model only the ``kv`` and ``passkey``
+presets of :mod:`consa_vllm.eval.tasks`. These three formats never appear there:
+
+- ``multikey``: RULER's MK-NIAH, "The special magic number for {key} is: {value}." among 7
+  distractor needles of the same form; the query names one key.
+- ``multivalue``: RULER's MV-NIAH, one key with 3 values in 3 needles at 3 depths; the answer
+  is every value, in document order ("v1, v2, v3"): all three needles must be read.
+- ``vartrack``: RULER's variable tracking, a chain ``VAR A = 12345``, ``VAR B = VAR A``, ... of 4
+  hops spread over the context, plus one distractor chain; the query asks for the last variable
+  of the chain, so the answer needs every hop.
+
+Every sample is :class:`consa_vllm.eval.tasks.Sample` (scored by ``score_retrieval``), exactly
+``context`` tokens, deterministic by seed. ``distance`` is that of the *closest* needle the
+answer needs, so ``beyond_window`` means a sliding-window head can see none of them; needles
+the answer needs sit at depths in [depth, 0.8] of the filler, so every one of them is at least a
+fifth of the context before the query (>= 1,600 tokens, 3 windows of 512, at 8k), and depths
+<= 0.5 put the first one half the context away or more.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Sequence
+
+from consa_vllm.eval.tasks import Filler, Sample, encode
+
+TASKS = ("multikey", "multivalue", "vartrack")
+
+
+def _word(rng: random.Random, n: int = 6) -> str:
+    return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(n))
+
+
+def _number(rng: random.Random, digits: int = 7) -> str:
+    return str(rng.randrange(10 ** (digits - 1), 10 ** digits))
+
+
+def compose(filler: Filler, context: int, pieces: list[tuple[float, list[int], bool]], query: list[int],
+            rng: random.Random) -> tuple[list[int], int]:
+    """Filler with ``pieces`` ``(depth, ids, needed)`` inserted at their depths, then ``query``.
+
+    Returns ``(ids, distance)``: exactly ``context`` ids, and the distance (tokens to the last
+    prompt token) of the closest *needed* piece. Pieces keep their list order at equal depths.
+    """
+    n_fill = context - len(query) - sum(len(p) for _, p, _ in pieces)
+    if n_fill < 0:
+        raise ValueError(f"context {context} is too short for {len(pieces)} needles and the query")
+    fill = filler.take(n_fill, rng)
+    order = sorted(range(len(pieces)), key=lambda i: (round(pieces[i][0] * n_fill), i))
+    ids: list[int] = []
+    prev, starts = 0, {}
+    for i in order:
+        at = round(pieces[i][0] * n_fill)
+        ids += fill[prev:at]
+        starts[i] = len(ids)
+        ids += pieces[i][1]
+        prev = at
+    ids += fill[prev:] + query
+    needed = [starts[i] for i, (_, _, need) in enumerate(pieces) if need]
+    return ids, context - 1 - max(needed)
+
+
+def _depths(rng: random.Random, first: float, n: int) -> list[float]:
+    """``first`` and ``n - 1`` more depths, increasing, in (first, 0.8]."""
+    rest = sorted(rng.uniform(first, 0.8) for _ in range(n - 1))
+    return [first] + rest
+
+
+def make_task_sample(task: str, tokenizer, filler: Filler, context: int, depth: float, rng: random.Random,
+                     window: int, sink: int = 0) -> Sample:
+    """One sample of ``task`` (module docstring), its first needle at ``depth``."""
+    enc = lambda s: encode(tokenizer, s)  # noqa: E731
+    if task == "multikey":
+        keys = []
+        while len(keys) < 8:
+            k = _word(rng)
+            if k not in keys:
+                keys.append(k)
+        values = [_number(rng) for _ in keys]
+        needle = "\nThe special magic number for {} is: {}.\n"
+        spots = [depth] + [rng.uniform(0.0, 0.9) for _ in keys[1:]]
+        pieces = [(d, enc(needle.format(k, v)), i == 0) for i, (d, k, v) in enumerate(zip(spots, keys, values))]
+        query = enc(f"\nWhat is the special magic number for {keys[0]}? The special magic number for {keys[0]} is:")
+        answer = f" {values[0]}"
+    elif task == "multivalue":
+        key = _word(rng)
+        values = [_number(rng) for _ in range(3)]
+        pieces = [(d, enc(f"\nOne of the special magic numbers for {key} is: {v}.\n"), True)
+                  for d, v in zip(_depths(rng, depth, 3), values)]
+        query = enc(f"\nWhat are all the special magic numbers for {key}? They are:")
+        answer = " " + ", ".join(values)
+    elif task == "vartrack":
+        names = []
+        while len(names) < 8:
+            n = _word(rng, 4).upper()
+            if n not in names:
+                names.append(n)
+        chain, other = names[:4], names[4:]
+        value, decoy = _number(rng, 5), _number(rng, 5)
+        lines = [f"\nVAR {chain[0]} = {value}\n"] + [f"\nVAR {b} = VAR {a}\n" for a, b in zip(chain, chain[1:])]
+        decoys = [f"\nVAR {other[0]} = {decoy}\n"] + [f"\nVAR {b} = VAR {a}\n" for a, b in zip(other, other[1:])]
+        pieces = [(d, enc(t), True) for d, t in zip(_depths(rng, depth, 4), lines)]
+        pieces += [(d, enc(t), False) for d, t in zip(sorted(rng.uniform(0.0, 0.9) for _ in decoys), decoys)]
+        query = enc(f"\nassert VAR {chain[-1]} ==")
+        answer = f" {value}"
+    else:
+        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    ids, distance = compose(filler, context, pieces, query, rng)
+    return Sample(task=task, prompt_ids=ids, answer_ids=enc(answer), answer=answer, context=context, depth=depth,
+                  distance=distance, window=window, sink=sink)
+
+
+def make_task_samples(tasks: Sequence[str], tokenizer, filler: Filler, contexts: Sequence[int],
+                      depths: Sequence[float], per_cell: int, seed: int, window: int, sink: int = 0) -> list[Sample]:
+    """``per_cell`` samples per (task, context, depth), deterministic in ``seed`` (same prompts for every allocation)."""
+    out = []
+    for t in tasks:
+        for c in contexts:
+            for d in depths:
+                rng = random.Random(f"{seed}/{t}/{c}/{d}")
+                out += [make_task_sample(t, tokenizer, filler, c, d, rng, window, sink) for _ in range(per_cell)]
+    return out

@@ -1,0 +1,109 @@
+"""Testbed version 2 (``benchmarks/testbed/run_v2.py``) end to end at toy size on CPU (``--smoke``).
+
+Checks the pipeline, not the science (the toy model learns nothing in 6 steps): every
+allocation (ConSA kv_head per-layer/global and layer, DuoAttention-style, rules, dense; without
+and with sinks) is made, trained in stage 2, evaluated masks-only and after stage 2 on the same
+held-out prompts, and reported with bootstrap intervals, paired differences, the paper-order
+checks and heatmaps; the held-out prompt builders make exact-length prompts whose needles lie
+beyond the window and the sinks.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.testbed.run_v2 import MODES, SMOKE2, ResultsV2, base_of, groups, holm, thirds
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "benchmarks.testbed.run_v2", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("testbed2") / "run"
+    pub = out.parent / "published"
+    r = _run("--out", str(out), "--smoke", "--results-dir", str(pub))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return out, pub
+
+
+def test_every_allocation_in_both_modes_is_evaluated_and_reported(run_dir):
+    out, pub = run_dir
+    res = ResultsV2.model_validate_json((pub / "results.json").read_text())
+    bases = {"consa-kv_head-per-layer", "consa-kv_head-global", "consa-layer", "duo"} | \
+        {f"rule-{r}" for r in SMOKE2.rules}
+    want = {"dense"} | {f"{b}-{rho}" + (f"-sink{k}" if k else "") for b in bases for k, rho in groups(SMOKE2)}
+    for mode in MODES:
+        assert {r.name for r in res.rows if r.mode == mode} == want
+    for r in res.rows:
+        ev = json.loads((pub / "eval" / r.mode / f"{r.name}.json").read_text())
+        assert len(ev["verdicts"]) == res.prompts and r.ci_low <= r.accuracy <= r.ci_high
+        # Every needle the answer needs is beyond the window and the sinks: all prompts count.
+        assert ev["prompts_beyond_window"] == res.prompts
+        alloc = json.loads((pub / "allocations" / f"{r.name}.json").read_text())
+        assert alloc.get("sink", 0) == r.sink and alloc["pattern"] == r.pattern
+        if r.base == "duo":
+            assert alloc["training"]["method"] == "duo" and len(alloc["training"]["gates"]) == len(r.pattern)
+        if r.base.startswith(("consa", "duo")):
+            assert (pub / "heatmaps" / f"{r.name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        if r.mode == "stage2":
+            exported = json.loads((out / "stage2" / r.name / "config.json").read_text())["consa"]
+            assert exported["pattern"] == r.pattern and exported.get("sink", 0) == r.sink
+    # every pair within each (mode, rho, sink) group plus dense is compared once
+    n = 1 + len(bases)
+    assert len(res.differences) == len(MODES) * len(groups(SMOKE2)) * n * (n - 1) // 2
+    assert res.paper_order and all(c["verdict"].split()[0] in ("agrees", "disagrees", "equal") for c in res.paper_order)
+    md = (pub / "results.md").read_text()
+    assert "95% percentile-bootstrap" in md
+    table = [line for line in md.splitlines() if line.startswith("|")]
+    assert len(table) == len(res.rows) + 2 and len({line.count("|") for line in table}) == 1
+
+
+def test_rerun_skips_finished_work_and_other_settings_are_refused(run_dir):
+    out, _ = run_dir
+    r = _run("--out", str(out), "--smoke", "--phase", "eval")
+    assert r.returncode == 0 and "eval:" not in r.stdout
+    (out / "settings.json").write_text(json.dumps({"other": 1}))
+    r = _run("--out", str(out), "--smoke", "--phase", "report")
+    assert r.returncode == 2 and "other settings" in r.stderr
+
+
+def test_bad_shard_is_one_line(tmp_path):
+    r = _run("--out", str(tmp_path / "x"), "--smoke", "--phase", "eval", "--shard", "3/2")
+    assert r.returncode == 2 and r.stderr.strip().endswith("expected I/N with 0 <= I < N")
+
+
+def test_heldout_prompts_are_exact_and_beyond_the_window():
+    from consa_vllm.eval.tasks import Filler, build_word_tokenizer, encode
+    from benchmarks.testbed.tasks_v2 import TASKS, make_task_sample
+
+    words = [f"w{i}" for i in range(50)]
+    tok = build_word_tokenizer(words)  # unknown words map to one id: lengths still exact
+    filler = Filler(tok, [" ".join(random.Random(0).choice(words) for _ in range(3000))])
+    for task in TASKS:
+        for depth in (0.1, 0.5):
+            s = make_task_sample(task, tok, filler, 1024, depth, random.Random(f"{task}{depth}"), window=64, sink=8)
+            assert len(s.prompt_ids) == 1024 and s.answer_ids == encode(tok, s.answer)
+            assert s.beyond_window and s.distance >= 0.18 * 1024  # every needed needle at depth <= 0.8
+    with pytest.raises(ValueError, match="too short"):
+        make_task_sample("multikey", tok, filler, 40, 0.1, random.Random(0), window=8)
+
+
+def test_report_helpers():
+    from benchmarks.testbed.run_v2 import FULL2
+    assert groups(FULL2) == [(0, 0.5), (0, 0.75), (64, 0.75)]
+    assert len(FULL2.eval_tasks) * len(FULL2.eval_contexts) * len(FULL2.eval_depths) * FULL2.per_cell == 2268
+    assert base_of("consa-kv_head-per-layer-0.75-sink64") == ("consa-kv_head-per-layer", 0.75, 64)
+    assert base_of("rule-uniform-0.5") == ("rule-uniform", 0.5, 0) and base_of("dense") == ("dense", 0.0, 0)
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert thirds(["SS", "FF", "FS", "SS", "SS", "SS"]) == {"bottom": 0.5, "middle": 0.25, "top": 0.0}
