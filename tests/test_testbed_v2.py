@@ -37,6 +37,7 @@ def run_dir(tmp_path_factory):
     return out, pub
 
 
+@pytest.mark.slow
 def test_every_allocation_in_both_modes_is_evaluated_and_reported(run_dir):
     out, pub = run_dir
     res = ResultsV2.model_validate_json((pub / "results.json").read_text())
@@ -69,6 +70,7 @@ def test_every_allocation_in_both_modes_is_evaluated_and_reported(run_dir):
     assert len(table) == len(res.rows) + 2 and len({line.count("|") for line in table}) == 1
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_work_and_other_settings_are_refused(run_dir):
     out, _ = run_dir
     r = _run("--out", str(out), "--smoke", "--phase", "eval")

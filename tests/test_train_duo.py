@@ -66,6 +66,7 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.mark.slow
 def test_duo_gates_find_the_planted_head(tmp_path, one_thread):
     from consa_vllm.train import TrainConfig
     from consa_vllm.train.duo import train_duo
@@ -93,6 +94,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_duo_cli_on_passkey_data_writes_the_allocation_format(tmp_path):
     """The command line, default tasks (passkey + key-value of ``consa-vllm eval``) on a tiny BPE model."""
     from consa_vllm.tiny import build_tiny_model
