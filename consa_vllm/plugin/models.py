@@ -16,8 +16,7 @@ The allocation is read from ``config.json["consa"]`` (written by ``consa-vllm ex
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from functools import partial
 
 import torch
@@ -43,6 +42,7 @@ from consa_vllm.allocation import Allocation
 from consa_vllm.plugin.attention import ConsaAttention, ConsaKVPools
 from consa_vllm.plugin.config import read_allocation
 from consa_vllm.plugin.layout import LayerLayout, PoolLayout
+from consa_vllm.plugin.permute import permute_checkpoint_heads, quant_format
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" so vLLM's log handler shows it
 
@@ -53,55 +53,6 @@ def uses_pools(allocation: Allocation) -> bool:
     # Layer allocations map to stock per-layer windows, except all-S ones: with no
     # full-attention group to unify block sizes against, stock CPU attention crashes.
     return allocation.granularity == "kv_head" or not has_full
-
-
-_ATTN_WEIGHT = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj|qkv_proj)\.(weight|bias)$")
-
-
-def permute_checkpoint_heads(weights: Iterable[tuple[str, torch.Tensor]], orders: dict[int, tuple[int, ...]],
-                             num_heads: int, num_kv_heads: int, head_dim: int
-                             ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield checkpoint tensors with each layer's KV heads in served order.
-
-    ``orders[l][j]`` is the checkpoint KV head served at position j of layer l (layers not
-    in ``orders`` pass unchanged). KV head k's query heads are ``k*G .. k*G+G-1`` (HF's
-    ``repeat_kv`` grouping), so the rows of q_proj (query heads), k_proj and v_proj (KV
-    heads), their biases, and the input columns of o_proj move together and the layer
-    computes the same function. Per-head q/k norms share one weight across heads and need
-    no change. Done on the full tensors, before vLLM's loaders take each rank's slice.
-    """
-    g = num_heads // num_kv_heads
-    rows_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def rows(layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if layer not in rows_cache:
-            kv = torch.tensor(orders[layer], dtype=torch.long)
-            q = (kv[:, None] * g + torch.arange(g)).reshape(-1)
-            d = torch.arange(head_dim)
-            rows_cache[layer] = ((q[:, None] * head_dim + d).reshape(-1), (kv[:, None] * head_dim + d).reshape(-1))
-        return rows_cache[layer]
-
-    for name, tensor in weights:
-        m = _ATTN_WEIGHT.search(name)
-        if m is None or int(m.group(1)) not in orders:
-            yield name, tensor
-            continue
-        layer, proj, kind = int(m.group(1)), m.group(2), m.group(3)
-        if proj == "qkv_proj":
-            raise ValueError(
-                f"checkpoint tensor {name!r}: fused qkv_proj weights are not supported with kv_head "
-                "allocations (the plugin permutes KV heads at load time and needs separate q_proj, "
-                "k_proj and v_proj tensors, as Hugging Face checkpoints store them)")
-        if proj == "o_proj" and kind == "bias":
-            yield name, tensor  # indexed by output features, not heads
-            continue
-        q_rows, kv_rows = rows(layer)
-        idx, dim = (kv_rows, 0) if proj in ("k_proj", "v_proj") else (q_rows, 1 if proj == "o_proj" else 0)
-        if tensor.dim() <= dim or tensor.shape[dim] != idx.numel():
-            raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}; expected "
-                             f"{idx.numel()} along dim {dim} ({proj} of {num_heads} query / {num_kv_heads} KV "
-                             f"heads of size {head_dim})")
-        yield name, tensor.index_select(dim, idx.to(tensor.device))
 
 
 class ConsaSelfAttention(nn.Module):
@@ -223,11 +174,9 @@ class ConsaForCausalLM(nn.Module, SupportsPP):
         config = vllm_config.model_config.hf_config
         self.config = config
         self.quant_config = vllm_config.quant_config
+        self.vllm_quantization = vllm_config.model_config.quantization
         self.model = ConsaModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"),
                                 qk_norm=self.qk_norm, qkv_bias=self.qkv_bias(config))
-        if self.quant_config is not None and self.model.consa_kv is not None:
-            raise NotImplementedError("quantized checkpoints are not supported with kv_head allocations yet "
-                                      "(head permutation of quantized weights)")
         if get_pp_group().is_last_rank:
             if config.tie_word_embeddings:
                 self.lm_head = self.model.embed_tokens
@@ -262,8 +211,11 @@ class ConsaForCausalLM(nn.Module, SupportsPP):
             if orders:
                 c = self.config
                 head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+                # The config check (consa_vllm.plugin.config) already refused formats whose
+                # tensors cannot follow the permutation, before any weight loaded.
+                fmt = quant_format(getattr(c, "quantization_config", None), self.vllm_quantization)
                 weights = permute_checkpoint_heads(weights, orders, c.num_attention_heads,
-                                                   c.num_key_value_heads, head_dim)
+                                                   c.num_key_value_heads, head_dim, quant=fmt)
         loader = AutoWeightsLoader(self, skip_prefixes=(["lm_head."] if self.config.tie_word_embeddings else None))
         return loader.load_weights(weights)  # ConsaModel (Qwen2Model) maps q/k/v -> qkv_proj
 
