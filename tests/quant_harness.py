@@ -130,6 +130,11 @@ def dequantize(d: Path, tensors: dict[str, torch.Tensor], cfg: dict,
         return ct
     if cfg["quant_method"] == "gptq":
         return _gptq_dequantize(tensors, cfg)
+    if cfg["quant_method"] == "fp8" and cfg.get("weight_block_size"):
+        from compressed_tensors.entrypoints.convert.converters.fp8block_dequantizer import FP8BlockDequantizer
+
+        out = FP8BlockDequantizer(weight_block_size=tuple(cfg["weight_block_size"])).process(tensors)
+        return {n: t.float() if n.endswith(".weight") else t for n, t in out.items()}
     raise AssertionError(cfg["quant_method"])
 
 

@@ -15,6 +15,9 @@ the tests make them with ``.venv-quant`` where that exists. Online ``--quantizat
 needs no checkpoint: its reference is the unquantized model (both sides then carry the
 same quantization error).
 
+The DeepSeek-style FP8 block format (``quant_method: fp8``, ``weight_scale_inv``) is made on
+the GPU itself by transformers' FineGrainedFP8 quantizer, which needs one.
+
 Run: ``CONSA_QUANT_CHECKPOINTS=DIR python -m pytest -q -s tests/test_gpu_quant.py``.
 """
 
@@ -102,6 +105,49 @@ def _assert_parity(result: dict) -> None:
 def test_gpu_quantized_kv_head_calibrated_parity(ckpts, root, scheme):
     ckpt = ckpts[scheme]
     _assert_parity(_compare(root, scheme, ckpt, dequantized_copy(ckpt, root / f"{scheme}-dequantized")))
+
+
+@pytest.fixture(scope="module")
+def native_fp8_block(ckpts, root):
+    """``quant_method: fp8`` with 128x128 ``weight_scale_inv``, by transformers on the GPU."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, FineGrainedFP8Config
+
+    base = ckpts[SCHEMES[0]].parent / "base"
+    out = root / "fp8-block-native"
+    model = AutoModelForCausalLM.from_pretrained(base, quantization_config=FineGrainedFP8Config(),
+                                                 dtype=torch.bfloat16, device_map="cuda")
+    model.save_pretrained(out)
+    for f in base.iterdir():
+        if f.name.startswith("tokenizer") or f.suffix == ".jinja":
+            shutil.copy2(f, out / f.name)
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "fp8" and list(cfg["weight_block_size"]) == [128, 128], cfg
+    return out
+
+
+def test_gpu_native_fp8_block_permutation_is_exact(native_fp8_block):
+    from quant_harness import dequantize, load
+
+    from consa_vllm.plugin.layout import balance_heads
+    from consa_vllm.plugin.permute import PLAIN, permute_checkpoint_heads, quant_format
+
+    tensors, cfg = load(native_fp8_block)
+    assert any(n.endswith("self_attn.o_proj.weight_scale_inv") for n in tensors)
+    orders = dict(enumerate(balance_heads(PATTERN, 1)))
+    moved = dict(permute_checkpoint_heads(tensors.items(), orders, 8, 4, 128, quant=quant_format(cfg)))
+    got = dequantize(native_fp8_block, moved, cfg)
+    want = dict(permute_checkpoint_heads(dequantize(native_fp8_block, tensors, cfg).items(), orders, 8, 4, 128,
+                                         quant=PLAIN))
+    for n in want:
+        if n.endswith(".weight") and ".self_attn." in n:
+            assert torch.equal(got[n], want[n]), n
+
+
+def test_gpu_native_fp8_block_kv_head_calibrated_parity(native_fp8_block, root):
+    ckpt = native_fp8_block
+    _assert_parity(_compare(root, "fp8-block-native", ckpt, dequantized_copy(ckpt, root / "fp8-native-dequantized")))
 
 
 def test_gpu_online_fp8_kv_head_calibrated_parity(ckpts, root):

@@ -294,7 +294,7 @@ def entry_index(perm: torch.Tensor, axis: Axis) -> torch.Tensor | None:
     src = perm // u
     if axis.packed:
         if c % u:
-            raise QuantPermutationError(f"{c} channels do not fill whole packs of {u}")
+            raise QuantPermutationError(f"packs of {u} channels (of {c}, not a whole number of packs)")
         # A packed word keeps its channels in order: position within the word must match.
         if not torch.equal(perm % u, torch.arange(c) % u):
             raise QuantPermutationError(f"packs of {u} channels")
