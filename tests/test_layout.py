@@ -163,7 +163,7 @@ def test_permuted_checkpoint_computes_the_same_function(tmp_path, family, tp):
     """Permuting a real HF checkpoint's heads as the plugin does leaves its logits unchanged."""
     import torch
 
-    from consa_vllm.plugin.models import permute_checkpoint_heads
+    from consa_vllm.plugin.permute import permute_checkpoint_heads
 
     model = _tiny_hf(tmp_path, family)
     pattern = ["FSSF", "SSSS", "FFFS"]
@@ -185,7 +185,7 @@ def test_permuted_checkpoint_computes_the_same_function(tmp_path, family, tp):
 def test_permutation_moves_biases_and_refuses_fused_qkv():
     import torch
 
-    from consa_vllm.plugin.models import permute_checkpoint_heads
+    from consa_vllm.plugin.permute import permute_checkpoint_heads
 
     orders = {0: (1, 0)}  # 2 KV heads, G=2, head_dim 1
     q_bias = torch.arange(4.0)

@@ -56,7 +56,26 @@ def check_serving_config(vllm_config: Any) -> Allocation:
         note = balance_summary(allocation, tp)
         if note:
             logger.warning("%s", note)
+    if allocation.granularity == "kv_head":
+        check_quantization(model_config, allocation, tp)
     return allocation
+
+
+def check_quantization(model_config: Any, allocation: Allocation, tp: int) -> None:
+    """Refuse a quantized checkpoint whose tensors cannot follow the load-time head permutation.
+
+    Runs while vLLM builds its config, so a refusal is one line before any weight loads.
+    Layer allocations never permute heads (stock vLLM attention) and need no check.
+    """
+    from consa_vllm.plugin.layout import balance_heads
+    from consa_vllm.plugin.permute import check_quantized_permutation
+
+    hf = model_config.hf_config
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    orders = dict(enumerate(balance_heads(allocation.pattern, tp)))
+    check_quantized_permutation(getattr(hf, "quantization_config", None), orders,
+                                num_heads=hf.num_attention_heads, num_kv_heads=hf.num_key_value_heads,
+                                head_dim=head_dim, method=getattr(model_config, "quantization", None))
 
 
 class StockFamilyConfig:

@@ -39,7 +39,7 @@ from consa_vllm.allocation import Allocation
 from consa_vllm.plugin.attention import ConsaAttention, ConsaKVPools
 from consa_vllm.plugin.config import read_allocation
 from consa_vllm.plugin.layout import PoolLayout, allocation_sink
-from consa_vllm.plugin.permute import permute_checkpoint_heads
+from consa_vllm.plugin.permute import permute_checkpoint_heads, quant_format
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" so vLLM's log handler shows it
 
@@ -127,6 +127,7 @@ class ConsaMixin:
         allocation = read_allocation(vllm_config.model_config.hf_config, vllm_config.model_config.model)
         self.consa_allocation = allocation
         self.consa_hf_config = vllm_config.model_config.hf_config
+        self.consa_quantization = vllm_config.model_config.quantization
         self.consa_kv = install_consa_attention(self, vllm_config, allocation, prefix)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
@@ -137,8 +138,11 @@ class ConsaMixin:
             if orders:
                 c = self.consa_hf_config
                 head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+                # The config check (consa_vllm.plugin.config) already refused formats whose
+                # tensors cannot follow the permutation, before any weight loaded.
+                fmt = quant_format(getattr(c, "quantization_config", None), self.consa_quantization)
                 weights = permute_checkpoint_heads(weights, orders, c.num_attention_heads,
-                                                   c.num_key_value_heads, head_dim)
+                                                   c.num_key_value_heads, head_dim, quant=fmt)
         return super().load_weights(weights)
 
 
