@@ -30,7 +30,7 @@ import sys
 import pytest
 
 torch = pytest.importorskip("torch")
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.engine, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 from engine_harness import export, prompts_of, reference_generate, run_vllm  # noqa: E402
 from quant_harness import checkpoints, dequantized_copy, shared_root  # noqa: E402
