@@ -141,4 +141,4 @@ def test_duo_l1_refused_for_consa(tmp_path):
     build_tiny_model(model)
     r = run_cli("--model", str(model), "--data", str(model / "config.json"), "--duo-l1", "0.1",
                 "--out", str(tmp_path / "a.json"))
-    assert r.returncode == 2 and r.stderr.strip() == "error: --duo-l1 applies to --method duo only", r.stderr
+    assert r.returncode == 2 and r.stderr.strip() == "python -m consa_vllm.train: error: --duo-l1 applies to --method duo only", r.stderr

@@ -118,12 +118,13 @@ def train_duo(cfg: TrainConfig, tasks: Sequence | None = None) -> Allocation:
     ``tasks`` (a list of :class:`consa_vllm.eval.tasks.TaskSpec`) lets a caller use tasks that fit
     its tokenizer (e.g. the symbolic task of a word-level test model).
     """
-    from .loop import load_model, load_tokenizer, patch_model, setup_distributed
+    from .dist import Parallel
+    from .loop import load_model, load_tokenizer, patch_model
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("--method duo runs in one process (it learns one gate per KV head with frozen weights); "
                           "run it without torchrun")
-    _, _, device = setup_distributed(cfg)
+    device = Parallel.from_env(cfg.device, fsdp=False).device
     torch.manual_seed(cfg.seed)
     tok = load_tokenizer(cfg)
     filler = read_filler(cfg, tok)
@@ -188,10 +189,11 @@ def train_duo(cfg: TrainConfig, tasks: Sequence | None = None) -> Allocation:
             "final": history[-1] if history else {}, "duration_s": round(time.time() - t0, 3), "gates": gates,
         })
     alloc.save(cfg.out)
-    from consa_vllm.allocation import render_text
+    from consa_vllm.allocation import plot_allocation, render_text
 
-    from .plots import plot_allocation, plot_curves
-    plot_allocation(alloc, log_dir / "allocation.png")
+    from .plots import plot_curves
+    # The package's one heatmap, with the learned gates in its second panel.
+    plot_allocation(alloc, log_dir / "allocation.png", title=Path(cfg.out).name, probabilities=gates)
     plot_curves(history, log_dir / "curves.png")
     if cfg.progress:
         print(render_text(alloc), file=sys.stderr)
