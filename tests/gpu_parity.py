@@ -1,19 +1,28 @@
 """Calibrated GPU parity: a ConSA model's error against the reference attention, next to
 stock vLLM's own error on the all-F model under the same dtype and quantization.
 
-Both errors are measured the same way: vLLM generates greedily (a batch above 16, so that
-the FlashAttention pool path runs for decode, with torch.compile and CUDA graphs), then
-the float32 reference attention (HF transformers, patched with the allocation) scores
-vLLM's own sequences by teacher forcing. The error of a generated token is
+Every error is measured the same way: vLLM generates greedily (with torch.compile and CUDA
+graphs; the prompts run in rounds, one with a decode batch above 16 so that the
+FlashAttention pool path runs, one at or below 16 for the fused Triton decode), then the
+float32 reference attention (HF transformers, patched with the allocation) scores vLLM's
+own sequences by teacher forcing. The error of a generated token is
 |logprob_vLLM - logprob_reference| of that token, so a bf16 divergence of greedy paths
 does not inflate it. The ConSA model passes when its mean and max error are no larger
 than stock vLLM's on the all-F model.
+
+:func:`run_variants` also serves diagnostic variants, each against its own reference:
+the all-F allocation through the ConSA kernels (same model as stock all-F: isolates the
+kernel path), the uneven allocation with FlashAttention off (the fused Triton kernel for
+everything), and a layer-shaped allocation served both through the ConSA kernels and
+through stock vLLM's per-layer windows (same model, two implementations).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import os
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from engine_harness import Generation, run_vllm
@@ -23,10 +32,24 @@ from engine_harness import Generation, run_vllm
 class ErrorStats:
     mean: float
     max: float
+    p99: float
     tokens: int
+    rounds: list[dict] = field(default_factory=list)  # mean / max per generation round
 
     def __str__(self) -> str:
-        return f"mean |dlogprob| {self.mean:.3e}, max {self.max:.3e} over {self.tokens} tokens"
+        return (f"mean |dlogprob| {self.mean:.3e}, p99 {self.p99:.3e}, max {self.max:.3e} over {self.tokens} "
+                f"tokens")
+
+
+@dataclass
+class Variant:
+    """One engine: ``model`` served by vLLM, scored against the reference patched with
+    ``allocation`` (None: plain HF attention), under the environment ``env``."""
+
+    name: str
+    model: Path
+    allocation: object = None
+    env: dict[str, str] = field(default_factory=dict)
 
 
 def round_weights_to(src: Path, dtype: str) -> None:
@@ -40,8 +63,9 @@ def round_weights_to(src: Path, dtype: str) -> None:
         save_file(tensors, f, metadata={"format": "pt"})
 
 
-def reference_errors(src: Path, allocation, gen: Generation, prompts: list[list[int]]) -> ErrorStats:
-    """Score vLLM's generated tokens with the float32 reference (teacher forcing)."""
+def token_errors(src: Path, allocation, gen: Generation, prompts: list[list[int]]) -> list[list[float]]:
+    """Per prompt, the |dlogprob| of each generated token against the float32 reference
+    (teacher forcing on vLLM's own tokens)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -50,34 +74,80 @@ def reference_errors(src: Path, allocation, gen: Generation, prompts: list[list[
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     if allocation is not None:
         patch_model(model, window=allocation.window, allocation=allocation)
-    errs: list[float] = []
+    errs: list[list[float]] = []
     with torch.no_grad():
         for p, toks, lps in zip(prompts, gen.tokens, gen.top_logprobs):
             ids = torch.tensor([p + toks])
-            logits = model(ids).logits[0, len(p) - 1:-1].float()
-            ref = torch.log_softmax(logits, dim=-1)
-            for i, t in enumerate(toks):
-                errs.append(abs(lps[i][t] - float(ref[i, t])))
-    return ErrorStats(mean=sum(errs) / len(errs), max=max(errs), tokens=len(errs))
+            ref = torch.log_softmax(model(ids).logits[0, len(p) - 1:-1].float(), dim=-1)
+            errs.append([abs(lps[i][t] - float(ref[i, t])) for i, t in enumerate(toks)])
+    return errs
+
+
+def error_stats(errs: list[list[float]], rounds: list[int] | None = None) -> ErrorStats:
+    """Mean, 99th percentile and max over all tokens, and mean / max per round of prompts."""
+    flat = sorted(e for row in errs for e in row)
+    stats = ErrorStats(mean=sum(flat) / len(flat), max=flat[-1], p99=flat[min(len(flat) - 1, int(0.99 * len(flat)))],
+                       tokens=len(flat))
+    start = 0
+    for n in rounds or [len(errs)]:
+        part = [e for row in errs[start:start + n] for e in row]
+        stats.rounds.append({"prompts": n, "mean": sum(part) / len(part), "max": max(part)})
+        start += n
+    return stats
+
+
+@contextmanager
+def _env(values: dict[str, str]):
+    # Engines run in spawned processes, which inherit os.environ at start.
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def run_variants(src: Path, variants: list[Variant], prompts: list[list[int]], max_tokens: int,
+                 rounds: list[int] | None = None, report: Path | None = None, **engine_kw) -> dict[str, ErrorStats]:
+    """Serve each variant in turn and score it; write everything (per-token errors too) to
+    ``report``. The reference always runs on ``src``'s weights."""
+    kw = dict(enforce_eager=False, gpu_memory_utilization=0.06, max_num_seqs=64, max_model_len=2048)
+    kw.update(engine_kw)
+    results: dict[str, ErrorStats] = {}
+    per_token: dict[str, list[list[float]]] = {}
+    for v in variants:
+        with _env(v.env):
+            gen = run_vllm(v.model, prompts, max_tokens, rounds=rounds, **kw)
+        per_token[v.name] = token_errors(src, v.allocation, gen, prompts)
+        results[v.name] = error_stats(per_token[v.name], rounds)
+        print(f"  {v.name}: {results[v.name]}", flush=True)
+        if report is not None:
+            report.parent.mkdir(parents=True, exist_ok=True)
+            report.write_text(json.dumps({
+                "stats": {k: asdict(s) for k, s in results.items()},
+                "variants": {x.name: {"allocation": None if x.allocation is None else
+                                      {"granularity": x.allocation.granularity, "pattern": x.allocation.pattern,
+                                       "window": x.allocation.window, "sink": x.allocation.sink},
+                                      "env": x.env} for x in variants},
+                "engine": {k: str(val) for k, val in kw.items()}, "rounds": rounds,
+                "prompt_lengths": [len(p) for p in prompts],
+                "per_token": {k: [[round(e, 6) for e in row] for row in rows] for k, rows in per_token.items()},
+            }, indent=1))
+    return results
 
 
 def calibrated_parity(src: Path, consa_dir: Path, allocation, prompts: list[list[int]], max_tokens: int,
-                      report: Path | None = None, stock_dir: Path | None = None, **engine_kw
-                      ) -> tuple[ErrorStats, ErrorStats]:
+                      report: Path | None = None, stock_dir: Path | None = None,
+                      rounds: list[int] | None = None, **engine_kw) -> tuple[ErrorStats, ErrorStats]:
     """(stock all-F error, ConSA error), both against the float32 reference.
 
     ``stock_dir`` is what stock vLLM serves (default ``src``: the same checkpoint, e.g. a
     quantized one); the reference always runs on ``src``'s (dequantized) weights.
     """
-    kw = dict(enforce_eager=False, gpu_memory_utilization=0.06, max_num_seqs=64, max_model_len=2048)
-    kw.update(engine_kw)
-    stock_gen = run_vllm(stock_dir or src, prompts, max_tokens, **kw)
-    consa_gen = run_vllm(consa_dir, prompts, max_tokens, **kw)
-    stock = reference_errors(src, None, stock_gen, prompts)
-    consa = reference_errors(src, allocation, consa_gen, prompts)
-    if report is not None:
-        report.parent.mkdir(parents=True, exist_ok=True)
-        report.write_text(json.dumps({"stock_all_f": asdict(stock), "consa": asdict(consa),
-                                      "engine": {k: str(v) for k, v in kw.items()},
-                                      "pattern": allocation.pattern, "window": allocation.window}, indent=1))
-    return stock, consa
+    res = run_variants(src, [Variant("stock_all_f", stock_dir or src), Variant("consa", consa_dir, allocation)],
+                       prompts, max_tokens, rounds=rounds, report=report, **engine_kw)
+    return res["stock_all_f"], res["consa"]

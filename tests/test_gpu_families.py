@@ -1,14 +1,23 @@
 """GPU (skipped without CUDA): calibrated parity (see gpu_parity.py) of every family through
 vLLM's own classes, and of streaming heads (sink + window); bf16, torch.compile + CUDA graphs,
-decode batch 24.
+a round of 24 prompts (decode batch above 16: FlashAttention over the pools) and a round of 8
+(the fused Triton decode).
+
+Besides the pass rule (the uneven ConSA model's error no larger than stock vLLM's on the
+all-F model), each case serves diagnostic variants (gpu_parity.run_variants) that compare
+like with like: the all-F allocation through the ConSA kernels against stock all-F (same
+model), the uneven allocation with FlashAttention off, and, without sinks, one layer-shaped
+allocation through the ConSA kernels against stock vLLM's own per-layer windows.
 
 Run on the GPU machine, each engine in its own process (several compiled in-process engines
-in one process hit a CUDA allocator assert)::
+in one process hit a CUDA allocator assert); the cases are independent, so they may run as
+parallel pytest processes (``-k``)::
 
     VLLM_ENABLE_V1_MULTIPROCESSING=1 VLLM_WORKER_MULTIPROC_METHOD=spawn \
         python -m pytest -q -s tests/test_gpu_families.py
 
-Each case writes its figures to ``$CONSA_GPU_REPORT_DIR`` (default: the test's tmp dir).
+Each case writes its figures, per-token errors included, to ``$CONSA_GPU_REPORT_DIR``
+(default: the test's tmp dir).
 """
 
 from __future__ import annotations
@@ -23,15 +32,16 @@ pytestmark = [pytest.mark.engine,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 from engine_harness import TINY, prompts_of  # noqa: E402
-from gpu_parity import calibrated_parity, round_weights_to  # noqa: E402
+from gpu_parity import Variant, round_weights_to, run_variants  # noqa: E402
 
 from consa_vllm.allocation import Allocation  # noqa: E402
 from consa_vllm.export import export_model  # noqa: E402
 
 WINDOW = 32
 PATTERN = ["FSSS", "SSSS", "SFFS", "FFFF"]
-# 24 sequences: decode batches above 16 run the FlashAttention pool path.
-LENGTHS = [40, 77, 130, 300, 9, 520, 64, 700] * 3
+LAYER_SHAPED = ["SSSS", "FFFF", "SSSS", "FFFF"]
+ROUNDS = [24, 8]
+LENGTHS = [40, 77, 130, 300, 9, 520, 64, 700] * 3 + [33, 150, 410, 90, 260, 600, 48, 700]
 
 
 @pytest.mark.parametrize("family, sink", [("qwen3_moe", 0), ("mixtral", 0), ("qwen3", 0), ("qwen3", 4),
@@ -42,11 +52,22 @@ def test_gpu_calibrated_parity(tmp_path, family, sink):
     # Its own copy: the weights are rounded to bf16 in place.
     src = build_tiny_model(tmp_path / "src", family, **{**TINY, "head_dim": 64})
     round_weights_to(src, "bfloat16")
-    alloc = Allocation(granularity="kv_head", window=WINDOW, pattern=PATTERN, sink=sink)
-    dst = export_model(src, alloc, tmp_path / "consa")
+
+    def consa(name: str, pattern: list[str], granularity: str = "kv_head") -> tuple[Path, Allocation]:
+        alloc = Allocation(granularity=granularity, window=WINDOW, pattern=pattern, sink=sink)
+        return export_model(src, alloc, tmp_path / name), alloc
+
+    uneven, alloc = consa("consa", PATTERN)
+    variants = [Variant("stock_all_f", src), Variant("consa", uneven, alloc),
+                Variant("consa_all_f", *consa("consa_all_f", ["FFFF"] * 4)),
+                Variant("consa_fused", uneven, alloc, env={"CONSA_PREFILL_IMPL": "fused"})]
+    if sink == 0:
+        variants += [Variant("consa_layer_shaped", *consa("consa_layer_shaped", LAYER_SHAPED)),
+                     Variant("stock_layer_shaped", *consa("stock_layer_shaped", LAYER_SHAPED, "layer"))]
     report = Path(os.environ.get("CONSA_GPU_REPORT_DIR", tmp_path)) / f"families-{family}-sink{sink}.json"
-    stock, consa = calibrated_parity(src, dst, alloc, prompts_of(LENGTHS, seed=5), 32, report=report,
-                                     dtype="bfloat16")
-    print(f"{family} sink {sink}: stock all-F {stock}; consa {consa}")
-    assert consa.mean <= stock.mean
-    assert consa.max <= stock.max
+    res = run_variants(src, variants, prompts_of(LENGTHS, seed=5), 32, rounds=ROUNDS, report=report,
+                       dtype="bfloat16")
+    stock, got = res["stock_all_f"], res["consa"]
+    print(f"{family} sink {sink}: stock all-F {stock}; consa {got}")
+    assert got.mean <= stock.mean
+    assert got.max <= stock.max
