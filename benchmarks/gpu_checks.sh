@@ -11,7 +11,11 @@
 set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
-export CONSA_GPU_REPORT_DIR="$OUT" VLLM_ENABLE_V1_MULTIPROCESSING=1 VLLM_WORKER_MULTIPROC_METHOD=spawn
+# A fixed 1 GiB KV cache per engine: vLLM's memory profiling fails when other processes'
+# engines start or stop on the same GPU meanwhile. Two CPU threads per process for the
+# float32 references (8 processes on 16 cores).
+export CONSA_GPU_REPORT_DIR="$OUT" VLLM_ENABLE_V1_MULTIPROCESSING=1 VLLM_WORKER_MULTIPROC_METHOD=spawn \
+  CONSA_TEST_KV_CACHE_BYTES=$((1 << 30)) OMP_NUM_THREADS=2
 run() {  # name, pytest args...
   local name=$1; shift
   ( start=$(date +%s)

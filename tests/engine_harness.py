@@ -88,6 +88,10 @@ def run_vllm(model_dir: Path, prompts: list[list[int]], max_tokens: int, logprob
 
     kw = dict(dtype="float32", max_model_len=512, max_num_seqs=8, enforce_eager=True, block_size=16, seed=0)
     kw.update(llm_kwargs)
+    if os.environ.get("CONSA_TEST_KV_CACHE_BYTES"):
+        # A fixed KV-cache size skips vLLM's memory profiling, which fails when engines of
+        # parallel test processes share one GPU (benchmarks/gpu_checks.sh).
+        kw.setdefault("kv_cache_memory_bytes", int(os.environ["CONSA_TEST_KV_CACHE_BYTES"]))
     llm = LLM(model=str(model_dir), **kw)
     try:
         params = SamplingParams(max_tokens=max_tokens, temperature=0, logprobs=logprobs, ignore_eos=True)

@@ -2,13 +2,16 @@
 stock vLLM's own error on the all-F model under the same dtype and quantization.
 
 Every error is measured the same way: vLLM generates greedily (with torch.compile and CUDA
-graphs; the prompts run in rounds, one with a decode batch above 16 so that the
-FlashAttention pool path runs, one at or below 16 for the fused Triton decode), then the
+graphs; the prompts run in rounds, one with a decode batch above the fused kernel's limit
+(128 // KV heads sequences) so that the FlashAttention pool path runs, one within it for the
+fused Triton split-KV decode), then the
 float32 reference attention (HF transformers, patched with the allocation) scores vLLM's
 own sequences by teacher forcing. The error of a generated token is
 |logprob_vLLM - logprob_reference| of that token, so a bf16 divergence of greedy paths
 does not inflate it. The ConSA model passes when its mean and max error are no larger
-than stock vLLM's on the all-F model.
+than stock vLLM's on the all-F model. Pairs of variants are also compared prompt by
+prompt (paired bootstrap of the per-prompt mean errors), which says whether a difference
+is larger than the spread over prompts.
 
 :func:`run_variants` also serves diagnostic variants, each against its own reference:
 the all-F allocation through the ConSA kernels (same model as stock all-F: isolates the
@@ -111,10 +114,23 @@ def _env(values: dict[str, str]):
                 os.environ[k] = v
 
 
+def paired(errs_a: list[list[float]], errs_b: list[list[float]]) -> dict:
+    """Per-prompt mean errors of ``a`` against ``b`` (same prompts): the ratio of the overall
+    means and the paired bootstrap of ``mean(a) - mean(b)`` (95% interval, p-value)."""
+    from consa_vllm.eval.stats import paired_bootstrap
+
+    a = [sum(r) / len(r) for r in errs_a]
+    b = [sum(r) / len(r) for r in errs_b]
+    d = paired_bootstrap(a, b)
+    return {"ratio": sum(a) / sum(b), "diff": d.mean, "low": d.low, "high": d.high, "p_value": d.p_value}
+
+
 def run_variants(src: Path, variants: list[Variant], prompts: list[list[int]], max_tokens: int,
-                 rounds: list[int] | None = None, report: Path | None = None, **engine_kw) -> dict[str, ErrorStats]:
-    """Serve each variant in turn and score it; write everything (per-token errors too) to
-    ``report``. The reference always runs on ``src``'s weights."""
+                 rounds: list[int] | None = None, report: Path | None = None,
+                 pairs: list[tuple[str, str]] = (), **engine_kw) -> dict[str, ErrorStats]:
+    """Serve each variant in turn and score it; write everything (per-token errors and the
+    paired comparisons of ``pairs`` too) to ``report``. The reference always runs on
+    ``src``'s weights."""
     kw = dict(enforce_eager=False, gpu_memory_utilization=0.06, max_num_seqs=64, max_model_len=2048)
     kw.update(engine_kw)
     results: dict[str, ErrorStats] = {}
@@ -129,6 +145,8 @@ def run_variants(src: Path, variants: list[Variant], prompts: list[list[int]], m
             report.parent.mkdir(parents=True, exist_ok=True)
             report.write_text(json.dumps({
                 "stats": {k: asdict(s) for k, s in results.items()},
+                "paired": {f"{a} vs {b}": paired(per_token[a], per_token[b]) for a, b in pairs
+                           if a in per_token and b in per_token},
                 "variants": {x.name: {"allocation": None if x.allocation is None else
                                       {"granularity": x.allocation.granularity, "pattern": x.allocation.pattern,
                                        "window": x.allocation.window, "sink": x.allocation.sink},

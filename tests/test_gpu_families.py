@@ -1,7 +1,7 @@
 """GPU (skipped without CUDA): calibrated parity (see gpu_parity.py) of every family through
 vLLM's own classes, and of streaming heads (sink + window); bf16, torch.compile + CUDA graphs,
-a round of 24 prompts (decode batch above 16: FlashAttention over the pools) and a round of 8
-(the fused Triton decode).
+a round of 48 prompts (decode batches above the fused kernel's 32 sequences for 4 KV heads:
+FlashAttention over the pools) and a round of 16 (the fused Triton split-KV decode).
 
 Besides the pass rule (the uneven ConSA model's error no larger than stock vLLM's on the
 all-F model), each case serves diagnostic variants (gpu_parity.run_variants) that compare
@@ -40,8 +40,8 @@ from consa_vllm.export import export_model  # noqa: E402
 WINDOW = 32
 PATTERN = ["FSSS", "SSSS", "SFFS", "FFFF"]
 LAYER_SHAPED = ["SSSS", "FFFF", "SSSS", "FFFF"]
-ROUNDS = [24, 8]
-LENGTHS = [40, 77, 130, 300, 9, 520, 64, 700] * 3 + [33, 150, 410, 90, 260, 600, 48, 700]
+ROUNDS = [48, 16]
+LENGTHS = [40, 77, 130, 300, 9, 520, 64, 700] * 6 + [33, 150, 410, 90, 260, 600, 48, 700] * 2
 
 
 @pytest.mark.parametrize("family, sink", [("qwen3_moe", 0), ("mixtral", 0), ("qwen3", 0), ("qwen3", 4),
@@ -65,8 +65,10 @@ def test_gpu_calibrated_parity(tmp_path, family, sink):
         variants += [Variant("consa_layer_shaped", *consa("consa_layer_shaped", LAYER_SHAPED)),
                      Variant("stock_layer_shaped", *consa("stock_layer_shaped", LAYER_SHAPED, "layer"))]
     report = Path(os.environ.get("CONSA_GPU_REPORT_DIR", tmp_path)) / f"families-{family}-sink{sink}.json"
+    pairs = [("consa", "stock_all_f"), ("consa_all_f", "stock_all_f"), ("consa_fused", "consa"),
+             ("consa_layer_shaped", "stock_layer_shaped"), ("stock_layer_shaped", "stock_all_f")]
     res = run_variants(src, variants, prompts_of(LENGTHS, seed=5), 32, rounds=ROUNDS, report=report,
-                       dtype="bfloat16")
+                       pairs=pairs, dtype="bfloat16")
     stock, got = res["stock_all_f"], res["consa"]
     print(f"{family} sink {sink}: stock all-F {stock}; consa {got}")
     assert got.mean <= stock.mean
