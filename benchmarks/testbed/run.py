@@ -28,7 +28,6 @@ Phases:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -39,7 +38,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-PHASES = ("corpus", "pretrain", "allocations", "stage2", "eval", "report")
+from .common import device_name, log, make_parser, open_run, phase_seconds, run_phases
 
 
 class ResultRow(BaseModel):
@@ -135,15 +134,14 @@ CONSA_VARIANTS = {  # name -> (granularity, constraint)
 RULES = ("interleave", "bottom", "middle", "uniform")
 
 
-def log(msg: str) -> None:
-    print(f"[testbed {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
 # ------------------------------------------------------------------ phase 1: corpus
 
 
-def phase_corpus(out: Path, s: Settings) -> None:
-    """Corpus, tokenizer, token ids and retrieval documents under ``out/corpus``."""
+def phase_corpus(out: Path, s: Settings) -> bool:
+    """Corpus, tokenizer, token ids and retrieval documents under ``out/corpus``.
+
+    Takes no time budget: it always runs to the end, and returns True (finished).
+    """
     import numpy as np
 
     from consa_vllm.tiny import build_tokenizer
@@ -152,7 +150,7 @@ def phase_corpus(out: Path, s: Settings) -> None:
 
     d = out / "corpus"
     if (d / "done").exists():
-        return
+        return True
     log(f"corpus: reading Python files (up to {s.max_corpus_bytes / 1e6:.0f} MB)")
     m = build_corpus(d, s.max_corpus_bytes, s.heldout_per_mille)
     n_train = sum(f.split == "train" for f in m.files)
@@ -189,6 +187,7 @@ def phase_corpus(out: Path, s: Settings) -> None:
         log(f"corpus: {split}: {arr.size / 1e6:.2f} M tokens")
     make_retrieval_docs(d, s, tok)
     (d / "done").write_text("ok\n")
+    return True
 
 
 def retrieval_tasks():
@@ -491,7 +490,7 @@ def phase_report(out: Path, s: Settings) -> dict:
         r["retrieval_vs_dense"] = r["retrieval"] / dense["retrieval"] if dense["retrieval"] else None
     results = {"settings": s.model_dump(), "pretrain": json.loads((out / "pretrain.json").read_text()),
                "corpus_files": len(json.loads((out / "corpus" / "manifest.json").read_text())["files"]),
-               "device": _device_name(s.device), "phase_seconds": _phase_seconds(out), "rows": rows}
+               "device": device_name(s.device), "phase_seconds": phase_seconds(out), "rows": rows}
     write_json(out / "results.json", RunResults.model_validate(results).model_dump())
     lines = ["| allocation | rho | retrieval | beyond window | vs dense | passkey | kv | loss | loss beyond W "
              "| KV vs dense |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -506,27 +505,6 @@ def phase_report(out: Path, s: Settings) -> dict:
     (out / "results.md").write_text("\n".join(lines) + "\n")
     log("report: " + str(out / "results.md") + "\n" + "\n".join(lines))
     return results
-
-
-def _device_name(device: str) -> str:
-    import torch
-
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name(torch.device(device))
-    import platform
-
-    return f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
-
-
-def _phase_seconds(out: Path) -> dict[str, float]:
-    path = out / "phase-seconds.json"
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def _add_phase_seconds(out: Path, phase: str, seconds: float) -> None:
-    times = _phase_seconds(out)
-    times[phase] = round(times.get(phase, 0.0) + seconds, 1)
-    (out / "phase-seconds.json").write_text(json.dumps(times, indent=1) + "\n")
 
 
 def publish(out: Path, dst: Path) -> None:
@@ -546,57 +524,18 @@ def publish(out: Path, dst: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the phases asked for (default: all, in order), skipping finished work."""
-    p = argparse.ArgumentParser(prog="python -m benchmarks.testbed.run", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, metavar="DIR", help="run directory (created; reruns continue in it)")
-    p.add_argument("--phase", choices=("all", *PHASES), default="all", help="run one phase (default: all)")
-    p.add_argument("--smoke", action="store_true", help="toy sizes on CPU, float32 (checks the pipeline only)")
-    p.add_argument("--max-minutes", type=float, default=None,
-                   help="stop the pretrain/stage2/eval phases after about this long, resumable (default: no limit)")
-    p.add_argument("--device", default=None, help="override the device (default: cuda, or cpu with --smoke)")
-    p.add_argument("--results-dir", metavar="DIR", default=None,
-                   help="after the report, copy the small artifacts there (results.json/.md, heatmaps/, "
-                        "corpus manifest, pretraining log) for committing")
+    p = make_parser("python -m benchmarks.testbed.run", __doc__,
+                    results_help="after the report, copy the small artifacts there (results.json/.md, heatmaps/, "
+                                 "corpus manifest, pretraining log) for committing")
     args = p.parse_args(argv)
-    s = SMOKE if args.smoke else FULL
-    if args.device:
-        s = s.model_copy(update={"device": args.device})
-    if s.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            p.exit(2, f"{p.prog}: error: --device {s.device}: CUDA is not available (use --smoke on CPU)\n")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    saved = out / "settings.json"
-    mine = s.model_dump_json()
-    if saved.exists() and json.loads(saved.read_text()) != json.loads(mine):
-        p.exit(2, f"{p.prog}: error: --out {out}: holds a run with other settings ({saved}); use a new DIR\n")
-    saved.write_text(mine + "\n")
-    phases = PHASES if args.phase == "all" else (args.phase,)
-    t0 = time.time()
-    for ph in phases:
-        left = None if args.max_minutes is None else args.max_minutes - (time.time() - t0) / 60
-        if left is not None and left <= 0:
-            log(f"time budget spent before phase {ph}; rerun the same command to continue")
-            return 3
-        if ph == "report":
-            phase_report(out, s)
-            if args.results_dir:
-                publish(out, Path(args.results_dir))
-            continue
-        t_phase = time.time()
-        if ph == "corpus":
-            phase_corpus(out, s)  # no time budget: it always runs to the end
-            finished = True
-        else:
-            finished = {"pretrain": phase_pretrain, "allocations": phase_allocations, "stage2": phase_stage2,
-                        "eval": phase_eval}[ph](out, s, left)
-        _add_phase_seconds(out, ph, time.time() - t_phase)
-        if not finished:
-            return 3
-    log(f"done in {time.time() - t0:.0f} s")
-    return 0
+    s, out = open_run(p, args, SMOKE if args.smoke else FULL)
+    return run_phases(args, out, {
+        "corpus": lambda left: phase_corpus(out, s),  # no time budget: it always runs to the end
+        "pretrain": lambda left: phase_pretrain(out, s, left),
+        "allocations": lambda left: phase_allocations(out, s, left),
+        "stage2": lambda left: phase_stage2(out, s, left),
+        "eval": lambda left: phase_eval(out, s, left),
+    }, report=lambda: phase_report(out, s), publish=publish)
 
 
 if __name__ == "__main__":

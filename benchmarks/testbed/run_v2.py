@@ -29,7 +29,6 @@ and eval phases, one process per GPU)::
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import sys
@@ -39,11 +38,10 @@ from typing import Callable
 
 from pydantic import BaseModel
 
-from .run import (CONSA_VARIANTS, Settings, _add_phase_seconds, _consa_data, _device_name, _phase_seconds,
-                  allocation_names, log, phase_corpus, phase_pretrain, phase_stage2)
+from .common import device_name, log, make_parser, open_run, phase_seconds, run_phases
+from .run import CONSA_VARIANTS, Settings, _consa_data, allocation_names, phase_corpus, phase_pretrain, phase_stage2
 from .tasks_v2 import TASKS
 
-PHASES = ("corpus", "pretrain", "allocations", "stage2", "eval", "report")
 RULES = ("bottom", "middle", "interleave", "uniform")
 MODES = ("masks", "stage2")
 #: The ConSA paper's ordering of retrieval accuracy, best first ("rules": the best rule).
@@ -372,7 +370,7 @@ def phase_report(out: Path, s: Settings2) -> dict:
                                            "s_bottom_f_middle": t["bottom"] < t["middle"]})
     prompts = len(next(iter(verdicts.values())))
     results = {"settings": s.model_dump(), "pretrain": json.loads((out / "pretrain.json").read_text()),
-               "device": _device_name(s.device), "phase_seconds": _phase_seconds(out), "prompts": prompts,
+               "device": device_name(s.device), "phase_seconds": phase_seconds(out), "prompts": prompts,
                "rows": [r.model_dump() for r in rows], "differences": [d.model_dump() for d in diffs],
                "paper_order": order_checks, "layer_pattern": pattern_checks}
     write_json(out / "results.json", ResultsV2.model_validate(results).model_dump())
@@ -427,18 +425,13 @@ def publish(out: Path, dst: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.testbed.run_v2", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, metavar="DIR", help="run directory (created; reruns continue in it)")
-    p.add_argument("--phase", choices=("all", *PHASES), default="all", help="run one phase (default: all)")
-    p.add_argument("--smoke", action="store_true", help="toy sizes on CPU, float32 (checks the pipeline only)")
-    p.add_argument("--max-minutes", type=float, default=None, help="stop a phase after about this long, resumable")
+    """Run the phases asked for (default: all, in order), skipping finished work; ``--shard`` splits one."""
+    p = make_parser("python -m benchmarks.testbed.run_v2", __doc__,
+                    results_help="after the report, copy the small artifacts there")
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="allocations, stage2, eval: run every N-th job from the I-th (one process per GPU)")
-    p.add_argument("--device", default=None, help="override the device (default: cuda, or cpu with --smoke)")
     p.add_argument("--per-cell", type=int, default=None, metavar="N",
                    help="override the prompts per (task, context, depth) cell (fix it before the eval phase starts)")
-    p.add_argument("--results-dir", metavar="DIR", default=None, help="after the report, copy the small artifacts there")
     args = p.parse_args(argv)
     if args.shard is not None:
         i, _, n = args.shard.partition("/")
@@ -447,54 +440,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.phase not in ("allocations", "stage2", "eval"):
             p.exit(2, f"{p.prog}: error: --shard applies to --phase allocations, stage2 or eval\n")
     s = SMOKE2 if args.smoke else FULL2
-    if args.device:
-        s = s.model_copy(update={"device": args.device})
     if args.per_cell is not None:
         if args.per_cell < 1:
             p.exit(2, f"{p.prog}: error: --per-cell must be >= 1, got {args.per_cell}\n")
         s = s.model_copy(update={"per_cell": args.per_cell})
-    if s.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            p.exit(2, f"{p.prog}: error: --device {s.device}: CUDA is not available (use --smoke on CPU)\n")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    saved = out / "settings.json"
-    mine = s.model_dump_json()
-    if saved.exists() and json.loads(saved.read_text()) != json.loads(mine):
-        p.exit(2, f"{p.prog}: error: --out {out}: holds a run with other settings ({saved}); use a new DIR\n")
-    saved.write_text(mine + "\n")
-    phases = PHASES if args.phase == "all" else (args.phase,)
-    t0 = time.time()
-    for ph in phases:
-        left = None if args.max_minutes is None else args.max_minutes - (time.time() - t0) / 60
-        if left is not None and left <= 0:
-            log(f"time budget spent before phase {ph}; rerun the same command to continue")
-            return 3
-        if ph == "report":
-            phase_report(out, s)
-            if args.results_dir:
-                publish(out, Path(args.results_dir))
-            continue
-        t_phase = time.time()
-        if ph == "corpus":
-            phase_corpus(out, s)
-            finished = True
-        elif ph == "pretrain":
-            finished = phase_pretrain(out, s, left)
-        elif ph == "allocations":
-            finished = phase_allocations(out, s, left, args.shard)
-        elif ph == "stage2":
-            finished = phase_stage2(out, s, left, shard(allocation_names(out), args.shard))
-        else:
-            finished = phase_eval(out, s, left, args.shard)
-        if args.shard is None:  # parallel shards would race on the file; the log has their times
-            _add_phase_seconds(out, ph, time.time() - t_phase)
-        if not finished:
-            return 3
-    log(f"done in {time.time() - t0:.0f} s")
-    return 0
+    s, out = open_run(p, args, s)
+    return run_phases(args, out, {
+        "corpus": lambda left: phase_corpus(out, s),  # no time budget: it always runs to the end
+        "pretrain": lambda left: phase_pretrain(out, s, left),
+        "allocations": lambda left: phase_allocations(out, s, left, args.shard),
+        "stage2": lambda left: phase_stage2(out, s, left, shard(allocation_names(out), args.shard)),
+        "eval": lambda left: phase_eval(out, s, left, args.shard),
+    }, report=lambda: phase_report(out, s), publish=publish,
+        record_seconds=args.shard is None)  # parallel shards would race on the file; the log has their times
 
 
 if __name__ == "__main__":

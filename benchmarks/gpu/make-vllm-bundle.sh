@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Build vLLM (CUDA build) for the offline GPU machines, in pieces of under 60 MB.
+#
+# usage (on a CPU machine with package access):  bash benchmarks/gpu/make-vllm-bundle.sh [VLLM_VERSION]
+# result: .gpu/c1 .. .gpu/cN under the repository's root (each under 60 MB; /.gpu/ is git-ignored).
+# Then follow "Running them on the GPU machines" in benchmarks/README.md to move and unpack them.
+#
+# Needs python3 with pip and packaging, and xz. The build (wheels, then one tar.xz of the
+# site-packages tree) is cached under ${TMPDIR:-/tmp}/vllm-bundle-VERSION, so a second run only
+# splits it again.
+set -euo pipefail
+VER=${1:-0.26.0}
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)  # the repository's root, whatever the current directory
+WORK=${TMPDIR:-/tmp}/vllm-bundle-$VER
+
+if [ ! -f "$WORK/site.tar.xz" ]; then
+  rm -rf "$WORK" && mkdir -p "$WORK/wheels"
+  # pins first: the first requirement seen for a name picks its version
+  python3 "$HERE/resolve_wheels.py" "$WORK/wheels" "apache-tvm-ffi==0.1.11" "vllm==$VER" >&2
+  plat=(); for n in 5 12 17 18 24 26 27 28 29 31 32 34 35 36 38 39; do plat+=(--platform "manylinux_2_${n}_x86_64"); done
+  pip install -q --no-deps --no-compile --target "$WORK/site" --python-version 3.12 --implementation cp \
+      --only-binary=:all: "${plat[@]}" --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
+      --platform linux_x86_64 --platform any "$WORK"/wheels/*.whl >&2
+  # Hopper runs FlashAttention 3; FA2, the Rust front end and Blackwell/DeepGEMM sources are not needed there.
+  rm -rf "$WORK/site/vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so" "$WORK/site/vllm/vllm-rs" \
+         "$WORK/site/vllm/third_party/deep_gemm" "$WORK/site/vllm/third_party/fmha_sm100"
+  find "$WORK/site" -name '__pycache__' -prune -exec rm -rf {} +
+  tar -C "$WORK/site" -cf - . | xz -T0 -6 > "$WORK/site.tar.xz.part" && mv "$WORK/site.tar.xz.part" "$WORK/site.tar.xz"
+fi
+
+rm -rf "$ROOT/.gpu" && mkdir -p "$ROOT/.gpu"
+( cd "$ROOT/.gpu" && split -b 58M -d "$WORK/site.tar.xz" part )
+i=0
+for p in "$ROOT"/.gpu/part*; do
+  i=$((i + 1)); mkdir -p "$ROOT/.gpu/c$i"; mv "$p" "$ROOT/.gpu/c$i/"
+done
+echo "vLLM $VER bundle: $i pieces in .gpu/c1 .. .gpu/c$i ($(du -sh "$WORK/site.tar.xz" | cut -f1) in all)"
