@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Build vLLM (CUDA build) for the offline GPU machines, in pieces of under 60 MB.
+# Build vLLM (CUDA build) for the offline GPU machines, in pieces of 48 MiB (a command carries at most 64 MiB, the working tree included).
 #
 # usage (on a CPU machine with package access):  bash benchmarks/gpu/make-vllm-bundle.sh [VLLM_VERSION]
-# result: .gpu/c1 .. .gpu/cN under the repository's root (each under 60 MB; /.gpu/ is git-ignored).
+# result: .gpu/c1 .. .gpu/cN under the repository's root (48 MiB each; /.gpu/ is git-ignored).
 # Then follow "Running them on the GPU machines" in benchmarks/README.md to move and unpack them.
 #
 # Needs python3 with pip and packaging, and xz. The build (wheels, then one tar.xz of the
@@ -30,7 +30,7 @@ if [ ! -f "$WORK/site.tar.xz" ]; then
 fi
 
 rm -rf "$ROOT/.gpu" && mkdir -p "$ROOT/.gpu"
-( cd "$ROOT/.gpu" && split -b 58M -d "$WORK/site.tar.xz" part )
+( cd "$ROOT/.gpu" && split -b 48M -d "$WORK/site.tar.xz" part )
 i=0
 for p in "$ROOT"/.gpu/part*; do
   i=$((i + 1)); mkdir -p "$ROOT/.gpu/c$i"; mv "$p" "$ROOT/.gpu/c$i/"
