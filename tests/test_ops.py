@@ -765,12 +765,68 @@ def test_triton_interpret_attention():
     print(out)
 
 
-if __name__ == "__main__":
-    if len(sys.argv) >= 3 and sys.argv[1] == "interpret":
-        for item in sys.argv[2].split(","):
-            _interpret_main([item])
-    else:
-        sys.exit(pytest.main([__file__, "-q"]))
+def _compile_main():
+    """Runs in a subprocess: compiles (never runs) the Triton kernels for sm_90 through the
+    JIT's own path, with a stand-in driver that only names the device and its target (no
+    GPU needed: Triton's bundled ptxas builds the cubin), for the layers of an uneven
+    allocation; prints the JIT device-cache sizes and ptxas register / spill figures."""
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.driver import driver
+
+    class CompileOnlyDriver:
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    driver.set_active(CompileOnlyDriver())
+    from consa_vllm.plugin.ops import triton_hybrid as th
+
+    names = ("_hybrid_attn_kernel", "_reduce_segments_kernel", "_write_kv_kernel", "_write_kv_hybrid_kernel")
+    kernels = {n: getattr(th, n) for n in names}
+
+    class Warmup:  # kernel[grid](...) compiles and returns without launching
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: self.kernel.run(*args, grid=grid, warmup=True, **kwargs)
+
+    for n in names:
+        setattr(th, n, Warmup(kernels[n]))
+    sizes = {}
+    for path, batch in (("3d", dict(num_seqs=1, query_len=1)), ("2d", dict(num_seqs=2, query_len=9))):
+        before = {n: len(k.device_caches[0][0]) for n, k in kernels.items()}
+        for n in names:
+            setattr(th, n, Warmup(kernels[n]))
+        # the same launches as attention_variant_keys, now through the real JIT
+        _launch_layers(th, UNEVEN_SPLITS, **batch)
+        sizes[path] = {n: len(k.device_caches[0][0]) - before[n] for n, k in kernels.items()}
+    print("RESULT compiled " + json_dumps(sizes))
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    for n in ("_hybrid_attn_kernel", "_reduce_segments_kernel"):
+        for ck in kernels[n].device_caches[0][0].values():
+            with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+                f.write(ck.asm["ptx"])
+            r = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull],
+                               capture_output=True, text=True)
+            os.unlink(f.name)
+            info = " ".join(line.split(":", 1)[-1].strip() for line in r.stderr.splitlines()
+                            if "registers" in line or "spill" in line)
+            print(f"RESULT ptxas {n} {info}")
+
+
+def json_dumps(x):
+    import json
+
+    return json.dumps(x, sort_keys=True)
 
 
 def test_flash_pools_knob_and_cpu_fallback(monkeypatch):
@@ -850,6 +906,21 @@ def attention_variant_keys(th, splits, sink=0, hkv=8, group=2, d=128, num_seqs=1
                 keys.setdefault(self.kernel.__name__, set()).add(compute_cache_key({}, spec, opts.__dict__))
             return launch
 
+    names = ("_hybrid_attn_kernel", "_reduce_segments_kernel", "_write_kv_kernel", "_write_kv_hybrid_kernel")
+    saved = {n: getattr(th, n) for n in names}
+    for n in names:
+        setattr(th, n, Recorder(saved[n]))
+    try:
+        _launch_layers(th, splits, sink, hkv, group, d, num_seqs, query_len)
+    finally:
+        for n in names:
+            setattr(th, n, saved[n])
+    return keys
+
+
+def _launch_layers(th, splits, sink=0, hkv=8, group=2, d=128, num_seqs=1, query_len=1):
+    """K/V write and attention of every layer of ``splits`` (bf16, CPU tensors: only the
+    kernels' launch arguments matter to the callers, which record or compile them)."""
     n_f_total = sum(nf for nf, _ in splits)
     n_s_total = sum(ns for _, ns in splits)
     T = num_seqs * query_len
@@ -861,23 +932,36 @@ def attention_variant_keys(th, splits, sink=0, hkv=8, group=2, d=128, num_seqs=1
                       seq_lens=torch.full((num_seqs,), 40, dtype=torch.int32), max_query_len=query_len, max_seq_len=40)
     query = torch.zeros(T, hkv * group, d, dtype=torch.bfloat16)
     scratch = th.make_hybrid_scratch(th.default_seq_threshold_3d(hkv), hkv * group, d, "cpu")
-    names = ("_hybrid_attn_kernel", "_reduce_segments_kernel", "_write_kv_kernel", "_write_kv_hybrid_kernel")
-    saved = {n: getattr(th, n) for n in names}
-    for n in names:
-        setattr(th, n, Recorder(saved[n]))
     key = torch.zeros(T, hkv, d, dtype=torch.bfloat16)
-    try:
-        f_off = s_off = 0
-        for nf, ns in splits:
-            full = KVPool(f_cache, table, slots, f_off, nf) if nf else None
-            sliding = KVPool(s_cache, table, slots, s_off, ns, window=16, sink=sink) if ns else None
-            th.write_kv_hybrid(key, key, full, sliding)
-            th.hybrid_paged_attention(query, torch.empty_like(query), batch, d ** -0.5, full, sliding, scratch)
-            f_off, s_off = f_off + nf, s_off + ns
-    finally:
-        for n in names:
-            setattr(th, n, saved[n])
-    return keys
+    f_off = s_off = 0
+    for nf, ns in splits:
+        full = KVPool(f_cache, table, slots, f_off, nf) if nf else None
+        sliding = KVPool(s_cache, table, slots, s_off, ns, window=16, sink=sink) if ns else None
+        th.write_kv_hybrid(key, key, full, sliding)
+        th.hybrid_paged_attention(query, torch.empty_like(query), batch, d ** -0.5, full, sliding, scratch)
+        f_off, s_off = f_off + nf, s_off + ns
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90_variant_count():
+    """The real JIT compiles the kernels for sm_90 (no GPU: compile only) without register
+    spills in the attention kernel, and its device cache holds 3 attention variants per
+    path for the layers of an uneven allocation."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "compile"], env=env, capture_output=True,
+                          text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    import json
+
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT compiled "))
+    sizes = json.loads(line.removeprefix("RESULT compiled "))
+    print(proc.stdout)
+    assert sizes["3d"]["_hybrid_attn_kernel"] == 3 and sizes["2d"]["_hybrid_attn_kernel"] == 3, sizes
+    assert sizes["3d"]["_reduce_segments_kernel"] == 1, sizes
+    attn = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ptxas _hybrid_attn_kernel")]
+    assert len(attn) == 6 and all("0 bytes spill stores" in x for x in attn), attn
 
 
 # An uneven Qwen3-0.6B-shaped allocation: 8 KV heads, 0 .. 5 F heads per layer, plus all-F / all-S.
@@ -924,3 +1008,13 @@ def test_decode_segments_rule():
         for override in (None, (1024, 8), (64, 64)):
             f, s, stride = decode_segments(512, 0, 32, tokens, tokens, 300, override)
             assert stride == max(f, s) and tokens * stride <= 300 and f & (f - 1) == 0, (tokens, f, s)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 2 and sys.argv[1] == "compile":
+        _compile_main()
+    elif len(sys.argv) >= 3 and sys.argv[1] == "interpret":
+        for item in sys.argv[2].split(","):
+            _interpret_main([item])
+    else:
+        sys.exit(pytest.main([__file__, "-q"]))

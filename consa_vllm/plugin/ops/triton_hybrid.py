@@ -599,9 +599,9 @@ class LaunchConfig:
     tile_size: int | None = None
     num_warps: int | None = None
     num_stages: int | None = None
-    # 3D path: (F segments, S segments) per head instead of decode_segments' rule; each
-    # is capped by the scratch capacity as the rule's are.
-    segments: tuple[int, int] | None = None
+    # 3D path: (F segments, S segments) per head instead of decode_segments' rule (None in
+    # either place: the rule's); each is capped by the scratch capacity as the rule's are.
+    segments: tuple[int | None, int | None] | None = None
 
 
 def _scale_args(pool: KVPool | None, dummy: torch.Tensor) -> tuple:
@@ -633,14 +633,15 @@ def decode_segments(window: int, sink: int, tile: int, num_seqs: int, num_tokens
       at long context wants (``MAX_SEGMENTS_F``), halved per doubling of the batch down to
       ``DEFAULT_NUM_SEGMENTS`` (more sequences fill the GPU by themselves);
     * both capped so that ``num_tokens * seg_stride <= capacity`` (the scratch's rows).
-    ``override`` (benchmarks): ``(seg_f, seg_s)`` instead of the rule, capped the same way.
+    ``override`` (benchmarks): ``(seg_f, seg_s)`` instead of the rule (None: the rule's),
+    capped the same way.
     """
+    s_tiles = -(-max(1, window) // tile) + (-(-sink // tile) if sink else 0)
+    seg_s = min(triton.next_power_of_2(-(-s_tiles // S_TILES_PER_SEGMENT)), MAX_SEGMENTS_S)
+    seg_f = max(DEFAULT_NUM_SEGMENTS, MAX_SEGMENTS_F // _prev_pow2(num_seqs))
     if override is not None:
-        seg_f, seg_s = override
-    else:
-        s_tiles = -(-max(1, window) // tile) + (-(-sink // tile) if sink else 0)
-        seg_s = min(triton.next_power_of_2(-(-s_tiles // S_TILES_PER_SEGMENT)), MAX_SEGMENTS_S)
-        seg_f = max(DEFAULT_NUM_SEGMENTS, MAX_SEGMENTS_F // _prev_pow2(num_seqs))
+        seg_f = seg_f if override[0] is None else override[0]
+        seg_s = seg_s if override[1] is None else override[1]
     cap = _prev_pow2(max(1, capacity // max(1, num_tokens)))
     seg_f, seg_s = max(1, min(seg_f, cap)), max(1, min(seg_s, cap))
     return seg_f, seg_s, max(seg_f, seg_s)
