@@ -32,8 +32,9 @@ Llama shape), for Qwen3-30B-A3B (48 layers, 4 KV / 32 q heads, 1F3S per layer, W
 Qwen3-0.6B (28 layers, 8 KV / 16 q, W 4096; 56 F heads seeded-random 0..5 per layer vs 2
 per layer) and Llama-3.1-8B (32 layers, 8 KV / 32 q, W 256, DuoAttention's 50% pattern):
 the fused op with the per-pool segment rule vs the old uniform 128 segments (and other F
-counts at batch 1) vs stock layer-wise decode at the same sparsity (FlashAttention 3 per
-layer, dense or all-sliding); each distinct split checked against the torch op first:
+counts at batch 1) vs a layer-wise allocation at the same sparsity, through the fused op and
+(with vLLM's FlashAttention 3 importable) as stock vLLM decodes it, one FlashAttention 3
+call per dense or all-sliding layer; each distinct split checked against the torch op first:
 
     python benchmarks/bench_hybrid_kernel.py --whole-model --out benchmarks/results/hybrid_models_h200.json
 """
@@ -565,9 +566,10 @@ def run_models(th, device, reps, models, seg_sweep=(256, 1024)):
     """Whole-model decode time (all layers, one CUDA graph) per model, allocation, context
     and batch: the fused Triton op with the per-pool segment rule (``hybrid_rule``), with
     the old uniform 128 segments (``hybrid_uniform128``), with other F segment counts at
-    batch 1 (``hybrid_segf<N>``), and what a stock layer-wise model at the same sparsity runs
-    (``layerwise_fa3``: round(F heads / KV heads) dense layers, the rest all-sliding, each
-    one FlashAttention 3 varlen call, as vLLM's FlashAttention backend decodes)."""
+    batch 1 (``hybrid_segf<N>``), and a layer-wise allocation at the same sparsity
+    (round(F heads / KV heads) dense layers, the rest all-sliding) through the fused op
+    (``layerwise_hybrid_rule``) and, where vLLM's FlashAttention 3 is importable, as stock
+    vLLM decodes it (``layerwise_fa3``: one FlashAttention 3 varlen call per layer)."""
     fa = fa3_varlen()
     rows = []
     for model in models:
@@ -606,12 +608,23 @@ def run_models(th, device, reps, models, seg_sweep=(256, 1024)):
                                                  cfg.segments)
                         rows.append(dict(base, variant=cname, ms=ms, seg_f=seg[0], seg_s=seg[1]))
                         log(f"  {tag:44s} {cname:20s} {ms:8.4f} ms (seg_f {seg[0]}, seg_s {seg[1]})")
-                    del layers, scratch
+                    del layers
                     torch.cuda.empty_cache()
+                    # Layer-wise at the same sparsity: round(F heads / KV heads) dense layers,
+                    # the rest all-sliding; through the fused op (same rule: isolates what the
+                    # uneven split costs) and, with vLLM's FlashAttention 3, as stock decodes.
+                    n_dense = round(n_f / hkv)
+                    lw = [(hkv, 0)] * n_dense + [(0, hkv)] * (len(splits) - n_dense)
+                    layers = _layer_pools(p, lw, sink)
+
+                    def run_lw_fused():
+                        for full, sliding in layers:
+                            th.launch_attention(p.query, out, p.batch, p.scale, full, sliding, scratch, th.LaunchConfig())
+                    ms = time_graph(run_lw_fused, reps)
+                    rows.append(dict(base, variant="layerwise_hybrid_rule", ms=ms, dense_layers=n_dense))
+                    log(f"  {tag:44s} {'layerwise_hybrid_rule':20s} {ms:8.4f} ms ({n_dense} dense layers)")
+                    del scratch
                     if fa is not None:
-                        n_dense = round(n_f / hkv)
-                        lw = [(hkv, 0)] * n_dense + [(0, hkv)] * (len(splits) - n_dense)
-                        layers = _layer_pools(p, lw, sink)
 
                         def run_lw():
                             for full, sliding in layers:
@@ -619,8 +632,7 @@ def run_models(th, device, reps, models, seg_sweep=(256, 1024)):
                         ms = time_graph(run_lw, reps)
                         rows.append(dict(base, variant="layerwise_fa3", ms=ms, dense_layers=n_dense))
                         log(f"  {tag:44s} {'layerwise_fa3':20s} {ms:8.4f} ms ({n_dense} dense layers)")
-                        del layers
-                    del p, out
+                    del layers, p, out
                     torch.cuda.empty_cache()
     # ratios within each (model, allocation, context, batch)
     for r in rows:
@@ -628,7 +640,7 @@ def run_models(th, device, reps, models, seg_sweep=(256, 1024)):
             continue
         same = {x["variant"]: x["ms"] for x in rows if "ms" in x and all(
             x[k] == r[k] for k in ("model", "allocation", "context", "batch"))}
-        for ref in ("hybrid_uniform128", "layerwise_fa3"):
+        for ref in ("hybrid_uniform128", "layerwise_hybrid_rule", "layerwise_fa3"):
             if ref in same and r["variant"] != ref:
                 r[f"vs_{ref}"] = r["ms"] / same[ref]
     return rows
