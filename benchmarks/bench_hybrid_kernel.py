@@ -25,6 +25,18 @@ from the previous call, "cold" = an L2-flushing memset before every call, its ow
 subtracted.  Eager (no graph) mean time is reported too.
 
     python benchmarks/bench_hybrid_kernel.py --out benchmarks/results/hybrid_kernel_h100.json
+
+Whole-model decode (``--whole-model``; one H200, about 2 minutes): every attention layer of
+a model in one CUDA graph, batch 1, 4 and 16 at 32k context (and 1, 4 at 128k for the
+Llama shape), for Qwen3-30B-A3B (48 layers, 4 KV / 32 q heads, 1F3S per layer, W 4096),
+Qwen3-0.6B (28 layers, 8 KV / 16 q, W 4096; 56 F heads seeded-random 0..5 per layer vs 2
+per layer) and Llama-3.1-8B (32 layers, 8 KV / 32 q, W 256, DuoAttention's 50% pattern):
+the fused op with the per-pool segment rule vs the old uniform 128 segments (and other F
+counts at batch 1) vs a layer-wise allocation at the same sparsity, through the fused op and
+(with vLLM's FlashAttention 3 importable) as stock vLLM decodes it, one FlashAttention 3
+call per dense or all-sliding layer; each distinct split checked against the torch op first:
+
+    python benchmarks/bench_hybrid_kernel.py --whole-model --out benchmarks/results/hybrid_models_h200.json
 """
 
 from __future__ import annotations
@@ -441,6 +453,199 @@ def run_timing(th, stock, device, block_size, window, reps, workloads, num_segme
     return rows
 
 
+
+# ---------------------------------------------------------------------------------------
+# Whole-model decode (--whole-model): every layer of a model, summed in one CUDA graph
+# ---------------------------------------------------------------------------------------
+
+ALLOC_DIR = os.path.join(ROOT, "benchmarks", "allocations")
+# name: layers, KV heads, query heads, window, allocations, contexts, batches (per context)
+MODELS = {
+    "qwen3-30b-a3b": dict(layers=48, hkv=4, hq=32, window=4096, allocations=("1F3S",),
+                          runs=((32768, (1, 4, 16)),)),
+    "qwen3-0.6b": dict(layers=28, hkv=8, hq=16, window=4096, allocations=("random", "equal"),
+                       runs=((32768, (1, 4, 16)),)),
+    "llama3.1-8b": dict(layers=32, hkv=8, hq=32, window=256, allocations=("duo-0.5",),
+                        runs=((32768, (1, 4, 16)), (131072, (1, 4)))),
+}
+
+
+def model_splits(model: str, allocation: str) -> tuple[list, int]:
+    """Per-layer (n_full, n_sliding) of an allocation of ``model``, and its sink size.
+
+    "1F3S": one F head per layer; "equal": 2 F of 8 per layer; "random": the same 56 F
+    heads spread by a seeded random walk with 0 .. 5 F heads per layer (issue 11's uneven
+    case); "duo-0.5": DuoAttention's 50% pattern (benchmarks/allocations)."""
+    spec = MODELS[model]
+    n, hkv = spec["layers"], spec["hkv"]
+    if allocation == "1F3S":
+        return [(1, hkv - 1)] * n, 0
+    if allocation == "equal":
+        return [(2, hkv - 2)] * n, 0
+    if allocation == "random":
+        import random
+
+        rng = random.Random(11)
+        counts = [2] * n
+        for _ in range(400):  # move F heads between layers, keeping 0 .. 5 per layer
+            i, j = rng.randrange(n), rng.randrange(n)
+            if counts[i] > 0 and counts[j] < 5:
+                counts[i] -= 1
+                counts[j] += 1
+        return [(c, hkv - c) for c in counts], 0
+    if allocation == "duo-0.5":
+        with open(os.path.join(ALLOC_DIR, "duo-llama3.1-8b-0.5.json")) as f:
+            alloc = json.load(f)
+        assert alloc["window"] == spec["window"] and len(alloc["pattern"]) == n
+        return [(row.count("F"), row.count("S")) for row in alloc["pattern"]], int(alloc.get("sink", 0))
+    raise ValueError(allocation)
+
+
+def time_graph(fn, reps, calls=2):
+    """Median ms of one ``fn()`` over ``reps`` replays of a CUDA graph of ``calls`` calls."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / calls)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def _layer_pools(p: Problem, splits, sink):
+    """One F pool for every F head of the model and one S pool (window blocks only) for
+    every S head, as served: layer i reads its head slice (pool offsets)."""
+    n_f, n_s = sum(f for f, _ in splits), sum(s for _, s in splits)
+    fpool = p.full_pool(n_f) if n_f else None
+    spool = p.sliding_pool(n_s, sink) if n_s else None
+    layers, f_off, s_off = [], 0, 0
+    for nf, ns in splits:
+        layers.append(pools(p, nf, ns, fpool, spool, f_off, s_off, sink))
+        f_off, s_off = f_off + nf, s_off + ns
+    return layers
+
+
+def _check_layers(th, p, layers, scratch, configs, checked):
+    """Each distinct split's first layer through the Triton op (every config) vs the torch
+    op (ops/torch_paged.py) on the same pools: max abs error (bf16)."""
+    from consa_vllm.plugin.ops import torch_paged
+
+    errs = {}
+    for full, sliding in layers:
+        key = (full.num_heads if full else 0, sliding.num_heads if sliding else 0)
+        if key in checked:
+            continue
+        checked.add(key)
+        ref = torch.zeros_like(p.query)
+        torch_paged.hybrid_paged_attention(p.query, ref, p.batch, p.scale, full, sliding)
+        for cname, cfg in configs.items():
+            out = torch.full_like(p.query, float("nan"))
+            th.launch_attention(p.query, out, p.batch, p.scale, full, sliding, scratch, cfg)
+            err = (out.float() - ref.float()).abs().max().item()
+            errs[f"{key[0]}F{key[1]}S/{cname}"] = err
+            if not err < 2e-2:  # NaN fails too
+                raise AssertionError(f"{cname} {key}: max abs err {err} vs the torch op")
+    return errs
+
+
+def run_models(th, device, reps, models, seg_sweep=(256, 1024)):
+    """Whole-model decode time (all layers, one CUDA graph) per model, allocation, context
+    and batch: the fused Triton op with the per-pool segment rule (``hybrid_rule``), with
+    the old uniform 128 segments (``hybrid_uniform128``), with other F segment counts at
+    batch 1 (``hybrid_segf<N>``), and a layer-wise allocation at the same sparsity
+    (round(F heads / KV heads) dense layers, the rest all-sliding) through the fused op
+    (``layerwise_hybrid_rule``) and, where vLLM's FlashAttention 3 is importable, as stock
+    vLLM decodes it (``layerwise_fa3``: one FlashAttention 3 varlen call per layer)."""
+    fa = fa3_varlen()
+    rows = []
+    for model in models:
+        spec = MODELS[model]
+        hkv, hq = spec["hkv"], spec["hq"]
+        for allocation in spec["allocations"]:
+            splits, sink = model_splits(model, allocation)
+            n_f = sum(f for f, _ in splits)
+            checked = set()
+            for ctx, batches in spec["runs"]:
+                for bs in batches:
+                    p = Problem([(ctx - 1, 1)] * bs, 16, spec["window"], torch.bfloat16, device, seed=3,
+                                hq=hq, hkv=hkv)
+                    out = torch.empty_like(p.query)
+                    base = dict(model=model, allocation=allocation, context=ctx, batch=bs, layers=len(splits),
+                                f_heads=n_f, heads=hkv * len(splits), window=spec["window"], sink=sink)
+                    tag = f"{model} {allocation} ctx={ctx} b={bs}"
+                    layers = _layer_pools(p, splits, sink)
+                    scratch = th.make_hybrid_scratch(th.default_seq_threshold_3d(hkv), hq, HEAD_DIM, device)
+                    assert th.would_use_3d(p.query, p.batch, scratch), "decode batch beyond the 3D threshold"
+                    configs = {"hybrid_rule": th.LaunchConfig(), "hybrid_uniform128": th.LaunchConfig(segments=(128, 128))}
+                    if bs == 1:
+                        for seg_f in seg_sweep:
+                            configs[f"hybrid_segf{seg_f}"] = th.LaunchConfig(segments=(seg_f, None))
+                    if not checked or bs == 1:
+                        errs = _check_layers(th, p, layers, scratch, configs, checked)
+                        if errs:
+                            log(f"  check {tag}: max err {max(errs.values()):.2e} over {len(errs)} layer x config")
+                            rows.append(dict(base, variant="check_vs_torch", max_abs_err=errs))
+                    for cname, cfg in configs.items():
+                        def run(cfg=cfg):
+                            for full, sliding in layers:
+                                th.launch_attention(p.query, out, p.batch, p.scale, full, sliding, scratch, cfg)
+                        ms = time_graph(run, reps)
+                        seg = th.decode_segments(spec["window"], sink, th.DEFAULT_TILE_3D, bs, bs, scratch.capacity,
+                                                 cfg.segments)
+                        rows.append(dict(base, variant=cname, ms=ms, seg_f=seg[0], seg_s=seg[1]))
+                        log(f"  {tag:44s} {cname:20s} {ms:8.4f} ms (seg_f {seg[0]}, seg_s {seg[1]})")
+                    del layers
+                    torch.cuda.empty_cache()
+                    # Layer-wise at the same sparsity: round(F heads / KV heads) dense layers,
+                    # the rest all-sliding; through the fused op (same rule: isolates what the
+                    # uneven split costs) and, with vLLM's FlashAttention 3, as stock decodes.
+                    n_dense = round(n_f / hkv)
+                    lw = [(hkv, 0)] * n_dense + [(0, hkv)] * (len(splits) - n_dense)
+                    layers = _layer_pools(p, lw, sink)
+
+                    def run_lw_fused():
+                        for full, sliding in layers:
+                            th.launch_attention(p.query, out, p.batch, p.scale, full, sliding, scratch, th.LaunchConfig())
+                    ms = time_graph(run_lw_fused, reps)
+                    rows.append(dict(base, variant="layerwise_hybrid_rule", ms=ms, dense_layers=n_dense))
+                    log(f"  {tag:44s} {'layerwise_hybrid_rule':20s} {ms:8.4f} ms ({n_dense} dense layers)")
+                    del scratch
+                    if fa is not None:
+
+                        def run_lw():
+                            for full, sliding in layers:
+                                fa3_pools(fa, p, full, sliding, out)()
+                        ms = time_graph(run_lw, reps)
+                        rows.append(dict(base, variant="layerwise_fa3", ms=ms, dense_layers=n_dense))
+                        log(f"  {tag:44s} {'layerwise_fa3':20s} {ms:8.4f} ms ({n_dense} dense layers)")
+                    del layers, p, out
+                    torch.cuda.empty_cache()
+    # ratios within each (model, allocation, context, batch)
+    for r in rows:
+        if "ms" not in r:
+            continue
+        same = {x["variant"]: x["ms"] for x in rows if "ms" in x and all(
+            x[k] == r[k] for k in ("model", "allocation", "context", "batch"))}
+        for ref in ("hybrid_uniform128", "layerwise_hybrid_rule", "layerwise_fa3"):
+            if ref in same and r["variant"] != ref:
+                r[f"vs_{ref}"] = r["ms"] / same[ref]
+    return rows
+
+
 def main():
     from consa_vllm.plugin.ops.triton_hybrid import DEFAULT_NUM_SEGMENTS
 
@@ -462,6 +667,9 @@ def main():
     ap.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
                     help="fp8: the F/S pools hold FP8 (scales 1.0); vLLM's kernel is then not run")
     ap.add_argument("--no-stock", action="store_true", help="do not run vLLM's kernel")
+    ap.add_argument("--whole-model", action="store_true",
+                    help="time whole-model decode (all layers) for --models instead of one layer")
+    ap.add_argument("--models", default=",".join(MODELS), help=f"with --whole-model: comma list from {list(MODELS)}")
     args = ap.parse_args()
 
     if not torch.cuda.is_available():
@@ -491,6 +699,22 @@ def main():
         notes="ms per call (one layer); graph_* = CUDA-graph replay of 10 calls, median; "
               "cold = L2 flushed before each call (flush time subtracted)",
     )
+    if args.whole_model:
+        models = [m.strip() for m in args.models.split(",") if m.strip()]
+        bad = [m for m in models if m not in MODELS]
+        if bad:
+            sys.exit(f"unknown models {bad}; choose from {list(MODELS)}")
+        report.pop("shape")
+        report["models"] = {m: MODELS[m] for m in models}
+        report["notes"] = ("ms per decode step over all layers' attention (CUDA-graph replay of 2 steps, median "
+                           f"of {args.reps}); vs_* = ms / the reference's ms at the same model, allocation, "
+                           "context and batch")
+        t0 = time.time()
+        report["results"] = run_models(th, device, args.reps, models)
+        report["wall_s"] = time.time() - t0
+        _write(args.out, report)
+        log(f"wrote {args.out} ({report['wall_s']:.0f} s)")
+        return
     stock = None
     if not args.no_stock and args.kv_cache_dtype == "auto":
         try:

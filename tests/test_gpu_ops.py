@@ -9,7 +9,11 @@ over the pools (two launches, in sequence and on two streams; with sinks, plus t
 merge) against the same, and the Triton kernel with all heads F or all heads S against
 vLLM's own Triton kernel. FP8 pools (per-tensor and per-head scales): the Triton kernel
 and K/V write against torch, FlashAttention 3 calibrated against its own single-launch
-error on the same data.
+error on the same data.  Exact window / sink edges (large distinct V at keys i - W, i - W + 1,
+sink - 1, sink; the result must be far closer to the dense reference than to any
+off-by-one one) for the Triton 2D / 3D paths (served and uneven per-pool segment counts)
+and FlashAttention 3 over the pools (with the sink merge), bf16; and the compiled-variant
+count of the attention kernel over layers with different F/S splits.
 
 Run on the GPU machine: ``python -m pytest -q tests/test_gpu_ops.py``.
 """
@@ -24,7 +28,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-from test_ops import make_case  # noqa: E402
+from test_ops import boundary_refs, check_boundaries, make_case  # noqa: E402
 
 from consa_vllm.plugin.ops import KVPool  # noqa: E402
 from consa_vllm.plugin.ops import torch_paged  # noqa: E402
@@ -284,3 +288,89 @@ def test_triton_vs_stock_vllm_kernel(name, dtype):
         err = _max_err(ours, stock, case.batch.query_start_loc[-1].item())
         print(f"{name} {dtype} window={window} vs stock max_abs_err={err:.2e}")
         assert math.isfinite(err) and err < 2e-2, (name, dtype, window, err)
+
+
+# ---------------------------------------------------------------------------------------
+# Exact window / sink edges (bf16), see tests/test_ops.py::_mark_boundaries
+# ---------------------------------------------------------------------------------------
+
+W_EDGE = 64  # small enough that one key more or less moves the output far beyond bf16 noise
+EDGE_CASES = {
+    "decode_3d": [(2000, 1), (700, 1), (130, 1), (64, 1)],
+    "mixed_2d": [(1500, 6), (300, 3), (900, 1), (70, 1), (2000, 1)],
+    "decode_2d": [(700 + 97 * i, 1) for i in range(20)],
+}
+EDGE_MARGIN = 8.0  # kernel error x 8 < every off-by-one distance
+
+
+def _edge_case(name, nf, ns, sink):
+    case = make_case(EDGE_CASES[name], nf, ns, HQ // HKV, D, BLOCK_F, BLOCK_S, W_EDGE, dtype=torch.bfloat16,
+                     extra_heads=(3, 2), seed=2, device="cuda", sink=sink, boundaries=True)
+    return case, boundary_refs(case)
+
+
+@pytest.mark.parametrize("sink", [0, 1, 4, 16])
+@pytest.mark.parametrize("name", sorted(EDGE_CASES))
+def test_triton_window_sink_edges(name, sink):
+    """The Triton kernel's 2D and 3D paths take exactly keys i - W + 1 .. i and 0 .. sink - 1;
+    3D with the served segment rule, the old uniform 128, and very uneven F/S counts."""
+    from consa_vllm.plugin.ops import triton_hybrid as th
+
+    scratch = th.make_hybrid_scratch(th.default_seq_threshold_3d(HKV), HQ, D, "cuda")
+    for nf, ns in ((2, 6), (0, 8), (1, 7)):
+        case, refs = _edge_case(name, nf, ns, sink)
+        path = "3d" if th.would_use_3d(case.query, case.batch, scratch) else "2d"
+        assert path == name.split("_")[1]
+        configs = [th.LaunchConfig()]
+        if path == "3d":
+            configs += [th.LaunchConfig(segments=(128, 128)), th.LaunchConfig(segments=(512, 2)),
+                        th.LaunchConfig(segments=(16, 64))]
+        for cfg in configs:
+            out = torch.full_like(case.query, float("nan"))
+            th.launch_attention(*case.args(out), scratch, cfg)
+            torch.cuda.synchronize()
+            what = f"{name} sink {sink} {nf}F{ns}S [{path} {cfg.segments}]"
+            print(what, check_boundaries(what, case, out, EDGE_MARGIN, refs))
+
+
+@pytest.mark.parametrize("sink", [0, 1, 4, 16])
+@pytest.mark.parametrize("name", sorted(EDGE_CASES))
+def test_flash_pools_window_sink_edges(name, sink):
+    """FlashAttention 3 over the pools (window (W - 1, 0)), plus the sink merge: the same
+    exact edges as the reference."""
+    from consa_vllm.plugin.ops.flash_pools import flash_attn_pools
+
+    fa = _flash_attn()
+    for nf, ns in ((2, 6), (0, 8)):
+        case, refs = _edge_case(name, nf, ns, sink)
+        for overlap in (False, True):
+            out = torch.full_like(case.query, float("nan"))
+            flash_attn_pools(fa, case.query, out, case.batch, case.scale, case.full, case.sliding, overlap=overlap)
+            torch.cuda.synchronize()
+            what = f"{name} fa3 sink {sink} {nf}F{ns}S overlap={overlap}"
+            print(what, check_boundaries(what, case, out, EDGE_MARGIN, refs))
+
+
+def test_attention_kernel_compiled_variants():
+    """Layers with different F/S splits (and pool offsets, segment counts) compile at most
+    three attention-kernel variants per path (all-F, all-S, mixed): counted in the JIT's own
+    device cache."""
+    from consa_vllm.plugin.ops import triton_hybrid as th
+
+    kernel = th._hybrid_attn_kernel
+    scratch = th.make_hybrid_scratch(th.default_seq_threshold_3d(HKV), HQ, D, "cuda")
+
+    def cache_size():
+        dev = torch.cuda.current_device()
+        return len(kernel.device_caches[dev][0]) if dev in kernel.device_caches else 0
+
+    before = cache_size()
+    for name in ("decode_3d", "mixed_2d"):
+        for nf in (0, 1, 2, 3, 5, 8, 4, 6):
+            case = make_case(CASES[name], nf, HKV - nf, HQ // HKV, D, BLOCK_F, BLOCK_S, W, dtype=torch.bfloat16,
+                             extra_heads=(nf, 2), seed=1, device="cuda")  # pool offsets differ per "layer"
+            th.hybrid_paged_attention(*case.args(torch.empty_like(case.query)), scratch=scratch)
+    torch.cuda.synchronize()
+    new = cache_size() - before
+    print(f"compiled variants: {new} new over 16 layers (2 paths x 8 splits)")
+    assert new <= 6, new

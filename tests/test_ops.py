@@ -82,14 +82,17 @@ class Case:
 
 def make_case(seqs, n_full, n_sliding, group, d, block_f, block_s, window, dtype=torch.float32,
               padded_page=True, extra_heads=(1, 2), seed=0, pad_tokens=0,
-              use_write_kv=True, device="cpu", sink=0, kv_fp8=None) -> Case:
+              use_write_kv=True, device="cpu", sink=0, kv_fp8=None, boundaries=False) -> Case:
     """seqs: list of (context_len, query_len).  Prior context is written into the caches
     directly by the test; the new tokens through write_kv (torch) with padding slots.
     Built on the CPU, then moved to ``device`` (the ground truth stays on the CPU).
     With ``sink``, the S pool keeps the blocks holding keys 0 .. sink-1 (as the sink KV
     manager does) and frees the blocks between them and the window.
     ``kv_fp8`` ("per_tensor" or "per_head"): FP8 pools with those k/v scales (distinct per
-    pool); the ground truth is then the dequantized K/V."""
+    pool); the ground truth is then the dequantized K/V.
+    ``boundaries``: large distinct values in the S heads' V at every query's window edge
+    (keys i - W and i - W + 1) and at the sink edge (keys sink - 1 and sink), see
+    :func:`_mark_boundaries`."""
     gen = torch.Generator().manual_seed(seed)
     hkv = n_full + n_sliding
     hq = hkv * group
@@ -98,6 +101,8 @@ def make_case(seqs, n_full, n_sliding, group, d, block_f, block_s, window, dtype
         L = ctx + ql
         keys.append(torch.randn(L, hkv, d, generator=gen))
         values.append(torch.randn(L, hkv, d, generator=gen))
+    if boundaries:
+        _mark_boundaries(values, seqs, n_full, window, sink)
     cache_dtype, scales = dtype, None
     if kv_fp8:
         cache_dtype = FP8_DTYPE
@@ -188,6 +193,65 @@ def make_case(seqs, n_full, n_sliding, group, d, block_f, block_s, window, dtype
     return Case(query=query.to(device), batch=batch, scale=d ** -0.5,
                 full=build_pool(n_full, block_f, 0, False), sliding=build_pool(n_sliding, block_s, n_full, True),
                 keys=keys, values=values, group=group)
+
+
+def _mark_boundaries(values, seqs, n_full, window, sink):
+    """Put large values (+-16 .. +-40, exact in bf16/fp16) in the S heads' V at the keys just
+    inside and just outside each query's window (i - W + 1, i - W) and the sink edge
+    (sink - 1 visible, sink not, when both lie below the window): a kernel that takes one
+    key too many or too few there moves its output by about 16 x that key's softmax weight,
+    far beyond bf16 rounding (see :func:`boundary_errors`)."""
+    for s, (ctx, ql) in enumerate(seqs):
+        marks = {}
+        for i in range(ctx, ctx + ql):
+            marks[i - window] = -1.0  # outside
+            marks[i - window + 1] = 1.0  # inside
+        if sink:
+            marks[sink - 1] = 1.5
+            marks[sink] = -1.5
+        for p, sign in marks.items():
+            if 0 <= p < ctx + ql:
+                sign_d = torch.where(torch.arange(values[s].shape[2]) % 2 == 0, 1.0, -1.0)
+                values[s][p, n_full:] = sign * (16 + 8 * (p % 4)) * sign_d
+
+
+def boundary_refs(case: Case) -> tuple:
+    """The dense reference of ``case`` and those with the window or the sink off by one
+    (W +- 1, sink +- 1): (ref, {name: wrong ref})."""
+    s = case.sliding
+    wrong = {"window+1": (dataclasses.replace(s, window=s.window + 1), None)}
+    if s.window > 1:
+        wrong["window-1"] = (dataclasses.replace(s, window=s.window - 1), None)
+    if s.sink:
+        wrong["sink+1"] = (s, s.sink + 1)
+        wrong["sink-1"] = (s, s.sink - 1)
+    return dense_reference(case), {name: dense_reference(dataclasses.replace(case, sliding=pool), sink=sink)
+                                   for name, (pool, sink) in wrong.items()}
+
+
+def boundary_errors(case: Case, out: torch.Tensor, refs: tuple | None = None) -> dict:
+    """Max abs error of ``out`` against the dense reference, and the max abs difference
+    between the reference and each off-by-one reference (:func:`boundary_refs`, computed
+    unless given): the kernel passes when its error is far below every off-by-one distance."""
+    T = int(case.batch.query_start_loc[-1])
+    ref, wrong = refs if refs is not None else boundary_refs(case)
+    res = {"err": (out[:T].cpu().double() - ref[:T]).abs().max().item()}
+    for name, alt in wrong.items():
+        res[name] = (alt[:T] - ref[:T]).abs().max().item()
+    return res
+
+
+def check_boundaries(what: str, case: Case, out: torch.Tensor, min_margin: float = 20.0,
+                     refs: tuple | None = None) -> str:
+    """Assert ``out`` is exact at the window/sink edges (see :func:`boundary_errors`)."""
+    res = boundary_errors(case, out, refs)
+    T = int(case.batch.query_start_loc[-1])
+    assert not torch.isnan(out[:T]).any(), f"{what}: NaN"
+    gaps = {k: v for k, v in res.items() if k != "err"}
+    # the test itself: every off-by-one must be visible well above any rounding
+    assert min(gaps.values()) > 0.1, f"{what}: boundary marks too weak {gaps}"
+    assert res["err"] * min_margin < min(gaps.values()), f"{what}: off-by-one? {res}"
+    return f"err={res['err']:.2e} " + " ".join(f"{k}={v:.2f}" for k, v in gaps.items())
 
 
 def _pool_to(pool: KVPool, device) -> KVPool:
@@ -442,6 +506,40 @@ def test_fp8_pool_checks():
         torch_attn(case.query, torch.empty_like(case.query), case.batch, case.scale, bad, case.sliding)
 
 
+# Exact window / sink edges: (seqs, n_full, n_sliding, G, D, B_F, B_S, W, sink)
+BOUNDARY_CONFIGS = {
+    "decode": ([(40, 1), (23, 1), (9, 1), (57, 1)], 2, 2, 2, 32, 4, 8, 6, 0),
+    "decode_sink": ([(40, 1), (23, 1), (30, 1), (57, 1)], 1, 3, 2, 32, 8, 4, 6, 4),
+    "prefill_sink": ([(30, 5), (0, 20), (44, 1)], 1, 2, 2, 32, 4, 8, 7, 3),
+    "decode_sink1_w1": ([(12, 1), (7, 1)], 1, 1, 2, 32, 4, 4, 1, 1),
+}
+
+
+def boundary_case(name, dtype=torch.float32, device="cpu") -> Case:
+    seqs, nf, ns, g, d, bf, bs, w, sink = BOUNDARY_CONFIGS[name]
+    return make_case(seqs, nf, ns, g, d, bf, bs, w, dtype=dtype, pad_tokens=1, sink=sink, seed=4,
+                     device=device, boundaries=True)
+
+
+@pytest.mark.parametrize("name", sorted(BOUNDARY_CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_torch_window_sink_boundaries(name, dtype):
+    case = boundary_case(name, dtype)
+    out = torch.zeros_like(case.query)
+    torch_attn(*case.args(out))
+    print(name, check_boundaries(name, case, out))
+
+
+def test_boundary_check_catches_off_by_one():
+    """The boundary check fails a result computed with the window or the sink one off."""
+    case = boundary_case("decode_sink")
+    for pool, sink in ((dataclasses.replace(case.sliding, window=case.window + 1), None),
+                       (dataclasses.replace(case.sliding, window=case.window - 1), None), (case.sliding, 5)):
+        wrong = dense_reference(dataclasses.replace(case, sliding=pool), sink=sink).float()
+        with pytest.raises(AssertionError, match="off-by-one"):
+            check_boundaries("wrong", case, wrong)
+
+
 # ---------------------------------------------------------------------------------------
 # Triton kernels under TRITON_INTERPRET=1 (subprocess) vs torch implementation
 # ---------------------------------------------------------------------------------------
@@ -483,6 +581,18 @@ INTERPRET_CASES = [
     ("sink_decode@16", "float32", "3d", "per_head"),
     ("sink_mixed@4", "float32", "2d", "per_head"),
     ("sink_mixed@4", "float32", "merge", "per_head"),
+    # exact window / sink edges (boundary=<BOUNDARY_CONFIGS name>)
+    ("boundary=decode", "float32", "2d"),
+    ("boundary=decode", "bfloat16", "3d"),
+    ("boundary=decode", "float32", "3d_uneven"),
+    ("boundary=decode_sink", "bfloat16", "2d"),
+    ("boundary=decode_sink", "float32", "3d"),
+    ("boundary=decode_sink", "bfloat16", "3d_uneven"),
+    ("boundary=decode_sink", "bfloat16", "merge"),
+    ("boundary=prefill_sink", "bfloat16", "2d"),
+    ("boundary=prefill_sink", "float32", "merge"),
+    ("boundary=decode_sink1_w1", "float32", "3d_uneven"),
+    ("boundary=decode_sink1_w1", "bfloat16", "2d"),
 ]
 CONFIGS["decode_only_nf0"] = ([(50, 1), (3, 1), (17, 1)], 0, 2, 2, 32, 8, 4, 9)
 CONFIGS["decode_only_ns0"] = ([(50, 1), (3, 1), (17, 1)], 2, 0, 1, 32, 8, 4, 9)
@@ -550,6 +660,9 @@ def _interpret_main(argv):
         return
     name, dtype_name, path, *kv_fp8 = what.split(":")
     dtype = getattr(torch, dtype_name)
+    if name.startswith("boundary="):
+        _interpret_boundary(th, what, name.partition("=")[2], dtype, path)
+        return
     name, _, sink = name.partition("@")
     seqs, nf, ns, g, d, bf, bs, w = {**CONFIGS, **SINK_CONFIGS}[name]
     case = make_case(seqs, nf, ns, g, d, bf, bs, w, dtype=dtype, pad_tokens=1, sink=int(sink or 0),
@@ -573,6 +686,31 @@ def _interpret_main(argv):
     print(f"RESULT {what} max_abs_err={err:.3e}")
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     assert err < tol, f"{what}: max abs err {err} >= {tol}"
+
+
+def _interpret_boundary(th, what, name, dtype, path):
+    """Window/sink edge values (:func:`check_boundaries`) through the 2D path, the 3D path
+    (per-pool segment counts: the rule's, and uneven explicit ones), or the sink merge."""
+    case = boundary_case(name, dtype)
+    T = int(case.batch.query_start_loc[-1])
+    if path == "merge":
+        window_out, lse = dense_reference(case, sink=0, with_lse=True)
+        out = window_out.to(dtype)
+        split = case.n_full * case.group
+        th.merge_sinks(case.query[:, split:], out[:, split:], lse[split:].float(), case.batch, case.scale,
+                       case.sliding)
+    else:
+        out = torch.full_like(case.query, 7.0)
+        scratch, config = None, th.LaunchConfig()
+        if path.startswith("3d"):
+            scratch = th.make_hybrid_scratch(case.query.shape[0], case.query.shape[1], case.query.shape[2],
+                                             torch.device("cpu"), num_segments=8)
+            if path == "3d_uneven":
+                config = th.LaunchConfig(segments=(8, 2))
+        th.launch_attention(*case.args(out), scratch, config)
+        assert th.would_use_3d(case.query, case.batch, scratch) == path.startswith("3d")
+        assert torch.all(out[T:] == 7.0), "padding rows written"
+    print(f"RESULT {what} {check_boundaries(what, case, out)}")
 
 
 def _interpret_merge(th, what, case, dtype):
@@ -627,12 +765,68 @@ def test_triton_interpret_attention():
     print(out)
 
 
-if __name__ == "__main__":
-    if len(sys.argv) >= 3 and sys.argv[1] == "interpret":
-        for item in sys.argv[2].split(","):
-            _interpret_main([item])
-    else:
-        sys.exit(pytest.main([__file__, "-q"]))
+def _compile_main():
+    """Runs in a subprocess: compiles (never runs) the Triton kernels for sm_90 through the
+    JIT's own path, with a stand-in driver that only names the device and its target (no
+    GPU needed: Triton's bundled ptxas builds the cubin), for the layers of an uneven
+    allocation; prints the JIT device-cache sizes and ptxas register / spill figures."""
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.driver import driver
+
+    class CompileOnlyDriver:
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    driver.set_active(CompileOnlyDriver())
+    from consa_vllm.plugin.ops import triton_hybrid as th
+
+    names = ("_hybrid_attn_kernel", "_reduce_segments_kernel", "_write_kv_kernel", "_write_kv_hybrid_kernel")
+    kernels = {n: getattr(th, n) for n in names}
+
+    class Warmup:  # kernel[grid](...) compiles and returns without launching
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: self.kernel.run(*args, grid=grid, warmup=True, **kwargs)
+
+    for n in names:
+        setattr(th, n, Warmup(kernels[n]))
+    sizes = {}
+    for path, batch in (("3d", dict(num_seqs=1, query_len=1)), ("2d", dict(num_seqs=2, query_len=9))):
+        before = {n: len(k.device_caches[0][0]) for n, k in kernels.items()}
+        for n in names:
+            setattr(th, n, Warmup(kernels[n]))
+        # the same launches as attention_variant_keys, now through the real JIT
+        _launch_layers(th, UNEVEN_SPLITS, **batch)
+        sizes[path] = {n: len(k.device_caches[0][0]) - before[n] for n, k in kernels.items()}
+    print("RESULT compiled " + json_dumps(sizes))
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    for n in ("_hybrid_attn_kernel", "_reduce_segments_kernel"):
+        for ck in kernels[n].device_caches[0][0].values():
+            with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+                f.write(ck.asm["ptx"])
+            r = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull],
+                               capture_output=True, text=True)
+            os.unlink(f.name)
+            info = " ".join(line.split(":", 1)[-1].strip() for line in r.stderr.splitlines()
+                            if "registers" in line or "spill" in line)
+            print(f"RESULT ptxas {n} {info}")
+
+
+def json_dumps(x):
+    import json
+
+    return json.dumps(x, sort_keys=True)
 
 
 def test_flash_pools_knob_and_cpu_fallback(monkeypatch):
@@ -678,3 +872,149 @@ def test_select_ops_once_per_device(monkeypatch):
     ref = torch.empty_like(case.query)
     torch_attn(*case.args(ref))
     assert torch.equal(out, ref)
+
+
+# ---------------------------------------------------------------------------------------
+# Compiled variants of the attention kernel per model (JIT specialisation keys)
+# ---------------------------------------------------------------------------------------
+
+
+def attention_variant_keys(th, splits, sink=0, hkv=8, group=2, d=128, num_seqs=1, query_len=1):
+    """The Triton cache keys that the layers of one model (``splits``: (n_full, n_sliding) per
+    layer, heads packed into one F and one S pool as the plugin allocates them) would compile
+    for the attention, reduce and K/V write kernels: {kernel name: set of keys}.
+
+    The launches are recorded, not run (no GPU needed): each key is computed by the binder
+    the JIT runtime itself uses (``create_function_from_signature`` + ``compute_cache_key``)
+    for an H100/H200 target, so two layers with the same key share one compiled kernel."""
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.runtime.jit import compute_cache_key, create_function_from_signature
+
+    backend = CUDABackend(GPUTarget("cuda", 90, 32))
+    keys = {}
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+            self.binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                _, spec, options = self.binder(*args, **kwargs)
+                opts = backend.parse_options(options)
+                keys.setdefault(self.kernel.__name__, set()).add(compute_cache_key({}, spec, opts.__dict__))
+            return launch
+
+    names = ("_hybrid_attn_kernel", "_reduce_segments_kernel", "_write_kv_kernel", "_write_kv_hybrid_kernel")
+    saved = {n: getattr(th, n) for n in names}
+    for n in names:
+        setattr(th, n, Recorder(saved[n]))
+    try:
+        _launch_layers(th, splits, sink, hkv, group, d, num_seqs, query_len)
+    finally:
+        for n in names:
+            setattr(th, n, saved[n])
+    return keys
+
+
+def _launch_layers(th, splits, sink=0, hkv=8, group=2, d=128, num_seqs=1, query_len=1):
+    """K/V write and attention of every layer of ``splits`` (bf16, CPU tensors: only the
+    kernels' launch arguments matter to the callers, which record or compile them)."""
+    n_f_total = sum(nf for nf, _ in splits)
+    n_s_total = sum(ns for _, ns in splits)
+    T = num_seqs * query_len
+    f_cache = torch.zeros(4, 2, 16, max(1, n_f_total), d, dtype=torch.bfloat16)
+    s_cache = torch.zeros(4, 2, 32, max(1, n_s_total), d, dtype=torch.bfloat16)
+    table = torch.zeros(num_seqs, 4, dtype=torch.int32)
+    slots = torch.zeros(T, dtype=torch.int64)
+    batch = AttnBatch(query_start_loc=torch.arange(num_seqs + 1, dtype=torch.int32) * query_len,
+                      seq_lens=torch.full((num_seqs,), 40, dtype=torch.int32), max_query_len=query_len, max_seq_len=40)
+    query = torch.zeros(T, hkv * group, d, dtype=torch.bfloat16)
+    scratch = th.make_hybrid_scratch(th.default_seq_threshold_3d(hkv), hkv * group, d, "cpu")
+    key = torch.zeros(T, hkv, d, dtype=torch.bfloat16)
+    f_off = s_off = 0
+    for nf, ns in splits:
+        full = KVPool(f_cache, table, slots, f_off, nf) if nf else None
+        sliding = KVPool(s_cache, table, slots, s_off, ns, window=16, sink=sink) if ns else None
+        th.write_kv_hybrid(key, key, full, sliding)
+        th.hybrid_paged_attention(query, torch.empty_like(query), batch, d ** -0.5, full, sliding, scratch)
+        f_off, s_off = f_off + nf, s_off + ns
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90_variant_count():
+    """The real JIT compiles the kernels for sm_90 (no GPU: compile only) without register
+    spills in the attention kernel, and its device cache holds 3 attention variants per
+    path for the layers of an uneven allocation."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "compile"], env=env, capture_output=True,
+                          text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    import json
+
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT compiled "))
+    sizes = json.loads(line.removeprefix("RESULT compiled "))
+    print(proc.stdout)
+    assert sizes["3d"]["_hybrid_attn_kernel"] == 3 and sizes["2d"]["_hybrid_attn_kernel"] == 3, sizes
+    assert sizes["3d"]["_reduce_segments_kernel"] == 1, sizes
+    attn = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ptxas _hybrid_attn_kernel")]
+    assert len(attn) == 6 and all("0 bytes spill stores" in x for x in attn), attn
+
+
+# An uneven Qwen3-0.6B-shaped allocation: 8 KV heads, 0 .. 5 F heads per layer, plus all-F / all-S.
+UNEVEN_SPLITS = [(nf, 8 - nf) for nf in (0, 1, 2, 3, 4, 5, 2, 3, 1, 5, 4, 0)] + [(8, 0)]
+
+
+@pytest.mark.parametrize("path", ["2d", "3d"])
+@pytest.mark.parametrize("sink", [0, 4])
+def test_attention_kernel_variants_per_model(path, sink):
+    """Layers with different F/S splits share compiled kernels: at most 3 variants of the
+    attention kernel per path (all-F, all-S, mixed) and one reduce kernel, whatever the
+    split, the head offsets in the pools or the segment counts."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    from consa_vllm.plugin.ops import triton_hybrid as th
+
+    batch = dict(num_seqs=1, query_len=1) if path == "3d" else dict(num_seqs=2, query_len=9)
+    keys = attention_variant_keys(th, UNEVEN_SPLITS, sink=sink, **batch)
+    counts = {k: len(v) for k, v in keys.items()}
+    print(path, sink, counts)
+    assert counts["_hybrid_attn_kernel"] == 3, counts
+    assert counts.get("_reduce_segments_kernel", 0) == (1 if path == "3d" else 0), counts
+    # K/V writes: one variant for mixed layers, one per pool (its block size) for one-pool layers
+    assert counts["_write_kv_kernel"] == 2 and counts["_write_kv_hybrid_kernel"] == 1, counts
+    # other mixed splits at other pool offsets: no new variant
+    again = attention_variant_keys(th, [(1, 7), (3, 5)], sink=sink, **batch)["_hybrid_attn_kernel"]
+    assert again <= keys["_hybrid_attn_kernel"]
+
+
+def test_decode_segments_rule():
+    """Per-pool split-KV segment counts: S heads ~2 tiles per segment, F heads many at batch
+    1 and fewer as the batch grows, all within the scratch's capacity."""
+    from consa_vllm.plugin.ops.triton_hybrid import decode_segments
+
+    cap = 16 * 128  # the backend's scratch at 8 KV heads: 16 rows x 128 segments
+    assert decode_segments(4096, 0, 32, 1, 1, cap) == (512, 64, 512)
+    assert decode_segments(4096, 4, 32, 1, 1, cap) == (512, 128, 512)  # + one sink tile
+    assert decode_segments(256, 0, 32, 1, 1, cap) == (512, 4, 512)
+    assert decode_segments(256, 0, 32, 2, 2, cap) == (256, 4, 256)
+    assert decode_segments(4096, 0, 32, 4, 4, cap) == (128, 64, 128)
+    assert decode_segments(4096, 0, 32, 16, 16, cap) == (128, 64, 128)
+    assert decode_segments(1 << 20, 0, 32, 1, 1, cap)[1] == 128  # S capped
+    # capped by capacity // tokens (rounded down to a power of 2), overrides too
+    for tokens in (1, 3, 7, 16, 40):
+        for override in (None, (1024, 8), (64, 64)):
+            f, s, stride = decode_segments(512, 0, 32, tokens, tokens, 300, override)
+            assert stride == max(f, s) and tokens * stride <= 300 and f & (f - 1) == 0, (tokens, f, s)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 2 and sys.argv[1] == "compile":
+        _compile_main()
+    elif len(sys.argv) >= 3 and sys.argv[1] == "interpret":
+        for item in sys.argv[2].split(","):
+            _interpret_main([item])
+    else:
+        sys.exit(pytest.main([__file__, "-q"]))

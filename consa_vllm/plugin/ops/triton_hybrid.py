@@ -6,7 +6,7 @@ Parnell): same q-block grid, online softmax and 2D / 3D (split-KV + reduce) stru
 stripped of the features ConSA does not need (alibi, learned sink logits, softcap,
 mm-prefix ...) and extended so that one program reads either pool:
 
-* grid axis 1 is the layer's KV head ``h`` in ``[0, n_full + n_sliding)``; ``h < n_full``
+* grid axis 1 (2D) is the layer's KV head ``h`` in ``[0, n_full + n_sliding)``; ``h < n_full``
   reads the F pool through the F block table (causal), otherwise the S pool through the S
   block table (sliding window W);
 * every program only iterates over the key range its q-block can see:
@@ -19,13 +19,18 @@ mm-prefix ...) and extended so that one program reads either pool:
   the head's k_scale folds into the score scale and its v_scale into the result (one
   scalar load per program, per-tensor scales passed with stride 0); the query is never
   quantized;
-* 3D (decode, few sequences): the key range of each head is split into NUM_SEGMENTS
-  segments (an S head splits its ~W keys, an F head its whole context); every segment
+* 3D (decode, few sequences): the key range of each F head is split into ``seg_f``
+  segments, that of each S head (~W keys) into ``seg_s`` (:func:`decode_segments`, runtime
+  ints); grid axis 1 then enumerates (head, segment) pairs, F heads first.  Every segment
   program writes its partial (M, L, acc), empty segments write (-inf, 0, 0), and a reduce
-  kernel combines them.  The reduce therefore needs no knowledge of the ranges.
+  kernel combines each query head's own segment count.  The reduce needs no knowledge of
+  the ranges;
+* compiled variants: the head split ``n_full`` and the per-layer pool offsets are runtime
+  ints (not specialised); only HAS_FULL / HAS_SLIDING are constexpr, so one model compiles
+  at most three variants per path (:func:`attention_constexprs`).
 
-CUDA-graph safety: no host syncs; grid sizes come from tensor shapes and the host ints
-``max_query_len``; 3D scratch comes from the caller (``make_hybrid_scratch``, allocated
+CUDA-graph safety: no host syncs; grid sizes and segment counts come from tensor shapes
+and the host ints ``num_seqs`` / ``max_query_len``; 3D scratch comes from the caller (``make_hybrid_scratch``, allocated
 once before graph capture by the backend's metadata builder).
 
 No vLLM import here (keeps this module importable and testable alone).
@@ -54,6 +59,14 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # within 3% of the best at batch 4 (32k) and 16 (16k); 512 segments is 3x slower.
 DEFAULT_NUM_SEGMENTS = 128
 DEFAULT_TILE_3D = 32
+# Per-pool segment counts (decode_segments): an F head splits its whole context, an S head
+# only its window (+ sinks), so one count for both left an F head's 32k keys at 8 tiles per
+# program in a serial chain while S programs ran <= 1 tile (issue 11).  F heads get up to
+# MAX_SEGMENTS_F segments at batch 1, S heads just enough for ~2 tiles each.
+MAX_SEGMENTS_F = 512
+MAX_SEGMENTS_S = DEFAULT_NUM_SEGMENTS
+S_TILES_PER_SEGMENT = 2
+REDUCE_SEG_CHUNK = 128
 MIN_LAUNCH_GRID_SIZE_2D = 128  # vLLM's threshold rule: 3D when num_seqs <= 128 // n_kv
 _FP8_MAX = tl.constexpr(FP8_MAX)
 
@@ -86,10 +99,29 @@ def _find_seq_idx(query_start_len_ptr, target_idx, num_seqs, BLOCK_Q: tl.constex
 
 
 @triton.jit
+def _online_softmax_step(S, V, M, L, acc, DOT_IEEE: tl.constexpr):
+    """One key tile of the online softmax: ``S`` the tile's masked scores (log2 units,
+    -inf where not allowed), ``V`` its values; returns the updated running max ``M``,
+    sum ``L`` and unnormalised output ``acc``.  Rows with no allowed key so far keep
+    (-inf, 0, 0)."""
+    m_new = tl.maximum(M, tl.max(S, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    P = tl.exp2(S - m_safe[:, None])
+    alpha = tl.exp2(M - m_safe)
+    L = L * alpha + tl.sum(P, axis=1)
+    if DOT_IEEE:
+        pv = tl.dot(P.to(V.dtype), V, input_precision="ieee")
+    else:
+        pv = tl.dot(P.to(V.dtype), V)
+    acc = acc * alpha[:, None] + pv
+    return m_new, L, acc
+
+
+@triton.jit
 def _attn_body(
     output_ptr, query_ptr, cache_ptr, block_table_ptr,
     segm_output_ptr, segm_max_ptr, segm_expsum_ptr,
-    seq_idx, segm_idx, q_block_local_idx, q_start, q_len, seq_len,
+    seq_idx, segm_idx, num_segments, seg_stride, q_block_local_idx, q_start, q_len, seq_len,
     kv_head_idx, pool_head, scale_idx,
     scale_log2, window, k_scale_ptr, v_scale_ptr, scale_stride,
     block_table_stride: tl.int64,
@@ -101,7 +133,7 @@ def _attn_body(
     BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
     HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
-    IS_SLIDING: tl.constexpr, SINK: tl.constexpr, IS_3D: tl.constexpr, NUM_SEGMENTS: tl.constexpr,
+    IS_SLIDING: tl.constexpr, SINK: tl.constexpr, IS_3D: tl.constexpr,
     DOT_IEEE: tl.constexpr, CAST_F32: tl.constexpr, FP8: tl.constexpr,
 ):
     offs_m = tl.arange(0, BLOCK_M)
@@ -145,7 +177,7 @@ def _attn_body(
         num_sink_tiles = _cdiv(sink_hi, TILE)
         num_tiles += num_sink_tiles
     if IS_3D:
-        tiles_per_segment = _cdiv(num_tiles, NUM_SEGMENTS)
+        tiles_per_segment = _cdiv(num_tiles, num_segments)
         t_lo = segm_idx * tiles_per_segment
         t_hi = tl.minimum(t_lo + tiles_per_segment, num_tiles)
     else:
@@ -197,23 +229,13 @@ def _attn_body(
             allowed = allowed & visible
         S = tl.where(allowed, S, float("-inf"))
 
-        m_new = tl.maximum(M, tl.max(S, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        P = tl.exp2(S - m_safe[:, None])
-        alpha = tl.exp2(M - m_safe)
-        L = L * alpha + tl.sum(P, axis=1)
-        if DOT_IEEE:
-            pv = tl.dot(P.to(V.dtype), V, input_precision="ieee")
-        else:
-            pv = tl.dot(P.to(V.dtype), V)
-        acc = acc * alpha[:, None] + pv
-        M = m_new
+        M, L, acc = _online_softmax_step(S, V, M, L, acc, DOT_IEEE)
 
     if FP8:
         acc = acc * v_scale
     if IS_3D:
-        segm_off = (q_tok.to(tl.int64) * (NUM_QUERY_HEADS * NUM_SEGMENTS)
-                    + q_head * NUM_SEGMENTS + segm_idx)
+        # Scratch row of (token, q head, segment); ``seg_stride`` rows per (token, q head).
+        segm_off = ((q_tok.to(tl.int64) * NUM_QUERY_HEADS + q_head) * seg_stride + segm_idx)
         tl.store(segm_output_ptr + segm_off[:, None] * HEAD_PAD + offs_d[None, :], acc,
                  mask=row_valid[:, None] & dim_mask[None, :])
         tl.store(segm_max_ptr + segm_off, M, mask=row_valid)
@@ -229,7 +251,11 @@ def _attn_body(
         )
 
 
-@triton.jit
+# Runtime ints that differ between the layers of one model (head split, pool offsets,
+# segment counts) are not specialised: Triton would otherwise compile a variant per value
+# class (== 1, divisible by 16), i.e. per layer split.
+@triton.jit(do_not_specialize=["n_full", "full_head_offset", "sliding_head_offset",
+                               "seg_f", "seg_s", "seg_stride"])
 def _hybrid_attn_kernel(
     output_ptr, query_ptr, query_start_len_ptr, seq_lens_ptr, num_seqs: tl.int32,
     full_cache_ptr, full_bt_ptr, full_head_offset, full_bt_stride: tl.int64,
@@ -244,19 +270,33 @@ def _hybrid_attn_kernel(
     sliding_k_scale_ptr, sliding_v_scale_ptr, sliding_scale_stride,
     q_stride_0: tl.int64, q_stride_1: tl.int64,
     o_stride_0: tl.int64, o_stride_1: tl.int64,
-    N_FULL: tl.constexpr, N_SLIDING: tl.constexpr, G: tl.constexpr, SINK: tl.constexpr,
+    n_full, seg_f, seg_s, seg_stride,
+    HAS_FULL: tl.constexpr, HAS_SLIDING: tl.constexpr, NUM_QUERY_HEADS: tl.constexpr,
+    G: tl.constexpr, SINK: tl.constexpr,
     BLOCK_SIZE_F: tl.constexpr, BLOCK_SIZE_S: tl.constexpr,
     TILE: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
-    IS_3D: tl.constexpr, NUM_SEGMENTS: tl.constexpr, DOT_IEEE: tl.constexpr,
+    IS_3D: tl.constexpr, DOT_IEEE: tl.constexpr,
     CAST_F32: tl.constexpr, FP8: tl.constexpr,
 ):
     q_block_global_idx = tl.program_id(0)
-    kv_head_idx = tl.program_id(1)
     if IS_3D:
-        segm_idx = tl.program_id(2)
+        # Grid axis 1 = (head, segment) pairs: the n_full F heads' seg_f segments each,
+        # then the S heads' seg_s segments each (per-pool segment counts).
+        pid = tl.program_id(1)
+        f_programs = n_full * seg_f
+        if pid < f_programs:
+            kv_head_idx = pid // seg_f
+            segm_idx = pid % seg_f
+            num_segments = seg_f
+        else:
+            kv_head_idx = n_full + (pid - f_programs) // seg_s
+            segm_idx = (pid - f_programs) % seg_s
+            num_segments = seg_s
     else:
+        kv_head_idx = tl.program_id(1)
         segm_idx = 0
+        num_segments = 1
 
     seq_idx = _find_seq_idx(query_start_len_ptr, q_block_global_idx, num_seqs, BLOCK_Q, True)
     q_start = tl.load(query_start_len_ptr + seq_idx)
@@ -266,83 +306,79 @@ def _hybrid_attn_kernel(
     if q_block_local_idx * BLOCK_Q >= q_len:
         return
     seq_len = tl.load(seq_lens_ptr + seq_idx)
-    NUM_QUERY_HEADS: tl.constexpr = (N_FULL + N_SLIDING) * G
 
-    if N_SLIDING == 0:
+    is_full = kv_head_idx < n_full
+    if not HAS_SLIDING:
+        is_full = True
+    if not HAS_FULL:
+        is_full = False
+    if is_full:
         _attn_body(output_ptr, query_ptr, full_cache_ptr, full_bt_ptr,
                    segm_output_ptr, segm_max_ptr, segm_expsum_ptr,
-                   seq_idx, segm_idx, q_block_local_idx, q_start, q_len, seq_len,
+                   seq_idx, segm_idx, num_segments, seg_stride, q_block_local_idx, q_start, q_len, seq_len,
                    kv_head_idx, full_head_offset + kv_head_idx, kv_head_idx, scale_log2, window,
                    full_k_scale_ptr, full_v_scale_ptr, full_scale_stride,
                    full_bt_stride, q_stride_0, q_stride_1, o_stride_0, o_stride_1,
                    f_stride_0, f_stride_1, f_stride_2, f_stride_3, F_STRIDE_4,
                    NUM_QUERY_HEADS, G, BLOCK_SIZE_F, TILE, HEAD_SIZE, HEAD_PAD,
-                   BLOCK_M, BLOCK_Q, False, 0, IS_3D, NUM_SEGMENTS, DOT_IEEE, CAST_F32, FP8)
-    elif N_FULL == 0:
+                   BLOCK_M, BLOCK_Q, False, 0, IS_3D, DOT_IEEE, CAST_F32, FP8)
+    else:
         _attn_body(output_ptr, query_ptr, sliding_cache_ptr, sliding_bt_ptr,
                    segm_output_ptr, segm_max_ptr, segm_expsum_ptr,
-                   seq_idx, segm_idx, q_block_local_idx, q_start, q_len, seq_len,
-                   kv_head_idx, sliding_head_offset + kv_head_idx, kv_head_idx, scale_log2, window,
+                   seq_idx, segm_idx, num_segments, seg_stride, q_block_local_idx, q_start, q_len, seq_len,
+                   kv_head_idx, sliding_head_offset + (kv_head_idx - n_full), kv_head_idx - n_full,
+                   scale_log2, window,
                    sliding_k_scale_ptr, sliding_v_scale_ptr, sliding_scale_stride,
                    sliding_bt_stride, q_stride_0, q_stride_1, o_stride_0, o_stride_1,
                    s_stride_0, s_stride_1, s_stride_2, s_stride_3, S_STRIDE_4,
                    NUM_QUERY_HEADS, G, BLOCK_SIZE_S, TILE, HEAD_SIZE, HEAD_PAD,
-                   BLOCK_M, BLOCK_Q, True, SINK, IS_3D, NUM_SEGMENTS, DOT_IEEE, CAST_F32, FP8)
-    else:
-        if kv_head_idx < N_FULL:
-            _attn_body(output_ptr, query_ptr, full_cache_ptr, full_bt_ptr,
-                       segm_output_ptr, segm_max_ptr, segm_expsum_ptr,
-                       seq_idx, segm_idx, q_block_local_idx, q_start, q_len, seq_len,
-                       kv_head_idx, full_head_offset + kv_head_idx, kv_head_idx, scale_log2, window,
-                       full_k_scale_ptr, full_v_scale_ptr, full_scale_stride,
-                       full_bt_stride, q_stride_0, q_stride_1, o_stride_0, o_stride_1,
-                       f_stride_0, f_stride_1, f_stride_2, f_stride_3, F_STRIDE_4,
-                       NUM_QUERY_HEADS, G, BLOCK_SIZE_F, TILE, HEAD_SIZE, HEAD_PAD,
-                       BLOCK_M, BLOCK_Q, False, 0, IS_3D, NUM_SEGMENTS, DOT_IEEE, CAST_F32, FP8)
-        else:
-            _attn_body(output_ptr, query_ptr, sliding_cache_ptr, sliding_bt_ptr,
-                       segm_output_ptr, segm_max_ptr, segm_expsum_ptr,
-                       seq_idx, segm_idx, q_block_local_idx, q_start, q_len, seq_len,
-                       kv_head_idx, sliding_head_offset + (kv_head_idx - N_FULL), kv_head_idx - N_FULL,
-                       scale_log2, window,
-                       sliding_k_scale_ptr, sliding_v_scale_ptr, sliding_scale_stride,
-                       sliding_bt_stride, q_stride_0, q_stride_1, o_stride_0, o_stride_1,
-                       s_stride_0, s_stride_1, s_stride_2, s_stride_3, S_STRIDE_4,
-                       NUM_QUERY_HEADS, G, BLOCK_SIZE_S, TILE, HEAD_SIZE, HEAD_PAD,
-                       BLOCK_M, BLOCK_Q, True, SINK, IS_3D, NUM_SEGMENTS, DOT_IEEE, CAST_F32, FP8)
+                   BLOCK_M, BLOCK_Q, True, SINK, IS_3D, DOT_IEEE, CAST_F32, FP8)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_full_q", "seg_f", "seg_s", "seg_stride"])
 def _reduce_segments_kernel(
     output_ptr, segm_output_ptr, segm_max_ptr, segm_expsum_ptr,
     query_start_len_ptr, num_seqs: tl.int32,
     o_stride_0: tl.int64, o_stride_1: tl.int64,
+    n_full_q, seg_f, seg_s, seg_stride,
     NUM_QUERY_HEADS: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
-    NUM_SEGMENTS: tl.constexpr,
+    SEG_CHUNK: tl.constexpr,
 ):
+    """Combine the partial (M, L, acc) of one (token, q head): query heads below
+    ``n_full_q`` (F heads' queries) have ``seg_f`` segments, the others ``seg_s``.
+    Two passes over chunks of SEG_CHUNK segments (global max, then weighted sums) keep the
+    register tile at [SEG_CHUNK, HEAD_PAD] whatever the segment count."""
     tok = tl.program_id(0)
     head = tl.program_id(1)
     num_tokens = tl.load(query_start_len_ptr + num_seqs)
     if tok >= num_tokens:
         return
-    offs_s = tl.arange(0, NUM_SEGMENTS)
+    num_segments = tl.where(head < n_full_q, seg_f, seg_s)
+    offs_c = tl.arange(0, SEG_CHUNK)
     offs_d = tl.arange(0, HEAD_PAD)
     dim_mask = offs_d < HEAD_SIZE
-    base = (tok.to(tl.int64) * NUM_QUERY_HEADS + head) * NUM_SEGMENTS
-    m = tl.load(segm_max_ptr + base + offs_s)
-    m_max = tl.max(m, axis=0)
+    base = (tok.to(tl.int64) * NUM_QUERY_HEADS + head) * seg_stride
+    m_max = tl.max(tl.full([SEG_CHUNK], float("-inf"), dtype=tl.float32), axis=0)
+    for c in range(0, num_segments, SEG_CHUNK):
+        m = tl.load(segm_max_ptr + base + c + offs_c, mask=c + offs_c < num_segments, other=float("-inf"))
+        m_max = tl.maximum(m_max, tl.max(m, axis=0))
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
-    w = tl.exp2(m - m_max)
-    denom = tl.sum(tl.load(segm_expsum_ptr + base + offs_s) * w, axis=0)
-    o = tl.load(segm_output_ptr + (base + offs_s)[:, None] * HEAD_PAD + offs_d[None, :],
-                mask=dim_mask[None, :], other=0.0)
-    acc = tl.sum(o * w[:, None], axis=0)
+    denom = tl.sum(tl.zeros([SEG_CHUNK], dtype=tl.float32), axis=0)
+    acc = tl.zeros([HEAD_PAD], dtype=tl.float32)
+    for c in range(0, num_segments, SEG_CHUNK):
+        seg_mask = c + offs_c < num_segments
+        m = tl.load(segm_max_ptr + base + c + offs_c, mask=seg_mask, other=float("-inf"))
+        w = tl.exp2(m - m_max)  # 0 for empty segments (M = -inf) and masked lanes
+        denom += tl.sum(tl.load(segm_expsum_ptr + base + c + offs_c, mask=seg_mask, other=0.0) * w, axis=0)
+        o = tl.load(segm_output_ptr + (base + c + offs_c)[:, None] * HEAD_PAD + offs_d[None, :],
+                    mask=seg_mask[:, None] & dim_mask[None, :], other=0.0)
+        acc += tl.sum(o * w[:, None], axis=0)
     acc = tl.where(denom == 0.0, 0.0, acc / denom)
     tl.store(output_ptr + tok.to(tl.int64) * o_stride_0 + head * o_stride_1 + offs_d,
              acc.to(output_ptr.dtype.element_ty), mask=dim_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["head_offset"])
 def _sink_merge_kernel(
     output_ptr, query_ptr, lse_ptr, query_start_len_ptr, seq_lens_ptr, num_seqs: tl.int32,
     cache_ptr, bt_ptr, head_offset, bt_stride: tl.int64,
@@ -414,17 +450,7 @@ def _sink_merge_kernel(
         # Only sinks outside the query's window: those inside it are in ``output`` already.
         allowed = k_valid[None, :] & row_valid[:, None] & ((q_abs[:, None] - k_pos[None, :]) >= window)
         S = tl.where(allowed, S, float("-inf"))
-        m_new = tl.maximum(M, tl.max(S, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        P = tl.exp2(S - m_safe[:, None])
-        alpha = tl.exp2(M - m_safe)
-        L = L * alpha + tl.sum(P, axis=1)
-        if DOT_IEEE:
-            pv = tl.dot(P.to(V.dtype), V, input_precision="ieee")
-        else:
-            pv = tl.dot(P.to(V.dtype), V)
-        acc = acc * alpha[:, None] + pv
-        M = m_new
+        M, L, acc = _online_softmax_step(S, V, M, L, acc, DOT_IEEE)
 
     if FP8:
         acc = acc * v_scale
@@ -452,7 +478,7 @@ def _write_heads(
     c_stride_0: tl.int64, c_stride_1: tl.int64, c_stride_2: tl.int64,
     c_stride_3: tl.int64, C_STRIDE_4: tl.constexpr,
     head_offset, k_scale_ptr, v_scale_ptr, scale_stride,
-    N: tl.constexpr, N_PAD: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
+    N, N_PAD: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, FP8: tl.constexpr,
 ):
     """Token ``t``: its N heads' K and V into ``cache[slot // B, 0/1, slot % B, head_offset:+N]``
@@ -480,7 +506,9 @@ def _write_heads(
         tl.store(dst + c_stride_1, v.to(cache_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+# As in the attention kernel: head counts and offsets that differ per layer are runtime
+# ints, N_PAD (the key's heads, padded) is fixed per model, so the layers share variants.
+@triton.jit(do_not_specialize=["head_offset", "N"])
 def _write_kv_kernel(
     key_ptr, value_ptr, cache_ptr, slot_ptr,
     k_stride_0: tl.int64, k_stride_1: tl.int64,
@@ -488,7 +516,7 @@ def _write_kv_kernel(
     c_stride_0: tl.int64, c_stride_1: tl.int64, c_stride_2: tl.int64,
     c_stride_3: tl.int64, C_STRIDE_4: tl.constexpr,
     head_offset, k_scale_ptr, v_scale_ptr, scale_stride,
-    N: tl.constexpr, N_PAD: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
+    N, N_PAD: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, FP8: tl.constexpr,
 ):
     _write_heads(tl.program_id(0), key_ptr, value_ptr, cache_ptr, slot_ptr,
@@ -498,7 +526,7 @@ def _write_kv_kernel(
                  N, N_PAD, HEAD_SIZE, HEAD_PAD, BLOCK_SIZE, FP8)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["full_head_offset", "sliding_head_offset", "N_FULL", "N_SLIDING"])
 def _write_kv_hybrid_kernel(
     key_ptr, value_ptr,
     k_stride_0: tl.int64, k_stride_1: tl.int64,
@@ -511,7 +539,7 @@ def _write_kv_hybrid_kernel(
     s_stride_0: tl.int64, s_stride_1: tl.int64, s_stride_2: tl.int64,
     s_stride_3: tl.int64, S_STRIDE_4: tl.constexpr,
     sliding_k_scale_ptr, sliding_v_scale_ptr, sliding_scale_stride,
-    N_FULL: tl.constexpr, N_FULL_PAD: tl.constexpr, N_SLIDING: tl.constexpr, N_SLIDING_PAD: tl.constexpr,
+    N_FULL, N_SLIDING, N_PAD: tl.constexpr,
     HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
     BLOCK_SIZE_F: tl.constexpr, BLOCK_SIZE_S: tl.constexpr, FP8: tl.constexpr,
 ):
@@ -522,14 +550,14 @@ def _write_kv_hybrid_kernel(
                      k_stride_0, k_stride_1, v_stride_0, v_stride_1,
                      f_stride_0, f_stride_1, f_stride_2, f_stride_3, F_STRIDE_4,
                      full_head_offset, full_k_scale_ptr, full_v_scale_ptr, full_scale_stride,
-                     N_FULL, N_FULL_PAD, HEAD_SIZE, HEAD_PAD, BLOCK_SIZE_F, FP8)
+                     N_FULL, N_PAD, HEAD_SIZE, HEAD_PAD, BLOCK_SIZE_F, FP8)
     else:
         _write_heads(t, key_ptr + N_FULL * k_stride_1, value_ptr + N_FULL * v_stride_1,
                      sliding_cache_ptr, sliding_slot_ptr,
                      k_stride_0, k_stride_1, v_stride_0, v_stride_1,
                      s_stride_0, s_stride_1, s_stride_2, s_stride_3, S_STRIDE_4,
                      sliding_head_offset, sliding_k_scale_ptr, sliding_v_scale_ptr, sliding_scale_stride,
-                     N_SLIDING, N_SLIDING_PAD, HEAD_SIZE, HEAD_PAD, BLOCK_SIZE_S, FP8)
+                     N_SLIDING, N_PAD, HEAD_SIZE, HEAD_PAD, BLOCK_SIZE_S, FP8)
 
 
 # ---------------------------------------------------------------------------------------
@@ -540,7 +568,10 @@ def _write_kv_hybrid_kernel(
 class HybridScratch(NamedTuple):
     """Scratch of the 3D (split-KV) decode path; one per engine, shared by all layers.
 
-    Its rows bound the decode batch that takes the 3D path (one row per sequence).
+    Its rows bound the decode batch that takes the 3D path (one row per sequence).  The
+    kernels index it flat, as ``[T, Hq, seg_stride, HEAD_PAD]`` with ``seg_stride`` chosen
+    per launch, so a batch of T tokens may use up to ``capacity // T`` segments per head:
+    batch 1 gets many segments from the memory that batch ``max_seqs`` needs for 128.
     """
 
     segm_output: torch.Tensor  # [max_seqs, Hq, NUM_SEGMENTS, HEAD_PAD] float32
@@ -555,6 +586,11 @@ class HybridScratch(NamedTuple):
     def num_segments(self) -> int:
         return self.segm_output.shape[2]
 
+    @property
+    def capacity(self) -> int:
+        """Segment rows per query head over all tokens: T * seg_stride must not exceed it."""
+        return self.segm_output.shape[0] * self.segm_output.shape[2]
+
 
 @dataclass(frozen=True)
 class LaunchConfig:
@@ -563,6 +599,9 @@ class LaunchConfig:
     tile_size: int | None = None
     num_warps: int | None = None
     num_stages: int | None = None
+    # 3D path: (F segments, S segments) per head instead of decode_segments' rule (None in
+    # either place: the rule's); each is capped by the scratch capacity as the rule's are.
+    segments: tuple[int | None, int | None] | None = None
 
 
 def _scale_args(pool: KVPool | None, dummy: torch.Tensor) -> tuple:
@@ -576,6 +615,36 @@ def _scale_args(pool: KVPool | None, dummy: torch.Tensor) -> tuple:
 def default_seq_threshold_3d(num_kv_heads: int) -> int:
     """vLLM's rule: use 3D (split-KV) decode when num_seqs <= 128 // num_kv_heads."""
     return max(1, MIN_LAUNCH_GRID_SIZE_2D // max(1, num_kv_heads))
+
+
+def _prev_pow2(x: int) -> int:
+    return 1 << (max(1, int(x)).bit_length() - 1)
+
+
+def decode_segments(window: int, sink: int, tile: int, num_seqs: int, num_tokens: int, capacity: int,
+                    override: tuple[int, int] | None = None) -> tuple[int, int, int]:
+    """Per-pool split-KV segment counts of a 3D launch: ``(seg_f, seg_s, seg_stride)``.
+
+    Host ints only (no device reads: CUDA-graph safe; fixed per captured batch size).
+
+    * S heads: the smallest power of 2 that covers the window (+ sink tiles) in about
+      ``S_TILES_PER_SEGMENT`` tiles, at most ``MAX_SEGMENTS_S``;
+    * F heads: the context is unknown on the host, so as many segments as a batch-1 decode
+      at long context wants (``MAX_SEGMENTS_F``), halved per doubling of the batch down to
+      ``DEFAULT_NUM_SEGMENTS`` (more sequences fill the GPU by themselves);
+    * both capped so that ``num_tokens * seg_stride <= capacity`` (the scratch's rows).
+    ``override`` (benchmarks): ``(seg_f, seg_s)`` instead of the rule (None: the rule's),
+    capped the same way.
+    """
+    s_tiles = -(-max(1, window) // tile) + (-(-sink // tile) if sink else 0)
+    seg_s = min(triton.next_power_of_2(-(-s_tiles // S_TILES_PER_SEGMENT)), MAX_SEGMENTS_S)
+    seg_f = max(DEFAULT_NUM_SEGMENTS, MAX_SEGMENTS_F // _prev_pow2(num_seqs))
+    if override is not None:
+        seg_f = seg_f if override[0] is None else override[0]
+        seg_s = seg_s if override[1] is None else override[1]
+    cap = _prev_pow2(max(1, capacity // max(1, num_tokens)))
+    seg_f, seg_s = max(1, min(seg_f, cap)), max(1, min(seg_s, cap))
+    return seg_f, seg_s, max(seg_f, seg_s)
 
 
 def make_hybrid_scratch(max_seqs: int, num_q_heads: int, head_size: int, device,
@@ -655,8 +724,14 @@ def launch_attention(query: torch.Tensor, output: torch.Tensor, batch: AttnBatch
     use_3d = would_use_3d(query, batch, scratch)
     tile_size = config.tile_size or (DEFAULT_TILE_3D if use_3d else 32)
     total_q_blocks = T // block_q + num_seqs
-    num_segments = scratch.num_segments if use_3d else 1
-    grid = (total_q_blocks, n_kv, num_segments) if use_3d else (total_q_blocks, n_kv)
+    sink = sliding.sink if n_sliding else 0
+    if use_3d:
+        seg_f, seg_s, seg_stride = decode_segments(window if n_sliding else 1, sink, tile_size, num_seqs, T,
+                                                   scratch.capacity, config.segments)
+        grid = (total_q_blocks, n_full * seg_f + n_sliding * seg_s)
+    else:
+        seg_f = seg_s = seg_stride = 1
+        grid = (total_q_blocks, n_kv)
     launch = {}
     if config.num_warps is not None:
         launch["num_warps"] = config.num_warps
@@ -675,13 +750,9 @@ def launch_attention(query: torch.Tensor, output: torch.Tensor, batch: AttnBatch
         float(scale) * LOG2E, int(window),
         *_scale_args(full if n_full else None, output), *_scale_args(sliding if n_sliding else None, output),
         query.stride(0), query.stride(1), output.stride(0), output.stride(1),
-        N_FULL=n_full, N_SLIDING=n_sliding, G=group, SINK=sliding.sink if n_sliding else 0,
-        BLOCK_SIZE_F=fc.shape[2], BLOCK_SIZE_S=sc.shape[2],
-        TILE=tile_size, HEAD_SIZE=d, HEAD_PAD=head_pad,
-        BLOCK_M=block_m, BLOCK_Q=block_q,
-        IS_3D=use_3d, NUM_SEGMENTS=num_segments,
-        DOT_IEEE=(query.dtype == torch.float32) or _INTERPRET,
-        CAST_F32=_INTERPRET, FP8=fp.is_fp8,
+        n_full, seg_f, seg_s, seg_stride,
+        **attention_constexprs(n_full, n_sliding, hq, sink, fc.shape[2], sc.shape[2], tile_size, d,
+                               query.dtype, use_3d, fp.is_fp8),
         **launch,
     )
     if use_3d:
@@ -689,9 +760,30 @@ def launch_attention(query: torch.Tensor, output: torch.Tensor, batch: AttnBatch
             output, scratch.segm_output, scratch.segm_max, scratch.segm_expsum,
             batch.query_start_loc, num_seqs,
             output.stride(0), output.stride(1),
-            NUM_QUERY_HEADS=hq, HEAD_SIZE=d, HEAD_PAD=head_pad,
-            NUM_SEGMENTS=num_segments,
+            n_full * group, seg_f, seg_s, seg_stride,
+            NUM_QUERY_HEADS=hq, HEAD_SIZE=d, HEAD_PAD=head_pad, SEG_CHUNK=REDUCE_SEG_CHUNK,
         )
+
+
+def attention_constexprs(n_full: int, n_sliding: int, num_q_heads: int, sink: int, block_size_f: int,
+                         block_size_s: int, tile_size: int, head_size: int, dtype: torch.dtype, use_3d: bool,
+                         fp8: bool) -> dict:
+    """The compile-time (constexpr) arguments of the attention kernel for one layer.
+
+    A JIT variant is compiled per distinct value of this dict (the kernel's runtime ints
+    that differ between layers are not specialised).  The head split enters only as
+    HAS_FULL / HAS_SLIDING, so the layers of an uneven allocation share at most 3 variants
+    per path (all-F, all-S, mixed) instead of one per (n_full, n_sliding)."""
+    group = num_q_heads // (n_full + n_sliding)
+    block_m = 16 if group <= 16 else triton.next_power_of_2(group)
+    return dict(
+        HAS_FULL=n_full > 0, HAS_SLIDING=n_sliding > 0, NUM_QUERY_HEADS=num_q_heads, G=group, SINK=sink,
+        BLOCK_SIZE_F=block_size_f, BLOCK_SIZE_S=block_size_s,
+        TILE=tile_size, HEAD_SIZE=head_size, HEAD_PAD=triton.next_power_of_2(head_size),
+        BLOCK_M=block_m, BLOCK_Q=block_m // group,
+        IS_3D=use_3d, DOT_IEEE=(dtype == torch.float32) or _INTERPRET,
+        CAST_F32=_INTERPRET, FP8=fp8,
+    )
 
 
 def merge_sinks(query: torch.Tensor, output: torch.Tensor, lse: torch.Tensor, batch: AttnBatch, scale: float,
@@ -761,7 +853,7 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, pool: KVPool) -> None:
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3), cache.stride(4),
         pool.head_offset, *_scale_args(pool, key),
-        N=n, N_PAD=triton.next_power_of_2(n), HEAD_SIZE=d,
+        n, N_PAD=triton.next_power_of_2(key.shape[1]), HEAD_SIZE=d,
         HEAD_PAD=triton.next_power_of_2(d), BLOCK_SIZE=cache.shape[2], FP8=pool.is_fp8,
     )
 
@@ -794,14 +886,14 @@ def write_kv_hybrid(key: torch.Tensor, value: torch.Tensor, full: KVPool | None,
         fc.stride(0), fc.stride(1), fc.stride(2), fc.stride(3), fc.stride(4), *_scale_args(full, key),
         sc, sliding.slot_mapping, sliding.head_offset,
         sc.stride(0), sc.stride(1), sc.stride(2), sc.stride(3), sc.stride(4), *_scale_args(sliding, key),
-        N_FULL=n_full, N_FULL_PAD=triton.next_power_of_2(n_full),
-        N_SLIDING=n_sliding, N_SLIDING_PAD=triton.next_power_of_2(n_sliding),
+        n_full, n_sliding, N_PAD=triton.next_power_of_2(key.shape[1]),
         HEAD_SIZE=d, HEAD_PAD=triton.next_power_of_2(d),
         BLOCK_SIZE_F=fc.shape[2], BLOCK_SIZE_S=sc.shape[2], FP8=full.is_fp8,
     )
 
 
 __all__ = [
-    "HybridScratch", "LaunchConfig", "default_seq_threshold_3d", "make_hybrid_scratch", "would_use_3d",
+    "HybridScratch", "LaunchConfig", "attention_constexprs", "decode_segments", "default_seq_threshold_3d",
+    "make_hybrid_scratch", "would_use_3d",
     "hybrid_paged_attention", "launch_attention", "merge_sinks", "write_kv", "write_kv_hybrid",
 ]
