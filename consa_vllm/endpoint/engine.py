@@ -9,7 +9,7 @@ consistently, never in the middle of a step. vLLM's endpoint-plugin contract
 (``vllm/plugins/endpoint_plugins/interface.py``) says a route that needs engine-side
 behaviour pairs with a general plugin that installs it: :func:`install` is called by the
 ``consa`` general plugin (:func:`consa_vllm.plugin.register`) in every process, and adds
-one read-only method to ``EngineCore``.
+one read-only method to ``EngineCore`` (and a second, ``consa_kv_capacity``, for the serving benchmark).
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ from typing import Any
 
 #: Name of the engine-core utility method (``EngineCore.<name>()``).
 UTILITY_METHOD = "consa_kv_blocks"
+
+#: Name of the engine-core utility that reports the KV capacity (benchmarks/bench_serving.py).
+CAPACITY_METHOD = "consa_kv_capacity"
 
 #: Pool label of each KV-cache spec kind (Prometheus label ``pool``).
 FULL, SLIDING, OTHER = "full", "sliding", "other"
@@ -73,14 +76,45 @@ def kv_blocks(scheduler: Any) -> dict[str, Any]:
     }
 
 
+def kv_capacity(scheduler: Any, tokens: int) -> dict[str, Any]:
+    """:func:`kv_blocks`, plus vLLM's own maximum concurrency for requests of ``tokens`` tokens.
+
+    vLLM logs "Maximum concurrency for <max_model_len> tokens per request" at start-up with
+    ``get_max_concurrency_for_kv_cache_config``, which reads the request length from
+    ``model_config.max_model_len``; this calls the same function with ``max_model_len`` set to
+    ``tokens`` for the call (as vLLM's own ``estimate_max_model_len`` does), between two
+    scheduler steps, and restores it. ``request_tokens``: the computed tokens of each live
+    request, so that a caller can relate ``blocks_in_use`` to a context length.
+    """
+    from vllm.v1.core.kv_cache_utils import get_max_concurrency_for_kv_cache_config
+
+    model_config = scheduler.vllm_config.model_config
+    saved = model_config.max_model_len
+    model_config.max_model_len = int(tokens)
+    try:
+        concurrency = get_max_concurrency_for_kv_cache_config(scheduler.vllm_config, scheduler.kv_cache_config)
+    finally:
+        model_config.max_model_len = saved
+    return {**kv_blocks(scheduler), "tokens": int(tokens), "max_concurrency": float(concurrency),
+            "kv_cache_config_num_blocks": int(scheduler.kv_cache_config.num_blocks),
+            "request_tokens": sorted(int(r.num_computed_tokens) for r in scheduler.requests.values())}
+
+
+def _engine_core_kv_capacity(self, tokens: int) -> dict[str, Any]:
+    """``EngineCore.consa_kv_capacity(tokens)``: see :func:`consa_vllm.endpoint.engine.kv_capacity`."""
+    return kv_capacity(self.scheduler, tokens)
+
+
 def _engine_core_kv_blocks(self) -> dict[str, Any]:
     """``EngineCore.consa_kv_blocks()``: see :func:`consa_vllm.endpoint.engine.kv_blocks`."""
     return kv_blocks(self.scheduler)
 
 
 def install() -> None:
-    """Add the read-only ``EngineCore.consa_kv_blocks`` utility (idempotent, cheap)."""
+    """Add the read-only ``EngineCore.consa_kv_blocks`` and ``consa_kv_capacity`` utilities (idempotent, cheap)."""
     from vllm.v1.engine.core import EngineCore
 
     if getattr(EngineCore, UTILITY_METHOD, None) is not _engine_core_kv_blocks:
         setattr(EngineCore, UTILITY_METHOD, _engine_core_kv_blocks)
+    if getattr(EngineCore, CAPACITY_METHOD, None) is not _engine_core_kv_capacity:
+        setattr(EngineCore, CAPACITY_METHOD, _engine_core_kv_capacity)

@@ -22,7 +22,8 @@ The allocation is read from ``config.json["consa"]`` (written by ``consa-vllm ex
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
 from functools import cache
 
 import torch
@@ -128,7 +129,11 @@ class ConsaMixin:
         self.consa_allocation = allocation
         self.consa_hf_config = vllm_config.model_config.hf_config
         self.consa_quantization = vllm_config.model_config.quantization
+        t0 = time.perf_counter()
         self.consa_kv = install_consa_attention(self, vllm_config, allocation, prefix)
+        # One line per process: benchmarks/bench_serving.py attributes start-up time with it.
+        logger.info("ConSA: attention installed on %d layers (%s) in %.3f s", allocation.num_layers,
+                    "pools" if self.consa_kv is not None else "stock modules", time.perf_counter() - t0)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """vLLM's own loading, with each layer's KV heads permuted into the served order first."""
@@ -141,9 +146,30 @@ class ConsaMixin:
                 # The config check (consa_vllm.plugin.config) already refused formats whose
                 # tensors cannot follow the permutation, before any weight loaded.
                 fmt = quant_format(getattr(c, "quantization_config", None), self.consa_quantization)
-                weights = permute_checkpoint_heads(weights, orders, c.num_attention_heads,
-                                                   c.num_key_value_heads, head_dim, quant=fmt)
+                # Time spent reading the checkpoint vs. inside the permutation, for the log line below.
+                read_s, total_s = [0.0], [0.0]
+                permuted = permute_checkpoint_heads(_timed(weights, read_s), orders, c.num_attention_heads,
+                                                    c.num_key_value_heads, head_dim, quant=fmt)
+                t0 = time.perf_counter()
+                loaded = super().load_weights(_timed(permuted, total_s))
+                logger.info("ConSA: load_weights with KV-head permutation of %d layers took %.3f s "
+                            "(permutation %.3f s)", len(orders), time.perf_counter() - t0, total_s[0] - read_s[0])
+                return loaded
         return super().load_weights(weights)
+
+
+def _timed(items: Iterable, acc: list[float]) -> Iterator:
+    """Yield ``items``, adding the time spent producing each one to ``acc[0]``."""
+    it = iter(items)
+    while True:
+        t = time.perf_counter()
+        try:
+            item = next(it)
+        except StopIteration:
+            acc[0] += time.perf_counter() - t
+            return
+        acc[0] += time.perf_counter() - t
+        yield item
 
 
 @cache

