@@ -30,6 +30,7 @@ import pytest
 
 from engine_harness import export, max_logprob_gap, prompts_of, reference_generate, run_vllm
 from quant_harness import checkpoints, dequantized_copy, shared_root
+from quant_make import SCHEMES
 
 from consa_vllm.allocation import Allocation
 
@@ -67,7 +68,14 @@ def root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
-    return checkpoints(shared_root(tmp_path_factory), CPU_SCHEMES)
+    # Every scheme of the session at once (tests/test_quant_permute.py needs the FP8 ones this
+    # CPU cannot serve): one quant_make.py process pays the libraries' imports once.
+    return checkpoints(shared_root(tmp_path_factory), list(SCHEMES))
+
+
+@pytest.fixture(scope="module")
+def llama_ckpts(tmp_path_factory):
+    return checkpoints(shared_root(tmp_path_factory), ["ct-w4a16", "awq"], model="llama")
 
 
 def _errors(ref, got) -> dict:
@@ -121,11 +129,11 @@ LAYER_ROWS = ["SSSS", "FFFF", "SSSS", "FFFF"]
 
 
 @pytest.mark.parametrize("scheme", ["ct-w4a16", "awq"])
-def test_layer_allocation_serves_quantized_checkpoint_as_stock(tmp_path_factory, root, scheme):
+def test_layer_allocation_serves_quantized_checkpoint_as_stock(llama_ckpts, root, scheme):
     """Layer granularity uses stock attention modules: identical to stock Llama with layer_types."""
     import shutil
 
-    ckpt = checkpoints(shared_root(tmp_path_factory), [scheme], model="llama")[scheme]
+    ckpt = llama_ckpts[scheme]
     prompts = prompts_of(LENGTHS, seed=6)
     stock_dir = root / f"llama-{scheme}-stock-layers"
     shutil.copytree(ckpt, stock_dir, dirs_exist_ok=True)
