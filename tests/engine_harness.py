@@ -76,8 +76,14 @@ def reference_generate(src: Path, allocation: Allocation | None, prompts: list[l
 
 
 def run_vllm(model_dir: Path, prompts: list[list[int]], max_tokens: int, logprobs: int = 5,
-             inspect: Callable[[Any], dict] | None = None, **llm_kwargs) -> Generation:
-    """Start an engine, generate greedily, optionally inspect it, shut it down."""
+             inspect: Callable[[Any], dict] | None = None, batches: list[int] | None = None,
+             **llm_kwargs) -> Generation:
+    """Start an engine, generate greedily, optionally inspect it, shut it down.
+
+    ``batches`` (sizes adding up to ``len(prompts)``) submits consecutive slices of
+    ``prompts`` as separate ``generate`` calls to the same engine, e.g. ``[20, 8]`` for one
+    decode batch above 16 and one at most 16; the outputs keep the prompts' order.
+    """
     from vllm import LLM, SamplingParams, TokensPrompt
     from vllm.distributed import cleanup_dist_env_and_memory
 
@@ -86,7 +92,13 @@ def run_vllm(model_dir: Path, prompts: list[list[int]], max_tokens: int, logprob
     llm = LLM(model=str(model_dir), **kw)
     try:
         params = SamplingParams(max_tokens=max_tokens, temperature=0, logprobs=logprobs, ignore_eos=True)
-        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        sizes = batches or [len(prompts)]
+        assert sum(sizes) == len(prompts), (sizes, len(prompts))
+        outs, start = [], 0
+        for n in sizes:
+            outs += llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts[start:start + n]], params,
+                                 use_tqdm=False)
+            start += n
         gen = Generation(tokens=[], top_logprobs=[])
         for o in outs:
             c = o.outputs[0]
