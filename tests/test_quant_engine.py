@@ -55,8 +55,12 @@ SLACK, FLOOR = 1.5, 0.02
 # That can flip near-tied greedy tokens of a random model, so the gap is asserted, with
 # identical tokens where measured stable. W8A8 quantizes activations per token at run time:
 # a rounding-level change of the attention output can move an FP8 activation by one step
-# (measured 0.09 in bf16, 0.16 in fp32), so its bound is wider.
-ALL_F_TOL = {"ct-fp8-channel": 0.2}
+# (measured 0.09 in bf16, 0.16 in fp32 when this bound was first set at 0.2; since then
+# 0.201 on this 2-core CI-kind machine, the same in every run and with the plugin code of
+# that commit: not a plugin change), so its bound is wider. The
+# all-F model's teacher-forced error against the dequantized reference is stock's within
+# noise there (mean 0.091 vs 0.085, max 0.233 vs 0.226 over 48 tokens).
+ALL_F_TOL = {"ct-fp8-channel": 0.25}
 ALL_F_TOL_DEFAULT = 0.05
 TOKENS_EQUAL = {"ct-w4a16", "ct-w4a16-gptq-actorder", "awq"}
 
