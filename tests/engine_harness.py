@@ -81,7 +81,7 @@ def run_vllm(model_dir: Path, prompts: list[list[int]], max_tokens: int, logprob
     """Start an engine, generate greedily, optionally inspect it, shut it down.
 
     ``rounds`` splits ``prompts`` into consecutive groups of these sizes, generated one
-    after another (e.g. a decode batch above 16, then one below); default: one round.
+    after another (e.g. a decode batch above the fused kernel's limit, then one within it); default: one round.
     """
     from vllm import LLM, SamplingParams, TokensPrompt
     from vllm.distributed import cleanup_dist_env_and_memory

