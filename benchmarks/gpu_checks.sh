@@ -2,9 +2,9 @@
 # Every GPU test of the project in one call on the GPU machine, independent files as
 # parallel pytest processes (each engine is small: 6% of the GPU), logs and JSON reports
 # under $OUT (default ./gpu-out). Source benchmarks/gpu_env.sh first. About 6-8 minutes on
-# one H200.
+# one H200 (16 processes; the longest runs five compiled engines one after another).
 #
-#   . benchmarks/gpu_env.sh && bash benchmarks/gpu_checks.sh [-k EXPR]
+#   . benchmarks/gpu_env.sh && bash benchmarks/gpu_checks.sh
 #
 # Quantized checkpoints: set CONSA_QUANT_CHECKPOINTS to a directory made on a CPU machine by
 # `python tests/make_quant_checkpoints.py DIR` (else test_gpu_quant.py makes what it can).
@@ -12,20 +12,33 @@ set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 # A fixed 1 GiB KV cache per engine: vLLM's memory profiling fails when other processes'
-# engines start or stop on the same GPU meanwhile. Two CPU threads per process for the
-# float32 references (8 processes on 16 cores).
+# engines start or stop on the same GPU meanwhile. One CPU thread per process for the
+# float32 references (16 processes on 16 cores). Each engine runs in its own process
+# (several compiled in-process engines in one process hit a CUDA allocator assert).
 export CONSA_GPU_REPORT_DIR="$OUT" VLLM_ENABLE_V1_MULTIPROCESSING=1 VLLM_WORKER_MULTIPROC_METHOD=spawn \
-  CONSA_TEST_KV_CACHE_BYTES=$((1 << 30)) OMP_NUM_THREADS=2
-run() {  # name, pytest args...
+  CONSA_TEST_KV_CACHE_BYTES=$((1 << 30)) OMP_NUM_THREADS=1
+run() {  # name, pytest args...  (INPROC=1: the engine in the test's own process)
   local name=$1; shift
-  ( start=$(date +%s)
+  ( [ "${INPROC:-0}" = 1 ] && export VLLM_ENABLE_V1_MULTIPROCESSING=0
+    start=$(date +%s)
     python -m pytest -q -s -p no:cacheprovider --junitxml="$OUT/$name.xml" "$@" >"$OUT/$name.log" 2>&1
     echo "$name: rc=$? $(( $(date +%s) - start )) s $(tail -1 "$OUT/$name.log")" | tee -a "$OUT/summary.txt" ) &
 }
+Q=tests/test_gpu_quant.py
+QP=$Q::test_gpu_quantized_kv_head_calibrated_parity
+E=tests/test_gpu_engine.py
 F=tests/test_gpu_families.py::test_gpu_calibrated_parity
 run ops tests/test_gpu_ops.py
-run engine tests/test_gpu_engine.py
-run quant tests/test_gpu_quant.py
+# It inspects the engine core's model runner: in-process (one compiled engine, one eager).
+INPROC=1 run engine-greedy "$E::test_gpu_greedy_parity"
+run engine-bf16-prefill "$E::test_gpu_bf16_flash_prefill_matches_fused"
+run engine-fp8 "$E::test_gpu_fp8_kv_cache_calibrated"
+run quant-1 "$QP[ct-fp8-tensor]" "$QP[ct-fp8-channel]"
+run quant-2 "$QP[ct-fp8-block]" "$QP[ct-w4a16]"
+run quant-3 "$QP[ct-w4a16-asym]" "$QP[ct-w4a16-gptq-actorder]"
+run quant-4 "$QP[awq]" "$QP[gptq]"
+run quant-5 "$Q::test_gpu_native_fp8_block_permutation_is_exact" "$Q::test_gpu_native_fp8_block_kv_head_calibrated_parity"
+run quant-6 "$Q::test_gpu_online_fp8_kv_head_calibrated_parity"
 for case in qwen3_moe-0 mixtral-0 qwen3-0 qwen3-4 qwen3-16; do
   run "families-$case" "$F[$case]"
 done
