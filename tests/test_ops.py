@@ -996,10 +996,12 @@ def test_decode_segments_rule():
     from consa_vllm.plugin.ops.triton_hybrid import decode_segments
 
     cap = 16 * 128  # the backend's scratch at 8 KV heads: 16 rows x 128 segments
-    assert decode_segments(4096, 0, 32, 1, 1, cap) == (512, 64, 512)
-    assert decode_segments(4096, 4, 32, 1, 1, cap) == (512, 128, 512)  # + one sink tile
-    assert decode_segments(256, 0, 32, 1, 1, cap) == (512, 4, 512)
-    assert decode_segments(256, 0, 32, 2, 2, cap) == (256, 4, 256)
+    # F: 256 at batch 1 (measured best, hybrid_models_h200.json), 128 from batch 2 on
+    assert decode_segments(4096, 0, 32, 1, 1, cap) == (256, 64, 256)
+    assert decode_segments(4096, 4, 32, 1, 1, cap) == (256, 128, 256)  # + one sink tile
+    assert decode_segments(256, 0, 32, 1, 1, cap) == (256, 4, 256)
+    assert decode_segments(256, 0, 32, 2, 2, cap) == (128, 4, 128)
+    assert decode_segments(4096, 0, 32, 3, 3, cap) == (128, 64, 128)
     assert decode_segments(4096, 0, 32, 4, 4, cap) == (128, 64, 128)
     assert decode_segments(4096, 0, 32, 16, 16, cap) == (128, 64, 128)
     assert decode_segments(1 << 20, 0, 32, 1, 1, cap)[1] == 128  # S capped

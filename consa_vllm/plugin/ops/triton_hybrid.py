@@ -62,8 +62,14 @@ DEFAULT_TILE_3D = 32
 # Per-pool segment counts (decode_segments): an F head splits its whole context, an S head
 # only its window (+ sinks), so one count for both left an F head's 32k keys at 8 tiles per
 # program in a serial chain while S programs ran <= 1 tile (issue 11).  F heads get up to
-# MAX_SEGMENTS_F segments at batch 1, S heads just enough for ~2 tiles each.
-MAX_SEGMENTS_F = 512
+# MAX_SEGMENTS_F segments at batch 1, S heads just enough for ~2 tiles each.  256, not more:
+# whole-model batch-1 decode on the H200 (benchmarks/results/hybrid_models_h200.json, all
+# layers in one CUDA graph) with F at 256 / 512 / 1024 segments (uniform 128 for both pools
+# in brackets): Qwen3-30B-A3B 1F3S 32k 0.864 / 1.057 / 1.495 ms (1.014), Qwen3-0.6B uneven
+# 32k 0.690 / 0.837 / 1.112 (0.705), Llama-3.1-8B DuoAttention-0.5 32k 1.061 / 1.311 / 1.900
+# (1.054) and 128k 2.840 / 3.011 / 3.567 (3.128): 256 is the best or within 1% of it in
+# every shape, more segments only add reduce work and programs.
+MAX_SEGMENTS_F = 256
 MAX_SEGMENTS_S = DEFAULT_NUM_SEGMENTS
 S_TILES_PER_SEGMENT = 2
 REDUCE_SEG_CHUNK = 128
@@ -630,8 +636,9 @@ def decode_segments(window: int, sink: int, tile: int, num_seqs: int, num_tokens
     * S heads: the smallest power of 2 that covers the window (+ sink tiles) in about
       ``S_TILES_PER_SEGMENT`` tiles, at most ``MAX_SEGMENTS_S``;
     * F heads: the context is unknown on the host, so as many segments as a batch-1 decode
-      at long context wants (``MAX_SEGMENTS_F``), halved per doubling of the batch down to
-      ``DEFAULT_NUM_SEGMENTS`` (more sequences fill the GPU by themselves);
+      at long context wants (``MAX_SEGMENTS_F``, 256), halved per doubling of the batch down
+      to ``DEFAULT_NUM_SEGMENTS`` (128 from batch 2 on: more sequences fill the GPU by
+      themselves);
     * both capped so that ``num_tokens * seg_stride <= capacity`` (the scratch's rows).
     ``override`` (benchmarks): ``(seg_f, seg_s)`` instead of the rule (None: the rule's),
     capped the same way.
