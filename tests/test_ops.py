@@ -848,6 +848,38 @@ def test_flash_pools_knob_and_cpu_fallback(monkeypatch):
     assert flash_pools.flash_attn_varlen() is None
 
 
+def test_fused_decode_max_seqs_knob(monkeypatch):
+    """CONSA_FUSED_DECODE_MAX_SEQS: unset = the 128 // kv_heads rule (snapped to a capture
+    size), N >= 0 = the largest decode batch of the fused kernel where FlashAttention 3 is
+    available (0 = never), the scratch keeping at least the rule's rows; anything else fails
+    with one line naming the variable."""
+    from consa_vllm.plugin.backend import fused_decode_limits
+    from consa_vllm.plugin.ops.flash_pools import fused_decode_max_seqs
+
+    monkeypatch.delenv("CONSA_FUSED_DECODE_MAX_SEQS", raising=False)
+    assert fused_decode_max_seqs() is None
+    for value, want in (("", None), (" 0 ", 0), ("1", 1), ("64", 64)):
+        monkeypatch.setenv("CONSA_FUSED_DECODE_MAX_SEQS", value)
+        assert fused_decode_max_seqs() == want
+    for bad in ("-1", "4.5", "auto", "1e3"):
+        monkeypatch.setenv("CONSA_FUSED_DECODE_MAX_SEQS", bad)
+        with pytest.raises(ValueError) as e:
+            fused_decode_max_seqs()
+        msg = str(e.value)
+        assert "CONSA_FUSED_DECODE_MAX_SEQS" in msg and repr(bad) in msg and "\n" not in msg, msg
+
+    capture = [1, 2, 4, 8, 16, 24, 32, 40]
+    # today's rule: 128 // kv_heads, snapped to the closest capture size (8 KV heads: 16)
+    assert fused_decode_limits(8, capture, None) == (16, 16)
+    assert fused_decode_limits(4, capture, None) == (32, 32)
+    assert fused_decode_limits(3, capture, None) == (40, 40)  # 42 -> 40
+    assert fused_decode_limits(3, None, None) == (42, 42)
+    # a limit moves the boundary; the scratch keeps at least the rule's rows
+    assert fused_decode_limits(8, capture, 0) == (16, 0)
+    assert fused_decode_limits(8, capture, 4) == (16, 4)
+    assert fused_decode_limits(8, capture, 64) == (64, 64)
+
+
 def test_select_ops_once_per_device(monkeypatch):
     """The backend picks an implementation once per layer: Triton on CUDA, torch elsewhere,
     CONSA_ATTN_IMPL overriding; a bad value names the variable."""

@@ -37,7 +37,12 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from consa_vllm.plugin.ops import AttnBatch, KVPool, select_ops
-from consa_vllm.plugin.ops.flash_pools import default_overlap, flash_attn_pools, flash_attn_varlen
+from consa_vllm.plugin.ops.flash_pools import (
+    default_overlap,
+    flash_attn_pools,
+    flash_attn_varlen,
+    fused_decode_max_seqs,
+)
 from consa_vllm.plugin.ops.interface import FP8_DTYPE
 
 
@@ -69,6 +74,27 @@ def layer_kv_scales(layer, n_full: int, n_sliding: int) -> tuple[tuple, tuple]:
     return tuple(full), tuple(sliding)
 
 
+def fused_decode_limits(num_kv_heads: int, capture_sizes: list[int] | None,
+                        limit: int | None) -> tuple[int, int]:
+    """(split-KV scratch rows, largest decode batch for the fused kernel where FlashAttention 3
+    is available), for ``limit`` = :func:`fused_decode_max_seqs`'s value.
+
+    Default (None): vLLM's 3D rule, ``128 // num_kv_heads``, snapped to the closest CUDA-graph
+    capture size as in vLLM's Triton backend (one captured graph per batch size takes one
+    path), for both. With a limit the scratch keeps at least the rule's rows: without
+    FlashAttention 3 the fused kernel serves every batch, split-KV up to the scratch's rows,
+    and fewer rows would also cap batch 1's segments (``triton_hybrid.decode_segments``).
+    """
+    from consa_vllm.plugin.ops.triton_hybrid import default_seq_threshold_3d
+
+    rule = default_seq_threshold_3d(num_kv_heads)
+    if capture_sizes:
+        rule = min(capture_sizes, key=lambda x: abs(x - rule))
+    if limit is None:
+        return rule, rule
+    return max(rule, limit), limit
+
+
 @dataclass
 class ConsaMetadata:
     """Per KV-cache group: the batch shape plus that group's block table and slots."""
@@ -78,9 +104,11 @@ class ConsaMetadata:
     block_table: torch.Tensor  # int32 [num_seqs, max_blocks]
     slot_mapping: torch.Tensor  # int64 [num_tokens]
     # Split-KV decode scratch of the fused Triton op (GPU; only in the metadata that the
-    # compute modules receive). Decode batches up to its rows run that op, larger ones
-    # FlashAttention 3.
+    # compute modules receive).
     scratch: Any = None
+    # Where FlashAttention 3 is available: decode batches of up to this many sequences run
+    # the fused op, larger ones and prefill FlashAttention 3 (fused_decode_limits).
+    fused_max_seqs: int = 0
 
 
 def _serves_compute_layers(vllm_config: VllmConfig, layer_names: list[str]) -> bool:
@@ -100,21 +128,18 @@ class ConsaMetadataBuilder(AttentionMetadataBuilder[ConsaMetadata]):
                  vllm_config: VllmConfig, device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.scratch = None
+        self.fused_max_seqs = 0
         # One builder per pool; only the compute modules' group needs the scratch
         # (about 16 MiB at the Qwen3-0.6B shape), so it is allocated once.
-        if device.type == "cuda" and _serves_compute_layers(vllm_config, layer_names):
-            from consa_vllm.plugin.ops.triton_hybrid import (
-                DEFAULT_NUM_SEGMENTS,
-                default_seq_threshold_3d,
-                make_hybrid_scratch,
-            )
+        serves = _serves_compute_layers(vllm_config, layer_names)
+        # Read (and validated) once per engine, on every device, so a bad value fails alike.
+        limit = fused_decode_max_seqs() if serves else None
+        if device.type == "cuda" and serves:
+            from consa_vllm.plugin.ops.triton_hybrid import DEFAULT_NUM_SEGMENTS, make_hybrid_scratch
 
             mc, pc = vllm_config.model_config, vllm_config.parallel_config
-            threshold = default_seq_threshold_3d(mc.get_num_kv_heads(pc))
-            capture = vllm_config.compilation_config.cudagraph_capture_sizes
-            if capture:
-                # One captured graph per batch size must take one path, as in vLLM's Triton backend.
-                threshold = min(capture, key=lambda x: abs(x - threshold))
+            threshold, self.fused_max_seqs = fused_decode_limits(
+                mc.get_num_kv_heads(pc), vllm_config.compilation_config.cudagraph_capture_sizes, limit)
             # Many segments: a batch-1 decode at long context otherwise runs each F head's
             # whole context in a handful of programs and leaves most SMs idle.  The scratch
             # holds `segments` rows per sequence (fp32 [threshold, Hq, segments, HEAD_PAD]:
@@ -131,7 +156,8 @@ class ConsaMetadataBuilder(AttentionMetadataBuilder[ConsaMetadata]):
         batch = AttnBatch(query_start_loc=m.query_start_loc, seq_lens=m.seq_lens,
                           max_query_len=m.max_query_len, max_seq_len=m.max_seq_len)
         return ConsaMetadata(num_actual_tokens=m.num_actual_tokens, batch=batch,
-                             block_table=m.block_table_tensor, slot_mapping=m.slot_mapping, scratch=self.scratch)
+                             block_table=m.block_table_tensor, slot_mapping=m.slot_mapping, scratch=self.scratch,
+                             fused_max_seqs=self.fused_max_seqs)
 
     def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata) -> ConsaMetadata:
         meta = self.build(0, common_attn_metadata)
@@ -261,11 +287,13 @@ class ConsaAttentionImpl(AttentionImpl[ConsaMetadata]):
         self.ops.write_kv_hybrid(key[:n], value[:n], full, sliding)
         batch = attn_metadata.batch
         scratch = attn_metadata.scratch
-        small_decode = scratch is not None and batch.max_query_len <= 1 and batch.num_seqs <= scratch.max_seqs
+        small_decode = (scratch is not None and batch.max_query_len <= 1
+                        and batch.num_seqs <= attn_metadata.fused_max_seqs)
         if self.flash_attn is not None and not small_decode and query.dtype in (torch.float16, torch.bfloat16):
             # Prefill and large decode batches: FlashAttention 3 per pool is much faster
             # there than the fused kernel; small decode batches, where launch count and SM
-            # occupancy dominate, keep the single fused split-KV launch (see ops.flash_pools).
+            # occupancy dominate, keep the single fused split-KV launch (see ops.flash_pools;
+            # CONSA_FUSED_DECODE_MAX_SEQS moves the boundary).
             flash_attn_pools(self.flash_attn, query[:n], output[:n], batch, self.scale, full, sliding,
                              overlap=self.fa_overlap)
             return output

@@ -13,7 +13,8 @@ concurrently with the S launch, so S tiles fill the F launch's idle SMs, as one 
 launch would. CUDA-graph capture records the two streams as parallel branches.
 
 ``CONSA_FA3_OVERLAP=0`` runs the launches one after the other (read once per process), to
-measure what the overlap buys. Forcing KV splits on the F launch was measured too and
+measure what the overlap buys. ``CONSA_FUSED_DECODE_MAX_SEQS`` moves the decode batch size
+up to which the fused Triton kernel runs instead (:func:`fused_decode_max_seqs`). Forcing KV splits on the F launch was measured too and
 changed nothing on the H100 (benchmarks/results/hybrid_kernel_h100_fa3_pools.json), so the
 split count is left to FlashAttention.
 
@@ -56,6 +57,29 @@ def default_overlap() -> bool:
     if v not in ("0", "1", "true", "false"):
         raise ValueError(f"CONSA_FA3_OVERLAP must be 0 or 1, got {v!r}")
     return v in ("1", "true")
+
+
+def fused_decode_max_seqs() -> int | None:
+    """``CONSA_FUSED_DECODE_MAX_SEQS``: the largest decode batch (sequences) that the fused
+    Triton kernel serves on a GPU where FlashAttention 3 is available; larger decode batches
+    (and every prefill) run FlashAttention 3 over the two pools.
+
+    None (unset or empty): the default rule, ``128 // kv_heads`` snapped to a CUDA-graph
+    capture size (the backend's ``fused_decode_limits``). ``0``: FlashAttention 3 for every
+    batch. An experiment knob: whether small decode batches are faster through
+    FlashAttention 3 (``benchmarks/bench_hybrid_kernel.py --whole-model``, ``fa3_pools_*``).
+    """
+    raw = os.environ.get("CONSA_FUSED_DECODE_MAX_SEQS", "").strip()
+    if not raw:
+        return None
+    try:
+        n = int(raw)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise ValueError("CONSA_FUSED_DECODE_MAX_SEQS must be a whole number of sequences >= 0 "
+                         f"(0 = FlashAttention 3 for every batch; unset = 128 // kv_heads), got {raw!r}")
+    return n
 
 
 def _fp8_args(query: torch.Tensor, pool: KVPool, num_seqs: int, group: int) -> dict:
