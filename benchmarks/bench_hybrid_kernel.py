@@ -31,12 +31,18 @@ a model in one CUDA graph, batch 1, 4 and 16 at 32k context (and 1, 4 at 128k fo
 Llama shape), for Qwen3-30B-A3B (48 layers, 4 KV / 32 q heads, 1F3S per layer, W 4096),
 Qwen3-0.6B (28 layers, 8 KV / 16 q, W 4096; 56 F heads seeded-random 0..5 per layer vs 2
 per layer) and Llama-3.1-8B (32 layers, 8 KV / 32 q, W 256, DuoAttention's 50% pattern):
-the fused op with the per-pool segment rule vs the old uniform 128 segments (and other F
-counts at batch 1) vs a layer-wise allocation at the same sparsity, through the fused op and
-(with vLLM's FlashAttention 3 importable) as stock vLLM decodes it, one FlashAttention 3
-call per dense or all-sliding layer; each distinct split checked against the torch op first:
+the fused op with the per-pool segment rule vs the old uniform 128 segments (and F at 512
+segments at batch 1), the same uneven allocation through FlashAttention 3 over the two
+pools as the engine serves larger batches (ops/flash_pools.py; F and S launches overlapped
+on two streams, the default, and one after the other), and a layer-wise allocation at the
+same sparsity, through the fused op and as stock vLLM decodes it, one FlashAttention 3 call
+per dense or all-sliding layer (FlashAttention variants where vLLM's FlashAttention 3 is
+importable); each distinct split checked against the torch op first, every variant:
 
     python benchmarks/bench_hybrid_kernel.py --whole-model --out benchmarks/results/hybrid_models_h200.json
+
+``--whole-model-shapes MODEL[:ALLOCATION[:CONTEXT[:BATCH]]],...`` runs a subset, e.g.
+``llama3.1-8b:duo-0.5:32768`` (one allocation at 32k, batch 1, 4 and 16).
 """
 
 from __future__ import annotations
@@ -539,9 +545,10 @@ def _layer_pools(p: Problem, splits, sink):
     return layers
 
 
-def _check_layers(th, p, layers, scratch, configs, checked):
-    """Each distinct split's first layer through the Triton op (every config) vs the torch
-    op (ops/torch_paged.py) on the same pools: max abs error (bf16)."""
+def _check_layers(p, layers, runners, checked):
+    """Each distinct split's first layer through every runner (``name -> fn(full, sliding,
+    out)``: the Triton op per config, FlashAttention 3 over the pools) vs the torch op
+    (ops/torch_paged.py) on the same pools: max abs error (bf16)."""
     from consa_vllm.plugin.ops import torch_paged
 
     errs = {}
@@ -552,24 +559,81 @@ def _check_layers(th, p, layers, scratch, configs, checked):
         checked.add(key)
         ref = torch.zeros_like(p.query)
         torch_paged.hybrid_paged_attention(p.query, ref, p.batch, p.scale, full, sliding)
-        for cname, cfg in configs.items():
+        for name, fn in runners.items():
             out = torch.full_like(p.query, float("nan"))
-            th.launch_attention(p.query, out, p.batch, p.scale, full, sliding, scratch, cfg)
+            fn(full, sliding, out)
             err = (out.float() - ref.float()).abs().max().item()
-            errs[f"{key[0]}F{key[1]}S/{cname}"] = err
+            errs[f"{key[0]}F{key[1]}S/{name}"] = err
             if not err < 2e-2:  # NaN fails too
-                raise AssertionError(f"{cname} {key}: max abs err {err} vs the torch op")
+                raise AssertionError(f"{name} {key}: max abs err {err} vs the torch op")
     return errs
 
 
-def run_models(th, device, reps, models, seg_sweep=(256, 1024)):
+def parse_shapes(text: str) -> list[tuple]:
+    """``--whole-model-shapes``: a comma list of ``MODEL[:ALLOCATION[:CONTEXT[:BATCH]]]``
+    (an omitted or ``*`` field matches all), e.g. ``llama3.1-8b:duo-0.5:32768:1,qwen3-30b-a3b``;
+    each field checked against ``MODELS`` so that a typo fails instead of timing nothing."""
+    out = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        fields = [f.strip() for f in item.split(":")] + ["*"] * 3
+        model, alloc, ctx, bs = [None if f in ("", "*") else f for f in fields[:4]]
+        if len(item.split(":")) > 4 or model is None or model not in MODELS:
+            raise ValueError(f"--whole-model-shapes: {item!r} is not MODEL[:ALLOCATION[:CONTEXT[:BATCH]]] "
+                             f"with MODEL in {list(MODELS)}")
+        spec = MODELS[model]
+        if alloc is not None and alloc not in spec["allocations"]:
+            raise ValueError(f"--whole-model-shapes: {item!r}: {model} allocations are {list(spec['allocations'])}")
+        try:
+            ctx = None if ctx is None else int(ctx)
+            bs = None if bs is None else int(bs)
+        except ValueError:
+            raise ValueError(f"--whole-model-shapes: {item!r}: CONTEXT and BATCH are integers") from None
+        runs = {(c, b) for c, batches in spec["runs"] for b in batches}
+        if not any((ctx is None or c == ctx) and (bs is None or b == bs) for c, b in runs):
+            raise ValueError(f"--whole-model-shapes: {item!r}: {model} runs (context, batch) in {sorted(runs)}")
+        out.append((model, alloc, ctx, bs))
+    return out
+
+
+def shape_selected(shapes, model, allocation, ctx, bs) -> bool:
+    """Whether ``parse_shapes``' selection (None: everything) holds this run."""
+    return shapes is None or any(m == model and a in (None, allocation) and c in (None, ctx) and b in (None, bs)
+                                 for m, a, c, b in shapes)
+
+
+# FlashAttention 3 over the two pools, as the engine runs a hybrid layer outside the fused
+# kernel's decode batches (ops/flash_pools.py, CONSA_FA3_OVERLAP on and off): name, overlap.
+WHOLE_MODEL_FA3_POOLS = (("fa3_pools_overlap", True), ("fa3_pools_serial", False))
+
+
+def _fused_layer(th, p, scratch, cfg, full, sliding, out):
+    """One layer through the fused Triton op with launch config ``cfg``."""
+    th.launch_attention(p.query, out, p.batch, p.scale, full, sliding, scratch, cfg)
+
+
+def _fa3_pools_layers(fn, layers, out):
+    """Every layer through FlashAttention 3 over its pools (``fn``: flash_attn_pools, bound)."""
+    for full, sliding in layers:
+        fn(output=out, full=full, sliding=sliding)
+
+
+def run_models(th, device, reps, models, seg_sweep=(512,), shapes=None):
     """Whole-model decode time (all layers, one CUDA graph) per model, allocation, context
     and batch: the fused Triton op with the per-pool segment rule (``hybrid_rule``), with
     the old uniform 128 segments (``hybrid_uniform128``), with other F segment counts at
-    batch 1 (``hybrid_segf<N>``), and a layer-wise allocation at the same sparsity
-    (round(F heads / KV heads) dense layers, the rest all-sliding) through the fused op
-    (``layerwise_hybrid_rule``) and, where vLLM's FlashAttention 3 is importable, as stock
-    vLLM decodes it (``layerwise_fa3``: one FlashAttention 3 varlen call per layer)."""
+    batch 1 (``hybrid_segf<N>``); where vLLM's FlashAttention 3 is importable, the same
+    uneven allocation through FlashAttention 3 over the two pools as the engine serves
+    batches above the fused kernel's (``fa3_pools_overlap``: F and S launches on two streams,
+    the served default; ``fa3_pools_serial``: one after the other), to tell whether small
+    decode batches should go there too (``CONSA_FUSED_DECODE_MAX_SEQS``); and a layer-wise
+    allocation at the same sparsity (round(F heads / KV heads) dense layers, the rest
+    all-sliding) through the fused op (``layerwise_hybrid_rule``) and as stock vLLM decodes
+    it (``layerwise_fa3``: one FlashAttention 3 varlen call per layer). ``shapes``:
+    :func:`parse_shapes`' selection (None: every run of ``models``)."""
+    from consa_vllm.plugin.ops.flash_pools import flash_attn_pools
+
     fa = fa3_varlen()
     rows = []
     for model in models:
@@ -581,6 +645,8 @@ def run_models(th, device, reps, models, seg_sweep=(256, 1024)):
             checked = set()
             for ctx, batches in spec["runs"]:
                 for bs in batches:
+                    if not shape_selected(shapes, model, allocation, ctx, bs):
+                        continue
                     p = Problem([(ctx - 1, 1)] * bs, 16, spec["window"], torch.bfloat16, device, seed=3,
                                 hq=hq, hkv=hkv)
                     out = torch.empty_like(p.query)
@@ -594,10 +660,17 @@ def run_models(th, device, reps, models, seg_sweep=(256, 1024)):
                     if bs == 1:
                         for seg_f in seg_sweep:
                             configs[f"hybrid_segf{seg_f}"] = th.LaunchConfig(segments=(seg_f, None))
+                    runners = {name: functools.partial(_fused_layer, th, p, scratch, cfg)
+                               for name, cfg in configs.items()}
+                    fa3 = {name: functools.partial(flash_attn_pools, fa, p.query, batch=p.batch, scale=p.scale,
+                                                   overlap=overlap)
+                           for name, overlap in WHOLE_MODEL_FA3_POOLS} if fa is not None else {}
+                    for name, fn in fa3.items():
+                        runners[name] = lambda full, sliding, o, fn=fn: fn(output=o, full=full, sliding=sliding)
                     if not checked or bs == 1:
-                        errs = _check_layers(th, p, layers, scratch, configs, checked)
+                        errs = _check_layers(p, layers, runners, checked)
                         if errs:
-                            log(f"  check {tag}: max err {max(errs.values()):.2e} over {len(errs)} layer x config")
+                            log(f"  check {tag}: max err {max(errs.values()):.2e} over {len(errs)} layer x variant")
                             rows.append(dict(base, variant="check_vs_torch", max_abs_err=errs))
                     for cname, cfg in configs.items():
                         def run(cfg=cfg):
@@ -608,6 +681,11 @@ def run_models(th, device, reps, models, seg_sweep=(256, 1024)):
                                                  cfg.segments)
                         rows.append(dict(base, variant=cname, ms=ms, seg_f=seg[0], seg_s=seg[1]))
                         log(f"  {tag:44s} {cname:20s} {ms:8.4f} ms (seg_f {seg[0]}, seg_s {seg[1]})")
+                    for name, overlap in WHOLE_MODEL_FA3_POOLS if fa is not None else ():
+                        run = functools.partial(_fa3_pools_layers, fa3[name], layers, out)
+                        ms = time_graph(run, reps)
+                        rows.append(dict(base, variant=name, ms=ms, overlap=overlap))
+                        log(f"  {tag:44s} {name:20s} {ms:8.4f} ms (two FlashAttention 3 launches per mixed layer)")
                     del layers
                     torch.cuda.empty_cache()
                     # Layer-wise at the same sparsity: round(F heads / KV heads) dense layers,
@@ -640,7 +718,7 @@ def run_models(th, device, reps, models, seg_sweep=(256, 1024)):
             continue
         same = {x["variant"]: x["ms"] for x in rows if "ms" in x and all(
             x[k] == r[k] for k in ("model", "allocation", "context", "batch"))}
-        for ref in ("hybrid_uniform128", "layerwise_hybrid_rule", "layerwise_fa3"):
+        for ref in ("hybrid_rule", "hybrid_uniform128", "layerwise_hybrid_rule", "layerwise_fa3"):
             if ref in same and r["variant"] != ref:
                 r[f"vs_{ref}"] = r["ms"] / same[ref]
     return rows
@@ -670,7 +748,17 @@ def main():
     ap.add_argument("--whole-model", action="store_true",
                     help="time whole-model decode (all layers) for --models instead of one layer")
     ap.add_argument("--models", default=",".join(MODELS), help=f"with --whole-model: comma list from {list(MODELS)}")
+    ap.add_argument("--whole-model-shapes", default="",
+                    help="with --whole-model: only these runs, comma list of MODEL[:ALLOCATION[:CONTEXT[:BATCH]]] "
+                         "(omitted or * = all), e.g. llama3.1-8b:duo-0.5:32768:1,qwen3-30b-a3b:*:*:4; "
+                         "their models replace --models")
     args = ap.parse_args()
+    shapes = None
+    if args.whole_model_shapes:  # checked before CUDA: a typo fails at once, anywhere
+        try:
+            shapes = parse_shapes(args.whole_model_shapes)
+        except ValueError as e:
+            sys.exit(str(e))
 
     if not torch.cuda.is_available():
         sys.exit("bench_hybrid_kernel: CUDA is not available (this is a GPU benchmark)")
@@ -704,13 +792,16 @@ def main():
         bad = [m for m in models if m not in MODELS]
         if bad:
             sys.exit(f"unknown models {bad}; choose from {list(MODELS)}")
+        if shapes is not None:
+            models = [m for m in MODELS if any(s[0] == m for s in shapes)]
         report.pop("shape")
         report["models"] = {m: MODELS[m] for m in models}
         report["notes"] = ("ms per decode step over all layers' attention (CUDA-graph replay of 2 steps, median "
                            f"of {args.reps}); vs_* = ms / the reference's ms at the same model, allocation, "
                            "context and batch")
         t0 = time.time()
-        report["results"] = run_models(th, device, args.reps, models)
+        report["shapes"] = args.whole_model_shapes or "all"
+        report["results"] = run_models(th, device, args.reps, models, shapes=shapes)
         report["wall_s"] = time.time() - t0
         _write(args.out, report)
         log(f"wrote {args.out} ({report['wall_s']:.0f} s)")

@@ -880,6 +880,38 @@ def test_fused_decode_max_seqs_knob(monkeypatch):
     assert fused_decode_limits(8, capture, 64) == (64, 64)
 
 
+def test_whole_model_shapes_selection():
+    """bench_hybrid_kernel --whole-model-shapes: MODEL[:ALLOCATION[:CONTEXT[:BATCH]]] picks
+    runs (omitted / * = all); unknown models, allocations or runs fail with the choices,
+    and the script says so before it looks for CUDA."""
+    import functools
+    import re
+
+    script = os.path.join(ROOT, "benchmarks", "bench_hybrid_kernel.py")
+    sys.path.insert(0, os.path.dirname(script))
+    try:
+        import bench_hybrid_kernel as bench
+    finally:
+        sys.path.pop(0)
+    shapes = bench.parse_shapes("llama3.1-8b:duo-0.5:131072, qwen3-0.6b:*:*:4,qwen3-30b-a3b")
+    assert shapes == [("llama3.1-8b", "duo-0.5", 131072, None), ("qwen3-0.6b", None, None, 4),
+                      ("qwen3-30b-a3b", None, None, None)]
+    sel = functools.partial(bench.shape_selected, shapes)
+    assert sel("llama3.1-8b", "duo-0.5", 131072, 4) and not sel("llama3.1-8b", "duo-0.5", 32768, 1)
+    assert sel("qwen3-0.6b", "equal", 32768, 4) and not sel("qwen3-0.6b", "random", 32768, 16)
+    assert sel("qwen3-30b-a3b", "1F3S", 32768, 16)
+    assert bench.shape_selected(None, "qwen3-0.6b", "equal", 32768, 1)
+    for bad, what in (("llama", "MODEL in"), ("qwen3-0.6b:1F3S", "allocations are"),
+                      ("llama3.1-8b:duo-0.5:131072:16", "runs (context, batch)"),
+                      ("qwen3-0.6b:equal:32k", "integers"), ("qwen3-0.6b:equal:32768:1:2", "MODEL in")):
+        with pytest.raises(ValueError, match=re.escape(what)):
+            bench.parse_shapes(bad)
+    r = subprocess.run([sys.executable, script, "--whole-model",
+                        "--out", "/dev/null", "--whole-model-shapes", "qwen3-0.6b:1F3S"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "qwen3-0.6b allocations are ['random', 'equal']" in r.stderr, r.stderr
+
+
 def test_select_ops_once_per_device(monkeypatch):
     """The backend picks an implementation once per layer: Triton on CUDA, torch elsewhere,
     CONSA_ATTN_IMPL overriding; a bad value names the variable."""
