@@ -144,7 +144,8 @@ class ConsaMetadataBuilder(AttentionMetadataBuilder[ConsaMetadata]):
             # whole context in a handful of programs and leaves most SMs idle.  The scratch
             # holds `segments` rows per sequence (fp32 [threshold, Hq, segments, HEAD_PAD]:
             # 16 MiB at the Qwen3-0.6B shape, 32 MiB at Llama-3.1-8B's, 64 MiB at
-            # Qwen3-30B-A3B's); each launch picks per-pool counts within it
+            # Qwen3-30B-A3B's; CONSA_FUSED_DECODE_MAX_SEQS above the rule scales it with its
+            # rows); each launch picks per-pool counts within it
             # (triton_hybrid.decode_segments: up to 256 per F head at batch 1).
             segments = int(os.environ.get("CONSA_DECODE_SEGMENTS", DEFAULT_NUM_SEGMENTS))
             self.scratch = make_hybrid_scratch(threshold, mc.get_num_attention_heads(pc), mc.get_head_size(),

@@ -14,9 +14,10 @@ launch would. CUDA-graph capture records the two streams as parallel branches.
 
 ``CONSA_FA3_OVERLAP=0`` runs the launches one after the other (read once per process), to
 measure what the overlap buys. ``CONSA_FUSED_DECODE_MAX_SEQS`` moves the decode batch size
-up to which the fused Triton kernel runs instead (:func:`fused_decode_max_seqs`). Forcing KV splits on the F launch was measured too and
-changed nothing on the H100 (benchmarks/results/hybrid_kernel_h100_fa3_pools.json), so the
-split count is left to FlashAttention.
+up to which the fused Triton kernel runs instead (:func:`fused_decode_max_seqs`). Forcing
+KV splits on the F launch was measured too and changed nothing on the H100
+(benchmarks/results/hybrid_kernel_h100_fa3_pools.json), so the split count is left to
+FlashAttention.
 
 Sinks (S heads that also see keys ``0 .. sink - 1``): FlashAttention masks are causal or
 local bands, and "below ``sink`` and more than a window back" is neither, so with sinks
