@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU test of the project in one call on the GPU machine, independent files as
 # parallel pytest processes (each engine is small: 6% of the GPU), logs and JSON reports
-# under $OUT (default ./gpu-out). Source benchmarks/gpu_env.sh first. About 6-8 minutes on
+# packed into $OUT/gpu-checks.tgz (OUT default ./gpu-out). Source benchmarks/gpu_env.sh first. About 6-8 minutes on
 # one H200 (16 processes; the longest runs five compiled engines one after another).
 #
 #   . benchmarks/gpu_env.sh && bash benchmarks/gpu_checks.sh
@@ -44,3 +44,5 @@ for case in qwen3_moe-0 mixtral-0 qwen3-0 qwen3-4 qwen3-16; do
 done
 wait
 cat "$OUT/summary.txt"
+# At most 8 files per command come back from the GPU machine: one archive holds them all.
+tar czf "$OUT.tgz" -C "$OUT" . && rm -rf "${OUT:?}"/* && mv "$OUT.tgz" "$OUT/gpu-checks.tgz"
