@@ -2,7 +2,7 @@
 # Every GPU test of the project in one call on the GPU machine, independent files as
 # parallel pytest processes (each engine is small: 6% of the GPU), logs and JSON reports
 # packed into $OUT/gpu-checks.tgz (OUT default ./gpu-out). Source benchmarks/gpu_env.sh first. About 6-8 minutes on
-# one H200 (16 processes; the longest runs five compiled engines one after another).
+# one H200 (22 processes of one to three compiled engines each, one after another).
 #
 #   . benchmarks/gpu_env.sh && bash benchmarks/gpu_checks.sh
 #
@@ -41,6 +41,10 @@ run quant-5 "$Q::test_gpu_native_fp8_block_permutation_is_exact" "$Q::test_gpu_n
 run quant-6 "$Q::test_gpu_online_fp8_kv_head_calibrated_parity"
 for case in qwen3_moe-0 mixtral-0 qwen3-0 qwen3-4 qwen3-16; do
   run "families-$case" "$F[$case]"
+done
+S=tests/test_gpu_families.py::test_gpu_same_model_parity
+for case in qwen3_moe-all_f qwen3_moe-layer_shaped mixtral-all_f mixtral-layer_shaped qwen3-all_f qwen3-layer_shaped; do
+  run "same-model-$case" "$S[$case]"
 done
 wait
 cat "$OUT/summary.txt"
