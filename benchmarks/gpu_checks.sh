@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU test of the project in one call on the GPU machine, independent files as
 # parallel pytest processes (each engine is small: 6% of the GPU), logs and JSON reports
-# under $OUT (default ./gpu-out). Source benchmarks/gpu_env.sh first. About 6-8 minutes on
-# one H200 (16 processes; the longest runs five compiled engines one after another).
+# packed into $OUT/gpu-checks.tgz (OUT default ./gpu-out). Source benchmarks/gpu_env.sh first. About 6-8 minutes on
+# one H200 (22 processes of one to three compiled engines each, one after another).
 #
 #   . benchmarks/gpu_env.sh && bash benchmarks/gpu_checks.sh
 #
@@ -42,5 +42,11 @@ run quant-6 "$Q::test_gpu_online_fp8_kv_head_calibrated_parity"
 for case in qwen3_moe-0 mixtral-0 qwen3-0 qwen3-4 qwen3-16; do
   run "families-$case" "$F[$case]"
 done
+S=tests/test_gpu_families.py::test_gpu_same_model_parity
+for case in qwen3_moe-all_f qwen3_moe-layer_shaped mixtral-all_f mixtral-layer_shaped qwen3-all_f qwen3-layer_shaped; do
+  run "same-model-$case" "$S[$case]"
+done
 wait
 cat "$OUT/summary.txt"
+# At most 8 files per command come back from the GPU machine: one archive holds them all.
+tar czf "$OUT.tgz" -C "$OUT" . && rm -rf "${OUT:?}"/* && mv "$OUT.tgz" "$OUT/gpu-checks.tgz"

@@ -86,6 +86,11 @@ def token_errors(src: Path, allocation, gen: Generation, prompts: list[list[int]
     return errs
 
 
+def reference_errors(src: Path, allocation, gen: Generation, prompts: list[list[int]]) -> "ErrorStats":
+    """:func:`token_errors` summarised (mean, p99, max)."""
+    return error_stats(token_errors(src, allocation, gen, prompts))
+
+
 def error_stats(errs: list[list[float]], rounds: list[int] | None = None) -> ErrorStats:
     """Mean, 99th percentile and max over all tokens, and mean / max per round of prompts."""
     flat = sorted(e for row in errs for e in row)

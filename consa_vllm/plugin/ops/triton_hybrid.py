@@ -503,8 +503,13 @@ def _write_heads(
         if FP8:
             k_scale = tl.load(k_scale_ptr + offs_h * scale_stride, mask=offs_h < N, other=1.0)
             v_scale = tl.load(v_scale_ptr + offs_h * scale_stride, mask=offs_h < N, other=1.0)
-            k = tl.clamp(k.to(tl.float32) / k_scale[:, None], -_FP8_MAX, _FP8_MAX)
-            v = tl.clamp(v.to(tl.float32) / v_scale[:, None], -_FP8_MAX, _FP8_MAX)
+            # IEEE-rounded division, as torch and vLLM's CUDA cache writes divide: Triton's
+            # `/` on float32 is approximate, and one ulp decides the FP8 rounding of values
+            # near a tie (the H200 wrote different bytes from torch for bf16/fp16 inputs).
+            k = tl.clamp(tl.div_rn(k.to(tl.float32), k_scale[:, None] + tl.zeros_like(k).to(tl.float32)),
+                         -_FP8_MAX, _FP8_MAX)
+            v = tl.clamp(tl.div_rn(v.to(tl.float32), v_scale[:, None] + tl.zeros_like(v).to(tl.float32)),
+                         -_FP8_MAX, _FP8_MAX)
         dst = (cache_ptr + blk * c_stride_0 + off * c_stride_2
                + (head_offset + offs_h)[:, None].to(tl.int64) * c_stride_3
                + offs_d[None, :] * C_STRIDE_4)
