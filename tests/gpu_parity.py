@@ -6,7 +6,9 @@ graphs; the prompts run in rounds, one with a decode batch above the fused kerne
 (128 // KV heads sequences) so that the FlashAttention pool path runs, one within it for the
 fused Triton split-KV decode), then the
 float32 reference attention (HF transformers, patched with the allocation) scores vLLM's
-own sequences by teacher forcing. The error of a generated token is
+own sequences by teacher forcing (for bf16 engines also Hugging Face itself in bf16: the
+model's own bf16 sensitivity, reported beside as ``plain_hf_bf16`` and, per pair, the ratio
+of the two errors each over its model's plain-bf16 error). The error of a generated token is
 |logprob_vLLM - logprob_reference| of that token, so a bf16 divergence of greedy paths
 does not inflate it. The ConSA model passes when its mean and max error are no larger
 than stock vLLM's on the all-F model. Pairs of variants are also compared prompt by
@@ -86,6 +88,30 @@ def token_errors(src: Path, allocation, gen: Generation, prompts: list[list[int]
     return errs
 
 
+def hf_bf16_errors(src: Path, allocation, gen: Generation, prompts: list[list[int]]) -> list[list[float]]:
+    """The model's own sensitivity to bf16: per prompt, |logprob_bf16 - logprob_fp32| of vLLM's
+    tokens, both from Hugging Face with the reference attention (no vLLM involved); see
+    benchmarks/bf16_sensitivity.py."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from consa_vllm.reference import patch_model
+
+    models = [AutoModelForCausalLM.from_pretrained(src, dtype=dt).eval() for dt in (torch.float32, torch.bfloat16)]
+    if allocation is not None:
+        for m in models:
+            patch_model(m, window=allocation.window, allocation=allocation)
+    errs: list[list[float]] = []
+    with torch.no_grad():
+        for p, toks in zip(prompts, gen.tokens):
+            ids = torch.tensor([p + toks])
+            idx = torch.arange(len(toks))
+            lp = [torch.log_softmax(m(ids).logits[0, len(p) - 1:-1].float(), dim=-1)[idx, torch.tensor(toks)]
+                  for m in models]
+            errs.append((lp[0] - lp[1]).abs().tolist())
+    return errs
+
+
 def reference_errors(src: Path, allocation, gen: Generation, prompts: list[list[int]]) -> "ErrorStats":
     """:func:`token_errors` summarised (mean, p99, max)."""
     return error_stats(token_errors(src, allocation, gen, prompts))
@@ -140,18 +166,25 @@ def run_variants(src: Path, variants: list[Variant], prompts: list[list[int]], m
     kw.update(engine_kw)
     results: dict[str, ErrorStats] = {}
     per_token: dict[str, list[list[float]]] = {}
+    hf: dict[str, ErrorStats] = {}  # each model's own bf16 sensitivity (bf16 engines only)
     for v in variants:
         with _env(v.env):
             gen = run_vllm(v.model, prompts, max_tokens, rounds=rounds, **kw)
         per_token[v.name] = token_errors(src, v.allocation, gen, prompts)
         results[v.name] = error_stats(per_token[v.name], rounds)
-        print(f"  {v.name}: {results[v.name]}", flush=True)
+        if kw.get("dtype") == "bfloat16":
+            hf[v.name] = error_stats(hf_bf16_errors(src, v.allocation, gen, prompts))
+        print(f"  {v.name}: {results[v.name]}" + (f"; plain HF bf16: {hf[v.name]}" if v.name in hf else ""),
+              flush=True)
         if report is not None:
             report.parent.mkdir(parents=True, exist_ok=True)
             report.write_text(json.dumps({
                 "stats": {k: asdict(s) for k, s in results.items()},
-                "paired": {f"{a} vs {b}": paired(per_token[a], per_token[b]) for a, b in pairs
-                           if a in per_token and b in per_token},
+                "paired": {f"{a} vs {b}": {**paired(per_token[a], per_token[b]),
+                                           **({"ratio_over_plain_bf16": (results[a].mean / hf[a].mean)
+                                               / (results[b].mean / hf[b].mean)} if a in hf and b in hf else {})}
+                           for a, b in pairs if a in per_token and b in per_token},
+                "plain_hf_bf16": {k: asdict(x) for k, x in hf.items()},
                 "variants": {x.name: {"allocation": None if x.allocation is None else
                                       {"granularity": x.allocation.granularity, "pattern": x.allocation.pattern,
                                        "window": x.allocation.window, "sink": x.allocation.sink},
