@@ -36,27 +36,15 @@ ALLOCATIONS = {  # name: (pattern, sink); the allocations of tests/test_gpu_fami
 
 
 def per_prompt_errors(src: Path, pattern: list[str], sink: int, prompts: list[list[int]], new: int) -> list[float]:
-    """Mean |dlogprob| (bf16 vs float32) of each prompt's ``new`` greedy tokens."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    """Mean |dlogprob| (bf16 vs float32) of each prompt's ``new`` greedy tokens of the float32 model."""
+    from engine_harness import reference_generate
+    from gpu_parity import hf_bf16_errors
 
     from consa_vllm.allocation import Allocation
-    from consa_vllm.reference import patch_model
 
     alloc = Allocation(granularity="kv_head", window=32, pattern=pattern, sink=sink)
-    models = [AutoModelForCausalLM.from_pretrained(src, dtype=dt).eval() for dt in (torch.float32, torch.bfloat16)]
-    for m in models:
-        patch_model(m, window=alloc.window, allocation=alloc)
-    out = []
-    with torch.no_grad():
-        for p in prompts:
-            seq = models[0].generate(torch.tensor([p]), max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                                     pad_token_id=0, eos_token_id=None)
-            toks = seq[0, len(p):]
-            lp = [torch.log_softmax(m(seq).logits[0, len(p) - 1:-1].float(), -1)[torch.arange(new), toks]
-                  for m in models]
-            out.append(float((lp[0] - lp[1]).abs().mean()))
-    return out
+    gen = reference_generate(src, alloc, prompts, new)
+    return [sum(row) / len(row) for row in hf_bf16_errors(src, alloc, gen, prompts)]
 
 
 def main() -> None:

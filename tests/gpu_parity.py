@@ -68,48 +68,43 @@ def round_weights_to(src: Path, dtype: str) -> None:
         save_file(tensors, f, metadata={"format": "pt"})
 
 
-def token_errors(src: Path, allocation, gen: Generation, prompts: list[list[int]]) -> list[list[float]]:
-    """Per prompt, the |dlogprob| of each generated token against the float32 reference
-    (teacher forcing on vLLM's own tokens)."""
+def hf_token_logprobs(src: Path, allocation, gen: Generation, prompts: list[list[int]],
+                      dtype: str = "float32") -> list[list[float]]:
+    """Per prompt, the logprob of each of ``gen``'s tokens under Hugging Face in ``dtype`` with
+    the reference attention patched in (teacher forcing)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from consa_vllm.reference import patch_model
 
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, dtype)).eval()
     if allocation is not None:
         patch_model(model, window=allocation.window, allocation=allocation)
-    errs: list[list[float]] = []
-    with torch.no_grad():
-        for p, toks, lps in zip(prompts, gen.tokens, gen.top_logprobs):
-            ids = torch.tensor([p + toks])
-            ref = torch.log_softmax(model(ids).logits[0, len(p) - 1:-1].float(), dim=-1)
-            errs.append([abs(lps[i][t] - float(ref[i, t])) for i, t in enumerate(toks)])
-    return errs
-
-
-def hf_bf16_errors(src: Path, allocation, gen: Generation, prompts: list[list[int]]) -> list[list[float]]:
-    """The model's own sensitivity to bf16: per prompt, |logprob_bf16 - logprob_fp32| of vLLM's
-    tokens, both from Hugging Face with the reference attention (no vLLM involved); see
-    benchmarks/bf16_sensitivity.py."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from consa_vllm.reference import patch_model
-
-    models = [AutoModelForCausalLM.from_pretrained(src, dtype=dt).eval() for dt in (torch.float32, torch.bfloat16)]
-    if allocation is not None:
-        for m in models:
-            patch_model(m, window=allocation.window, allocation=allocation)
-    errs: list[list[float]] = []
+    out: list[list[float]] = []
     with torch.no_grad():
         for p, toks in zip(prompts, gen.tokens):
-            ids = torch.tensor([p + toks])
-            idx = torch.arange(len(toks))
-            lp = [torch.log_softmax(m(ids).logits[0, len(p) - 1:-1].float(), dim=-1)[idx, torch.tensor(toks)]
-                  for m in models]
-            errs.append((lp[0] - lp[1]).abs().tolist())
-    return errs
+            lp = torch.log_softmax(model(torch.tensor([p + toks])).logits[0, len(p) - 1:-1].float(), dim=-1)
+            out.append(lp[torch.arange(len(toks)), torch.tensor(toks)].tolist())
+    return out
+
+
+def token_errors(src: Path, allocation, gen: Generation, prompts: list[list[int]],
+                 reference: list[list[float]] | None = None) -> list[list[float]]:
+    """Per prompt, the |dlogprob| of each generated token against the float32 reference
+    (teacher forcing on vLLM's own tokens); ``reference``: those logprobs, if already scored."""
+    ref = reference or hf_token_logprobs(src, allocation, gen, prompts)
+    return [[abs(lps[i][t] - r[i]) for i, t in enumerate(toks)]
+            for toks, lps, r in zip(gen.tokens, gen.top_logprobs, ref)]
+
+
+def hf_bf16_errors(src: Path, allocation, gen: Generation, prompts: list[list[int]],
+                   reference: list[list[float]] | None = None) -> list[list[float]]:
+    """The model's own sensitivity to bf16: per prompt, |logprob_bf16 - logprob_fp32| of
+    ``gen``'s tokens, both from Hugging Face with the reference attention (no vLLM involved;
+    benchmarks/bf16_sensitivity.py); ``reference``: the float32 logprobs, if already scored."""
+    ref = reference or hf_token_logprobs(src, allocation, gen, prompts)
+    bf16 = hf_token_logprobs(src, allocation, gen, prompts, "bfloat16")
+    return [[abs(x - y) for x, y in zip(r, b)] for r, b in zip(ref, bf16)]
 
 
 def reference_errors(src: Path, allocation, gen: Generation, prompts: list[list[int]]) -> "ErrorStats":
@@ -170,10 +165,11 @@ def run_variants(src: Path, variants: list[Variant], prompts: list[list[int]], m
     for v in variants:
         with _env(v.env):
             gen = run_vllm(v.model, prompts, max_tokens, rounds=rounds, **kw)
-        per_token[v.name] = token_errors(src, v.allocation, gen, prompts)
+        ref = hf_token_logprobs(src, v.allocation, gen, prompts)
+        per_token[v.name] = token_errors(src, v.allocation, gen, prompts, ref)
         results[v.name] = error_stats(per_token[v.name], rounds)
         if kw.get("dtype") == "bfloat16":
-            hf[v.name] = error_stats(hf_bf16_errors(src, v.allocation, gen, prompts))
+            hf[v.name] = error_stats(hf_bf16_errors(src, v.allocation, gen, prompts, ref))
         print(f"  {v.name}: {results[v.name]}" + (f"; plain HF bf16: {hf[v.name]}" if v.name in hf else ""),
               flush=True)
         if report is not None:
