@@ -1,7 +1,7 @@
 """GPU (skipped without CUDA): calibrated parity (see gpu_parity.py) of every family through
 vLLM's own classes, and of streaming heads (sink + window); bf16, torch.compile + CUDA graphs,
-a round of 48 prompts (decode batches above the fused kernel's 32 sequences for 4 KV heads:
-FlashAttention over the pools) and a round of 16 (the fused Triton split-KV decode).
+rounds of 48 and 12 prompts (decode batches above the fused kernel's 4 sequences:
+FlashAttention 3 over the pools) and a round of 4 (the fused Triton split-KV decode).
 
 Two tests: the issue's rule (the uneven ConSA model's error no larger than stock vLLM's on
 the all-F model, two different models), and like for like (without sinks, which stock vLLM
@@ -43,7 +43,7 @@ from consa_vllm.export import export_model  # noqa: E402
 WINDOW = 32
 PATTERN = ["FSSS", "SSSS", "SFFS", "FFFF"]
 LAYER_SHAPED = ["SSSS", "FFFF", "SSSS", "FFFF"]
-ROUNDS = [48, 16]
+ROUNDS = [48, 12, 4]
 LENGTHS = [40, 77, 130, 300, 9, 520, 64, 700] * 6 + [33, 150, 410, 90, 260, 600, 48, 700] * 2
 
 

@@ -50,12 +50,13 @@ SCHEMES = ["ct-fp8-tensor", "ct-fp8-channel", "ct-fp8-block", "ct-w4a16", "ct-w4
            "ct-w4a16-gptq-actorder", "awq", "gptq"]
 PATTERN = ["FSSS", "SSSS", "SFFS", "FFFF"]
 WINDOW = 32
-# Two generate calls in each engine: 40 sequences (a decode batch above the fused kernel's 32:
-# the FlashAttention pool path), then 8 (the fused split-KV decode). Most prompts are longer
+# Three generate calls in each engine: 40 and 4 sequences, then 4 (decode batches above the
+# fused kernel's 4 sequences take the FlashAttention pool path, the last the fused split-KV
+# decode). Most prompts are longer
 # than the window, some many times.
 LENGTHS = [40, 77, 130, 300, 600, 9, 33, 64, 250, 500, 45, 90, 150, 200, 350, 420, 700, 31, 128, 256] * 2 + \
           [50, 120, 310, 650, 12, 200, 480, 35]
-ROUNDS = [40, 8]
+ROUNDS = [40, 4, 4]
 NEW = 16
 ENGINE = dict(dtype="bfloat16", enforce_eager=False, gpu_memory_utilization=0.06, max_model_len=1024,
               max_num_seqs=64, max_num_batched_tokens=1024, rounds=ROUNDS)

@@ -849,8 +849,8 @@ def test_flash_pools_knob_and_cpu_fallback(monkeypatch):
 
 
 def test_fused_decode_max_seqs_knob(monkeypatch):
-    """CONSA_FUSED_DECODE_MAX_SEQS: unset = the 128 // kv_heads rule (snapped to a capture
-    size), N >= 0 = the largest decode batch of the fused kernel where FlashAttention 3 is
+    """CONSA_FUSED_DECODE_MAX_SEQS: unset = 4 sequences (the scratch sized by the
+    128 // kv_heads rule, snapped to a capture size), N >= 0 = the largest decode batch of the fused kernel where FlashAttention 3 is
     available (0 = never), the scratch keeping at least the rule's rows; anything else fails
     with one line naming the variable."""
     from consa_vllm.plugin.backend import fused_decode_limits
@@ -869,11 +869,13 @@ def test_fused_decode_max_seqs_knob(monkeypatch):
         assert "CONSA_FUSED_DECODE_MAX_SEQS" in msg and repr(bad) in msg and "\n" not in msg, msg
 
     capture = [1, 2, 4, 8, 16, 24, 32, 40]
-    # today's rule: 128 // kv_heads, snapped to the closest capture size (8 KV heads: 16)
-    assert fused_decode_limits(8, capture, None) == (16, 16)
-    assert fused_decode_limits(4, capture, None) == (32, 32)
-    assert fused_decode_limits(3, capture, None) == (40, 40)  # 42 -> 40
-    assert fused_decode_limits(3, None, None) == (42, 42)
+    # scratch rows: 128 // kv_heads, snapped to the closest capture size (8 KV heads: 16);
+    # the fused kernel up to 4 sequences, or the rule's rows where fewer (64 KV heads: 2)
+    assert fused_decode_limits(8, capture, None) == (16, 4)
+    assert fused_decode_limits(4, capture, None) == (32, 4)
+    assert fused_decode_limits(3, capture, None) == (40, 4)  # 42 -> 40
+    assert fused_decode_limits(3, None, None) == (42, 4)
+    assert fused_decode_limits(64, None, None) == (2, 2)
     # a limit moves the boundary; the scratch keeps at least the rule's rows
     assert fused_decode_limits(8, capture, 0) == (16, 0)
     assert fused_decode_limits(8, capture, 4) == (16, 4)

@@ -74,16 +74,27 @@ def layer_kv_scales(layer, n_full: int, n_sliding: int) -> tuple[tuple, tuple]:
     return tuple(full), tuple(sliding)
 
 
+#: Largest decode batch of the fused Triton kernel where FlashAttention 3 is available, by
+#: default. Whole-model decode attention on one H200 at 32k (benchmarks/results/
+#: hybrid_models_h200_v2.json): at 16 sequences FlashAttention 3 over the two pools (two
+#: launches on two streams) is 7-11% faster than the fused kernel for all three shapes
+#: measured; at 4 the fused kernel is 15% faster for Qwen3-30B-A3B, even for Qwen3-0.6B and
+#: 10% slower for Llama-3.1-8B; at 1 it is 18-30% faster for the Qwen3 shapes.
+DEFAULT_FUSED_DECODE_MAX_SEQS = 4
+
+
 def fused_decode_limits(num_kv_heads: int, capture_sizes: list[int] | None,
                         limit: int | None) -> tuple[int, int]:
     """(split-KV scratch rows, largest decode batch for the fused kernel where FlashAttention 3
     is available), for ``limit`` = :func:`fused_decode_max_seqs`'s value.
 
-    Default (None): vLLM's 3D rule, ``128 // num_kv_heads``, snapped to the closest CUDA-graph
-    capture size as in vLLM's Triton backend (one captured graph per batch size takes one
-    path), for both. With a limit the scratch keeps at least the rule's rows: without
-    FlashAttention 3 the fused kernel serves every batch, split-KV up to the scratch's rows,
-    and fewer rows would also cap batch 1's segments (``triton_hybrid.decode_segments``).
+    The scratch rows follow vLLM's 3D rule, ``128 // num_kv_heads``, snapped to the closest
+    CUDA-graph capture size as in vLLM's Triton backend (one captured graph per batch size
+    takes one path): without FlashAttention 3 the fused kernel serves every batch, split-KV
+    up to those rows, and fewer rows would also cap batch 1's segments
+    (``triton_hybrid.decode_segments``). A limit above the rule raises the rows with it.
+    Default (None): the fused kernel up to :data:`DEFAULT_FUSED_DECODE_MAX_SEQS` sequences
+    (or the rule, if smaller).
     """
     from consa_vllm.plugin.ops.triton_hybrid import default_seq_threshold_3d
 
@@ -91,7 +102,7 @@ def fused_decode_limits(num_kv_heads: int, capture_sizes: list[int] | None,
     if capture_sizes:
         rule = min(capture_sizes, key=lambda x: abs(x - rule))
     if limit is None:
-        return rule, rule
+        return rule, min(rule, DEFAULT_FUSED_DECODE_MAX_SEQS)
     return max(rule, limit), limit
 
 

@@ -65,10 +65,10 @@ def fused_decode_max_seqs() -> int | None:
     Triton kernel serves on a GPU where FlashAttention 3 is available; larger decode batches
     (and every prefill) run FlashAttention 3 over the two pools.
 
-    None (unset or empty): the default rule, ``128 // kv_heads`` snapped to a CUDA-graph
-    capture size (the backend's ``fused_decode_limits``). ``0``: FlashAttention 3 for every
-    batch. An experiment knob: whether small decode batches are faster through
-    FlashAttention 3 (``benchmarks/bench_hybrid_kernel.py --whole-model``, ``fa3_pools_*``).
+    None (unset or empty): the default, 4 sequences (the backend's ``fused_decode_limits``,
+    measured with ``benchmarks/bench_hybrid_kernel.py --whole-model``: ``fa3_pools_*``
+    against ``hybrid_rule``). ``0``: FlashAttention 3 for every batch (faster at batch 1 for
+    the Llama-3.1-8B DuoAttention shape, slower for the Qwen3 shapes).
     """
     raw = os.environ.get("CONSA_FUSED_DECODE_MAX_SEQS", "").strip()
     if not raw:
@@ -79,7 +79,7 @@ def fused_decode_max_seqs() -> int | None:
         n = -1
     if n < 0:
         raise ValueError("CONSA_FUSED_DECODE_MAX_SEQS must be a whole number of sequences >= 0 "
-                         f"(0 = FlashAttention 3 for every batch; unset = 128 // kv_heads), got {raw!r}")
+                         f"(0 = FlashAttention 3 for every batch; unset = 4), got {raw!r}")
     return n
 
 
