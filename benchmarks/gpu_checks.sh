@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Every GPU test of the project in one call on the GPU machine, independent files as
 # parallel pytest processes (each engine is small: 6% of the GPU), logs and JSON reports
-# packed into $OUT/gpu-checks.tgz (OUT default ./gpu-out). Source benchmarks/gpu_env.sh first. About 6-8 minutes on
-# one H200 (22 processes of one to three compiled engines each, one after another).
+# packed into $OUT/gpu-checks.tgz (OUT default ./gpu-out). Source benchmarks/gpu_env.sh first. About 7-9 minutes on
+# one H200 (27 processes of one to three compiled engines each, one after another).
 #
 #   . benchmarks/gpu_env.sh && bash benchmarks/gpu_checks.sh
 #
-# Quantized checkpoints: set CONSA_QUANT_CHECKPOINTS to a directory made on a CPU machine by
+# ONLY="PREFIX ..." runs only the cases whose names start with one of the prefixes (e.g.
+# ONLY="float32 same-model-mixtral"). Quantized checkpoints: set CONSA_QUANT_CHECKPOINTS to a directory made on a CPU machine by
 # `python tests/make_quant_checkpoints.py DIR` (else test_gpu_quant.py makes what it can).
 set -u
 OUT=${OUT:-gpu-out}
@@ -19,6 +20,11 @@ export CONSA_GPU_REPORT_DIR="$OUT" VLLM_ENABLE_V1_MULTIPROCESSING=1 VLLM_WORKER_
   CONSA_TEST_KV_CACHE_BYTES=$((1 << 30)) OMP_NUM_THREADS=1
 run() {  # name, pytest args...  (INPROC=1: the engine in the test's own process)
   local name=$1; shift
+  if [ -n "${ONLY:-}" ]; then
+    local p hit=0
+    for p in $ONLY; do case $name in "$p"*) hit=1 ;; esac; done
+    [ $hit = 1 ] || return 0
+  fi
   ( [ "${INPROC:-0}" = 1 ] && export VLLM_ENABLE_V1_MULTIPROCESSING=0
     start=$(date +%s)
     python -m pytest -q -s -p no:cacheprovider --junitxml="$OUT/$name.xml" "$@" >"$OUT/$name.log" 2>&1
@@ -43,10 +49,23 @@ for case in qwen3_moe-0 mixtral-0 qwen3-0 qwen3-4 qwen3-16; do
   run "families-$case" "$F[$case]"
 done
 S=tests/test_gpu_families.py::test_gpu_same_model_parity
-for case in qwen3_moe-all_f qwen3_moe-layer_shaped mixtral-all_f mixtral-layer_shaped qwen3-all_f qwen3-layer_shaped; do
+for case in qwen3_moe-all_f qwen3_moe-layer_shaped mixtral-all_f mixtral-layer_shaped qwen3-all_f qwen3-layer_shaped \
+    llama-all_f llama-layer_shaped; do
   run "same-model-$case" "$S[$case]"
 done
-wait
+# float32 greedy parity of every family, uneven and layer-shaped: four cases per process.
+P=tests/test_gpu_families.py::test_gpu_float32_family_parity
+run float32-1 "$P[qwen3-uneven]" "$P[qwen3-layer_shaped]" "$P[qwen2-uneven]" "$P[qwen2-layer_shaped]"
+run float32-2 "$P[llama-uneven]" "$P[llama-layer_shaped]" "$P[mistral-uneven]" "$P[mistral-layer_shaped]"
+run float32-3 "$P[qwen3_moe-uneven]" "$P[qwen3_moe-layer_shaped]" "$P[mixtral-uneven]" "$P[mixtral-layer_shaped]"
+# A command on the GPU machine is stopped at 10 minutes with everything it started, the
+# packing below included: stop the tests at DEADLINE seconds (default 540) instead.
+( sleep "${DEADLINE:-540}"; echo "gpu_checks: DEADLINE reached, stopping the tests" | tee -a "$OUT/summary.txt"
+  pkill -f "pytest -q -s -p no:cacheprovider" ) &
+watchdog=$!
+tests=$(jobs -p | grep -vx "$watchdog")
+[ -z "$tests" ] || wait $tests
+kill "$watchdog" 2>/dev/null
 cat "$OUT/summary.txt"
 # At most 8 files per command come back from the GPU machine: one archive holds them all.
 tar czf "$OUT.tgz" -C "$OUT" . && rm -rf "${OUT:?}"/* && mv "$OUT.tgz" "$OUT/gpu-checks.tgz"
