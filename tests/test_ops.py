@@ -1043,8 +1043,15 @@ def test_attention_kernel_variants_per_model(path, sink):
     pytest.importorskip("triton.backends.nvidia.compiler")
     from consa_vllm.plugin.ops import triton_hybrid as th
 
-    batch = dict(num_seqs=1, query_len=1) if path == "3d" else dict(num_seqs=2, query_len=9)
-    keys = attention_variant_keys(th, UNEVEN_SPLITS, sink=sink, **batch)
+    # Batch sizes share variants too (== 1, multiples of 16 and the rest alike): a new
+    # variant mid-serving would be a compile in the middle of a request.
+    batches = ([dict(num_seqs=n, query_len=1) for n in (1, 3, 4, 16)] if path == "3d" else
+               [dict(num_seqs=n, query_len=q) for n, q in ((2, 9), (1, 16), (17, 3))])
+    keys = {}
+    for batch in batches:
+        for name, got in attention_variant_keys(th, UNEVEN_SPLITS, sink=sink, **batch).items():
+            keys.setdefault(name, set()).update(got)
+    batch = batches[0]
     counts = {k: len(v) for k, v in keys.items()}
     print(path, sink, counts)
     assert counts["_hybrid_attn_kernel"] == 3, counts
@@ -1054,6 +1061,48 @@ def test_attention_kernel_variants_per_model(path, sink):
     # other mixed splits at other pool offsets: no new variant
     again = attention_variant_keys(th, [(1, 7), (3, 5)], sink=sink, **batch)["_hybrid_attn_kernel"]
     assert again <= keys["_hybrid_attn_kernel"]
+
+
+def test_sink_merge_one_variant_per_model():
+    """The sink merge compiles once per model: batches of 1 to 33 sequences and token counts
+    that are and are not multiples of 16 share one kernel variant (a new one mid-serving is a
+    latency spike, which vLLM's JIT monitor reported on the H200 before num_seqs and the
+    log-sum-exp stride were left unspecialized)."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.runtime.jit import compute_cache_key, create_function_from_signature
+
+    from consa_vllm.plugin.ops import triton_hybrid as th
+
+    backend = CUDABackend(GPUTarget("cuda", 90, 32))
+    kernel = th._sink_merge_kernel
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    keys = set()
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                _, spec, options = binder(*args, **kwargs)
+                keys.add(compute_cache_key({}, spec, backend.parse_options(options).__dict__))
+            return launch
+
+    hkv, group, d = 4, 4, 128
+    cache = torch.zeros(8, 2, 16, hkv, d, dtype=torch.bfloat16)
+    th._sink_merge_kernel = Recorder()
+    try:
+        for num_seqs, query_len in ((1, 1), (1, 32768 // 64), (3, 1), (16, 1), (33, 1), (2, 7), (4, 16)):
+            T = num_seqs * query_len
+            batch = AttnBatch(query_start_loc=torch.arange(num_seqs + 1, dtype=torch.int32) * query_len,
+                              seq_lens=torch.full((num_seqs,), 600, dtype=torch.int32),
+                              max_query_len=query_len, max_seq_len=600)
+            pool = KVPool(cache, torch.zeros(num_seqs, 8, dtype=torch.int32), torch.zeros(T, dtype=torch.int64),
+                          0, 2, window=64, sink=16)
+            q = torch.zeros(T, 2 * group, d, dtype=torch.bfloat16)
+            th.merge_sinks(q, torch.empty_like(q), torch.zeros(2 * group, T), batch, d ** -0.5, pool)
+    finally:
+        th._sink_merge_kernel = kernel
+    assert len(keys) == 1, len(keys)
 
 
 def test_decode_segments_rule():

@@ -260,7 +260,9 @@ def _attn_body(
 # Runtime ints that differ between the layers of one model (head split, pool offsets,
 # segment counts) are not specialised: Triton would otherwise compile a variant per value
 # class (== 1, divisible by 16), i.e. per layer split.
-@triton.jit(do_not_specialize=["n_full", "full_head_offset", "sliding_head_offset",
+# Batch-dependent integers are not specialized (== 1, multiple of 16), so that every batch
+# size shares the variants compiled at start-up: fewer compiles, none mid-serving.
+@triton.jit(do_not_specialize=["num_seqs", "n_full", "full_head_offset", "sliding_head_offset",
                                "seg_f", "seg_s", "seg_stride"])
 def _hybrid_attn_kernel(
     output_ptr, query_ptr, query_start_len_ptr, seq_lens_ptr, num_seqs: tl.int32,
@@ -341,7 +343,7 @@ def _hybrid_attn_kernel(
                    BLOCK_M, BLOCK_Q, True, SINK, IS_3D, DOT_IEEE, CAST_F32, FP8)
 
 
-@triton.jit(do_not_specialize=["n_full_q", "seg_f", "seg_s", "seg_stride"])
+@triton.jit(do_not_specialize=["num_seqs", "n_full_q", "seg_f", "seg_s", "seg_stride"])
 def _reduce_segments_kernel(
     output_ptr, segm_output_ptr, segm_max_ptr, segm_expsum_ptr,
     query_start_len_ptr, num_seqs: tl.int32,
@@ -384,7 +386,10 @@ def _reduce_segments_kernel(
              acc.to(output_ptr.dtype.element_ty), mask=dim_mask)
 
 
-@triton.jit(do_not_specialize=["head_offset"])
+# num_seqs and the log-sum-exp's head stride (the batch's token count) vary per batch: were
+# they specialized (== 1, multiple of 16), a prefill after warm-up could compile a new
+# variant mid-serving (vLLM's JIT monitor flagged it on the H200).
+@triton.jit(do_not_specialize=["head_offset", "num_seqs", "lse_stride_h"])
 def _sink_merge_kernel(
     output_ptr, query_ptr, lse_ptr, query_start_len_ptr, seq_lens_ptr, num_seqs: tl.int32,
     cache_ptr, bt_ptr, head_offset, bt_stride: tl.int64,
