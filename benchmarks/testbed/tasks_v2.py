@@ -24,7 +24,7 @@ from __future__ import annotations
 import random
 from typing import Sequence
 
-from consa_vllm.eval.tasks import Filler, Sample, encode
+from consa_vllm.eval.tasks import Filler, Sample, encode, sample_grid
 
 TASKS = ("multikey", "multivalue", "vartrack")
 
@@ -115,10 +115,5 @@ def make_task_sample(task: str, tokenizer, filler: Filler, context: int, depth: 
 def make_task_samples(tasks: Sequence[str], tokenizer, filler: Filler, contexts: Sequence[int],
                       depths: Sequence[float], per_cell: int, seed: int, window: int, sink: int = 0) -> list[Sample]:
     """``per_cell`` samples per (task, context, depth), deterministic in ``seed`` (same prompts for every allocation)."""
-    out = []
-    for t in tasks:
-        for c in contexts:
-            for d in depths:
-                rng = random.Random(f"{seed}/{t}/{c}/{d}")
-                out += [make_task_sample(t, tokenizer, filler, c, d, rng, window, sink) for _ in range(per_cell)]
-    return out
+    return sample_grid(tasks, contexts, depths, per_cell, seed,
+                       lambda i, c, d, rng: make_task_sample(tasks[i], tokenizer, filler, c, d, rng, window, sink))

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -186,17 +186,26 @@ def make_sample(task: TaskSpec, tokenizer, filler: Filler, context: int, depth: 
                   depth=depth, distance=context - 1 - needle_at, window=window, sink=sink)
 
 
+def sample_grid(task_names: Sequence[str], contexts: Sequence[int], depths: Sequence[float], per_cell: int,
+                seed: int, make: Callable[[int, int, float, random.Random], Sample]) -> list[Sample]:
+    """``per_cell`` samples ``make(task_index, context, depth, rng)`` for every (task,
+    context, depth), in that order; each cell's ``rng`` is seeded by ``seed``, the task's
+    name, the context and the depth, so a cell's prompts do not depend on the others."""
+    out = []
+    for i, name in enumerate(task_names):
+        for c in contexts:
+            for d in depths:
+                rng = random.Random(f"{seed}/{name}/{c}/{d}")
+                out += [make(i, c, d, rng) for _ in range(per_cell)]
+    return out
+
+
 def make_samples(tasks: Sequence[TaskSpec], tokenizer, filler: Filler, contexts: Sequence[int],
                  depths: Sequence[float], per_cell: int, seed: int, window: int | None = None,
                  sink: int = 0) -> list[Sample]:
     """``per_cell`` samples for every (task, context, depth); deterministic in ``seed``."""
-    out = []
-    for t in tasks:
-        for c in contexts:
-            for d in depths:
-                rng = random.Random(f"{seed}/{t.name}/{c}/{d}")
-                out += [make_sample(t, tokenizer, filler, c, d, rng, window, sink) for _ in range(per_cell)]
-    return out
+    return sample_grid([t.name for t in tasks], contexts, depths, per_cell, seed,
+                       lambda i, c, d, rng: make_sample(tasks[i], tokenizer, filler, c, d, rng, window, sink))
 
 
 def training_document(task: TaskSpec, tokenizer, filler: Filler, length: int, rng: random.Random,
