@@ -49,12 +49,14 @@ class ErrorStats:
 @dataclass
 class Variant:
     """One engine: ``model`` served by vLLM, scored against the reference patched with
-    ``allocation`` (None: plain HF attention), under the environment ``env``."""
+    ``allocation`` (None: plain HF attention), under the environment ``env``, with
+    ``engine`` overriding the run's engine arguments (e.g. ``enforce_eager``)."""
 
     name: str
     model: Path
     allocation: object = None
     env: dict[str, str] = field(default_factory=dict)
+    engine: dict = field(default_factory=dict)
 
 
 def round_weights_to(src: Path, dtype: str) -> None:
@@ -164,7 +166,7 @@ def run_variants(src: Path, variants: list[Variant], prompts: list[list[int]], m
     hf: dict[str, ErrorStats] = {}  # each model's own bf16 sensitivity (bf16 engines only)
     for v in variants:
         with _env(v.env):
-            gen = run_vllm(v.model, prompts, max_tokens, rounds=rounds, **kw)
+            gen = run_vllm(v.model, prompts, max_tokens, rounds=rounds, **{**kw, **v.engine})
         ref = hf_token_logprobs(src, v.allocation, gen, prompts)
         per_token[v.name] = token_errors(src, v.allocation, gen, prompts, ref)
         results[v.name] = error_stats(per_token[v.name], rounds)
@@ -184,7 +186,7 @@ def run_variants(src: Path, variants: list[Variant], prompts: list[list[int]], m
                 "variants": {x.name: {"allocation": None if x.allocation is None else
                                       {"granularity": x.allocation.granularity, "pattern": x.allocation.pattern,
                                        "window": x.allocation.window, "sink": x.allocation.sink},
-                                      "env": x.env} for x in variants},
+                                      "env": x.env, "engine": x.engine} for x in variants},
                 "engine": {k: str(val) for k, val in kw.items()}, "rounds": rounds,
                 "prompt_lengths": [len(p) for p in prompts],
                 "per_token": {k: [[round(e, 6) for e in row] for row in rows] for k, rows in per_token.items()},
