@@ -145,7 +145,9 @@ class ConsaMetadataBuilder(AttentionMetadataBuilder[ConsaMetadata]):
         serves = _serves_compute_layers(vllm_config, layer_names)
         # Read (and validated) once per engine, on every device, so a bad value fails alike.
         limit = fused_decode_max_seqs() if serves else None
-        if device.type == "cuda" and serves:
+        # The split-KV scratch serves the Triton op: on GPUs, and on CPU where
+        # CONSA_ATTN_IMPL=triton runs it (under TRITON_INTERPRET=1, as a test of the GPU path).
+        if serves and (device.type == "cuda" or select_ops(device.type).name == "triton"):
             from consa_vllm.plugin.ops.triton_hybrid import DEFAULT_NUM_SEGMENTS, make_hybrid_scratch
 
             mc, pc = vllm_config.model_config, vllm_config.parallel_config
