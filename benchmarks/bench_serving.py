@@ -387,6 +387,10 @@ _SUMMED_LOG = {  # one line per compile range: summed
     "compile_cache_load_s": r"Directly load the compiled graph\(s\) for compile range .* took ([0-9.]+) s",
 }
 _MAX_CONCURRENCY_LOG = r"Maximum concurrency for ([0-9,]+) tokens per request: ([0-9.]+)x"
+# From the engine arguments to the resolved architecture: where vLLM inspects a model class
+# in a subprocess the first time the machine sees it (24-26 s on the H200 for the first dense
+# and the first ConSA run alike, 0 s later): a per-machine cost, not the model's.
+_CONFIG_SPAN = (r"(\d\d:\d\d:\d\d) \[[^]]+\] non-default args", r"(\d\d:\d\d:\d\d) \[[^]]+\] Resolved architecture")
 
 
 def startup_breakdown(log: str) -> dict:
@@ -394,6 +398,8 @@ def startup_breakdown(log: str) -> dict:
 
     Parts overlap: ``model_load_s`` includes the weights and the plugin's install;
     ``init_engine_s`` includes Dynamo, torch.compile, profiling and CUDA-graph capture.
+    ``config_resolve_s`` (engine arguments to resolved architecture, whole seconds) holds
+    vLLM's first inspection of a model class on the machine: compare start-up times net of it.
     """
     out = {}
     for key, pattern in _STARTUP_LOG.items():
@@ -407,6 +413,10 @@ def startup_breakdown(log: str) -> dict:
     m = re.findall(_MAX_CONCURRENCY_LOG, log)
     if m:
         out["vllm_log_max_concurrency"] = {"tokens": int(m[-1][0].replace(",", "")), "concurrency": float(m[-1][1])}
+    start, end = (re.search(p, log) for p in _CONFIG_SPAN)
+    if start and end:
+        secs = [sum(int(x) * f for x, f in zip(t.group(1).split(":"), (3600, 60, 1))) for t in (start, end)]
+        out["config_resolve_s"] = float((secs[1] - secs[0]) % 86400)  # whole seconds (the log's resolution)
     return out
 
 

@@ -67,6 +67,8 @@ def test_startup_breakdown_matches_vllm_messages():
     # Lines as vLLM 0.26 formats them (gpu_model_runner, default_loader, compilation/, core.py,
     # kv_cache_utils) and as the plugin logs them (consa_vllm/plugin/models.py).
     log = "\n".join([
+        "INFO 12-02 23:59:50 [api_utils.py:273] non-default args: {'dtype': 'bfloat16'}",
+        "INFO 12-02 00:00:14 [model.py:623] Resolved architecture: ConsaLlamaForCausalLM",
         "(EngineCore pid=1) INFO 12-02 [default_loader.py:431] Loading weights took 2.51 seconds",
         "(EngineCore pid=1) INFO 12-02 [gpu_model_runner.py:5348] Model loading took 14.99 GiB memory and 3.120456 seconds",
         "(EngineCore pid=1) INFO 12-02 [backends.py:1156] Dynamo bytecode transform time: 6.40 s",
@@ -87,7 +89,7 @@ def test_startup_breakdown_matches_vllm_messages():
         "weights_s": 2.51, "model_load_s": 3.120456, "dynamo_s": 6.4, "torch_compile_s": 30.55,
         "profile_run_s": 1.25, "cudagraph_capture_s": 12.0, "init_engine_s": 48.7, "kv_cache_gib": 101.3,
         "consa_install_s": 0.041, "consa_load_weights_s": 2.7, "consa_permute_s": 0.12,
-        "inductor_compile_s": pytest.approx(22.0),
+        "inductor_compile_s": pytest.approx(22.0), "config_resolve_s": 24.0,
         "vllm_log_max_concurrency": {"tokens": 131200, "concurrency": 6.05}}
 
 
