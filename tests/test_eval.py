@@ -169,6 +169,26 @@ def test_teacher_forced_retrieval_equals_greedy_generation(tiny, bpe):
     assert summary["accuracy"] == pytest.approx(sum(got) / len(got))
 
 
+def test_retrieval_rows_of_one_batch_with_different_answer_lengths(tiny, bpe):
+    """Samples of one total length share a forward pass even when their answers differ in
+    length; each row's verdict reads its own answer's positions."""
+    import dataclasses
+
+    model = _model(tiny)
+    filler = Filler(bpe, None, min_tokens=200)
+    base = make_samples([PASSKEY], bpe, filler, [90], [0.5], 1, seed=4, window=WINDOW)[0]
+    with torch.no_grad():
+        g = model.generate(torch.tensor([base.prompt_ids]), max_new_tokens=3, do_sample=False,
+                           pad_token_id=0)[0, len(base.prompt_ids):].tolist()
+    wrong = (g[2] + 1) % 500
+    samples = [dataclasses.replace(base, answer_ids=g),  # right, 3 answer tokens
+               dataclasses.replace(base, prompt_ids=base.prompt_ids + g[:1], answer_ids=g[1:]),  # right, 2
+               dataclasses.replace(base, answer_ids=g[:2] + [wrong]),  # wrong in its last token
+               dataclasses.replace(base, prompt_ids=base.prompt_ids + g[:1], answer_ids=[g[1], wrong])]  # wrong, 2
+    assert len({len(x.prompt_ids) + len(x.answer_ids) for x in samples}) == 1
+    assert metrics.score_retrieval(model, samples, batch_size=4) == [True, True, False, False]
+
+
 # ----------------------------------------------------------------------------- CLI
 
 

@@ -82,10 +82,13 @@ def score_retrieval(model, samples: Sequence["Sample"], batch_size: int = 8) -> 
                 group.append(order[i])
                 i += 1
             x = torch.tensor([samples[j].prompt_ids + samples[j].answer_ids[:-1] for j in group], device=device)
-            pred = model(input_ids=x).logits.argmax(-1).cpu()
+            # Each row's answer is predicted at its last len(answer) positions: only those
+            # logits are computed (a [batch, 8k, vocab] logits tensor otherwise).
+            keep = max(len(samples[j].answer_ids) for j in group)
+            pred = model(input_ids=x, logits_to_keep=keep).logits.argmax(-1).cpu()
             for row, j in enumerate(group):
-                p, a = len(samples[j].prompt_ids), samples[j].answer_ids
-                correct[j] = pred[row, p - 1:p - 1 + len(a)].tolist() == a
+                a = samples[j].answer_ids
+                correct[j] = pred[row, keep - len(a):].tolist() == a
     return correct
 
 
