@@ -945,14 +945,12 @@ def test_select_ops_once_per_device(monkeypatch):
 # ---------------------------------------------------------------------------------------
 
 
-def attention_variant_keys(th, splits, sink=0, hkv=8, group=2, d=128, num_seqs=1, query_len=1):
-    """The Triton cache keys that the layers of one model (``splits``: (n_full, n_sliding) per
-    layer, heads packed into one F and one S pool as the plugin allocates them) would compile
-    for the attention, reduce and K/V write kernels: {kernel name: set of keys}.
-
-    The launches are recorded, not run (no GPU needed): each key is computed by the binder
-    the JIT runtime itself uses (``create_function_from_signature`` + ``compute_cache_key``)
-    for an H100/H200 target, so two layers with the same key share one compiled kernel."""
+def record_variant_keys(th, names, launches) -> dict[str, set]:
+    """The Triton cache keys that ``launches()`` would compile for the kernels ``names`` of
+    ``th``: {kernel name: set of keys}. The launches are recorded, not run (no GPU needed):
+    each key is computed by the binder the JIT runtime itself uses
+    (``create_function_from_signature`` + ``compute_cache_key``) for an H100/H200 target, so
+    two launches with the same key share one compiled kernel."""
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import CUDABackend
     from triton.runtime.jit import compute_cache_key, create_function_from_signature
@@ -972,16 +970,23 @@ def attention_variant_keys(th, splits, sink=0, hkv=8, group=2, d=128, num_seqs=1
                 keys.setdefault(self.kernel.__name__, set()).add(compute_cache_key({}, spec, opts.__dict__))
             return launch
 
-    names = ("_hybrid_attn_kernel", "_reduce_segments_kernel", "_write_kv_kernel", "_write_kv_hybrid_kernel")
     saved = {n: getattr(th, n) for n in names}
     for n in names:
         setattr(th, n, Recorder(saved[n]))
     try:
-        _launch_layers(th, splits, sink, hkv, group, d, num_seqs, query_len)
+        launches()
     finally:
         for n in names:
             setattr(th, n, saved[n])
     return keys
+
+
+def attention_variant_keys(th, splits, sink=0, hkv=8, group=2, d=128, num_seqs=1, query_len=1):
+    """The Triton cache keys that the layers of one model (``splits``: (n_full, n_sliding) per
+    layer, heads packed into one F and one S pool as the plugin allocates them) would compile
+    for the attention, reduce and K/V write kernels (:func:`record_variant_keys`)."""
+    names = ("_hybrid_attn_kernel", "_reduce_segments_kernel", "_write_kv_kernel", "_write_kv_hybrid_kernel")
+    return record_variant_keys(th, names, lambda: _launch_layers(th, splits, sink, hkv, group, d, num_seqs, query_len))
 
 
 def _launch_layers(th, splits, sink=0, hkv=8, group=2, d=128, num_seqs=1, query_len=1):
@@ -1069,28 +1074,12 @@ def test_sink_merge_one_variant_per_model():
     latency spike, which vLLM's JIT monitor reported on the H200 before num_seqs and the
     log-sum-exp stride were left unspecialized)."""
     pytest.importorskip("triton.backends.nvidia.compiler")
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import CUDABackend
-    from triton.runtime.jit import compute_cache_key, create_function_from_signature
-
     from consa_vllm.plugin.ops import triton_hybrid as th
-
-    backend = CUDABackend(GPUTarget("cuda", 90, 32))
-    kernel = th._sink_merge_kernel
-    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    keys = set()
-
-    class Recorder:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                _, spec, options = binder(*args, **kwargs)
-                keys.add(compute_cache_key({}, spec, backend.parse_options(options).__dict__))
-            return launch
 
     hkv, group, d = 4, 4, 128
     cache = torch.zeros(8, 2, 16, hkv, d, dtype=torch.bfloat16)
-    th._sink_merge_kernel = Recorder()
-    try:
+
+    def launches():
         for num_seqs, query_len in ((1, 1), (1, 32768 // 64), (3, 1), (16, 1), (33, 1), (2, 7), (4, 16)):
             T = num_seqs * query_len
             batch = AttnBatch(query_start_loc=torch.arange(num_seqs + 1, dtype=torch.int32) * query_len,
@@ -1100,8 +1089,8 @@ def test_sink_merge_one_variant_per_model():
                           0, 2, window=64, sink=16)
             q = torch.zeros(T, 2 * group, d, dtype=torch.bfloat16)
             th.merge_sinks(q, torch.empty_like(q), torch.zeros(2 * group, T), batch, d ** -0.5, pool)
-    finally:
-        th._sink_merge_kernel = kernel
+
+    keys = record_variant_keys(th, ("_sink_merge_kernel",), launches)["_sink_merge_kernel"]
     assert len(keys) == 1, len(keys)
 
 
