@@ -38,6 +38,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 
 from consa_vllm.plugin.ops import AttnBatch, KVPool, select_ops
 from consa_vllm.plugin.ops.flash_pools import (
+    DEFAULT_FUSED_DECODE_MAX_SEQS,
     default_overlap,
     flash_attn_pools,
     flash_attn_varlen,
@@ -74,15 +75,6 @@ def layer_kv_scales(layer, n_full: int, n_sliding: int) -> tuple[tuple, tuple]:
     return tuple(full), tuple(sliding)
 
 
-#: Largest decode batch of the fused Triton kernel where FlashAttention 3 is available, by
-#: default. Whole-model decode attention on one H200 at 32k (benchmarks/results/
-#: hybrid_models_h200_v2.json): at 16 sequences FlashAttention 3 over the two pools (two
-#: launches on two streams) is 7-11% faster than the fused kernel for all three shapes
-#: measured; at 4 the fused kernel is 15% faster for Qwen3-30B-A3B, even for Qwen3-0.6B and
-#: 10% slower for Llama-3.1-8B; at 1 it is 18-30% faster for the Qwen3 shapes.
-DEFAULT_FUSED_DECODE_MAX_SEQS = 4
-
-
 def fused_decode_limits(num_kv_heads: int, capture_sizes: list[int] | None,
                         limit: int | None) -> tuple[int, int]:
     """(split-KV scratch rows, largest decode batch for the fused kernel where FlashAttention 3
@@ -114,8 +106,8 @@ class ConsaMetadata:
     batch: AttnBatch
     block_table: torch.Tensor  # int32 [num_seqs, max_blocks]
     slot_mapping: torch.Tensor  # int64 [num_tokens]
-    # Split-KV decode scratch of the fused Triton op (GPU; only in the metadata that the
-    # compute modules receive).
+    # Split-KV decode scratch of the fused Triton op (wherever that op serves; only in the
+    # metadata that the compute modules receive).
     scratch: Any = None
     # Where FlashAttention 3 is available: decode batches of up to this many sequences run
     # the fused op, larger ones and prefill FlashAttention 3 (fused_decode_limits).

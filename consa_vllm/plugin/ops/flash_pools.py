@@ -60,13 +60,22 @@ def default_overlap() -> bool:
     return v in ("1", "true")
 
 
+#: Largest decode batch of the fused Triton kernel where FlashAttention 3 is available, by
+#: default. Whole-model decode attention on one H200 at 32k (benchmarks/results/
+#: hybrid_models_h200_v2.json): at 16 sequences FlashAttention 3 over the two pools (two
+#: launches on two streams) is 7-11% faster than the fused kernel for all three shapes
+#: measured; at 4 the fused kernel is 15% faster for Qwen3-30B-A3B, even for Qwen3-0.6B and
+#: 10% slower for Llama-3.1-8B; at 1 it is 18-30% faster for the Qwen3 shapes.
+DEFAULT_FUSED_DECODE_MAX_SEQS = 4
+
+
 def fused_decode_max_seqs() -> int | None:
     """``CONSA_FUSED_DECODE_MAX_SEQS``: the largest decode batch (sequences) that the fused
     Triton kernel serves on a GPU where FlashAttention 3 is available; larger decode batches
     (and every prefill) run FlashAttention 3 over the two pools.
 
-    None (unset or empty): the default, 4 sequences (the backend's ``fused_decode_limits``,
-    measured with ``benchmarks/bench_hybrid_kernel.py --whole-model``: ``fa3_pools_*``
+    None (unset or empty): the default, :data:`DEFAULT_FUSED_DECODE_MAX_SEQS` (the
+    backend's ``fused_decode_limits``, measured with ``benchmarks/bench_hybrid_kernel.py --whole-model``: ``fa3_pools_*``
     against ``hybrid_rule``). ``0``: FlashAttention 3 for every batch (faster at batch 1 for
     the Llama-3.1-8B DuoAttention shape, slower for the Qwen3 shapes).
     """
@@ -79,7 +88,7 @@ def fused_decode_max_seqs() -> int | None:
         n = -1
     if n < 0:
         raise ValueError("CONSA_FUSED_DECODE_MAX_SEQS must be a whole number of sequences >= 0 "
-                         f"(0 = FlashAttention 3 for every batch; unset = 4), got {raw!r}")
+                         f"(0 = FlashAttention 3 for every batch; unset = {DEFAULT_FUSED_DECODE_MAX_SEQS}), got {raw!r}")
     return n
 
 
