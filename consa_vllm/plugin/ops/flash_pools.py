@@ -75,9 +75,10 @@ def fused_decode_max_seqs() -> int | None:
     (and every prefill) run FlashAttention 3 over the two pools.
 
     None (unset or empty): the default, :data:`DEFAULT_FUSED_DECODE_MAX_SEQS` (the
-    backend's ``fused_decode_limits``, measured with ``benchmarks/bench_hybrid_kernel.py --whole-model``: ``fa3_pools_*``
-    against ``hybrid_rule``). ``0``: FlashAttention 3 for every batch (faster at batch 1 for
-    the Llama-3.1-8B DuoAttention shape, slower for the Qwen3 shapes).
+    backend's ``fused_decode_limits``, measured with ``benchmarks/bench_hybrid_kernel.py
+    --whole-model``: ``fa3_pools_*`` against ``hybrid_rule``). ``0``: FlashAttention 3 for
+    every batch (faster at batch 1 for the Llama-3.1-8B DuoAttention shape, slower for the
+    Qwen3 shapes).
     """
     raw = os.environ.get("CONSA_FUSED_DECODE_MAX_SEQS", "").strip()
     if not raw:
