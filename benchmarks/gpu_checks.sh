@@ -49,15 +49,19 @@ for case in qwen3_moe-0 mixtral-0 qwen3-0 qwen3-4 qwen3-16; do
   run "families-$case" "$F[$case]"
 done
 S=tests/test_gpu_families.py::test_gpu_same_model_parity
-for case in qwen3_moe-all_f qwen3_moe-layer_shaped mixtral-all_f mixtral-layer_shaped qwen3-all_f qwen3-layer_shaped \
-    llama-all_f llama-layer_shaped; do
+# Two engines per case; Mixtral's layer-shaped export also through the diagnostic variants
+# (Triton only, eager, compiled without CUDA graphs), each its own process.
+for case in qwen3_moe-all_f qwen3_moe-layer_shaped mixtral-all_f mixtral-layer_shaped mixtral-layer_shaped_triton \
+    mixtral-layer_shaped_eager mixtral-layer_shaped_nographs qwen3-all_f qwen3-layer_shaped llama-all_f \
+    llama-layer_shaped; do
   run "same-model-$case" "$S[$case]"
 done
-# float32 greedy parity of every family, uneven and layer-shaped: four cases per process.
+# float32 greedy parity of every family, uneven and layer-shaped: four cases per process, the
+# Mixtral layer-shaped case first (it runs the fused Triton kernel alone: see the test).
 P=tests/test_gpu_families.py::test_gpu_float32_family_parity
-run float32-1 "$P[qwen3-uneven]" "$P[qwen3-layer_shaped]" "$P[qwen2-uneven]" "$P[qwen2-layer_shaped]"
-run float32-2 "$P[llama-uneven]" "$P[llama-layer_shaped]" "$P[mistral-uneven]" "$P[mistral-layer_shaped]"
-run float32-3 "$P[qwen3_moe-uneven]" "$P[qwen3_moe-layer_shaped]" "$P[mixtral-uneven]" "$P[mixtral-layer_shaped]"
+run float32-1 "$P[mixtral-layer_shaped]" "$P[mixtral-uneven]" "$P[qwen3_moe-layer_shaped]" "$P[qwen3_moe-uneven]"
+run float32-2 "$P[qwen3-uneven]" "$P[qwen3-layer_shaped]" "$P[qwen2-uneven]" "$P[qwen2-layer_shaped]"
+run float32-3 "$P[llama-uneven]" "$P[llama-layer_shaped]" "$P[mistral-uneven]" "$P[mistral-layer_shaped]"
 # A command on the GPU machine is stopped at 10 minutes with everything it started, the
 # packing below included: stop the tests at DEADLINE seconds (default 540) instead.
 ( sleep "${DEADLINE:-540}"; echo "gpu_checks: DEADLINE reached, stopping the tests" | tee -a "$OUT/summary.txt"

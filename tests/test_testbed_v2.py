@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.testbed.run_v2 import MODES, SMOKE2, ResultsV2, base_of, groups, holm, thirds
+from benchmarks.testbed.run_v2 import MODES, SMOKE2, ResultsV2, base_of, groups, holm, priority, thirds
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,9 +72,22 @@ def test_every_allocation_in_both_modes_is_evaluated_and_reported(run_dir):
 
 @pytest.mark.slow
 def test_rerun_skips_finished_work_and_other_settings_are_refused(run_dir):
+    import shutil
+
     out, _ = run_dir
     r = _run("--out", str(out), "--smoke", "--phase", "eval")
     assert r.returncode == 0 and "eval:" not in r.stdout
+    # A stage 2 cut by its budget: the eval skips the missing model and the report names it.
+    name = "rule-bottom-0.75"
+    shutil.rmtree(out / "stage2" / name)
+    (out / "eval" / "stage2" / f"{name}.json").unlink()
+    r = _run("--out", str(out), "--smoke", "--phase", "eval")
+    assert r.returncode == 0 and f"eval: stage2 {name}: no stage-2 model, skipped" in r.stdout
+    r = _run("--out", str(out), "--smoke", "--phase", "report")
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = ResultsV2.model_validate_json((out / "results.json").read_text())
+    assert res.missing == [f"stage2/{name}"] and ("stage2", name) not in {(x.mode, x.name) for x in res.rows}
+    assert f"Not evaluated (time budget spent first): stage2/{name}." in (out / "results.md").read_text()
     (out / "settings.json").write_text(json.dumps({"other": 1}))
     r = _run("--out", str(out), "--smoke", "--phase", "report")
     assert r.returncode == 2 and "other settings" in r.stderr
@@ -104,7 +117,12 @@ def test_heldout_prompts_are_exact_and_beyond_the_window():
 def test_report_helpers():
     from benchmarks.testbed.run_v2 import FULL2
     assert groups(FULL2) == [(0, 0.5), (0, 0.75), (64, 0.75)]
-    assert len(FULL2.eval_tasks) * len(FULL2.eval_contexts) * len(FULL2.eval_depths) * FULL2.per_cell == 2268
+    assert len(FULL2.eval_tasks) * len(FULL2.eval_contexts) * len(FULL2.eval_depths) * FULL2.per_cell == 1080
+    names = ["rule-interleave-0.5", "consa-layer-0.75", "duo-0.75-sink64", "rule-uniform-0.75", "dense",
+             "consa-kv_head-per-layer-0.5", "consa-kv_head-per-layer-0.75-sink64", "consa-kv_head-per-layer-0.75"]
+    assert priority(names) == ["dense", "consa-kv_head-per-layer-0.75", "consa-layer-0.75", "rule-uniform-0.75",
+                               "consa-kv_head-per-layer-0.75-sink64", "duo-0.75-sink64",
+                               "consa-kv_head-per-layer-0.5", "rule-interleave-0.5"]
     assert base_of("consa-kv_head-per-layer-0.75-sink64") == ("consa-kv_head-per-layer", 0.75, 64)
     assert base_of("rule-uniform-0.5") == ("rule-uniform", 0.5, 0) and base_of("dense") == ("dense", 0.0, 0)
     assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])

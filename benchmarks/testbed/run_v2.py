@@ -17,8 +17,14 @@ Version 2 reuses its corpus, pretraining and stage-2 phases with larger sizes, a
   group, and checks the ConSA paper's ordering (kv_head per-layer > global > dense > layer > rules;
   S at the bottom, F in a middle block).
 
+Sizes (``FULL2``) are set so that the whole run fits one 30-minute lease of one H200, the only GPU
+a session gets (the model cannot travel back between leases): pretraining 512 x 8 x 8192 tokens,
+gate training 60 x 2 x 8192, stage 2 50 x 2 x 8192, and 40 prompts per (task, context, depth)
+cell. Stage 2 and the eval take the allocations in priority order (:func:`priority`), so a phase
+cut by its time budget leaves out the least important ones, and the report lists what is missing.
+
 Phases (each skips finished work; ``--shard i/n`` runs every n-th job of the allocations, stage2
-and eval phases, one process per GPU)::
+and eval phases; ``gpu_v2.sh`` runs several such processes per GPU)::
 
     python -m benchmarks.testbed.run_v2 --out DIR --phase corpus
     python -m benchmarks.testbed.run_v2 --out DIR --phase pretrain --max-minutes 9
@@ -53,6 +59,8 @@ class Settings2(Settings):
 
     sinks: tuple[int, ...] = (0, 64)
     sink_rhos: tuple[float, ...] = (0.75,)  # the rhos at which the sink > 0 variants are made (budget)
+    # The allocations made with sinks (None: every learned one and every rule).
+    sink_bases: tuple[str, ...] | None = None
     rules: tuple[str, ...] = RULES
     duo_steps: int = 100
     duo_gate_lr: float = 0.02
@@ -65,6 +73,7 @@ class Settings2(Settings):
     # se = sqrt(0.10 / 2268) = 0.0066), or unpaired when both accuracies are >= 0.95 or <= 0.05
     # (se = sqrt(2 x 0.95 x 0.05 / 2268) = 0.0065); at accuracy 0.5 unpaired it would take 11,250
     # (consa_vllm.eval.stats.prompts_for_difference). The report gives each difference's own se.
+    # FULL2 takes 40 (1,080 prompts: 3 se at disagreement <= 4.8%), what one lease's eval allows.
     per_cell: int = 84
     eval_batch: int = 4
 
@@ -74,8 +83,9 @@ FULL2 = Settings2(
     shape=dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=16,
                num_key_value_heads=8, head_dim=64, max_position_embeddings=8192),
     seq_len=8192, window=512, retrieval_docs=6000, kv_needles=48,
-    pre_steps=640, pre_batch=8, pre_lr=1e-3, pre_warmup=40,
-    consa_steps=100, consa_batch=4, consa_docs=400, s2_steps=100, s2_batch=4, loss_sequences=16)
+    pre_steps=512, pre_batch=8, pre_lr=1e-3, pre_warmup=40,
+    consa_steps=60, consa_batch=2, duo_steps=60, consa_docs=400, s2_steps=50, s2_batch=2, loss_sequences=16,
+    sink_bases=("consa-kv_head-per-layer", "duo"), per_cell=40, eval_batch=8)
 SMOKE2 = Settings2(
     max_corpus_bytes=400_000, heldout_per_mille=250, tokenizer_bytes=200_000, vocab_size=512,
     shape=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=8,
@@ -89,6 +99,21 @@ SMOKE2 = Settings2(
 def groups(s: Settings2) -> list[tuple[int, float]]:
     """The (sink, rho) combinations of the run: every rho without sinks, ``sink_rhos`` with them."""
     return [(k, rho) for k in s.sinks for rho in s.rhos if k == 0 or rho in s.sink_rhos]
+
+
+#: Stage 2 and the eval run the allocations in this order of bases (then rho 0.75, sinks, rho 0.5).
+PRIORITY = ("dense", "consa-kv_head-per-layer", "duo", "consa-kv_head-global", "consa-layer", "rule-uniform",
+            "rule-bottom", "rule-middle", "rule-interleave")
+
+
+def priority(names: list[str]) -> list[str]:
+    """``names`` most important first: by group (rho 0.75 without sinks, with sinks, then the other
+    rhos), then by base (:data:`PRIORITY`)."""
+    def key(name: str):
+        base, rho, sink = base_of(name)
+        group = 0 if base == "dense" else 1 if (rho == 0.75 and not sink) else 2 if sink else 3
+        return group, PRIORITY.index(base) if base in PRIORITY else len(PRIORITY), -rho, name
+    return sorted(names, key=key)
 
 
 def alloc_name(base: str, rho: float, sink: int) -> str:
@@ -107,7 +132,7 @@ def shard(jobs: list, spec: str | None) -> list:
 
 
 def allocation_jobs(out: Path, s: Settings2) -> list[tuple[str, Callable[[Path], None]]]:
-    """``(name, write(dst))`` for every allocation of the run, learned ones first (they take the time)."""
+    """``(name, write(dst))`` for every allocation of the run (phase_allocations makes them in priority order)."""
     from consa_vllm.allocation import Allocation, make_allocation
     from consa_vllm.train import TrainConfig, train
 
@@ -128,18 +153,25 @@ def allocation_jobs(out: Path, s: Settings2) -> list[tuple[str, Callable[[Path],
             Allocation.from_dict({**a.to_dict(), "sink": sink}).save(dst)
         return run
 
+    def made(base: str, sink: int) -> bool:
+        return not sink or s.sink_bases is None or base in s.sink_bases
+
     jobs: list[tuple[str, Callable[[Path], None]]] = []
     for sink, rho in groups(s):
         for base, (gran, constraint) in CONSA_VARIANTS.items():
+            if not made(base, sink):
+                continue
             jobs.append((alloc_name(base, rho, sink), learned(
                 alloc_name(base, rho, sink), target_sparsity=rho, granularity=gran, constraint=constraint, sink=sink,
                 steps=s.consa_steps, batch_size=s.consa_batch, freeze_weights=True, gate_lr=s.gate_lr,
                 lagrangian_lr=s.lagrangian_lr)))
+        if not made("duo", sink):
+            continue
         jobs.append((alloc_name("duo", rho, sink), learned(
             alloc_name("duo", rho, sink), method="duo", target_sparsity=rho, constraint="global", sink=sink,
             steps=s.duo_steps, batch_size=s.consa_batch, gate_lr=s.duo_gate_lr, duo_l1=s.duo_l1)))
     for sink, rho in groups(s):
-        jobs += [(alloc_name(f"rule-{r}", rho, sink), rule(r, rho, sink)) for r in s.rules]
+        jobs += [(alloc_name(f"rule-{r}", rho, sink), rule(r, rho, sink)) for r in s.rules if made(f"rule-{r}", sink)]
     jobs.append(("dense", lambda dst: Allocation(granularity="kv_head", window=s.window, pattern=["F" * H] * L,
                                                  rule="dense").save(dst)))
     return jobs
@@ -148,7 +180,8 @@ def allocation_jobs(out: Path, s: Settings2) -> list[tuple[str, Callable[[Path],
 def phase_allocations(out: Path, s: Settings2, max_minutes: float | None, spec: str | None) -> bool:
     t0 = time.time()
     (out / "allocations").mkdir(parents=True, exist_ok=True)
-    for name, write in shard(allocation_jobs(out, s), spec):
+    jobs = dict(allocation_jobs(out, s))
+    for name, write in shard([(n, jobs[n]) for n in priority(list(jobs))], spec):
         dst = out / "allocations" / f"{name}.json"
         if dst.exists():
             continue
@@ -211,13 +244,17 @@ def phase_eval(out: Path, s: Settings2, max_minutes: float | None, spec: str | N
     from consa_vllm.allocation import Allocation
 
     t0 = time.time()
-    jobs = shard([(m, n) for n in allocation_names(out) for m in MODES], spec)
+    jobs = shard([(m, n) for n in priority(allocation_names(out)) for m in MODES], spec)
     from consa_vllm.eval.cli import load_reference
 
     prompts = loss_seqs = pretrained = None
     for mode, name in jobs:
         dst = out / "eval" / mode / f"{name}.json"
         if dst.exists():
+            continue
+        if mode == "stage2" and not (out / "stage2" / name / "config.json").exists():
+            # Stage 2 ran out of its budget before this allocation (it goes in priority order).
+            log(f"eval: stage2 {name}: no stage-2 model, skipped")
             continue
         if max_minutes is not None and time.time() - t0 > max_minutes * 60:
             log("eval: time budget spent; rerun to continue")
@@ -285,6 +322,7 @@ class ResultsV2(BaseModel):
     differences: list[Difference]
     paper_order: list[dict]
     layer_pattern: list[dict]
+    missing: list[str] = []  # MODE/NAME not evaluated (a phase's time budget ran out first)
 
 
 def base_of(name: str) -> tuple[str, float, int]:
@@ -323,11 +361,15 @@ def phase_report(out: Path, s: Settings2) -> dict:
 
     from .lm import write_json
 
-    rows, verdicts = [], {}
+    rows, verdicts, missing = [], {}, []
     for mode in MODES:
         for name in allocation_names(out):
+            path = out / "eval" / mode / f"{name}.json"
+            if not path.exists():  # a phase cut by its time budget: reported as missing
+                missing.append(f"{mode}/{name}")
+                continue
             alloc = Allocation.load(out / "allocations" / f"{name}.json")
-            ev = json.loads((out / "eval" / mode / f"{name}.json").read_text())
+            ev = json.loads(path.read_text())
             ci = bootstrap_ci(ev["verdicts"], seed=s.seed)
             base, rho, sink = base_of(name)
             rows.append(Row(name=name, mode=mode, base=base, rho=rho, sink=sink, accuracy=ev["accuracy"],
@@ -372,7 +414,7 @@ def phase_report(out: Path, s: Settings2) -> dict:
     results = {"settings": s.model_dump(), "pretrain": json.loads((out / "pretrain.json").read_text()),
                "device": device_name(s.device), "phase_seconds": phase_seconds(out), "prompts": prompts,
                "rows": [r.model_dump() for r in rows], "differences": [d.model_dump() for d in diffs],
-               "paper_order": order_checks, "layer_pattern": pattern_checks}
+               "paper_order": order_checks, "layer_pattern": pattern_checks, "missing": missing}
     write_json(out / "results.json", ResultsV2.model_validate(results).model_dump())
     (out / "results.md").write_text(render_markdown(ResultsV2.model_validate(results)))
     log("report: " + str(out / "results.md"))
@@ -398,6 +440,8 @@ def render_markdown(r: ResultsV2) -> str:
               ""]
     lines += [f"- {c['name']}: bottom {c['bottom']:.2f}, middle {c['middle']:.2f}, top {c['top']:.2f}"
               for c in r.layer_pattern]
+    if r.missing:
+        lines += ["", f"Not evaluated (time budget spent first): {', '.join(r.missing)}."]
     times = r.phase_seconds
     lines += ["", f"{r.device}; wall minutes per phase: " + ", ".join(f"{k} {v / 60:.1f}" for k, v in times.items())]
     return "\n".join(lines) + "\n"
@@ -449,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         "corpus": lambda left: phase_corpus(out, s),  # no time budget: it always runs to the end
         "pretrain": lambda left: phase_pretrain(out, s, left),
         "allocations": lambda left: phase_allocations(out, s, left, args.shard),
-        "stage2": lambda left: phase_stage2(out, s, left, shard(allocation_names(out), args.shard)),
+        "stage2": lambda left: phase_stage2(out, s, left, shard(priority(allocation_names(out)), args.shard)),
         "eval": lambda left: phase_eval(out, s, left, args.shard),
     }, report=lambda: phase_report(out, s), publish=publish,
         record_seconds=args.shard is None)  # parallel shards would race on the file; the log has their times
