@@ -127,3 +127,38 @@ def test_report_helpers():
     assert base_of("rule-uniform-0.5") == ("rule-uniform", 0.5, 0) and base_of("dense") == ("dense", 0.0, 0)
     assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
     assert thirds(["SS", "FF", "FS", "SS", "SS", "SS"]) == {"bottom": 0.5, "middle": 0.25, "top": 0.0}
+
+
+@pytest.mark.slow
+def test_gpu_script_runs_resumable_commands_to_the_report(tmp_path):
+    """``gpu_v2.sh auto``, the commands of a GPU lease, at toy size: nvidia-smi faked (one GPU),
+    ``--smoke`` added to every run_v2 call. A budget too small for pretraining stops after the
+    corpus with the "run again" line; the same command with time left finishes every phase and
+    packs the report into $OUT/testbed-v2.tgz."""
+    import os
+    import stat
+    import tarfile
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("nvidia-smi", 'echo "GPU 0: fake"'), ("pysmoke", f'exec {sys.executable} "$@" --smoke')):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(stat.S_IRWXU)
+    out, run = tmp_path / "out", tmp_path / "run"
+    out.mkdir()
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": str(bin_dir / "pysmoke"),
+           "PROCS": "2", "OUT": str(out)}
+
+    def auto(budget: int) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "benchmarks/testbed/gpu_v2.sh", "auto", str(run)], cwd=ROOT, text=True,
+                              capture_output=True, timeout=900, env={**env, "BUDGET": str(budget)})
+
+    r = auto(5)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "testbed v2: pretrain unfinished (budget spent); run the same command again" in r.stdout
+    assert (run / "corpus" / "done").exists() and not (out / "testbed-v2.tgz").exists()
+    r = auto(900)
+    assert r.returncode == 0 and r.stdout.rstrip().endswith("testbed v2: done"), r.stdout[-2000:] + r.stderr[-2000:]
+    with tarfile.open(out / "testbed-v2.tgz") as tar:
+        names = tar.getnames()
+    assert "./results.json" in names and any(n.startswith("./eval/stage2/") for n in names)

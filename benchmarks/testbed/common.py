@@ -63,7 +63,12 @@ def open_run(p: argparse.ArgumentParser, args: argparse.Namespace, s: BaseModel)
     mine = s.model_dump_json()
     if saved.exists() and json.loads(saved.read_text()) != json.loads(mine):
         p.exit(2, f"{p.prog}: error: --out {out}: holds a run with other settings ({saved}); use a new DIR\n")
-    saved.write_text(mine + "\n")
+    if not saved.exists():
+        # Atomically: sharded phases start several processes at once, and one of them must
+        # never read a half-written file.
+        tmp = saved.with_name(f"{saved.name}.{os.getpid()}.tmp")
+        tmp.write_text(mine + "\n")
+        tmp.replace(saved)
     return s, out
 
 

@@ -1,53 +1,80 @@
 #!/usr/bin/env bash
-# Testbed version 2 on the GPU machine, in steps that each fit one 10-minute command.
+# Testbed version 2 on the GPU machine, in commands that each fit the 10-minute limit.
 #
-#   benchmarks/testbed/gpu_v2.sh STEP [RUN_DIR]      (RUN_DIR default: runs/testbed-v2, git-ignored)
+#   BUDGET=540 benchmarks/testbed/gpu_v2.sh auto [RUN_DIR]    (RUN_DIR default: runs/testbed-v2, git-ignored)
+#   benchmarks/testbed/gpu_v2.sh report [RUN_DIR]
 #
-#   STEP 1: corpus, then pretraining until about 9 minutes (STEP1_SECONDS) have passed (resumable: repeat
-#           step 1 until it says done)
-#   STEP 2: allocations, then stage 2, each split over every visible GPU (PROCS processes per GPU, --shard)
-#   STEP 3: eval split the same way, the report, and $OUT/testbed-v2.tgz (results JSON/MD, allocations,
-#           per-prompt verdicts, heatmaps, logs) when $OUT is set
+#   auto:   the next phases in order (corpus, pretraining, allocations, stage 2, eval), each given what
+#           is left of BUDGET seconds, then, once every phase is done, the report. Repeat the same
+#           command until it says "testbed v2: done": every phase skips finished work and saves its
+#           state when its budget runs out (pretraining resumes from its checkpoint).
+#   report: the report on what exists (stage 2 and the eval go in priority order, run_v2.priority,
+#           so a lease that ends early leaves out the least important allocations; the report lists
+#           them), for the last command of a lease that cannot finish.
+#   Both write $OUT/testbed-v2.tgz (results JSON/MD, allocations, per-prompt verdicts, heatmaps,
+#   logs) when they report and $OUT is set.
 #
-# Every phase skips finished work, so a step cut short is continued by running it again; stage 2
-# and the eval go in priority order (run_v2.priority), so a budget that runs out leaves out the
-# least important allocations, and the report lists them.
-# PER_CELL=N (prompts per task x context x depth cell, default 40) must be the same in every step.
-# PROCS (default 3): processes per GPU. The model is small (hidden 512): one process leaves most of
-# an H200 idle, so several share it. Budgets in minutes, each checked before a job starts (a job
-# then runs to its end): ALLOC_MIN (3.5), S2_MIN (3.5), EVAL_MIN (7); one H200 lease:
-# step 1 (9 min), step 2 (about 9), step 3 (about 8).
+# PER_CELL=N (prompts per task x context x depth cell, default 40) must be the same in every command.
+# PROCS (default 3): processes per GPU for the allocations, stage 2 and the eval. The model is
+# small (hidden 512) and the jobs short, so several processes share a GPU. A phase's budget is
+# checked before each job starts (a job then runs to its end, at most about half a minute), so
+# sharded phases get their share minus 45 s.
+#
+# Measured on one H200 (session 4): corpus 65 s; pretraining 0.355 s per step of 8 x 8192 tokens.
 set -euo pipefail
-step=${1:?usage: gpu_v2.sh STEP [RUN_DIR]}
+mode=${1:?usage: gpu_v2.sh auto|report [RUN_DIR]}
 run=${2:-runs/testbed-v2}
 py=${PYTHON:-python}
 gpus=$(nvidia-smi -L | wc -l)
 n=$((gpus * ${PROCS:-3}))
+deadline=$(( $(date +%s) + ${BUDGET:-540} ))
 tb() { "$py" -m benchmarks.testbed.run_v2 --out "$run" ${PER_CELL:+--per-cell "$PER_CELL"} "$@"; }
-sharded() {  # phase, minutes: PROCS processes per GPU, each with every n-th job
-  local pids=() i
+minutes_left() {  # what is left of BUDGET, minus $1 seconds, in minutes (0 when under 20 s)
+  awk -v s=$(( deadline - $(date +%s) - ${1:-0} )) 'BEGIN { print (s < 20 ? 0 : s / 60) }'
+}
+sharded() {  # phase: PROCS processes per GPU, each with every n-th job, within what is left
+  local m pids=() i p r rc=0 unf=0
+  m=$(minutes_left 45)
+  [ "$m" != 0 ] || return 3
   for ((i = 0; i < n; i++)); do
-    CUDA_VISIBLE_DEVICES=$((i % gpus)) tb --phase "$1" --shard "$i/$n" --max-minutes "$2" > "$run/log-$1-$i.txt" 2>&1 &
+    CUDA_VISIBLE_DEVICES=$((i % gpus)) tb --phase "$1" --shard "$i/$n" --max-minutes "$m" > "$run/log-$1-$i.txt" 2>&1 &
     pids+=($!)
   done
-  local rc=0
-  for p in "${pids[@]}"; do wait "$p" || rc=$?; done
-  tail -n 3 "$run"/log-"$1"-*.txt
-  return $rc
+  for p in "${pids[@]}"; do
+    r=0; wait "$p" || r=$?
+    if [ "$r" = 3 ]; then unf=1; elif [ "$r" != 0 ]; then rc=$r; fi
+  done
+  tail -n 2 "$run"/log-"$1"-*.txt
+  [ "$rc" = 0 ] || return "$rc"
+  [ "$unf" = 0 ] || return 3
 }
+# A phase's exit status 3 means "budget spent" (rerun), anything else a failure.
+check() {  # phase, status
+  [ "$2" = 0 ] && return 0
+  [ "$2" = 3 ] && unfinished "$1"
+  echo "testbed v2: $1 failed (exit status $2); see the log above or $run/log-$1-*.txt" >&2
+  exit "$2"
+}
+report() {
+  tb --phase report --results-dir "$run/published"
+  cp "$run"/log-*.txt "$run/published/" 2>/dev/null || true
+  if [ -n "${OUT:-}" ]; then tar czf "$OUT/testbed-v2.tgz" -C "$run/published" . && ls -l "$OUT"; fi
+}
+unfinished() { echo "testbed v2: $1 unfinished (budget spent); run the same command again"; exit 0; }
 mkdir -p "$run"
-case $step in
-  1) # The corpus takes minutes of CPU the first time: pretraining gets what is left of about 9
-     # minutes (STEP1_SECONDS, default 540: a command stops at 10), at least 1, and saves its
-     # state when that runs out.
-     t0=$(date +%s)
-     tb --phase corpus
-     left=$(( ${STEP1_SECONDS:-540} - ($(date +%s) - t0) ))
-     tb --phase pretrain --max-minutes "$(awk -v s="$left" 'BEGIN { print (s < 60 ? 1 : s / 60) }')" ;;
-  2) sharded allocations "${ALLOC_MIN:-3.5}" && sharded stage2 "${S2_MIN:-3.5}" ;;
-  3) sharded eval "${EVAL_MIN:-7}" || true  # a budget that ran out still gets its report
-     tb --phase report --results-dir "$run/published"
-     cp "$run"/log-*.txt "$run/published/" 2>/dev/null || true
-     if [ -n "${OUT:-}" ]; then tar czf "$OUT/testbed-v2.tgz" -C "$run/published" . && ls -l "$OUT"; fi ;;
-  *) echo "gpu_v2.sh: STEP must be 1, 2 or 3" >&2; exit 2 ;;
+case $mode in
+  auto)
+    tb --phase corpus
+    m=$(minutes_left 15)
+    [ "$m" != 0 ] || unfinished pretrain
+    r=0; tb --phase pretrain --max-minutes "$m" || r=$?
+    check pretrain "$r"
+    for phase in allocations stage2 eval; do
+      r=0; sharded "$phase" || r=$?
+      check "$phase" "$r"
+    done
+    report
+    echo "testbed v2: done" ;;
+  report) report ;;
+  *) echo "gpu_v2.sh: the first argument must be auto or report" >&2; exit 2 ;;
 esac
