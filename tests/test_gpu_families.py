@@ -114,9 +114,12 @@ def test_gpu_same_model_parity(tmp_path, family, shape):
         stock = Variant("stock_all_f", src)
         consa = Variant("consa_all_f", *_export(src, tmp_path, "consa_all_f", ["FFFF"] * 4))
     else:
-        stock = Variant("stock_layer_shaped", *_export(src, tmp_path, "stock", LAYER_SHAPED, granularity="layer"))
-        consa = Variant(f"consa_{shape}", *_export(src, tmp_path, "consa", LAYER_SHAPED),
-                        **LAYER_SHAPED_VARIANTS[shape])
+        spec = LAYER_SHAPED_VARIANTS[shape]
+        # Engine settings (eager, no CUDA graphs) apply to stock too: without CUDA graphs vLLM
+        # pads batches differently and picks batch-dependent kernels differently, in both.
+        stock = Variant("stock_layer_shaped", *_export(src, tmp_path, "stock", LAYER_SHAPED, granularity="layer"),
+                        engine=spec.get("engine", {}))
+        consa = Variant(f"consa_{shape}", *_export(src, tmp_path, "consa", LAYER_SHAPED), **spec)
     report = _report(f"same-model-{family}-{shape}.json", tmp_path)
     res = run_variants(src, [stock, consa], prompts_of(LENGTHS, seed=5), 32, rounds=ROUNDS, report=report,
                        pairs=[(consa.name, stock.name)], dtype="bfloat16")
