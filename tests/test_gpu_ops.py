@@ -8,7 +8,8 @@ against a dense reference in tests/test_ops.py); with vLLM importable, FlashAtte
 over the pools (two launches, in sequence and on two streams; with sinks, plus the sink
 merge) against the same, and the Triton kernel with all heads F or all heads S against
 vLLM's own Triton kernel. FP8 pools (per-tensor and per-head scales): the Triton kernel
-and K/V write against torch, FlashAttention 3 calibrated against its own single-launch
+and K/V write against torch, the one-launch FP8 query quantization of the FlashAttention path
+against torch's per-pool one (bytes), FlashAttention 3 calibrated against its own single-launch
 error on the same data.  Exact window / sink edges (large distinct V at keys i - W, i - W + 1,
 sink - 1, sink; the result must be far closer to the dense reference than to any
 off-by-one one) for the Triton 2D / 3D paths (served and uneven per-pool segment counts)
@@ -175,6 +176,33 @@ def test_triton_write_kv_fp8_vs_torch(dtype):
     written = caches[1].float()
     assert (caches[0].float().abs() == 448).any(), "nothing saturated"
     assert ((written.abs() < 2 ** -6) & (written != 0)).any(), "no subnormal written"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("split", [(2, 3), (0, 3), (2, 0)], ids=["2f3s", "0f3s", "2f0s"])
+def test_triton_quantize_query_fp8_vs_torch(dtype, split):
+    """Random queries (subnormals, saturation, strided rows as in a fused qkv tensor) quantized
+    for FlashAttention 3 over FP8 pools in one launch, and per pool by torch as before: the
+    same bytes."""
+    from consa_vllm.plugin.ops import triton_hybrid as th
+
+    n_full, n_sliding = split
+    g = 2
+    h = (n_full + n_sliding) * g
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    wide = (torch.randn(700, h + 4, D, device="cuda", generator=gen) * 60).to(dtype)
+    query = wide[:, :h]
+    fqs = torch.tensor([0.05, 1.5], device="cuda")[:n_full]
+    sqs = torch.tensor([0.3], device="cuda").expand(n_sliding)
+    pools = [KVPool(torch.empty(0, device="cuda"), None, None, 0, n, q_scale=s) if n else None
+             for n, s in ((n_full, fqs), (n_sliding, sqs))]
+    got = th.quantize_query_fp8(query, *pools)
+    cut = n_full * g
+    want = torch.cat([quantize_fp8(query[:, sl].unflatten(1, (n, g)), s[:, None, None]).flatten(1, 2)
+                      for sl, n, s in ((slice(0, cut), n_full, fqs), (slice(cut, None), n_sliding, sqs)) if n], dim=1)
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    assert (got.float().abs() == 448).any(), "nothing saturated"
+    assert ((got.float().abs() < 2 ** -6) & (got.float() != 0)).any(), "no subnormal"
 
 
 def _flash_attn():

@@ -658,6 +658,9 @@ def _interpret_main(argv):
         assert (f1.float().abs() == 448).any(), "nothing saturated"
         print("RESULT write_kv ok")
         return
+    if what == "quantize_query":
+        _interpret_quantize_query(th)
+        return
     name, dtype_name, path, *kv_fp8 = what.split(":")
     dtype = getattr(torch, dtype_name)
     if name.startswith("boundary="):
@@ -686,6 +689,38 @@ def _interpret_main(argv):
     print(f"RESULT {what} max_abs_err={err:.3e}")
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     assert err < tol, f"{what}: max abs err {err} >= {tol}"
+
+
+def _interpret_quantize_query(th):
+    """quantize_query_fp8 (one launch for both pools' query heads) against the per-pool torch
+    quantization it replaced, byte for byte: per-head F scales, a per-tensor (expanded) S
+    scale, strided query rows, saturation, and layers with one pool only. Values lie on the
+    FP8 grid times their head's scale (see the FP8 write case above for why)."""
+    gen = torch.Generator().manual_seed(7)
+    g, d, tokens = 2, 32, 9
+    for n_full, n_sliding in ((2, 3), (0, 3), (2, 0)):
+        h = (n_full + n_sliding) * g
+        fqs = torch.tensor([0.05, 2.0])[:n_full]
+        sqs = torch.tensor([0.3]).expand(n_sliding)
+        head_scale = torch.cat([fqs, sqs]).repeat_interleave(g)
+        grid = quantize_fp8(torch.randn(tokens, h, d, generator=gen) * 100, 1.0).float()
+        grid = torch.where(grid.abs() < 2 ** -6, 1.0, grid)
+        grid[:, :, ::5] = 448 * torch.randint(2, 12, (tokens, h, 7), generator=gen) * grid[:, :, ::5].sign()
+        for dtype in (torch.float32, torch.bfloat16):
+            wide = torch.zeros(tokens, h + 3, d, dtype=dtype)  # rows strided as in a fused qkv tensor
+            wide[:, :h] = (grid * head_scale[None, :, None]).to(dtype)
+            query = wide[:, :h]
+            pools = [KVPool(torch.empty(0), None, torch.empty(0, dtype=torch.int64), 0, n, q_scale=s)
+                     if n else None for n, s in ((n_full, fqs), (n_sliding, sqs))]
+            got = th.quantize_query_fp8(query, *pools)
+            split = n_full * g
+            want = torch.cat([quantize_fp8(query[:, sl].unflatten(1, (n, g)), s[:, None, None]).flatten(1, 2)
+                              for sl, n, s in ((slice(0, split), n_full, fqs), (slice(split, None), n_sliding, sqs))
+                              if n], dim=1)
+            assert got.dtype == FP8_DTYPE and got.shape == query.shape
+            assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), (n_full, n_sliding, dtype)
+            assert (got.float().abs() == 448).any(), "nothing saturated"
+    print("RESULT quantize_query ok")
 
 
 def _interpret_boundary(th, what, name, dtype, path):
@@ -754,6 +789,12 @@ def _triton_available():
 @pytest.mark.skipif(not _triton_available(), reason="triton not installed")
 def test_triton_interpret_write_kv():
     assert "RESULT write_kv ok" in _run_interpret("write_kv")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _triton_available(), reason="triton not installed")
+def test_triton_interpret_quantize_query_fp8():
+    assert "RESULT quantize_query ok" in _run_interpret("quantize_query")
 
 
 @pytest.mark.slow

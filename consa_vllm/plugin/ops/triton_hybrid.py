@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .interface import FP8_MAX, AttnBatch, KVPool, check_pool
+from .interface import FP8_DTYPE, FP8_MAX, AttnBatch, KVPool, check_pool
 
 LOG2E = 1.4426950408889634
 # Triton's CPU interpreter computes tl.dot wrongly on bfloat16/float16 operands (it sees
@@ -620,6 +620,63 @@ class LaunchConfig:
     segments: tuple[int | None, int | None] | None = None
 
 
+@triton.jit(do_not_specialize=["SPLIT"])
+def _quantize_query_kernel(
+    q_ptr, out_ptr, q_stride_0: tl.int64, q_stride_1: tl.int64, o_stride_0: tl.int64, o_stride_1: tl.int64,
+    full_scale_ptr, full_scale_stride, sliding_scale_ptr, sliding_scale_stride,
+    SPLIT, GROUP: tl.constexpr, H: tl.constexpr, H_PAD: tl.constexpr,
+    HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
+):
+    """Token ``t``: its query heads divided by their KV head's q_scale, saturated, as FP8.
+    Heads below ``SPLIT`` take the F pool's scales, the rest the S pool's."""
+    t = tl.program_id(0).to(tl.int64)
+    offs_h = tl.arange(0, H_PAD)
+    offs_d = tl.arange(0, HEAD_PAD)
+    in_h = offs_h < H
+    mask = in_h[:, None] & (offs_d < HEAD_SIZE)[None, :]
+    x = tl.load(q_ptr + t * q_stride_0 + offs_h[:, None] * q_stride_1 + offs_d[None, :], mask=mask)
+    is_full = offs_h < SPLIT
+    s_full = tl.load(full_scale_ptr + (offs_h // GROUP) * full_scale_stride, mask=in_h & is_full, other=1.0)
+    s_sliding = tl.load(sliding_scale_ptr + ((offs_h - SPLIT) // GROUP) * sliding_scale_stride,
+                        mask=in_h & (offs_h >= SPLIT), other=1.0)
+    scale = tl.where(is_full, s_full, s_sliding)
+    # IEEE-rounded division, as in _write_heads (and torch / vLLM's quantization).
+    y = tl.clamp(tl.div_rn(x.to(tl.float32), scale[:, None] + tl.zeros_like(x).to(tl.float32)),
+                 -_FP8_MAX, _FP8_MAX)
+    tl.store(out_ptr + t * o_stride_0 + offs_h[:, None] * o_stride_1 + offs_d[None, :],
+             y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def quantize_query_fp8(query: torch.Tensor, full: KVPool | None, sliding: KVPool | None) -> torch.Tensor:
+    """A layer's query ``[tokens, Hq, D]`` as FP8 for FlashAttention 3 over FP8 pools, in one
+    launch: each query head divided by its KV head's ``q_scale`` (heads ``[0, n_full * G)``
+    take the F pool's scales, the rest the S pool's) and saturated, the bytes of
+    :func:`.interface.quantize_fp8` per pool (four torch kernels and float32 intermediates per
+    pool: 27 bytes moved per element against 3)."""
+    n_full = full.num_heads if full is not None else 0
+    n_sliding = sliding.num_heads if sliding is not None else 0
+    h, d = query.shape[1], query.shape[2]
+    g = h // (n_full + n_sliding)
+    for pool in (full, sliding):
+        if pool is not None and pool.num_heads and (pool.q_scale is None or pool.q_scale.numel() != pool.num_heads):
+            raise ValueError(f"an FP8 pool read by FlashAttention needs q_scale as [{pool.num_heads}]")
+    out = torch.empty(query.shape, dtype=FP8_DTYPE, device=query.device)
+    if query.shape[0] == 0:
+        return out
+    if query.stride(2) != 1:
+        query = query.contiguous()
+    fs = full.q_scale if n_full else None
+    ss = sliding.q_scale if n_sliding else None
+    fs = fs if fs is not None else ss
+    ss = ss if ss is not None else fs
+    _quantize_query_kernel[(query.shape[0],)](
+        query, out, query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        fs, fs.stride(0), ss, ss.stride(0), n_full * g, GROUP=g, H=h, H_PAD=triton.next_power_of_2(h),
+        HEAD_SIZE=d, HEAD_PAD=triton.next_power_of_2(d),
+    )
+    return out
+
+
 def _scale_args(pool: KVPool | None, dummy: torch.Tensor) -> tuple:
     """(k_scale, v_scale, stride) kernel arguments of a pool; ``dummy`` where there are none
     (the kernels read them only for FP8 caches)."""
@@ -912,5 +969,6 @@ def write_kv_hybrid(key: torch.Tensor, value: torch.Tensor, full: KVPool | None,
 __all__ = [
     "HybridScratch", "LaunchConfig", "attention_constexprs", "decode_segments", "default_seq_threshold_3d",
     "make_hybrid_scratch", "would_use_3d",
-    "hybrid_paged_attention", "launch_attention", "merge_sinks", "write_kv", "write_kv_hybrid",
+    "hybrid_paged_attention", "launch_attention", "merge_sinks", "quantize_query_fp8", "write_kv",
+    "write_kv_hybrid",
 ]
