@@ -5,7 +5,7 @@
 # 3 MB). A lease that runs only the testbed carries them instead of the 143 MB vLLM bundle:
 #
 #   bash benchmarks/testbed/gpu_wheels.sh                        # here, once per checkout
-#   run(command="pip install -q --no-index --no-deps --target /tmp/site .gpu/testbed-wheels/*.whl && ...",
+#   run(command="python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/site .gpu/testbed-wheels/*.whl && ...",
 #       carry=[".gpu/testbed-wheels"])                            # there; then PYTHONPATH=/tmp/site:$PWD
 #
 # The versions are those of the vLLM 0.26.0 bundle (../shared/gpu/make-vllm-bundle.sh), so the
