@@ -93,6 +93,24 @@ def test_rerun_skips_finished_work_and_other_settings_are_refused(run_dir):
     assert r.returncode == 2 and "other settings" in r.stderr
 
 
+@pytest.mark.slow
+def test_pretraining_curriculum_batches(run_dir):
+    """Short rows (with their own retrieval documents) first, then seq_len rows: the same number
+    of tokens per step, answer tokens marked in both, a pure function of the step."""
+    import torch
+
+    from benchmarks.testbed.run_v2 import Curriculum
+
+    out, _ = run_dir
+    c = Curriculum(out, SMOKE2)
+    s = SMOKE2
+    (short, short_mask), (long, long_mask) = c(s.pre_short_steps - 1), c(s.pre_short_steps)
+    assert short.shape == (s.pre_batch * s.seq_len // s.pre_short_len, s.pre_short_len)
+    assert long.shape == (s.pre_batch, s.seq_len) and short.numel() == long.numel()
+    assert short_mask.any() and long_mask.any()
+    assert torch.equal(c(1)[0], c(1)[0]) and not torch.equal(c(0)[0], c(1)[0])
+
+
 def test_bad_shard_is_one_line(tmp_path):
     r = _run("--out", str(tmp_path / "x"), "--smoke", "--phase", "eval", "--shard", "3/2")
     assert r.returncode == 2 and r.stderr.strip().endswith("expected I/N with 0 <= I < N")

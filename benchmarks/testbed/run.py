@@ -222,43 +222,47 @@ def _docs_worker(args):
     return ids, mask
 
 
-def make_retrieval_docs(d: Path, s: Settings, tok) -> None:
-    """``retrieval_ids.npy`` / ``retrieval_mask.npy``: ``s.retrieval_docs`` documents of ``seq_len`` tokens."""
+def make_retrieval_docs(d: Path, s: Settings, tok, *, name: str = "retrieval", seq_len: int | None = None,
+                        count: int | None = None, kv_needles: int | None = None) -> None:
+    """``NAME_ids.npy`` / ``NAME_mask.npy``: ``count`` documents of ``seq_len`` tokens (default:
+    ``s.retrieval_docs`` of ``s.seq_len``, with ``s.kv_needles`` key-value needles)."""
     import multiprocessing as mp
 
     import numpy as np
 
+    seq_len, count = seq_len or s.seq_len, count or s.retrieval_docs
     n_proc = max(1, min(16, os.cpu_count() or 1))
-    chunk = -(-s.retrieval_docs // n_proc)
-    jobs = [(i, min(chunk, s.retrieval_docs - i), s.seed, s.seq_len, s.window, s.kv_needles, str(d))
-            for i in range(0, s.retrieval_docs, chunk)]
+    chunk = -(-count // n_proc)
+    jobs = [(i, min(chunk, count - i), s.seed, seq_len, s.window, kv_needles or s.kv_needles, str(d))
+            for i in range(0, count, chunk)]
     if n_proc > 1 and len(jobs) > 1:
         with mp.get_context("spawn").Pool(n_proc) as pool:
             parts = pool.map(_docs_worker, jobs)
     else:
         parts = [_docs_worker(j) for j in jobs]
-    np.save(d / "retrieval_ids.npy", np.concatenate([p[0] for p in parts]))
-    np.save(d / "retrieval_mask.npy", np.concatenate([p[1] for p in parts]))
-    log(f"corpus: {s.retrieval_docs} retrieval documents of {s.seq_len} tokens")
+    np.save(d / f"{name}_ids.npy", np.concatenate([p[0] for p in parts]))
+    np.save(d / f"{name}_mask.npy", np.concatenate([p[1] for p in parts]))
+    log(f"corpus: {count} retrieval documents of {seq_len} tokens")
 
 
 class Mix:
     """Batches of plain code chunks and retrieval documents, a pure function of (seed, step)."""
 
-    def __init__(self, corpus_dir: Path, s: Settings, batch: int, seed: int):
+    def __init__(self, corpus_dir: Path, s: Settings, batch: int, seed: int, *, docs: str = "retrieval"):
         import numpy as np
 
         self.code = np.load(corpus_dir / "train_ids.npy", mmap_mode="r")
-        self.docs = np.load(corpus_dir / "retrieval_ids.npy", mmap_mode="r")
-        self.mask = np.load(corpus_dir / "retrieval_mask.npy", mmap_mode="r")
+        self.docs = np.load(corpus_dir / f"{docs}_ids.npy", mmap_mode="r")
+        self.mask = np.load(corpus_dir / f"{docs}_mask.npy", mmap_mode="r")
         self.s, self.batch, self.seed = s, batch, seed
+        self.seq_len = self.docs.shape[1]  # code chunks match the documents' length
 
     def __call__(self, step: int):
         import numpy as np
         import torch
 
         rng = np.random.default_rng([self.seed, step])
-        T = self.s.seq_len
+        T = self.seq_len
         n_ret = round(self.batch * self.s.retrieval_fraction)
         rows = rng.integers(0, len(self.docs), n_ret)
         starts = rng.integers(0, len(self.code) - T, self.batch - n_ret)
@@ -270,8 +274,12 @@ class Mix:
 # ------------------------------------------------------------------ phase 2: pretrain
 
 
-def phase_pretrain(out: Path, s: Settings, max_minutes: float | None) -> bool:
-    """Pretrain the dense model to ``out/pretrained``; returns False if the time budget ran out first."""
+def phase_pretrain(out: Path, s: Settings, max_minutes: float | None, batches=None,
+                   describe: str | None = None) -> bool:
+    """Pretrain the dense model to ``out/pretrained``; returns False if the time budget ran out first.
+
+    ``batches(step)``: the batches (default: :class:`Mix` of ``s.pre_batch`` x ``s.seq_len``);
+    ``describe``: what they are, for the log."""
     import torch
 
     from .lm import build_model, train_lm, write_json
@@ -285,14 +293,15 @@ def phase_pretrain(out: Path, s: Settings, max_minutes: float | None) -> bool:
     model = build_model({**s.shape, "vocab_size": len(tok)}, s.seed)
     model.config.use_cache = False
     n = sum(p.numel() for p in model.parameters())
-    log(f"pretrain: {n / 1e6:.1f} M parameters, {s.pre_steps} steps x {s.pre_batch} x {s.seq_len} tokens")
+    log(f"pretrain: {n / 1e6:.1f} M parameters, {s.pre_steps} steps, "
+        + (describe or f"{s.pre_batch} x {s.seq_len} tokens each"))
     history: list[dict] = []
 
     def rec(r):
         history.append(r)
         log(f"pretrain: step {r['step']} loss {r['loss']:.3f} ({r['seconds']:.0f} s)")
 
-    res = train_lm(model, Mix(out / "corpus", s, s.pre_batch, s.seed), s.pre_steps, s.pre_lr,
+    res = train_lm(model, batches or Mix(out / "corpus", s, s.pre_batch, s.seed), s.pre_steps, s.pre_lr,
                    warmup=s.pre_warmup, answer_weight=s.answer_weight, device=s.device,
                    autocast_dtype="bfloat16" if s.dtype == "bfloat16" else None, log=rec,
                    log_every=max(1, s.pre_steps // 20), ckpt_dir=out / "pretrain-state", ckpt_every=200,

@@ -18,10 +18,11 @@ Version 2 reuses its corpus, pretraining and stage-2 phases with larger sizes, a
   S at the bottom, F in a middle block).
 
 Sizes (``FULL2``) are set so that the whole run fits one 30-minute lease of one H200, the only GPU
-a session gets (the model cannot travel back between leases), from what session 4 measured there:
-corpus 65 s, pretraining 0.355 s per step of 8 x 8192 tokens (1,600 steps: 9.5 min; learning rate
-5e-4: at 1e-3 the loss went to NaN near step 470), gate training 100 x 4 x 8192 and stage 2
-60 x 4 x 8192 per allocation, 40 prompts per (task, context, depth) cell. Stage 2 and the eval take
+a session gets (the model cannot travel back between leases), from what session 4 measured there
+(corpus 65 s; pretraining 0.355 s per step of 8 x 8192 tokens): pretraining 2,400 steps of
+32 x 2048 tokens, then 400 of 8 x 8192 (:class:`Curriculum`; about 10 minutes, estimated from the
+8k speed and the FLOPs per token at 2k), gate training 100 x 4 x 8192 and stage 2 60 x 4 x 8192
+per allocation, 40 prompts per (task, context, depth) cell. Stage 2 and the eval take
 the allocations in priority order (:func:`priority`), so a phase cut by its time budget leaves out
 the least important ones, and the report lists what is missing.
 
@@ -47,7 +48,8 @@ from typing import Callable
 from pydantic import BaseModel
 
 from .common import device_name, log, make_parser, open_run, phase_seconds, run_phases
-from .run import CONSA_VARIANTS, Settings, _consa_data, allocation_names, phase_corpus, phase_pretrain, phase_stage2
+from .run import (CONSA_VARIANTS, Mix, Settings, _consa_data, allocation_names, make_retrieval_docs, phase_corpus,
+                  phase_pretrain, phase_stage2)
 from .tasks_v2 import TASKS
 
 RULES = ("bottom", "middle", "interleave", "uniform")
@@ -57,7 +59,16 @@ PAPER_ORDER = ("consa-kv_head-per-layer", "consa-kv_head-global", "dense", "cons
 
 
 class Settings2(Settings):
-    """Version-2 sizes: :class:`benchmarks.testbed.run.Settings` plus sinks, DuoAttention and the eval."""
+    """Version-2 sizes: :class:`benchmarks.testbed.run.Settings` plus sinks, DuoAttention, the eval and a
+    pretraining curriculum."""
+
+    # Pretraining's first ``pre_short_steps`` steps on ``pre_short_len``-token rows (as many tokens
+    # per step: pre_batch x seq_len / pre_short_len rows), with their own retrieval documents;
+    # the rest on seq_len. 0: seq_len throughout.
+    pre_short_len: int = 0
+    pre_short_steps: int = 0
+    short_retrieval_docs: int = 0
+    short_kv_needles: int = 24
 
     sinks: tuple[int, ...] = (0, 64)
     sink_rhos: tuple[float, ...] = (0.75,)  # the rhos at which the sink > 0 variants are made (budget)
@@ -85,7 +96,8 @@ FULL2 = Settings2(
     shape=dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=16,
                num_key_value_heads=8, head_dim=64, max_position_embeddings=8192),
     seq_len=8192, window=512, retrieval_docs=6000, kv_needles=48,
-    pre_steps=1600, pre_batch=8, pre_lr=5e-4, pre_warmup=100,
+    pre_steps=2800, pre_batch=8, pre_lr=1e-3, pre_warmup=100, pre_short_len=2048, pre_short_steps=2400,
+    short_retrieval_docs=24_000,
     consa_steps=100, consa_batch=4, duo_steps=100, consa_docs=400, s2_steps=60, s2_batch=4, loss_sequences=16,
     sink_bases=("consa-kv_head-per-layer", "duo"), per_cell=40, eval_batch=8)
 SMOKE2 = Settings2(
@@ -93,9 +105,61 @@ SMOKE2 = Settings2(
     shape=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=8,
                num_key_value_heads=4, head_dim=16, max_position_embeddings=512),
     seq_len=256, window=32, rhos=(0.75,), retrieval_docs=32, kv_needles=4, pre_steps=6, pre_batch=2, pre_lr=3e-3,
-    pre_warmup=2, consa_steps=2, consa_batch=2, consa_docs=8, s2_steps=1, s2_batch=2, loss_sequences=2,
+    pre_warmup=2, pre_short_len=128, pre_short_steps=3, short_retrieval_docs=16, short_kv_needles=2, consa_steps=2, consa_batch=2, consa_docs=8, s2_steps=1, s2_batch=2, loss_sequences=2,
     sinks=(0, 4), sink_rhos=(0.75,), rules=("bottom", "uniform"), duo_steps=2, eval_contexts=(512,), eval_depths=(0.1, 0.5), per_cell=1, eval_batch=8,
     device="cpu", dtype="float32")
+
+
+# ------------------------------------------------------------------ corpus and pretraining
+
+
+def phase_corpus2(out: Path, s: Settings2) -> bool:
+    """Version 1's corpus phase, plus the curriculum's short retrieval documents."""
+    phase_corpus(out, s)
+    d = out / "corpus"
+    if s.pre_short_len and not (d / "short-done").exists():
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(d / "tokenizer"))
+        make_retrieval_docs(d, s, tok, name="retrieval_short", seq_len=s.pre_short_len,
+                            count=s.short_retrieval_docs, kv_needles=s.short_kv_needles)
+        (d / "short-done").write_text("ok\n")
+    return True
+
+
+class Curriculum:
+    """Pretraining batches, a pure function of the step: ``pre_short_len``-token rows for the first
+    ``pre_short_steps`` steps, then ``seq_len`` rows, the same number of tokens per step.
+
+    A model of this size trained from scratch on 8k-token rows alone learned far slower per
+    token than version 1's on 2k rows (session 4 on the H200: loss 7.7 after 640 steps at 5e-4,
+    and NaN near step 470 at 1e-3; version 1: 5.7 at step 500, 1.7 at step 2,000). The long
+    steps come last, where the cosine schedule has lowered the learning rate.
+    """
+
+    def __init__(self, out: Path, s: Settings2):
+        self.short_steps = s.pre_short_steps if s.pre_short_len else 0
+        self.long = Mix(out / "corpus", s, s.pre_batch, s.seed)
+        self.short = (Mix(out / "corpus", s, s.pre_batch * s.seq_len // s.pre_short_len, s.seed, docs="retrieval_short")
+                      if self.short_steps else None)
+
+    def __call__(self, step: int):
+        return self.short(step) if step < self.short_steps else self.long(step)
+
+    def describe(self, s: Settings2) -> str:
+        long = f"{s.pre_batch} x {s.seq_len} tokens"
+        if not self.short_steps:
+            return long + " each"
+        return (f"the first {self.short_steps} of {self.short.batch} x {s.pre_short_len} tokens, "
+                f"the rest of {long}")
+
+
+def phase_pretrain2(out: Path, s: Settings2, max_minutes: float | None) -> bool:
+    """Version 1's pretraining with the :class:`Curriculum`'s batches."""
+    if (out / "pretrained" / "config.json").exists():
+        return True
+    batches = Curriculum(out, s)
+    return phase_pretrain(out, s, max_minutes, batches=batches, describe=batches.describe(s))
 
 
 def groups(s: Settings2) -> list[tuple[int, float]]:
@@ -492,8 +556,8 @@ def main(argv: list[str] | None = None) -> int:
         s = s.model_copy(update={"per_cell": args.per_cell})
     s, out = open_run(p, args, s)
     return run_phases(args, out, {
-        "corpus": lambda left: phase_corpus(out, s),  # no time budget: it always runs to the end
-        "pretrain": lambda left: phase_pretrain(out, s, left),
+        "corpus": lambda left: phase_corpus2(out, s),  # no time budget: it always runs to the end
+        "pretrain": lambda left: phase_pretrain2(out, s, left),
         "allocations": lambda left: phase_allocations(out, s, left, args.shard),
         "stage2": lambda left: phase_stage2(out, s, left, shard(priority(allocation_names(out)), args.shard)),
         "eval": lambda left: phase_eval(out, s, left, args.shard),
