@@ -105,9 +105,10 @@ SMOKE2 = Settings2(
     shape=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=8,
                num_key_value_heads=4, head_dim=16, max_position_embeddings=512),
     seq_len=256, window=32, rhos=(0.75,), retrieval_docs=32, kv_needles=4, pre_steps=6, pre_batch=2, pre_lr=3e-3,
-    pre_warmup=2, pre_short_len=128, pre_short_steps=3, short_retrieval_docs=16, short_kv_needles=2, consa_steps=2, consa_batch=2, consa_docs=8, s2_steps=1, s2_batch=2, loss_sequences=2,
-    sinks=(0, 4), sink_rhos=(0.75,), rules=("bottom", "uniform"), duo_steps=2, eval_contexts=(512,), eval_depths=(0.1, 0.5), per_cell=1, eval_batch=8,
-    device="cpu", dtype="float32")
+    pre_warmup=2, pre_short_len=128, pre_short_steps=3, short_retrieval_docs=16, short_kv_needles=2,
+    consa_steps=2, consa_batch=2, consa_docs=8, s2_steps=1, s2_batch=2, loss_sequences=2,
+    sinks=(0, 4), sink_rhos=(0.75,), rules=("bottom", "uniform"), duo_steps=2, eval_contexts=(512,),
+    eval_depths=(0.1, 0.5), per_cell=1, eval_batch=8, device="cpu", dtype="float32")
 
 
 # ------------------------------------------------------------------ corpus and pretraining
