@@ -3,11 +3,12 @@ vLLM's own classes, and of streaming heads (sink + window); bf16, torch.compile 
 rounds of 48 and 12 prompts (decode batches above the fused kernel's 4 sequences:
 FlashAttention 3 over the pools) and a round of 4 (the fused Triton split-KV decode).
 
-Two tests: the issue's rule (the uneven ConSA model's error no larger than stock vLLM's on
-the all-F model, two different models), and like for like (without sinks, which stock vLLM
+Three tests: the issue's rule (the uneven ConSA model's error no larger than stock vLLM's on
+the all-F model, two different models); like for like (without sinks, which stock vLLM
 lacks): the all-F allocation through the ConSA kernels against stock all-F (same model), and
-one layer-shaped allocation through the ConSA kernels against stock vLLM's own per-layer
-windows (same model). A first H200 run also
+one layer-shaped allocation through the ConSA kernels, as shipped and in diagnostic variants,
+against stock vLLM's own per-layer windows (same model); and float32 greedy parity of every
+family and both allocation shapes. A first H200 run also
 served the uneven allocation with FlashAttention off (the fused Triton kernel for every
 batch): its error matched the FlashAttention path's (per-prompt paired ratio 0.998 and 1.012,
 benchmarks/results/gpu_parity_h200/), so that variant is no longer run.
