@@ -147,20 +147,19 @@ class Curriculum:
     def __call__(self, step: int):
         return self.short(step) if step < self.short_steps else self.long(step)
 
-    def describe(self, s: Settings2) -> str:
-        long = f"{s.pre_batch} x {s.seq_len} tokens"
+    def describe(self) -> str:
+        """What the batches are, for the log."""
+        long = f"{self.long.batch} x {self.long.seq_len} tokens"
         if not self.short_steps:
             return long + " each"
-        return (f"the first {self.short_steps} of {self.short.batch} x {s.pre_short_len} tokens, "
+        return (f"the first {self.short_steps} of {self.short.batch} x {self.short.seq_len} tokens, "
                 f"the rest of {long}")
 
 
 def phase_pretrain2(out: Path, s: Settings2, max_minutes: float | None) -> bool:
     """Version 1's pretraining with the :class:`Curriculum`'s batches."""
-    if (out / "pretrained" / "config.json").exists():
-        return True
     batches = Curriculum(out, s)
-    return phase_pretrain(out, s, max_minutes, batches=batches, describe=batches.describe(s))
+    return phase_pretrain(out, s, max_minutes, batches=batches, describe=batches.describe())
 
 
 def groups(s: Settings2) -> list[tuple[int, float]]:
