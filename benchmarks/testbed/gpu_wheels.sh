@@ -8,7 +8,7 @@
 #   run(command="python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/site .gpu/testbed-wheels/*.whl && ...",
 #       carry=[".gpu/testbed-wheels"])                            # there; then PYTHONPATH=/tmp/site:$PWD
 #
-# The versions are those of the vLLM 0.26.0 bundle (../shared/gpu/make-vllm-bundle.sh), so the
+# The versions are those of the vLLM 0.26.0 bundle that benchmarks/gpu_env.sh unpacks, so the
 # same /tmp/site serves both.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
