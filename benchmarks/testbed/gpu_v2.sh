@@ -23,6 +23,9 @@
 # Measured on one H200 (session 4): corpus 65 s; pretraining 0.355 s per step of 8 x 8192 tokens.
 set -euo pipefail
 mode=${1:?usage: gpu_v2.sh auto|report [RUN_DIR]}
+for var in BUDGET PROCS; do
+  case ${!var:-1} in ''|*[!0-9]*|0) echo "gpu_v2.sh: $var must be a whole number above 0, got '${!var}'" >&2; exit 2 ;; esac
+done
 run=${2:-runs/testbed-v2}
 py=${PYTHON:-python}
 gpus=$(nvidia-smi -L | wc -l)
