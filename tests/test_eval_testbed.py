@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -105,7 +106,7 @@ def test_lm_training_resumes_from_a_safetensors_checkpoint_to_the_same_weights(t
     resumed = build_model(shape, seed=0)
     ckpt = tmp_path / "state"
     first = train_lm(resumed, batch, 6, 1e-2, ckpt_dir=ckpt, max_seconds=0.0, **kw)
-    assert first == {"done": False, "step": 1, "last_loss": first["last_loss"]}
+    assert first == {"done": False, "step": 1, "last_loss": first["last_loss"], "skipped": 0}
     files = sorted(p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file())
     assert files == ["latest", "step_00000001/state.json", "step_00000001/tensors.safetensors"]
     fresh = build_model(shape, seed=1)  # other weights: everything must come from the checkpoint
@@ -113,3 +114,40 @@ def test_lm_training_resumes_from_a_safetensors_checkpoint_to_the_same_weights(t
     assert second["done"] and second["step"] == 6 and not ckpt.exists()
     want, got = straight.state_dict(), fresh.state_dict()
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_lm_training_skips_a_step_whose_loss_is_not_finite():
+    """A batch whose loss is not finite is skipped: that step changes no weight, the log says so,
+    and the steps around it train as usual (finite weights, finite losses)."""
+    import torch
+
+    from benchmarks.testbed.lm import build_model, train_lm
+
+    shape = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+    bad_step = 2
+    model = build_model(shape, seed=0)
+    emb = model.model.embed_tokens.weight
+    seen: dict = {}
+
+    def batch_fn(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.randint(1, 64, (2, 16), generator=torch.Generator().manual_seed(step))
+        with torch.no_grad():
+            if step == bad_step:  # an inf embedding row used by this batch: the loss is not finite
+                seen["state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                seen["row"] = int(ids[0, 0])
+                emb[seen["row"]] = float("inf")
+            elif step == bad_step + 1:  # undo the poison, then compare with the state before the bad step
+                emb[seen["row"]] = seen["state"]["model.embed_tokens.weight"][seen["row"]]
+                now = model.state_dict()
+                seen["unchanged"] = all(torch.equal(now[k], v) for k, v in seen["state"].items())
+        return ids, ids == 7
+
+    logs: list[dict] = []
+    res = train_lm(model, batch_fn, 5, 1e-2, warmup=1, log_every=1, log=logs.append)
+    assert res["done"] and res["step"] == 5 and res["skipped"] == 1
+    assert seen["unchanged"], "the skipped step changed the weights"
+    assert [r["step"] for r in logs if "skipped" in r] == [bad_step + 1]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    losses = [r["loss"] for r in logs if "skipped" not in r]
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)

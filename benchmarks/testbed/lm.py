@@ -55,13 +55,14 @@ def train_lm(model, batch_fn: Callable[[int], tuple[torch.Tensor, torch.Tensor]]
     The state (weights, optimizer, schedule) is written as the trainer writes its checkpoints
     (:mod:`consa_vllm.train.checkpoint`: tensors in safetensors, the rest in JSON, no pickle);
     ``ckpt_dir`` is removed once training is done.
-    Returns ``{"done": bool, "step": int, "last_loss": float}``.
+    Steps with a non-finite loss or gradient are skipped (logged with ``"skipped"``, the count in
+    this call). Returns ``{"done": bool, "step": int, "last_loss": float, "skipped": int}``.
     """
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup)) * (
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, max(0, s - warmup) / max(1, steps - warmup))))))
-    step, t0, loss_val = 0, time.time(), float("nan")
+    step, t0, loss_val, skipped = 0, time.time(), float("nan"), 0
     ckpt_root = Path(ckpt_dir) if ckpt_dir else None
     latest = latest_checkpoint(ckpt_root) if ckpt_root else None
     if latest is not None:
@@ -86,24 +87,34 @@ def train_lm(model, batch_fn: Callable[[int], tuple[torch.Tensor, torch.Tensor]]
         else:
             loss = lm_loss_weighted(model, ids, mask, answer_weight)
         loss.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        opt.step()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip else float("inf"))
+        # A step whose loss or gradient is not finite is skipped, not applied: one such step in
+        # bf16 would turn every weight into NaN and lose the lease's pretraining (session 4's 8k
+        # run went NaN at step 475). The schedule still advances, so the batches stay a function
+        # of the step. The check syncs once per step: a few ms against steps of 0.2 s and more.
+        finite = bool(torch.isfinite(loss.detach()) & torch.isfinite(norm))
+        if finite:
+            opt.step()
+        else:
+            skipped += 1
+            if log:
+                log({"step": step + 1, "loss": None, "skipped": skipped, "seconds": time.time() - t0})
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        loss_val = loss.item() if (step % log_every == 0 or step == steps) else loss_val
-        if log and (step % log_every == 0 or step == steps):
+        due = finite and (step % log_every == 0 or step == steps)  # a skipped step was logged above
+        loss_val = loss.item() if due else loss_val
+        if log and due:
             log({"step": step, "loss": loss_val, "lr": sched.get_last_lr()[0], "seconds": time.time() - t0})
         if ckpt_every and step % ckpt_every == 0 and step < steps:
             save()
         if max_seconds is not None and time.time() - t0 > max_seconds and step < steps:
             save()
-            return {"done": False, "step": step, "last_loss": loss_val}
+            return {"done": False, "step": step, "last_loss": loss_val, "skipped": skipped}
     if ckpt_root:
         shutil.rmtree(ckpt_root, ignore_errors=True)
     model.eval()
-    return {"done": True, "step": step, "last_loss": loss_val}
+    return {"done": True, "step": step, "last_loss": loss_val, "skipped": skipped}
 
 
 def write_json(path: Path, obj) -> None:

@@ -299,7 +299,10 @@ def phase_pretrain(out: Path, s: Settings, max_minutes: float | None, batches=No
 
     def rec(r):
         history.append(r)
-        log(f"pretrain: step {r['step']} loss {r['loss']:.3f} ({r['seconds']:.0f} s)")
+        if "skipped" in r:
+            log(f"pretrain: step {r['step']} skipped: loss or gradient not finite ({r['skipped']} so far)")
+        else:
+            log(f"pretrain: step {r['step']} loss {r['loss']:.3f} ({r['seconds']:.0f} s)")
 
     res = train_lm(model, batches or Mix(out / "corpus", s, s.pre_batch, s.seed), s.pre_steps, s.pre_lr,
                    warmup=s.pre_warmup, answer_weight=s.answer_weight, device=s.device,
@@ -314,7 +317,10 @@ def phase_pretrain(out: Path, s: Settings, max_minutes: float | None, batches=No
         return False
     model.to(torch.float32 if s.dtype == "float32" else torch.bfloat16).save_pretrained(str(dst))
     tok.save_pretrained(str(dst))
-    write_json(out / "pretrain.json", {"steps": res["step"], "final_loss": res["last_loss"], "parameters": n})
+    # Over every call of a pretraining split by time budgets: the log file has them all.
+    skipped = sum('"skipped"' in line for line in (out / "pretrain-log.jsonl").read_text().splitlines())
+    write_json(out / "pretrain.json", {"steps": res["step"], "final_loss": res["last_loss"], "parameters": n,
+                                       "skipped_steps": skipped})
     return True
 
 

@@ -19,9 +19,10 @@ Version 2 reuses its corpus, pretraining and stage-2 phases with larger sizes, a
 
 Sizes (``FULL2``) are set so that the whole run fits one 30-minute lease of one H200, the only GPU
 a session gets (the model cannot travel back between leases), from what session 4 measured there
-(corpus 65 s; pretraining 0.355 s per step of 8 x 8192 tokens): pretraining 2,400 steps of
-32 x 2048 tokens, then 400 of 8 x 8192 (:class:`Curriculum`; about 10 minutes, estimated from the
-8k speed and the FLOPs per token at 2k), gate training 100 x 4 x 8192 and stage 2 60 x 4 x 8192
+(corpus 65 s; pretraining 0.355 s per step of 8 x 8192 tokens): pretraining 1,800 steps of
+32 x 2048 tokens, then 350 of 8 x 8192 (:class:`Curriculum`; 8-12 minutes: 0.19-0.34 s per 2k
+step, estimated from the 8k speed and the FLOPs per token at 2k, and from version 1's speed on an
+H100 scaled to 12 layers; version 1's loss had levelled off by step 1,600), gate training 100 x 4 x 8192 and stage 2 60 x 4 x 8192
 per allocation, 40 prompts per (task, context, depth) cell. Stage 2 and the eval take
 the allocations in priority order (:func:`priority`), so a phase cut by its time budget leaves out
 the least important ones, and the report lists what is missing.
@@ -96,7 +97,7 @@ FULL2 = Settings2(
     shape=dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=16,
                num_key_value_heads=8, head_dim=64, max_position_embeddings=8192),
     seq_len=8192, window=512, retrieval_docs=6000, kv_needles=48,
-    pre_steps=2800, pre_batch=8, pre_lr=1e-3, pre_warmup=100, pre_short_len=2048, pre_short_steps=2400,
+    pre_steps=2150, pre_batch=8, pre_lr=1e-3, pre_warmup=100, pre_short_len=2048, pre_short_steps=1800,
     short_retrieval_docs=24_000,
     consa_steps=100, consa_batch=4, duo_steps=100, consa_docs=400, s2_steps=60, s2_batch=4, loss_sequences=16,
     sink_bases=("consa-kv_head-per-layer", "duo"), per_cell=40, eval_batch=8)
