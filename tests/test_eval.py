@@ -133,6 +133,13 @@ def test_lm_loss_overall_equals_hf_loss_and_buckets_cover_every_token(tiny):
     assert [b["positions"] for b in r["buckets"]] == [[1, 17], [17, 33], [33, 49], [49, 81], [81, 100]]
     weighted = sum(b["loss"] * b["tokens"] for b in r["buckets"]) / r["tokens"]
     assert weighted == pytest.approx(r["loss"], rel=1e-9)
+    # per sequence beyond the window: 3 means whose mean is the pooled figure (equal token counts)
+    per = r["loss_beyond_window_per_sequence"]
+    assert len(per) == 3 and sum(per) / 3 == pytest.approx(r["loss_beyond_window"], rel=1e-9)
+    with torch.no_grad():
+        one = model(input_ids=x[1:2], labels=x[1:2]).logits[0, WINDOW:-1].float()
+    want = torch.nn.functional.cross_entropy(one, x[1, WINDOW + 1:]).item()
+    assert per[1] == pytest.approx(want, rel=1e-5)
 
 
 def test_sliding_heads_change_only_the_buckets_beyond_the_window(tiny):

@@ -91,6 +91,9 @@ def test_served_loss_equals_the_reference_by_bucket(server, reference):
     assert served["loss"] == pytest.approx(ref["loss"], abs=LOSS_ATOL)
     for a, b in zip(served["buckets"], ref["buckets"], strict=True):
         assert a["positions"] == b["positions"] and a["loss"] == pytest.approx(b["loss"], abs=LOSS_ATOL)
+    assert len(served["loss_beyond_window_per_sequence"]) == len(ref["loss_beyond_window_per_sequence"]) == 2
+    for a, b in zip(served["loss_beyond_window_per_sequence"], ref["loss_beyond_window_per_sequence"]):
+        assert a == pytest.approx(b, abs=LOSS_ATOL)
 
 
 def test_cli_served_report_equals_reference_report(server, checkpoint, tmp_path, capsys):

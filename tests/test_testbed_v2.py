@@ -60,9 +60,15 @@ def test_every_allocation_in_both_modes_is_evaluated_and_reported(run_dir):
         if r.mode == "stage2":
             exported = json.loads((out / "stage2" / r.name / "config.json").read_text())["consa"]
             assert exported["pattern"] == r.pattern and exported.get("sink", 0) == r.sink
-    # every pair within each (mode, rho, sink) group plus dense is compared once
+    # every pair within each (mode, rho, sink) group plus dense is compared once, on retrieval
+    # and on the held-out loss beyond W (per sequence)
     n = 1 + len(bases)
-    assert len(res.differences) == len(MODES) * len(groups(SMOKE2)) * n * (n - 1) // 2
+    assert len(res.differences) == len(res.loss_differences) == len(MODES) * len(groups(SMOKE2)) * n * (n - 1) // 2
+    for r in res.rows:
+        ev = json.loads((pub / "eval" / r.mode / f"{r.name}.json").read_text())
+        per = ev["loss_beyond_window_per_sequence"]
+        assert len(per) == SMOKE2.loss_sequences and sum(per) / len(per) == pytest.approx(r.loss_beyond_window)
+        assert r.loss_ci_low <= r.loss_beyond_window <= r.loss_ci_high
     assert res.paper_order and all(c["verdict"].split()[0] in ("agrees", "disagrees", "equal") for c in res.paper_order)
     md = (pub / "results.md").read_text()
     assert "95% percentile-bootstrap" in md
@@ -111,6 +117,29 @@ def test_pretraining_curriculum_batches(run_dir):
     assert torch.equal(c(1)[0], c(1)[0]) and not torch.equal(c(0)[0], c(1)[0])
 
 
+@pytest.mark.slow
+def test_retrieval_documents_hold_every_structure_in_training_templates(run_dir):
+    """Of every 8 documents of both lengths, 4-7 are the structures in their training templates
+    (multi-key, multi-value, variable tracking twice), with answers marked. (The held-out wording
+    is checked on the templates, test_training_templates_...: the filler is code, which may hold
+    any word.)"""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    out, _ = run_dir
+    tok = AutoTokenizer.from_pretrained(str(out / "corpus" / "tokenizer"))
+    for name in ("retrieval", "retrieval_short"):
+        ids = np.load(out / "corpus" / f"{name}_ids.npy")
+        mask = np.load(out / "corpus" / f"{name}_mask.npy")
+        assert mask.any(axis=1).all()
+        texts = [tok.decode(row) for row in ids[:8]]
+        assert " = " in texts[0] and "assert" in texts[0]  # key-value
+        assert "pass key" in texts[3]
+        assert "is" in texts[4] and texts[4].count(" of ") >= 8  # 8 needles + 4 questions "The {noun} of {key}"
+        assert "Every " in texts[5]
+        assert all(t.count("assert") == 2 for t in texts[6:8])  # two chains asked
+
+
 def test_bad_shard_is_one_line(tmp_path):
     r = _run("--out", str(tmp_path / "x"), "--smoke", "--phase", "eval", "--shard", "3/2")
     assert r.returncode == 2 and r.stderr.strip().endswith("expected I/N with 0 <= I < N")
@@ -132,10 +161,52 @@ def test_heldout_prompts_are_exact_and_beyond_the_window():
         make_task_sample("multikey", tok, filler, 40, 0.1, random.Random(0), window=8)
 
 
+def test_training_templates_teach_the_structures_and_hold_out_the_eval_wording():
+    """Each structure's training document: every answer follows from its needles (the key's value,
+    a key's values in document order, the end of a 4-hop chain), no held-out word of the eval
+    occurs, and the answer mask marks exactly the answers' tokens at the document's end."""
+    from consa_vllm.eval.tasks import Filler, build_word_tokenizer, encode
+    from benchmarks.testbed.tasks_v2 import HELDOUT_WORDS, TASKS, training_instances, training_task_document
+
+    for task in TASKS:
+        for seed in range(20):
+            pieces, qa = training_instances(task, random.Random(f"{task}/{seed}"))
+            text = "".join(p for _, p in pieces) + "".join(q + a for q, a in qa)
+            assert not [w for w in HELDOUT_WORDS if w in text], (task, text)
+            assert all(0.0 <= d <= 0.6 for d, _ in pieces)
+            if task != "multikey":  # one key's values and a chain's hops must come in document order
+                assert [d for d, _ in pieces] == sorted(d for d, _ in pieces)
+            lines = [p.strip() for _, p in pieces]
+            for question, answer in qa:
+                if task == "multikey":  # "The {noun} of {key} is" -> that needle's value
+                    hit = [ln for ln in lines if ln.startswith(question.strip() + " ")]
+                    assert len(hit) == 1 and hit[0] == f"{question.strip()}{answer}."
+                elif task == "multivalue":  # "Every {noun} of {key}:" -> the key's values in order
+                    noun, key = question.split()[1], question.split()[3].rstrip(":")
+                    values = [ln.split()[-1].rstrip(".") for ln in lines if ln.startswith(f"One {noun} of {key} is ")]
+                    assert len(values) == 3 and answer == " " + ", ".join(values)
+                else:  # "assert {last} ==" -> follow the chain back to its number, every hop before the next
+                    env = {}
+                    for ln in lines:
+                        name, rhs = ln.split(" = ")
+                        env[name] = rhs if rhs.isdigit() else env[rhs]  # KeyError: a hop before its source
+                    last = question.split()[1]
+                    assert answer == f" {env[last]}" and len(qa) == 2
+    words = [f"w{i}" for i in range(50)]
+    tok = build_word_tokenizer(words)  # unknown words map to one id: lengths and positions still exact
+    filler = Filler(tok, [" ".join(random.Random(0).choice(words) for _ in range(3000))])
+    for task in TASKS:
+        ids, mask = training_task_document(task, tok, filler, 600, random.Random(f"doc/{task}"))
+        _, qa = training_instances(task, random.Random(f"doc/{task}"))
+        answer_tokens = sum(len(encode(tok, a)) for _, a in qa)
+        assert len(ids) == len(mask) == 600 and sum(mask) == answer_tokens
+        assert mask[-len(encode(tok, qa[-1][1])):] == [True] * len(encode(tok, qa[-1][1]))
+
+
 def test_report_helpers():
     from benchmarks.testbed.run_v2 import FULL2
     assert groups(FULL2) == [(0, 0.5), (0, 0.75), (64, 0.75)]
-    assert len(FULL2.eval_tasks) * len(FULL2.eval_contexts) * len(FULL2.eval_depths) * FULL2.per_cell == 1080
+    assert len(FULL2.eval_tasks) * len(FULL2.eval_contexts) * len(FULL2.eval_depths) * FULL2.per_cell == 864
     names = ["rule-interleave-0.5", "consa-layer-0.75", "duo-0.75-sink64", "rule-uniform-0.75", "dense",
              "consa-kv_head-per-layer-0.5", "consa-kv_head-per-layer-0.75-sink64", "consa-kv_head-per-layer-0.75"]
     assert priority(names) == ["dense", "consa-kv_head-per-layer-0.75", "consa-layer-0.75", "rule-uniform-0.75",

@@ -17,10 +17,11 @@
 # PER_CELL=N (prompts per task x context x depth cell, default 40) must be the same in every command.
 # PROCS (default 3): processes per GPU for the allocations, stage 2 and the eval. The model is
 # small (hidden 512) and the jobs short, so several processes share a GPU. A phase's budget is
-# checked before each job starts (a job then runs to its end, at most about half a minute), so
-# sharded phases get their share minus 45 s.
+# checked before each job starts (a job then runs to its end: up to 105 s for a trained allocation
+# in run 1), so sharded phases get what is left minus 100 s.
 #
-# Measured on one H200 (session 4): corpus 65 s; pretraining 0.355 s per step of 8 x 8192 tokens.
+# Measured on one H200 (run 1, benchmarks/results/testbed_v2_h200_run1): corpus 97 s; pretraining
+# 0.288 s per step of 32 x 2048 tokens, 0.37 s per step of 8 x 8192.
 set -euo pipefail
 mode=${1:?usage: gpu_v2.sh auto|report [RUN_DIR]}
 for var in BUDGET PROCS; do
@@ -37,7 +38,7 @@ minutes_left() {  # what is left of BUDGET, minus $1 seconds, in minutes (0 when
 }
 sharded() {  # phase: PROCS processes per GPU, each with every n-th job, within what is left
   local m pids=() i p r rc=0 unf=0
-  m=$(minutes_left 45)
+  m=$(minutes_left 100)
   [ "$m" != 0 ] || return 3
   for ((i = 0; i < n; i++)); do
     CUDA_VISIBLE_DEVICES=$((i % gpus)) tb --phase "$1" --shard "$i/$n" --max-minutes "$m" > "$run/log-$1-$i.txt" 2>&1 &

@@ -198,7 +198,7 @@ def retrieval_tasks():
 
 
 def _docs_worker(args):
-    start, count, seed, seq_len, window, kv_needles, corpus_dir = args
+    start, count, seed, seq_len, window, kv_needles, corpus_dir, structures = args
     import numpy as np
     from transformers import AutoTokenizer
 
@@ -213,7 +213,17 @@ def _docs_worker(args):
         rng = random.Random(f"{seed}/doc/{start + i}")
         # 3 of 4 key-value documents (many needles), 1 of 4 passkey (one needle); queries at
         # least a window away from their needles, so that only full attention answers them.
-        if (start + i) % 4 == 3:
+        # With ``structures`` (version 2), of every 8: 3 key-value, 1 passkey, and the rest
+        # the structures in their training templates (benchmarks.testbed.tasks_v2), the last
+        # one twice (variable tracking: the hardest).
+        j = (start + i) % 8
+        passkey_doc = j == 3 if structures else (start + i) % 4 == 3
+        if structures and j >= 4:
+            from .tasks_v2 import training_task_document
+
+            x, m = training_task_document(structures[min(j - 4, len(structures) - 1)], tok, filler,
+                                          seq_len - 1, rng)
+        elif passkey_doc:
             x, m = training_document(passkey, tok, filler, seq_len - 1, rng, 1, window + rng.randrange(seq_len // 2))
         else:
             x, m = training_document(kv, tok, filler, seq_len - 1, rng, kv_needles, window)
@@ -233,7 +243,8 @@ def make_retrieval_docs(d: Path, s: Settings, tok, *, name: str = "retrieval", s
     seq_len, count = seq_len or s.seq_len, count or s.retrieval_docs
     n_proc = max(1, min(16, os.cpu_count() or 1))
     chunk = -(-count // n_proc)
-    jobs = [(i, min(chunk, count - i), s.seed, seq_len, s.window, kv_needles or s.kv_needles, str(d))
+    structures = tuple(getattr(s, "train_structures", ()))  # version 2's Settings2 only
+    jobs = [(i, min(chunk, count - i), s.seed, seq_len, s.window, kv_needles or s.kv_needles, str(d), structures)
             for i in range(0, count, chunk)]
     if n_proc > 1 and len(jobs) > 1:
         with mp.get_context("spawn").Pool(n_proc) as pool:

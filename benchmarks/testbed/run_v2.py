@@ -18,12 +18,15 @@ Version 2 reuses its corpus, pretraining and stage-2 phases with larger sizes, a
   S at the bottom, F in a middle block).
 
 Sizes (``FULL2``) are set so that the whole run fits one 30-minute lease of one H200, the only GPU
-a session gets (the model cannot travel back between leases), from what session 4 measured there
-(corpus 65 s; pretraining 0.355 s per step of 8 x 8192 tokens): pretraining 1,800 steps of
-32 x 2048 tokens, then 350 of 8 x 8192 (:class:`Curriculum`; 8-12 minutes: 0.19-0.34 s per 2k
-step, estimated from the 8k speed and the FLOPs per token at 2k, and from version 1's speed on an
-H100 scaled to 12 layers; version 1's loss had levelled off by step 1,600), gate training 100 x 4 x 8192 and stage 2 60 x 4 x 8192
-per allocation, 40 prompts per (task, context, depth) cell. Stage 2 and the eval take
+a session gets (the model cannot travel back between leases), from what run 1 measured there
+(``benchmarks/results/testbed_v2_h200_run1``: corpus 97 s; pretraining 0.288 s per step of
+32 x 2048 tokens and 0.37 s per step of 8 x 8192; 75-105 s per trained allocation at 100 gate
+steps and 40-50 s per stage 2 at 60 steps, 3 processes on the GPU; 14-86 s per allocation for
+1,080 prompts): pretraining 1,500 steps of 32 x 2048 tokens, then 300 of 8 x 8192
+(:class:`Curriculum`, about 9.5 minutes; run 1's loss levelled off near 1.8 by step 1,500), gate
+training 80 x 4 x 8192 (about 4 minutes for the 10 trained allocations) and stage 2 40 x 4 x 8192
+per allocation (about 3.5), 32 prompts per (task, context, depth) cell (about 6.5 for both
+modes): about 25 minutes with the corpus. Stage 2 and the eval take
 the allocations in priority order (:func:`priority`), so a phase cut by its time budget leaves out
 the least important ones, and the report lists what is missing.
 
@@ -70,6 +73,9 @@ class Settings2(Settings):
     pre_short_steps: int = 0
     short_retrieval_docs: int = 0
     short_kv_needles: int = 24
+    # The task structures the retrieval documents also teach, in training templates
+    # (tasks_v2.training_task_document); the eval's wording stays held out.
+    train_structures: tuple[str, ...] = TASKS
 
     sinks: tuple[int, ...] = (0, 64)
     sink_rhos: tuple[float, ...] = (0.75,)  # the rhos at which the sink > 0 variants are made (budget)
@@ -87,7 +93,7 @@ class Settings2(Settings):
     # se = sqrt(0.10 / 2268) = 0.0066), or unpaired when both accuracies are >= 0.95 or <= 0.05
     # (se = sqrt(2 x 0.95 x 0.05 / 2268) = 0.0065); at accuracy 0.5 unpaired it would take 11,250
     # (consa_vllm.eval.stats.prompts_for_difference). The report gives each difference's own se.
-    # FULL2 takes 40 (1,080 prompts: 3 se at disagreement <= 4.8%), what one lease's eval allows.
+    # FULL2 takes 32 (864 prompts: 3 se at disagreement <= 3.8%), what one lease's eval allows.
     per_cell: int = 84
     eval_batch: int = 4
 
@@ -96,17 +102,19 @@ FULL2 = Settings2(
     max_corpus_bytes=240_000_000, vocab_size=8192,
     shape=dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=16,
                num_key_value_heads=8, head_dim=64, max_position_embeddings=8192),
-    seq_len=8192, window=512, retrieval_docs=6000, kv_needles=48,
-    pre_steps=2150, pre_batch=8, pre_lr=1e-3, pre_warmup=100, pre_short_len=2048, pre_short_steps=1800,
-    short_retrieval_docs=24_000,
-    consa_steps=100, consa_batch=4, duo_steps=100, consa_docs=400, s2_steps=60, s2_batch=4, loss_sequences=16,
-    sink_bases=("consa-kv_head-per-layer", "duo"), per_cell=40, eval_batch=8)
+    seq_len=8192, window=512, retrieval_docs=4000, kv_needles=48,
+    pre_steps=1800, pre_batch=8, pre_lr=1e-3, pre_warmup=100, pre_short_len=2048, pre_short_steps=1500,
+    short_retrieval_docs=16_000,
+    consa_steps=80, consa_batch=4, duo_steps=80, consa_docs=400, s2_steps=40, s2_batch=4, loss_sequences=24,
+    sink_bases=("consa-kv_head-per-layer", "duo"), per_cell=32, eval_batch=8)
 SMOKE2 = Settings2(
     max_corpus_bytes=400_000, heldout_per_mille=250, tokenizer_bytes=200_000, vocab_size=512,
     shape=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=8,
-               num_key_value_heads=4, head_dim=16, max_position_embeddings=512),
-    seq_len=256, window=32, rhos=(0.75,), retrieval_docs=32, kv_needles=4, pre_steps=6, pre_batch=2, pre_lr=3e-3,
-    pre_warmup=2, pre_short_len=128, pre_short_steps=3, short_retrieval_docs=16, short_kv_needles=2,
+               num_key_value_heads=4, head_dim=16, max_position_embeddings=1024),
+    # room for the training templates: a multi-key document's needles and questions take 252-309 tokens of
+    # this 512-token vocabulary (measured on 20 documents)
+    seq_len=1024, window=32, rhos=(0.75,), retrieval_docs=32, kv_needles=4, pre_steps=6, pre_batch=2, pre_lr=3e-3,
+    pre_warmup=2, pre_short_len=512, pre_short_steps=3, short_retrieval_docs=16, short_kv_needles=2,
     consa_steps=2, consa_batch=2, consa_docs=8, s2_steps=1, s2_batch=2, loss_sequences=2,
     sinks=(0, 4), sink_rhos=(0.75,), rules=("bottom", "uniform"), duo_steps=2, eval_contexts=(512,),
     eval_depths=(0.1, 0.5), per_cell=1, eval_batch=8, device="cpu", dtype="float32")
@@ -303,7 +311,8 @@ def eval_one(model, alloc, prompts, loss_seqs, s: Settings2) -> dict:
     far = [v for p, v in zip(prompts, ok) if beyond(p, alloc.window, alloc.sink)]
     return {"accuracy": sum(ok) / len(ok), "by_task": by_task,
             "accuracy_beyond_window": sum(far) / len(far) if far else None, "prompts_beyond_window": len(far),
-            "loss": loss["loss"], "loss_beyond_window": loss["loss_beyond_window"], "verdicts": ok}
+            "loss": loss["loss"], "loss_beyond_window": loss["loss_beyond_window"],
+            "loss_beyond_window_per_sequence": loss["loss_beyond_window_per_sequence"], "verdicts": ok}
 
 
 def phase_eval(out: Path, s: Settings2, max_minutes: float | None, spec: str | None) -> bool:
@@ -362,6 +371,9 @@ class Row(BaseModel):
     accuracy_beyond_window: float | None
     loss: float
     loss_beyond_window: float | None
+    # 95% bootstrap interval of loss_beyond_window over the held-out sequences (None: not kept, run 1)
+    loss_ci_low: float | None = None
+    loss_ci_high: float | None = None
     pattern: list[str]
 
 
@@ -387,6 +399,8 @@ class ResultsV2(BaseModel):
     prompts: int
     rows: list[Row]
     differences: list[Difference]
+    # The same for the held-out loss beyond the window, paired over sequences (a - b > 0: a loses more)
+    loss_differences: list[Difference] = []
     paper_order: list[dict]
     layer_pattern: list[dict]
     missing: list[str] = []  # MODE/NAME not evaluated (a phase's time budget ran out first)
@@ -428,7 +442,7 @@ def phase_report(out: Path, s: Settings2) -> dict:
 
     from .lm import write_json
 
-    rows, verdicts, missing = [], {}, []
+    rows, verdicts, seq_losses, missing = [], {}, {}, []
     for mode in MODES:
         for name in allocation_names(out):
             path = out / "eval" / mode / f"{name}.json"
@@ -438,18 +452,23 @@ def phase_report(out: Path, s: Settings2) -> dict:
             alloc = Allocation.load(out / "allocations" / f"{name}.json")
             ev = json.loads(path.read_text())
             ci = bootstrap_ci(ev["verdicts"], seed=s.seed)
+            per_seq = ev.get("loss_beyond_window_per_sequence") or []
+            lci = bootstrap_ci(per_seq, seed=s.seed) if len(per_seq) > 1 else None
             base, rho, sink = base_of(name)
             rows.append(Row(name=name, mode=mode, base=base, rho=rho, sink=sink, accuracy=ev["accuracy"],
                             ci_low=ci.low, ci_high=ci.high, by_task=ev["by_task"],
                             accuracy_beyond_window=ev["accuracy_beyond_window"], loss=ev["loss"],
-                            loss_beyond_window=ev["loss_beyond_window"], pattern=alloc.pattern))
+                            loss_beyond_window=ev["loss_beyond_window"], loss_ci_low=lci and lci.low,
+                            loss_ci_high=lci and lci.high, pattern=alloc.pattern))
             verdicts[(mode, name)] = ev["verdicts"]
+            if lci is not None:
+                seq_losses[(mode, name)] = per_seq
             if base.startswith(("consa", "duo")) and mode == "masks":
                 png = out / "heatmaps" / f"{name}.png"
                 png.parent.mkdir(parents=True, exist_ok=True)
                 plot_allocation(alloc, png, title=name)
     # Comparison groups: one mode, rho and sink, plus dense (equal KV memory within a group).
-    diffs, order_checks, pattern_checks = [], [], []
+    diffs, loss_diffs, order_checks, pattern_checks = [], [], [], []
     for mode, (sink, rho) in itertools.product(MODES, groups(s)):
         group = f"{mode} rho={rho} sink={sink}"
         members = [r for r in rows if r.mode == mode and (r.base == "dense" or (r.rho == rho and r.sink == sink))]
@@ -459,6 +478,12 @@ def phase_report(out: Path, s: Settings2) -> dict:
         for (a, b), r, p in zip(pairs, res, adj):
             diffs.append(Difference(group=group, a=a.name, b=b.name, diff=r.mean, low=r.low, high=r.high,
                                     p_value=r.p_value, p_holm=p, significant=p < 0.05))
+        lpairs = [(a, b) for a, b in pairs if (mode, a.name) in seq_losses and (mode, b.name) in seq_losses]
+        lres = [paired_bootstrap(seq_losses[(mode, a.name)], seq_losses[(mode, b.name)], seed=s.seed)
+                for a, b in lpairs]
+        for (a, b), r, p in zip(lpairs, lres, holm([r.p_value for r in lres])):
+            loss_diffs.append(Difference(group=group, a=a.name, b=b.name, diff=r.mean, low=r.low, high=r.high,
+                                         p_value=r.p_value, p_holm=p, significant=p < 0.05))
         by_base = {r.base: r for r in members}
         rules = [r for r in members if r.base.startswith("rule-")]
         if rules:
@@ -481,6 +506,7 @@ def phase_report(out: Path, s: Settings2) -> dict:
     results = {"settings": s.model_dump(), "pretrain": json.loads((out / "pretrain.json").read_text()),
                "device": device_name(s.device), "phase_seconds": phase_seconds(out), "prompts": prompts,
                "rows": [r.model_dump() for r in rows], "differences": [d.model_dump() for d in diffs],
+               "loss_differences": [d.model_dump() for d in loss_diffs],
                "paper_order": order_checks, "layer_pattern": pattern_checks, "missing": missing}
     write_json(out / "results.json", ResultsV2.model_validate(results).model_dump())
     (out / "results.md").write_text(render_markdown(ResultsV2.model_validate(results)))
@@ -496,10 +522,16 @@ def render_markdown(r: ResultsV2) -> str:
     for x in sorted(r.rows, key=lambda x: (x.mode, x.rho, x.sink, -x.accuracy)):
         lines.append(f"| {x.mode} | {x.base} | {x.rho:.2f} | {x.sink} | {x.accuracy:.3f} [{x.ci_low:.3f}, "
                      f"{x.ci_high:.3f}] | " + " | ".join(f(x.by_task[t]) for t in r.settings["eval_tasks"])
-                     + f" | {f(x.accuracy_beyond_window)} | {f(x.loss, 4)} | {f(x.loss_beyond_window, 4)} |")
+                     + f" | {f(x.accuracy_beyond_window)} | {f(x.loss, 4)} | {f(x.loss_beyond_window, 4)}"
+                     + (f" [{x.loss_ci_low:.4f}, {x.loss_ci_high:.4f}]" if x.loss_ci_low is not None else "") + " |")
     lines += ["", "Significant paired differences (Holm-adjusted p < 0.05 within each group):", ""]
     lines += [f"- {d.group}: {d.a} - {d.b} = {d.diff:+.3f} [{d.low:+.3f}, {d.high:+.3f}], p_holm {d.p_holm:.2g}"
               for d in r.differences if d.significant] or ["- none"]
+    if r.loss_differences:
+        lines += ["", "Significant paired differences in held-out loss beyond W, over sequences (Holm-adjusted "
+                  "p < 0.05 within each group; > 0: the first loses more):", ""]
+        lines += [f"- {d.group}: {d.a} - {d.b} = {d.diff:+.4f} [{d.low:+.4f}, {d.high:+.4f}], p_holm {d.p_holm:.2g}"
+                  for d in r.loss_differences if d.significant] or ["- none"]
     lines += ["", "The paper's ordering (kv_head per-layer > global > dense > layer > rules):", ""]
     lines += [f"- {c['group']}: {c['higher_in_paper']} vs {c['lower_in_paper']}: {c['diff']:+.3f}, {c['verdict']}"
               for c in r.paper_order]

@@ -11,6 +11,14 @@ presets of :mod:`consa_vllm.eval.tasks`. These three formats never appear there:
   hops spread over the context, plus one distractor chain; the query asks for the last variable
   of the chain, so the answer needs every hop.
 
+Pretraining does teach the three *structures*, in templates of their own
+(:func:`training_task_document`): run 1 on the H200 showed that a 55.6 M model shown only
+``kv`` and ``passkey`` answers none of the held-out formats, dense attention included, so no
+allocation could be told apart. What stays held out is the surface: the eval's wording
+(``special magic number``, ``They are:``), syntax (``VAR A = VAR B``) and names (upper-case
+variables, 7-digit values) never occur in the training templates (:data:`HELDOUT_WORDS`; the
+filler, code in both, may hold any word).
+
 Every sample is :class:`consa_vllm.eval.tasks.Sample` (scored by ``score_retrieval``), exactly
 ``context`` tokens, deterministic by seed. ``distance`` is that of the *closest* needle the
 answer needs, so ``beyond_window`` means a sliding-window head can see none of them; needles
@@ -117,3 +125,85 @@ def make_task_samples(tasks: Sequence[str], tokenizer, filler: Filler, contexts:
     """``per_cell`` samples per (task, context, depth), deterministic in ``seed`` (same prompts for every allocation)."""
     return sample_grid(tasks, contexts, depths, per_cell, seed,
                        lambda i, c, d, rng: make_task_sample(tasks[i], tokenizer, filler, c, d, rng, window, sink))
+
+
+# ------------------------------------------------------------------ the structures, in training templates
+
+#: Words of the held-out formats above that no training template contains.
+HELDOUT_WORDS = ("special", "magic", "number", "VAR", "They are")
+#: What a training key holds (one per document): none is a held-out word.
+TRAIN_NOUNS = ("code", "pin", "id", "serial", "ticket", "port", "seat", "badge", "locker", "account")
+
+
+def training_instances(task: str, rng: random.Random) -> tuple[list[tuple[float, str]], list[tuple[str, str]]]:
+    """One training document's needles and questions for ``task``, as text.
+
+    Returns ``(pieces, qa)``: ``pieces`` are ``(depth, text)`` with depths in [0, 0.6] (needles
+    at least 40% of the filler before the questions), in document order where order matters;
+    ``qa`` are ``(question, answer)`` pairs asked after the filler. The structures are those of
+    :func:`make_task_sample`; the wording is not (:data:`HELDOUT_WORDS`):
+
+    - ``multikey``: 8 keys ``The {noun} of {key} is {value}.``, 4 of them asked ``The {noun} of {key} is``;
+    - ``multivalue``: 2 keys with 3 values each ``One {noun} of {key} is {value}.``, both asked
+      ``Every {noun} of {key}:``, answer the values in document order, joined by ", ";
+    - ``vartrack``: 2 chains of 4 lower-case names in Python syntax (``a = 12345``, ``b = a``, ...),
+      both asked ``assert {last} ==``.
+    """
+    noun = rng.choice(TRAIN_NOUNS)
+
+    def words(n: int, length: int) -> list[str]:
+        out: list[str] = []
+        while len(out) < n:
+            w = _word(rng, length)
+            if w not in out:
+                out.append(w)
+        return out
+
+    def depths(n: int) -> list[float]:
+        return sorted(rng.uniform(0.0, 0.6) for _ in range(n))
+
+    if task == "multikey":
+        keys = words(8, 5)
+        values = [_number(rng, 6) for _ in keys]
+        pieces = [(rng.uniform(0.0, 0.6), f"\nThe {noun} of {k} is {v}.\n") for k, v in zip(keys, values)]
+        asked = rng.sample(range(len(keys)), 4)
+        qa = [(f"\nThe {noun} of {keys[i]} is", f" {values[i]}") for i in asked]
+    elif task == "multivalue":
+        pieces, qa = [], []
+        for key in words(2, 5):
+            values = [_number(rng, 6) for _ in range(3)]
+            pieces += [(d, f"\nOne {noun} of {key} is {v}.\n") for d, v in zip(depths(3), values)]
+            qa.append((f"\nEvery {noun} of {key}:", " " + ", ".join(values)))
+        pieces.sort(key=lambda p: p[0])  # stable: one key's values keep their order at equal depths
+    elif task == "vartrack":
+        names = words(8, 4)
+        pieces, qa = [], []
+        for chain in (names[:4], names[4:]):
+            value = _number(rng, 5)
+            lines = [f"\n{chain[0]} = {value}\n"] + [f"\n{b} = {a}\n" for a, b in zip(chain, chain[1:])]
+            pieces += list(zip(depths(4), lines))
+            qa.append((f"\nassert {chain[-1]} ==", f" {value}"))
+        pieces.sort(key=lambda p: p[0])
+    else:
+        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    rng.shuffle(qa)
+    return pieces, qa
+
+
+def training_task_document(task: str, tokenizer, filler: Filler, length: int,
+                           rng: random.Random) -> tuple[list[int], list[bool]]:
+    """Token ids (exactly ``length``) of one training document of ``task`` and its answer mask.
+
+    The needles of :func:`training_instances` among filler, then its questions, each after 1-8
+    filler tokens and followed by its answer; the mask is True at the answer tokens.
+    """
+    enc = lambda s: encode(tokenizer, s)  # noqa: E731
+    pieces, qa = training_instances(task, rng)
+    tail: list[int] = []
+    tail_mask: list[bool] = []
+    for question, answer in qa:
+        gap, q, a = filler.take(rng.randint(1, 8), rng), enc(question), enc(answer)
+        tail += gap + q + a
+        tail_mask += [False] * (len(gap) + len(q)) + [True] * len(a)
+    ids, _ = compose(filler, length, [(d, enc(text), True) for d, text in pieces], tail, rng)
+    return ids, [False] * (length - len(tail)) + tail_mask

@@ -36,6 +36,8 @@ def lm_loss(model, sequences: "torch.Tensor", window: int, batch_size: int = 8) 
     """Mean next-token NLL (nats) over ``sequences`` ``[N, T]``, overall and by distance beyond the window.
 
     Bucket ``beyond_window = [a, b)`` holds targets with ``a..b-1`` context tokens outside the window.
+    ``loss_beyond_window_per_sequence``: each sequence's mean beyond the window (empty when no
+    target is), for intervals over sequences.
     """
     import torch
 
@@ -43,6 +45,7 @@ def lm_loss(model, sequences: "torch.Tensor", window: int, batch_size: int = 8) 
     T = sequences.shape[1]
     nll_sum = torch.zeros(T, dtype=torch.float64)
     count = torch.zeros(T, dtype=torch.float64)
+    per_sequence: list[float] = []  # mean NLL beyond the window, one per sequence (for paired intervals)
     model.eval()
     with torch.no_grad():
         for i in range(0, sequences.shape[0], batch_size):
@@ -50,6 +53,8 @@ def lm_loss(model, sequences: "torch.Tensor", window: int, batch_size: int = 8) 
             logits = model(input_ids=x).logits.float()
             nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), x[:, 1:], reduction="none")
             nll_sum[1:] += nll.double().sum(0).cpu()
+            if T - 1 > window:  # column c predicts position c + 1: beyond the window from c = window
+                per_sequence += nll[:, window:].double().mean(1).cpu().tolist()
             count[1:] += x.shape[0]
     buckets = []
     for lo, hi in position_buckets(window, T):
@@ -60,7 +65,8 @@ def lm_loss(model, sequences: "torch.Tensor", window: int, batch_size: int = 8) 
     beyond = count[window + 1:].sum().item()
     return {"loss": nll_sum.sum().item() / total, "tokens": int(total),
             "loss_beyond_window": nll_sum[window + 1:].sum().item() / beyond if beyond else None,
-            "window": window, "seq_len": T, "sequences": int(sequences.shape[0]), "buckets": buckets}
+            "window": window, "seq_len": T, "sequences": int(sequences.shape[0]), "buckets": buckets,
+            "loss_beyond_window_per_sequence": per_sequence}
 
 
 def score_retrieval(model, samples: Sequence["Sample"], batch_size: int = 8) -> list[bool]:

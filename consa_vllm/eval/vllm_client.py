@@ -77,6 +77,10 @@ class ServedModel:
                     "tokens": n * (hi - lo), "loss": sum(nll[lo:hi]) / (n * (hi - lo))}
                    for lo, hi in position_buckets(window, T)]
         beyond = nll[window + 1:]
+        # row[c] is the logprob of position c + 1: beyond the window from c = window
+        per_sequence = [-sum(lp if math.isfinite(lp) else -1e9 for lp in row[window:]) / len(row[window:])
+                        for row in rows] if beyond else []
         return {"loss": sum(nll) / (n * (T - 1)), "tokens": n * (T - 1),
                 "loss_beyond_window": sum(beyond) / (n * len(beyond)) if beyond else None,
-                "window": window, "seq_len": T, "sequences": n, "buckets": buckets}
+                "window": window, "seq_len": T, "sequences": n, "buckets": buckets,
+                "loss_beyond_window_per_sequence": per_sequence}
