@@ -72,6 +72,9 @@ def test_every_allocation_in_both_modes_is_evaluated_and_reported(run_dir):
     assert res.paper_order and all(c["verdict"].split()[0] in ("agrees", "disagrees", "equal") for c in res.paper_order)
     md = (pub / "results.md").read_text()
     assert "95% percentile-bootstrap" in md
+    # the dense model's control on the training templates: one accuracy per structure
+    assert set(res.control) == set(SMOKE2.train_structures) and all(0 <= v <= 1 for v in res.control.values())
+    assert "Control, the dense model on prompts in the *training* templates" in md
     table = [line for line in md.splitlines() if line.startswith("|")]
     assert len(table) == len(res.rows) + 2 and len({line.count("|") for line in table}) == 1
 
@@ -166,7 +169,8 @@ def test_training_templates_teach_the_structures_and_hold_out_the_eval_wording()
     a key's values in document order, the end of a 4-hop chain), no held-out word of the eval
     occurs, and the answer mask marks exactly the answers' tokens at the document's end."""
     from consa_vllm.eval.tasks import Filler, build_word_tokenizer, encode
-    from benchmarks.testbed.tasks_v2 import HELDOUT_WORDS, TASKS, training_instances, training_task_document
+    from benchmarks.testbed.tasks_v2 import (HELDOUT_WORDS, TASKS, make_training_sample, training_instances,
+                                             training_task_document)
 
     for task in TASKS:
         for seed in range(20):
@@ -201,6 +205,11 @@ def test_training_templates_teach_the_structures_and_hold_out_the_eval_wording()
         answer_tokens = sum(len(encode(tok, a)) for _, a in qa)
         assert len(ids) == len(mask) == 600 and sum(mask) == answer_tokens
         assert mask[-len(encode(tok, qa[-1][1])):] == [True] * len(encode(tok, qa[-1][1]))
+        # the control prompt: the same needles, the first question, exactly the context's length
+        c = make_training_sample(task, tok, filler, 600, random.Random(f"doc/{task}"), window=64)
+        assert c.task == f"{task}-train" and len(c.prompt_ids) == 600
+        assert c.answer == qa[0][1] and c.answer_ids == encode(tok, qa[0][1])
+        assert c.prompt_ids[-len(encode(tok, qa[0][0])):] == encode(tok, qa[0][0])
 
 
 def test_report_helpers():

@@ -315,6 +315,28 @@ def eval_one(model, alloc, prompts, loss_seqs, s: Settings2) -> dict:
             "loss_beyond_window_per_sequence": loss["loss_beyond_window_per_sequence"], "verdicts": ok}
 
 
+def control_accuracy(out: Path, s: Settings2, model) -> dict[str, float]:
+    """The dense model's accuracy on prompts in the training templates
+    (:func:`benchmarks.testbed.tasks_v2.make_training_sample`), ``per_cell`` per task and context:
+    whether it learned each structure at all, apart from carrying it over to the held-out wording."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from consa_vllm.eval.metrics import score_retrieval
+    from consa_vllm.eval.tasks import Filler, sample_grid
+
+    from .tasks_v2 import make_training_sample
+
+    tok = AutoTokenizer.from_pretrained(str(out / "pretrained"))
+    filler = Filler(tok, ids=np.load(out / "corpus" / "heldout_ids.npy", mmap_mode="r"))
+    tasks = list(s.train_structures)
+    samples = sample_grid(tasks, s.eval_contexts, (0.0,), s.per_cell, s.seed + 99,
+                          lambda i, c, d, rng: make_training_sample(tasks[i], tok, filler, c, rng, s.window))
+    ok = score_retrieval(model, samples, batch_size=s.eval_batch)
+    return {t: sum(v for x, v in zip(samples, ok) if x.task == f"{t}-train") / (len(samples) // len(tasks))
+            for t in tasks}
+
+
 def phase_eval(out: Path, s: Settings2, max_minutes: float | None, spec: str | None) -> bool:
     """Every allocation, masks-only and after stage 2: ``out/eval/MODE/NAME.json``."""
     from consa_vllm.allocation import Allocation
@@ -347,6 +369,8 @@ def phase_eval(out: Path, s: Settings2, max_minutes: float | None, spec: str | N
         else:
             model = load_reference(out / "stage2" / name, None, alloc.window, s.device, s.dtype)
         r = eval_one(model, alloc, prompts, loss_seqs, s)
+        if (mode, name) == ("masks", "dense"):
+            r["control_by_task"] = control_accuracy(out, s, model)
         dst.parent.mkdir(parents=True, exist_ok=True)
         dst.write_text(json.dumps(r) + "\n")
         log(f"eval: {mode} {name}: retrieval {r['accuracy']:.3f}, loss {r['loss']:.4f} ({time.time() - t1:.0f} s)")
@@ -404,6 +428,8 @@ class ResultsV2(BaseModel):
     paper_order: list[dict]
     layer_pattern: list[dict]
     missing: list[str] = []  # MODE/NAME not evaluated (a phase's time budget ran out first)
+    # The dense model on prompts in the training templates, by task (control_accuracy); {} before run 2
+    control: dict[str, float] = {}
 
 
 def base_of(name: str) -> tuple[str, float, int]:
@@ -503,11 +529,14 @@ def phase_report(out: Path, s: Settings2) -> dict:
                     pattern_checks.append({"name": r.name, **t,
                                            "s_bottom_f_middle": t["bottom"] < t["middle"]})
     prompts = len(next(iter(verdicts.values())))
+    dense_eval = out / "eval" / "masks" / "dense.json"
+    control = json.loads(dense_eval.read_text()).get("control_by_task", {}) if dense_eval.exists() else {}
     results = {"settings": s.model_dump(), "pretrain": json.loads((out / "pretrain.json").read_text()),
                "device": device_name(s.device), "phase_seconds": phase_seconds(out), "prompts": prompts,
                "rows": [r.model_dump() for r in rows], "differences": [d.model_dump() for d in diffs],
                "loss_differences": [d.model_dump() for d in loss_diffs],
-               "paper_order": order_checks, "layer_pattern": pattern_checks, "missing": missing}
+               "paper_order": order_checks, "layer_pattern": pattern_checks, "missing": missing,
+               "control": control}
     write_json(out / "results.json", ResultsV2.model_validate(results).model_dump())
     (out / "results.md").write_text(render_markdown(ResultsV2.model_validate(results)))
     log("report: " + str(out / "results.md"))
@@ -524,6 +553,10 @@ def render_markdown(r: ResultsV2) -> str:
                      f"{x.ci_high:.3f}] | " + " | ".join(f(x.by_task[t]) for t in r.settings["eval_tasks"])
                      + f" | {f(x.accuracy_beyond_window)} | {f(x.loss, 4)} | {f(x.loss_beyond_window, 4)}"
                      + (f" [{x.loss_ci_low:.4f}, {x.loss_ci_high:.4f}]" if x.loss_ci_low is not None else "") + " |")
+    if r.control:
+        lines += ["", "Control, the dense model on prompts in the *training* templates: "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in r.control.items())
+                  + " (did it learn each structure, apart from carrying it over to the held-out wording?)"]
     lines += ["", "Significant paired differences (Holm-adjusted p < 0.05 within each group):", ""]
     lines += [f"- {d.group}: {d.a} - {d.b} = {d.diff:+.3f} [{d.low:+.3f}, {d.high:+.3f}], p_holm {d.p_holm:.2g}"
               for d in r.differences if d.significant] or ["- none"]

@@ -207,3 +207,16 @@ def training_task_document(task: str, tokenizer, filler: Filler, length: int,
         tail_mask += [False] * (len(gap) + len(q)) + [True] * len(a)
     ids, _ = compose(filler, length, [(d, enc(text), True) for d, text in pieces], tail, rng)
     return ids, [False] * (length - len(tail)) + tail_mask
+
+
+def make_training_sample(task: str, tokenizer, filler: Filler, context: int, rng: random.Random,
+                         window: int) -> Sample:
+    """A control prompt in the *training* templates: :func:`training_instances`' needles and its
+    first question, exactly ``context`` tokens. The dense model's accuracy on these says whether
+    it learned the structure at all, apart from carrying it over to the held-out wording."""
+    enc = lambda s: encode(tokenizer, s)  # noqa: E731
+    pieces, qa = training_instances(task, rng)
+    question, answer = qa[0]
+    ids, distance = compose(filler, context, [(d, enc(text), True) for d, text in pieces], enc(question), rng)
+    return Sample(task=f"{task}-train", prompt_ids=ids, answer_ids=enc(answer), answer=answer, context=context,
+                  depth=min(d for d, _ in pieces), distance=distance, window=window)
