@@ -232,7 +232,8 @@ def test_gpu_script_runs_resumable_commands_to_the_report(tmp_path):
     """``gpu_v2.sh auto``, the commands of a GPU lease, at toy size: nvidia-smi faked (one GPU),
     ``--smoke`` added to every run_v2 call. A budget too small for pretraining stops after the
     corpus with the "run again" line; the same command with time left finishes every phase and
-    packs the report into $OUT/testbed-v2.tgz."""
+    packs the report into $OUT/testbed-v2.tgz; a later call cut short after the eval began packs
+    the report on what exists."""
     import os
     import stat
     import tarfile
@@ -264,3 +265,11 @@ def test_gpu_script_runs_resumable_commands_to_the_report(tmp_path):
     with tarfile.open(out / "testbed-v2.tgz") as tar:
         names = tar.getnames()
     assert "./results.json" in names and any(n.startswith("./eval/stage2/") for n in names)
+    # A call whose budget ends once the eval has begun still brings back the report on what exists.
+    (out / "testbed-v2.tgz").unlink()
+    (run / "eval" / "stage2" / "dense.json").unlink()
+    r = auto(5)
+    assert r.returncode == 0 and "unfinished (budget spent)" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    with tarfile.open(out / "testbed-v2.tgz") as tar:
+        res = json.load(tar.extractfile("./results.json"))
+    assert res["missing"] == ["stage2/dense"]

@@ -12,7 +12,8 @@
 #           so a lease that ends early leaves out the least important allocations; the report lists
 #           them), for the last command of a lease that cannot finish.
 #   Both write $OUT/testbed-v2.tgz (results JSON/MD, allocations, per-prompt verdicts, heatmaps,
-#   logs) when they report and $OUT is set.
+#   logs) when they report and $OUT is set; auto also reports (on what exists) when its budget ends
+#   after the eval has begun, so a lease that ends early still brings back the latest call's report.
 #
 # PER_CELL=N (prompts per task x context x depth cell, default 40) must be the same in every command.
 # PROCS (default 3): processes per GPU for the allocations, stage 2 and the eval. The model is
@@ -64,7 +65,10 @@ report() {
   cp "$run"/log-*.txt "$run/published/" 2>/dev/null || true
   if [ -n "${OUT:-}" ]; then tar czf "$OUT/testbed-v2.tgz" -C "$run/published" . && ls -l "$OUT"; fi
 }
-unfinished() { echo "testbed v2: $1 unfinished (budget spent); run the same command again"; exit 0; }
+unfinished() {  # the report on what exists comes back with every call once the eval has begun
+  if [ -n "$(ls "$run"/eval/*/*.json 2>/dev/null)" ]; then report; fi
+  echo "testbed v2: $1 unfinished (budget spent); run the same command again"; exit 0
+}
 mkdir -p "$run"
 case $mode in
   auto)
