@@ -63,18 +63,24 @@ def test_every_allocation_in_both_modes_is_evaluated_and_reported(run_dir):
     # every pair within each (mode, rho, sink) group plus dense is compared once, on retrieval
     # and on the held-out loss beyond W (per sequence)
     n = 1 + len(bases)
-    assert len(res.differences) == len(res.loss_differences) == len(MODES) * len(groups(SMOKE2)) * n * (n - 1) // 2
+    # and on the in-template prompts
+    assert len(res.differences) == len(res.loss_differences) == len(res.template_differences) \
+        == len(MODES) * len(groups(SMOKE2)) * n * (n - 1) // 2
+    tasks, contexts = SMOKE2.train_structures, SMOKE2.eval_contexts
+    assert res.template_prompts == len(tasks) * len(contexts) * SMOKE2.template_per_cell
     for r in res.rows:
         ev = json.loads((pub / "eval" / r.mode / f"{r.name}.json").read_text())
         per = ev["loss_beyond_window_per_sequence"]
         assert len(per) == SMOKE2.loss_sequences and sum(per) / len(per) == pytest.approx(r.loss_beyond_window)
         assert r.loss_ci_low <= r.loss_beyond_window <= r.loss_ci_high
+        tpl = ev["template_verdicts"]
+        assert len(tpl) == res.template_prompts and r.template_accuracy == sum(tpl) / len(tpl)
+        assert r.template_ci_low <= r.template_accuracy <= r.template_ci_high
+        assert set(ev["template_by_task"]) == set(tasks)
     assert res.paper_order and all(c["verdict"].split()[0] in ("agrees", "disagrees", "equal") for c in res.paper_order)
     md = (pub / "results.md").read_text()
     assert "95% percentile-bootstrap" in md
-    # the dense model's control on the training templates: one accuracy per structure
-    assert set(res.control) == set(SMOKE2.train_structures) and all(0 <= v <= 1 for v in res.control.values())
-    assert "Control, the dense model on prompts in the *training* templates" in md
+    assert f"{res.prompts} held-out prompts (and {res.template_prompts} in the training templates)" in md
     table = [line for line in md.splitlines() if line.startswith("|")]
     assert len(table) == len(res.rows) + 2 and len({line.count("|") for line in table}) == 1
 

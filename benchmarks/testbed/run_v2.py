@@ -12,6 +12,8 @@ Version 2 reuses its corpus, pretraining and stage-2 phases with larger sizes, a
   multi-value, variable tracking) that pretraining never showed, first needle at depth 0.1-0.5
   (>= 3,500 tokens before the query at 8k: 7 windows), the same prompts for every allocation;
   held-out loss by distance beyond the window;
+- the same structures in the training templates (in-template prompts, every allocation): what
+  each allocation keeps of retrieval the model has, apart from carrying it over to new wording;
 - per-prompt verdicts kept, so the report gives 95% percentile-bootstrap intervals and paired
   bootstrap differences (:mod:`consa_vllm.eval.stats`), Holm-corrected within each comparison
   group, and checks the ConSA paper's ordering (kv_head per-layer > global > dense > layer > rules;
@@ -25,8 +27,9 @@ steps and 40-50 s per stage 2 at 60 steps, 3 processes on the GPU; 14-86 s per a
 1,080 prompts): pretraining 1,500 steps of 32 x 2048 tokens, then 300 of 8 x 8192
 (:class:`Curriculum`, about 9.5 minutes; run 1's loss levelled off near 1.8 by step 1,500), gate
 training 80 x 4 x 8192 (about 4 minutes for the 10 trained allocations) and stage 2 40 x 4 x 8192
-per allocation (about 3.5), 32 prompts per (task, context, depth) cell (about 6.5 for both
-modes): about 25 minutes with the corpus. Stage 2 and the eval take
+per allocation (about 3.5), 32 held-out prompts per (task, context, depth) cell and 16
+in-template ones per (structure, context) (about 7.5 for both modes): about 26 minutes with the
+corpus. Stage 2 and the eval take
 the allocations in priority order (:func:`priority`), so a phase cut by its time budget leaves out
 the least important ones, and the report lists what is missing.
 
@@ -76,6 +79,8 @@ class Settings2(Settings):
     # The task structures the retrieval documents also teach, in training templates
     # (tasks_v2.training_task_document); the eval's wording stays held out.
     train_structures: tuple[str, ...] = TASKS
+    # In-template prompts per (structure, context) for every allocation (0: none); eval_prompts.
+    template_per_cell: int = 16
 
     sinks: tuple[int, ...] = (0, 64)
     sink_rhos: tuple[float, ...] = (0.75,)  # the rhos at which the sink > 0 variants are made (budget)
@@ -116,7 +121,7 @@ SMOKE2 = Settings2(
     seq_len=1024, window=32, rhos=(0.75,), retrieval_docs=32, kv_needles=4, pre_steps=6, pre_batch=2, pre_lr=3e-3,
     pre_warmup=2, pre_short_len=512, pre_short_steps=3, short_retrieval_docs=16, short_kv_needles=2,
     consa_steps=2, consa_batch=2, consa_docs=8, s2_steps=1, s2_batch=2, loss_sequences=2,
-    sinks=(0, 4), sink_rhos=(0.75,), rules=("bottom", "uniform"), duo_steps=2, eval_contexts=(512,),
+    sinks=(0, 4), sink_rhos=(0.75,), rules=("bottom", "uniform"), duo_steps=2, eval_contexts=(512,), template_per_cell=2,
     eval_depths=(0.1, 0.5), per_cell=1, eval_batch=8, device="cpu", dtype="float32")
 
 
@@ -273,21 +278,31 @@ def phase_allocations(out: Path, s: Settings2, max_minutes: float | None, spec: 
 
 
 def eval_prompts(out: Path, s: Settings2):
-    """The held-out prompts (the same for every allocation) and the held-out loss sequences."""
+    """The held-out prompts, the in-template prompts and the held-out loss sequences (the same for
+    every allocation).
+
+    In-template prompts (:func:`benchmarks.testbed.tasks_v2.make_training_sample`,
+    ``template_per_cell`` per structure and context): the structures in the wording pretraining
+    used, so their accuracy says what each allocation keeps of retrieval the model has, apart
+    from carrying it over to the held-out wording."""
     import numpy as np
     from transformers import AutoTokenizer
 
     from consa_vllm.eval.cli import read_loss_sequences
-    from consa_vllm.eval.tasks import Filler
+    from consa_vllm.eval.tasks import Filler, sample_grid
 
-    from .tasks_v2 import make_task_samples
+    from .tasks_v2 import make_task_samples, make_training_sample
 
     tok = AutoTokenizer.from_pretrained(str(out / "pretrained"))
     filler = Filler(tok, ids=np.load(out / "corpus" / "heldout_ids.npy", mmap_mode="r"))
     prompts = make_task_samples(s.eval_tasks, tok, filler, s.eval_contexts, s.eval_depths, s.per_cell,
                                 seed=s.seed + 4321, window=s.window)
+    tasks = list(s.train_structures)
+    templated = sample_grid(tasks, s.eval_contexts, (0.0,), s.template_per_cell, s.seed + 99,
+                            lambda i, c, d, rng: make_training_sample(tasks[i], tok, filler, c, rng, s.window)) \
+        if s.template_per_cell else []
     loss_seqs = read_loss_sequences([str(out / "corpus" / "heldout.jsonl")], tok, s.seq_len, s.loss_sequences)
-    return prompts, loss_seqs
+    return prompts, templated, loss_seqs
 
 
 def beyond(sample, window: int, sink: int) -> bool:
@@ -295,8 +310,9 @@ def beyond(sample, window: int, sink: int) -> bool:
     return sample.distance >= window and sample.context - 1 - sample.distance >= sink
 
 
-def eval_one(model, alloc, prompts, loss_seqs, s: Settings2) -> dict:
-    """Per-prompt verdicts, accuracy by task, held-out loss by distance beyond the window.
+def eval_one(model, alloc, prompts, templated, loss_seqs, s: Settings2) -> dict:
+    """Per-prompt verdicts, accuracy by task, the same on the in-template prompts ``templated``,
+    held-out loss by distance beyond the window.
 
     ``model``: an HF model; it is (re)patched with ``alloc`` (its window and sink) here.
     """
@@ -309,32 +325,14 @@ def eval_one(model, alloc, prompts, loss_seqs, s: Settings2) -> dict:
     by_task = {t: sum(v for p, v in zip(prompts, ok) if p.task == t) / sum(p.task == t for p in prompts)
                for t in s.eval_tasks}
     far = [v for p, v in zip(prompts, ok) if beyond(p, alloc.window, alloc.sink)]
+    tpl_ok = [int(v) for v in score_retrieval(model, templated, batch_size=s.eval_batch)] if templated else []
+    template = {"template_verdicts": tpl_ok, "template_by_task": {
+        task: sum(v for x, v in zip(templated, tpl_ok) if x.task == f"{task}-train")
+        / sum(x.task == f"{task}-train" for x in templated) for task in s.train_structures}} if templated else {}
     return {"accuracy": sum(ok) / len(ok), "by_task": by_task,
             "accuracy_beyond_window": sum(far) / len(far) if far else None, "prompts_beyond_window": len(far),
             "loss": loss["loss"], "loss_beyond_window": loss["loss_beyond_window"],
-            "loss_beyond_window_per_sequence": loss["loss_beyond_window_per_sequence"], "verdicts": ok}
-
-
-def control_accuracy(out: Path, s: Settings2, model) -> dict[str, float]:
-    """The dense model's accuracy on prompts in the training templates
-    (:func:`benchmarks.testbed.tasks_v2.make_training_sample`), ``per_cell`` per task and context:
-    whether it learned each structure at all, apart from carrying it over to the held-out wording."""
-    import numpy as np
-    from transformers import AutoTokenizer
-
-    from consa_vllm.eval.metrics import score_retrieval
-    from consa_vllm.eval.tasks import Filler, sample_grid
-
-    from .tasks_v2 import make_training_sample
-
-    tok = AutoTokenizer.from_pretrained(str(out / "pretrained"))
-    filler = Filler(tok, ids=np.load(out / "corpus" / "heldout_ids.npy", mmap_mode="r"))
-    tasks = list(s.train_structures)
-    samples = sample_grid(tasks, s.eval_contexts, (0.0,), s.per_cell, s.seed + 99,
-                          lambda i, c, d, rng: make_training_sample(tasks[i], tok, filler, c, rng, s.window))
-    ok = score_retrieval(model, samples, batch_size=s.eval_batch)
-    return {t: sum(v for x, v in zip(samples, ok) if x.task == f"{t}-train") / (len(samples) // len(tasks))
-            for t in tasks}
+            "loss_beyond_window_per_sequence": loss["loss_beyond_window_per_sequence"], "verdicts": ok, **template}
 
 
 def phase_eval(out: Path, s: Settings2, max_minutes: float | None, spec: str | None) -> bool:
@@ -345,7 +343,7 @@ def phase_eval(out: Path, s: Settings2, max_minutes: float | None, spec: str | N
     jobs = shard([(m, n) for n in priority(allocation_names(out)) for m in MODES], spec)
     from consa_vllm.eval.cli import load_reference
 
-    prompts = loss_seqs = pretrained = None
+    prompts = templated = loss_seqs = pretrained = None
     for mode, name in jobs:
         dst = out / "eval" / mode / f"{name}.json"
         if dst.exists():
@@ -358,8 +356,8 @@ def phase_eval(out: Path, s: Settings2, max_minutes: float | None, spec: str | N
             log("eval: time budget spent; rerun to continue")
             return False
         if prompts is None:
-            prompts, loss_seqs = eval_prompts(out, s)
-            log(f"eval: {len(prompts)} prompts per allocation")
+            prompts, templated, loss_seqs = eval_prompts(out, s)
+            log(f"eval: {len(prompts)} held-out and {len(templated)} in-template prompts per allocation")
         alloc = Allocation.load(out / "allocations" / f"{name}.json")
         t1 = time.time()
         if mode == "masks":  # one load of the pretrained weights serves every masks-only allocation
@@ -368,12 +366,12 @@ def phase_eval(out: Path, s: Settings2, max_minutes: float | None, spec: str | N
             model = pretrained
         else:
             model = load_reference(out / "stage2" / name, None, alloc.window, s.device, s.dtype)
-        r = eval_one(model, alloc, prompts, loss_seqs, s)
-        if (mode, name) == ("masks", "dense"):
-            r["control_by_task"] = control_accuracy(out, s, model)
+        r = eval_one(model, alloc, prompts, templated, loss_seqs, s)
         dst.parent.mkdir(parents=True, exist_ok=True)
         dst.write_text(json.dumps(r) + "\n")
-        log(f"eval: {mode} {name}: retrieval {r['accuracy']:.3f}, loss {r['loss']:.4f} ({time.time() - t1:.0f} s)")
+        tpl = f", in-template {sum(r['template_verdicts']) / len(templated):.3f}" if templated else ""
+        log(f"eval: {mode} {name}: retrieval {r['accuracy']:.3f}{tpl}, loss {r['loss']:.4f} "
+            f"({time.time() - t1:.0f} s)")
     return True
 
 
@@ -395,6 +393,10 @@ class Row(BaseModel):
     accuracy_beyond_window: float | None
     loss: float
     loss_beyond_window: float | None
+    # Retrieval on the in-template prompts with its 95% bootstrap interval (None: not run, run 1)
+    template_accuracy: float | None = None
+    template_ci_low: float | None = None
+    template_ci_high: float | None = None
     # 95% bootstrap interval of loss_beyond_window over the held-out sequences (None: not kept, run 1)
     loss_ci_low: float | None = None
     loss_ci_high: float | None = None
@@ -428,8 +430,9 @@ class ResultsV2(BaseModel):
     paper_order: list[dict]
     layer_pattern: list[dict]
     missing: list[str] = []  # MODE/NAME not evaluated (a phase's time budget ran out first)
-    # The dense model on prompts in the training templates, by task (control_accuracy); {} before run 2
-    control: dict[str, float] = {}
+    template_prompts: int = 0  # in-template prompts per allocation and mode (0 before run 2)
+    # Paired differences on the in-template prompts, as ``differences``
+    template_differences: list[Difference] = []
 
 
 def base_of(name: str) -> tuple[str, float, int]:
@@ -468,7 +471,7 @@ def phase_report(out: Path, s: Settings2) -> dict:
 
     from .lm import write_json
 
-    rows, verdicts, seq_losses, missing = [], {}, {}, []
+    rows, verdicts, seq_losses, tpl_verdicts, missing = [], {}, {}, {}, []
     for mode in MODES:
         for name in allocation_names(out):
             path = out / "eval" / mode / f"{name}.json"
@@ -478,38 +481,46 @@ def phase_report(out: Path, s: Settings2) -> dict:
             alloc = Allocation.load(out / "allocations" / f"{name}.json")
             ev = json.loads(path.read_text())
             ci = bootstrap_ci(ev["verdicts"], seed=s.seed)
+            # Run 1 kept neither per-sequence losses nor in-template prompts: those stay None.
             per_seq = ev.get("loss_beyond_window_per_sequence") or []
             lci = bootstrap_ci(per_seq, seed=s.seed) if len(per_seq) > 1 else None
+            tpl = ev.get("template_verdicts") or []
+            tci = bootstrap_ci(tpl, seed=s.seed) if tpl else None
             base, rho, sink = base_of(name)
             rows.append(Row(name=name, mode=mode, base=base, rho=rho, sink=sink, accuracy=ev["accuracy"],
                             ci_low=ci.low, ci_high=ci.high, by_task=ev["by_task"],
                             accuracy_beyond_window=ev["accuracy_beyond_window"], loss=ev["loss"],
                             loss_beyond_window=ev["loss_beyond_window"], loss_ci_low=lci and lci.low,
-                            loss_ci_high=lci and lci.high, pattern=alloc.pattern))
+                            loss_ci_high=lci and lci.high, template_accuracy=sum(tpl) / len(tpl) if tpl else None,
+                            template_ci_low=tci and tci.low, template_ci_high=tci and tci.high,
+                            pattern=alloc.pattern))
             verdicts[(mode, name)] = ev["verdicts"]
             if lci is not None:
                 seq_losses[(mode, name)] = per_seq
+            if tpl:
+                tpl_verdicts[(mode, name)] = tpl
             if base.startswith(("consa", "duo")) and mode == "masks":
                 png = out / "heatmaps" / f"{name}.png"
                 png.parent.mkdir(parents=True, exist_ok=True)
                 plot_allocation(alloc, png, title=name)
     # Comparison groups: one mode, rho and sink, plus dense (equal KV memory within a group).
-    diffs, loss_diffs, order_checks, pattern_checks = [], [], [], []
+    diffs, loss_diffs, tpl_diffs, order_checks, pattern_checks = [], [], [], [], []
+
+    def compare(group: str, mode: str, pairs, scores: dict) -> list[Difference]:
+        """Paired bootstrap of every pair that has ``scores``, Holm-corrected within the group."""
+        pairs = [(a, b) for a, b in pairs if (mode, a.name) in scores and (mode, b.name) in scores]
+        res = [paired_bootstrap(scores[(mode, a.name)], scores[(mode, b.name)], seed=s.seed) for a, b in pairs]
+        return [Difference(group=group, a=a.name, b=b.name, diff=r.mean, low=r.low, high=r.high, p_value=r.p_value,
+                           p_holm=p, significant=p < 0.05)
+                for (a, b), r, p in zip(pairs, res, holm([r.p_value for r in res]))]
+
     for mode, (sink, rho) in itertools.product(MODES, groups(s)):
         group = f"{mode} rho={rho} sink={sink}"
         members = [r for r in rows if r.mode == mode and (r.base == "dense" or (r.rho == rho and r.sink == sink))]
         pairs = list(itertools.combinations(members, 2))
-        res = [paired_bootstrap(verdicts[(mode, a.name)], verdicts[(mode, b.name)], seed=s.seed) for a, b in pairs]
-        adj = holm([r.p_value for r in res])
-        for (a, b), r, p in zip(pairs, res, adj):
-            diffs.append(Difference(group=group, a=a.name, b=b.name, diff=r.mean, low=r.low, high=r.high,
-                                    p_value=r.p_value, p_holm=p, significant=p < 0.05))
-        lpairs = [(a, b) for a, b in pairs if (mode, a.name) in seq_losses and (mode, b.name) in seq_losses]
-        lres = [paired_bootstrap(seq_losses[(mode, a.name)], seq_losses[(mode, b.name)], seed=s.seed)
-                for a, b in lpairs]
-        for (a, b), r, p in zip(lpairs, lres, holm([r.p_value for r in lres])):
-            loss_diffs.append(Difference(group=group, a=a.name, b=b.name, diff=r.mean, low=r.low, high=r.high,
-                                         p_value=r.p_value, p_holm=p, significant=p < 0.05))
+        diffs += compare(group, mode, pairs, verdicts)
+        loss_diffs += compare(group, mode, pairs, seq_losses)
+        tpl_diffs += compare(group, mode, pairs, tpl_verdicts)
         by_base = {r.base: r for r in members}
         rules = [r for r in members if r.base.startswith("rule-")]
         if rules:
@@ -529,14 +540,13 @@ def phase_report(out: Path, s: Settings2) -> dict:
                     pattern_checks.append({"name": r.name, **t,
                                            "s_bottom_f_middle": t["bottom"] < t["middle"]})
     prompts = len(next(iter(verdicts.values())))
-    dense_eval = out / "eval" / "masks" / "dense.json"
-    control = json.loads(dense_eval.read_text()).get("control_by_task", {}) if dense_eval.exists() else {}
+    template_prompts = len(next(iter(tpl_verdicts.values()), []))
     results = {"settings": s.model_dump(), "pretrain": json.loads((out / "pretrain.json").read_text()),
                "device": device_name(s.device), "phase_seconds": phase_seconds(out), "prompts": prompts,
                "rows": [r.model_dump() for r in rows], "differences": [d.model_dump() for d in diffs],
                "loss_differences": [d.model_dump() for d in loss_diffs],
                "paper_order": order_checks, "layer_pattern": pattern_checks, "missing": missing,
-               "control": control}
+               "template_prompts": template_prompts, "template_differences": [d.model_dump() for d in tpl_diffs]}
     write_json(out / "results.json", ResultsV2.model_validate(results).model_dump())
     (out / "results.md").write_text(render_markdown(ResultsV2.model_validate(results)))
     log("report: " + str(out / "results.md"))
@@ -545,21 +555,24 @@ def phase_report(out: Path, s: Settings2) -> dict:
 
 def render_markdown(r: ResultsV2) -> str:
     f = lambda x, p=3: "-" if x is None else f"{x:.{p}f}"  # noqa: E731
-    lines = [f"{r.prompts} prompts per allocation and mode; 95% percentile-bootstrap intervals over prompts.", "",
+    ci = lambda x, lo, hi, p=3: f(x, p) + ("" if lo is None else f" [{lo:.{p}f}, {hi:.{p}f}]")  # noqa: E731
+    lines = [f"{r.prompts} held-out prompts (and {r.template_prompts} in the training templates) per allocation "
+             "and mode; 95% percentile-bootstrap intervals over prompts (loss: over sequences).", "",
              "| mode | allocation | rho | sink | retrieval [95% CI] | " + " | ".join(r.settings["eval_tasks"])
-             + " | beyond W | loss | loss beyond W |", "|---" * (8 + len(r.settings["eval_tasks"])) + "|"]
+             + " | beyond W | in-template [95% CI] | loss | loss beyond W |",
+             "|---" * (9 + len(r.settings["eval_tasks"])) + "|"]
     for x in sorted(r.rows, key=lambda x: (x.mode, x.rho, x.sink, -x.accuracy)):
-        lines.append(f"| {x.mode} | {x.base} | {x.rho:.2f} | {x.sink} | {x.accuracy:.3f} [{x.ci_low:.3f}, "
-                     f"{x.ci_high:.3f}] | " + " | ".join(f(x.by_task[t]) for t in r.settings["eval_tasks"])
-                     + f" | {f(x.accuracy_beyond_window)} | {f(x.loss, 4)} | {f(x.loss_beyond_window, 4)}"
-                     + (f" [{x.loss_ci_low:.4f}, {x.loss_ci_high:.4f}]" if x.loss_ci_low is not None else "") + " |")
-    if r.control:
-        lines += ["", "Control, the dense model on prompts in the *training* templates: "
-                  + ", ".join(f"{k} {v:.3f}" for k, v in r.control.items())
-                  + " (did it learn each structure, apart from carrying it over to the held-out wording?)"]
+        lines.append(f"| {x.mode} | {x.base} | {x.rho:.2f} | {x.sink} | {ci(x.accuracy, x.ci_low, x.ci_high)} | "
+                     + " | ".join(f(x.by_task[t]) for t in r.settings["eval_tasks"])
+                     + f" | {f(x.accuracy_beyond_window)} | {ci(x.template_accuracy, x.template_ci_low, x.template_ci_high)}"
+                     + f" | {f(x.loss, 4)} | {ci(x.loss_beyond_window, x.loss_ci_low, x.loss_ci_high, 4)} |")
     lines += ["", "Significant paired differences (Holm-adjusted p < 0.05 within each group):", ""]
     lines += [f"- {d.group}: {d.a} - {d.b} = {d.diff:+.3f} [{d.low:+.3f}, {d.high:+.3f}], p_holm {d.p_holm:.2g}"
               for d in r.differences if d.significant] or ["- none"]
+    if r.template_differences:
+        lines += ["", "The same on the in-template prompts:", ""]
+        lines += [f"- {d.group}: {d.a} - {d.b} = {d.diff:+.3f} [{d.low:+.3f}, {d.high:+.3f}], p_holm {d.p_holm:.2g}"
+                  for d in r.template_differences if d.significant] or ["- none"]
     if r.loss_differences:
         lines += ["", "Significant paired differences in held-out loss beyond W, over sequences (Holm-adjusted "
                   "p < 0.05 within each group; > 0: the first loses more):", ""]
