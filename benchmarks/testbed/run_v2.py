@@ -9,7 +9,8 @@ Version 2 reuses its corpus, pretraining and stage-2 phases with larger sizes, a
   random (``uniform``: the same F count per layer), at rho 0.5 and 0.75, and dense;
 - every allocation evaluated masks-only (the pretrained weights) and after the same stage 2;
 - retrieval in held-out RULER-style formats (:mod:`benchmarks.testbed.tasks_v2`: multi-key,
-  multi-value, variable tracking) that pretraining never showed, first needle at depth 0.1-0.5
+  multi-value, variable tracking) whose wording pretraining never showed (it teaches the
+  structures in templates of its own, since run 1: see tasks_v2), first needle at depth 0.1-0.5
   (>= 3,500 tokens before the query at 8k: 7 windows), the same prompts for every allocation;
   held-out loss by distance beyond the window;
 - the same structures in the training templates (in-template prompts, every allocation): what
