@@ -271,6 +271,10 @@ def test_gpu_script_runs_resumable_commands_to_the_report(tmp_path):
     with tarfile.open(out / "testbed-v2.tgz") as tar:
         names = tar.getnames()
     assert "./results.json" in names and any(n.startswith("./eval/stage2/") for n in names)
+    # every masks-only eval ran before stage 2 began (a lease cut short loses stage-2 rows first)
+    masks = [q.stat().st_mtime for q in (run / "eval" / "masks").glob("*.json")]
+    stage2 = [q.stat().st_mtime for q in (run / "stage2").glob("*/config.json")]
+    assert masks and stage2 and max(masks) <= min(stage2)
     # A call whose budget ends once the eval has begun still brings back the report on what exists.
     (out / "testbed-v2.tgz").unlink()
     (run / "eval" / "stage2" / "dense.json").unlink()

@@ -4,7 +4,9 @@
 #   BUDGET=540 benchmarks/testbed/gpu_v2.sh auto [RUN_DIR]    (RUN_DIR default: runs/testbed-v2, git-ignored)
 #   benchmarks/testbed/gpu_v2.sh report [RUN_DIR]
 #
-#   auto:   the next phases in order (corpus, pretraining, allocations, stage 2, eval), each given what
+#   auto:   the next phases in order (corpus, pretraining, allocations, eval, stage 2, eval: the first
+#           eval pass does every masks-only allocation, so a lease cut short loses stage-2 rows, not
+#           masks-only ones; the second does the stage-2 models), each given what
 #           is left of BUDGET seconds, then, once every phase is done, the report. Repeat the same
 #           command until it says "testbed v2: done": every phase skips finished work and saves its
 #           state when its budget runs out (pretraining resumes from its checkpoint).
@@ -15,7 +17,7 @@
 #   logs) when they report and $OUT is set; auto also reports (on what exists) when its budget ends
 #   after the eval has begun, so a lease that ends early still brings back the latest call's report.
 #
-# PER_CELL=N (prompts per task x context x depth cell, default 40) must be the same in every command.
+# PER_CELL=N (prompts per task x context x depth cell, default run_v2.FULL2.per_cell) must be the same in every command.
 # PROCS (default 3): processes per GPU for the allocations, stage 2 and the eval. The model is
 # small (hidden 512) and the jobs short, so several processes share a GPU. A phase's budget is
 # checked before each job starts (a job then runs to its end: up to 105 s for a trained allocation
@@ -42,7 +44,7 @@ sharded() {  # phase: PROCS processes per GPU, each with every n-th job, within 
   m=$(minutes_left 100)
   [ "$m" != 0 ] || return 3
   for ((i = 0; i < n; i++)); do
-    CUDA_VISIBLE_DEVICES=$((i % gpus)) tb --phase "$1" --shard "$i/$n" --max-minutes "$m" > "$run/log-$1-$i.txt" 2>&1 &
+    CUDA_VISIBLE_DEVICES=$((i % gpus)) tb --phase "$1" --shard "$i/$n" --max-minutes "$m" >> "$run/log-$1-$i.txt" 2>&1 &
     pids+=($!)
   done
   for p in "${pids[@]}"; do
@@ -77,7 +79,7 @@ case $mode in
     [ "$m" != 0 ] || unfinished pretrain
     r=0; tb --phase pretrain --max-minutes "$m" || r=$?
     check pretrain "$r"
-    for phase in allocations stage2 eval; do
+    for phase in allocations eval stage2 eval; do
       r=0; sharded "$phase" || r=$?
       check "$phase" "$r"
     done
