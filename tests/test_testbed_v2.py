@@ -221,7 +221,7 @@ def test_training_templates_teach_the_structures_and_hold_out_the_eval_wording()
 def test_report_helpers():
     from benchmarks.testbed.run_v2 import FULL2
     assert groups(FULL2) == [(0, 0.5), (0, 0.75), (64, 0.75)]
-    assert len(FULL2.eval_tasks) * len(FULL2.eval_contexts) * len(FULL2.eval_depths) * FULL2.per_cell == 864
+    assert len(FULL2.eval_tasks) * len(FULL2.eval_contexts) * len(FULL2.eval_depths) * FULL2.per_cell == 648
     names = ["rule-interleave-0.5", "consa-layer-0.75", "duo-0.75-sink64", "rule-uniform-0.75", "dense",
              "consa-kv_head-per-layer-0.5", "consa-kv_head-per-layer-0.75-sink64", "consa-kv_head-per-layer-0.75"]
     assert priority(names) == ["dense", "consa-kv_head-per-layer-0.75", "consa-layer-0.75", "rule-uniform-0.75",

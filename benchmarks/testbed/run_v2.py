@@ -25,12 +25,12 @@ a session gets (the model cannot travel back between leases), from what run 1 me
 (``benchmarks/results/testbed_v2_h200_run1``: corpus 97 s; pretraining 0.288 s per step of
 32 x 2048 tokens and 0.37 s per step of 8 x 8192; 75-105 s per trained allocation at 100 gate
 steps and 40-50 s per stage 2 at 60 steps, 3 processes on the GPU; 14-86 s per allocation for
-1,080 prompts): pretraining 1,500 steps of 32 x 2048 tokens, then 300 of 8 x 8192
-(:class:`Curriculum`, about 9.5 minutes; run 1's loss levelled off near 1.8 by step 1,500), gate
-training 80 x 4 x 8192 (about 4 minutes for the 10 trained allocations) and stage 2 40 x 4 x 8192
-per allocation (about 3.5), 32 held-out prompts per (task, context, depth) cell and 16
-in-template ones per (structure, context) (about 7.5 for both modes): about 26 minutes with the
-corpus. Stage 2 and the eval take
+1,080 prompts): pretraining 1,400 steps of 32 x 2048 tokens, then 300 of 8 x 8192
+(:class:`Curriculum`, about 9 minutes; run 1's loss was 1.9-2.0 at steps 1,300-1,400 and
+1.83 at 1,500), gate training 80 x 4 x 8192 (about 4 minutes for the 10 trained allocations),
+stage 2 32 x 4 x 8192 per allocation (about 3), 24 held-out prompts per (task, context, depth)
+cell and 16 in-template ones per (structure, context) (about 7 for both modes): about 24
+minutes with the corpus. Stage 2 and the eval take
 the allocations in priority order (:func:`priority`), so a phase cut by its time budget leaves out
 the least important ones, and the report lists what is missing.
 
@@ -99,7 +99,8 @@ class Settings2(Settings):
     # se = sqrt(0.10 / 2268) = 0.0066), or unpaired when both accuracies are >= 0.95 or <= 0.05
     # (se = sqrt(2 x 0.95 x 0.05 / 2268) = 0.0065); at accuracy 0.5 unpaired it would take 11,250
     # (consa_vllm.eval.stats.prompts_for_difference). The report gives each difference's own se.
-    # FULL2 takes 32 (864 prompts: 3 se at disagreement <= 3.8%), what one lease's eval allows.
+    # FULL2 takes 24 (648 prompts: 3 se at disagreement <= 2.9%), what one lease's eval allows
+    # beside stage 2 and the in-template prompts.
     per_cell: int = 84
     eval_batch: int = 4
 
@@ -109,10 +110,10 @@ FULL2 = Settings2(
     shape=dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=16,
                num_key_value_heads=8, head_dim=64, max_position_embeddings=8192),
     seq_len=8192, window=512, retrieval_docs=4000, kv_needles=48,
-    pre_steps=1800, pre_batch=8, pre_lr=1e-3, pre_warmup=100, pre_short_len=2048, pre_short_steps=1500,
+    pre_steps=1700, pre_batch=8, pre_lr=1e-3, pre_warmup=100, pre_short_len=2048, pre_short_steps=1400,
     short_retrieval_docs=16_000,
-    consa_steps=80, consa_batch=4, duo_steps=80, consa_docs=400, s2_steps=40, s2_batch=4, loss_sequences=24,
-    sink_bases=("consa-kv_head-per-layer", "duo"), per_cell=32, eval_batch=8)
+    consa_steps=80, consa_batch=4, duo_steps=80, consa_docs=400, s2_steps=32, s2_batch=4, loss_sequences=24,
+    sink_bases=("consa-kv_head-per-layer", "duo"), per_cell=24, eval_batch=8)
 SMOKE2 = Settings2(
     max_corpus_bytes=400_000, heldout_per_mille=250, tokenizer_bytes=200_000, vocab_size=512,
     shape=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=8,
