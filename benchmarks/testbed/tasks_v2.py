@@ -211,9 +211,9 @@ def training_task_document(task: str, tokenizer, filler: Filler, length: int,
 
 def make_training_sample(task: str, tokenizer, filler: Filler, context: int, rng: random.Random,
                          window: int) -> Sample:
-    """A control prompt in the *training* templates: :func:`training_instances`' needles and its
-    first question, exactly ``context`` tokens. The dense model's accuracy on these says whether
-    it learned the structure at all, apart from carrying it over to the held-out wording."""
+    """An in-template prompt: :func:`training_instances`' needles and its first question, exactly
+    ``context`` tokens. Accuracy on these is retrieval in the wording pretraining used: what an
+    allocation keeps of it, and (dense) whether the structure was learned at all."""
     enc = lambda s: encode(tokenizer, s)  # noqa: E731
     pieces, qa = training_instances(task, rng)
     question, answer = qa[0]

@@ -116,6 +116,16 @@ class Parallel:
         else:
             opt.load_state_dict(sd)
 
+    def wait_for_all(self) -> None:
+        """Barrier across ranks (nothing with one process).
+
+        The end of a run: a rank that leaves while rank 0 still writes the model and the plots
+        tears its process group down under a peer still in it; with gloo that process then
+        aborts at exit (seen once in this project's CPU tests), and torchrun kills rank 0 before
+        it has written the allocation."""
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
     def weights_to_save(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
         """``--save-model``: FSDP gathers the full weights (collective); otherwise None, and the
         model writes its own."""

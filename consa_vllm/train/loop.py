@@ -374,6 +374,7 @@ class Trainer:
         weights = self.par.weights_to_save(self.net.model) if cfg.save_model else None
         if self.main:
             self.finish(alloc, weights)
+        self.par.wait_for_all()  # every rank leaves once rank 0 has written everything
         return alloc
 
     def finish(self, alloc: Allocation, weights: dict[str, torch.Tensor] | None = None) -> None:
