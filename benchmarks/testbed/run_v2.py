@@ -324,14 +324,16 @@ def eval_one(model, alloc, prompts, templated, loss_seqs, s: Settings2) -> dict:
     patch_model(model, window=alloc.window, allocation=alloc)
     ok = [int(v) for v in score_retrieval(model, prompts, batch_size=s.eval_batch)]
     loss = lm_loss(model, loss_seqs, alloc.window, batch_size=s.eval_batch)
-    by_task = {t: sum(v for p, v in zip(prompts, ok) if p.task == t) / sum(p.task == t for p in prompts)
-               for t in s.eval_tasks}
+
+    def by_task(samples, verdicts, tasks, suffix: str = "") -> dict[str, float]:
+        return {t: sum(v for x, v in zip(samples, verdicts) if x.task == t + suffix)
+                / sum(x.task == t + suffix for x in samples) for t in tasks}
+
     far = [v for p, v in zip(prompts, ok) if beyond(p, alloc.window, alloc.sink)]
     tpl_ok = [int(v) for v in score_retrieval(model, templated, batch_size=s.eval_batch)] if templated else []
-    template = {"template_verdicts": tpl_ok, "template_by_task": {
-        task: sum(v for x, v in zip(templated, tpl_ok) if x.task == f"{task}-train")
-        / sum(x.task == f"{task}-train" for x in templated) for task in s.train_structures}} if templated else {}
-    return {"accuracy": sum(ok) / len(ok), "by_task": by_task,
+    template = {"template_verdicts": tpl_ok, "template_by_task": by_task(templated, tpl_ok, s.train_structures,
+                                                                         "-train")} if templated else {}
+    return {"accuracy": sum(ok) / len(ok), "by_task": by_task(prompts, ok, s.eval_tasks),
             "accuracy_beyond_window": sum(far) / len(far) if far else None, "prompts_beyond_window": len(far),
             "loss": loss["loss"], "loss_beyond_window": loss["loss_beyond_window"],
             "loss_beyond_window_per_sequence": loss["loss_beyond_window_per_sequence"], "verdicts": ok, **template}
@@ -568,18 +570,19 @@ def render_markdown(r: ResultsV2) -> str:
                      + " | ".join(f(x.by_task[t]) for t in r.settings["eval_tasks"])
                      + f" | {f(x.accuracy_beyond_window)} | {ci(x.template_accuracy, x.template_ci_low, x.template_ci_high)}"
                      + f" | {f(x.loss, 4)} | {ci(x.loss_beyond_window, x.loss_ci_low, x.loss_ci_high, 4)} |")
+
+    def significant(diffs: list[Difference], p: int = 3) -> list[str]:
+        return [f"- {d.group}: {d.a} - {d.b} = {d.diff:+.{p}f} [{d.low:+.{p}f}, {d.high:+.{p}f}], "
+                f"p_holm {d.p_holm:.2g}" for d in diffs if d.significant] or ["- none"]
+
     lines += ["", "Significant paired differences (Holm-adjusted p < 0.05 within each group):", ""]
-    lines += [f"- {d.group}: {d.a} - {d.b} = {d.diff:+.3f} [{d.low:+.3f}, {d.high:+.3f}], p_holm {d.p_holm:.2g}"
-              for d in r.differences if d.significant] or ["- none"]
+    lines += significant(r.differences)
     if r.template_differences:
-        lines += ["", "The same on the in-template prompts:", ""]
-        lines += [f"- {d.group}: {d.a} - {d.b} = {d.diff:+.3f} [{d.low:+.3f}, {d.high:+.3f}], p_holm {d.p_holm:.2g}"
-                  for d in r.template_differences if d.significant] or ["- none"]
+        lines += ["", "The same on the in-template prompts:", ""] + significant(r.template_differences)
     if r.loss_differences:
         lines += ["", "Significant paired differences in held-out loss beyond W, over sequences (Holm-adjusted "
                   "p < 0.05 within each group; > 0: the first loses more):", ""]
-        lines += [f"- {d.group}: {d.a} - {d.b} = {d.diff:+.4f} [{d.low:+.4f}, {d.high:+.4f}], p_holm {d.p_holm:.2g}"
-                  for d in r.loss_differences if d.significant] or ["- none"]
+        lines += significant(r.loss_differences, 4)
     lines += ["", "The paper's ordering (kv_head per-layer > global > dense > layer > rules):", ""]
     lines += [f"- {c['group']}: {c['higher_in_paper']} vs {c['lower_in_paper']}: {c['diff']:+.3f}, {c['verdict']}"
               for c in r.paper_order]

@@ -66,20 +66,16 @@ class ServedModel:
 
     def lm_loss(self, sequences, window: int) -> dict[str, Any]:
         """Same report as :func:`consa_vllm.eval.metrics.lm_loss`, from the server's prompt logprobs."""
-        rows = [self.token_logprobs(seq) for seq in sequences.tolist()]
+        # Each row's NLL of positions 1 .. T-1 (row[c] is position c + 1); a non-finite logprob counts as 1e9.
+        rows = [[-lp if math.isfinite(lp) else 1e9 for lp in self.token_logprobs(seq)] for seq in sequences.tolist()]
         T = sequences.shape[1]
-        nll = [0.0] * T
-        for row in rows:
-            for t, lp in enumerate(row, start=1):
-                nll[t] -= lp if math.isfinite(lp) else -1e9
+        nll = [0.0] + [sum(col) for col in zip(*rows)]  # summed over the rows, by position
         n = len(rows)
         buckets = [{"positions": [lo, hi], "beyond_window": [max(0, lo - window), max(0, hi - window)],
                     "tokens": n * (hi - lo), "loss": sum(nll[lo:hi]) / (n * (hi - lo))}
                    for lo, hi in position_buckets(window, T)]
         beyond = nll[window + 1:]
-        # row[c] is the logprob of position c + 1: beyond the window from c = window
-        per_sequence = [-sum(lp if math.isfinite(lp) else -1e9 for lp in row[window:]) / len(row[window:])
-                        for row in rows] if beyond else []
+        per_sequence = [sum(row[window:]) / len(row[window:]) for row in rows] if beyond else []  # from position window + 1
         return {"loss": sum(nll) / (n * (T - 1)), "tokens": n * (T - 1),
                 "loss_beyond_window": sum(beyond) / (n * len(beyond)) if beyond else None,
                 "window": window, "seq_len": T, "sequences": n, "buckets": buckets,
