@@ -25,11 +25,12 @@ a session gets (the model cannot travel back between leases), from what run 1 me
 (``benchmarks/results/testbed_v2_h200_run1``: corpus 97 s; pretraining 0.288 s per step of
 32 x 2048 tokens and 0.37 s per step of 8 x 8192; 75-105 s per trained allocation at 100 gate
 steps and 40-50 s per stage 2 at 60 steps, 3 processes on the GPU; 14-86 s per allocation for
-1,080 prompts): pretraining 1,400 steps of 32 x 2048 tokens, then 300 of 8 x 8192
-(:class:`Curriculum`, about 9 minutes; run 1's loss was 1.9-2.0 at steps 1,300-1,400 and
-1.83 at 1,500), gate training 80 x 4 x 8192 (about 4 minutes for the 10 trained allocations),
+1,080 prompts): pretraining 1,200 steps of 32 x 2048 tokens, then 300 of 8 x 8192
+(:class:`Curriculum`, about 7.5 minutes; run 1's loss was 1.9-2.0 at steps 1,300-1,400 and
+1.83 at 1,500, and run 2's first attempt logged 1.94-2.01 from step 1,100 on, at 0.285 s per
+step), gate training 80 x 4 x 8192 (about 4 minutes for the 10 trained allocations),
 stage 2 32 x 4 x 8192 per allocation (about 3), 24 held-out prompts per (task, context, depth)
-cell and 16 in-template ones per (structure, context) (about 7 for both modes): about 24
+cell and 16 in-template ones per (structure, context) (about 7 for both modes): about 22
 minutes with the corpus. Stage 2 and the eval take
 the allocations in priority order (:func:`priority`), so a phase cut by its time budget leaves out
 the least important ones, and the report lists what is missing.
@@ -110,7 +111,7 @@ FULL2 = Settings2(
     shape=dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=16,
                num_key_value_heads=8, head_dim=64, max_position_embeddings=8192),
     seq_len=8192, window=512, retrieval_docs=4000, kv_needles=48,
-    pre_steps=1700, pre_batch=8, pre_lr=1e-3, pre_warmup=100, pre_short_len=2048, pre_short_steps=1400,
+    pre_steps=1500, pre_batch=8, pre_lr=1e-3, pre_warmup=100, pre_short_len=2048, pre_short_steps=1200,
     short_retrieval_docs=16_000,
     consa_steps=80, consa_batch=4, duo_steps=80, consa_docs=400, s2_steps=32, s2_batch=4, loss_sequences=24,
     sink_bases=("consa-kv_head-per-layer", "duo"), per_cell=24, eval_batch=8)
