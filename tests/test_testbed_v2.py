@@ -261,6 +261,9 @@ def test_gpu_script_runs_resumable_commands_to_the_report(tmp_path):
     r = subprocess.run(["bash", "benchmarks/testbed/gpu_v2.sh", "auto", str(run)], cwd=ROOT, text=True,
                        capture_output=True, timeout=60, env={**env, "BUDGET": "9m"})
     assert r.returncode == 2 and r.stderr.strip() == "gpu_v2.sh: BUDGET must be a whole number above 0, got '9m'"
+    r = subprocess.run(["bash", "benchmarks/testbed/gpu_v2.sh", "auto", str(run)], cwd=ROOT, text=True,
+                       capture_output=True, timeout=60, env={**env, "BUDGET": "60", "MARGIN": "-5"})
+    assert r.returncode == 2 and r.stderr.strip() == "gpu_v2.sh: MARGIN must be a whole number above 0, got '-5'"
     assert not run.exists()
     r = auto(5)
     assert r.returncode == 0, r.stderr[-2000:]

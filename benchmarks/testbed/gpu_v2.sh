@@ -21,13 +21,15 @@
 # PROCS (default 3): processes per GPU for the allocations, stage 2 and the eval. The model is
 # small (hidden 512) and the jobs short, so several processes share a GPU. A phase's budget is
 # checked before each job starts (a job then runs to its end: up to 105 s for a trained allocation
-# in run 1), so sharded phases get what is left minus 100 s.
+# in run 1), so sharded phases get what is left minus MARGIN seconds (default 100). Once the
+# allocations exist, the jobs left are shorter (run 2: eval 13-71 s per allocation), so a lease's
+# last call may set MARGIN=75 to start more of them.
 #
 # Measured on one H200 (run 1, benchmarks/results/testbed_v2_h200_run1): corpus 97 s; pretraining
 # 0.288 s per step of 32 x 2048 tokens, 0.37 s per step of 8 x 8192.
 set -euo pipefail
 mode=${1:?usage: gpu_v2.sh auto|report [RUN_DIR]}
-for var in BUDGET PROCS; do
+for var in BUDGET PROCS MARGIN; do
   case ${!var:-1} in ''|*[!0-9]*|0) echo "gpu_v2.sh: $var must be a whole number above 0, got '${!var}'" >&2; exit 2 ;; esac
 done
 run=${2:-runs/testbed-v2}
@@ -41,7 +43,7 @@ minutes_left() {  # what is left of BUDGET, minus $1 seconds, in minutes (0 when
 }
 sharded() {  # phase: PROCS processes per GPU, each with every n-th job, within what is left
   local m pids=() i p r rc=0 unf=0
-  m=$(minutes_left 100)
+  m=$(minutes_left "${MARGIN:-100}")
   [ "$m" != 0 ] || return 3
   for ((i = 0; i < n; i++)); do
     CUDA_VISIBLE_DEVICES=$((i % gpus)) tb --phase "$1" --shard "$i/$n" --max-minutes "$m" >> "$run/log-$1-$i.txt" 2>&1 &
