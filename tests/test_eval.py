@@ -177,8 +177,8 @@ def test_teacher_forced_retrieval_equals_greedy_generation(tiny, bpe):
 
 
 def test_retrieval_rows_of_one_batch_with_different_answer_lengths(tiny, bpe):
-    """Samples of one total length share a forward pass even when their answers differ in
-    length; each row's verdict reads its own answer's positions."""
+    """Samples of one total length whose prompts and answers differ in length (two prompt
+    lengths, so two forward passes): each row's verdict reads its own answer's positions."""
     import dataclasses
 
     model = _model(tiny)
@@ -194,6 +194,34 @@ def test_retrieval_rows_of_one_batch_with_different_answer_lengths(tiny, bpe):
                dataclasses.replace(base, prompt_ids=base.prompt_ids + g[:1], answer_ids=[g[1], wrong])]  # wrong, 2
     assert len({len(x.prompt_ids) + len(x.answer_ids) for x in samples}) == 1
     assert metrics.score_retrieval(model, samples, batch_size=4) == [True, True, False, False]
+
+
+def test_retrieval_answers_of_different_lengths_share_one_padded_forward(tiny, bpe):
+    """Samples of one prompt length go through one forward pass, their shorter answers padded on
+    the right; each row's verdict reads its own answer's positions (a wrong offset or padding
+    that leaks into earlier positions fails it)."""
+    import dataclasses
+
+    model = _model(tiny)
+    filler = Filler(bpe, None, min_tokens=200)
+    base = make_samples([PASSKEY], bpe, filler, [90], [0.5], 1, seed=5, window=WINDOW)[0]
+    with torch.no_grad():
+        g = model.generate(torch.tensor([base.prompt_ids]), max_new_tokens=3, do_sample=False,
+                           pad_token_id=0)[0, len(base.prompt_ids):].tolist()
+    samples = [dataclasses.replace(base, answer_ids=g),  # right, 3 tokens
+               dataclasses.replace(base, answer_ids=g[:1]),  # right, 1 token
+               dataclasses.replace(base, answer_ids=[(g[0] + 1) % 500]),  # wrong, 1 token
+               dataclasses.replace(base, answer_ids=g[:1] + [(g[1] + 1) % 500]),  # wrong in its 2nd token
+               dataclasses.replace(base, answer_ids=g[:2])]  # right, 2 tokens
+    calls = []
+    hook = model.register_forward_pre_hook(lambda mod, args, kw: calls.append(kw["input_ids"].shape),
+                                           with_kwargs=True)
+    try:
+        got = metrics.score_retrieval(model, samples, batch_size=8)
+    finally:
+        hook.remove()
+    assert got == [True, True, False, False, True]
+    assert calls == [torch.Size([5, len(base.prompt_ids) + 2])]
 
 
 # ----------------------------------------------------------------------------- CLI

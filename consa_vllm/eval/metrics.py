@@ -75,26 +75,31 @@ def score_retrieval(model, samples: Sequence["Sample"], batch_size: int = 8) -> 
 
     device = next(model.parameters()).device
     model.eval()
-    order = sorted(range(len(samples)), key=lambda i: len(samples[i].prompt_ids) + len(samples[i].answer_ids))
+    order = sorted(range(len(samples)), key=lambda i: (len(samples[i].prompt_ids), len(samples[i].answer_ids)))
     correct = [False] * len(samples)
     with torch.no_grad():
         i = 0
         while i < len(order):
-            # Batch samples of one total length (prompt + answer): no padding needed.
-            n = len(samples[order[i]].prompt_ids) + len(samples[order[i]].answer_ids)
+            # Batch samples of one prompt length. Answers of different lengths are padded on the
+            # right: attention is causal (a window and sinks too), so a row's positions never see
+            # the padding after them, and no attention mask is needed (SDPA keeps its flash path).
+            n = len(samples[order[i]].prompt_ids)
             group = []
-            while i < len(order) and len(group) < batch_size and \
-                    len(samples[order[i]].prompt_ids) + len(samples[order[i]].answer_ids) == n:
+            while i < len(order) and len(group) < batch_size and len(samples[order[i]].prompt_ids) == n:
                 group.append(order[i])
                 i += 1
-            x = torch.tensor([samples[j].prompt_ids + samples[j].answer_ids[:-1] for j in group], device=device)
-            # Each row's answer is predicted at its last len(answer) positions: only those
-            # logits are computed (a [batch, 8k, vocab] logits tensor otherwise).
             keep = max(len(samples[j].answer_ids) for j in group)
+            rows = []
+            for j in group:
+                a = samples[j].answer_ids
+                rows.append(samples[j].prompt_ids + a[:-1] + [a[-1]] * (keep - len(a)))
+            x = torch.tensor(rows, device=device)
+            # Row j's answer is predicted at positions n-1 .. n-2+len(answer), the first of the
+            # last ``keep`` positions: only those logits are computed (not [batch, 8k, vocab]).
             pred = model(input_ids=x, logits_to_keep=keep).logits.argmax(-1).cpu()
             for row, j in enumerate(group):
                 a = samples[j].answer_ids
-                correct[j] = pred[row, keep - len(a):].tolist() == a
+                correct[j] = pred[row, :len(a)].tolist() == a
     return correct
 
 
