@@ -176,17 +176,23 @@ def test_teacher_forced_retrieval_equals_greedy_generation(tiny, bpe):
     assert summary["accuracy"] == pytest.approx(sum(got) / len(got))
 
 
+def _model_sample_and_greedy_answer(tiny, bpe, seed: int):
+    """The dense model, one passkey sample of 90 tokens, and the model's 3 greedy tokens after it."""
+    model = _model(tiny)
+    base = make_samples([PASSKEY], bpe, Filler(bpe, None, min_tokens=200), [90], [0.5], 1, seed=seed,
+                        window=WINDOW)[0]
+    with torch.no_grad():
+        g = model.generate(torch.tensor([base.prompt_ids]), max_new_tokens=3, do_sample=False,
+                           pad_token_id=0)[0, len(base.prompt_ids):].tolist()
+    return model, base, g
+
+
 def test_retrieval_rows_of_one_batch_with_different_answer_lengths(tiny, bpe):
     """Samples of one total length whose prompts and answers differ in length (two prompt
     lengths, so two forward passes): each row's verdict reads its own answer's positions."""
     import dataclasses
 
-    model = _model(tiny)
-    filler = Filler(bpe, None, min_tokens=200)
-    base = make_samples([PASSKEY], bpe, filler, [90], [0.5], 1, seed=4, window=WINDOW)[0]
-    with torch.no_grad():
-        g = model.generate(torch.tensor([base.prompt_ids]), max_new_tokens=3, do_sample=False,
-                           pad_token_id=0)[0, len(base.prompt_ids):].tolist()
+    model, base, g = _model_sample_and_greedy_answer(tiny, bpe, seed=4)
     wrong = (g[2] + 1) % 500
     samples = [dataclasses.replace(base, answer_ids=g),  # right, 3 answer tokens
                dataclasses.replace(base, prompt_ids=base.prompt_ids + g[:1], answer_ids=g[1:]),  # right, 2
@@ -202,12 +208,7 @@ def test_retrieval_answers_of_different_lengths_share_one_padded_forward(tiny, b
     that leaks into earlier positions fails it)."""
     import dataclasses
 
-    model = _model(tiny)
-    filler = Filler(bpe, None, min_tokens=200)
-    base = make_samples([PASSKEY], bpe, filler, [90], [0.5], 1, seed=5, window=WINDOW)[0]
-    with torch.no_grad():
-        g = model.generate(torch.tensor([base.prompt_ids]), max_new_tokens=3, do_sample=False,
-                           pad_token_id=0)[0, len(base.prompt_ids):].tolist()
+    model, base, g = _model_sample_and_greedy_answer(tiny, bpe, seed=5)
     samples = [dataclasses.replace(base, answer_ids=g),  # right, 3 tokens
                dataclasses.replace(base, answer_ids=g[:1]),  # right, 1 token
                dataclasses.replace(base, answer_ids=[(g[0] + 1) % 500]),  # wrong, 1 token
