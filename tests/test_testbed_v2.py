@@ -264,6 +264,10 @@ def test_gpu_script_runs_resumable_commands_to_the_report(tmp_path):
     r = subprocess.run(["bash", "benchmarks/testbed/gpu_v2.sh", "auto", str(run)], cwd=ROOT, text=True,
                        capture_output=True, timeout=60, env={**env, "BUDGET": "60", "MARGIN": "-5"})
     assert r.returncode == 2 and r.stderr.strip() == "gpu_v2.sh: MARGIN must be a whole number above 0, got '-5'"
+    r = subprocess.run(["bash", "benchmarks/testbed/gpu_v2.sh", "auto", str(run)], cwd=ROOT, text=True,
+                       capture_output=True, timeout=60, env={**env, "BUDGET": "60", "STAGE2_SHARE": "150"})
+    assert r.returncode == 2 and r.stderr.strip() == \
+        "gpu_v2.sh: STAGE2_SHARE must be a percentage from 1 to 100, got '150'"
     assert not run.exists()
     r = auto(5)
     assert r.returncode == 0, r.stderr[-2000:]

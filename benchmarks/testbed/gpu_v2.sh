@@ -25,13 +25,20 @@
 # allocations exist, the jobs left are shorter (run 2: eval 13-71 s per allocation), so a lease's
 # last call may set MARGIN=75 to start more of them.
 #
+# STAGE2_SHARE=P (percent, 1-100; unset: stage 2 takes all it needs): for a lease's last call, when
+# stage 2 and its eval cannot both finish. Stage 2 gets P% of what is left, then the eval runs on the
+# stage-2 models made so far (priority order), and the call ends "unfinished" if stage 2 did.
+#
 # Measured on one H200 (run 1, benchmarks/results/testbed_v2_h200_run1): corpus 97 s; pretraining
 # 0.288 s per step of 32 x 2048 tokens, 0.37 s per step of 8 x 8192.
 set -euo pipefail
 mode=${1:?usage: gpu_v2.sh auto|report [RUN_DIR]}
-for var in BUDGET PROCS MARGIN; do
+for var in BUDGET PROCS MARGIN STAGE2_SHARE; do
   case ${!var:-1} in ''|*[!0-9]*|0) echo "gpu_v2.sh: $var must be a whole number above 0, got '${!var}'" >&2; exit 2 ;; esac
 done
+if [ "${STAGE2_SHARE:-100}" -gt 100 ]; then
+  echo "gpu_v2.sh: STAGE2_SHARE must be a percentage from 1 to 100, got '$STAGE2_SHARE'" >&2; exit 2
+fi
 run=${2:-runs/testbed-v2}
 py=${PYTHON:-python}
 gpus=$(nvidia-smi -L | wc -l)
@@ -41,10 +48,11 @@ tb() { "$py" -m benchmarks.testbed.run_v2 --out "$run" ${PER_CELL:+--per-cell "$
 minutes_left() {  # what is left of BUDGET, minus $1 seconds, in minutes (0 when under 20 s)
   awk -v s=$(( deadline - $(date +%s) - ${1:-0} )) 'BEGIN { print (s < 20 ? 0 : s / 60) }'
 }
-sharded() {  # phase: PROCS processes per GPU, each with every n-th job, within what is left
+sharded() {  # phase [percent]: PROCS processes per GPU, each with every n-th job, within what is left (or that share of it)
   local m pids=() i p r rc=0 unf=0
   m=$(minutes_left "${MARGIN:-100}")
   [ "$m" != 0 ] || return 3
+  m=$(awk -v m="$m" -v p="${2:-100}" 'BEGIN { print m * p / 100 }')
   for ((i = 0; i < n; i++)); do
     CUDA_VISIBLE_DEVICES=$((i % gpus)) tb --phase "$1" --shard "$i/$n" --max-minutes "$m" >> "$run/log-$1-$i.txt" 2>&1 &
     pids+=($!)
@@ -81,10 +89,15 @@ case $mode in
     [ "$m" != 0 ] || unfinished pretrain
     r=0; tb --phase pretrain --max-minutes "$m" || r=$?
     check pretrain "$r"
+    s2_left=0
     for phase in allocations eval stage2 eval; do
-      r=0; sharded "$phase" || r=$?
+      share=100; [ "$phase" != stage2 ] || share=${STAGE2_SHARE:-100}
+      r=0; sharded "$phase" "$share" || r=$?
+      # With STAGE2_SHARE, an unfinished stage 2 still lets this call evaluate the models it made.
+      if [ "$phase" = stage2 ] && [ -n "${STAGE2_SHARE:-}" ] && [ "$r" = 3 ]; then s2_left=1; r=0; fi
       check "$phase" "$r"
     done
+    [ "$s2_left" = 0 ] || unfinished stage2
     report
     echo "testbed v2: done" ;;
   report) report ;;
