@@ -32,6 +32,23 @@ def position_buckets(window: int, length: int) -> list[tuple[int, int]]:
     return [(lo, min(hi, length)) for lo, hi in zip(edges, edges[1:]) if lo < length]
 
 
+def eval_attention_backends():
+    """The SDPA backends of the eval's forward passes: every one PyTorch has except cuDNN attention.
+
+    Why: on Hopper GPUs PyTorch picks cuDNN attention first, and cuDNN builds an execution plan
+    for every new input shape. The eval's prompts come in many lengths, and the reference's
+    binary mode calls SDPA on each layer's F heads and S heads apart (for an uneven allocation,
+    a different head count in nearly every layer), so most of its calls are a new shape and the
+    plans, not the attention, take the time. Measured on an H200 (torch 2.11, cuDNN 9.19;
+    ``benchmarks/results/reference_sdpa_h200.json``): 8 new lengths of the testbed's model took
+    2.0-4.2 s with cuDNN and 0.37-0.57 s without; once every shape has its plan cuDNN is 10-20%
+    faster (0.30-0.50 s against 0.36-0.56 s), which the eval, with new lengths all the time, never sees.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 def lm_loss(model, sequences: "torch.Tensor", window: int, batch_size: int = 8) -> dict[str, Any]:
     """Mean next-token NLL (nats) over ``sequences`` ``[N, T]``, overall and by distance beyond the window.
 
@@ -47,7 +64,7 @@ def lm_loss(model, sequences: "torch.Tensor", window: int, batch_size: int = 8) 
     count = torch.zeros(T, dtype=torch.float64)
     per_sequence: list[float] = []  # mean NLL beyond the window, one per sequence (for paired intervals)
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), eval_attention_backends():
         for i in range(0, sequences.shape[0], batch_size):
             x = sequences[i:i + batch_size].to(device)
             logits = model(input_ids=x).logits.float()
@@ -77,7 +94,7 @@ def score_retrieval(model, samples: Sequence["Sample"], batch_size: int = 8) -> 
     model.eval()
     order = sorted(range(len(samples)), key=lambda i: (len(samples[i].prompt_ids), len(samples[i].answer_ids)))
     correct = [False] * len(samples)
-    with torch.no_grad():
+    with torch.no_grad(), eval_attention_backends():
         i = 0
         while i < len(order):
             # Batch samples of one prompt length. Answers of different lengths are padded on the
