@@ -547,12 +547,22 @@ _WORKLOAD = ("shape", "window", "requests", "prompt", "output", "b1_prompt", "b1
 
 
 def _add_ratios(models: dict) -> None:
-    """Throughput and batch-1 decode of each model against ``dense``, where both are measured."""
+    """Throughput, batch-1 decode and start-up of each model against ``dense``, where both are measured.
+
+    ``startup_net_s``: ``startup_s`` less ``config_resolve_s``, vLLM's first inspection of a model
+    class on the machine (24-30 s for whichever model of a class runs first, stock and ConSA alike:
+    benchmarks/results/startup_breakdown_h200.md), so that start-up compares engines, not run order.
+    """
+    for rec in models.values():
+        if "startup_s" in rec and "config_resolve_s" in rec:
+            rec["startup_net_s"] = rec["startup_s"] - rec["config_resolve_s"]
     dense = models.get("dense", {})
     dense_b1 = {b["prompt"]: b for b in dense.get("b1", [])}
     for rec in models.values():
         if "generate_s" in rec and "generate_s" in dense:
             rec["throughput_vs_dense"] = dense["generate_s"] / rec["generate_s"]
+        if "startup_net_s" in rec and "startup_net_s" in dense:
+            rec["startup_net_vs_dense"] = rec["startup_net_s"] / dense["startup_net_s"]
         for b in rec.get("b1", []):
             ref = dense_b1.get(b["prompt"], {})
             if "decode_ms_per_token" in b and "decode_ms_per_token" in ref:
@@ -565,7 +575,7 @@ def _summary(rec: dict) -> dict:
     """The headline figures of one model record (printed at the end)."""
     if "error" in rec:
         return {"error": rec["error"][-300:]}
-    s = {k: rec[k] for k in ("startup_s", "generate_s", "throughput_vs_dense") if k in rec}
+    s = {k: rec[k] for k in ("startup_s", "startup_net_s", "generate_s", "throughput_vs_dense") if k in rec}
     kv = rec.get("kv", {})
     s.update({k: kv[k] for k in ("vllm_max_concurrency", "estimate_max_concurrency", "vllm_over_estimate") if k in kv})
     s["b1"] = [{k: b[k] for k in ("prompt", "ttft_s", "decode_ms_per_token", "kv_in_use_over_estimate") if k in b}

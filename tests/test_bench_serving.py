@@ -93,6 +93,23 @@ def test_startup_breakdown_matches_vllm_messages():
         "vllm_log_max_concurrency": {"tokens": 131200, "concurrency": 6.05}}
 
 
+def test_ratios_compare_start_up_net_of_the_class_inspection():
+    # Figures of benchmarks/results/serving_llama31_duo75_h200_s8.json: layer0.75 ran first and
+    # paid vLLM's inspection of LlamaForCausalLM (26 s), dense later paid none.
+    models = {"dense": {"startup_s": 58.2, "config_resolve_s": 0.0, "generate_s": 62.6,
+                        "b1": [{"prompt": 32768, "ttft_s": 1.2, "decode_ms_per_token": 5.8}]},
+              "layer0.75": {"startup_s": 84.2, "config_resolve_s": 26.0, "generate_s": 34.8,
+                            "b1": [{"prompt": 32768, "ttft_s": 0.9, "decode_ms_per_token": 5.0}]},
+              "kv0.75": {"startup_s": 61.5, "generate_s": 35.1}}  # no config line in its log
+    _bench()._add_ratios(models)
+    assert models["layer0.75"]["startup_net_s"] == pytest.approx(58.2)
+    assert models["layer0.75"]["startup_net_vs_dense"] == pytest.approx(1.0)
+    assert models["layer0.75"]["throughput_vs_dense"] == pytest.approx(62.6 / 34.8)
+    assert models["layer0.75"]["b1"][0]["decode_speedup_vs_dense"] == pytest.approx(5.8 / 5.0)
+    assert "startup_net_s" not in models["kv0.75"] and "startup_net_vs_dense" not in models["kv0.75"]
+    assert models["kv0.75"]["throughput_vs_dense"] == pytest.approx(62.6 / 35.1)
+
+
 @pytest.mark.slow
 @pytest.mark.engine
 def test_cpu_smoke_run(tmp_path):
