@@ -239,7 +239,9 @@ def test_gpu_script_runs_resumable_commands_to_the_report(tmp_path):
     ``--smoke`` added to every run_v2 call. A budget too small for pretraining stops after the
     corpus with the "run again" line; the same command with time left finishes every phase and
     packs the report into $OUT/testbed-v2.tgz; a later call cut short after the eval began packs
-    the report on what exists."""
+    the report on what exists. Then the run spans leases: ``pack`` returns the pretrained model
+    in pieces (4 per call), ``restore`` makes a new run directory from them, and ``auto`` there
+    remakes the corpus and finishes without pretraining again, or refuses a different corpus."""
     import os
     import stat
     import tarfile
@@ -290,3 +292,47 @@ def test_gpu_script_runs_resumable_commands_to_the_report(tmp_path):
     with tarfile.open(out / "testbed-v2.tgz") as tar:
         res = json.load(tar.extractfile("./results.json"))
     assert res["missing"] == ["stage2/dense"]
+
+    # A run spans leases: the pretrained model comes back in pieces (4 per call) and a new run
+    # directory is made from them; auto then remakes the corpus and skips pretraining.
+    def gpu(*args: str, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "benchmarks/testbed/gpu_v2.sh", *args], cwd=ROOT, text=True,
+                              capture_output=True, timeout=900, env={**env, **extra})
+
+    r = gpu("pack", "0", str(run))
+    assert r.returncode == 2 and r.stderr.strip() == "gpu_v2.sh: pack: K must be a whole number above 0, got '0'"
+    pieces = tmp_path / "pieces"
+    pieces.mkdir()
+    for k in (1, 2):
+        ret = tmp_path / f"ret{k}"
+        ret.mkdir()
+        r = gpu("pack", str(k), str(run), OUT=str(ret))
+        assert r.returncode == 0, r.stderr
+        got = sorted(ret.iterdir())
+        assert len(got) <= 4 and all(q.stat().st_size <= 15 * 2**20 for q in got)
+        for q in got:
+            q.rename(pieces / q.name)
+    assert sorted(q.name for q in pieces.iterdir())[0] == "pretrained.tgz.00"
+    run2 = tmp_path / "run2"
+    r = gpu("restore", str(tmp_path / "none"), str(run2))
+    assert r.returncode == 2 and "no pretrained.tgz.* pieces in" in r.stderr
+    r = gpu("restore", str(pieces), str(run2))
+    assert r.returncode == 0, r.stderr
+    assert (run2 / "pretrained" / "config.json").read_bytes() == (run / "pretrained" / "config.json").read_bytes()
+    r = gpu("restore", str(pieces), str(run2))
+    assert r.returncode == 2 and "already has a pretrained model" in r.stderr
+    log_before = (run2 / "pretrain-log.jsonl").read_text()
+    r = subprocess.run(["bash", "benchmarks/testbed/gpu_v2.sh", "auto", str(run2)], cwd=ROOT, text=True,
+                       capture_output=True, timeout=900, env={**env, "BUDGET": "900"})
+    assert r.returncode == 0 and r.stdout.rstrip().endswith("testbed v2: done"), r.stdout[-2000:] + r.stderr[-2000:]
+    assert (run2 / "pretrain-log.jsonl").read_text() == log_before  # not pretrained again
+    assert not (run2 / "pretrain-state").exists()
+    # A corpus that differs from the one the model was pretrained on is refused.
+    run3 = tmp_path / "run3"
+    assert gpu("restore", str(pieces), str(run3)).returncode == 0
+    manifest = run3 / "packed" / "corpus" / "manifest.json"
+    manifest.write_text(manifest.read_text().replace("sha256", "sha-256", 1))
+    r = subprocess.run(["bash", "benchmarks/testbed/gpu_v2.sh", "auto", str(run3)], cwd=ROOT, text=True,
+                       capture_output=True, timeout=900, env={**env, "BUDGET": "900"})
+    assert r.returncode == 2 and "differs from the one the restored model was pretrained on" in r.stderr
+    assert not (run3 / "allocations").exists()

@@ -17,6 +17,19 @@
 #   logs) when they report and $OUT is set; auto also reports (on what exists) when its budget ends
 #   after the eval has begun, so a lease that ends early still brings back the latest call's report.
 #
+#   benchmarks/testbed/gpu_v2.sh pack K [RUN_DIR]
+#   benchmarks/testbed/gpu_v2.sh restore PIECES_DIR [RUN_DIR]
+#
+#   pack:    the pretrained model with its record (pretrained/, pretrain.json, pretrain-log.jsonl,
+#            settings.json, the corpus manifest) as pieces of 15 MiB, $OUT/pretrained.tgz.NN; call K
+#            (1, 2, ...) brings back pieces 4K-3 .. 4K (a command returns at most 64 MiB), so the
+#            111 MB model of FULL2 comes back in two calls. It lets a run span leases: the
+#            model is the only part that takes long to remake.
+#   restore: a new machine's run directory from those pieces (carried in, all of them in
+#            PIECES_DIR); then `auto` remakes the corpus (1.5 min, deterministic on the same
+#            image), refuses to go on if its manifest differs from the packed one, and skips
+#            pretraining.
+#
 # PER_CELL=N (prompts per task x context x depth cell, default run_v2.FULL2.per_cell) must be the same in every command.
 # PROCS (default 3): processes per GPU for the allocations, stage 2 and the eval. The model is
 # small (hidden 512) and the jobs short, so several processes share a GPU. A phase's budget is
@@ -39,7 +52,7 @@ done
 if [ "${STAGE2_SHARE:-100}" -gt 100 ]; then
   echo "gpu_v2.sh: STAGE2_SHARE must be a percentage from 1 to 100, got '$STAGE2_SHARE'" >&2; exit 2
 fi
-run=${2:-runs/testbed-v2}
+case $mode in pack|restore) run=${3:-runs/testbed-v2} ;; *) run=${2:-runs/testbed-v2} ;; esac
 py=${PYTHON:-python}
 gpus=$(nvidia-smi -L | wc -l)
 n=$((gpus * ${PROCS:-3}))
@@ -85,6 +98,11 @@ mkdir -p "$run"
 case $mode in
   auto)
     tb --phase corpus
+    if [ -f "$run/packed/corpus/manifest.json" ] && ! cmp -s "$run/packed/corpus/manifest.json" "$run/corpus/manifest.json"; then
+      echo "testbed v2: the corpus made here differs from the one the restored model was pretrained on" \
+           "($run/packed/corpus/manifest.json); start a new run" >&2
+      exit 2
+    fi
     m=$(minutes_left 15)
     [ "$m" != 0 ] || unfinished pretrain
     r=0; tb --phase pretrain --max-minutes "$m" || r=$?
@@ -101,5 +119,31 @@ case $mode in
     report
     echo "testbed v2: done" ;;
   report) report ;;
-  *) echo "gpu_v2.sh: the first argument must be auto or report" >&2; exit 2 ;;
+  pack)
+    k=${2:?usage: gpu_v2.sh pack K [RUN_DIR]}
+    case $k in ''|*[!0-9]*|0) echo "gpu_v2.sh: pack: K must be a whole number above 0, got '$k'" >&2; exit 2 ;; esac
+    [ -f "$run/pretrained/config.json" ] || { echo "gpu_v2.sh: pack: no pretrained model in $run" >&2; exit 2; }
+    [ -n "${OUT:-}" ] || { echo "gpu_v2.sh: pack: OUT must be set" >&2; exit 2; }
+    pieces="$run/pack"
+    if [ ! -f "$pieces/done" ]; then
+      rm -rf "$pieces" && mkdir -p "$pieces"
+      tar czf - -C "$run" pretrained pretrain.json pretrain-log.jsonl settings.json corpus/manifest.json \
+        | split -b 15M -d - "$pieces/pretrained.tgz."
+      touch "$pieces/done"
+    fi
+    mapfile -t all < <(ls "$pieces"/pretrained.tgz.*)
+    first=$((4 * (k - 1)))
+    if [ "$first" -ge "${#all[@]}" ]; then echo "testbed v2: pack: only ${#all[@]} pieces, none left for call $k"; exit 0; fi
+    for ((i = first; i < first + 4 && i < ${#all[@]}; i++)); do cp "${all[$i]}" "$OUT/"; done
+    echo "testbed v2: pack: pieces $((first + 1))-$i of ${#all[@]} in \$OUT" ;;
+  restore)
+    src=${2:?usage: gpu_v2.sh restore PIECES_DIR [RUN_DIR]}
+    ls "$src"/pretrained.tgz.* >/dev/null 2>&1 || { echo "gpu_v2.sh: restore: no pretrained.tgz.* pieces in $src" >&2; exit 2; }
+    [ ! -e "$run/pretrained" ] || { echo "gpu_v2.sh: restore: $run already has a pretrained model" >&2; exit 2; }
+    mkdir -p "$run/packed"
+    cat "$src"/pretrained.tgz.* | tar xzf - -C "$run/packed"
+    mv "$run/packed/pretrained" "$run/packed/pretrain.json" "$run/packed/pretrain-log.jsonl" \
+      "$run/packed/settings.json" "$run/"
+    echo "testbed v2: restored the pretrained model into $run; run auto next" ;;
+  *) echo "gpu_v2.sh: the first argument must be auto, report, pack or restore" >&2; exit 2 ;;
 esac
