@@ -256,18 +256,18 @@ def test_gpu_script_runs_resumable_commands_to_the_report(tmp_path):
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": str(bin_dir / "pysmoke"),
            "PROCS": "2", "OUT": str(out)}
 
-    def auto(budget: int) -> subprocess.CompletedProcess:
-        return subprocess.run(["bash", "benchmarks/testbed/gpu_v2.sh", "auto", str(run)], cwd=ROOT, text=True,
-                              capture_output=True, timeout=900, env={**env, "BUDGET": str(budget)})
+    def gpu(*args: str, timeout: int = 900, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "benchmarks/testbed/gpu_v2.sh", *args], cwd=ROOT, text=True,
+                              capture_output=True, timeout=timeout, env={**env, **extra})
 
-    r = subprocess.run(["bash", "benchmarks/testbed/gpu_v2.sh", "auto", str(run)], cwd=ROOT, text=True,
-                       capture_output=True, timeout=60, env={**env, "BUDGET": "9m"})
+    def auto(budget: int) -> subprocess.CompletedProcess:
+        return gpu("auto", str(run), BUDGET=str(budget))
+
+    r = gpu("auto", str(run), timeout=60, BUDGET="9m")
     assert r.returncode == 2 and r.stderr.strip() == "gpu_v2.sh: BUDGET must be a whole number above 0, got '9m'"
-    r = subprocess.run(["bash", "benchmarks/testbed/gpu_v2.sh", "auto", str(run)], cwd=ROOT, text=True,
-                       capture_output=True, timeout=60, env={**env, "BUDGET": "60", "MARGIN": "-5"})
+    r = gpu("auto", str(run), timeout=60, BUDGET="60", MARGIN="-5")
     assert r.returncode == 2 and r.stderr.strip() == "gpu_v2.sh: MARGIN must be a whole number above 0, got '-5'"
-    r = subprocess.run(["bash", "benchmarks/testbed/gpu_v2.sh", "auto", str(run)], cwd=ROOT, text=True,
-                       capture_output=True, timeout=60, env={**env, "BUDGET": "60", "STAGE2_SHARE": "150"})
+    r = gpu("auto", str(run), timeout=60, BUDGET="60", STAGE2_SHARE="150")
     assert r.returncode == 2 and r.stderr.strip() == \
         "gpu_v2.sh: STAGE2_SHARE must be a percentage from 1 to 100, got '150'"
     assert not run.exists()
@@ -295,10 +295,6 @@ def test_gpu_script_runs_resumable_commands_to_the_report(tmp_path):
 
     # A run spans leases: the pretrained model comes back in pieces (4 per call) and a new run
     # directory is made from them; auto then remakes the corpus and skips pretraining.
-    def gpu(*args: str, **extra: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["bash", "benchmarks/testbed/gpu_v2.sh", *args], cwd=ROOT, text=True,
-                              capture_output=True, timeout=900, env={**env, **extra})
-
     r = gpu("pack", "0", str(run))
     assert r.returncode == 2 and r.stderr.strip() == "gpu_v2.sh: pack: K must be a whole number above 0, got '0'"
     pieces = tmp_path / "pieces"
@@ -316,14 +312,25 @@ def test_gpu_script_runs_resumable_commands_to_the_report(tmp_path):
     run2 = tmp_path / "run2"
     r = gpu("restore", str(tmp_path / "none"), str(run2))
     assert r.returncode == 2 and "no pretrained.tgz.* pieces in" in r.stderr
+    # Pieces that do not make a whole archive (the last one cut short) are refused, and nothing is left.
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for q in pieces.iterdir():
+        (partial / q.name).write_bytes(q.read_bytes())
+    last = sorted(partial.iterdir())[-1]
+    last.write_bytes(last.read_bytes()[:last.stat().st_size // 2])
+    r = gpu("restore", str(partial), str(run2))
+    assert r.returncode == 2 and r.stderr.strip() == \
+        f"gpu_v2.sh: restore: the pieces in {partial} do not make a whole archive (one missing or cut short?)"
+    assert not (run2 / "pretrained").exists() and not (run2 / "packed").exists() \
+        and not (run2 / "packed.tmp").exists()
     r = gpu("restore", str(pieces), str(run2))
     assert r.returncode == 0, r.stderr
     assert (run2 / "pretrained" / "config.json").read_bytes() == (run / "pretrained" / "config.json").read_bytes()
     r = gpu("restore", str(pieces), str(run2))
     assert r.returncode == 2 and "already has a pretrained model" in r.stderr
     log_before = (run2 / "pretrain-log.jsonl").read_text()
-    r = subprocess.run(["bash", "benchmarks/testbed/gpu_v2.sh", "auto", str(run2)], cwd=ROOT, text=True,
-                       capture_output=True, timeout=900, env={**env, "BUDGET": "900"})
+    r = gpu("auto", str(run2), BUDGET="900")
     assert r.returncode == 0 and r.stdout.rstrip().endswith("testbed v2: done"), r.stdout[-2000:] + r.stderr[-2000:]
     assert (run2 / "pretrain-log.jsonl").read_text() == log_before  # not pretrained again
     assert not (run2 / "pretrain-state").exists()
@@ -332,7 +339,6 @@ def test_gpu_script_runs_resumable_commands_to_the_report(tmp_path):
     assert gpu("restore", str(pieces), str(run3)).returncode == 0
     manifest = run3 / "packed" / "corpus" / "manifest.json"
     manifest.write_text(manifest.read_text().replace("sha256", "sha-256", 1))
-    r = subprocess.run(["bash", "benchmarks/testbed/gpu_v2.sh", "auto", str(run3)], cwd=ROOT, text=True,
-                       capture_output=True, timeout=900, env={**env, "BUDGET": "900"})
+    r = gpu("auto", str(run3), BUDGET="900")
     assert r.returncode == 2 and "differs from the one the restored model was pretrained on" in r.stderr
     assert not (run3 / "allocations").exists()

@@ -45,7 +45,7 @@
 # Measured on one H200 (run 1, benchmarks/results/testbed_v2_h200_run1): corpus 97 s; pretraining
 # 0.288 s per step of 32 x 2048 tokens, 0.37 s per step of 8 x 8192.
 set -euo pipefail
-mode=${1:?usage: gpu_v2.sh auto|report [RUN_DIR]}
+mode=${1:?usage: gpu_v2.sh auto|report [RUN_DIR] | pack K [RUN_DIR] | restore PIECES_DIR [RUN_DIR]}
 for var in BUDGET PROCS MARGIN STAGE2_SHARE; do
   case ${!var:-1} in ''|*[!0-9]*|0) echo "gpu_v2.sh: $var must be a whole number above 0, got '${!var}'" >&2; exit 2 ;; esac
 done
@@ -140,8 +140,13 @@ case $mode in
     src=${2:?usage: gpu_v2.sh restore PIECES_DIR [RUN_DIR]}
     ls "$src"/pretrained.tgz.* >/dev/null 2>&1 || { echo "gpu_v2.sh: restore: no pretrained.tgz.* pieces in $src" >&2; exit 2; }
     [ ! -e "$run/pretrained" ] || { echo "gpu_v2.sh: restore: $run already has a pretrained model" >&2; exit 2; }
-    mkdir -p "$run/packed"
-    cat "$src"/pretrained.tgz.* | tar xzf - -C "$run/packed"
+    # Into a scratch folder first: pieces that do not make a whole archive leave nothing behind.
+    rm -rf "$run/packed.tmp" && mkdir -p "$run/packed.tmp"
+    if ! cat "$src"/pretrained.tgz.* | tar xzf - -C "$run/packed.tmp" 2>/dev/null; then
+      rm -rf "$run/packed.tmp"
+      echo "gpu_v2.sh: restore: the pieces in $src do not make a whole archive (one missing or cut short?)" >&2; exit 2
+    fi
+    rm -rf "$run/packed" && mv "$run/packed.tmp" "$run/packed"
     mv "$run/packed/pretrained" "$run/packed/pretrain.json" "$run/packed/pretrain-log.jsonl" \
       "$run/packed/settings.json" "$run/"
     echo "testbed v2: restored the pretrained model into $run; run auto next" ;;
