@@ -23,11 +23,11 @@ one forward of each setting::
 from __future__ import annotations
 
 import argparse
-from contextlib import nullcontext
 import json
 import platform
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 PATTERNS = {
@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         "default": None,
         "no_cudnn": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
     }
-    result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor(), "torch": torch.__version__,
-              "cudnn": torch.backends.cudnn.version(), "host": platform.node(), "lengths": lengths,
+    device = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor()
+    result = {"device": device, "torch": torch.__version__, "cudnn": torch.backends.cudnn.version(), "host": platform.node(), "lengths": lengths,
               "batch": args.batch, "patterns": PATTERNS, "seconds": {}, "sdpa_ops": {}}
     for sname, backends in settings.items():
         for aname, pattern in PATTERNS.items():
