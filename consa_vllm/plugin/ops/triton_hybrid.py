@@ -13,8 +13,9 @@ mm-prefix ...) and extended so that one program reads either pool:
   F ``[0, last_q]``, S ``[max(0, first_q - W + 1), last_q]``; loads are masked to that
   range, so out-of-window block-table entries (null block / garbage) are never read;
 * attention sinks (S heads that also see keys ``0 .. SINK - 1``, a constexpr): an S
-  program first iterates over the sink keys below its window range, as tiles of their
-  own, then over the window; with ``SINK = 0`` that code is not compiled at all;
+  program first iterates over the sink keys below its window range, then over the window
+  (2D: sink tiles of their own; 3D: one range of keys, sinks first, cut into tiles); with
+  ``SINK = 0`` that code is not compiled at all;
 * FP8 pools (constexpr ``FP8``): K/V tiles convert exactly from FP8 to the query's type,
   the head's k_scale folds into the score scale and its v_scale into the result (one
   scalar load per program, per-tensor scales passed with stride 0); the query is never
@@ -24,7 +25,9 @@ mm-prefix ...) and extended so that one program reads either pool:
   ints); grid axis 1 then enumerates (head, segment) pairs, F heads first.  Every segment
   program writes its partial (M, L, acc), empty segments write (-inf, 0, 0), and a reduce
   kernel combines each query head's own segment count.  The reduce needs no knowledge of
-  the ranges;
+  the ranges.  F and S programs share one loop body (:func:`_decode_3d`: the pool picked
+  as scalars before it), so the compiler sizes registers for one loop, not two: the
+  sink variant no longer costs the F programs occupancy;
 * compiled variants: the head split ``n_full`` and the per-layer pool offsets are runtime
   ints (not specialised); only HAS_FULL / HAS_SLIDING are constexpr, so one model compiles
   at most three variants per path (:func:`attention_constexprs`).
@@ -126,8 +129,7 @@ def _online_softmax_step(S, V, M, L, acc, DOT_IEEE: tl.constexpr):
 @triton.jit
 def _attn_body(
     output_ptr, query_ptr, cache_ptr, block_table_ptr,
-    segm_output_ptr, segm_max_ptr, segm_expsum_ptr,
-    seq_idx, segm_idx, num_segments, seg_stride, q_block_local_idx, q_start, q_len, seq_len,
+    seq_idx, q_block_local_idx, q_start, q_len, seq_len,
     kv_head_idx, pool_head, scale_idx,
     scale_log2, window, k_scale_ptr, v_scale_ptr, scale_stride,
     block_table_stride: tl.int64,
@@ -139,9 +141,10 @@ def _attn_body(
     BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
     HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
-    IS_SLIDING: tl.constexpr, SINK: tl.constexpr, IS_3D: tl.constexpr,
+    IS_SLIDING: tl.constexpr, SINK: tl.constexpr,
     DOT_IEEE: tl.constexpr, CAST_F32: tl.constexpr, FP8: tl.constexpr,
 ):
+    """2D: all key tiles of one (q block, KV head) in one program, written normalised."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_PAD)
     offs_t = tl.arange(0, TILE)
@@ -182,13 +185,8 @@ def _attn_body(
         sink_hi = tl.minimum(range_lo, SINK)
         num_sink_tiles = _cdiv(sink_hi, TILE)
         num_tiles += num_sink_tiles
-    if IS_3D:
-        tiles_per_segment = _cdiv(num_tiles, num_segments)
-        t_lo = segm_idx * tiles_per_segment
-        t_hi = tl.minimum(t_lo + tiles_per_segment, num_tiles)
-    else:
-        t_lo = 0
-        t_hi = num_tiles
+    t_lo = 0
+    t_hi = num_tiles
 
     M = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     L = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -239,22 +237,193 @@ def _attn_body(
 
     if FP8:
         acc = acc * v_scale
-    if IS_3D:
-        # Scratch row of (token, q head, segment); ``seg_stride`` rows per (token, q head).
-        segm_off = ((q_tok.to(tl.int64) * NUM_QUERY_HEADS + q_head) * seg_stride + segm_idx)
-        tl.store(segm_output_ptr + segm_off[:, None] * HEAD_PAD + offs_d[None, :], acc,
-                 mask=row_valid[:, None] & dim_mask[None, :])
-        tl.store(segm_max_ptr + segm_off, M, mask=row_valid)
-        tl.store(segm_expsum_ptr + segm_off, L, mask=row_valid)
+    L_safe = tl.where(L == 0.0, 1.0, L)
+    out = acc / L_safe[:, None]
+    tl.store(
+        output_ptr + q_tok[:, None].to(tl.int64) * o_stride_0
+        + q_head[:, None] * o_stride_1 + offs_d[None, :],
+        out.to(output_ptr.dtype.element_ty),
+        mask=row_valid[:, None] & dim_mask[None, :],
+    )
+
+
+@triton.jit
+def _decode_3d(
+    output_ptr, query_ptr, query_start_len_ptr, seq_lens_ptr, num_seqs,
+    full_cache_ptr, full_bt_ptr, full_head_offset, full_bt_stride,
+    f_stride_0, f_stride_1, f_stride_2, f_stride_3, F_STRIDE_4: tl.constexpr,
+    sliding_cache_ptr, sliding_bt_ptr, sliding_head_offset, sliding_bt_stride,
+    s_stride_0, s_stride_1, s_stride_2, s_stride_3, S_STRIDE_4: tl.constexpr,
+    segm_output_ptr, segm_max_ptr, segm_expsum_ptr,
+    scale_log2, window,
+    full_k_scale_ptr, full_v_scale_ptr, full_scale_stride,
+    sliding_k_scale_ptr, sliding_v_scale_ptr, sliding_scale_stride,
+    q_stride_0, q_stride_1,
+    n_full, seg_f, seg_s, seg_stride,
+    HAS_FULL: tl.constexpr, HAS_SLIDING: tl.constexpr, NUM_QUERY_HEADS: tl.constexpr,
+    G: tl.constexpr, SINK: tl.constexpr,
+    BLOCK_SIZE_F: tl.constexpr, BLOCK_SIZE_S: tl.constexpr,
+    TILE: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
+    DOT_IEEE: tl.constexpr, CAST_F32: tl.constexpr, FP8: tl.constexpr,
+):
+    """3D (split-KV decode): one program per (q block, (head, segment) pair).
+
+    Decode only (``would_use_3d``: every sequence has at most one new token), so every
+    key of a head's range is visible to the block's one query and the loop needs no
+    causal / window test.  F and S programs run ONE loop body: the pool's pointers,
+    strides, window and sink are picked as scalars before it.  The earlier kernel
+    inlined one body per pool (as the 2D path still does) and the compiler sized
+    registers and shared memory for both; its sink variant (per-tile sink/window
+    selects plus the ``k < SINK`` visibility test) took a mixed layer of the
+    Llama-3.1-8B shape from 118 to 141 registers (sm_90, 4 warps: 4 -> 3 programs per
+    SM), which slowed the F programs too, whose work grows with the context.  This body
+    compiles to 80-111 registers at head_dim 128 in bf16/fp16 (FP8 pools: capped at 128,
+    see launch_attention) and one set of K/V buffers (33 -> 21 KB of shared memory), sink
+    or not (ptxas -v for sm_90a).  A head's keys are walked as one "virtual" range cut into
+    whole tiles: an S head's sink keys ``[0, sink_hi)`` below its window, then its
+    window ``[range_lo, range_hi)``; an F head's ``[0, seq_len)``."""
+    q_block_global_idx = tl.program_id(0)
+    # Grid axis 1 = (head, segment) pairs: the n_full F heads' seg_f segments each,
+    # then the S heads' seg_s segments each (per-pool segment counts).
+    pid = tl.program_id(1)
+    f_programs = n_full * seg_f
+    is_full = pid < f_programs
+    if not HAS_SLIDING:
+        is_full = True
+    if not HAS_FULL:
+        is_full = False
+
+    seq_idx = _find_seq_idx(query_start_len_ptr, q_block_global_idx, num_seqs, BLOCK_Q, True)
+    q_start = tl.load(query_start_len_ptr + seq_idx)
+    q_stop = tl.load(query_start_len_ptr + seq_idx + 1)
+    q_len = q_stop - q_start
+    q_block_local_idx = q_block_global_idx - (q_start // BLOCK_Q + seq_idx)
+    if q_block_local_idx * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq_idx)
+
+    # The program's pool, as scalars (one loop below for both pools). ``zero`` keeps every
+    # yielded value a runtime value: an argument that the JIT specialised to a constant
+    # (a stride of 1) would not match its runtime counterpart in the other branch.
+    zero = seq_len * 0
+    zero64 = zero.to(tl.int64)
+    if is_full:
+        kv_head_idx = pid // seg_f
+        segm_idx = pid % seg_f
+        num_segments = seg_f
+        pool_idx = kv_head_idx
+        cache_ptr = full_cache_ptr
+        bt_ptr = full_bt_ptr
+        bt_stride = full_bt_stride + zero64
+        c_stride_0 = f_stride_0 + zero64
+        c_stride_1 = f_stride_1 + zero64
+        c_stride_2 = f_stride_2 + zero64
+        c_stride_3 = f_stride_3 + zero64
+        pool_head = full_head_offset + pool_idx + zero
+        k_scale_ptr = full_k_scale_ptr
+        v_scale_ptr = full_v_scale_ptr
+        scale_stride = full_scale_stride + zero
+        win = seq_len + 1  # no window: range_lo = 0
+        sink = zero
     else:
-        L_safe = tl.where(L == 0.0, 1.0, L)
-        out = acc / L_safe[:, None]
-        tl.store(
-            output_ptr + q_tok[:, None].to(tl.int64) * o_stride_0
-            + q_head[:, None] * o_stride_1 + offs_d[None, :],
-            out.to(output_ptr.dtype.element_ty),
-            mask=row_valid[:, None] & dim_mask[None, :],
-        )
+        kv_head_idx = n_full + (pid - f_programs) // seg_s
+        segm_idx = (pid - f_programs) % seg_s
+        num_segments = seg_s
+        pool_idx = kv_head_idx - n_full
+        cache_ptr = sliding_cache_ptr
+        bt_ptr = sliding_bt_ptr
+        bt_stride = sliding_bt_stride + zero64
+        c_stride_0 = s_stride_0 + zero64
+        c_stride_1 = s_stride_1 + zero64
+        c_stride_2 = s_stride_2 + zero64
+        c_stride_3 = s_stride_3 + zero64
+        pool_head = sliding_head_offset + pool_idx + zero
+        k_scale_ptr = sliding_k_scale_ptr
+        v_scale_ptr = sliding_v_scale_ptr
+        scale_stride = sliding_scale_stride + zero
+        win = window + zero
+        sink = SINK + zero
+    if F_STRIDE_4 == S_STRIDE_4:
+        c_stride_4 = F_STRIDE_4
+    else:
+        c_stride_4 = tl.where(is_full, F_STRIDE_4, S_STRIDE_4)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_PAD)
+    offs_t = tl.arange(0, TILE)
+    q_pos = q_block_local_idx * BLOCK_Q + offs_m // G
+    q_tok = q_start + q_pos
+    q_head = kv_head_idx * G + offs_m % G
+    row_valid = (q_pos < q_len) & (offs_m < BLOCK_Q * G)
+    dim_mask = offs_d < HEAD_SIZE
+    Q = tl.load(query_ptr + q_tok[:, None].to(tl.int64) * q_stride_0 + q_head[:, None] * q_stride_1
+                + offs_d[None, :], mask=row_valid[:, None] & dim_mask[None, :], other=0.0)
+    if CAST_F32:
+        Q = Q.to(tl.float32)
+    if FP8:  # as in _attn_body
+        scale_log2 = scale_log2 * tl.load(k_scale_ptr + pool_idx * scale_stride)
+        v_scale = tl.load(v_scale_ptr + pool_idx * scale_stride)
+
+    ctx = seq_len - q_len
+    q_abs = ctx + q_pos
+    qpos_lo = q_block_local_idx * BLOCK_Q
+    qpos_hi = tl.minimum(qpos_lo + BLOCK_Q - 1, q_len - 1)
+    range_hi = ctx + qpos_hi + 1  # exclusive
+    range_lo = tl.maximum(ctx + qpos_lo - win + 1, 0)  # 0 for F heads (win > seq_len)
+    # Sink keys below the window range (none for F heads): virtual keys [0, sink_hi) are
+    # keys [0, sink_hi), virtual keys [sink_hi, num_keys) the window range.
+    sink_hi = tl.minimum(range_lo, sink)
+    num_keys = sink_hi + range_hi - range_lo
+    num_tiles = _cdiv(num_keys, TILE)
+    tiles_per_segment = _cdiv(num_tiles, num_segments)
+    t_lo = segm_idx * tiles_per_segment
+    t_hi = tl.minimum(t_lo + tiles_per_segment, num_tiles)
+
+    M = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    L = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_PAD], dtype=tl.float32)
+
+    bt_base = bt_ptr + seq_idx.to(tl.int64) * bt_stride
+    k_base = cache_ptr + pool_head.to(tl.int64) * c_stride_3
+    v_base = k_base + c_stride_1
+    for j in range(t_lo, t_hi):
+        v_pos = j * TILE + offs_t
+        if SINK > 0:
+            k_pos = v_pos + tl.where(v_pos < sink_hi, 0, range_lo - sink_hi)
+        else:
+            k_pos = v_pos + range_lo
+        k_valid = v_pos < num_keys
+        if BLOCK_SIZE_F == BLOCK_SIZE_S:
+            blk_col = k_pos // BLOCK_SIZE_F
+            blk_row = k_pos % BLOCK_SIZE_F
+        else:
+            blk_col = tl.where(is_full, k_pos // BLOCK_SIZE_F, k_pos // BLOCK_SIZE_S)
+            blk_row = tl.where(is_full, k_pos % BLOCK_SIZE_F, k_pos % BLOCK_SIZE_S)
+        blk = tl.load(bt_base + blk_col, mask=k_valid, other=0).to(tl.int64)
+        slot_off = blk * c_stride_0 + blk_row.to(tl.int64) * c_stride_2
+        K = tl.load(k_base + slot_off[None, :] + offs_d[:, None] * c_stride_4,
+                    mask=dim_mask[:, None] & k_valid[None, :], other=0.0).to(Q.dtype)
+        V = tl.load(v_base + slot_off[:, None] + offs_d[None, :] * c_stride_4,
+                    mask=k_valid[:, None] & dim_mask[None, :], other=0.0).to(Q.dtype)
+        if DOT_IEEE:
+            S = tl.dot(Q, K, input_precision="ieee")
+        else:
+            S = tl.dot(Q, K)
+        S = S * scale_log2
+        # Decode: every key of the range is visible to the block's one query; rows
+        # without a query (Q = 0) are never stored.  (A row mask here costs registers.)
+        S = tl.where(k_valid[None, :], S, float("-inf"))
+        M, L, acc = _online_softmax_step(S, V, M, L, acc, DOT_IEEE)
+
+    if FP8:
+        acc = acc * v_scale
+    # Scratch row of (token, q head, segment); ``seg_stride`` rows per (token, q head).
+    segm_off = ((q_tok.to(tl.int64) * NUM_QUERY_HEADS + q_head) * seg_stride + segm_idx)
+    tl.store(segm_output_ptr + segm_off[:, None] * HEAD_PAD + offs_d[None, :], acc,
+             mask=row_valid[:, None] & dim_mask[None, :])
+    tl.store(segm_max_ptr + segm_off, M, mask=row_valid)
+    tl.store(segm_expsum_ptr + segm_off, L, mask=row_valid)
 
 
 # Runtime ints that differ between the layers of one model (head split, pool offsets,
@@ -289,23 +458,55 @@ def _hybrid_attn_kernel(
 ):
     q_block_global_idx = tl.program_id(0)
     if IS_3D:
-        # Grid axis 1 = (head, segment) pairs: the n_full F heads' seg_f segments each,
-        # then the S heads' seg_s segments each (per-pool segment counts).
-        pid = tl.program_id(1)
-        f_programs = n_full * seg_f
-        if pid < f_programs:
-            kv_head_idx = pid // seg_f
-            segm_idx = pid % seg_f
-            num_segments = seg_f
-        else:
-            kv_head_idx = n_full + (pid - f_programs) // seg_s
-            segm_idx = (pid - f_programs) % seg_s
-            num_segments = seg_s
+        _decode_3d(output_ptr, query_ptr, query_start_len_ptr, seq_lens_ptr, num_seqs,
+                   full_cache_ptr, full_bt_ptr, full_head_offset, full_bt_stride,
+                   f_stride_0, f_stride_1, f_stride_2, f_stride_3, F_STRIDE_4,
+                   sliding_cache_ptr, sliding_bt_ptr, sliding_head_offset, sliding_bt_stride,
+                   s_stride_0, s_stride_1, s_stride_2, s_stride_3, S_STRIDE_4,
+                   segm_output_ptr, segm_max_ptr, segm_expsum_ptr,
+                   scale_log2, window,
+                   full_k_scale_ptr, full_v_scale_ptr, full_scale_stride,
+                   sliding_k_scale_ptr, sliding_v_scale_ptr, sliding_scale_stride,
+                   q_stride_0, q_stride_1,
+                   n_full, seg_f, seg_s, seg_stride,
+                   HAS_FULL, HAS_SLIDING, NUM_QUERY_HEADS, G, SINK, BLOCK_SIZE_F, BLOCK_SIZE_S,
+                   TILE, HEAD_SIZE, HEAD_PAD, BLOCK_M, BLOCK_Q, DOT_IEEE, CAST_F32, FP8)
     else:
-        kv_head_idx = tl.program_id(1)
-        segm_idx = 0
-        num_segments = 1
+        _attn_2d(output_ptr, query_ptr, query_start_len_ptr, seq_lens_ptr, num_seqs,
+                 full_cache_ptr, full_bt_ptr, full_head_offset, full_bt_stride,
+                 f_stride_0, f_stride_1, f_stride_2, f_stride_3, F_STRIDE_4,
+                 sliding_cache_ptr, sliding_bt_ptr, sliding_head_offset, sliding_bt_stride,
+                 s_stride_0, s_stride_1, s_stride_2, s_stride_3, S_STRIDE_4,
+                 scale_log2, window,
+                 full_k_scale_ptr, full_v_scale_ptr, full_scale_stride,
+                 sliding_k_scale_ptr, sliding_v_scale_ptr, sliding_scale_stride,
+                 q_stride_0, q_stride_1, o_stride_0, o_stride_1,
+                 n_full, q_block_global_idx,
+                 HAS_FULL, HAS_SLIDING, NUM_QUERY_HEADS, G, SINK, BLOCK_SIZE_F, BLOCK_SIZE_S,
+                 TILE, HEAD_SIZE, HEAD_PAD, BLOCK_M, BLOCK_Q, DOT_IEEE, CAST_F32, FP8)
 
+
+@triton.jit
+def _attn_2d(
+    output_ptr, query_ptr, query_start_len_ptr, seq_lens_ptr, num_seqs,
+    full_cache_ptr, full_bt_ptr, full_head_offset, full_bt_stride,
+    f_stride_0, f_stride_1, f_stride_2, f_stride_3, F_STRIDE_4: tl.constexpr,
+    sliding_cache_ptr, sliding_bt_ptr, sliding_head_offset, sliding_bt_stride,
+    s_stride_0, s_stride_1, s_stride_2, s_stride_3, S_STRIDE_4: tl.constexpr,
+    scale_log2, window,
+    full_k_scale_ptr, full_v_scale_ptr, full_scale_stride,
+    sliding_k_scale_ptr, sliding_v_scale_ptr, sliding_scale_stride,
+    q_stride_0, q_stride_1, o_stride_0, o_stride_1,
+    n_full, q_block_global_idx,
+    HAS_FULL: tl.constexpr, HAS_SLIDING: tl.constexpr, NUM_QUERY_HEADS: tl.constexpr,
+    G: tl.constexpr, SINK: tl.constexpr,
+    BLOCK_SIZE_F: tl.constexpr, BLOCK_SIZE_S: tl.constexpr,
+    TILE: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
+    DOT_IEEE: tl.constexpr, CAST_F32: tl.constexpr, FP8: tl.constexpr,
+):
+    """2D: one program per (q block, KV head), the head's pool chosen by a branch."""
+    kv_head_idx = tl.program_id(1)
     seq_idx = _find_seq_idx(query_start_len_ptr, q_block_global_idx, num_seqs, BLOCK_Q, True)
     q_start = tl.load(query_start_len_ptr + seq_idx)
     q_stop = tl.load(query_start_len_ptr + seq_idx + 1)
@@ -322,25 +523,23 @@ def _hybrid_attn_kernel(
         is_full = False
     if is_full:
         _attn_body(output_ptr, query_ptr, full_cache_ptr, full_bt_ptr,
-                   segm_output_ptr, segm_max_ptr, segm_expsum_ptr,
-                   seq_idx, segm_idx, num_segments, seg_stride, q_block_local_idx, q_start, q_len, seq_len,
+                   seq_idx, q_block_local_idx, q_start, q_len, seq_len,
                    kv_head_idx, full_head_offset + kv_head_idx, kv_head_idx, scale_log2, window,
                    full_k_scale_ptr, full_v_scale_ptr, full_scale_stride,
                    full_bt_stride, q_stride_0, q_stride_1, o_stride_0, o_stride_1,
                    f_stride_0, f_stride_1, f_stride_2, f_stride_3, F_STRIDE_4,
                    NUM_QUERY_HEADS, G, BLOCK_SIZE_F, TILE, HEAD_SIZE, HEAD_PAD,
-                   BLOCK_M, BLOCK_Q, False, 0, IS_3D, DOT_IEEE, CAST_F32, FP8)
+                   BLOCK_M, BLOCK_Q, False, 0, DOT_IEEE, CAST_F32, FP8)
     else:
         _attn_body(output_ptr, query_ptr, sliding_cache_ptr, sliding_bt_ptr,
-                   segm_output_ptr, segm_max_ptr, segm_expsum_ptr,
-                   seq_idx, segm_idx, num_segments, seg_stride, q_block_local_idx, q_start, q_len, seq_len,
+                   seq_idx, q_block_local_idx, q_start, q_len, seq_len,
                    kv_head_idx, sliding_head_offset + (kv_head_idx - n_full), kv_head_idx - n_full,
                    scale_log2, window,
                    sliding_k_scale_ptr, sliding_v_scale_ptr, sliding_scale_stride,
                    sliding_bt_stride, q_stride_0, q_stride_1, o_stride_0, o_stride_1,
                    s_stride_0, s_stride_1, s_stride_2, s_stride_3, S_STRIDE_4,
                    NUM_QUERY_HEADS, G, BLOCK_SIZE_S, TILE, HEAD_SIZE, HEAD_PAD,
-                   BLOCK_M, BLOCK_Q, True, SINK, IS_3D, DOT_IEEE, CAST_F32, FP8)
+                   BLOCK_M, BLOCK_Q, True, SINK, DOT_IEEE, CAST_F32, FP8)
 
 
 @triton.jit(do_not_specialize=["num_seqs", "n_full_q", "seg_f", "seg_s", "seg_stride"])
@@ -796,6 +995,11 @@ def launch_attention(query: torch.Tensor, output: torch.Tensor, batch: AttnBatch
     block_m = 16 if group <= 16 else triton.next_power_of_2(group)
     block_q = block_m // group
     use_3d = would_use_3d(query, batch, scratch)
+    if use_3d and n_full and n_sliding and (full.cache.dtype != sliding.cache.dtype
+                                            or full.block_table.dtype != sliding.block_table.dtype):
+        # The 3D body reads either pool through one pointer (same types needed); vLLM's
+        # pools always match, so this is for hand-built pools only.
+        use_3d = False
     tile_size = config.tile_size or (DEFAULT_TILE_3D if use_3d else 32)
     total_q_blocks = T // block_q + num_seqs
     sink = sliding.sink if n_sliding else 0
@@ -807,6 +1011,12 @@ def launch_attention(query: torch.Tensor, output: torch.Tensor, batch: AttnBatch
         seg_f = seg_s = seg_stride = 1
         grid = (total_q_blocks, n_kv)
     launch = {}
+    if use_3d and fp.is_fp8 and head_pad <= 128 and config.num_warps is None:
+        # FP8 tiles are converted in registers: left alone, ptxas gives the 3D kernel
+        # 134-140 registers (sm_90, 4 warps: 3 programs per SM); capped at 128 it has 4 and
+        # spills nothing at head_dim <= 128 (checked with ptxas -v for bf16 queries over FP8
+        # pools, 0 or 64 sinks, block sizes 16 and 48).
+        launch["maxnreg"] = 128
     if config.num_warps is not None:
         launch["num_warps"] = config.num_warps
     if config.num_stages is not None:
@@ -822,7 +1032,7 @@ def launch_attention(query: torch.Tensor, output: torch.Tensor, batch: AttnBatch
         sc.stride(0), sc.stride(1), sc.stride(2), sc.stride(3), sc.stride(4),
         segm[0], segm[1], segm[2],
         float(scale) * LOG2E, int(window),
-        *_scale_args(full if n_full else None, output), *_scale_args(sliding if n_sliding else None, output),
+        *_scale_args(fp, output), *_scale_args(sp, output),
         query.stride(0), query.stride(1), output.stride(0), output.stride(1),
         n_full, seg_f, seg_s, seg_stride,
         **attention_constexprs(n_full, n_sliding, hq, sink, fc.shape[2], sc.shape[2], tile_size, d,
