@@ -14,6 +14,8 @@ block). Variants:
   fused_baseline  the same from another ``triton_hybrid.py`` (``--baseline FILE`` or a git
                   revision such as ``HEAD``): the A/B of a kernel change on the same pools
   fused_segf<N>   the op with N segments per F head (``--seg-f``)
+  fused_<launch>  the op with other launch parameters (``--launch t64w8s2``: 64-key tiles,
+                  8 warps, 2 pipeline stages; any subset), for a kernel-configuration sweep
   fused_fill<N>   the op with about N F programs per layer (``--fill-programs``): a layer
                   with f F heads splits each into the power of 2 nearest below N / f
                   segments (the rule: 256 at batch 1 whatever f), so layers with few F
@@ -41,6 +43,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -128,6 +131,15 @@ class Pools:
             f_off, s_off = f_off + nf, s_off + ns
 
 
+def parse_launch(name: str) -> dict:
+    """``t64w8s2`` -> LaunchConfig fields (tile_size 64, num_warps 8, num_stages 2); any subset, any order."""
+    fields = {"t": "tile_size", "w": "num_warps", "s": "num_stages"}
+    parts = re.findall(r"([tws])(\d+)", name)
+    if not parts or "".join(k + v for k, v in parts) != name:
+        raise SystemExit(f"--launch {name!r}: expected parts tTILE, wWARPS, sSTAGES, e.g. t64w8s2")
+    return {fields[k]: int(v) for k, v in parts}
+
+
 def time_eager(fn, reps):
     fn()
     t = time.perf_counter()
@@ -184,6 +196,9 @@ def main():
     ap.add_argument("--baseline", default="", help="older triton_hybrid.py: a file or a git revision (e.g. HEAD)")
     ap.add_argument("--seg-f", default="", help="extra F segment counts for the fused op, comma list")
     ap.add_argument("--fill-programs", default="", help="extra variants: about N F programs per layer, comma list")
+    ap.add_argument("--launch", default="",
+                    help="extra launch configurations of the fused op, comma list of tTILE wWARPS sSTAGES "
+                         "in any subset, e.g. t64,w8,t64s2 (omitted parts: the served defaults)")
     ap.add_argument("--fp8", action="store_true", help="FP8 pools (per-tensor scales 1.0)")
     ap.add_argument("--no-fa3", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run under TRITON_INTERPRET=1")
@@ -226,6 +241,7 @@ def main():
         fa = flash_attn_varlen()
     seg_fs = [int(x) for x in args.seg_f.split(",") if x]
     fills = [int(x) for x in args.fill_programs.split(",") if x]
+    launches = {name: parse_launch(name) for name in args.launch.split(",") if name}
 
     result = dict(device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
                   torch=torch.__version__, time=time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -269,6 +285,9 @@ def main():
                         th.launch_attention(p.query, o, p.batch, p.scale, full, sliding, scratch,
                                             th.LaunchConfig(segments=(seg, None)))
                     runners[f"fused_fill{n}"] = fill
+                for name, cfg in launches.items():
+                    runners[f"fused_{name}"] = (lambda full, sliding, o, cfg=cfg: th.launch_attention(
+                        p.query, o, p.batch, p.scale, full, sliding, scratch, th.LaunchConfig(**cfg)))
                 if fa is not None:
                     runners["fa3_pools"] = (lambda full, sliding, o: flash_attn_pools(
                         fa, p.query, o, p.batch, p.scale, full, sliding, overlap=True))
