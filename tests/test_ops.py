@@ -955,6 +955,25 @@ def test_whole_model_shapes_selection():
     assert r.returncode != 0 and "qwen3-0.6b allocations are ['random', 'equal']" in r.stderr, r.stderr
 
 
+def test_fused_decode_launch_names():
+    """bench_fused_decode --launch: tTILE / wWARPS / sSTAGES in any subset map onto the op's
+    LaunchConfig fields; anything else is refused with the expected form."""
+    script = os.path.join(ROOT, "benchmarks", "bench_fused_decode.py")
+    sys.path.insert(0, os.path.dirname(script))
+    try:
+        import bench_fused_decode as bench
+    finally:
+        sys.path.pop(0)
+    from consa_vllm.plugin.ops.triton_hybrid import LaunchConfig
+
+    assert bench.parse_launch("t64w8s2") == dict(tile_size=64, num_warps=8, num_stages=2)
+    assert bench.parse_launch("s3t16") == dict(num_stages=3, tile_size=16)
+    assert LaunchConfig(**bench.parse_launch("w8")).num_warps == 8
+    for bad in ("x1", "t", "t64x", "64", "t64 w8"):
+        with pytest.raises(SystemExit, match="expected parts tTILE, wWARPS, sSTAGES"):
+            bench.parse_launch(bad)
+
+
 def test_select_ops_once_per_device(monkeypatch):
     """The backend picks an implementation once per layer: Triton on CUDA, torch elsewhere,
     CONSA_ATTN_IMPL overriding; a bad value names the variable."""
