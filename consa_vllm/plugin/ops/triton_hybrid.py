@@ -185,8 +185,6 @@ def _attn_body(
         sink_hi = tl.minimum(range_lo, SINK)
         num_sink_tiles = _cdiv(sink_hi, TILE)
         num_tiles += num_sink_tiles
-    t_lo = 0
-    t_hi = num_tiles
 
     M = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     L = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -196,7 +194,7 @@ def _attn_body(
     k_base = cache_ptr + pool_head.to(tl.int64) * c_stride_3
     v_base = k_base + c_stride_1
 
-    for j in range(t_lo, t_hi):
+    for j in range(0, num_tiles):
         if SINK > 0:
             in_sink = j < num_sink_tiles
             k_pos = tl.where(in_sink, j * TILE, range_lo + (j - num_sink_tiles) * TILE) + offs_t
