@@ -90,7 +90,8 @@ class Pools:
 
     def __init__(self, torch, splits, ctx, batch, window, sink, hq, hkv, d, block_f, block_s, dtype, device, seed=0,
                  fp8=False):
-        from consa_vllm.plugin.ops import AttnBatch, KVPool
+        from bench_hybrid_kernel import pools as layer_pools
+        from consa_vllm.plugin.ops import AttnBatch
         from consa_vllm.plugin.ops.interface import FP8_DTYPE
 
         self.gen = torch.Generator(device=device).manual_seed(seed)
@@ -118,16 +119,13 @@ class Pools:
         first = max(0, seq_len - 1 - window + 1)
         fpool = pool(n_f, block_f, lambda b, B: True) if n_f else None
         spool = pool(n_s, block_s, lambda b, B: b < cdiv(sink, B) or (b + 1) * B > first) if n_s else None
-        def scales(n):  # per-tensor scales, expanded as the backend passes them
-            one = torch.ones(1, device=device)
-            return dict(k_scale=one.expand(n), v_scale=one.expand(n), q_scale=one.expand(n)) if fp8 else {}
 
+        # Each layer's (full, sliding) KVPool pair, built by bench_hybrid_kernel's helper,
+        # which reads the device, the window and FP8 (scales) from these attributes.
+        self.dev, self.W, self.kv_fp8 = device, window, fp8
         self.layers, f_off, s_off = [], 0, 0
         for nf, ns in splits:
-            full = KVPool(fpool[0], fpool[1], None, f_off, nf, **scales(nf)) if nf else None
-            sliding = (KVPool(spool[0], spool[1], None, s_off, ns, window=window, sink=sink, **scales(ns))
-                       if ns else None)
-            self.layers.append((full, sliding))
+            self.layers.append(layer_pools(self, nf, ns, fpool, spool, f_off, s_off, sink))
             f_off, s_off = f_off + nf, s_off + ns
 
 
@@ -210,9 +208,10 @@ def main():
 
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("no GPU: use --smoke for the CPU check")
-    from bench_hybrid_kernel import time_graph  # this script's folder (after TRITON_INTERPRET is set)
+    # This script's folder, imported once TRITON_INTERPRET is set (that module imports torch).
+    from bench_hybrid_kernel import _check_layers as check_layers
+    from bench_hybrid_kernel import time_graph
     from consa_vllm.plugin.layout import choose_block_sizes
-    from consa_vllm.plugin.ops import torch_paged
     from consa_vllm.plugin.ops import triton_hybrid as th
 
     with open(args.allocation) as f:
@@ -293,21 +292,10 @@ def main():
                         fa, p.query, o, p.batch, p.scale, full, sliding, overlap=True))
                 base = dict(context=ctx, batch=bs, sink=sink)
                 # correctness: one layer of every distinct split, each variant vs the torch op
-                seen, errs = set(), {}
-                for full, sliding in p.layers:
-                    key = (full.num_heads if full else 0, sliding.num_heads if sliding else 0)
-                    if key in seen:
-                        continue
-                    seen.add(key)
-                    ref = torch.zeros_like(p.query)
-                    torch_paged.hybrid_paged_attention(p.query, ref, p.batch, p.scale, full, sliding)
-                    for name, fn in runners.items():
-                        o = torch.full_like(p.query, float("nan"))
-                        fn(full, sliding, o)
-                        err = (o.float() - ref.float()).abs().max().item()
-                        errs[f"{key[0]}F{key[1]}S/{name}"] = err
-                        if not err < 2e-2:
-                            raise AssertionError(f"{name} {key} ctx={ctx} sink={sink}: max abs err {err}")
+                try:
+                    errs = check_layers(p, p.layers, runners, set())
+                except AssertionError as e:
+                    raise AssertionError(f"ctx={ctx} sink={sink}: {e}") from None
                 rows.append(dict(base, variant="check_vs_torch", max_abs_err=errs))
                 for name, fn in runners.items():
                     def run(fn=fn):
