@@ -201,6 +201,7 @@ def main():
     ap.add_argument("--no-fa3", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run under TRITON_INTERPRET=1")
     args = ap.parse_args()
+    launches = {name: parse_launch(name) for name in args.launch.split(",") if name}  # refused before any work
 
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"
@@ -240,7 +241,6 @@ def main():
         fa = flash_attn_varlen()
     seg_fs = [int(x) for x in args.seg_f.split(",") if x]
     fills = [int(x) for x in args.fill_programs.split(",") if x]
-    launches = {name: parse_launch(name) for name in args.launch.split(",") if name}
 
     result = dict(device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
                   torch=torch.__version__, time=time.strftime("%Y-%m-%d %H:%M:%S"),
