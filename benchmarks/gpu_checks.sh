@@ -7,8 +7,11 @@
 #   . benchmarks/gpu_env.sh && bash benchmarks/gpu_checks.sh
 #
 # ONLY="PREFIX ..." runs only the cases whose names start with one of the prefixes (e.g.
-# ONLY="float32 same-model-mixtral"). Quantized checkpoints: set CONSA_QUANT_CHECKPOINTS to a directory made on a CPU machine by
+# ONLY="float32 same-model-mixtral"; "NAME=" selects exactly the case NAME). Quantized checkpoints: set CONSA_QUANT_CHECKPOINTS to a directory made on a CPU machine by
 # `python tests/make_quant_checkpoints.py DIR` (else test_gpu_quant.py makes what it can).
+# REPEAT=N runs each selected case N times at once (logs NAME.rK.log, reports under rK/):
+# for intermittent failures, e.g. REPEAT=6 ONLY="same-model-mixtral-all_f= same-model-mixtral-all_f_nolayername" (run 13).
+# Cases listed under DIAG below run only when ONLY names them.
 set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -18,17 +21,29 @@ mkdir -p "$OUT"
 # (several compiled in-process engines in one process hit a CUDA allocator assert).
 export CONSA_GPU_REPORT_DIR="$OUT" VLLM_ENABLE_V1_MULTIPROCESSING=1 VLLM_WORKER_MULTIPROC_METHOD=spawn \
   CONSA_TEST_KV_CACHE_BYTES=$((1 << 30)) OMP_NUM_THREADS=1
-run() {  # name, pytest args...  (INPROC=1: the engine in the test's own process)
+run() {  # name, pytest args...  (INPROC=1: the engine in the test's own process; DIAG=1: only if ONLY names it)
   local name=$1; shift
   if [ -n "${ONLY:-}" ]; then
     local p hit=0
-    for p in $ONLY; do case $name in "$p"*) hit=1 ;; esac; done
+    for p in $ONLY; do
+      case $p in
+        *=) [ "$name" = "${p%=}" ] && hit=1 ;;  # NAME= : exactly that case
+        *) case $name in "$p"*) hit=1 ;; esac ;;
+      esac
+    done
     [ $hit = 1 ] || return 0
+  elif [ "${DIAG:-0}" = 1 ]; then
+    return 0
   fi
-  ( [ "${INPROC:-0}" = 1 ] && export VLLM_ENABLE_V1_MULTIPROCESSING=0
-    start=$(date +%s)
-    python -m pytest -q -s -p no:cacheprovider --junitxml="$OUT/$name.xml" "$@" >"$OUT/$name.log" 2>&1
-    echo "$name: rc=$? $(( $(date +%s) - start )) s $(tail -1 "$OUT/$name.log")" | tee -a "$OUT/summary.txt" ) &
+  local k tag
+  for k in $(seq 1 "${REPEAT:-1}"); do
+    tag=$name; [ "${REPEAT:-1}" = 1 ] || tag=$name.r$k
+    ( [ "${INPROC:-0}" = 1 ] && export VLLM_ENABLE_V1_MULTIPROCESSING=0
+      [ "${REPEAT:-1}" = 1 ] || { mkdir -p "$OUT/r$k"; export CONSA_GPU_REPORT_DIR="$OUT/r$k"; }
+      start=$(date +%s)
+      python -m pytest -q -s -p no:cacheprovider --junitxml="$OUT/$tag.xml" "$@" >"$OUT/$tag.log" 2>&1
+      echo "$tag: rc=$? $(( $(date +%s) - start )) s $(tail -1 "$OUT/$tag.log")" | tee -a "$OUT/summary.txt" ) &
+  done
 }
 Q=tests/test_gpu_quant.py
 QP=$Q::test_gpu_quantized_kv_head_calibrated_parity
@@ -56,6 +71,10 @@ for case in qwen3_moe-all_f qwen3_moe-layer_shaped mixtral-all_f mixtral-layer_s
     llama-layer_shaped; do
   run "same-model-$case" "$S[$case]"
 done
+# Diagnostics of the intermittent Mixtral defect (run 13), only when ONLY names them.
+for case in mixtral-all_f_nocombo mixtral-all_f_eager mixtral-all_f_nolayername; do
+  DIAG=1 run "same-model-$case" "$S[$case]"
+done
 # float32 greedy parity of every family, uneven and layer-shaped: four cases per process, the
 # Mixtral layer-shaped case first (it runs the fused Triton kernel alone: see the test).
 P=tests/test_gpu_families.py::test_gpu_float32_family_parity
@@ -64,12 +83,13 @@ run float32-2 "$P[qwen3-uneven]" "$P[qwen3-layer_shaped]" "$P[qwen2-uneven]" "$P
 run float32-3 "$P[llama-uneven]" "$P[llama-layer_shaped]" "$P[mistral-uneven]" "$P[mistral-layer_shaped]"
 # A command on the GPU machine is stopped at 10 minutes with everything it started, the
 # packing below included: stop the tests at DEADLINE seconds (default 540) instead.
-( sleep "${DEADLINE:-540}"; echo "gpu_checks: DEADLINE reached, stopping the tests" | tee -a "$OUT/summary.txt"
+# The sleep must not hold our stdout: a pipe into tail/grep would wait for it.
+( sleep "${DEADLINE:-540}" >/dev/null 2>&1; echo "gpu_checks: DEADLINE reached, stopping the tests" | tee -a "$OUT/summary.txt"
   pkill -f "pytest -q -s -p no:cacheprovider" ) &
 watchdog=$!
 tests=$(jobs -p | grep -vx "$watchdog")
 [ -z "$tests" ] || wait $tests
-kill "$watchdog" 2>/dev/null
+pkill -P "$watchdog" 2>/dev/null; kill "$watchdog" 2>/dev/null  # its sleep first
 cat "$OUT/summary.txt"
 # At most 8 files per command come back from the GPU machine: one archive holds them all.
 tar czf "$OUT.tgz" -C "$OUT" . && rm -rf "${OUT:?}"/* && mv "$OUT.tgz" "$OUT/gpu-checks.tgz"
