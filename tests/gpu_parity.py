@@ -163,6 +163,9 @@ def run_variants(src: Path, variants: list[Variant], prompts: list[list[int]], m
     kw.update(engine_kw)
     results: dict[str, ErrorStats] = {}
     per_token: dict[str, list[list[float]]] = {}
+    # Each engine's own tokens and their logprobs, so that a wrong engine (the intermittent
+    # Mixtral defect) can be compared offline against hypotheses of what it computed.
+    outputs: dict[str, dict] = {}
     hf: dict[str, ErrorStats] = {}  # each model's own bf16 sensitivity (bf16 engines only)
     for v in variants:
         with _env(v.env):
@@ -170,6 +173,10 @@ def run_variants(src: Path, variants: list[Variant], prompts: list[list[int]], m
         ref = hf_token_logprobs(src, v.allocation, gen, prompts)
         per_token[v.name] = token_errors(src, v.allocation, gen, prompts, ref)
         results[v.name] = error_stats(per_token[v.name], rounds)
+        outputs[v.name] = {"tokens": gen.tokens,
+                           "logprobs": [[round(lps[i][t], 6) for i, t in enumerate(toks)]
+                                        for toks, lps in zip(gen.tokens, gen.top_logprobs)],
+                           "reference": [[round(x, 6) for x in row] for row in ref]}
         if kw.get("dtype") == "bfloat16":
             hf[v.name] = error_stats(hf_bf16_errors(src, v.allocation, gen, prompts, ref))
         print(f"  {v.name}: {results[v.name]}" + (f"; plain HF bf16: {hf[v.name]}" if v.name in hf else ""),
@@ -190,6 +197,7 @@ def run_variants(src: Path, variants: list[Variant], prompts: list[list[int]], m
                 "engine": {k: str(val) for k, val in kw.items()}, "rounds": rounds,
                 "prompt_lengths": [len(p) for p in prompts],
                 "per_token": {k: [[round(e, 6) for e in row] for row in rows] for k, rows in per_token.items()},
+                "outputs": outputs,
             }, indent=1))
     return results
 
