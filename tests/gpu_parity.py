@@ -195,7 +195,7 @@ def run_variants(src: Path, variants: list[Variant], prompts: list[list[int]], m
                                        "window": x.allocation.window, "sink": x.allocation.sink},
                                       "env": x.env, "engine": x.engine} for x in variants},
                 "engine": {k: str(val) for k, val in kw.items()}, "rounds": rounds,
-                "prompt_lengths": [len(p) for p in prompts],
+                "prompt_lengths": [len(p) for p in prompts], "prompts": prompts,
                 "per_token": {k: [[round(e, 6) for e in row] for row in rows] for k, rows in per_token.items()},
                 "outputs": outputs,
             }, indent=1))
