@@ -34,6 +34,9 @@ def check_serving_config(vllm_config: Any) -> Allocation:
             "ConSA: window %d >= max_model_len %d, so the sliding-window (S) heads see the whole "
             "context and act as full attention; S KV memory is not reduced.",
             allocation.window, model_config.max_model_len)
+    warning = compiled_gpu_warning(vllm_config)
+    if warning:
+        logger.warning("ConSA: %s", warning)
     sink = allocation_sink(allocation)
     if sink and any("S" in r for r in allocation.pattern):
         transfer = vllm_config.kv_transfer_config
@@ -59,6 +62,19 @@ def check_serving_config(vllm_config: Any) -> Allocation:
     if allocation.granularity == "kv_head":
         check_quantization(model_config, allocation, tp)
     return allocation
+
+
+def compiled_gpu_warning(vllm_config: Any) -> str:
+    """The family's open defect of compiled GPU engines (families.Family.compiled_gpu_warning),
+    if this configuration is one: a CUDA device and torch.compile on; else ''."""
+    from consa_vllm import families
+
+    model_config = vllm_config.model_config
+    family = families.by_architecture(model_config.architecture)
+    device = getattr(getattr(vllm_config, "device_config", None), "device_type", "")
+    if device != "cuda" or model_config.enforce_eager:
+        return ""
+    return family.compiled_gpu_warning
 
 
 def check_quantization(model_config: Any, allocation: Allocation, tp: int) -> None:
