@@ -70,11 +70,13 @@ def compiled_gpu_warning(vllm_config: Any) -> str:
     from consa_vllm import families
 
     model_config = vllm_config.model_config
-    family = families.by_architecture(model_config.architecture)
     device = getattr(getattr(vllm_config, "device_config", None), "device_type", "")
     if device != "cuda" or model_config.enforce_eager:
         return ""
-    return family.compiled_gpu_warning
+    try:
+        return families.by_architecture(model_config.architecture).compiled_gpu_warning
+    except families.UnsupportedFamilyError:  # refused elsewhere, with its own message
+        return ""
 
 
 def check_quantization(model_config: Any, allocation: Allocation, tp: int) -> None:
