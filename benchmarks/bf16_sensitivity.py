@@ -57,11 +57,10 @@ def main() -> None:
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     import torch
-    from engine_harness import TINY, prompts_of
-    from gpu_parity import round_weights_to
+    from engine_harness import prompts_of
+    from gpu_parity import tiny_bf16_source
 
     from consa_vllm.eval.stats import paired_bootstrap
-    from consa_vllm.tiny import build_tiny_model
 
     lengths = ([40, 77, 130, 300, 9, 520, 64, 700] * 8)[:args.prompts]
     prompts = prompts_of(lengths, seed=5)
@@ -70,8 +69,7 @@ def main() -> None:
     for family in args.families.split(","):
         start = time.time()
         with tempfile.TemporaryDirectory() as tmp:
-            src = build_tiny_model(Path(tmp) / "src", family, **{**TINY, "head_dim": 64})
-            round_weights_to(src, "bfloat16")
+            src = tiny_bf16_source(Path(tmp) / "src", family)
             errs = {name: per_prompt_errors(src, pat, sink, prompts, args.new)
                     for name, (pat, sink) in ALLOCATIONS.items()}
         base = errs["all_f"]

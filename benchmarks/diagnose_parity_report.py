@@ -2,9 +2,8 @@
 
 A report of ``tests/gpu_parity.run_variants`` (written by ``tests/test_gpu_families.py`` and
 ``benchmarks/gpu_checks.sh``) keeps each engine's generated tokens and their logprobs. This
-script rebuilds the tests' tiny model of the family (``build_tiny_model`` with the tests'
-``TINY`` sizes and head_dim 64, weights rounded to bf16 values, exactly as
-``test_gpu_families._tiny_src``), or takes ``--model``. It then scores the engine's tokens by
+script rebuilds the GPU tests' tiny model of the family (``tests/gpu_parity.tiny_bf16_source``,
+the same model ``test_gpu_families.py`` serves), or takes ``--model``. It then scores the engine's tokens by
 teacher forcing in float32, under the model as it is and under a list of hypothesised wrong
 computations:
 
@@ -35,6 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent.parent / "tests"
+sys.path.insert(0, str(TESTS))  # the GPU tests' harness: their model, prompts and scoring
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,19 +70,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             ap.error(f"--family {args.family}: not one of {', '.join(families.family_names())}")
     args.report_data = report
     return args
-
-
-def tiny_source(family: str, root: Path) -> Path:
-    """The tests' tiny model of ``family``, weights rounded to bf16 values (as the GPU tests)."""
-    sys.path.insert(0, str(TESTS))
-    from engine_harness import TINY
-    from gpu_parity import round_weights_to
-
-    from consa_vllm.tiny import build_tiny_model
-
-    src = build_tiny_model(root / "src", family, **{**TINY, "head_dim": 64})
-    round_weights_to(src, "bfloat16")
-    return src
 
 
 def hypotheses(model) -> dict[str, Callable[[dict], dict]]:
@@ -135,30 +122,19 @@ def replaced(model, tensors: dict) -> Iterator[None]:
         model.load_state_dict(saved, strict=False)
 
 
-def token_logprobs(model, prompts: list[list[int]], tokens: list[list[int]]) -> list[list[float]]:
-    """Teacher-forced logprob of each generated token."""
-    import torch
-
-    out = []
-    with torch.no_grad():
-        for p, toks in zip(prompts, tokens):
-            lp = torch.log_softmax(model(torch.tensor([p + toks])).logits[0, len(p) - 1:-1].float(), dim=-1)
-            out.append(lp[torch.arange(len(toks)), torch.tensor(toks)].tolist())
-    return out
-
-
 def diagnose(src: Path, report: dict, variant: str | None, prompt_seed: int) -> dict[str, dict[str, float]]:
     """Per variant, per hypothesis: mean |engine logprob - hypothesis logprob| over its tokens."""
     import torch
     from transformers import AutoModelForCausalLM
+
+    from engine_harness import prompts_of
+    from gpu_parity import teacher_forced_logprobs
 
     from consa_vllm.allocation import Allocation
     from consa_vllm.reference import patch_model
 
     prompts = report.get("prompts")
     if prompts is None:
-        sys.path.insert(0, str(TESTS))
-        from engine_harness import prompts_of
 
         prompts = prompts_of(report["prompt_lengths"], seed=prompt_seed)
     results: dict[str, dict[str, float]] = {}
@@ -173,7 +149,7 @@ def diagnose(src: Path, report: dict, variant: str | None, prompt_seed: int) -> 
         scores = {}
         for hname, make in hypotheses(model).items():
             with replaced(model, make(model.state_dict())):
-                lps = [x for row in token_logprobs(model, prompts, out["tokens"]) for x in row]
+                lps = [x for row in teacher_forced_logprobs(model, prompts, out["tokens"]) for x in row]
             scores[hname] = sum(abs(a - b) for a, b in zip(engine, lps)) / len(engine)
         results[name] = dict(sorted(scores.items(), key=lambda kv: kv[1]))
         best = next(iter(results[name].items()))
@@ -185,8 +161,10 @@ def diagnose(src: Path, report: dict, variant: str | None, prompt_seed: int) -> 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from gpu_parity import tiny_bf16_source
+
     with tempfile.TemporaryDirectory() as tmp:
-        src = args.model if args.model is not None else tiny_source(args.family, Path(tmp))
+        src = args.model if args.model is not None else tiny_bf16_source(Path(tmp) / "src", args.family)
         results = diagnose(src, args.report_data, args.variant, args.prompt_seed)
     if args.out is not None:
         args.out.write_text(json.dumps({"report": str(args.report), "scores": results}, indent=1))

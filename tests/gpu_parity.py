@@ -70,6 +70,31 @@ def round_weights_to(src: Path, dtype: str) -> None:
         save_file(tensors, f, metadata={"format": "pt"})
 
 
+def tiny_bf16_source(out_dir: Path, family: str) -> Path:
+    """The GPU tests' tiny model of ``family`` (the tests' sizes, head_dim 64) in ``out_dir``,
+    its weights rounded to bf16 values (:func:`round_weights_to`); the GPU tests, the bf16
+    sensitivity benchmark and the parity-report diagnosis all score this model."""
+    from engine_harness import TINY
+
+    from consa_vllm.tiny import build_tiny_model
+
+    src = build_tiny_model(out_dir, family, **{**TINY, "head_dim": 64})
+    round_weights_to(src, "bfloat16")
+    return src
+
+
+def teacher_forced_logprobs(model, prompts: list[list[int]], tokens: list[list[int]]) -> list[list[float]]:
+    """Per prompt, the logprob under the HF ``model`` of each of its generated ``tokens``."""
+    import torch
+
+    out: list[list[float]] = []
+    with torch.no_grad():
+        for p, toks in zip(prompts, tokens):
+            lp = torch.log_softmax(model(torch.tensor([p + toks])).logits[0, len(p) - 1:-1].float(), dim=-1)
+            out.append(lp[torch.arange(len(toks)), torch.tensor(toks)].tolist())
+    return out
+
+
 def hf_token_logprobs(src: Path, allocation, gen: Generation, prompts: list[list[int]],
                       dtype: str = "float32") -> list[list[float]]:
     """Per prompt, the logprob of each of ``gen``'s tokens under Hugging Face in ``dtype`` with
@@ -82,12 +107,7 @@ def hf_token_logprobs(src: Path, allocation, gen: Generation, prompts: list[list
     model = AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, dtype)).eval()
     if allocation is not None:
         patch_model(model, window=allocation.window, allocation=allocation)
-    out: list[list[float]] = []
-    with torch.no_grad():
-        for p, toks in zip(prompts, gen.tokens):
-            lp = torch.log_softmax(model(torch.tensor([p + toks])).logits[0, len(p) - 1:-1].float(), dim=-1)
-            out.append(lp[torch.arange(len(toks)), torch.tensor(toks)].tolist())
-    return out
+    return teacher_forced_logprobs(model, prompts, gen.tokens)
 
 
 def token_errors(src: Path, allocation, gen: Generation, prompts: list[list[int]],

@@ -36,7 +36,7 @@ pytestmark = [pytest.mark.engine,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 from engine_harness import TINY, prompts_of  # noqa: E402
-from gpu_parity import Variant, round_weights_to, run_variants  # noqa: E402
+from gpu_parity import Variant, run_variants, tiny_bf16_source  # noqa: E402
 
 from consa_vllm import families  # noqa: E402
 from consa_vllm.allocation import Allocation  # noqa: E402
@@ -50,12 +50,8 @@ LENGTHS = [40, 77, 130, 300, 9, 520, 64, 700] * 6 + [33, 150, 410, 90, 260, 600,
 
 
 def _tiny_src(tmp_path: Path, family: str) -> Path:
-    from consa_vllm.tiny import build_tiny_model
-
     # Its own copy: the weights are rounded to bf16 in place.
-    src = build_tiny_model(tmp_path / "src", family, **{**TINY, "head_dim": 64})
-    round_weights_to(src, "bfloat16")
-    return src
+    return tiny_bf16_source(tmp_path / "src", family)
 
 
 def _export(src: Path, tmp_path: Path, name: str, pattern: list[str], sink: int = 0,
