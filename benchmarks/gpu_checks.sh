@@ -13,6 +13,9 @@
 # for intermittent failures, e.g. REPEAT=6 ONLY="same-model-mixtral-all_f= same-model-mixtral-all_f_nolayername" (run 13).
 # Cases listed under DIAG below run only when ONLY names them.
 set -u
+case ${REPEAT:-1} in
+  ''|*[!0-9]*|0) echo "gpu_checks: REPEAT must be a positive integer, got '${REPEAT}'" >&2; exit 2 ;;
+esac
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 # A fixed 1 GiB KV cache per engine: vLLM's memory profiling fails when other processes'
