@@ -11,8 +11,17 @@
 # `python tests/make_quant_checkpoints.py DIR` (else test_gpu_quant.py makes what it can).
 # REPEAT=N runs each selected case N times at once (logs NAME.rK.log, reports under rK/):
 # for intermittent failures, e.g. REPEAT=6 ONLY="same-model-mixtral-all_f= same-model-mixtral-all_f_nolayername" (run 13).
+# HASHSEEDS="S1 S2 ..." repeats instead once per listed seed, with PYTHONHASHSEED set to it (a seed
+# may repeat): an outcome that follows the seed points at an iteration over a set or a str hash.
 # Cases listed under DIAG below run only when ONLY names them.
 set -u
+if [ -n "${HASHSEEDS:-}" ]; then
+  for s in $HASHSEEDS; do
+    case $s in *[!0-9]*) echo "gpu_checks: HASHSEEDS must be whole numbers, got '$s'" >&2; exit 2 ;; esac
+  done
+  [ -z "${REPEAT:-}" ] || { echo "gpu_checks: set REPEAT or HASHSEEDS, not both" >&2; exit 2; }
+  set -- $HASHSEEDS; REPEAT=$#; set --
+fi
 case ${REPEAT:-1} in
   ''|*[!0-9]*|0) echo "gpu_checks: REPEAT must be a positive integer, got '${REPEAT}'" >&2; exit 2 ;;
 esac
@@ -38,10 +47,12 @@ run() {  # name, pytest args...  (INPROC=1: the engine in the test's own process
   elif [ "${DIAG:-0}" = 1 ]; then
     return 0
   fi
-  local k tag
+  local k tag seed
   for k in $(seq 1 "${REPEAT:-1}"); do
     tag=$name; [ "${REPEAT:-1}" = 1 ] || tag=$name.r$k
+    seed=""; [ -z "${HASHSEEDS:-}" ] || { seed=$(echo $HASHSEEDS | cut -d' ' -f"$k"); tag=$tag.h$seed; }
     ( [ "${INPROC:-0}" = 1 ] && export VLLM_ENABLE_V1_MULTIPROCESSING=0
+      [ -z "$seed" ] || export PYTHONHASHSEED=$seed
       [ "${REPEAT:-1}" = 1 ] || { mkdir -p "$OUT/r$k"; export CONSA_GPU_REPORT_DIR="$OUT/r$k"; }
       start=$(date +%s)
       python -m pytest -q -s -p no:cacheprovider --junitxml="$OUT/$tag.xml" "$@" >"$OUT/$tag.log" 2>&1
