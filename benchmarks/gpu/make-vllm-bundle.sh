@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Build vLLM (CUDA build) for the offline GPU machines, in pieces of 48 MiB (a command carries at most 64 MiB, the working tree included).
+# Build vLLM (CUDA build) for the offline GPU machines, in pieces that fit one command each: a
+# command carries at most 64 MiB, the working tree included, so a piece is 62 MiB less the tracked
+# files (40 MiB, 4 pieces, with the 23 MB tree of December 2026).
 #
 # usage (on a CPU machine with package access):  bash benchmarks/gpu/make-vllm-bundle.sh [VLLM_VERSION]
-# result: .gpu/c1 .. .gpu/cN under the repository's root (48 MiB each; /.gpu/ is git-ignored).
+# result: .gpu/c1 .. .gpu/cN under the repository's root (/.gpu/ is git-ignored; the rest of .gpu/,
+# such as testbed wheels or checkpoints, is kept).
 # Then follow "Running them on the GPU machines" in benchmarks/README.md to move and unpack them.
 #
 # Needs python3 with pip and packaging, and xz. The build (wheels, then one tar.xz of the
@@ -29,10 +32,16 @@ if [ ! -f "$WORK/site.tar.xz" ]; then
   tar -C "$WORK/site" -cf - . | xz -T0 -6 > "$WORK/site.tar.xz.part" && mv "$WORK/site.tar.xz.part" "$WORK/site.tar.xz"
 fi
 
-rm -rf "$ROOT/.gpu" && mkdir -p "$ROOT/.gpu"
-( cd "$ROOT/.gpu" && split -b 48M -d "$WORK/site.tar.xz" part )
+tree_mib=$(( ($(git -C "$ROOT" ls-files -z | (cd "$ROOT" && xargs -0 cat) | wc -c) >> 20) + 1 ))
+piece=$((62 - tree_mib))
+if [ "$piece" -lt 16 ]; then
+  echo "make-vllm-bundle: the tracked files take $tree_mib MiB of the 64 MiB a command carries; too little is left for pieces" >&2
+  exit 1
+fi
+rm -rf "$ROOT"/.gpu/c[0-9]* && mkdir -p "$ROOT/.gpu"
+( cd "$ROOT/.gpu" && split -b "${piece}M" -d "$WORK/site.tar.xz" part )
 i=0
 for p in "$ROOT"/.gpu/part*; do
   i=$((i + 1)); mkdir -p "$ROOT/.gpu/c$i"; mv "$p" "$ROOT/.gpu/c$i/"
 done
-echo "vLLM $VER bundle: $i pieces in .gpu/c1 .. .gpu/c$i ($(du -sh "$WORK/site.tar.xz" | cut -f1) in all)"
+echo "vLLM $VER bundle: $i pieces of $piece MiB in .gpu/c1 .. .gpu/c$i ($(du -sh "$WORK/site.tar.xz" | cut -f1) in all)"
