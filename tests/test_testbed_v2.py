@@ -287,6 +287,10 @@ def test_gpu_script_runs_resumable_commands_to_the_report(tmp_path):
     with tarfile.open(out / "testbed-v2.tgz") as tar:
         names = tar.getnames()
     assert "./results.json" in names and any(n.startswith("./eval/stage2/") for n in names)
+    # each sharded phase's GPU load samples come back with the logs (here: the fake nvidia-smi's line)
+    for phase in ("allocations", "eval", "stage2"):
+        assert f"./log-gpu-{phase}.txt" in names
+        assert "GPU 0: fake" in (run / f"log-gpu-{phase}.txt").read_text()
     # every masks-only eval ran before stage 2 began (a lease cut short loses stage-2 rows first)
     masks = [q.stat().st_mtime for q in (run / "eval" / "masks").glob("*.json")]
     stage2 = [q.stat().st_mtime for q in (run / "stage2").glob("*/config.json")]

@@ -34,7 +34,8 @@
 # PROCS (default 3): processes per GPU for the allocations, stage 2 and the eval. The model is
 # small (hidden 512) and the jobs short, so several processes share a GPU. A phase's budget is
 # checked before each job starts (a job then runs to its end: up to 105 s for a trained allocation
-# in run 1), so sharded phases get what is left minus MARGIN seconds (default 100). Once the
+# in run 1), so sharded phases get what is left minus MARGIN seconds (default 100); each such phase
+# samples the GPU's load every 5 s into log-gpu-PHASE.txt (published with the logs). Once the
 # allocations exist, the jobs left are shorter (run 2: eval 13-71 s per allocation), so a lease's
 # last call may set MARGIN=75 to start more of them.
 #
@@ -70,10 +71,15 @@ sharded() {  # phase [percent]: PROCS processes per GPU, each with every n-th jo
     CUDA_VISIBLE_DEVICES=$((i % gpus)) tb --phase "$1" --shard "$i/$n" --max-minutes "$m" >> "$run/log-$1-$i.txt" 2>&1 &
     pids+=($!)
   done
+  # GPU load every 5 s while the phase runs: whether PROCS processes leave the GPU idle.
+  nvidia-smi --query-gpu=timestamp,index,utilization.gpu,memory.used --format=csv,noheader -l 5 \
+    </dev/null >> "$run/log-gpu-$1.txt" 2>&1 &
+  local smi=$!
   for p in "${pids[@]}"; do
     r=0; wait "$p" || r=$?
     if [ "$r" = 3 ]; then unf=1; elif [ "$r" != 0 ]; then rc=$r; fi
   done
+  kill "$smi" 2>/dev/null || true; wait "$smi" 2>/dev/null || true
   tail -n 2 "$run"/log-"$1"-*.txt
   [ "$rc" = 0 ] || return "$rc"
   [ "$unf" = 0 ] || return 3
