@@ -79,8 +79,18 @@ def test_every_allocation_in_both_modes_is_evaluated_and_reported(run_dir):
         assert r.template_ci_low <= r.template_accuracy <= r.template_ci_high
         assert set(ev["template_by_task"]) == set(tasks)
     assert res.paper_order and all(c["verdict"].split()[0] in ("agrees", "disagrees", "equal") for c in res.paper_order)
+    # every allocation with sinks is compared with the same base and rho without them, in both modes
+    with_sink = {(r.mode, r.name) for r in res.rows if r.sink}
+    assert with_sink and {(d.group.split()[0], d.a) for d in res.sink_differences} == with_sink
+    assert [(d.group, d.a) for d in res.sink_loss_differences] == [(d.group, d.a) for d in res.sink_differences]
+    by_name = {(r.mode, r.name): r for r in res.rows}
+    for d in res.sink_differences:
+        a, b = by_name[(d.group.split()[0], d.a)], by_name[(d.group.split()[0], d.b)]
+        assert (a.base, a.rho, b.sink) == (b.base, b.rho, 0) and d.diff == pytest.approx(a.accuracy - b.accuracy)
     md = (pub / "results.md").read_text()
     assert "95% percentile-bootstrap" in md
+    assert sum(line.startswith(f"- {d.group}: {d.a}: retrieval ") for line in md.splitlines()
+               for d in res.sink_differences) == len(res.sink_differences)
     assert f"{res.prompts} held-out prompts (and {res.template_prompts} in the training templates)" in md
     table = [line for line in md.splitlines() if line.startswith("|")]
     assert len(table) == len(res.rows) + 2 and len({line.count("|") for line in table}) == 1

@@ -438,6 +438,10 @@ class ResultsV2(BaseModel):
     template_prompts: int = 0  # in-template prompts per allocation and mode (0 before run 2)
     # Paired differences on the in-template prompts, as ``differences``
     template_differences: list[Difference] = []
+    # Each allocation with sinks against the same base and rho without them (issue 13's evidence),
+    # on retrieval and on the loss beyond W, every pair listed; Holm within each mode and sink
+    sink_differences: list[Difference] = []
+    sink_loss_differences: list[Difference] = []
 
 
 def base_of(name: str) -> tuple[str, float, int]:
@@ -544,6 +548,16 @@ def phase_report(out: Path, s: Settings2) -> dict:
                     t = thirds(r.pattern)
                     pattern_checks.append({"name": r.name, **t,
                                            "s_bottom_f_middle": t["bottom"] < t["middle"]})
+    # Sinks: each sink > 0 allocation against its own base and rho at sink 0 (equal KV memory but
+    # for the sink blocks).
+    sink_diffs, sink_loss_diffs = [], []
+    for mode in MODES:
+        for k in sorted({r.sink for r in rows if r.sink}):
+            plain = {(r.base, r.rho): r for r in rows if r.mode == mode and r.sink == 0}
+            pairs = [(r, plain[(r.base, r.rho)]) for r in rows
+                     if r.mode == mode and r.sink == k and (r.base, r.rho) in plain]
+            sink_diffs += compare(f"{mode} sink={k} vs 0", mode, pairs, verdicts)
+            sink_loss_diffs += compare(f"{mode} sink={k} vs 0", mode, pairs, seq_losses)
     prompts = len(next(iter(verdicts.values())))
     template_prompts = len(next(iter(tpl_verdicts.values()), []))
     results = {"settings": s.model_dump(), "pretrain": json.loads((out / "pretrain.json").read_text()),
@@ -551,7 +565,9 @@ def phase_report(out: Path, s: Settings2) -> dict:
                "rows": [r.model_dump() for r in rows], "differences": [d.model_dump() for d in diffs],
                "loss_differences": [d.model_dump() for d in loss_diffs],
                "paper_order": order_checks, "layer_pattern": pattern_checks, "missing": missing,
-               "template_prompts": template_prompts, "template_differences": [d.model_dump() for d in tpl_diffs]}
+               "template_prompts": template_prompts, "template_differences": [d.model_dump() for d in tpl_diffs],
+               "sink_differences": [d.model_dump() for d in sink_diffs],
+               "sink_loss_differences": [d.model_dump() for d in sink_loss_diffs]}
     write_json(out / "results.json", ResultsV2.model_validate(results).model_dump())
     (out / "results.md").write_text(render_markdown(ResultsV2.model_validate(results)))
     log("report: " + str(out / "results.md"))
@@ -584,6 +600,18 @@ def render_markdown(r: ResultsV2) -> str:
         lines += ["", "Significant paired differences in held-out loss beyond W, over sequences (Holm-adjusted "
                   "p < 0.05 within each group; > 0: the first loses more):", ""]
         lines += significant(r.loss_differences, 4)
+    if r.sink_differences:
+        lines += ["", "Sinks: each allocation with sinks minus the same one without (paired; Holm within each "
+                  "mode and sink; * significant):", ""]
+        loss = {(d.group, d.a): d for d in r.sink_loss_differences}
+        for d in r.sink_differences:
+            line = (f"- {d.group}: {d.a}: retrieval {d.diff:+.3f} [{d.low:+.3f}, {d.high:+.3f}]"
+                    + ("*" if d.significant else ""))
+            if (d.group, d.a) in loss:
+                x = loss[(d.group, d.a)]
+                line += (f", loss beyond W {x.diff:+.4f} [{x.low:+.4f}, {x.high:+.4f}]"
+                         + ("*" if x.significant else ""))
+            lines.append(line)
     lines += ["", "The paper's ordering (kv_head per-layer > global > dense > layer > rules):", ""]
     lines += [f"- {c['group']}: {c['higher_in_paper']} vs {c['lower_in_paper']}: {c['diff']:+.3f}, {c['verdict']}"
               for c in r.paper_order]
