@@ -565,9 +565,8 @@ def test_cpu_installs_are_constrained_to_the_tested_versions() -> None:
     env = " ".join(rest for kw, rest in builder if kw == "ENV")
     assert f"PIP_CONSTRAINT={dst}" in env
     # The first RUN that installs must come after the COPY and ENV.
-    kinds = [(kw, rest) for kw, rest in builder]
-    first_install = next(n for n, (kw, rest) in enumerate(kinds) if kw == "RUN" and "pip install" in rest)
-    assert kinds.index(("COPY", copy)) < first_install
+    first_install = next(n for n, (kw, rest) in enumerate(builder) if kw == "RUN" and "pip install" in rest)
+    assert builder.index(("COPY", copy)) < first_install
     allow = (ROOT / ".dockerignore").read_text().splitlines()
     assert "!constraints-cpu.txt" in allow
     for name in ("constraints-cpu.txt", "constraints-quant.txt"):

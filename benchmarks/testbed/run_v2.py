@@ -552,8 +552,8 @@ def phase_report(out: Path, s: Settings2) -> dict:
     # for the sink blocks).
     sink_diffs, sink_loss_diffs = [], []
     for mode in MODES:
+        plain = {(r.base, r.rho): r for r in rows if r.mode == mode and r.sink == 0}
         for k in sorted({r.sink for r in rows if r.sink}):
-            plain = {(r.base, r.rho): r for r in rows if r.mode == mode and r.sink == 0}
             pairs = [(r, plain[(r.base, r.rho)]) for r in rows
                      if r.mode == mode and r.sink == k and (r.base, r.rho) in plain]
             sink_diffs += compare(f"{mode} sink={k} vs 0", mode, pairs, verdicts)
