@@ -163,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from gpu_parity import tiny_bf16_source
 
+    # Reports since session 12 hold each engine's weight fingerprints: whether a wrong engine
+    # holds other weights than its pair, before any hypothesis is scored.
+    for pair, names in args.report_data.get("weight_differences", {}).items():
+        print(f"weights {pair}: " + (f"{len(names)} parameters differ: {', '.join(names)}" if names else "identical"))
+
     with tempfile.TemporaryDirectory() as tmp:
         src = args.model if args.model is not None else tiny_bf16_source(Path(tmp) / "src", args.family)
         results = diagnose(src, args.report_data, args.variant, args.prompt_seed)

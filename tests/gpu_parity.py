@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from engine_harness import Generation, run_vllm
+from weight_fingerprint import EXTENSION, differing, fingerprints
 
 
 @dataclass
@@ -179,7 +180,8 @@ def run_variants(src: Path, variants: list[Variant], prompts: list[list[int]], m
     """Serve each variant in turn and score it; write everything (per-token errors and the
     paired comparisons of ``pairs`` too) to ``report``. The reference always runs on
     ``src``'s weights."""
-    kw = dict(enforce_eager=False, gpu_memory_utilization=0.06, max_num_seqs=64, max_model_len=2048)
+    kw = dict(enforce_eager=False, gpu_memory_utilization=0.06, max_num_seqs=64, max_model_len=2048,
+              worker_extension_cls=EXTENSION)
     kw.update(engine_kw)
     results: dict[str, ErrorStats] = {}
     per_token: dict[str, list[list[float]]] = {}
@@ -189,11 +191,11 @@ def run_variants(src: Path, variants: list[Variant], prompts: list[list[int]], m
     hf: dict[str, ErrorStats] = {}  # each model's own bf16 sensitivity (bf16 engines only)
     for v in variants:
         with _env(v.env):
-            gen = run_vllm(v.model, prompts, max_tokens, rounds=rounds, **{**kw, **v.engine})
+            gen = run_vllm(v.model, prompts, max_tokens, rounds=rounds, inspect=fingerprints, **{**kw, **v.engine})
         ref = hf_token_logprobs(src, v.allocation, gen, prompts)
         per_token[v.name] = token_errors(src, v.allocation, gen, prompts, ref)
         results[v.name] = error_stats(per_token[v.name], rounds)
-        outputs[v.name] = {"tokens": gen.tokens,
+        outputs[v.name] = {"tokens": gen.tokens, "weight_fingerprints": gen.extra,
                            "logprobs": [[round(lps[i][t], 6) for i, t in enumerate(toks)]
                                         for toks, lps in zip(gen.tokens, gen.top_logprobs)],
                            "reference": [[round(x, 6) for x in row] for row in ref]}
@@ -210,6 +212,11 @@ def run_variants(src: Path, variants: list[Variant], prompts: list[list[int]], m
                                                / (results[b].mean / hf[b].mean)} if a in hf and b in hf else {})}
                            for a, b in pairs if a in per_token and b in per_token},
                 "plain_hf_bf16": {k: asdict(x) for k, x in hf.items()},
+                # Parameters whose fingerprints differ (same checkpoint and layout: expect none;
+                # a head-permuted layout differs in its attention projections).
+                "weight_differences": {f"{a} vs {b}": differing(outputs[a]["weight_fingerprints"],
+                                                                outputs[b]["weight_fingerprints"])
+                                       for a, b in pairs if a in outputs and b in outputs},
                 "variants": {x.name: {"allocation": None if x.allocation is None else
                                       {"granularity": x.allocation.granularity, "pattern": x.allocation.pattern,
                                        "window": x.allocation.window, "sink": x.allocation.sink},
@@ -219,7 +226,31 @@ def run_variants(src: Path, variants: list[Variant], prompts: list[list[int]], m
                 "per_token": {k: [[round(e, 6) for e in row] for row in rows] for k, rows in per_token.items()},
                 "outputs": outputs,
             }, indent=1))
+    check_engines_served_their_model(results, hf)
     return results
+
+
+#: A bf16 engine whose mean error exceeds this many times its model's own plain-HF bf16 error
+#: served a wrong model. Healthy engines measured on the H200 (runs 11-14): 0.8-1.5x
+#: unquantized, 4x with an FP8 KV cache, 7.5x with FP8 checkpoints, 12x with online FP8
+#: weights (whose reference is the unquantized model); wrong Mixtral engines: 44-52x.
+WRONG_MODEL_FACTOR = 20.0
+
+
+def check_engines_served_their_model(results: dict[str, ErrorStats], hf: dict[str, ErrorStats]) -> None:
+    """Fail when any engine, stock vLLM's included, served a wrong model.
+
+    A comparison against a stock engine that is itself wrong tells nothing (run 14: two
+    compiled bf16 stock Mixtral engines served a wrong model and the ConSA engines beside
+    them passed "no worse than stock"), so every engine of a run must first be sane. Called
+    after the report is written: a wrong engine's tokens stay there for
+    ``benchmarks/diagnose_parity_report.py``.
+    """
+    wrong = [f"{name} (mean |dlogprob| {s.mean:.3e}, {s.mean / hf[name].mean:.1f}x its plain HF bf16 error "
+             f"{hf[name].mean:.3e})" for name, s in results.items()
+             if name in hf and s.mean > WRONG_MODEL_FACTOR * hf[name].mean]
+    assert not wrong, (f"engine(s) served a wrong model, more than {WRONG_MODEL_FACTOR:g}x the model's own "
+                       f"bf16 error: {'; '.join(wrong)}")
 
 
 def calibrated_parity(src: Path, consa_dir: Path, allocation, prompts: list[list[int]], max_tokens: int,

@@ -73,3 +73,46 @@ def test_bad_arguments(tmp_path, capsys, argv, message):
         diag.parse_args(argv)
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+RUN14 = Path(__file__).resolve().parent.parent / "benchmarks/results/gpu_parity_h200/run14-mixtral-hashseeds"
+
+
+@pytest.mark.parametrize("report, wrong", [("all_f.r4.json", "stock_all_f"),
+                                           ("all_f_nolayername.r2.json", "consa_all_f"),
+                                           ("all_f_nolayername.r6.json", "stock_all_f"),
+                                           ("all_f.r1.json", None)])
+def test_wrong_engine_check_on_run14(report, wrong):
+    """The GPU tests' sanity check of every engine, on run 14's real reports: a wrong stock
+    engine fails the run too (those two once passed "ConSA no worse than stock")."""
+    from gpu_parity import ErrorStats, check_engines_served_their_model
+
+    d = json.loads((RUN14 / report).read_text())
+    results = {k: ErrorStats(**v) for k, v in d["stats"].items()}
+    hf = {k: ErrorStats(**v) for k, v in d["plain_hf_bf16"].items()}
+    if wrong is None:
+        check_engines_served_their_model(results, hf)
+        return
+    with pytest.raises(AssertionError) as e:
+        check_engines_served_their_model(results, hf)
+    assert f"{wrong} (mean |dlogprob|" in str(e.value)
+    assert [n for n in results if n != wrong][0] not in str(e.value)
+
+
+def test_fillnan_sitecustomize_fills_new_memory_with_nan():
+    """The GPU tests' ``all_f_fillnan`` variant: its engine processes start with new tensors
+    filled with NaN, and only when the variable is set (the folder alone changes nothing)."""
+    import os
+    import subprocess
+
+    site = Path(__file__).resolve().parent / "debug_site"
+    # The fill takes effect only with deterministic algorithms on (its flag alone defaults to True).
+    code = ("import torch, torch.utils.deterministic as d; print(torch.are_deterministic_algorithms_enabled() "
+            "and d.fill_uninitialized_memory, bool(torch.empty(64).isnan().all()))")
+
+    def run(**env: str) -> str:
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONPATH": str(site), **env}).stdout.strip()
+
+    assert run(CONSA_DEBUG_FILL_UNINITIALIZED="1") == "True True"
+    assert run(CONSA_DEBUG_FILL_UNINITIALIZED="0").startswith("False ")

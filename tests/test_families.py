@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from engine_harness import TINY, export, max_logprob_gap, prompts_of, reference_generate, run_vllm
+from weight_fingerprint import EXTENSION, differing, fingerprints
 
 from consa_vllm import families
 from consa_vllm.allocation import Allocation
@@ -26,7 +27,7 @@ WINDOW = 24
 PATTERN = ["FSSS", "SSSS", "SFFS", "FFFF"]
 LENGTHS = [30, 75, 140, 260]
 NEW = 12
-ENGINE = dict(max_num_batched_tokens=64, enable_prefix_caching=True)
+ENGINE = dict(max_num_batched_tokens=64, enable_prefix_caching=True, worker_extension_cls=EXTENSION)
 pytestmark = pytest.mark.engine
 
 TOL = 1e-3  # float32: stock CPU attention vs an eager reference is ~1e-5; 1e-3 means a bug
@@ -48,7 +49,7 @@ def _served_model_facts(llm) -> dict:
         return {"class": type(model).__name__, "mro": [c.__name__ for c in type(model).__mro__],
                 "moe_layers": sum(isinstance(m, MoERunnerInterface) for m in model.modules()),
                 "bias_tensors": {k: float(v.abs().sum()) for k, v in sd.items() if isinstance(v, torch.Tensor)}}
-    return llm.apply_model(facts)[0]
+    return {**llm.apply_model(facts)[0], "fingerprints": fingerprints(llm)}
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +110,16 @@ def test_llama_biases_all_full_equals_stock(llama_bias_all_full):
     assert any(".o_proj." in k for k in biases) and any(".mlp." in k for k in biases)
     assert consa.extra["bias_tensors"] == biases
     assert all(v > 0 for v in biases.values())
+
+
+def test_weight_fingerprints_all_full_equal_stock(llama_bias_all_full):
+    """The GPU tests' weight fingerprints (tests/weight_fingerprint.py, through a vLLM worker
+    extension) on real engines: an all-F ConSA engine holds exactly stock vLLM's weights, and
+    the fingerprints see a one-element change."""
+    stock, consa = (g.extra["fingerprints"] for g in llama_bias_all_full)
+    assert any(n.endswith("o_proj.bias") for n in stock) and any("embed_tokens" in n for n in stock)
+    assert len(stock.keys() & consa.keys()) == len(stock)  # every stock weight is in the ConSA engine
+    assert differing(stock, consa) == []
+    name = next(n for n in sorted(stock) if ".layers.1." in n and n.endswith(".weight"))
+    nudged = {**consa, name: [consa[name][0] + 1e-3 * abs(consa[name][0]), *consa[name][1:]]}
+    assert differing(stock, nudged) == [name]
