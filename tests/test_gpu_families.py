@@ -103,6 +103,11 @@ ALL_F_VARIANTS = {
     "all_f_nocombo": {"engine": {"compilation_config": {"inductor_compile_config": {"combo_kernels": False}}}},
     "all_f_eager": {"engine": {"enforce_eager": True}},
     "all_f_nolayername": {"env": {"VLLM_USE_LAYERNAME": "0"}},
+    # Both engines with new memory filled with NaN (tests/debug_site/sitecustomize.py): a wrong
+    # engine that read memory before writing it then serves NaN.
+    "all_f_fillnan": {"env_both": {"CONSA_DEBUG_FILL_UNINITIALIZED": "1",
+                                   "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent / "debug_site"),
+                                                                  os.environ.get("PYTHONPATH", "")])}},
 }
 
 
@@ -120,8 +125,10 @@ def test_gpu_same_model_parity(tmp_path, family, shape):
     src = _tiny_src(tmp_path, family)
     if shape in ALL_F_VARIANTS:
         spec = ALL_F_VARIANTS[shape]
-        stock = Variant("stock_all_f", src, engine=spec.get("engine", {}))
-        consa = Variant("consa_all_f", *_export(src, tmp_path, "consa_all_f", ["FFFF"] * 4), **spec)
+        both = spec.get("env_both", {})
+        stock = Variant("stock_all_f", src, engine=spec.get("engine", {}), env=both)
+        consa = Variant("consa_all_f", *_export(src, tmp_path, "consa_all_f", ["FFFF"] * 4),
+                        env={**spec.get("env", {}), **both}, engine=spec.get("engine", {}))
     else:
         spec = LAYER_SHAPED_VARIANTS[shape]
         # Engine settings (eager, no CUDA graphs) apply to stock too: without CUDA graphs vLLM
