@@ -79,10 +79,11 @@ FAMILIES: tuple[Family, ...] = (
            f"{_T}.mixtral.modeling_mixtral:MixtralAttention",
            tiny={"num_local_experts": 4, "num_experts_per_tok": 2},
            compiled_gpu_warning=(
-               "some compiled bf16 GPU engines of ConSA Mixtral models have served a wrong model "
-               "(an intermittent open defect, not seen with --enforce-eager: README.md, 'Not done "
-               "yet'); serve with --enforce-eager until it is fixed, or check the served model "
-               "against its reference (tests/test_gpu_families.py)")),
+               "some compiled bf16 GPU engines of Mixtral models, stock vLLM 0.26's own included, "
+               "have served a wrong model (an intermittent open defect, not seen with "
+               "--enforce-eager: README.md, 'Not done yet'); serve with --enforce-eager until it "
+               "is fixed, or check the served model against its reference "
+               "(tests/test_gpu_families.py)")),
 )
 
 #: The family of the demo and of tiny models when none is named.
