@@ -10,6 +10,7 @@ beyond the window and the sinks.
 
 from __future__ import annotations
 
+import io
 import json
 import random
 import re
@@ -313,6 +314,7 @@ def test_gpu_script_runs_resumable_commands_to_the_report(tmp_path):
     with tarfile.open(out / "testbed-v2.tgz") as tar:
         res = json.load(tar.extractfile("./results.json"))
     assert res["missing"] == ["stage2/dense"]
+    partial_report = (out / "testbed-v2.tgz").read_bytes()
 
     # A run spans leases: the pretrained model comes back in pieces (4 per call) and a new run
     # directory is made from them; auto then remakes the corpus and skips pretraining.
@@ -326,7 +328,7 @@ def test_gpu_script_runs_resumable_commands_to_the_report(tmp_path):
         r = gpu("pack", str(k), str(run), OUT=str(ret))
         assert r.returncode == 0, r.stderr
         got = sorted(ret.iterdir())
-        assert len(got) <= 4 and all(q.stat().st_size <= 15 * 2**20 for q in got)
+        assert len(got) <= 4 and all(q.stat().st_size <= 14 * 2**20 for q in got)
         for q in got:
             q.rename(pieces / q.name)
     assert sorted(q.name for q in pieces.iterdir())[0] == "pretrained.tgz.00"
@@ -355,6 +357,43 @@ def test_gpu_script_runs_resumable_commands_to_the_report(tmp_path):
     assert r.returncode == 0 and r.stdout.rstrip().endswith("testbed v2: done"), r.stdout[-2000:] + r.stderr[-2000:]
     assert (run2 / "pretrain-log.jsonl").read_text() == log_before  # not pretrained again
     assert not (run2 / "pretrain-state").exists()
+    # With the latest report beside the pieces, restore keeps that lease's allocations and evals:
+    # auto then does only what was missing (stage2/dense: the stage-2 model and its eval).
+    with_report = tmp_path / "with-report"
+    with_report.mkdir()
+    for q in pieces.iterdir():
+        (with_report / q.name).write_bytes(q.read_bytes())
+    (with_report / "testbed-v2.tgz").write_bytes(partial_report)
+    run4 = tmp_path / "run4"
+    r = gpu("restore", str(with_report), str(run4))
+    n_alloc = len(list((run / "allocations").glob("*.json")))
+    assert r.returncode == 0 and f"with {n_alloc} allocations and" in r.stdout, r.stdout + r.stderr
+    kept = {q.name: q.read_bytes() for q in (run4 / "eval" / "masks").glob("*.json")}
+    assert kept and not (run4 / "eval" / "stage2" / "dense.json").exists()
+    r = gpu("auto", str(run4), BUDGET="900", PACK="1", OUT=str(tmp_path / "ret4"))
+    assert r.returncode == 0 and r.stdout.rstrip().endswith("testbed v2: done"), r.stdout[-2000:] + r.stderr[-2000:]
+    assert {q.name: q.read_bytes() for q in (run4 / "eval" / "masks").glob("*.json")} == kept  # not redone
+    assert (run4 / "eval" / "stage2" / "dense.json").exists()
+    # PACK=K: call K's pieces come back beside the report, once pretraining is done.
+    assert "testbed v2: pack: pieces 1-" in r.stdout and (tmp_path / "ret4" / "pretrained.tgz.00").exists()
+    # A report from another pretraining run is refused, and nothing is left behind.
+    other = tmp_path / "other"
+    other.mkdir()
+    with tarfile.open(fileobj=io.BytesIO(partial_report)) as src_tar, \
+            tarfile.open(other / "testbed-v2.tgz", "w:gz") as dst_tar:
+        for m in src_tar.getmembers():
+            data = src_tar.extractfile(m).read() if m.isfile() else None
+            if m.name == "./pretrain.json":
+                data = data.replace(b'"steps"', b'"steps" ', 1)
+                m.size = len(data)
+            dst_tar.addfile(m, None if data is None else io.BytesIO(data))
+    for q in pieces.iterdir():
+        (other / q.name).write_bytes(q.read_bytes())
+    run5 = tmp_path / "run5"
+    r = gpu("restore", str(other), str(run5))
+    assert r.returncode == 2 and r.stderr.strip() == (f"gpu_v2.sh: restore: {other}/testbed-v2.tgz comes from "
+                                                      "another pretraining run than the pieces (pretrain.json differs)")
+    assert not (run5 / "pretrained").exists() and not (run5 / "packed.tmp").exists()
     # A corpus that differs from the one the model was pretrained on is refused.
     run3 = tmp_path / "run3"
     assert gpu("restore", str(pieces), str(run3)).returncode == 0

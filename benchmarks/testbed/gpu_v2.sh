@@ -21,14 +21,18 @@
 #   benchmarks/testbed/gpu_v2.sh restore PIECES_DIR [RUN_DIR]
 #
 #   pack:    the pretrained model with its record (pretrained/, pretrain.json, pretrain-log.jsonl,
-#            settings.json, the corpus manifest) as pieces of 15 MiB, $OUT/pretrained.tgz.NN; call K
-#            (1, 2, ...) brings back pieces 4K-3 .. 4K (a command returns at most 64 MiB), so the
-#            111 MB model of FULL2 comes back in two calls. It lets a run span leases: the
-#            model is the only part that takes long to remake.
+#            settings.json, the corpus manifest) as pieces of 14 MiB, $OUT/pretrained.tgz.NN; call K
+#            (1, 2, ...) brings back pieces 4K-3 .. 4K (a command returns at most 64 MiB, and the
+#            report's testbed-v2.tgz may come back beside them), so the 111 MB model of FULL2
+#            comes back in two calls. It lets a run span leases: the model is the only part that
+#            takes long to remake. `auto` with PACK=K does the same once pretraining is done,
+#            before the sharded phases, so the model is safe early in a lease.
 #   restore: a new machine's run directory from those pieces (carried in, all of them in
 #            PIECES_DIR); then `auto` remakes the corpus (1.5 min, deterministic on the same
 #            image), refuses to go on if its manifest differs from the packed one, and skips
-#            pretraining.
+#            pretraining. A testbed-v2.tgz in PIECES_DIR (the latest report of the same run) also
+#            restores its allocations and evals, so `auto` goes on where that lease stopped; one
+#            from another pretraining run is refused.
 #
 # PER_CELL=N (prompts per task x context x depth cell, default run_v2.FULL2.per_cell) must be the same in every command.
 # PROCS (default 3): processes per GPU for the allocations, stage 2 and the eval. The model is
@@ -47,7 +51,7 @@
 # 0.288 s per step of 32 x 2048 tokens, 0.37 s per step of 8 x 8192.
 set -euo pipefail
 mode=${1:?usage: gpu_v2.sh auto|report [RUN_DIR] | pack K [RUN_DIR] | restore PIECES_DIR [RUN_DIR]}
-for var in BUDGET PROCS MARGIN STAGE2_SHARE; do
+for var in BUDGET PROCS MARGIN STAGE2_SHARE PACK; do
   case ${!var:-1} in ''|*[!0-9]*|0) echo "gpu_v2.sh: $var must be a whole number above 0, got '${!var}'" >&2; exit 2 ;; esac
 done
 if [ "${STAGE2_SHARE:-100}" -gt 100 ]; then
@@ -100,6 +104,23 @@ unfinished() {  # the report on what exists comes back with every call once the 
   if [ -n "$(ls "$run"/eval/*/*.json 2>/dev/null)" ]; then report; fi
   echo "testbed v2: $1 unfinished (budget spent); run the same command again"; exit 0
 }
+pack_pieces() {  # K: call K's pieces of the pretrained model into $OUT
+  local k=$1 pieces="$run/pack" all first i
+  [ -f "$run/pretrained/config.json" ] || { echo "gpu_v2.sh: pack: no pretrained model in $run" >&2; exit 2; }
+  [ -n "${OUT:-}" ] || { echo "gpu_v2.sh: pack: OUT must be set" >&2; exit 2; }
+  mkdir -p "$OUT"
+  if [ ! -f "$pieces/done" ]; then
+    rm -rf "$pieces" && mkdir -p "$pieces"
+    tar czf - -C "$run" pretrained pretrain.json pretrain-log.jsonl settings.json corpus/manifest.json \
+      | split -b 14M -d - "$pieces/pretrained.tgz."
+    touch "$pieces/done"
+  fi
+  mapfile -t all < <(ls "$pieces"/pretrained.tgz.*)
+  first=$((4 * (k - 1)))
+  if [ "$first" -ge "${#all[@]}" ]; then echo "testbed v2: pack: only ${#all[@]} pieces, none left for call $k"; return 0; fi
+  for ((i = first; i < first + 4 && i < ${#all[@]}; i++)); do cp "${all[$i]}" "$OUT/"; done
+  echo "testbed v2: pack: pieces $((first + 1))-$i of ${#all[@]} in \$OUT"
+}
 mkdir -p "$run"
 case $mode in
   auto)
@@ -113,6 +134,7 @@ case $mode in
     [ "$m" != 0 ] || unfinished pretrain
     r=0; tb --phase pretrain --max-minutes "$m" || r=$?
     check pretrain "$r"
+    [ -z "${PACK:-}" ] || pack_pieces "$PACK"
     s2_left=0
     for phase in allocations eval stage2 eval; do
       share=100; [ "$phase" != stage2 ] || share=${STAGE2_SHARE:-100}
@@ -128,20 +150,7 @@ case $mode in
   pack)
     k=${2:?usage: gpu_v2.sh pack K [RUN_DIR]}
     case $k in ''|*[!0-9]*|0) echo "gpu_v2.sh: pack: K must be a whole number above 0, got '$k'" >&2; exit 2 ;; esac
-    [ -f "$run/pretrained/config.json" ] || { echo "gpu_v2.sh: pack: no pretrained model in $run" >&2; exit 2; }
-    [ -n "${OUT:-}" ] || { echo "gpu_v2.sh: pack: OUT must be set" >&2; exit 2; }
-    pieces="$run/pack"
-    if [ ! -f "$pieces/done" ]; then
-      rm -rf "$pieces" && mkdir -p "$pieces"
-      tar czf - -C "$run" pretrained pretrain.json pretrain-log.jsonl settings.json corpus/manifest.json \
-        | split -b 15M -d - "$pieces/pretrained.tgz."
-      touch "$pieces/done"
-    fi
-    mapfile -t all < <(ls "$pieces"/pretrained.tgz.*)
-    first=$((4 * (k - 1)))
-    if [ "$first" -ge "${#all[@]}" ]; then echo "testbed v2: pack: only ${#all[@]} pieces, none left for call $k"; exit 0; fi
-    for ((i = first; i < first + 4 && i < ${#all[@]}; i++)); do cp "${all[$i]}" "$OUT/"; done
-    echo "testbed v2: pack: pieces $((first + 1))-$i of ${#all[@]} in \$OUT" ;;
+    pack_pieces "$k" ;;
   restore)
     src=${2:?usage: gpu_v2.sh restore PIECES_DIR [RUN_DIR]}
     ls "$src"/pretrained.tgz.* >/dev/null 2>&1 || { echo "gpu_v2.sh: restore: no pretrained.tgz.* pieces in $src" >&2; exit 2; }
@@ -152,9 +161,30 @@ case $mode in
       rm -rf "$run/packed.tmp"
       echo "gpu_v2.sh: restore: the pieces in $src do not make a whole archive (one missing or cut short?)" >&2; exit 2
     fi
+    done_work=""
+    if [ -f "$src/testbed-v2.tgz" ]; then
+      # The report's allocations and evals belong to the model they were made on: compare records.
+      mkdir -p "$run/packed.tmp/report"
+      if ! tar xzf "$src/testbed-v2.tgz" -C "$run/packed.tmp/report" ./pretrain.json ./allocations ./eval 2>/dev/null \
+          && ! tar xzf "$src/testbed-v2.tgz" -C "$run/packed.tmp/report" ./pretrain.json ./allocations 2>/dev/null; then
+        rm -rf "$run/packed.tmp"
+        echo "gpu_v2.sh: restore: $src/testbed-v2.tgz holds no pretrain.json and allocations/" >&2; exit 2
+      fi
+      if ! cmp -s "$run/packed.tmp/report/pretrain.json" "$run/packed.tmp/pretrain.json"; then
+        rm -rf "$run/packed.tmp"
+        echo "gpu_v2.sh: restore: $src/testbed-v2.tgz comes from another pretraining run than the pieces" \
+             "(pretrain.json differs)" >&2; exit 2
+      fi
+      done_work=" with $(ls "$run/packed.tmp/report/allocations" | wc -l) allocations and"
+      done_work+=" $(find "$run/packed.tmp/report/eval" -name '*.json' 2>/dev/null | wc -l) evals"
+    fi
     rm -rf "$run/packed" && mv "$run/packed.tmp" "$run/packed"
     mv "$run/packed/pretrained" "$run/packed/pretrain.json" "$run/packed/pretrain-log.jsonl" \
       "$run/packed/settings.json" "$run/"
-    echo "testbed v2: restored the pretrained model into $run; run auto next" ;;
+    if [ -d "$run/packed/report" ]; then
+      mv "$run/packed/report/allocations" "$run/"
+      [ ! -d "$run/packed/report/eval" ] || mv "$run/packed/report/eval" "$run/"
+    fi
+    echo "testbed v2: restored the pretrained model$done_work into $run; run auto next" ;;
   *) echo "gpu_v2.sh: the first argument must be auto, report, pack or restore" >&2; exit 2 ;;
 esac

@@ -636,9 +636,13 @@ def publish(out: Path, dst: Path) -> None:
         if (out / name).exists():
             shutil.copy2(out / name, dst / name)
     shutil.copy2(out / "corpus" / "manifest.json", dst / "corpus-manifest.json")
+    # A fresh copy each time: what an earlier report published but the run no longer holds
+    # must not travel with this report (restore would take it for finished work).
+    for sub in ("heatmaps", "eval", "allocations"):
+        shutil.rmtree(dst / sub, ignore_errors=True)
     for sub in ("heatmaps", "eval"):
-        shutil.copytree(out / sub, dst / sub, dirs_exist_ok=True)
-    (dst / "allocations").mkdir(exist_ok=True)
+        shutil.copytree(out / sub, dst / sub)
+    (dst / "allocations").mkdir()
     for p in (out / "allocations").glob("*.json"):
         shutil.copy2(p, dst / "allocations" / p.name)
     log(f"report: copied results to {dst}")
