@@ -394,6 +394,12 @@ def test_gpu_script_runs_resumable_commands_to_the_report(tmp_path):
     assert r.returncode == 2 and r.stderr.strip() == (f"gpu_v2.sh: restore: {other}/testbed-v2.tgz comes from "
                                                       "another pretraining run than the pieces (pretrain.json differs)")
     assert not (run5 / "pretrained").exists() and not (run5 / "packed.tmp").exists()
+    # So is a report that is not one (cut short in transfer), again leaving nothing behind.
+    (other / "testbed-v2.tgz").write_bytes(partial_report[:len(partial_report) // 2])
+    r = gpu("restore", str(other), str(run5))
+    assert r.returncode == 2 and r.stderr.strip() == (f"gpu_v2.sh: restore: {other}/testbed-v2.tgz is not a "
+                                                      "readable report with pretrain.json and allocations/")
+    assert not (run5 / "pretrained").exists() and not (run5 / "packed.tmp").exists()
     # A corpus that differs from the one the model was pretrained on is refused.
     run3 = tmp_path / "run3"
     assert gpu("restore", str(pieces), str(run3)).returncode == 0

@@ -165,10 +165,11 @@ case $mode in
     if [ -f "$src/testbed-v2.tgz" ]; then
       # The report's allocations and evals belong to the model they were made on: compare records.
       mkdir -p "$run/packed.tmp/report"
-      if ! tar xzf "$src/testbed-v2.tgz" -C "$run/packed.tmp/report" ./pretrain.json ./allocations ./eval 2>/dev/null \
-          && ! tar xzf "$src/testbed-v2.tgz" -C "$run/packed.tmp/report" ./pretrain.json ./allocations 2>/dev/null; then
+      # The whole report (a few MB): what restore keeps of it is checked below, not listed to tar.
+      if ! tar xzf "$src/testbed-v2.tgz" -C "$run/packed.tmp/report" 2>/dev/null \
+          || [ ! -f "$run/packed.tmp/report/pretrain.json" ] || [ ! -d "$run/packed.tmp/report/allocations" ]; then
         rm -rf "$run/packed.tmp"
-        echo "gpu_v2.sh: restore: $src/testbed-v2.tgz holds no pretrain.json and allocations/" >&2; exit 2
+        echo "gpu_v2.sh: restore: $src/testbed-v2.tgz is not a readable report with pretrain.json and allocations/" >&2; exit 2
       fi
       if ! cmp -s "$run/packed.tmp/report/pretrain.json" "$run/packed.tmp/pretrain.json"; then
         rm -rf "$run/packed.tmp"
