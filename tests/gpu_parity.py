@@ -60,6 +60,27 @@ class Variant:
     engine: dict = field(default_factory=dict)
 
 
+def cache_env(root: Path | None) -> dict[str, str]:
+    """Environment giving an engine's processes caches of their own under ``root``."""
+    if root is None:
+        return {}
+    return {"VLLM_CACHE_ROOT": str(root / "vllm"), "TORCHINDUCTOR_CACHE_DIR": str(root / "inductor"),
+            "TRITON_CACHE_DIR": str(root / "triton")}
+
+
+def pack_caches(root: Path, dst: Path) -> None:
+    """The readable part of an engine's caches (generated code, autotuning choices, kernel
+    metadata; not the compiled binaries) as one archive beside the report."""
+    import tarfile
+
+    if not root.is_dir():
+        return
+    with tarfile.open(dst, "w:gz") as tar:
+        for f in sorted(root.rglob("*")):
+            if f.is_file() and f.suffix in (".py", ".best_config", ".json"):
+                tar.add(f, arcname=str(f.relative_to(root)))
+
+
 def round_weights_to(src: Path, dtype: str) -> None:
     """Round a float32 checkpoint's weights to ``dtype`` values (kept as float32 on disk),
     so that vLLM in ``dtype`` and the float32 reference use exactly the same weights."""

@@ -116,3 +116,35 @@ def test_fillnan_sitecustomize_fills_new_memory_with_nan():
 
     assert run(CONSA_DEBUG_FILL_UNINITIALIZED="1") == "True True"
     assert run(CONSA_DEBUG_FILL_UNINITIALIZED="0").startswith("False ")
+
+
+def test_private_caches_hold_an_engines_generated_code(tmp_path):
+    """The GPU tests' ``all_f_privatecache`` variant: :func:`gpu_parity.cache_env` sends a
+    process's Inductor output under its own root (a real ``torch.compile`` in a subprocess),
+    and :func:`gpu_parity.pack_caches` keeps the generated code, not the binaries."""
+    import os
+    import subprocess
+    import tarfile
+
+    from gpu_parity import cache_env, pack_caches
+
+    root = tmp_path / "caches"
+    code = ("import torch\n"
+            "f = torch.compile(lambda x: (x * x).sum(-1).rsqrt())\n"
+            "print(float(f(torch.ones(4, 8))[0]))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, **cache_env(root)}).stdout.strip()
+    assert abs(float(out) - 8 ** -0.5) < 1e-6
+    assert sorted(cache_env(root)) == ["TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "VLLM_CACHE_ROOT"]
+    assert cache_env(None) == {}
+    (root / "inductor" / "binary.so").write_bytes(b"\0")  # binaries stay out
+    pack_caches(root, tmp_path / "caches.tgz")
+    with tarfile.open(tmp_path / "caches.tgz") as tar:
+        names = tar.getnames()
+    generated = [n for n in names if n.startswith("inductor/") and n.endswith(".py")]
+    assert generated, names  # the kernel Inductor wrote for this process, in its private root
+    assert "rsqrt" in "".join(tarfile.open(tmp_path / "caches.tgz").extractfile(n).read().decode()
+                              for n in generated)
+    assert not any(n.endswith(".so") for n in names)
+    pack_caches(tmp_path / "absent", tmp_path / "none.tgz")  # an engine that never started: nothing
+    assert not (tmp_path / "none.tgz").exists()

@@ -36,7 +36,7 @@ pytestmark = [pytest.mark.engine,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 from engine_harness import TINY, prompts_of  # noqa: E402
-from gpu_parity import Variant, run_variants, tiny_bf16_source  # noqa: E402
+from gpu_parity import Variant, cache_env, pack_caches, run_variants, tiny_bf16_source  # noqa: E402
 
 from consa_vllm import families  # noqa: E402
 from consa_vllm.allocation import Allocation  # noqa: E402
@@ -98,16 +98,30 @@ LAYER_SHAPED_VARIANTS = {
 # without Inductor's benchmarked combo kernels, eager, and with vLLM's hoisted LayerName
 # graph inputs off (layer names baked into the graph as strings again). "engine" applies
 # to both engines, "env" to the ConSA engine only, as for the layer-shaped variants.
+NO_COMBO = {"compilation_config": {"inductor_compile_config": {"combo_kernels": False}}}
 ALL_F_VARIANTS = {
     "all_f": {},
-    "all_f_nocombo": {"engine": {"compilation_config": {"inductor_compile_config": {"combo_kernels": False}}}},
+    "all_f_nocombo": {"engine": NO_COMBO},
     "all_f_eager": {"engine": {"enforce_eager": True}},
     "all_f_nolayername": {"env": {"VLLM_USE_LAYERNAME": "0"}},
     # Both engines with new memory filled with NaN (tests/debug_site/sitecustomize.py): a wrong
-    # engine that read memory before writing it then serves NaN.
-    "all_f_fillnan": {"env_both": {"CONSA_DEBUG_FILL_UNINITIALIZED": "1",
+    # engine that read memory before writing it then serves NaN. Deterministic algorithms put
+    # Inductor in its deterministic mode, which refuses the benchmarking that picks combo kernels
+    # (run 15: every engine failed to start), so combo kernels are off in both.
+    "all_f_fillnan": {"engine": NO_COMBO,
+                      "env_both": {"CONSA_DEBUG_FILL_UNINITIALIZED": "1",
                                    "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent / "debug_site"),
                                                                   os.environ.get("PYTHONPATH", "")])}},
+    # Inductor without any choice made by timing kernels (one config per reduction, no combo
+    # benchmarking): run 15 found a wrong engine's weights equal to a right one's and its prefill
+    # (compiled, no CUDA graph) as wrong as its decode, so a compiled kernel, chosen per start,
+    # computes wrongly; timing-based choices differ between starts.
+    "all_f_deterministic": {"engine": NO_COMBO, "env_both": {"TORCHINDUCTOR_DETERMINISTIC": "1"}},
+    # As shipped, but each engine with caches of its own (vLLM, Inductor, Triton), packed beside
+    # the report: a wrong engine's generated kernels and autotuning choices against a right one's.
+    # If the defect is a race between processes compiling the same kernels into shared caches,
+    # it goes away here.
+    "all_f_privatecache": {"private_caches": True},
 }
 
 
@@ -123,12 +137,17 @@ def test_gpu_same_model_parity(tmp_path, family, shape):
     reported. A one-sided "no larger" between two implementations of equal accuracy would
     be a coin flip."""
     src = _tiny_src(tmp_path, family)
+    caches: dict[str, Path] = {}  # engine name -> its private cache root (all_f_privatecache)
     if shape in ALL_F_VARIANTS:
         spec = ALL_F_VARIANTS[shape]
         both = spec.get("env_both", {})
-        stock = Variant("stock_all_f", src, engine=spec.get("engine", {}), env=both)
+        if spec.get("private_caches"):
+            caches = {n: tmp_path / f"caches-{n}" for n in ("stock_all_f", "consa_all_f")}
+        stock = Variant("stock_all_f", src, engine=spec.get("engine", {}),
+                        env={**both, **cache_env(caches.get("stock_all_f"))})
         consa = Variant("consa_all_f", *_export(src, tmp_path, "consa_all_f", ["FFFF"] * 4),
-                        env={**spec.get("env", {}), **both}, engine=spec.get("engine", {}))
+                        env={**spec.get("env", {}), **both, **cache_env(caches.get("consa_all_f"))},
+                        engine=spec.get("engine", {}))
     else:
         spec = LAYER_SHAPED_VARIANTS[shape]
         # Engine settings (eager, no CUDA graphs) apply to stock too: without CUDA graphs vLLM
@@ -137,8 +156,12 @@ def test_gpu_same_model_parity(tmp_path, family, shape):
                         engine=spec.get("engine", {}))
         consa = Variant(f"consa_{shape}", *_export(src, tmp_path, "consa", LAYER_SHAPED), **spec)
     report = _report(f"same-model-{family}-{shape}.json", tmp_path)
-    res = run_variants(src, [stock, consa], prompts_of(LENGTHS, seed=5), 32, rounds=ROUNDS, report=report,
-                       pairs=[(consa.name, stock.name)], dtype="bfloat16")
+    try:
+        res = run_variants(src, [stock, consa], prompts_of(LENGTHS, seed=5), 32, rounds=ROUNDS, report=report,
+                           pairs=[(consa.name, stock.name)], dtype="bfloat16")
+    finally:  # a wrong engine fails the run: its caches are what is wanted
+        for name, root in caches.items():
+            pack_caches(root, report.with_name(f"{report.stem}.caches-{name}.tgz"))
     import json
 
     paired = json.loads(report.read_text())["paired"][f"{consa.name} vs {stock.name}"]

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build vLLM (CUDA build) for the offline GPU machines, in pieces that fit one command each: a
-# command carries at most 64 MiB, the working tree included, so a piece is 62 MiB less the tracked
-# files (40 MiB, 4 pieces, with the 23 MB tree of December 2026).
+# command carries at most 64 MiB, the working tree included, so a piece is 58 MiB less the tracked
+# files (34 MiB, 5 pieces, with the 25 MB tree of December 2026; the device tool refused a 41 MiB
+# piece beside that tree, which the files' sizes alone put 1 MiB under the limit, so keep 4 MiB spare).
 #
 # usage (on a CPU machine with package access):  bash benchmarks/gpu/make-vllm-bundle.sh [VLLM_VERSION]
 # result: .gpu/c1 .. .gpu/cN under the repository's root (/.gpu/ is git-ignored; the rest of .gpu/,
@@ -17,6 +18,12 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)  # the repository's root, whatever the current directory
 WORK=${TMPDIR:-/tmp}/vllm-bundle-$VER
 
+# No build cache, but pieces from an earlier run (the tree grew since): join them and split again.
+if [ ! -f "$WORK/site.tar.xz" ] && ls "$ROOT"/.gpu/c[0-9]*/part* >/dev/null 2>&1; then
+  mkdir -p "$WORK" && cat $(find "$ROOT/.gpu" -path '*/c[0-9]*/part*' -printf '%f %p\n' | sort | cut -d' ' -f2-) \
+      > "$WORK/site.tar.xz.part"
+  xz -t "$WORK/site.tar.xz.part" && mv "$WORK/site.tar.xz.part" "$WORK/site.tar.xz"
+fi
 if [ ! -f "$WORK/site.tar.xz" ]; then
   rm -rf "$WORK" && mkdir -p "$WORK/wheels"
   # pins first: the first requirement seen for a name picks its version
@@ -33,7 +40,7 @@ if [ ! -f "$WORK/site.tar.xz" ]; then
 fi
 
 tree_mib=$(( ($(git -C "$ROOT" ls-files -z | (cd "$ROOT" && xargs -0 cat) | wc -c) >> 20) + 1 ))
-piece=$((62 - tree_mib))
+piece=$((58 - tree_mib))
 if [ "$piece" -lt 16 ]; then
   echo "make-vllm-bundle: the tracked files take $tree_mib MiB of the 64 MiB a command carries; too little is left for pieces" >&2
   exit 1
