@@ -408,3 +408,45 @@ def test_gpu_script_runs_resumable_commands_to_the_report(tmp_path):
     r = gpu("auto", str(run3), BUDGET="900")
     assert r.returncode == 2 and "differs from the one the restored model was pretrained on" in r.stderr
     assert not (run3 / "allocations").exists()
+
+
+def test_compare_runs_side_by_side(run_dir, tmp_path):
+    """``compare_runs`` on two published runs (the smoke run, and a copy with one allocation's
+    retrieval moved): per-run figures, their mean, each pair's per-run verdict and sign count,
+    pattern agreement; a folder without a report is one line."""
+    import shutil
+
+    _, pub = run_dir
+    a, b = tmp_path / "tb_runA", tmp_path / "tb_runB"
+    shutil.copytree(pub, a)
+    shutil.copytree(pub, b)
+    data = json.loads((b / "results.json").read_text())
+    row = next(r for r in data["rows"] if r["mode"] == "masks" and r["name"] == "duo-0.75")
+    row["accuracy"] += 0.5
+    pattern = [list(p) for p in row["pattern"]]
+    pattern[0][0] = "F" if pattern[0][0] == "S" else "S"  # one head differs between the runs
+    row["pattern"] = ["".join(p) for p in pattern]
+    d = next(d for d in data["differences"] if d["group"].startswith("masks ") and {d["a"], d["b"]} == {"dense", "duo-0.75"})
+    d.update(diff=-0.25 if d["a"] == "dense" else 0.25, significant=True)
+    (b / "results.json").write_text(json.dumps(data))
+    base = json.loads((a / "results.json").read_text())
+    acc = next(r for r in base["rows"] if r["mode"] == "masks" and r["name"] == "duo-0.75")["accuracy"]
+
+    r = subprocess.run([sys.executable, "-m", "benchmarks.testbed.compare_runs", str(a), str(b), "--rho", "0.75",
+                        "--out", str(tmp_path / "cmp.md")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    text = (tmp_path / "cmp.md").read_text()
+    assert text == r.stdout
+    assert "| allocation | A | B | mean |" in text  # the shared "tb_run" prefix is dropped
+    assert f"| duo-0.75 | {acc:.3f} | {acc + 0.5:.3f} | {acc + 0.25:.3f} |" in text
+    # duo-0.75 now ranks first (its mean is higher), so its pairs read duo - other.
+    cells = next(x for x in text.splitlines() if x.startswith("| duo-0.75 | dense |")).strip("| ").split(" | ")
+    assert cells[3] == "+0.250*"  # run B's own verdict, sign turned to duo - dense
+    counts = [int(c) for c in cells[4].split("/")]
+    assert sum(counts) == 2 and counts[0] >= 1  # both runs counted; run B ahead significantly
+    units = len("".join(row["pattern"]))
+    assert f"| duo-0.75 | {units - 1} of {units} |" in text
+
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.testbed.compare_runs", str(a), str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and f"{tmp_path / 'results.json'}: no such file" in bad.stderr
