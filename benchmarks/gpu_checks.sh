@@ -87,7 +87,7 @@ for case in qwen3_moe-all_f qwen3_moe-layer_shaped mixtral-all_f mixtral-layer_s
 done
 # Diagnostics of the intermittent Mixtral defect (run 13), only when ONLY names them.
 for case in mixtral-all_f_nocombo mixtral-all_f_eager mixtral-all_f_nolayername mixtral-all_f_fillnan \
-    mixtral-all_f_deterministic mixtral-all_f_privatecache; do
+    mixtral-all_f_deterministic mixtral-all_f_privatecache mixtral-all_f_noinductor; do
   DIAG=1 run "same-model-$case" "$S[$case]"
 done
 # float32 greedy parity of every family, uneven and layer-shaped: four cases per process, the

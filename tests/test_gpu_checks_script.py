@@ -57,3 +57,20 @@ def test_bad_repeat_and_hashseeds_are_refused_in_one_line(tmp_path):
         r = _checks(tmp_path, OUT=str(out), **env)
         assert r.returncode == 2 and r.stderr.strip() == msg
         assert not out.exists()  # refused before anything starts
+
+
+def test_every_mixtral_variant_has_a_case(tmp_path):
+    """Each diagnostic variant of the same-model test (tests/test_gpu_families.py) can be run by
+    name through the script, so a new one is not left out of the GPU machine's runs."""
+    from test_gpu_families import ALL_F_VARIANTS, LAYER_SHAPED_VARIANTS
+
+    out = tmp_path / "out"
+    r = _checks(tmp_path, OUT=str(out), ONLY="same-model-mixtral")
+    assert r.returncode == 0, r.stderr
+    with tarfile.open(out / "gpu-checks.tgz") as tar:
+        logs = {Path(m.name).name[:-len(".log")]: tar.extractfile(m).read().decode() for m in tar.getmembers()
+                if m.name.endswith(".log")}
+    variants = [*ALL_F_VARIANTS, *LAYER_SHAPED_VARIANTS]
+    assert sorted(logs) == sorted(f"same-model-mixtral-{v}" for v in variants)
+    for v in variants:
+        assert f"test_gpu_same_model_parity[mixtral-{v}]" in logs[f"same-model-mixtral-{v}"]

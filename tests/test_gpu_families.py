@@ -122,6 +122,9 @@ ALL_F_VARIANTS = {
     # If the defect is a race between processes compiling the same kernels into shared caches,
     # it goes away here.
     "all_f_privatecache": {"private_caches": True},
+    # Dynamo's graph, vLLM's piecewise split and CUDA graphs as shipped, but no Inductor code
+    # (vLLM runs the captured graph's ops as they are): wrong engines here would clear Inductor.
+    "all_f_noinductor": {"engine": {"compilation_config": {"backend": "eager"}}},
 }
 
 
