@@ -159,6 +159,21 @@ def diagnose(src: Path, report: dict, variant: str | None, prompt_seed: int) -> 
     return results
 
 
+def first_token_split(report: dict) -> dict[str, tuple[float, float]]:
+    """Per engine, the mean |dlogprob| at the first generated token and at the later ones.
+
+    The first token comes from the prefill, which runs batches of thousands of tokens, above
+    the largest CUDA graph: an engine as wrong there as later is wrong without CUDA graphs too
+    (run 15). Engines without per-token errors in the report are left out."""
+    out = {}
+    for name, rows in report.get("per_token", {}).items():
+        first = [r[0] for r in rows if r]
+        later = [x for r in rows for x in r[1:]]
+        if first and later:
+            out[name] = (sum(first) / len(first), sum(later) / len(later))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from gpu_parity import tiny_bf16_source
@@ -167,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     # holds other weights than its pair, before any hypothesis is scored.
     for pair, names in args.report_data.get("weight_differences", {}).items():
         print(f"weights {pair}: " + (f"{len(names)} parameters differ: {', '.join(names)}" if names else "identical"))
+    for name, (first, later) in first_token_split(args.report_data).items():
+        print(f"{name}: mean |dlogprob| {first:.3e} at the first token (prefill), {later:.3e} later")
 
     with tempfile.TemporaryDirectory() as tmp:
         src = args.model if args.model is not None else tiny_bf16_source(Path(tmp) / "src", args.family)

@@ -148,3 +148,22 @@ def test_private_caches_hold_an_engines_generated_code(tmp_path):
     assert not any(n.endswith(".so") for n in names)
     pack_caches(tmp_path / "absent", tmp_path / "none.tgz")  # an engine that never started: nothing
     assert not (tmp_path / "none.tgz").exists()
+
+
+RUN15 = RUN14.parent / "run15-mixtral-fingerprints"
+
+
+@pytest.mark.parametrize("report, wrong", [("all_f.r1.json", "stock_all_f"), ("all_f.r5.json", "consa_all_f")])
+def test_first_token_split_on_run15(report, wrong):
+    """Run 15's wrong engines are as wrong at the first token (the prefill, no CUDA graph) as
+    later, and their right pairs are not: the split the diagnosis prints, on the real reports."""
+    d = json.loads((RUN15 / report).read_text())
+    split = diag.first_token_split(d)
+    assert sorted(split) == sorted(d["per_token"])
+    right = next(n for n in split if n != wrong)
+    assert split[wrong][0] > 20 * split[right][0] and split[wrong][1] > 20 * split[right][1], split
+    assert split[wrong][0] > 0.5 * split[wrong][1], split  # the prefill is not the healthy part
+    # the split is the overall mean, re-weighted: first token 1 of the 32 generated
+    overall = (split[wrong][0] + 31 * split[wrong][1]) / 32
+    assert abs(overall - d["stats"][wrong]["mean"]) < 1e-6 * max(1.0, overall)
+    assert diag.first_token_split({"stats": {}}) == {}
