@@ -272,20 +272,45 @@ def big_source(root: Path, model: Path, mib: int = 256) -> Path:
     return src
 
 
-def stop_mid_copy(cmd: list, root: Path, dst_name: str) -> subprocess.Popen:
-    """Start ``cmd`` and freeze it (SIGSTOP) as soon as its temporary folder holds the weight file."""
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    deadline = time.monotonic() + 120
-    while True:
-        tmps = [d for d in root.glob(f".{dst_name}.consa-tmp-*") if (d / "model.safetensors").exists()]
-        if tmps:
-            os.kill(p.pid, signal.SIGSTOP)
-            break
-        assert p.poll() is None, p.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.001)
-    assert not (root / dst_name).exists() or (root / dst_name / "config.json").is_file()
-    return p
+def stop_mid_copy(cmd: list, root: Path, dst_name: str, reset=None, attempts: int = 5) -> subprocess.Popen:
+    """Start ``cmd`` and freeze it (SIGSTOP) while it copies the weight file into its temporary
+    folder: the copy there is shorter than the source's ``big/model.safetensors``.
+
+    The copy of 256 MiB from the page cache takes tens of milliseconds, and a loaded 2-core
+    machine can deschedule this poller for that long (a CI run once froze the export only after
+    it had finished). Such an attempt is a miss, not a result: the export is killed, what it
+    made is removed (``reset``, default: remove ``root/dst_name``; a test whose destination
+    existed before puts it back), and it starts again."""
+    full = (root / "big" / "model.safetensors").stat().st_size
+    for _ in range(attempts):
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+        deadline = time.monotonic() + 120
+        while True:
+            tmps = [d / "model.safetensors" for d in root.glob(f".{dst_name}.consa-tmp-*")]
+            tmps = [f for f in tmps if f.exists()]
+            if tmps:
+                os.kill(p.pid, signal.SIGSTOP)
+                break
+            if p.poll() is not None:
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        try:
+            mid_copy = p.poll() is None and bool(tmps) and tmps[0].stat().st_size < full
+        except FileNotFoundError:  # renamed into place before the freeze
+            mid_copy = False
+        if mid_copy:
+            assert not (root / dst_name).exists() or (root / dst_name / "config.json").is_file()
+            return p
+        p.kill()
+        p.communicate(timeout=60)
+        for d in root.glob(f".{dst_name}.consa-*"):
+            shutil.rmtree(d)
+        if reset is not None:
+            reset()
+        elif (root / dst_name).exists():
+            shutil.rmtree(root / dst_name)
+    raise AssertionError(f"the export was never frozen mid-copy in {attempts} attempts")
 
 
 @pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)])
@@ -307,10 +332,15 @@ def test_sigterm_during_forced_export_keeps_the_old_one(tmp_path, tiny, alloc_fi
     model, _ = tiny
     src = big_source(tmp_path, model)
     dst = tmp_path / "dst"
-    assert run(CLI, "export", "--model", model, "--allocation", alloc_file, "--out", dst).returncode == 0
+
+    def old_export():
+        assert run(CLI, "export", "--model", model, "--allocation", alloc_file, "--out", dst,
+                   "--force").returncode == 0
+
+    old_export()
     before = (dst / "config.json").read_text()
     p = stop_mid_copy([*CLI, "export", "--model", str(src), "--allocation", str(alloc_file), "--out", str(dst),
-                       "--copy", "--force"], tmp_path, "dst")
+                       "--copy", "--force"], tmp_path, "dst", reset=old_export)
     os.kill(p.pid, signal.SIGTERM)
     os.kill(p.pid, signal.SIGCONT)
     out, err = p.communicate(timeout=60)
