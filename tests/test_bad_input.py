@@ -272,18 +272,22 @@ def big_source(root: Path, model: Path, mib: int = 256) -> Path:
     return src
 
 
-def stop_mid_copy(cmd: list, root: Path, dst_name: str, reset=None, attempts: int = 5) -> subprocess.Popen:
+def stop_mid_copy(cmd: list, root: Path, dst_name: str, reset=None, attempts: int = 5,
+                  sighup=signal.SIG_DFL) -> subprocess.Popen:
     """Start ``cmd`` and freeze it (SIGSTOP) while it copies the weight file into its temporary
     folder: the copy there is shorter than the source's ``big/model.safetensors``.
 
     The copy of 256 MiB from the page cache takes tens of milliseconds, and a loaded 2-core
-    machine can deschedule this poller for that long (a CI run once froze the export only after
-    it had finished). Such an attempt is a miss, not a result: the export is killed, what it
-    made is removed (``reset``, default: remove ``root/dst_name``; a test whose destination
-    existed before puts it back), and it starts again."""
+    machine can deschedule this poller for that long. Such an attempt is a miss, not a result:
+    the export is killed, what it made is removed (``reset``, default: remove ``root/dst_name``;
+    a test whose destination existed before puts it back), and it starts again.
+
+    ``sighup`` is the export's SIGHUP disposition at start. A process inherits an ignored SIGHUP
+    (tests run under ``nohup``), and the export rightly leaves it ignored, so the tests set it."""
     full = (root / "big" / "model.safetensors").stat().st_size
     for _ in range(attempts):
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                             preexec_fn=lambda: signal.signal(signal.SIGHUP, sighup))
         deadline = time.monotonic() + 120
         while True:
             tmps = [d / "model.safetensors" for d in root.glob(f".{dst_name}.consa-tmp-*")]
@@ -326,6 +330,20 @@ def test_signal_during_export_cleans_up(tmp_path, tiny, alloc_file, sig, status)
     one_line(r, f"consa-vllm export: interrupted by {signal.Signals(sig).name}; ", f"{tmp_path / 'dst'} was not created",
              "no temporary files are left", status=status)
     assert entries(tmp_path) == ["big"]
+
+
+def test_ignored_sighup_stays_ignored_during_export(tmp_path, tiny, alloc_file):
+    """Under ``nohup`` (SIGHUP ignored at start) a hang-up does not stop an export: it finishes."""
+    model, _ = tiny
+    src = big_source(tmp_path, model)
+    p = stop_mid_copy([*CLI, "export", "--model", str(src), "--allocation", str(alloc_file),
+                       "--out", str(tmp_path / "dst"), "--copy"], tmp_path, "dst", sighup=signal.SIG_IGN)
+    os.kill(p.pid, signal.SIGHUP)
+    os.kill(p.pid, signal.SIGCONT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    assert out.startswith(f"wrote {tmp_path / 'dst'}: ") and err == ""
+    assert entries(tmp_path) == ["big", "dst"]
 
 
 def test_sigterm_during_forced_export_keeps_the_old_one(tmp_path, tiny, alloc_file):
