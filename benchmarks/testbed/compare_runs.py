@@ -24,41 +24,44 @@ RESULTS_DIR is a published run (``results.json`` and ``allocations/`` in it), e.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from itertools import combinations
 from pathlib import Path
 
+from pydantic import ValidationError
 
-def load_run(path: Path) -> dict:
-    """A published run's ``results.json``; a clear error if it is not one."""
+from .run_v2 import ResultsV2, Row
+
+
+def load_run(path: Path) -> ResultsV2:
+    """A published run's ``results.json`` (the format ``run_v2`` writes); a clear error if it is not one."""
     f = path / "results.json"
     if not f.is_file():
         raise SystemExit(f"compare_runs: {f}: no such file (give a published testbed v2 run's folder)")
     try:
-        data = json.loads(f.read_text())
-        data["rows"], data["differences"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"compare_runs: {f}: not a testbed v2 report ({e})") from None
-    return data
+        return ResultsV2.model_validate_json(f.read_text())
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(map(str, first["loc"])) or "the file"
+        raise SystemExit(f"compare_runs: {f}: not a testbed v2 report ({where}: {first['msg']})") from None
 
 
-def _rows(run: dict, mode: str, rho: float, sink: int) -> dict[str, dict]:
+def _rows(run: ResultsV2, mode: str, rho: float, sink: int) -> dict[str, Row]:
     # dense belongs to every group (with or without sinks), as in run_v2's own comparison groups.
-    return {r["name"]: r for r in run["rows"]
-            if r["mode"] == mode and (r["base"] == "dense" or (r["sink"] == sink and r["rho"] == rho))}
+    return {r.name: r for r in run.rows
+            if r.mode == mode and (r.base == "dense" or (r.sink == sink and r.rho == rho))}
 
 
-def _verdict(run: dict, mode: str, a: str, b: str) -> tuple[float, bool] | None:
+def _verdict(run: ResultsV2, mode: str, a: str, b: str) -> tuple[float, bool] | None:
     """The run's own difference a - b in retrieval and whether it was significant."""
-    for d in run["differences"]:
-        if not d["group"].startswith(f"{mode} "):
+    for d in run.differences:
+        if not d.group.startswith(f"{mode} "):
             continue
-        if (d["a"], d["b"]) == (a, b):
-            return d["diff"], d["significant"]
-        if (d["a"], d["b"]) == (b, a):
-            return -d["diff"], d["significant"]
+        if (d.a, d.b) == (a, b):
+            return d.diff, d.significant
+        if (d.a, d.b) == (b, a):
+            return -d.diff, d.significant
     return None
 
 
@@ -68,11 +71,11 @@ def agreement(a: list[str], b: list[str]) -> tuple[int, int]:
     return sum(x == y for x, y in pairs), len(pairs)
 
 
-def compare(runs: dict[str, dict], mode: str = "masks", rho: float = 0.75, sink: int = 0) -> str:
-    """The markdown report of the runs (name -> results.json) for one comparison group."""
+def compare(runs: dict[str, ResultsV2], mode: str = "masks", rho: float = 0.75, sink: int = 0) -> str:
+    """The markdown report of the runs (name -> its report) for one comparison group."""
     rows = {name: _rows(run, mode, rho, sink) for name, run in runs.items()}
     shared = sorted(set.intersection(*(set(r) for r in rows.values())),
-                    key=lambda n: -sum(rows[r][n]["accuracy"] for r in rows))
+                    key=lambda n: -sum(rows[r][n].accuracy for r in rows))
     if not shared:
         return f"No allocation in every run for mode {mode}, rho {rho}, sink {sink}.\n"
     names = list(runs)
@@ -81,12 +84,12 @@ def compare(runs: dict[str, dict], mode: str = "masks", rho: float = 0.75, sink:
            "Held-out retrieval (the run's 95% interval in its own results.md):", "",
            "| allocation | " + " | ".join(names) + " | mean |", "|---|" + "---|" * (n + 1)]
     for a in shared:
-        acc = [rows[r][a]["accuracy"] for r in names]
+        acc = [rows[r][a].accuracy for r in names]
         out.append(f"| {a} | " + " | ".join(f"{x:.3f}" for x in acc) + f" | {sum(acc) / n:.3f} |")
     out += ["", "Held-out loss beyond the window (nats):", "",
             "| allocation | " + " | ".join(names) + " | mean |", "|---|" + "---|" * (n + 1)]
-    for a in sorted(shared, key=lambda x: sum(rows[r][x]["loss_beyond_window"] for r in names)):
-        loss = [rows[r][a]["loss_beyond_window"] for r in names]
+    for a in sorted(shared, key=lambda x: sum(rows[r][x].loss_beyond_window for r in names)):
+        loss = [rows[r][a].loss_beyond_window for r in names]
         out.append(f"| {a} | " + " | ".join(f"{x:.4f}" for x in loss) + f" | {sum(loss) / n:.4f} |")
     out += ["", "Retrieval differences a - b per run (* significant in that run, Holm) and the sign count "
             "(runs with a ahead significantly / ahead n.s. / level / behind n.s. / behind significantly):", "",
@@ -102,7 +105,7 @@ def compare(runs: dict[str, dict], mode: str = "masks", rho: float = 0.75, sink:
             cells.append(f"{diff:+.3f}{'*' if sig else ''}")
             count[0 if diff > 0 and sig else 1 if diff > 0 else 2 if diff == 0 else 4 if sig else 3] += 1
         out.append(f"| {a} | {b} | " + " | ".join(cells) + f" | {'/'.join(map(str, count))} |")
-    learned = [a for a in shared if not a.startswith(("dense", "rule-"))]
+    learned = [a for a in shared if not rows[names[0]][a].base.startswith(("dense", "rule-"))]
     if learned and n > 1:
         out += ["", "Learned patterns: units with the same F/S verdict in two runs:", "",
                 "| allocation | " + " | ".join(f"{x} vs {y}" for x, y in combinations(names, 2)) + " |",
@@ -110,7 +113,7 @@ def compare(runs: dict[str, dict], mode: str = "masks", rho: float = 0.75, sink:
         for a in learned:
             cells = []
             for x, y in combinations(names, 2):
-                same, total = agreement(rows[x][a]["pattern"], rows[y][a]["pattern"])
+                same, total = agreement(rows[x][a].pattern, rows[y][a].pattern)
                 cells.append(f"{same} of {total}")
             out.append(f"| {a} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
