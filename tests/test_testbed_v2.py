@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import re
 import subprocess
@@ -446,6 +447,13 @@ def test_compare_runs_side_by_side(run_dir, tmp_path):
     assert sum(counts) == 2 and counts[0] >= 1  # both runs counted; run B ahead significantly
     units = len("".join(row["pattern"]))
     assert f"| duo-0.75 | {units - 1} of {units} |" in text
+
+    # the same table whatever the hash seed (ties, such as rules at 0, in name order)
+    for seed in ("1", "2"):
+        again = subprocess.run([sys.executable, "-m", "benchmarks.testbed.compare_runs", str(a), str(b), "--rho", "0.75"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=120,
+                               env={**os.environ, "PYTHONHASHSEED": seed})
+        assert again.stdout == text, seed
 
     bad = subprocess.run([sys.executable, "-m", "benchmarks.testbed.compare_runs", str(a), str(tmp_path)],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -74,8 +74,9 @@ def agreement(a: list[str], b: list[str]) -> tuple[int, int]:
 def compare(runs: dict[str, ResultsV2], mode: str = "masks", rho: float = 0.75, sink: int = 0) -> str:
     """The markdown report of the runs (name -> its report) for one comparison group."""
     rows = {name: _rows(run, mode, rho, sink) for name, run in runs.items()}
+    # Ties (the rules at 0) in name order: a set's order follows the hash seed.
     shared = sorted(set.intersection(*(set(r) for r in rows.values())),
-                    key=lambda n: -sum(rows[r][n].accuracy for r in rows))
+                    key=lambda n: (-sum(rows[r][n].accuracy for r in rows), n))
     if not shared:
         return f"No allocation in every run for mode {mode}, rho {rho}, sink {sink}.\n"
     names = list(runs)
@@ -88,7 +89,7 @@ def compare(runs: dict[str, ResultsV2], mode: str = "masks", rho: float = 0.75, 
         out.append(f"| {a} | " + " | ".join(f"{x:.3f}" for x in acc) + f" | {sum(acc) / n:.3f} |")
     out += ["", "Held-out loss beyond the window (nats):", "",
             "| allocation | " + " | ".join(names) + " | mean |", "|---|" + "---|" * (n + 1)]
-    for a in sorted(shared, key=lambda x: sum(rows[r][x].loss_beyond_window for r in names)):
+    for a in sorted(shared, key=lambda x: (sum(rows[r][x].loss_beyond_window for r in names), x)):
         loss = [rows[r][a].loss_beyond_window for r in names]
         out.append(f"| {a} | " + " | ".join(f"{x:.4f}" for x in loss) + f" | {sum(loss) / n:.4f} |")
     out += ["", "Retrieval differences a - b per run (* significant in that run, Holm) and the sign count "
