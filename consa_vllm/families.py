@@ -19,8 +19,9 @@ A row says, for one Hugging Face architecture:
 - ``head_dim_from_hidden``: vLLM's class ignores a ``head_dim`` field and uses
   ``hidden_size // num_attention_heads``;
 - ``tiny``: extra config fields of a tiny random model of the family (tests, demo);
-- ``compiled_gpu_warning``: an open defect of compiled (torch.compile) GPU engines of the
-  family, logged as a warning whenever such an engine is configured (empty: none known).
+- ``experts_field``: the HF config field that counts a mixture-of-experts family's routed
+  experts (empty: a dense family). The plugin reads it to keep Inductor from padding the
+  router's logits (:func:`consa_vllm.plugin.config.guard_router_padding`).
 
 Pure Python, no torch or vLLM import: vLLM's plugin loader imports this in every process.
 """
@@ -45,7 +46,7 @@ class Family:
     sliding_window_default: bool = False
     head_dim_from_hidden: bool = False
     tiny: dict[str, Any] = field(default_factory=dict)
-    compiled_gpu_warning: str = ""
+    experts_field: str = ""
 
     @property
     def consa_architecture(self) -> str:
@@ -55,7 +56,7 @@ class Family:
     @property
     def is_moe(self) -> bool:
         """Whether the family's MLPs are mixture-of-experts blocks."""
-        return any("expert" in k for k in self.tiny)
+        return bool(self.experts_field)
 
 
 _T = "transformers.models"
@@ -74,16 +75,10 @@ FAMILIES: tuple[Family, ...] = (
     Family("qwen3_moe", "Qwen3MoeForCausalLM", "qwen3_moe", f"{_V}.qwen3_moe:Qwen3MoeForCausalLM",
            f"{_T}.qwen3_moe.modeling_qwen3_moe:Qwen3MoeAttention", sliding_window_default=True,
            tiny={"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
-                 "norm_topk_prob": True}),
+                 "norm_topk_prob": True}, experts_field="num_experts"),
     Family("mixtral", "MixtralForCausalLM", "mixtral", f"{_V}.mixtral:MixtralForCausalLM",
            f"{_T}.mixtral.modeling_mixtral:MixtralAttention",
-           tiny={"num_local_experts": 4, "num_experts_per_tok": 2},
-           compiled_gpu_warning=(
-               "some compiled bf16 GPU engines of Mixtral models, stock vLLM 0.26's own included, "
-               "have served a wrong model (an intermittent open defect, not seen with "
-               "--enforce-eager: README.md, 'Not done yet'); serve with --enforce-eager until it "
-               "is fixed, or check the served model against its reference "
-               "(tests/test_gpu_families.py)")),
+           tiny={"num_local_experts": 4, "num_experts_per_tok": 2}, experts_field="num_local_experts"),
 )
 
 #: The family of the demo and of tiny models when none is named.

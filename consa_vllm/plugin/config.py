@@ -34,9 +34,7 @@ def check_serving_config(vllm_config: Any) -> Allocation:
             "ConSA: window %d >= max_model_len %d, so the sliding-window (S) heads see the whole "
             "context and act as full attention; S KV memory is not reduced.",
             allocation.window, model_config.max_model_len)
-    warning = compiled_gpu_warning(vllm_config)
-    if warning:
-        logger.warning("ConSA: %s", warning)
+    guard_router_padding(vllm_config)
     sink = allocation_sink(allocation)
     if sink and any("S" in r for r in allocation.pattern):
         transfer = vllm_config.kv_transfer_config
@@ -64,19 +62,46 @@ def check_serving_config(vllm_config: Any) -> Allocation:
     return allocation
 
 
-def compiled_gpu_warning(vllm_config: Any) -> str:
-    """The family's open defect of compiled GPU engines (families.Family.compiled_gpu_warning),
-    if this configuration is one: a CUDA device and torch.compile on; else ''."""
+#: Inductor's padding of a matmul's dimensions (``torch._inductor.fx_passes.pad_mm``) aligns
+#: them to this many elements per dtype; only these dtypes are padded.
+_PAD_ALIGNMENT = {"torch.float16": 8, "torch.bfloat16": 8, "torch.float32": 4}
+
+
+def guard_router_padding(vllm_config: Any) -> None:
+    """Turn off Inductor's matmul shape padding for an MoE model whose expert count is not a
+    multiple of Inductor's alignment for the model's dtype, and log that it did.
+
+    Why (docs/DESIGN.md §10, "The Mixtral defect"): when a model computes its router logits
+    inside the compiled graph (vLLM 0.26's Mixtral does), Inductor may pad the router matmul's
+    expert dimension (4 -> 8 in bf16) and hand the MoE op a view whose rows are 8 apart. vLLM
+    0.26's top-k routing kernel assumes rows ``num_experts`` apart, so it routes tokens with
+    other tokens' logits. Inductor pads only when timing says the padded matmul is faster, so
+    the fault comes and goes with each engine start. Without shape padding the logits stay
+    dense. On CPU Inductor never pads matmuls, so the setting costs nothing there. An explicit
+    ``shape_padding`` in ``--compilation-config`` is left as the user set it (with a warning
+    when it is on).
+    """
     from consa_vllm import families
 
     model_config = vllm_config.model_config
-    device = getattr(getattr(vllm_config, "device_config", None), "device_type", "")
-    if device != "cuda" or model_config.enforce_eager:
-        return ""
     try:
-        return families.by_architecture(model_config.architecture).compiled_gpu_warning
+        family = families.by_architecture(model_config.architecture)
     except families.UnsupportedFamilyError:  # refused elsewhere, with its own message
-        return ""
+        return
+    experts = getattr(model_config.hf_config, family.experts_field, None) if family.is_moe else None
+    align = _PAD_ALIGNMENT.get(str(model_config.dtype), 0)
+    if not experts or not align or experts % align == 0:
+        return
+    why = (f"{experts} experts is not a multiple of {align}, Inductor's {model_config.dtype} alignment, so "
+           "Inductor may pad the router logits, which vLLM's top-k routing kernel then misreads "
+           "(docs/DESIGN.md §10)")
+    inductor = vllm_config.compilation_config.inductor_compile_config
+    if "shape_padding" not in inductor:
+        inductor["shape_padding"] = False
+        logger.info("ConSA: Inductor's matmul shape padding is off for this model: %s", why)
+    elif inductor["shape_padding"]:
+        logger.warning("ConSA: shape_padding is on in --compilation-config: tokens may be routed to "
+                       "the wrong experts: %s", why)
 
 
 def check_quantization(model_config: Any, allocation: Allocation, tp: int) -> None:
