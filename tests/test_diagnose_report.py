@@ -99,25 +99,6 @@ def test_wrong_engine_check_on_run14(report, wrong):
     assert [n for n in results if n != wrong][0] not in str(e.value)
 
 
-def test_fillnan_sitecustomize_fills_new_memory_with_nan():
-    """The GPU tests' ``all_f_fillnan`` variant: its engine processes start with new tensors
-    filled with NaN, and only when the variable is set (the folder alone changes nothing)."""
-    import os
-    import subprocess
-
-    site = Path(__file__).resolve().parent / "debug_site"
-    # The fill takes effect only with deterministic algorithms on (its flag alone defaults to True).
-    code = ("import torch, torch.utils.deterministic as d; print(torch.are_deterministic_algorithms_enabled() "
-            "and d.fill_uninitialized_memory, bool(torch.empty(64).isnan().all()))")
-
-    def run(**env: str) -> str:
-        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                              env={**os.environ, "PYTHONPATH": str(site), **env}).stdout.strip()
-
-    assert run(CONSA_DEBUG_FILL_UNINITIALIZED="1") == "True True"
-    assert run(CONSA_DEBUG_FILL_UNINITIALIZED="0").startswith("False ")
-
-
 def test_private_caches_hold_an_engines_generated_code(tmp_path):
     """The GPU tests' ``all_f_privatecache`` variant: :func:`gpu_parity.cache_env` sends a
     process's Inductor output under its own root (a real ``torch.compile`` in a subprocess),
@@ -167,3 +148,54 @@ def test_first_token_split_on_run15(report, wrong):
     overall = (split[wrong][0] + 31 * split[wrong][1]) / 32
     assert abs(overall - d["stats"][wrong]["mean"]) < 1e-6 * max(1.0, overall)
     assert diag.first_token_split({"stats": {}}) == {}
+
+
+RUN16 = Path(__file__).resolve().parent.parent / "benchmarks/results/gpu_parity_h200/run16-mixtral-router-padding"
+
+
+def test_padded_router_logits_are_the_wrong_engines_of_run16():
+    """Run 16's 24 engines with private caches (two calls): the engines whose generated code
+    hands vLLM's MoE op padded router logits are exactly the engines that served a wrong model
+    (benchmarks/padded_router_logits.py on the committed caches, the verdicts from each report)."""
+    import padded_router_logits as prl
+
+    from gpu_parity import WRONG_MODEL_FACTOR
+
+    verdicts = {}
+    for call in ("a", "b"):
+        for report in sorted((RUN16 / call).glob("all_f_privatecache.r*.json")):
+            r = report.name.split(".")[1]
+            data = json.loads(report.read_text())
+            for engine, s in data["stats"].items():
+                wrong = s["mean"] > WRONG_MODEL_FACTOR * data["plain_hf_bf16"][engine]["mean"]
+                caches = RUN16 / call / f"privatecache.{r}.caches-{engine}.tgz"
+                if caches.exists():
+                    verdicts[(call, r, engine)] = (wrong, prl.scan_caches(caches)["padded"])
+    assert len(verdicts) == 14  # call b's 12 engines and one pair of call a's
+    assert sum(w for w, _ in verdicts.values()) == 5
+    assert all(wrong == padded for wrong, padded in verdicts.values()), verdicts
+
+
+def test_padded_router_logits_reads_the_moe_call():
+    import padded_router_logits as prl
+
+    dense = "buf4 = torch.ops.vllm.moe_forward.default(buf2, buf3, None, None, arg6_1, 0)"
+    padded = ("buf5 = torch.ops.vllm.moe_forward.default(buf2, reinterpret_tensor(buf4, (s72, 4), (8, 1), 0), "
+              "None, None, arg6_1, 0)")
+    aligned_view = ("buf5 = torch.ops.vllm.moe_forward.default(buf2, reinterpret_tensor(buf4, (s72, 8), (8, 1), 0), "
+                    "None, None, arg6_1, 0)")
+    assert prl.scan_sources({"a.py": dense}) == {"moe_calls": 1, "padded_calls": [], "padded": False}
+    got = prl.scan_sources({"a.py": dense, "b.py": padded})
+    assert got["moe_calls"] == 2 and got["padded_calls"] == [{"file": "b.py", "experts": 4, "row_stride": 8}]
+    assert not prl.scan_sources({"c.py": aligned_view})["padded"]
+
+
+def test_padded_router_logits_refuses_what_is_not_a_cache(tmp_path, capsys):
+    import padded_router_logits as prl
+
+    (tmp_path / "empty").mkdir()
+    assert prl.main([str(tmp_path / "empty")]) == 2
+    assert "no generated Python code" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        prl.main([str(tmp_path / "missing.tgz")])
+    assert "no such file" in capsys.readouterr().err

@@ -3,12 +3,13 @@ vLLM's own classes, and of streaming heads (sink + window); bf16, torch.compile 
 rounds of 48 and 12 prompts (decode batches above the fused kernel's 4 sequences:
 FlashAttention 3 over the pools) and a round of 4 (the fused Triton split-KV decode).
 
-Three tests: the issue's rule (the uneven ConSA model's error no larger than stock vLLM's on
+Four tests: the issue's rule (the uneven ConSA model's error no larger than stock vLLM's on
 the all-F model, two different models); like for like (without sinks, which stock vLLM
 lacks): the all-F allocation through the ConSA kernels against stock all-F (same model), and
 one layer-shaped allocation through the ConSA kernels, as shipped and in diagnostic variants,
-against stock vLLM's own per-layer windows (same model); and float32 greedy parity of every
-family and both allocation shapes. A first H200 run also
+against stock vLLM's own per-layer windows (same model); Inductor's padded MoE router logits,
+forced (stock vLLM misroutes tokens, the plugin guards the ConSA engine); and float32 greedy
+parity of every family and both allocation shapes. A first H200 run also
 served the uneven allocation with FlashAttention off (the fused Triton kernel for every
 batch): its error matched the FlashAttention path's (per-prompt paired ratio 0.998 and 1.012,
 benchmarks/results/gpu_parity_h200/), so that variant is no longer run.
@@ -71,7 +72,8 @@ def test_gpu_calibrated_parity(tmp_path, family, sink):
     vLLM's on the all-F model (two different models: see test_gpu_same_model_parity and
     benchmarks/bf16_sensitivity.py for what that comparison carries)."""
     src = _tiny_src(tmp_path, family)
-    variants = [Variant("stock_all_f", src), Variant("consa", *_export(src, tmp_path, "consa", PATTERN, sink))]
+    variants = [Variant("stock_all_f", src, engine=_stock_engine()),
+                Variant("consa", *_export(src, tmp_path, "consa", PATTERN, sink))]
     res = run_variants(src, variants, prompts_of(LENGTHS, seed=5), 32, rounds=ROUNDS,
                        report=_report(f"families-{family}-sink{sink}.json", tmp_path),
                        pairs=[("consa", "stock_all_f")], dtype="bfloat16")
@@ -93,39 +95,34 @@ LAYER_SHAPED_VARIANTS = {
     "layer_shaped_eager": {"engine": {"enforce_eager": True}},  # no torch.compile, no CUDA graphs
     "layer_shaped_nographs": {"engine": {"compilation_config": {"cudagraph_mode": "NONE"}}},  # compiled
 }
-# The all-F allocation as shipped, and diagnostic variants for the intermittent Mixtral
-# defect (compiled bf16 engines only: benchmarks/results/gpu_parity_h200/README.md, run 13):
-# without Inductor's benchmarked combo kernels, eager, and with vLLM's hoisted LayerName
-# graph inputs off (layer names baked into the graph as strings again). "engine" applies
-# to both engines, "env" to the ConSA engine only, as for the layer-shaped variants.
-NO_COMBO = {"compilation_config": {"inductor_compile_config": {"combo_kernels": False}}}
+# The all-F allocation as shipped; eager; and with caches of its own per engine (vLLM, Inductor,
+# Triton), packed beside the report, to compare a wrong engine's generated kernels with a right
+# one's. The last found the Mixtral defect (run 16: Inductor's padded router logits, see
+# test_gpu_router_padding). "engine" applies to both engines, "env" to the ConSA engine only.
 ALL_F_VARIANTS = {
     "all_f": {},
-    "all_f_nocombo": {"engine": NO_COMBO},
     "all_f_eager": {"engine": {"enforce_eager": True}},
-    "all_f_nolayername": {"env": {"VLLM_USE_LAYERNAME": "0"}},
-    # Both engines with new memory filled with NaN (tests/debug_site/sitecustomize.py): a wrong
-    # engine that read memory before writing it then serves NaN. Deterministic algorithms put
-    # Inductor in its deterministic mode, which refuses the benchmarking that picks combo kernels
-    # (run 15: every engine failed to start), so combo kernels are off in both.
-    "all_f_fillnan": {"engine": NO_COMBO,
-                      "env_both": {"CONSA_DEBUG_FILL_UNINITIALIZED": "1",
-                                   "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent / "debug_site"),
-                                                                  os.environ.get("PYTHONPATH", "")])}},
-    # Inductor without any choice made by timing kernels (one config per reduction, no combo
-    # benchmarking): run 15 found a wrong engine's weights equal to a right one's and its prefill
-    # (compiled, no CUDA graph) as wrong as its decode, so a compiled kernel, chosen per start,
-    # computes wrongly; timing-based choices differ between starts.
-    "all_f_deterministic": {"engine": NO_COMBO, "env_both": {"TORCHINDUCTOR_DETERMINISTIC": "1"}},
-    # As shipped, but each engine with caches of its own (vLLM, Inductor, Triton), packed beside
-    # the report: a wrong engine's generated kernels and autotuning choices against a right one's.
-    # If the defect is a race between processes compiling the same kernels into shared caches,
-    # it goes away here.
     "all_f_privatecache": {"private_caches": True},
-    # Dynamo's graph, vLLM's piecewise split and CUDA graphs as shipped, but no Inductor code
-    # (vLLM runs the captured graph's ops as they are): wrong engines here would clear Inductor.
-    "all_f_noinductor": {"engine": {"compilation_config": {"backend": "eager"}}},
 }
+
+#: What the plugin sets for a ConSA MoE model whose expert count Inductor would pad
+#: (consa_vllm.plugin.config.guard_router_padding), given to stock vLLM's engine by hand: stock
+#: vLLM 0.26 routes tokens with misread logits when Inductor pads them (test_gpu_router_padding),
+#: and a comparison against a wrong stock engine tells nothing.
+NO_SHAPE_PADDING = {"compilation_config": {"inductor_compile_config": {"shape_padding": False}}}
+
+
+def _merged(a: dict, b: dict) -> dict:
+    """``b`` over ``a``, nested dicts merged."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _stock_engine(engine: dict | None = None) -> dict:
+    """A stock engine's settings: ``engine`` with the plugin's router-padding guard."""
+    return _merged(NO_SHAPE_PADDING, engine or {})
 
 
 @pytest.mark.parametrize("shape", [*ALL_F_VARIANTS, *LAYER_SHAPED_VARIANTS])
@@ -143,20 +140,19 @@ def test_gpu_same_model_parity(tmp_path, family, shape):
     caches: dict[str, Path] = {}  # engine name -> its private cache root (all_f_privatecache)
     if shape in ALL_F_VARIANTS:
         spec = ALL_F_VARIANTS[shape]
-        both = spec.get("env_both", {})
         if spec.get("private_caches"):
             caches = {n: tmp_path / f"caches-{n}" for n in ("stock_all_f", "consa_all_f")}
-        stock = Variant("stock_all_f", src, engine=spec.get("engine", {}),
-                        env={**both, **cache_env(caches.get("stock_all_f"))})
+        stock = Variant("stock_all_f", src, engine=_stock_engine(spec.get("engine")),
+                        env=cache_env(caches.get("stock_all_f")))
         consa = Variant("consa_all_f", *_export(src, tmp_path, "consa_all_f", ["FFFF"] * 4),
-                        env={**spec.get("env", {}), **both, **cache_env(caches.get("consa_all_f"))},
+                        env={**spec.get("env", {}), **cache_env(caches.get("consa_all_f"))},
                         engine=spec.get("engine", {}))
     else:
         spec = LAYER_SHAPED_VARIANTS[shape]
         # Engine settings (eager, no CUDA graphs) apply to stock too: without CUDA graphs vLLM
         # pads batches differently and picks batch-dependent kernels differently, in both.
         stock = Variant("stock_layer_shaped", *_export(src, tmp_path, "stock", LAYER_SHAPED, granularity="layer"),
-                        engine=spec.get("engine", {}))
+                        engine=_stock_engine(spec.get("engine")))
         consa = Variant(f"consa_{shape}", *_export(src, tmp_path, "consa", LAYER_SHAPED), **spec)
     report = _report(f"same-model-{family}-{shape}.json", tmp_path)
     try:
@@ -170,6 +166,27 @@ def test_gpu_same_model_parity(tmp_path, family, shape):
     paired = json.loads(report.read_text())["paired"][f"{consa.name} vs {stock.name}"]
     print(f"{family} {shape}: stock {res[stock.name]}; {consa.name} {res[consa.name]}; paired {paired}")
     assert paired["low"] <= 0, (consa.name, paired)
+
+
+def test_gpu_router_padding(tmp_path):
+    """The Mixtral defect, made deterministic: Inductor told to pad every misaligned matmul
+    (``force_shape_pad``) pads the tiny Mixtral's router matmul (4 experts -> 8 columns in
+    bf16), and stock vLLM 0.26's top-k routing kernel reads the padded logits as if packed:
+    its engine serves a wrong model, every start. The ConSA engine of the same model, with the
+    same setting, serves its model: the plugin turns shape padding off for it
+    (consa_vllm.plugin.config.guard_router_padding), which Inductor checks before
+    ``force_shape_pad``. If the stock half ever passes, vLLM no longer misreads padded logits and
+    the guard can go."""
+    src = _tiny_src(tmp_path, "mixtral")
+    force = {"compilation_config": {"inductor_compile_config": {"force_shape_pad": True}}}
+    prompts = prompts_of(LENGTHS[:16], seed=5)
+    consa = Variant("consa_all_f", *_export(src, tmp_path, "consa_all_f", ["FFFF"] * 4), engine=force)
+    res = run_variants(src, [consa], prompts, 32, report=_report("router-padding-consa.json", tmp_path),
+                       dtype="bfloat16")
+    print(f"ConSA, padding forced: {res['consa_all_f']}")
+    with pytest.raises(AssertionError, match="served a wrong model: stock_all_f"):
+        run_variants(src, [Variant("stock_all_f", src, engine=force)], prompts, 32,
+                     report=_report("router-padding-stock.json", tmp_path), dtype="bfloat16")
 
 
 @pytest.mark.parametrize("shape", ["uneven", "layer_shaped"])
