@@ -272,6 +272,14 @@ def big_source(root: Path, model: Path, mib: int = 256) -> Path:
     return src
 
 
+def _dispositions(sighup) -> None:
+    """In the export's process before it starts: SIGHUP as given, SIGINT and SIGTERM at their
+    defaults (Python then turns SIGINT into KeyboardInterrupt, as in a terminal)."""
+    signal.signal(signal.SIGHUP, sighup)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def stop_mid_copy(cmd: list, root: Path, dst_name: str, reset=None, attempts: int = 5,
                   sighup=signal.SIG_DFL) -> subprocess.Popen:
     """Start ``cmd`` and freeze it (SIGSTOP) while it copies the weight file into its temporary
@@ -282,12 +290,14 @@ def stop_mid_copy(cmd: list, root: Path, dst_name: str, reset=None, attempts: in
     the export is killed, what it made is removed (``reset``, default: remove ``root/dst_name``;
     a test whose destination existed before puts it back), and it starts again.
 
-    ``sighup`` is the export's SIGHUP disposition at start. A process inherits an ignored SIGHUP
-    (tests run under ``nohup``), and the export rightly leaves it ignored, so the tests set it."""
+    ``sighup`` is the export's SIGHUP disposition at start; SIGINT and SIGTERM start at their
+    defaults. A process inherits ignored signals (SIGHUP under ``nohup``; SIGINT and SIGQUIT for
+    anything a non-interactive shell starts in the background, ``cmd &``), and the export rightly
+    leaves an ignored signal ignored, so the tests set the dispositions they depend on."""
     full = (root / "big" / "model.safetensors").stat().st_size
     for _ in range(attempts):
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
-                             preexec_fn=lambda: signal.signal(signal.SIGHUP, sighup))
+                             preexec_fn=lambda: _dispositions(sighup))
         deadline = time.monotonic() + 120
         while True:
             tmps = [d / "model.safetensors" for d in root.glob(f".{dst_name}.consa-tmp-*")]
