@@ -24,8 +24,8 @@
 #            settings.json, the corpus manifest) as pieces of 14 MiB, $OUT/pretrained.tgz.NN; call K
 #            (1, 2, ...) brings back pieces 4K-3 .. 4K (a command returns at most 64 MiB, and the
 #            report's testbed-v2.tgz may come back beside them), so the 111 MB model of FULL2
-#            comes back in two calls. It lets a run span leases of one session (the pieces do not
-#            reach the next session: only committed files do): the model is the only part that
+#            comes back in two calls. It lets a run span leases (across sessions only if the checkout's
+#            git-ignored .gpu/ survives, which is not guaranteed): the model is the only part that
 #            takes long to remake. `auto` with PACK=K does the same once pretraining is done,
 #            before the sharded phases, so the model is safe early in a lease.
 #   restore: a new machine's run directory from those pieces (carried in, all of them in
