@@ -96,6 +96,11 @@ def test_every_allocation_in_both_modes_is_evaluated_and_reported(run_dir):
     assert f"{res.prompts} held-out prompts (and {res.template_prompts} in the training templates)" in md
     table = [line for line in md.splitlines() if line.startswith("|")]
     assert len(table) == len(res.rows) + 2 and len({line.count("|") for line in table}) == 1
+    # the power target per group, from every retrieval difference's own standard error
+    assert all(d.se is not None and d.se >= 0 for d in res.differences)
+    power = md[md.index("Power: "):].split("\n\n")[1].splitlines()
+    assert len(power) == len({d.group for d in res.differences})
+    assert all(re.match(r"- .+: \d+ of \d+ pairs", line) for line in power)
 
 
 @pytest.mark.slow
@@ -250,6 +255,19 @@ def test_report_helpers():
     assert base_of("rule-uniform-0.5") == ("rule-uniform", 0.5, 0) and base_of("dense") == ("dense", 0.0, 0)
     assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
     assert thirds(["SS", "FF", "FS", "SS", "SS", "SS"]) == {"bottom": 0.5, "middle": 0.25, "top": 0.0}
+
+
+def test_power_lines_count_pairs_at_three_standard_errors():
+    from benchmarks.testbed.run_v2 import Difference, power_lines
+
+    def d(group, se):
+        return Difference(group=group, a="x", b="y", diff=0.0, low=0.0, high=0.0, p_value=1.0, p_holm=1.0,
+                          significant=False, se=se)
+    # se 0.005: 2 points are 4 se (met); 0.01: 2 se (not); 0: identical verdicts (met); 0.02/3 exactly: met
+    lines = power_lines([d("g1", 0.005), d("g1", 0.01), d("g1", 0.0), d("g2", 0.02 / 3), d("g3", None)])
+    assert lines == ["- g1: 2 of 3 pairs; 2 points are 2.0-4.0 se", "- g2: 1 of 1 pairs; 2 points are 3.0-3.0 se"]
+    assert power_lines([d("g", 0.0)]) == ["- g: 1 of 1 pairs"]
+    assert power_lines([d("g", None)]) == ["- no standard errors in this report"]
 
 
 @pytest.mark.slow

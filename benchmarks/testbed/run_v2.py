@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -420,6 +421,8 @@ class Difference(BaseModel):
     p_value: float
     p_holm: float
     significant: bool  # Holm-adjusted p < 0.05
+    # Bootstrap standard error of the paired difference (None in reports before run 7)
+    se: float | None = None
 
 
 class ResultsV2(BaseModel):
@@ -520,7 +523,7 @@ def phase_report(out: Path, s: Settings2) -> dict:
         pairs = [(a, b) for a, b in pairs if (mode, a.name) in scores and (mode, b.name) in scores]
         res = [paired_bootstrap(scores[(mode, a.name)], scores[(mode, b.name)], seed=s.seed) for a, b in pairs]
         return [Difference(group=group, a=a.name, b=b.name, diff=r.mean, low=r.low, high=r.high, p_value=r.p_value,
-                           p_holm=p, significant=p < 0.05)
+                           p_holm=p, significant=p < 0.05, se=r.se)
                 for (a, b), r, p in zip(pairs, res, holm([r.p_value for r in res]))]
 
     for mode, (sink, rho) in itertools.product(MODES, groups(s)):
@@ -574,6 +577,28 @@ def phase_report(out: Path, s: Settings2) -> dict:
     return results
 
 
+#: Issue 16's power target: a 2-point retrieval difference is at least 3 standard errors.
+POWER_DIFF, POWER_SE = 0.02, 3.0
+
+
+def power_lines(diffs: list[Difference]) -> list[str]:
+    """Per group, how many pairs meet the power target, from each pair's own paired standard error.
+
+    A pair whose verdicts never differ has se 0 and meets it. Reports made before the standard
+    error was kept give no line.
+    """
+    by_group: dict[str, list[float]] = {}
+    for d in diffs:
+        if d.se is not None:
+            by_group.setdefault(d.group, []).append(math.inf if d.se == 0 else POWER_DIFF / d.se)
+    lines = []
+    for group, z in by_group.items():
+        finite = [x for x in z if x != math.inf]
+        span = f"; {POWER_DIFF * 100:g} points are {min(finite):.1f}-{max(finite):.1f} se" if finite else ""
+        lines.append(f"- {group}: {sum(x >= POWER_SE for x in z)} of {len(z)} pairs{span}")
+    return lines or ["- no standard errors in this report"]
+
+
 def render_markdown(r: ResultsV2) -> str:
     f = lambda x, p=3: "-" if x is None else f"{x:.{p}f}"  # noqa: E731
     ci = lambda x, lo, hi, p=3: f(x, p) + ("" if lo is None else f" [{lo:.{p}f}, {hi:.{p}f}]")  # noqa: E731
@@ -594,6 +619,8 @@ def render_markdown(r: ResultsV2) -> str:
 
     lines += ["", "Significant paired differences (Holm-adjusted p < 0.05 within each group):", ""]
     lines += significant(r.differences)
+    lines += ["", f"Power: pairs for which a {POWER_DIFF * 100:g}-point retrieval difference is at least {POWER_SE:g} standard "
+              "errors of the paired difference (the target):", ""] + power_lines(r.differences)
     if r.template_differences:
         lines += ["", "The same on the in-template prompts:", ""] + significant(r.template_differences)
     if r.loss_differences:
