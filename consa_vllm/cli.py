@@ -241,6 +241,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     _check_output("--out", args.out, "folder")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        # A signal can land between a file's open() and its `with` (the copy's temporary file);
+        # the file is then closed when collected and the interrupt's cleanup removes it. Python
+        # hides such ResourceWarnings by default, and they tell the user nothing.
+        warnings.simplefilter("ignore", ResourceWarning)
         try:
             dst = export_model(args.model, args.allocation, out, link=not args.copy, force=args.force,
                                keep_paths=args.keep_paths)

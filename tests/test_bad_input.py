@@ -342,6 +342,30 @@ def test_signal_during_export_cleans_up(tmp_path, tiny, alloc_file, sig, status)
     assert entries(tmp_path) == ["big"]
 
 
+def test_export_interrupt_between_open_and_with_is_still_one_line(tmp_path, tiny, alloc_file, monkeypatch, capsys):
+    """A signal that lands between a file's open() and its ``with`` leaves the file to the garbage
+    collector, whose ResourceWarning once became a second stderr line (a CI run of the SIGTERM case
+    above froze the export exactly there). The export's real warnings still print."""
+    import warnings
+
+    import consa_vllm.export as export
+    from consa_vllm.cli import main
+
+    model, _ = tiny
+
+    def interrupted(*args, **kwargs):
+        warnings.warn("a warning the user should see")
+        open(tmp_path / "half-copied", "wb")  # noqa: SIM115 - the unclosed file is the point
+        raise export.ExportInterrupted(f"{tmp_path / 'dst'} was not created") from KeyboardInterrupt()
+
+    monkeypatch.setattr(export, "export_model", interrupted)
+    status = main(["export", "--model", str(model), "--allocation", str(alloc_file), "--out", str(tmp_path / "dst")])
+    err = capsys.readouterr().err.splitlines()
+    assert status == 130
+    assert err == ["consa-vllm export: warning: a warning the user should see",
+                   f"consa-vllm export: interrupted by SIGINT; {tmp_path / 'dst'} was not created"]
+
+
 def test_ignored_sighup_stays_ignored_during_export(tmp_path, tiny, alloc_file):
     """Under ``nohup`` (SIGHUP ignored at start) a hang-up does not stop an export: it finishes."""
     model, _ = tiny
