@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import random
 import re
@@ -245,7 +246,10 @@ def test_training_templates_teach_the_structures_and_hold_out_the_eval_wording()
 def test_report_helpers():
     from benchmarks.testbed.run_v2 import FULL2
     assert groups(FULL2) == [(0, 0.5), (0, 0.75), (64, 0.75)]
-    assert len(FULL2.eval_tasks) * len(FULL2.eval_contexts) * len(FULL2.eval_depths) * FULL2.per_cell == 648
+    # issue 16's power target: 2,079 prompts make a 2-point difference 3 standard errors of the
+    # paired difference up to 9.2% disagreement between two allocations (se = sqrt(0.092 / 2079))
+    n = len(FULL2.eval_tasks) * len(FULL2.eval_contexts) * len(FULL2.eval_depths) * FULL2.per_cell
+    assert n == 2079 and 0.02 / math.sqrt(0.092 / n) >= 3 > 0.02 / math.sqrt(0.093 / n)
     names = ["rule-interleave-0.5", "consa-layer-0.75", "duo-0.75-sink64", "rule-uniform-0.75", "dense",
              "consa-kv_head-per-layer-0.5", "consa-kv_head-per-layer-0.75-sink64", "consa-kv_head-per-layer-0.75"]
     assert priority(names) == ["dense", "consa-kv_head-per-layer-0.75", "consa-layer-0.75", "rule-uniform-0.75",
@@ -428,6 +432,11 @@ def test_gpu_script_runs_resumable_commands_to_the_report(tmp_path):
     assert r.returncode == 2 and "differs from the one the restored model was pretrained on" in r.stderr
     assert not (run3 / "allocations").exists()
 
+    # MODES reaches every run_v2 call: an unknown mode stops the first one, before the corpus.
+    r = gpu("auto", str(tmp_path / "run6"), BUDGET="900", MODES="stage3")
+    assert r.returncode == 2 and "--modes stage3: modes must be one or both of masks, stage2" in r.stderr
+    assert not (tmp_path / "run6" / "corpus").exists()
+
 
 def test_compare_runs_side_by_side(run_dir, tmp_path):
     """``compare_runs`` on two published runs (the smoke run, and a copy with one allocation's
@@ -476,3 +485,77 @@ def test_compare_runs_side_by_side(run_dir, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "benchmarks.testbed.compare_runs", str(a), str(tmp_path)],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and f"{tmp_path / 'results.json'}: no such file" in bad.stderr
+
+
+def _one_mode_copy(run_dir, dst: Path, mode: str) -> Path:
+    """The smoke run up to its allocations, pinned to one eval mode (as ``--modes MODE`` starts it)."""
+    import shutil
+
+    out, _ = run_dir
+    shutil.copytree(out, dst, ignore=shutil.ignore_patterns("eval", "results.*", "heatmaps", "published"))
+    if mode == "masks":
+        shutil.rmtree(dst / "stage2")
+    # From SMOKE2, not the copied file: another test leaves that file holding other settings.
+    (dst / "settings.json").write_text(SMOKE2.model_copy(update={"modes": (mode,)}).model_dump_json())
+    return dst
+
+
+@pytest.mark.slow
+def test_one_mode_run_trains_evaluates_and_reports_only_that_mode(run_dir, tmp_path):
+    """``--modes stage2``: the eval scores the stage-2 models only and the report compares them
+    with nothing missing, heatmaps and pattern checks included; ``--modes masks`` trains no stage 2.
+    A run directory made with both modes refuses one mode, and an unknown mode is one line."""
+    res_all = ResultsV2.model_validate_json((run_dir[1] / "results.json").read_text())
+    n_groups = len({d.group for d in res_all.differences if d.group.startswith("stage2 ")})
+
+    s2 = _one_mode_copy(run_dir, tmp_path / "s2", "stage2")
+    r = _run("--out", str(s2), "--smoke", "--modes", "stage2", "--phase", "eval")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "eval: stage2 " in r.stdout and "eval: masks " not in r.stdout
+    assert not (s2 / "eval" / "masks").exists()
+    r = _run("--out", str(s2), "--smoke", "--modes", "stage2", "--phase", "report")
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = ResultsV2.model_validate_json((s2 / "results.json").read_text())
+    # every allocation with a stage-2 model is scored (another test may have removed one: missing)
+    names = {p.stem for p in (s2 / "allocations").glob("*.json")}
+    made = {n for n in names if (s2 / "stage2" / n / "config.json").exists()}
+    assert res.settings["modes"] == ["stage2"] and set(res.missing) == {f"stage2/{n}" for n in names - made}
+    assert {x.mode for x in res.rows} == {"stage2"} and {x.name for x in res.rows} == made
+    assert len({d.group for d in res.differences}) == n_groups and all(d.group.startswith("stage2 ") for d in res.differences)
+    learned = {x.name for x in res.rows if x.base.startswith(("consa", "duo"))}
+    assert learned and {c["name"] for c in res.layer_pattern} == learned
+    assert {p.stem for p in (s2 / "heatmaps").glob("*.png")} == learned
+    assert res.paper_order and all(c["group"].startswith("stage2 ") for c in res.paper_order)
+
+    masks = _one_mode_copy(run_dir, tmp_path / "masks", "masks")
+    r = _run("--out", str(masks), "--smoke", "--modes", "masks", "--phase", "stage2")
+    assert r.returncode == 0 and not (masks / "stage2").exists(), r.stdout[-2000:] + r.stderr[-2000:]
+
+    both = tmp_path / "both"
+    both.mkdir()
+    (both / "settings.json").write_text(SMOKE2.model_dump_json())
+    r = _run("--out", str(both), "--smoke", "--modes", "stage2", "--phase", "report")
+    assert r.returncode == 2 and "other settings" in r.stderr
+    r = _run("--out", str(tmp_path / "x"), "--smoke", "--modes", "stage2,bogus")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "--modes stage2,bogus: modes must be one or both of masks, stage2" in r.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_published_run_with_fewer_settings_fields_still_continues(tmp_path):
+    """Run 7's first half (``gpu_v2.sh restore`` continues it) was made before ``modes`` existed:
+    its ``settings.json`` still matches today's FULL2 at its per_cell, the missing field taking its
+    default, and any changed value is still refused."""
+    from benchmarks.testbed.common import same_settings
+    from benchmarks.testbed.run_v2 import FULL2
+
+    saved = ROOT / "benchmarks" / "results" / "testbed_v2_h200_run7_partial" / "settings.json"
+    assert "modes" not in json.loads(saved.read_text())
+    assert same_settings(FULL2, saved)  # FULL2's default per_cell is run 7's
+    assert not same_settings(FULL2.model_copy(update={"per_cell": 76}), saved)
+    assert not same_settings(FULL2.model_copy(update={"modes": ("stage2",)}), saved)
+    other = tmp_path / "settings.json"
+    other.write_text(json.dumps({**json.loads(saved.read_text()), "unknown_field": 1}))
+    assert not same_settings(FULL2, other)
+    other.write_text("not json")
+    assert not same_settings(FULL2, other)

@@ -48,7 +48,10 @@ def open_run(p: argparse.ArgumentParser, args: argparse.Namespace, s: BaseModel)
 
     A run directory pins its settings in ``settings.json``: one that holds a run with other
     settings is refused (one error line, exit status 2), since its finished phases would be
-    skipped and mixed into the new run's results. Returns the settings and the directory.
+    skipped and mixed into the new run's results. The saved file is read as the settings class,
+    so a field added since it was written takes its default: defaults keep what older runs did,
+    and a run made before the field existed still continues (``gpu_v2.sh restore``).
+    Returns the settings and the directory.
     """
     if args.device:
         s = s.model_copy(update={"device": args.device})
@@ -61,7 +64,7 @@ def open_run(p: argparse.ArgumentParser, args: argparse.Namespace, s: BaseModel)
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "settings.json"
     mine = s.model_dump_json()
-    if saved.exists() and json.loads(saved.read_text()) != json.loads(mine):
+    if saved.exists() and not same_settings(s, saved):
         p.exit(2, f"{p.prog}: error: --out {out}: holds a run with other settings ({saved}); use a new DIR\n")
     if not saved.exists():
         # Atomically: sharded phases start several processes at once, and one of them must
@@ -70,6 +73,15 @@ def open_run(p: argparse.ArgumentParser, args: argparse.Namespace, s: BaseModel)
         tmp.write_text(mine + "\n")
         tmp.replace(saved)
     return s, out
+
+
+def same_settings(s: BaseModel, saved: Path) -> bool:
+    """Whether ``saved`` (a run's ``settings.json``) holds the settings ``s``; fields it lacks
+    count as their defaults, and a file that is not such settings (unknown fields included) does not."""
+    try:  # the settings classes forbid unknown fields; pydantic's ValidationError is a ValueError
+        return type(s).model_validate_json(saved.read_text()) == s
+    except ValueError:
+        return False
 
 
 def run_phases(args: argparse.Namespace, out: Path, phases: Mapping[str, Callable[[float | None], bool]],

@@ -36,6 +36,8 @@
 #            from another pretraining run is refused.
 #
 # PER_CELL=N (prompts per task x context x depth cell, default run_v2.FULL2.per_cell) must be the same in every command.
+# MODES=stage2 (or masks; default both, the same in every command): evaluate in that mode only; without
+# stage2, stage 2 is not trained. At the default PER_CELL one mode fits one lease and both do not.
 # PROCS (default 3): processes per GPU for the allocations, stage 2 and the eval. The model is
 # small (hidden 512) and the jobs short, so several processes share a GPU. A phase's budget is
 # checked before each job starts (a job then runs to its end: up to 105 s for a trained allocation
@@ -63,7 +65,7 @@ py=${PYTHON:-python}
 gpus=$(nvidia-smi -L | wc -l)
 n=$((gpus * ${PROCS:-3}))
 deadline=$(( $(date +%s) + ${BUDGET:-540} ))
-tb() { "$py" -m benchmarks.testbed.run_v2 --out "$run" ${PER_CELL:+--per-cell "$PER_CELL"} "$@"; }
+tb() { "$py" -m benchmarks.testbed.run_v2 --out "$run" ${PER_CELL:+--per-cell "$PER_CELL"} ${MODES:+--modes "$MODES"} "$@"; }
 minutes_left() {  # what is left of BUDGET, minus $1 seconds, in minutes (0 when under 20 s)
   awk -v s=$(( deadline - $(date +%s) - ${1:-0} )) 'BEGIN { print (s < 20 ? 0 : s / 60) }'
 }

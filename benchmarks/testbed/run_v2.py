@@ -20,8 +20,8 @@ Version 2 reuses its corpus, pretraining and stage-2 phases with larger sizes, a
   group, and checks the ConSA paper's ordering (kv_head per-layer > global > dense > layer > rules;
   S at the bottom, F in a middle block).
 
-Sizes (``FULL2``) are set so that the whole run fits one 30-minute lease of one H200, the only GPU
-a session gets (the model cannot travel back between leases), from what run 1 measured there
+Sizes (``FULL2``) were set so that the whole run fit one 30-minute lease of one H200, from what
+run 1 measured there
 (``benchmarks/results/testbed_v2_h200_run1``: corpus 97 s; pretraining 0.288 s per step of
 32 x 2048 tokens and 0.37 s per step of 8 x 8192; 75-105 s per trained allocation at 100 gate
 steps and 40-50 s per stage 2 at 60 steps, 3 processes on the GPU; 14-86 s per allocation for
@@ -29,9 +29,12 @@ steps and 40-50 s per stage 2 at 60 steps, 3 processes on the GPU; 14-86 s per a
 (:class:`Curriculum`, about 7.5 minutes; run 1's loss was 1.9-2.0 at steps 1,300-1,400 and
 1.83 at 1,500, and run 2's first attempt logged 1.94-2.01 from step 1,100 on, at 0.285 s per
 step), gate training 80 x 4 x 8192 (about 4 minutes for the 10 trained allocations),
-stage 2 32 x 4 x 8192 per allocation (about 3), 24 held-out prompts per (task, context, depth)
-cell and 16 in-template ones per (structure, context) (about 7 for both modes): about 22
-minutes with the corpus. Stage 2 and the eval take
+stage 2 32 x 4 x 8192 per allocation (about 3), and 16 in-template prompts per (structure,
+context). The held-out prompts per (task, context, depth) cell were 24 (run 2) and 40 (runs 3-6),
+when the whole run took about 22-27 minutes with the corpus; they are 77 since run 7, for issue
+16's power target (:data:`POWER_DIFF`), and the eval of both modes then takes about 16 minutes,
+so a whole run spans two leases (``gpu_v2.sh pack``/``restore``), or one lease runs one mode
+(``--modes``). Stage 2 and the eval take
 the allocations in priority order (:func:`priority`), so a phase cut by its time budget leaves out
 the least important ones, and the report lists what is missing.
 
@@ -55,7 +58,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError, field_validator
 
 from .common import device_name, log, make_parser, open_run, phase_seconds, run_phases
 from .run import (CONSA_VARIANTS, Mix, Settings, _consa_data, allocation_names, make_retrieval_docs, phase_corpus,
@@ -101,10 +104,21 @@ class Settings2(Settings):
     # se = sqrt(0.10 / 2268) = 0.0066), or unpaired when both accuracies are >= 0.95 or <= 0.05
     # (se = sqrt(2 x 0.95 x 0.05 / 2268) = 0.0065); at accuracy 0.5 unpaired it would take 11,250
     # (consa_vllm.eval.stats.prompts_for_difference). The report gives each difference's own se.
-    # FULL2 takes 24 (648 prompts: 3 se at disagreement <= 2.9%), what one lease's eval allows
-    # beside stage 2 and the in-template prompts.
+    # FULL2 takes 77 (2,079 prompts: 3 se at disagreement <= 9.2%, the most run 6 saw between two
+    # allocations); run 7 measured it: every pair met the target masks-only. At that size both
+    # modes no longer fit one lease (about 33 minutes of machine time, from run 7's first half).
     per_cell: int = 84
     eval_batch: int = 4
+    # The modes every allocation is evaluated in (stage 2 is trained only when "stage2" is one).
+    # One mode at 77 prompts per cell fits one lease (about 25 minutes with pretraining).
+    modes: tuple[str, ...] = MODES
+
+    @field_validator("modes")
+    @classmethod
+    def _known_modes(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v or any(m not in MODES for m in v) or len(set(v)) != len(v):
+            raise ValueError(f"modes must be one or both of {', '.join(MODES)} (each once), got {', '.join(v) or 'none'}")
+        return tuple(m for m in MODES if m in v)  # the report's order, whatever the order asked
 
 
 FULL2 = Settings2(
@@ -115,7 +129,7 @@ FULL2 = Settings2(
     pre_steps=1500, pre_batch=8, pre_lr=1e-3, pre_warmup=100, pre_short_len=2048, pre_short_steps=1200,
     short_retrieval_docs=16_000,
     consa_steps=80, consa_batch=4, duo_steps=80, consa_docs=400, s2_steps=32, s2_batch=4, loss_sequences=24,
-    sink_bases=("consa-kv_head-per-layer", "duo"), per_cell=24, eval_batch=8)
+    sink_bases=("consa-kv_head-per-layer", "duo"), per_cell=77, eval_batch=8)
 SMOKE2 = Settings2(
     max_corpus_bytes=400_000, heldout_per_mille=250, tokenizer_bytes=200_000, vocab_size=512,
     shape=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=8,
@@ -346,7 +360,7 @@ def phase_eval(out: Path, s: Settings2, max_minutes: float | None, spec: str | N
     from consa_vllm.allocation import Allocation
 
     t0 = time.time()
-    jobs = shard([(m, n) for n in priority(allocation_names(out)) for m in MODES], spec)
+    jobs = shard([(m, n) for n in priority(allocation_names(out)) for m in s.modes], spec)
     from consa_vllm.eval.cli import load_reference
 
     prompts = templated = loss_seqs = pretrained = None
@@ -484,7 +498,7 @@ def phase_report(out: Path, s: Settings2) -> dict:
     from .lm import write_json
 
     rows, verdicts, seq_losses, tpl_verdicts, missing = [], {}, {}, {}, []
-    for mode in MODES:
+    for mode in s.modes:
         for name in allocation_names(out):
             path = out / "eval" / mode / f"{name}.json"
             if not path.exists():  # a phase cut by its time budget: reported as missing
@@ -511,7 +525,7 @@ def phase_report(out: Path, s: Settings2) -> dict:
                 seq_losses[(mode, name)] = per_seq
             if tpl:
                 tpl_verdicts[(mode, name)] = tpl
-            if base.startswith(("consa", "duo")) and mode == "masks":
+            if base.startswith(("consa", "duo")) and mode == s.modes[0]:  # one pattern, whatever the mode
                 png = out / "heatmaps" / f"{name}.png"
                 png.parent.mkdir(parents=True, exist_ok=True)
                 plot_allocation(alloc, png, title=name)
@@ -526,7 +540,7 @@ def phase_report(out: Path, s: Settings2) -> dict:
                            p_holm=p, significant=p < 0.05, se=r.se)
                 for (a, b), r, p in zip(pairs, res, holm([r.p_value for r in res]))]
 
-    for mode, (sink, rho) in itertools.product(MODES, groups(s)):
+    for mode, (sink, rho) in itertools.product(s.modes, groups(s)):
         group = f"{mode} rho={rho} sink={sink}"
         members = [r for r in rows if r.mode == mode and (r.base == "dense" or (r.rho == rho and r.sink == sink))]
         pairs = list(itertools.combinations(members, 2))
@@ -545,7 +559,7 @@ def phase_report(out: Path, s: Settings2) -> dict:
                 " (significant)" if d.significant else " (n.s.)")
             order_checks.append({"group": group, "higher_in_paper": hi.name, "lower_in_paper": lo.name,
                                  "diff": sign, "verdict": verdict})
-        if mode == "masks":
+        if mode == s.modes[0]:
             for r in members:
                 if r.base.startswith(("consa", "duo")):
                     t = thirds(r.pattern)
@@ -554,7 +568,7 @@ def phase_report(out: Path, s: Settings2) -> dict:
     # Sinks: each sink > 0 allocation against its own base and rho at sink 0 (equal KV memory but
     # for the sink blocks).
     sink_diffs, sink_loss_diffs = [], []
-    for mode in MODES:
+    for mode in s.modes:
         plain = {(r.base, r.rho): r for r in rows if r.mode == mode and r.sink == 0}
         for k in sorted({r.sink for r in rows if r.sink}):
             pairs = [(r, plain[(r.base, r.rho)]) for r in rows
@@ -686,6 +700,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="allocations, stage2, eval: run every N-th job from the I-th (one process per GPU)")
     p.add_argument("--per-cell", type=int, default=None, metavar="N",
                    help="override the prompts per (task, context, depth) cell (fix it before the eval phase starts)")
+    p.add_argument("--modes", default=None, metavar="M[,M]",
+                   help=f"evaluate in these modes only ({', '.join(MODES)}; default both); without stage2, "
+                        "stage 2 is not trained (fix it when the run starts)")
     args = p.parse_args(argv)
     if args.shard is not None:
         i, _, n = args.shard.partition("/")
@@ -698,12 +715,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.per_cell < 1:
             p.exit(2, f"{p.prog}: error: --per-cell must be >= 1, got {args.per_cell}\n")
         s = s.model_copy(update={"per_cell": args.per_cell})
+    if args.modes is not None:
+        try:
+            s = type(s).model_validate({**s.model_dump(), "modes": tuple(args.modes.split(","))})
+        except ValidationError as e:
+            p.exit(2, f"{p.prog}: error: --modes {args.modes}: {e.errors()[0]['msg'].removeprefix('Value error, ')}\n")
     s, out = open_run(p, args, s)
     return run_phases(args, out, {
         "corpus": lambda left: phase_corpus2(out, s),  # no time budget: it always runs to the end
         "pretrain": lambda left: phase_pretrain2(out, s, left),
         "allocations": lambda left: phase_allocations(out, s, left, args.shard),
-        "stage2": lambda left: phase_stage2(out, s, left, shard(priority(allocation_names(out)), args.shard)),
+        # A run without the stage-2 mode trains no stage-2 models.
+        "stage2": lambda left: "stage2" not in s.modes
+        or phase_stage2(out, s, left, shard(priority(allocation_names(out)), args.shard)),
         "eval": lambda left: phase_eval(out, s, left, args.shard),
     }, report=lambda: phase_report(out, s), publish=publish,
         record_seconds=args.shard is None)  # parallel shards would race on the file; the log has their times
