@@ -16,8 +16,32 @@ from typing import Any, Callable
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
+import pytest  # noqa: E402
+
 from consa_vllm.allocation import Allocation  # noqa: E402
 from consa_vllm.export import export_model  # noqa: E402
+
+def _vllm_cpu_avx512() -> bool:
+    """Whether vllm-cpu runs its AVX-512 build here. On an x86 CPU without AVX-512 or AMX it
+    loads its AVX2 build (``vllm/platforms/cpu.py``), which has no FP8 KV cache (``cpu_attn``
+    refuses it) and no W4A16 GEMM (``cpu_gemm_wna16``), and computes FP8 weights with other
+    kernels than the AVX-512 ones the quantized tests' tolerances were measured on."""
+    import platform
+
+    import torch
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return True  # not an x86 build choice; those platforms' own kernels apply
+    return torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported()
+
+
+VLLM_CPU_AVX512 = _vllm_cpu_avx512()
+#: For the tests of vllm-cpu's FP8 KV cache and quantized kernels: skipped, with the reason, on an
+#: x86 CPU without AVX-512 (a hardware limit of vllm-cpu 0.26, not of the plugin; the GPU tests
+#: cover the same paths).
+requires_vllm_cpu_avx512 = pytest.mark.skipif(
+    not VLLM_CPU_AVX512, reason="vllm-cpu 0.26 has FP8 KV caches and quantized-weight kernels only in its AVX-512 "
+                                "build; this x86 CPU has no AVX-512 or AMX, so it runs the AVX2 build")
 
 #: The engine tests' model shape: ``tiny_model(family, seed=..., **TINY)`` (tests/conftest.py).
 TINY = dict(num_layers=4, num_attention_heads=8, num_kv_heads=4, head_dim=32, hidden_size=128,

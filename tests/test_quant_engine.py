@@ -28,7 +28,7 @@ import sys
 
 import pytest
 
-from engine_harness import export, max_logprob_gap, prompts_of, reference_generate, run_vllm
+from engine_harness import export, max_logprob_gap, prompts_of, reference_generate, requires_vllm_cpu_avx512, run_vllm
 from quant_harness import checkpoints, dequantized_copy, shared_root
 from quant_make import SCHEMES
 
@@ -108,6 +108,7 @@ def served(request, ckpts, root):
     return scheme, stock, all_f, uneven, ref_alloc, result
 
 
+@requires_vllm_cpu_avx512
 def test_all_full_allocation_equals_stock_vllm(served):
     """Same checkpoint, same quantized linear kernels; only the attention op differs (the
     plugin's fused op vs vLLM's CPU attention), so the difference is bf16 rounding."""
@@ -117,6 +118,7 @@ def test_all_full_allocation_equals_stock_vllm(served):
         assert all_f.tokens == stock.tokens, (scheme, result)
 
 
+@requires_vllm_cpu_avx512
 def test_uneven_allocation_matches_reference_within_stock_error(served):
     scheme, stock, _, uneven, ref_alloc, result = served
     consa, base = result["consa_vs_reference"], result["stock_vs_reference"]
@@ -132,6 +134,7 @@ def test_uneven_allocation_matches_reference_within_stock_error(served):
 LAYER_ROWS = ["SSSS", "FFFF", "SSSS", "FFFF"]
 
 
+@requires_vllm_cpu_avx512
 @pytest.mark.parametrize("scheme", ["ct-w4a16", "awq"])
 def test_layer_allocation_serves_quantized_checkpoint_as_stock(llama_ckpts, root, scheme):
     """Layer granularity uses stock attention modules: identical to stock Llama with layer_types."""
