@@ -550,7 +550,7 @@ def test_a_published_run_with_fewer_settings_fields_still_continues(tmp_path):
     from benchmarks.testbed.common import same_settings
     from benchmarks.testbed.run_v2 import FULL2
 
-    saved = ROOT / "benchmarks" / "results" / "testbed_v2_h200_run7_partial" / "settings.json"
+    saved = ROOT / "benchmarks" / "results" / "testbed_v2_h200_run7" / "settings.json"
     assert "modes" not in json.loads(saved.read_text())
     assert same_settings(FULL2, saved)  # FULL2's default per_cell is run 7's
     assert not same_settings(FULL2.model_copy(update={"per_cell": 76}), saved)
