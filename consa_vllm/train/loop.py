@@ -6,6 +6,7 @@ its own small module; what is here is setup, one step, and the two stages.
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import sys
@@ -403,10 +404,17 @@ class Trainer:
 
 
 def train(cfg: TrainConfig) -> Allocation:
+    """Train on ``cfg`` (one process, or one rank of torchrun) and return the allocation."""
     trainer = Trainer(cfg)
     try:
         return trainer.run()
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+            # FSDP's modules and device mesh still hold the gloo process group, whose worker
+            # threads hold tensors: left to interpreter finalization, its destructor aborted a
+            # CPU rank at exit ("terminate called without an active exception", SIGABRT, after
+            # every file was written; a clean-clone CI run of session 17). Free them now.
+            del trainer
+            gc.collect()
 
