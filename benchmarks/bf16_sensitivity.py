@@ -14,6 +14,16 @@ token is |logprob_bf16 - logprob_fp32| of the float32 model's greedy tokens (tea
 Runs on a CPU (a numerical property, not a speed figure)::
 
     python benchmarks/bf16_sensitivity.py --out benchmarks/results/bf16_sensitivity_cpu.json
+
+``--model DIR --allocations A.json,B.json`` measures a trained local checkpoint instead, under
+each allocation file against its all-F model, on prompts of real text
+(``engine_harness.text_prompts``) longer than the window: whether the tiny random models'
+sensitivity carries over to a trained model. tests/test_gpu_checkpoint.py runs the served
+comparison on the same checkpoint, allocations and prompts on a GPU::
+
+    python benchmarks/bf16_sensitivity.py --model runs/testbed-v2/pretrained \
+        --allocations benchmarks/results/testbed_v2_h200_run7/allocations/consa-kv_head-global-0.75.json \
+        --out benchmarks/results/bf16_sensitivity_testbed_cpu.json
 """
 
 from __future__ import annotations
@@ -35,14 +45,11 @@ ALLOCATIONS = {  # name: (pattern, sink); the allocations of tests/test_gpu_fami
 }
 
 
-def per_prompt_errors(src: Path, pattern: list[str], sink: int, prompts: list[list[int]], new: int) -> list[float]:
+def per_prompt_errors(src: Path, alloc, prompts: list[list[int]], new: int) -> list[float]:
     """Mean |dlogprob| (bf16 vs float32) of each prompt's ``new`` greedy tokens of the float32 model."""
     from engine_harness import reference_generate
     from gpu_parity import hf_bf16_errors
 
-    from consa_vllm.allocation import Allocation
-
-    alloc = Allocation(granularity="kv_head", window=32, pattern=pattern, sink=sink)
     gen = reference_generate(src, alloc, prompts, new)
     return [sum(row) / len(row) for row in hf_bf16_errors(src, alloc, gen, prompts)]
 
@@ -52,14 +59,27 @@ def main() -> None:
     ap.add_argument("--families", default="qwen3,qwen3_moe,mixtral", help="comma list of registry families")
     ap.add_argument("--prompts", type=int, default=32, help="prompts per allocation (lengths as in the GPU test)")
     ap.add_argument("--new", type=int, default=32, help="generated tokens per prompt")
+    ap.add_argument("--model", help="a trained local HF checkpoint to measure instead of the tiny models")
+    ap.add_argument("--allocations", help="with --model: comma list of allocation files, each against the all-F model")
+    ap.add_argument("--lengths", default="600,1500,900,1200,700,1400,1000,800",
+                    help="with --model: prompt lengths in tokens (longer than the window), repeated to --prompts")
     ap.add_argument("--out", required=True, help="JSON file to write")
     args = ap.parse_args()
+    if bool(args.model) != bool(args.allocations):
+        ap.error("--model and --allocations go together")
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    if args.model:
+        try:
+            checkpoint(args)
+        except (ValueError, OSError) as e:  # AllocationError is a ValueError: one line, no traceback
+            sys.exit(f"bf16_sensitivity.py: {e}")
+        return
     import torch
     from engine_harness import prompts_of
     from gpu_parity import tiny_bf16_source
 
+    from consa_vllm.allocation import Allocation
     from consa_vllm.eval.stats import paired_bootstrap
 
     lengths = ([40, 77, 130, 300, 9, 520, 64, 700] * 8)[:args.prompts]
@@ -70,7 +90,8 @@ def main() -> None:
         start = time.time()
         with tempfile.TemporaryDirectory() as tmp:
             src = tiny_bf16_source(Path(tmp) / "src", family)
-            errs = {name: per_prompt_errors(src, pat, sink, prompts, args.new)
+            errs = {name: per_prompt_errors(src, Allocation(granularity="kv_head", window=32, pattern=pat, sink=sink),
+                                            prompts, args.new)
                     for name, (pat, sink) in ALLOCATIONS.items()}
         base = errs["all_f"]
         fam = {}
@@ -81,6 +102,52 @@ def main() -> None:
             print(f"{family} {name}: mean {fam[name]['mean']:.4e}, x{fam[name]['ratio_vs_all_f']:.3f} of all-F "
                   f"(p {d.p_value:.4f})", flush=True)
         result["families"][family] = {"allocations": fam, "seconds": round(time.time() - start, 1)}
+        Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+def checkpoint(args: argparse.Namespace) -> None:
+    """``--model``: each allocation file against the checkpoint's all-F model."""
+    import hashlib
+    import subprocess
+
+    import torch
+    from engine_harness import text_prompts
+
+    from consa_vllm.allocation import Allocation
+    from consa_vllm.allocation.shape import ModelShape
+    from consa_vllm.eval.stats import paired_bootstrap
+
+    src = Path(args.model)
+    files = [Path(f) for f in args.allocations.split(",")]
+    allocs = {f.stem: Allocation.load(f) for f in files}  # a bad file stops here, before any model runs
+    shape = ModelShape.from_model_dir(src)
+    for f, a in zip(files, allocs.values()):
+        a.check_model(shape.num_layers, shape.num_kv_heads, source=f)
+    lengths = ([int(n) for n in args.lengths.split(",")] * args.prompts)[:args.prompts]
+    prompts, used = text_prompts(src, lengths)
+    first = next(iter(allocs.values()))
+    all_f = Allocation(granularity="kv_head", window=first.window, pattern=["F" * shape.num_kv_heads] * shape.num_layers)
+    root = Path(__file__).resolve().parents[1]
+    commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    # The checkpoint's weights by hash: the path is local, the figures belong to these bytes.
+    weights = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(src.glob("*.safetensors"))}
+    result = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+              "model": str(src), "weights_sha256": weights, "commit": commit, "prompts": len(prompts), "prompt_sources": used,
+              "new_tokens": args.new, "allocations": {}}
+    start = time.time()
+    base = per_prompt_errors(src, all_f, prompts, args.new)
+    result["all_f"] = {"mean": sum(base) / len(base), "seconds": round(time.time() - start, 1)}
+    print(f"all-F: mean {result['all_f']['mean']:.4e}", flush=True)
+    for name, alloc in allocs.items():
+        start = time.time()
+        e = per_prompt_errors(src, alloc, prompts, args.new)
+        d = paired_bootstrap(e, base)
+        result["allocations"][name] = {
+            "file": str(files[list(allocs).index(name)]), "window": alloc.window, "sink": alloc.sink,
+            "s_share": alloc.sparsity, "mean": sum(e) / len(e), "ratio_vs_all_f": sum(e) / sum(base),
+            "diff_vs_all_f": {"mean": d.mean, "low": d.low, "high": d.high, "p_value": d.p_value},
+            "seconds": round(time.time() - start, 1)}
+        print(f"{name}: mean {sum(e) / len(e):.4e}, x{sum(e) / sum(base):.3f} of all-F (p {d.p_value:.4f})", flush=True)
         Path(args.out).write_text(json.dumps(result, indent=1))
 
 

@@ -85,6 +85,9 @@ for case in qwen3_moe-all_f qwen3_moe-layer_shaped mixtral-all_f mixtral-layer_s
     llama-layer_shaped; do
   run "same-model-$case" "$S[$case]"
 done
+# A trained checkpoint under learned allocations (skipped unless CONSA_GPU_CHECKPOINT and
+# CONSA_GPU_CHECKPOINT_ALLOCATIONS name them; see the test's docstring).
+run checkpoint tests/test_gpu_checkpoint.py
 # Inductor's padded router logits, forced: stock vLLM misroutes, the ConSA engine is guarded.
 run router-padding tests/test_gpu_families.py::test_gpu_router_padding
 # Diagnostics of compiled engines (run 16 found the Mixtral defect with the second), only when

@@ -70,6 +70,35 @@ def prompts_of(lengths: list[int], vocab: int = 512, seed: int = 0) -> list[list
     return [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths]
 
 
+def text_prompts(tokenizer_dir: Path, lengths: list[int], seed: int = 0) -> tuple[list[list[int]], list[str]]:
+    """Prompts of real text for a trained checkpoint (random token ids are far from what it was
+    trained on): windows of ``lengths`` tokens cut, at seeded offsets, from this repository's own
+    ``consa_vllm`` sources (the same on every machine at one commit; Python source is also the
+    pretraining domain of the testbed models of benchmarks/testbed/). Returns (prompts, where each
+    was cut from)."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    root = Path(__file__).resolve().parents[1]
+    files = sorted(str(f.relative_to(root)) for f in (root / "consa_vllm").rglob("*.py"))
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    rng = random.Random(seed)
+    prompts, used = [], []
+    for n in lengths:
+        for _ in range(1000):
+            name = rng.choice(files)
+            ids = tok((root / name).read_text())["input_ids"]
+            if len(ids) > n:
+                start = rng.randrange(0, len(ids) - n)
+                prompts.append(ids[start:start + n])
+                used.append(f"{name}[{start}:{start + n}]")
+                break
+        else:
+            raise ValueError(f"no source file of {n} tokens or more for a prompt")
+    return prompts, used
+
+
 def reference_generate(src: Path, allocation: Allocation | None, prompts: list[list[int]],
                        max_new_tokens: int, top_k: int = 5) -> Generation:
     """Greedy decoding with the HF model patched by the reference hybrid attention.
