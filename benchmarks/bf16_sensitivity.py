@@ -45,6 +45,18 @@ ALLOCATIONS = {  # name: (pattern, sink); the allocations of tests/test_gpu_fami
 }
 
 
+def machine() -> str:
+    """The CPU's model name (``platform.processor()`` is often empty on Linux) and core count."""
+    import os
+
+    name = platform.processor() or platform.machine()
+    try:
+        name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, {os.cpu_count()} cores"
+
+
 def per_prompt_errors(src: Path, alloc, prompts: list[list[int]], new: int) -> list[float]:
     """Mean |dlogprob| (bf16 vs float32) of each prompt's ``new`` greedy tokens of the float32 model."""
     from engine_harness import reference_generate
@@ -84,7 +96,7 @@ def main() -> None:
 
     lengths = ([40, 77, 130, 300, 9, 520, 64, 700] * 8)[:args.prompts]
     prompts = prompts_of(lengths, seed=5)
-    result = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+    result = {"machine": machine(), "torch": torch.__version__,
               "prompts": len(prompts), "new_tokens": args.new, "families": {}}
     for family in args.families.split(","):
         start = time.time()
@@ -131,7 +143,7 @@ def checkpoint(args: argparse.Namespace) -> None:
     commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     # The checkpoint's weights by hash: the path is local, the figures belong to these bytes.
     weights = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(src.glob("*.safetensors"))}
-    result = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+    result = {"machine": machine(), "torch": torch.__version__,
               "model": str(src), "weights_sha256": weights, "commit": commit, "prompts": len(prompts), "prompt_sources": used,
               "new_tokens": args.new, "allocations": {}}
     start = time.time()

@@ -4,9 +4,9 @@ checkpoint with learned allocations, the issue's rule where it matters.
 The family tests (test_gpu_families.py) serve tiny random models, and there the uneven ConSA
 model errs 10-35% more in bf16 than stock vLLM's all-F model, by about as much as plain
 Hugging Face bf16 inference does on the same two models: random models with S heads are
-themselves more sensitive to bf16 (benchmarks/bf16_sensitivity.py). A trained model need not be:
-on testbed v2 run 7's pretrained model (benchmarks/testbed/) the learned rho 0.75 allocations are
-0.87-0.88x as sensitive as its all-F model on the CPU
+themselves more sensitive to bf16 (benchmarks/bf16_sensitivity.py: 1.15-1.44x). A trained model
+need not be: on testbed v2 run 7's pretrained model (benchmarks/testbed/) the learned rho 0.75
+allocations are 0.98-1.04x as sensitive as its all-F model, none of it significant
 (benchmarks/results/bf16_sensitivity_testbed_cpu.json). This test serves such a checkpoint
 under each allocation file and checks the rule on it: the ConSA model's mean and max error
 against the float32 reference no larger than stock vLLM's on the all-F checkpoint; bf16,
