@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -43,18 +42,6 @@ ALLOCATIONS = {  # name: (pattern, sink); the allocations of tests/test_gpu_fami
     "uneven_sink16": (["FSSS", "SSSS", "SFFS", "FFFF"], 16),
     "layer_shaped": (["SSSS", "FFFF", "SSSS", "FFFF"], 0),
 }
-
-
-def machine() -> str:
-    """The CPU's model name (``platform.processor()`` is often empty on Linux) and core count."""
-    import os
-
-    name = platform.processor() or platform.machine()
-    try:
-        name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{name}, {os.cpu_count()} cores"
 
 
 def per_prompt_errors(src: Path, alloc, prompts: list[list[int]], new: int) -> list[float]:
@@ -80,7 +67,8 @@ def main() -> None:
     if bool(args.model) != bool(args.allocations):
         ap.error("--model and --allocations go together")
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    root = Path(__file__).resolve().parents[1]
+    sys.path[:0] = [str(root / "tests"), str(root)]
     if args.model:
         try:
             checkpoint(args)
@@ -91,12 +79,13 @@ def main() -> None:
     from engine_harness import prompts_of
     from gpu_parity import tiny_bf16_source
 
+    from benchmarks.testbed.common import cpu_name
     from consa_vllm.allocation import Allocation
     from consa_vllm.eval.stats import paired_bootstrap
 
     lengths = ([40, 77, 130, 300, 9, 520, 64, 700] * 8)[:args.prompts]
     prompts = prompts_of(lengths, seed=5)
-    result = {"machine": machine(), "torch": torch.__version__,
+    result = {"machine": cpu_name(), "torch": torch.__version__,
               "prompts": len(prompts), "new_tokens": args.new, "families": {}}
     for family in args.families.split(","):
         start = time.time()
@@ -125,37 +114,42 @@ def checkpoint(args: argparse.Namespace) -> None:
     import torch
     from engine_harness import text_prompts
 
+    from benchmarks.testbed.common import cpu_name
     from consa_vllm.allocation import Allocation
     from consa_vllm.allocation.shape import ModelShape
     from consa_vllm.eval.stats import paired_bootstrap
 
     src = Path(args.model)
     files = [Path(f) for f in args.allocations.split(",")]
-    allocs = {f.stem: Allocation.load(f) for f in files}  # a bad file stops here, before any model runs
+    # Results are keyed by file name: two files of one name would leave one of them out.
+    if len({f.stem for f in files}) < len(files):
+        raise ValueError(f"--allocations {args.allocations}: two files have the same name")
+    allocs = [(f, Allocation.load(f)) for f in files]  # a bad file stops here, before any model runs
     shape = ModelShape.from_model_dir(src)
-    for f, a in zip(files, allocs.values()):
+    for f, a in allocs:
         a.check_model(shape.num_layers, shape.num_kv_heads, source=f)
     lengths = ([int(n) for n in args.lengths.split(",")] * args.prompts)[:args.prompts]
     prompts, used = text_prompts(src, lengths)
-    first = next(iter(allocs.values()))
-    all_f = Allocation(granularity="kv_head", window=first.window, pattern=["F" * shape.num_kv_heads] * shape.num_layers)
+    all_f = Allocation(granularity="kv_head", window=allocs[0][1].window,
+                       pattern=["F" * shape.num_kv_heads] * shape.num_layers)
     root = Path(__file__).resolve().parents[1]
     commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     # The checkpoint's weights by hash: the path is local, the figures belong to these bytes.
     weights = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(src.glob("*.safetensors"))}
-    result = {"machine": machine(), "torch": torch.__version__,
+    result = {"machine": cpu_name(), "torch": torch.__version__,
               "model": str(src), "weights_sha256": weights, "commit": commit, "prompts": len(prompts), "prompt_sources": used,
               "new_tokens": args.new, "allocations": {}}
     start = time.time()
     base = per_prompt_errors(src, all_f, prompts, args.new)
     result["all_f"] = {"mean": sum(base) / len(base), "seconds": round(time.time() - start, 1)}
     print(f"all-F: mean {result['all_f']['mean']:.4e}", flush=True)
-    for name, alloc in allocs.items():
+    for f, alloc in allocs:
+        name = f.stem
         start = time.time()
         e = per_prompt_errors(src, alloc, prompts, args.new)
         d = paired_bootstrap(e, base)
         result["allocations"][name] = {
-            "file": str(files[list(allocs).index(name)]), "window": alloc.window, "sink": alloc.sink,
+            "file": str(f), "window": alloc.window, "sink": alloc.sink,
             "s_share": alloc.sparsity, "mean": sum(e) / len(e), "ratio_vs_all_f": sum(e) / sum(base),
             "diff_vs_all_f": {"mean": d.mean, "low": d.low, "high": d.high, "p_value": d.p_value},
             "seconds": round(time.time() - start, 1)}

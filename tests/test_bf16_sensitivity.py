@@ -68,4 +68,9 @@ def test_checkpoint_mode_refuses_bad_input_in_one_line(tiny_model, tmp_path):
     assert r.stderr.strip().count("\n") == 0 and "wrong.json" in r.stderr and "7 layers" in r.stderr
     r = _run("--model", str(src), "--out", str(out))
     assert r.returncode == 2 and "--model and --allocations go together" in r.stderr
+    (tmp_path / "other").mkdir()
+    twin = tmp_path / "other" / "wrong.json"
+    Allocation(granularity="kv_head", window=16, pattern=["FS"] * 4).save(twin)
+    r = _run("--model", str(src), "--allocations", f"{twin},{wrong}", "--out", str(out))
+    assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and "two files have the same name" in r.stderr
     assert not out.exists()
