@@ -59,6 +59,7 @@ def test_gpu_checkpoint_calibrated_parity(tmp_path):
     torch.set_num_threads(os.cpu_count() or 1)
     src = Path(CHECKPOINT)
     allocs = {Path(f).stem: Allocation.load(f) for f in ALLOCATIONS}
+    assert len(allocs) == len(ALLOCATIONS), f"two allocation files of one name: {ALLOCATIONS}"
     prompts, _ = text_prompts(src, (LENGTHS * 4)[:sum(ROUNDS)])
     variants = [Variant("stock_all_f", src)] + [Variant(name, export_model(src, a, tmp_path / name), a)
                                                 for name, a in allocs.items()]
