@@ -66,6 +66,15 @@ def main() -> None:
     args = ap.parse_args()
     if bool(args.model) != bool(args.allocations):
         ap.error("--model and --allocations go together")
+    if args.prompts < 1 or args.new < 1:
+        ap.error(f"--prompts and --new must be at least 1, got {args.prompts} and {args.new}")
+    try:
+        lengths = [int(n) for n in args.lengths.split(",")]
+    except ValueError:
+        lengths = [0]
+    if min(lengths) < 1:
+        ap.error(f"--lengths must be a comma list of whole numbers of tokens, got '{args.lengths}'")
+    args.lengths = lengths
 
     root = Path(__file__).resolve().parents[1]
     sys.path[:0] = [str(root / "tests"), str(root)]
@@ -128,7 +137,7 @@ def checkpoint(args: argparse.Namespace) -> None:
     shape = ModelShape.from_model_dir(src)
     for f, a in allocs:
         a.check_model(shape.num_layers, shape.num_kv_heads, source=f)
-    lengths = ([int(n) for n in args.lengths.split(",")] * args.prompts)[:args.prompts]
+    lengths = (args.lengths * args.prompts)[:args.prompts]
     prompts, used = text_prompts(src, lengths)
     all_f = Allocation(granularity="kv_head", window=allocs[0][1].window,
                        pattern=["F" * shape.num_kv_heads] * shape.num_layers)

@@ -68,6 +68,11 @@ def test_checkpoint_mode_refuses_bad_input_in_one_line(tiny_model, tmp_path):
     assert r.stderr.strip().count("\n") == 0 and "wrong.json" in r.stderr and "7 layers" in r.stderr
     r = _run("--model", str(src), "--out", str(out))
     assert r.returncode == 2 and "--model and --allocations go together" in r.stderr
+    for flags, msg in ((["--lengths", "600,x"], "--lengths must be a comma list of whole numbers of tokens, got '600,x'"),
+                       (["--lengths", "0"], "--lengths must be a comma list of whole numbers of tokens, got '0'"),
+                       (["--prompts", "0"], "--prompts and --new must be at least 1, got 0 and 32")):
+        r = _run("--model", str(src), "--allocations", str(wrong), *flags, "--out", str(out))
+        assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith(msg)
     (tmp_path / "other").mkdir()
     twin = tmp_path / "other" / "wrong.json"
     Allocation(granularity="kv_head", window=16, pattern=["FS"] * 4).save(twin)
