@@ -286,3 +286,42 @@ def calibrated_parity(src: Path, consa_dir: Path, allocation, prompts: list[list
                        prompts, max_tokens, rounds=rounds, report=report, pairs=[("consa", "stock_all_f")],
                        **engine_kw)
     return res["stock_all_f"], res["consa"]
+
+
+#: Prompt lengths (tokens) of the checkpoint comparison, cycled to its prompts: all beyond the
+#: testbed's window of 512, and the lengths of benchmarks/bf16_sensitivity.py --model.
+CHECKPOINT_LENGTHS = [600, 1500, 900, 1200, 700, 1400, 1000, 800]
+#: Rounds of the checkpoint comparison: a decode batch of 24 (above the fused kernel's limit on
+#: a GPU: FlashAttention 3 over the pools), then 4 and 4 (the fused Triton split-KV decode).
+CHECKPOINT_ROUNDS = [24, 4, 4]
+
+
+def checkpoint_parity(src: Path, allocation_files: list[Path], work_dir: Path, report: Path,
+                      new_tokens: int = 32, **engine_kw) -> dict:
+    """The calibrated rule on a trained checkpoint: stock vLLM on the all-F ``src`` and the
+    plugin on ``src`` exported under each allocation file, in bf16, on prompts of real text
+    (``engine_harness.text_prompts``) longer than the window. Runs on whatever device vLLM
+    finds (tests/test_gpu_checkpoint.py on a GPU, benchmarks/checkpoint_parity.py anywhere).
+
+    Returns ``{"stock_all_f": ErrorStats, "allocations": {name: ErrorStats}, "above_stock":
+    [names whose mean or max error exceeds stock's]}``; ``report`` holds every token.
+    """
+    from engine_harness import text_prompts
+
+    from consa_vllm.allocation import Allocation
+    from consa_vllm.export import export_model
+
+    files = [Path(f) for f in allocation_files]
+    # Results are keyed by file name: two files of one name would leave one of them unserved.
+    if len({f.stem for f in files}) < len(files):
+        raise ValueError(f"two allocation files of one name: {', '.join(map(str, files))}")
+    allocs = {f.stem: Allocation.load(f) for f in files}
+    prompts, _ = text_prompts(src, (CHECKPOINT_LENGTHS * 4)[:sum(CHECKPOINT_ROUNDS)])
+    variants = [Variant("stock_all_f", src)] + [Variant(name, export_model(src, a, work_dir / name), a)
+                                                for name, a in allocs.items()]
+    res = run_variants(src, variants, prompts, new_tokens, rounds=CHECKPOINT_ROUNDS, report=report,
+                       pairs=[(name, "stock_all_f") for name in allocs],
+                       **{"dtype": "bfloat16", "max_model_len": 2048, **engine_kw})
+    stock = res["stock_all_f"]
+    return {"stock_all_f": stock, "allocations": {name: res[name] for name in allocs},
+            "above_stock": [name for name in allocs if res[name].mean > stock.mean or res[name].max > stock.max]}

@@ -39,16 +39,7 @@ pytestmark = [pytest.mark.engine,
               pytest.mark.skipif(not (CHECKPOINT and ALLOCATIONS),
                                  reason="set CONSA_GPU_CHECKPOINT and CONSA_GPU_CHECKPOINT_ALLOCATIONS")]
 
-from engine_harness import text_prompts  # noqa: E402
-from gpu_parity import Variant, run_variants  # noqa: E402
-
-from consa_vllm.allocation import Allocation  # noqa: E402
-from consa_vllm.export import export_model  # noqa: E402
-
-#: Prompt lengths (tokens), cycled to the rounds' 32 prompts: all beyond the testbed's window of 512.
-LENGTHS = [600, 1500, 900, 1200, 700, 1400, 1000, 800]
-ROUNDS = [24, 4, 4]
-NEW = 32
+from gpu_parity import checkpoint_parity  # noqa: E402
 
 
 def test_gpu_checkpoint_calibrated_parity(tmp_path):
@@ -57,18 +48,10 @@ def test_gpu_checkpoint_calibrated_parity(tmp_path):
     # The float32 and bf16 references run on the CPU, two passes over 32 prompts of up to 1,500
     # tokens per engine: all cores, not gpu_checks.sh's one thread per process (minutes otherwise).
     torch.set_num_threads(os.cpu_count() or 1)
-    src = Path(CHECKPOINT)
-    allocs = {Path(f).stem: Allocation.load(f) for f in ALLOCATIONS}
-    assert len(allocs) == len(ALLOCATIONS), f"two allocation files of one name: {ALLOCATIONS}"
-    prompts, _ = text_prompts(src, (LENGTHS * 4)[:sum(ROUNDS)])
-    variants = [Variant("stock_all_f", src)] + [Variant(name, export_model(src, a, tmp_path / name), a)
-                                                for name, a in allocs.items()]
     report = Path(os.environ.get("CONSA_GPU_REPORT_DIR", tmp_path)) / "checkpoint.json"
-    res = run_variants(src, variants, prompts, NEW, rounds=ROUNDS, report=report,
-                       pairs=[(name, "stock_all_f") for name in allocs], dtype="bfloat16", max_model_len=2048)
+    res = checkpoint_parity(Path(CHECKPOINT), [Path(f) for f in ALLOCATIONS], tmp_path, report)
     stock = res["stock_all_f"]
-    worse = [f"{name}: {res[name]}" for name in allocs
-             if res[name].mean > stock.mean or res[name].max > stock.max]
-    for name in allocs:
-        print(f"{name}: {res[name]}; stock all-F {stock}")
-    assert not worse, f"above stock all-F ({stock}): {'; '.join(worse)}"
+    for name, stats in res["allocations"].items():
+        print(f"{name}: {stats}; stock all-F {stock}")
+    assert not res["above_stock"], (f"above stock all-F ({stock}): "
+                                    + "; ".join(f"{n}: {res['allocations'][n]}" for n in res["above_stock"]))

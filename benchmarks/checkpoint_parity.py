@@ -1,0 +1,107 @@
+"""The calibrated parity rule on a trained checkpoint, served by real vLLM engines on whatever
+device this machine has: stock vLLM on the all-F checkpoint and the plugin under each
+allocation file, both in bf16 with torch.compile, each scored against the float32 reference
+attention (HF transformers) on the same prompts of real text. The rule: the ConSA model's mean
+and max |dlogprob| no larger than stock vLLM's on the all-F model.
+
+tests/test_gpu_checkpoint.py is the same comparison (``gpu_parity.checkpoint_parity``) as a GPU
+test with CUDA graphs; this script runs it anywhere, CPU included, and writes the figures with
+the machine, commit and weight hashes. On a CPU the plugin's attention is its torch paged path
+(docs/DESIGN.md, "Kernels"), not the GPU kernels: a CPU run says whether the trained model's
+uneven allocations are more bf16-sensitive when served, not how the GPU kernels round::
+
+    python benchmarks/checkpoint_parity.py --model /tmp/tbmodel/pretrained \\
+        --allocations benchmarks/results/testbed_v2_h200_run7/allocations/consa-kv_head-global-0.75.json \\
+        --out benchmarks/results/checkpoint_parity_testbed_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="a trained local HF checkpoint, stored in bf16")
+    ap.add_argument("--allocations", required=True, help="comma list of allocation files for it")
+    ap.add_argument("--new", type=int, default=32, help="generated tokens per prompt (default 32)")
+    ap.add_argument("--out", required=True, help="JSON file to write (the summary; per-token figures beside it)")
+    args = ap.parse_args()
+    if args.new < 1:
+        ap.error(f"--new must be at least 1, got {args.new}")
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path[:0] = [str(root / "tests"), str(root)]
+    try:
+        src, files = check_inputs(Path(args.model), args.allocations)
+    except (ValueError, OSError) as e:  # AllocationError is a ValueError: one line, no traceback
+        sys.exit(f"checkpoint_parity.py: {e}")
+
+    import torch
+    from gpu_parity import CHECKPOINT_ROUNDS, checkpoint_parity
+
+    from benchmarks.testbed.common import cpu_name
+
+    out = Path(args.out)
+    report = out.with_name(out.stem + "_tokens.json")
+    device = f"{torch.cuda.get_device_name()} (CUDA graphs)" if torch.cuda.is_available() else cpu_name()
+    start = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        res = checkpoint_parity(src, files, Path(tmp), report, new_tokens=args.new)
+    paired = json.loads(report.read_text())["paired"]
+    stock = res["stock_all_f"]
+    summary = {
+        "machine": device, "torch": torch.__version__, "commit": _commit(root),
+        "model": str(src), "weights_sha256": {f.name: hashlib.sha256(f.read_bytes()).hexdigest()
+                                              for f in sorted(src.glob("*.safetensors"))},
+        "dtype": "bfloat16", "rounds": CHECKPOINT_ROUNDS, "new_tokens": args.new,
+        "seconds": round(time.time() - start, 1), "tokens_report": report.name,
+        "stock_all_f": _stats(stock),
+        "allocations": {name: {**_stats(s), "file": str(f), "mean_vs_stock": s.mean / stock.mean,
+                               "max_vs_stock": s.max / stock.max, "paired_vs_stock": paired[f"{name} vs stock_all_f"],
+                               "rule_met": name not in res["above_stock"]}
+                        for (name, s), f in zip(res["allocations"].items(), files)},
+    }
+    out.write_text(json.dumps(summary, indent=1))
+    for name, a in summary["allocations"].items():
+        print(f"{name}: mean x{a['mean_vs_stock']:.3f}, max x{a['max_vs_stock']:.3f} of stock all-F "
+              f"(paired p {a['paired_vs_stock']['p_value']:.3f}); rule {'met' if a['rule_met'] else 'NOT met'}")
+
+
+def check_inputs(src: Path, allocations: str) -> tuple[Path, list[Path]]:
+    """The checkpoint and allocation files, each checked against the model's shape, before any
+    engine starts; a bad one raises with the file named."""
+    from consa_vllm.allocation import Allocation
+    from consa_vllm.allocation.shape import ModelShape
+
+    if not (src / "config.json").is_file():
+        raise ValueError(f"--model {src}: no config.json there (a local HF checkpoint directory is needed)")
+    files = [Path(f) for f in allocations.split(",") if f]
+    if not files:
+        raise ValueError("--allocations: no file named")
+    if len({f.stem for f in files}) < len(files):
+        raise ValueError(f"--allocations {allocations}: two files have the same name")
+    shape = ModelShape.from_model_dir(src)
+    for f in files:
+        Allocation.load(f).check_model(shape.num_layers, shape.num_kv_heads, source=f)
+    return src, files
+
+
+def _stats(s) -> dict:
+    return {"mean": s.mean, "p99": s.p99, "max": s.max, "tokens": s.tokens, "rounds": s.rounds}
+
+
+def _commit(root: Path) -> str:
+    return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+
+
+if __name__ == "__main__":
+    main()
