@@ -42,7 +42,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -242,7 +241,8 @@ def main():
     seg_fs = [int(x) for x in args.seg_f.split(",") if x]
     fills = [int(x) for x in args.fill_programs.split(",") if x]
 
-    result = dict(device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+    from machine import machine_name  # this folder's helper, on sys.path when run as a script
+    result = dict(device=machine_name(device),
                   torch=torch.__version__, time=time.strftime("%Y-%m-%d %H:%M:%S"),
                   settings=dict(vars(args), splits=splits, window=window, hq=hq, hkv=hkv, head_dim=d,
                                 block_f=block_f, block_s=block_s, f_heads=n_f, s_heads=n_s),

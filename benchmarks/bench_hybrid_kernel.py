@@ -776,8 +776,10 @@ def main():
 
     from consa_vllm.plugin.ops import triton_hybrid as th
 
+    from machine import machine_name  # this folder's helper, on sys.path when run as a script
+
     report = dict(
-        device=torch.cuda.get_device_name(), torch=torch.__version__,
+        device=machine_name("cuda"), torch=torch.__version__,
         triton=triton.__version__, python=platform.python_version(),
         shape=dict(num_q_heads=NUM_Q_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM,
                    dtype="bfloat16", window=args.window, block_size=args.block_size,

@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         "default": None,
         "no_cudnn": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
     }
-    device = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor()
+    from machine import machine_name  # this folder's helper, on sys.path when run as a script
+    device = machine_name(args.device)
     result = {"device": device, "torch": torch.__version__, "cudnn": torch.backends.cudnn.version(), "host": platform.node(), "lengths": lengths,
               "batch": args.batch, "patterns": PATTERNS, "seconds": {}, "sdpa_ops": {}}
     for sname, backends in settings.items():

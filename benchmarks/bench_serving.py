@@ -297,9 +297,10 @@ def run_one(job: dict) -> dict:
     llm = LLM(model=model_dir, load_format="dummy", skip_tokenizer_init=True, dtype=dtype, max_model_len=mml,
               gpu_memory_utilization=args.gpu_mem, max_num_seqs=args.max_num_seqs, enable_prefix_caching=False,
               seed=0, kv_cache_dtype=spec.kv_cache_dtype, **extra)
+    from machine import machine_name  # this folder's helper, on sys.path when run as a script
     rec = {"startup_s": time.perf_counter() - t0, "max_model_len": mml, "kv_cache_dtype": spec.kv_cache_dtype,
            "quantization": spec.quantization, "dtype": dtype,
-           "device": torch.cuda.get_device_name(0) if gpu else "cpu", "vllm": vllm.__version__}
+           "device": machine_name("cuda" if gpu else "cpu"), "vllm": vllm.__version__}
     progress(f"engine ready in {rec['startup_s']:.1f} s")
 
     # KV capacity: vLLM's own figures (engine core) and consa_vllm's estimator.

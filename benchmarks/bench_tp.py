@@ -96,16 +96,6 @@ def build_models(root: Path, args: argparse.Namespace) -> dict[str, Path]:
     return dirs
 
 
-def _device_name() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    import platform
-
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
 def run_child(spec: dict) -> dict:
     """One engine in this process: greedy tokens + top-5 logprobs, or a throughput run."""
     import numpy as np
@@ -122,7 +112,8 @@ def run_child(spec: dict) -> dict:
         kw["gpu_memory_utilization"] = spec["gpu_mem"]
     t0 = time.perf_counter()
     llm = LLM(**kw)
-    rec = {"device": _device_name(), "tp": spec["tp"], "dtype": spec["dtype"], "startup_s": time.perf_counter() - t0,
+    from machine import machine_name  # this folder's helper, on sys.path when run as a script
+    rec = {"device": machine_name(), "tp": spec["tp"], "dtype": spec["dtype"], "startup_s": time.perf_counter() - t0,
            "num_gpu_blocks": llm.llm_engine.vllm_config.cache_config.num_gpu_blocks}
     rng = np.random.default_rng(0)
     vocab = spec["vocab"]

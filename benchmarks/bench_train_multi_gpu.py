@@ -178,8 +178,9 @@ def main() -> None:
     for name, c in comparisons.items():
         print(f"{name} vs one_process: hamming {c['hamming']}/{c['units']}, max |d log_alpha| "
               f"{c['max_abs_log_alpha_diff']:.3g}, equal up to ties: {c['equal_up_to_ties']}", flush=True)
+    from machine import machine_name  # this folder's helper, on sys.path when run as a script
     devices = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-               if args.device == "cuda" else [platform.processor() or platform.machine()])
+               if args.device == "cuda" else [machine_name("cpu")])
     result = {
         "benchmark": "consa_vllm.train: 1 process vs torchrun DDP vs torchrun FSDP at the same global batch",
         "devices": devices, "torch": torch.__version__, "python": platform.python_version(),

@@ -109,8 +109,9 @@ def main(argv: list[str] | None = None) -> None:
                         "projected_minutes_to_allocation_4M_tokens": minutes,
                         "under_10_minutes": minutes < 10})
         print(json.dumps(results[-1]), flush=True)
+    from machine import machine_name  # this folder's helper, on sys.path when run as a script
     out = {"benchmark": "consa_vllm.train stage 1",
-           "device": torch.cuda.get_device_name(0) if cuda else (platform.processor() or platform.machine()),
+           "device": machine_name("cuda" if cuda else "cpu"),
            "torch": torch.__version__, "python": platform.python_version(), "smoke": args.smoke,
            "shape": ("toy Qwen3 (2 layers, 4 q / 2 kv heads, head_dim 32, hidden 128)" if args.smoke else
                      "Qwen3-0.6B (28 layers, 16 q / 8 kv heads, head_dim 128, hidden 1024, vocab 151936)")

@@ -88,7 +88,7 @@ def main() -> None:
     from engine_harness import prompts_of
     from gpu_parity import tiny_bf16_source
 
-    from benchmarks.testbed.common import cpu_name
+    from benchmarks.machine import cpu_name
     from consa_vllm.allocation import Allocation
     from consa_vllm.eval.stats import paired_bootstrap
 
@@ -123,7 +123,7 @@ def checkpoint(args: argparse.Namespace) -> None:
     import torch
     from engine_harness import text_prompts
 
-    from benchmarks.testbed.common import cpu_name
+    from benchmarks.machine import cpu_name
     from consa_vllm.allocation import Allocation
     from consa_vllm.allocation.shape import ModelShape
     from consa_vllm.eval.stats import paired_bootstrap

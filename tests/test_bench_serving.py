@@ -136,7 +136,7 @@ def test_cpu_smoke_run(tmp_path):
         assert f"[{name}] engine ready in" in r.stdout and f"== {name}: done in" in r.stdout
     assert "== dense@q:no-such-method: FAILED" in r.stdout
     d = json.loads(out.read_text())
-    assert d["device"] == "cpu" and d["settings"]["b1_prompt"] == [256, 512]
+    assert d["device"].startswith("cpu (") and d["settings"]["b1_prompt"] == [256, 512]
     assert "error" in d["models"]["dense@q:no-such-method"]
     assert sorted(p.name for p in (tmp_path / "r.json.logs").iterdir()) == \
         [f"alloc0.5s16{'_kv_fp8' if fp8 else ''}.log", "dense.log", "dense_q_no-such-method.log", "layer0.5.log"]

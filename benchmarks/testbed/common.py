@@ -117,29 +117,6 @@ def run_phases(args: argparse.Namespace, out: Path, phases: Mapping[str, Callabl
     return 0
 
 
-def device_name(device: str) -> str:
-    """The GPU's name for a CUDA device, else ``cpu (`` :func:`cpu_name` ``)``."""
-    import torch
-
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"cpu ({cpu_name()})"
-
-
-def cpu_name() -> str:
-    """The CPU's model name (from /proc/cpuinfo; ``platform.processor()`` is often empty on Linux,
-    then the architecture) and its core count, e.g. ``AMD EPYC, 2 cores``."""
-    import platform
-
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{name}, {os.cpu_count()} cores"
-
-
 def phase_seconds(out: Path) -> dict[str, float]:
     """Wall seconds per phase of the run in ``out``, summed over the reruns (empty before any)."""
     path = out / "phase-seconds.json"

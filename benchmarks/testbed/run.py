@@ -38,7 +38,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .common import device_name, log, make_parser, open_run, phase_seconds, run_phases
+from ..machine import machine_name
+from .common import log, make_parser, open_run, phase_seconds, run_phases
 
 
 class ResultRow(BaseModel):
@@ -516,7 +517,7 @@ def phase_report(out: Path, s: Settings) -> dict:
         r["retrieval_vs_dense"] = r["retrieval"] / dense["retrieval"] if dense["retrieval"] else None
     results = {"settings": s.model_dump(), "pretrain": json.loads((out / "pretrain.json").read_text()),
                "corpus_files": len(json.loads((out / "corpus" / "manifest.json").read_text())["files"]),
-               "device": device_name(s.device), "phase_seconds": phase_seconds(out), "rows": rows}
+               "device": machine_name(s.device), "phase_seconds": phase_seconds(out), "rows": rows}
     write_json(out / "results.json", RunResults.model_validate(results).model_dump())
     lines = ["| allocation | rho | retrieval | beyond window | vs dense | passkey | kv | loss | loss beyond W "
              "| KV vs dense |", "|---|---|---|---|---|---|---|---|---|---|"]

@@ -60,7 +60,8 @@ from typing import Callable
 
 from pydantic import BaseModel, ValidationError, field_validator
 
-from .common import device_name, log, make_parser, open_run, phase_seconds, run_phases
+from ..machine import machine_name
+from .common import log, make_parser, open_run, phase_seconds, run_phases
 from .run import (CONSA_VARIANTS, Mix, Settings, _consa_data, allocation_names, make_retrieval_docs, phase_corpus,
                   phase_pretrain, phase_stage2)
 from .tasks_v2 import TASKS
@@ -578,7 +579,7 @@ def phase_report(out: Path, s: Settings2) -> dict:
     prompts = len(next(iter(verdicts.values())))
     template_prompts = len(next(iter(tpl_verdicts.values()), []))
     results = {"settings": s.model_dump(), "pretrain": json.loads((out / "pretrain.json").read_text()),
-               "device": device_name(s.device), "phase_seconds": phase_seconds(out), "prompts": prompts,
+               "device": machine_name(s.device), "phase_seconds": phase_seconds(out), "prompts": prompts,
                "rows": [r.model_dump() for r in rows], "differences": [d.model_dump() for d in diffs],
                "loss_differences": [d.model_dump() for d in loss_diffs],
                "paper_order": order_checks, "layer_pattern": pattern_checks, "missing": missing,
