@@ -33,36 +33,44 @@ def main() -> None:
     ap.add_argument("--model", required=True, help="a trained local HF checkpoint, stored in bf16")
     ap.add_argument("--allocations", required=True, help="comma list of allocation files for it")
     ap.add_argument("--new", type=int, default=32, help="generated tokens per prompt (default 32)")
+    ap.add_argument("--lengths", help="prompt lengths in tokens, comma list, cycled to the prompts; longer than "
+                                      "the window (default: the GPU test's, 600-1500)")
+    ap.add_argument("--rounds", help="prompts per generation round, comma list (default: the GPU test's 24,4,4)")
     ap.add_argument("--out", required=True, help="JSON file to write (the summary; per-token figures beside it)")
     args = ap.parse_args()
     if args.new < 1:
         ap.error(f"--new must be at least 1, got {args.new}")
+    lengths, rounds = _counts(ap, "--lengths", args.lengths), _counts(ap, "--rounds", args.rounds)
 
     root = Path(__file__).resolve().parents[1]
     sys.path[:0] = [str(root / "tests"), str(root)]
     try:
-        src, files = check_inputs(Path(args.model), args.allocations)
+        src, files = check_inputs(Path(args.model), args.allocations, lengths, args.new)
     except (ValueError, OSError) as e:  # AllocationError is a ValueError: one line, no traceback
         sys.exit(f"checkpoint_parity.py: {e}")
 
     import torch
-    from gpu_parity import CHECKPOINT_ROUNDS, checkpoint_parity
+    from gpu_parity import CHECKPOINT_LENGTHS, CHECKPOINT_ROUNDS, checkpoint_parity
 
-    from benchmarks.testbed.common import cpu_name
+    from benchmarks.machine import machine_name
 
     out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     report = out.with_name(out.stem + "_tokens.json")
-    device = f"{torch.cuda.get_device_name()} (CUDA graphs)" if torch.cuda.is_available() else cpu_name()
+    device = machine_name()
+    # The prompts are cut from this commit's sources (engine_harness.text_prompts): record it first.
+    commit = _commit(root)
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        res = checkpoint_parity(src, files, Path(tmp), report, new_tokens=args.new)
+        res = checkpoint_parity(src, files, Path(tmp), report, new_tokens=args.new,
+                                lengths=lengths or CHECKPOINT_LENGTHS, rounds=rounds or CHECKPOINT_ROUNDS)
     paired = json.loads(report.read_text())["paired"]
     stock = res["stock_all_f"]
     summary = {
-        "machine": device, "torch": torch.__version__, "commit": _commit(root),
+        "machine": device, "torch": torch.__version__, "commit": commit,
         "model": str(src), "weights_sha256": {f.name: hashlib.sha256(f.read_bytes()).hexdigest()
                                               for f in sorted(src.glob("*.safetensors"))},
-        "dtype": "bfloat16", "rounds": CHECKPOINT_ROUNDS, "new_tokens": args.new,
+        "dtype": "bfloat16", "rounds": rounds or CHECKPOINT_ROUNDS, "new_tokens": args.new,
         "seconds": round(time.time() - start, 1), "tokens_report": report.name,
         "stock_all_f": _stats(stock),
         "allocations": {name: {**_stats(s), "file": str(f), "mean_vs_stock": s.mean / stock.mean,
@@ -76,9 +84,12 @@ def main() -> None:
               f"(paired p {a['paired_vs_stock']['p_value']:.3f}); rule {'met' if a['rule_met'] else 'NOT met'}")
 
 
-def check_inputs(src: Path, allocations: str) -> tuple[Path, list[Path]]:
-    """The checkpoint and allocation files, each checked against the model's shape, before any
-    engine starts; a bad one raises with the file named."""
+def check_inputs(src: Path, allocations: str, lengths: list[int] | None, new: int) -> tuple[Path, list[Path]]:
+    """The checkpoint and allocation files, each checked against the model's shape, and the
+    prompt lengths against the windows and the engines' length limit, before any engine starts;
+    a bad one raises with the file or flag named."""
+    from gpu_parity import CHECKPOINT_LENGTHS, CHECKPOINT_MAX_MODEL_LEN
+
     from consa_vllm.allocation import Allocation
     from consa_vllm.allocation.shape import ModelShape
 
@@ -90,9 +101,30 @@ def check_inputs(src: Path, allocations: str) -> tuple[Path, list[Path]]:
     if len({f.stem for f in files}) < len(files):
         raise ValueError(f"--allocations {allocations}: two files have the same name")
     shape = ModelShape.from_model_dir(src)
+    lengths = lengths or CHECKPOINT_LENGTHS
+    if max(lengths) + new > CHECKPOINT_MAX_MODEL_LEN:
+        raise ValueError(f"--lengths/--new: a prompt of {max(lengths)} tokens and {new} new ones exceed the "
+                         f"engines' max_model_len of {CHECKPOINT_MAX_MODEL_LEN}")
     for f in files:
-        Allocation.load(f).check_model(shape.num_layers, shape.num_kv_heads, source=f)
+        alloc = Allocation.load(f)
+        alloc.check_model(shape.num_layers, shape.num_kv_heads, source=f)
+        if min(lengths) <= alloc.sink + alloc.window:
+            raise ValueError(f"--lengths: a prompt of {min(lengths)} tokens does not reach beyond {f}'s "
+                             f"sink + window ({alloc.sink} + {alloc.window}), where S heads differ from F")
     return src, files
+
+
+def _counts(ap: argparse.ArgumentParser, flag: str, value: str | None) -> list[int] | None:
+    """A comma list of whole numbers of at least 1 (None when not given); anything else is one argparse line."""
+    if value is None:
+        return None
+    try:
+        counts = [int(x) for x in value.split(",")]
+    except ValueError:
+        counts = [0]
+    if min(counts) < 1:
+        ap.error(f"{flag} must be a comma list of whole numbers of at least 1, got '{value}'")
+    return counts
 
 
 def _stats(s) -> dict:
@@ -100,7 +132,10 @@ def _stats(s) -> dict:
 
 
 def _commit(root: Path) -> str:
-    return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    """HEAD, with ``+uncommitted consa_vllm`` when the sources the prompts are cut from differ from it."""
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(root), "diff", "--quiet", "HEAD", "--", "consa_vllm"]).returncode != 0
+    return head + (" +uncommitted consa_vllm" if dirty else "")
 
 
 if __name__ == "__main__":

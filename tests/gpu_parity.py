@@ -294,14 +294,17 @@ CHECKPOINT_LENGTHS = [600, 1500, 900, 1200, 700, 1400, 1000, 800]
 #: Rounds of the checkpoint comparison: a decode batch of 24 (above the fused kernel's limit on
 #: a GPU: FlashAttention 3 over the pools), then 4 and 4 (the fused Triton split-KV decode).
 CHECKPOINT_ROUNDS = [24, 4, 4]
+#: The engines' length limit in the checkpoint comparison (the longest prompt and its new tokens fit).
+CHECKPOINT_MAX_MODEL_LEN = 2048
 
 
 def checkpoint_parity(src: Path, allocation_files: list[Path], work_dir: Path, report: Path,
-                      new_tokens: int = 32, **engine_kw) -> dict:
+                      new_tokens: int = 32, lengths: list[int] = CHECKPOINT_LENGTHS,
+                      rounds: list[int] = CHECKPOINT_ROUNDS, **engine_kw) -> dict:
     """The calibrated rule on a trained checkpoint: stock vLLM on the all-F ``src`` and the
     plugin on ``src`` exported under each allocation file, in bf16, on prompts of real text
-    (``engine_harness.text_prompts``) longer than the window. Runs on whatever device vLLM
-    finds (tests/test_gpu_checkpoint.py on a GPU, benchmarks/checkpoint_parity.py anywhere).
+    (``engine_harness.text_prompts``, ``lengths`` cycled to ``sum(rounds)`` prompts) longer than
+    the window, generated in ``rounds``. Runs on whatever device vLLM finds (tests/test_gpu_checkpoint.py on a GPU, benchmarks/checkpoint_parity.py anywhere).
 
     Returns ``{"stock_all_f": ErrorStats, "allocations": {name: ErrorStats}, "above_stock":
     [names whose mean or max error exceeds stock's]}``; ``report`` holds every token.
@@ -316,12 +319,13 @@ def checkpoint_parity(src: Path, allocation_files: list[Path], work_dir: Path, r
     if len({f.stem for f in files}) < len(files):
         raise ValueError(f"two allocation files of one name: {', '.join(map(str, files))}")
     allocs = {f.stem: Allocation.load(f) for f in files}
-    prompts, _ = text_prompts(src, (CHECKPOINT_LENGTHS * 4)[:sum(CHECKPOINT_ROUNDS)])
+    n = sum(rounds)
+    prompts, _ = text_prompts(src, (lengths * n)[:n])
     variants = [Variant("stock_all_f", src)] + [Variant(name, export_model(src, a, work_dir / name), a)
                                                 for name, a in allocs.items()]
-    res = run_variants(src, variants, prompts, new_tokens, rounds=CHECKPOINT_ROUNDS, report=report,
+    res = run_variants(src, variants, prompts, new_tokens, rounds=rounds, report=report,
                        pairs=[(name, "stock_all_f") for name in allocs],
-                       **{"dtype": "bfloat16", "max_model_len": 2048, **engine_kw})
+                       **{"dtype": "bfloat16", "max_model_len": CHECKPOINT_MAX_MODEL_LEN, **engine_kw})
     stock = res["stock_all_f"]
     return {"stock_all_f": stock, "allocations": {name: res[name] for name in allocs},
             "above_stock": [name for name in allocs if res[name].mean > stock.mean or res[name].max > stock.max]}

