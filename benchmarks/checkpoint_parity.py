@@ -35,6 +35,8 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=32, help="generated tokens per prompt (default 32)")
     ap.add_argument("--lengths", help="prompt lengths in tokens, comma list, cycled to the prompts; longer than "
                                       "the window (default: the GPU test's, 600-1500)")
+    ap.add_argument("--seed", type=int, default=0, help="where the prompts are cut from the sources (default 0, "
+                                                          "the GPU test's)")
     ap.add_argument("--rounds", help="prompts per generation round, comma list (default: the GPU test's 24,4,4)")
     ap.add_argument("--out", required=True, help="JSON file to write (the summary; per-token figures beside it)")
     args = ap.parse_args()
@@ -63,14 +65,14 @@ def main() -> None:
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         res = checkpoint_parity(src, files, Path(tmp), report, new_tokens=args.new,
-                                lengths=lengths or CHECKPOINT_LENGTHS, rounds=rounds or CHECKPOINT_ROUNDS)
+                                lengths=lengths or CHECKPOINT_LENGTHS, rounds=rounds or CHECKPOINT_ROUNDS, seed=args.seed)
     paired = json.loads(report.read_text())["paired"]
     stock = res["stock_all_f"]
     summary = {
         "machine": device, "torch": torch.__version__, "commit": commit,
         "model": str(src), "weights_sha256": {f.name: hashlib.sha256(f.read_bytes()).hexdigest()
                                               for f in sorted(src.glob("*.safetensors"))},
-        "dtype": "bfloat16", "rounds": rounds or CHECKPOINT_ROUNDS, "new_tokens": args.new,
+        "dtype": "bfloat16", "rounds": rounds or CHECKPOINT_ROUNDS, "prompt_seed": args.seed, "new_tokens": args.new,
         "seconds": round(time.time() - start, 1), "tokens_report": report.name,
         "stock_all_f": _stats(stock),
         "allocations": {name: {**_stats(s), "file": str(f), "mean_vs_stock": s.mean / stock.mean,

@@ -300,11 +300,11 @@ CHECKPOINT_MAX_MODEL_LEN = 2048
 
 def checkpoint_parity(src: Path, allocation_files: list[Path], work_dir: Path, report: Path,
                       new_tokens: int = 32, lengths: list[int] = CHECKPOINT_LENGTHS,
-                      rounds: list[int] = CHECKPOINT_ROUNDS, **engine_kw) -> dict:
+                      rounds: list[int] = CHECKPOINT_ROUNDS, seed: int = 0, **engine_kw) -> dict:
     """The calibrated rule on a trained checkpoint: stock vLLM on the all-F ``src`` and the
     plugin on ``src`` exported under each allocation file, in bf16, on prompts of real text
     (``engine_harness.text_prompts``, ``lengths`` cycled to ``sum(rounds)`` prompts) longer than
-    the window, generated in ``rounds``. Runs on whatever device vLLM finds (tests/test_gpu_checkpoint.py on a GPU, benchmarks/checkpoint_parity.py anywhere).
+    the window, cut at ``seed``'s offsets, generated in ``rounds``. Runs on whatever device vLLM finds (tests/test_gpu_checkpoint.py on a GPU, benchmarks/checkpoint_parity.py anywhere).
 
     Returns ``{"stock_all_f": ErrorStats, "allocations": {name: ErrorStats}, "above_stock":
     [names whose mean or max error exceeds stock's]}``; ``report`` holds every token.
@@ -320,7 +320,7 @@ def checkpoint_parity(src: Path, allocation_files: list[Path], work_dir: Path, r
         raise ValueError(f"two allocation files of one name: {', '.join(map(str, files))}")
     allocs = {f.stem: Allocation.load(f) for f in files}
     n = sum(rounds)
-    prompts, _ = text_prompts(src, (lengths * n)[:n])
+    prompts, _ = text_prompts(src, (lengths * n)[:n], seed=seed)
     variants = [Variant("stock_all_f", src)] + [Variant(name, export_model(src, a, work_dir / name), a)
                                                 for name, a in allocs.items()]
     res = run_variants(src, variants, prompts, new_tokens, rounds=rounds, report=report,

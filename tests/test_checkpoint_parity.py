@@ -31,7 +31,7 @@ def test_serves_stock_all_f_and_each_allocation_and_scores_them(tiny_model, tmp_
                pattern=["S" * kv, "FS"[:kv]] + ["F" * kv] * (layers - 2)).save(uneven)
     out = tmp_path / "res" / "cp.json"
     r = _run("--model", str(src), "--allocations", str(uneven), "--lengths", "40,70", "--rounds", "2,1",
-             "--new", "4", "--out", str(out), timeout=900)
+             "--new", "4", "--seed", "3", "--out", str(out), timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["machine"].startswith("cpu (") and res["dtype"] == "bfloat16" and res["rounds"] == [2, 1]
@@ -42,7 +42,10 @@ def test_serves_stock_all_f_and_each_allocation_and_scores_them(tiny_model, tmp_
     assert abs(row["mean_vs_stock"] - row["mean"] / stock["mean"]) < 1e-9
     assert row["rule_met"] == (row["mean"] <= stock["mean"] and row["max"] <= stock["max"])
     tokens = json.loads((out.parent / res["tokens_report"]).read_text())
-    assert [len(p) for p in tokens["prompts"]] == [40, 70, 40]
+    assert [len(p) for p in tokens["prompts"]] == [40, 70, 40] and res["prompt_seed"] == 3
+    from engine_harness import text_prompts
+
+    assert tokens["prompts"] == text_prompts(src, [40, 70, 40], seed=3)[0]
     assert tokens["variants"]["uneven"]["allocation"]["sink"] == 2
     assert tokens["variants"]["stock_all_f"]["allocation"] is None
 
