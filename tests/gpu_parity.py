@@ -185,14 +185,19 @@ def _env(values: dict[str, str]):
 
 
 def paired(errs_a: list[list[float]], errs_b: list[list[float]]) -> dict:
-    """Per-prompt mean errors of ``a`` against ``b`` (same prompts): the ratio of the overall
-    means and the paired bootstrap of ``mean(a) - mean(b)`` (95% interval, p-value)."""
-    from consa_vllm.eval.stats import paired_bootstrap
+    """Per-prompt errors of ``a`` against ``b`` (same prompts): the ratio of the overall means
+    and the paired bootstrap of ``mean(a) - mean(b)`` (95% interval, p-value); and under
+    ``max``, the ratio of the largest token errors and the paired bootstrap of their difference
+    (one extreme token each: whether a larger max is more than which prompts were drawn)."""
+    from consa_vllm.eval.stats import paired_bootstrap, paired_bootstrap_max
 
     a = [sum(r) / len(r) for r in errs_a]
     b = [sum(r) / len(r) for r in errs_b]
     d = paired_bootstrap(a, b)
-    return {"ratio": sum(a) / sum(b), "diff": d.mean, "low": d.low, "high": d.high, "p_value": d.p_value}
+    m = paired_bootstrap_max([max(r) for r in errs_a], [max(r) for r in errs_b])
+    return {"ratio": sum(a) / sum(b), "diff": d.mean, "low": d.low, "high": d.high, "p_value": d.p_value,
+            "max": {"ratio": max(map(max, errs_a)) / max(map(max, errs_b)), "diff": m.mean, "low": m.low,
+                    "high": m.high, "p_value": m.p_value}}
 
 
 def run_variants(src: Path, variants: list[Variant], prompts: list[list[int]], max_tokens: int,

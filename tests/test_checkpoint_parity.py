@@ -41,6 +41,9 @@ def test_serves_stock_all_f_and_each_allocation_and_scores_them(tiny_model, tmp_
     assert stock["mean"] > 0 and row["mean"] > 0
     assert abs(row["mean_vs_stock"] - row["mean"] / stock["mean"]) < 1e-9
     assert row["rule_met"] == (row["mean"] <= stock["mean"] and row["max"] <= stock["max"])
+    m = row["paired_vs_stock"]["max"]  # the largest token errors, with their paired bootstrap
+    assert m["diff"] == pytest.approx(row["max"] - stock["max"]) and m["low"] <= m["high"]
+    assert m["ratio"] == pytest.approx(row["max_vs_stock"]) and 0 < m["p_value"] <= 1
     tokens = json.loads((out.parent / res["tokens_report"]).read_text())
     assert [len(p) for p in tokens["prompts"]] == [40, 70, 40] and res["prompt_seed"] == 3
     from engine_harness import text_prompts

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from consa_vllm.eval.stats import bootstrap_ci, paired_bootstrap, prompts_for_difference
+from consa_vllm.eval.stats import bootstrap_ci, paired_bootstrap, paired_bootstrap_max, prompts_for_difference
 
 
 def test_bernoulli_interval_matches_the_normal_approximation():
@@ -41,6 +41,30 @@ def test_paired_difference_not_significant_when_discordance_is_balanced():
     d = paired_bootstrap(a, b, seed=1)
     assert d.mean == 0.0 and not d.significant and d.p_value > 0.5
     assert d.low == pytest.approx(-1.96 * math.sqrt(0.08 / 1000), abs=0.002)
+
+
+def test_paired_max_difference_is_one_prompts_chance_of_being_drawn():
+    # b's worst token is 0.1 on each of 100 prompts; a's too, but 0.5 on one prompt. A resample
+    # holds that prompt with probability 1 - (1 - 1/n)^n = 0.634: then max(a) - max(b) = 0.4,
+    # else 0. So the interval reaches 0 and the p-value is 2 (1 - 1/n)^n = 0.732: one extreme
+    # prompt is no evidence that a's errors run larger.
+    n = 100
+    b = np.full(n, 0.1)
+    a = b.copy()
+    a[17] = 0.5
+    d = paired_bootstrap_max(a, b, seed=2)
+    assert d.mean == pytest.approx(0.4) and d.high == pytest.approx(0.4) and d.low == 0.0
+    assert d.p_value == pytest.approx(2 * (1 - 1 / n) ** n, abs=0.02) and not d.significant
+    # a's worst token larger on every prompt: every resample says so.
+    d = paired_bootstrap_max(b + 0.01, b, seed=2)
+    assert d.low == pytest.approx(0.01) and d.significant and d.p_value == pytest.approx(1e-4)
+    # The same draws under either label: a symmetric interval around 0.
+    rng = np.random.default_rng(4)
+    x, y = rng.exponential(size=300), rng.exponential(size=300)
+    assert paired_bootstrap_max(x, y, seed=1).low == pytest.approx(-paired_bootstrap_max(y, x, seed=1).high)
+    assert paired_bootstrap_max(x, y, seed=1) == paired_bootstrap_max(x, y, seed=1)
+    with pytest.raises(ValueError, match="same prompts"):
+        paired_bootstrap_max([1.0, 0.5], [1.0])
 
 
 def test_deterministic_by_seed():

@@ -107,6 +107,28 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], level: float = 0.95
                             se=float(means.std(ddof=1)), p_value=min(1.0, max(p, 1.0 / n_boot)))
 
 
+def paired_bootstrap_max(a: Sequence[float], b: Sequence[float], level: float = 0.95, n_boot: int = N_BOOT,
+                         seed: int = 0) -> PairedDifference:
+    """Interval and two-sided p-value of ``max(a) - max(b)``, ``a[i]`` and ``b[i]`` the worst scores
+    (e.g. the largest per-token error) on prompt ``i``.
+
+    The largest of a thousand token errors is one extreme draw, so two models' maxima differ
+    even when their error distributions do not; resampling the prompts (the same indices for
+    both) says how much. ``mean`` is the observed difference of the maxima; ``se``, ``low`` and
+    ``high`` come from the resampled differences, and the p-value as in :func:`paired_bootstrap`.
+    """
+    x, y = _scores(a, "a"), _scores(b, "b")
+    if x.size != y.size:
+        raise ValueError(f"paired scores need the same prompts: a has {x.size}, b has {y.size}")
+    _check(level, n_boot)
+    idx = np.random.default_rng(seed).integers(0, x.size, size=(n_boot, x.size))
+    diffs = x[idx].max(axis=1) - y[idx].max(axis=1)
+    lo, hi = np.quantile(diffs, [(1 - level) / 2, (1 + level) / 2])
+    p = 2 * min(float((diffs <= 0).mean()), float((diffs >= 0).mean()))
+    return PairedDifference(mean=float(x.max() - y.max()), low=float(lo), high=float(hi), level=level,
+                            n=int(x.size), se=float(diffs.std(ddof=1)), p_value=min(1.0, max(p, 1.0 / n_boot)))
+
+
 def prompts_for_difference(diff: float, accuracy: float, k_se: float = 3.0) -> int:
     """Prompts per allocation so that ``diff`` is ``k_se`` standard errors of a difference of two accuracies.
 
