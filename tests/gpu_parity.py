@@ -312,7 +312,8 @@ def checkpoint_parity(src: Path, allocation_files: list[Path], work_dir: Path, r
     the window, cut at ``seed``'s offsets, generated in ``rounds``. Runs on whatever device vLLM finds (tests/test_gpu_checkpoint.py on a GPU, benchmarks/checkpoint_parity.py anywhere).
 
     Returns ``{"stock_all_f": ErrorStats, "allocations": {name: ErrorStats}, "above_stock":
-    [names whose mean or max error exceeds stock's]}``; ``report`` holds every token.
+    [names whose mean or max error exceeds stock's], "paired": {name: paired comparison with
+    stock (:func:`paired`)}}``; ``report`` holds every token.
     """
     from engine_harness import text_prompts
 
@@ -332,5 +333,7 @@ def checkpoint_parity(src: Path, allocation_files: list[Path], work_dir: Path, r
                        pairs=[(name, "stock_all_f") for name in allocs],
                        **{"dtype": "bfloat16", "max_model_len": CHECKPOINT_MAX_MODEL_LEN, **engine_kw})
     stock = res["stock_all_f"]
+    compared = json.loads(report.read_text())["paired"]
     return {"stock_all_f": stock, "allocations": {name: res[name] for name in allocs},
-            "above_stock": [name for name in allocs if res[name].mean > stock.mean or res[name].max > stock.max]}
+            "above_stock": [name for name in allocs if res[name].mean > stock.mean or res[name].max > stock.max],
+            "paired": {name: compared[f"{name} vs stock_all_f"] for name in allocs}}
