@@ -60,21 +60,22 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=32, help="generated tokens per prompt")
     ap.add_argument("--model", help="a trained local HF checkpoint to measure instead of the tiny models")
     ap.add_argument("--allocations", help="with --model: comma list of allocation files, each against the all-F model")
-    ap.add_argument("--lengths", default="600,1500,900,1200,700,1400,1000,800",
-                    help="with --model: prompt lengths in tokens (longer than the window), repeated to --prompts")
+    ap.add_argument("--lengths", help="with --model: prompt lengths in tokens (longer than the window), repeated "
+                                      "to --prompts (default: the GPU checkpoint test's, 600-1500)")
     ap.add_argument("--out", required=True, help="JSON file to write")
     args = ap.parse_args()
     if bool(args.model) != bool(args.allocations):
         ap.error("--model and --allocations go together")
     if args.prompts < 1 or args.new < 1:
         ap.error(f"--prompts and --new must be at least 1, got {args.prompts} and {args.new}")
-    try:
-        lengths = [int(n) for n in args.lengths.split(",")]
-    except ValueError:
-        lengths = [0]
-    if min(lengths) < 1:
-        ap.error(f"--lengths must be a comma list of whole numbers of tokens, got '{args.lengths}'")
-    args.lengths = lengths
+    if args.lengths is not None:
+        try:
+            lengths = [int(n) for n in args.lengths.split(",")]
+        except ValueError:
+            lengths = [0]
+        if min(lengths) < 1:
+            ap.error(f"--lengths must be a comma list of whole numbers of tokens, got '{args.lengths}'")
+        args.lengths = lengths
 
     root = Path(__file__).resolve().parents[1]
     sys.path[:0] = [str(root / "tests"), str(root)]
@@ -117,37 +118,25 @@ def main() -> None:
 
 def checkpoint(args: argparse.Namespace) -> None:
     """``--model``: each allocation file against the checkpoint's all-F model."""
-    import hashlib
-    import subprocess
-
     import torch
     from engine_harness import text_prompts
+    from gpu_parity import CHECKPOINT_LENGTHS, load_allocation_files
 
-    from benchmarks.machine import cpu_name
+    from benchmarks.machine import cpu_name, git_commit, weights_sha256
     from consa_vllm.allocation import Allocation
     from consa_vllm.allocation.shape import ModelShape
     from consa_vllm.eval.stats import paired_bootstrap
 
     src = Path(args.model)
-    files = [Path(f) for f in args.allocations.split(",")]
-    # Results are keyed by file name: two files of one name would leave one of them out.
-    if len({f.stem for f in files}) < len(files):
-        raise ValueError(f"--allocations {args.allocations}: two files have the same name")
-    allocs = [(f, Allocation.load(f)) for f in files]  # a bad file stops here, before any model runs
-    shape = ModelShape.from_model_dir(src)
-    for f, a in allocs:
-        a.check_model(shape.num_layers, shape.num_kv_heads, source=f)
-    lengths = (args.lengths * args.prompts)[:args.prompts]
+    allocs = load_allocation_files(src, args.allocations.split(","))  # a bad file stops here, before any model runs
+    lengths = ((args.lengths or CHECKPOINT_LENGTHS) * args.prompts)[:args.prompts]
     prompts, used = text_prompts(src, lengths)
+    shape = ModelShape.from_model_dir(src)
     all_f = Allocation(granularity="kv_head", window=allocs[0][1].window,
                        pattern=["F" * shape.num_kv_heads] * shape.num_layers)
-    root = Path(__file__).resolve().parents[1]
-    commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    # The checkpoint's weights by hash: the path is local, the figures belong to these bytes.
-    weights = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(src.glob("*.safetensors"))}
     result = {"machine": cpu_name(), "torch": torch.__version__,
-              "model": str(src), "weights_sha256": weights, "commit": commit, "prompts": len(prompts), "prompt_sources": used,
-              "new_tokens": args.new, "allocations": {}}
+              "model": str(src), "weights_sha256": weights_sha256(src), "commit": git_commit(), "prompts": len(prompts),
+              "prompt_sources": used, "new_tokens": args.new, "allocations": {}}
     start = time.time()
     base = per_prompt_errors(src, all_f, prompts, args.new)
     result["all_f"] = {"mean": sum(base) / len(base), "seconds": round(time.time() - start, 1)}

@@ -18,12 +18,11 @@ uneven allocations are more bf16-sensitive when served, not how the GPU kernels 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 
@@ -46,38 +45,44 @@ def main() -> None:
 
     root = Path(__file__).resolve().parents[1]
     sys.path[:0] = [str(root / "tests"), str(root)]
+    from gpu_parity import CHECKPOINT_LENGTHS, CHECKPOINT_ROUNDS
+
+    lengths, rounds = lengths or CHECKPOINT_LENGTHS, rounds or CHECKPOINT_ROUNDS
+    src = Path(args.model)
     try:
-        src, files = check_inputs(Path(args.model), args.allocations, lengths, args.new)
+        allocations = check_inputs(src, args.allocations, lengths, args.new)
     except (ValueError, OSError) as e:  # AllocationError is a ValueError: one line, no traceback
         sys.exit(f"checkpoint_parity.py: {e}")
 
     import torch
-    from gpu_parity import CHECKPOINT_LENGTHS, CHECKPOINT_ROUNDS, checkpoint_parity
+    from gpu_parity import checkpoint_parity
 
-    from benchmarks.machine import machine_name
+    from benchmarks.machine import git_commit, machine_name, weights_sha256
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report = out.with_name(out.stem + "_tokens.json")
     device = machine_name()
     # The prompts are cut from this commit's sources (engine_harness.text_prompts): record it first.
-    commit = _commit(root)
+    commit = git_commit()
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        res = checkpoint_parity(src, files, Path(tmp), report, new_tokens=args.new,
-                                lengths=lengths or CHECKPOINT_LENGTHS, rounds=rounds or CHECKPOINT_ROUNDS, seed=args.seed)
+        res = checkpoint_parity(src, allocations, Path(tmp), report, new_tokens=args.new,
+                                lengths=lengths, rounds=rounds, seed=args.seed)
     stock = res["stock_all_f"]
+    rows = {}
+    for f, _ in allocations:
+        s = res["allocations"][f.stem]
+        rows[f.stem] = {**asdict(s), "file": str(f), "mean_vs_stock": s.mean / stock.mean,
+                        "max_vs_stock": s.max / stock.max, "paired_vs_stock": res["paired"][f.stem],
+                        "rule_met": f.stem not in res["above_stock"]}
     summary = {
         "machine": device, "torch": torch.__version__, "commit": commit,
-        "model": str(src), "weights_sha256": {f.name: hashlib.sha256(f.read_bytes()).hexdigest()
-                                              for f in sorted(src.glob("*.safetensors"))},
-        "dtype": "bfloat16", "rounds": rounds or CHECKPOINT_ROUNDS, "prompt_seed": args.seed, "new_tokens": args.new,
+        "model": str(src), "weights_sha256": weights_sha256(src),
+        "dtype": "bfloat16", "rounds": rounds, "prompt_seed": args.seed, "new_tokens": args.new,
         "seconds": round(time.time() - start, 1), "tokens_report": report.name,
-        "stock_all_f": _stats(stock),
-        "allocations": {name: {**_stats(s), "file": str(f), "mean_vs_stock": s.mean / stock.mean,
-                               "max_vs_stock": s.max / stock.max, "paired_vs_stock": res["paired"][name],
-                               "rule_met": name not in res["above_stock"]}
-                        for (name, s), f in zip(res["allocations"].items(), files)},
+        "stock_all_f": asdict(stock),
+        "allocations": rows,
     }
     out.write_text(json.dumps(summary, indent=1))
     for name, a in summary["allocations"].items():
@@ -87,34 +92,26 @@ def main() -> None:
               f"rule {'met' if a['rule_met'] else 'NOT met'}")
 
 
-def check_inputs(src: Path, allocations: str, lengths: list[int] | None, new: int) -> tuple[Path, list[Path]]:
-    """The checkpoint and allocation files, each checked against the model's shape, and the
-    prompt lengths against the windows and the engines' length limit, before any engine starts;
-    a bad one raises with the file or flag named."""
-    from gpu_parity import CHECKPOINT_LENGTHS, CHECKPOINT_MAX_MODEL_LEN
-
-    from consa_vllm.allocation import Allocation
-    from consa_vllm.allocation.shape import ModelShape
+def check_inputs(src: Path, allocations: str, lengths: list[int], new: int) -> list[tuple[Path, object]]:
+    """The checkpoint and the allocation files, loaded and each checked against the model's shape
+    (``gpu_parity.load_allocation_files``), and the prompt lengths against the windows and the
+    engines' length limit, before any engine starts; a bad one raises with the file or flag named."""
+    from gpu_parity import CHECKPOINT_MAX_MODEL_LEN, load_allocation_files
 
     if not (src / "config.json").is_file():
         raise ValueError(f"--model {src}: no config.json there (a local HF checkpoint directory is needed)")
     files = [Path(f) for f in allocations.split(",") if f]
     if not files:
         raise ValueError("--allocations: no file named")
-    if len({f.stem for f in files}) < len(files):
-        raise ValueError(f"--allocations {allocations}: two files have the same name")
-    shape = ModelShape.from_model_dir(src)
-    lengths = lengths or CHECKPOINT_LENGTHS
     if max(lengths) + new > CHECKPOINT_MAX_MODEL_LEN:
         raise ValueError(f"--lengths/--new: a prompt of {max(lengths)} tokens and {new} new ones exceed the "
                          f"engines' max_model_len of {CHECKPOINT_MAX_MODEL_LEN}")
-    for f in files:
-        alloc = Allocation.load(f)
-        alloc.check_model(shape.num_layers, shape.num_kv_heads, source=f)
+    pairs = load_allocation_files(src, files)
+    for f, alloc in pairs:
         if min(lengths) <= alloc.sink + alloc.window:
             raise ValueError(f"--lengths: a prompt of {min(lengths)} tokens does not reach beyond {f}'s "
                              f"sink + window ({alloc.sink} + {alloc.window}), where S heads differ from F")
-    return src, files
+    return pairs
 
 
 def _counts(ap: argparse.ArgumentParser, flag: str, value: str | None) -> list[int] | None:
@@ -128,17 +125,6 @@ def _counts(ap: argparse.ArgumentParser, flag: str, value: str | None) -> list[i
     if min(counts) < 1:
         ap.error(f"{flag} must be a comma list of whole numbers of at least 1, got '{value}'")
     return counts
-
-
-def _stats(s) -> dict:
-    return {"mean": s.mean, "p99": s.p99, "max": s.max, "tokens": s.tokens, "rounds": s.rounds}
-
-
-def _commit(root: Path) -> str:
-    """HEAD, with ``+uncommitted consa_vllm`` when the sources the prompts are cut from differ from it."""
-    head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", str(root), "diff", "--quiet", "HEAD", "--", "consa_vllm"]).returncode != 0
-    return head + (" +uncommitted consa_vllm" if dirty else "")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""The machine a benchmark ran on, named one way in every results JSON: the GPU's name, or
-``cpu (MODEL, N cores)``.
+"""What a benchmark's figures belong to, recorded one way in every results JSON: the machine
+(the GPU's name, or ``cpu (MODEL, N cores)``), the commit, and a local checkpoint's weights.
 
 Scripts in this folder import it as ``machine`` (a script's own folder is on ``sys.path``);
 the testbed package as ``benchmarks.machine``.
@@ -34,3 +34,24 @@ def machine_name(device: str = "auto") -> str:
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(torch.device(device))
     return f"cpu ({cpu_name()})"
+
+
+def git_commit() -> str:
+    """This repository's HEAD, with ``+uncommitted consa_vllm`` when the package's sources differ
+    from it (prompts cut from them, ``engine_harness.text_prompts``, then differ too)."""
+    import subprocess
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", root, "diff", "--quiet", "HEAD", "--", "consa_vllm"]).returncode != 0
+    return head + (" +uncommitted consa_vllm" if dirty else "")
+
+
+def weights_sha256(model_dir) -> dict[str, str]:
+    """sha256 of each safetensors file of a local checkpoint: the path is local, the figures
+    belong to these bytes."""
+    import hashlib
+    from pathlib import Path
+
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(Path(model_dir).glob("*.safetensors"))}

@@ -294,7 +294,7 @@ def calibrated_parity(src: Path, consa_dir: Path, allocation, prompts: list[list
 
 
 #: Prompt lengths (tokens) of the checkpoint comparison, cycled to its prompts: all beyond the
-#: testbed's window of 512, and the lengths of benchmarks/bf16_sensitivity.py --model.
+#: testbed's window of 512 (also the default of benchmarks/bf16_sensitivity.py --model).
 CHECKPOINT_LENGTHS = [600, 1500, 900, 1200, 700, 1400, 1000, 800]
 #: Rounds of the checkpoint comparison: a decode batch of 24 (above the fused kernel's limit on
 #: a GPU: FlashAttention 3 over the pools), then 4 and 4 (the fused Triton split-KV decode).
@@ -303,13 +303,32 @@ CHECKPOINT_ROUNDS = [24, 4, 4]
 CHECKPOINT_MAX_MODEL_LEN = 2048
 
 
-def checkpoint_parity(src: Path, allocation_files: list[Path], work_dir: Path, report: Path,
+def load_allocation_files(src: Path, files: list[Path]) -> list[tuple[Path, "Allocation"]]:
+    """Each allocation file loaded and checked against ``src``'s shape, before any model runs; a
+    bad file raises (ValueError) with its name. Results are keyed by file name, so two files of
+    one name are refused: one of them would go unmeasured."""
+    from consa_vllm.allocation import Allocation
+    from consa_vllm.allocation.shape import ModelShape
+
+    files = [Path(f) for f in files]
+    if len({f.stem for f in files}) < len(files):
+        raise ValueError(f"{','.join(map(str, files))}: two files have the same name")
+    shape = ModelShape.from_model_dir(src)
+    pairs = [(f, Allocation.load(f)) for f in files]
+    for f, a in pairs:
+        a.check_model(shape.num_layers, shape.num_kv_heads, source=f)
+    return pairs
+
+
+def checkpoint_parity(src: Path, allocations: list[tuple[Path, "Allocation"]], work_dir: Path, report: Path,
                       new_tokens: int = 32, lengths: list[int] = CHECKPOINT_LENGTHS,
                       rounds: list[int] = CHECKPOINT_ROUNDS, seed: int = 0, **engine_kw) -> dict:
     """The calibrated rule on a trained checkpoint: stock vLLM on the all-F ``src`` and the
-    plugin on ``src`` exported under each allocation file, in bf16, on prompts of real text
-    (``engine_harness.text_prompts``, ``lengths`` cycled to ``sum(rounds)`` prompts) longer than
-    the window, cut at ``seed``'s offsets, generated in ``rounds``. Runs on whatever device vLLM finds (tests/test_gpu_checkpoint.py on a GPU, benchmarks/checkpoint_parity.py anywhere).
+    plugin on ``src`` exported under each of ``allocations`` (:func:`load_allocation_files`,
+    named by file), in bf16, on prompts of real text (``engine_harness.text_prompts``,
+    ``lengths`` cycled to ``sum(rounds)`` prompts, cut at ``seed``'s offsets) longer than the
+    window, generated in ``rounds``. Runs on whatever device vLLM finds
+    (tests/test_gpu_checkpoint.py on a GPU, benchmarks/checkpoint_parity.py anywhere).
 
     Returns ``{"stock_all_f": ErrorStats, "allocations": {name: ErrorStats}, "above_stock":
     [names whose mean or max error exceeds stock's], "paired": {name: paired comparison with
@@ -317,14 +336,9 @@ def checkpoint_parity(src: Path, allocation_files: list[Path], work_dir: Path, r
     """
     from engine_harness import text_prompts
 
-    from consa_vllm.allocation import Allocation
     from consa_vllm.export import export_model
 
-    files = [Path(f) for f in allocation_files]
-    # Results are keyed by file name: two files of one name would leave one of them unserved.
-    if len({f.stem for f in files}) < len(files):
-        raise ValueError(f"two allocation files of one name: {', '.join(map(str, files))}")
-    allocs = {f.stem: Allocation.load(f) for f in files}
+    allocs = {f.stem: a for f, a in allocations}
     n = sum(rounds)
     prompts, _ = text_prompts(src, (lengths * n)[:n], seed=seed)
     variants = [Variant("stock_all_f", src)] + [Variant(name, export_model(src, a, work_dir / name), a)
@@ -333,6 +347,7 @@ def checkpoint_parity(src: Path, allocation_files: list[Path], work_dir: Path, r
                        pairs=[(name, "stock_all_f") for name in allocs],
                        **{"dtype": "bfloat16", "max_model_len": CHECKPOINT_MAX_MODEL_LEN, **engine_kw})
     stock = res["stock_all_f"]
+    # run_variants wrote the paired comparisons into the report; read them rather than redo them.
     compared = json.loads(report.read_text())["paired"]
     return {"stock_all_f": stock, "allocations": {name: res[name] for name in allocs},
             "above_stock": [name for name in allocs if res[name].mean > stock.mean or res[name].max > stock.max],

@@ -39,7 +39,7 @@ pytestmark = [pytest.mark.engine,
               pytest.mark.skipif(not (CHECKPOINT and ALLOCATIONS),
                                  reason="set CONSA_GPU_CHECKPOINT and CONSA_GPU_CHECKPOINT_ALLOCATIONS")]
 
-from gpu_parity import checkpoint_parity  # noqa: E402
+from gpu_parity import checkpoint_parity, load_allocation_files  # noqa: E402
 
 
 def test_gpu_checkpoint_calibrated_parity(tmp_path):
@@ -49,7 +49,8 @@ def test_gpu_checkpoint_calibrated_parity(tmp_path):
     # tokens per engine: all cores, not gpu_checks.sh's one thread per process (minutes otherwise).
     torch.set_num_threads(os.cpu_count() or 1)
     report = Path(os.environ.get("CONSA_GPU_REPORT_DIR", tmp_path)) / "checkpoint.json"
-    res = checkpoint_parity(Path(CHECKPOINT), [Path(f) for f in ALLOCATIONS], tmp_path, report)
+    src = Path(CHECKPOINT)
+    res = checkpoint_parity(src, load_allocation_files(src, ALLOCATIONS), tmp_path, report)
     stock = res["stock_all_f"]
     for name, stats in res["allocations"].items():
         print(f"{name}: {stats}; stock all-F {stock}")
