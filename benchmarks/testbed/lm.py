@@ -33,13 +33,18 @@ def build_model(shape: dict, seed: int, dtype: str = "float32"):
 
 
 def lm_loss_weighted(model, ids: torch.Tensor, answer_mask: torch.Tensor, answer_weight: float) -> torch.Tensor:
-    """LM loss + ``answer_weight`` x the mean loss at answer positions (``answer_mask`` [B, T], target side)."""
-    logits = model(input_ids=ids).logits[:, :-1].float()
+    """LM loss + ``answer_weight`` x the mean loss at answer positions (``answer_mask`` [B, T], target side),
+    plus a mixture-of-experts model's load-balancing loss (``router_aux_loss_coef`` x ``aux_loss``) when
+    its config asks the forward for router logits."""
+    out = model(input_ids=ids)
+    logits = out.logits[:, :-1].float()
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
     loss = nll.mean()
     m = answer_mask[:, 1:]
     if answer_weight and m.any():
         loss = loss + answer_weight * nll[m].mean()
+    if getattr(out, "aux_loss", None) is not None:
+        loss = loss + model.config.router_aux_loss_coef * out.aux_loss
     return loss
 
 
