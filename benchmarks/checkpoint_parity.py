@@ -13,6 +13,11 @@ uneven allocations are more bf16-sensitive when served, not how the GPU kernels 
     python benchmarks/checkpoint_parity.py --model /tmp/tbmodel/pretrained \\
         --allocations benchmarks/results/testbed_v2_h200_run7/allocations/consa-kv_head-global-0.75.json \\
         --out benchmarks/results/checkpoint_parity_testbed_cpu.json
+
+Issue 12's rule on a trained model: ``--kv-cache-dtype fp8`` (both engines on an FP8 cache),
+``--quantization fp8`` (vLLM's online FP8 weights; the reference stays the bf16 model), or a
+quantized checkpoint as ``--model`` (FP8, AWQ, GPTQ, compressed-tensors; the reference then runs
+on its dequantized copy, ``gpu_parity.reference_weights``).
 """
 
 from __future__ import annotations
@@ -37,6 +42,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="where the prompts are cut from the sources (default 0, "
                                                           "the GPU test's)")
     ap.add_argument("--rounds", help="prompts per generation round, comma list (default: the GPU test's 24,4,4)")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"],
+                    help="KV-cache dtype of every engine (default auto: the model's, bf16)")
+    ap.add_argument("--quantization", choices=["fp8"],
+                    help="vLLM's online weight quantization for every engine (--model unquantized)")
     ap.add_argument("--out", required=True, help="JSON file to write (the summary; per-token figures beside it)")
     args = ap.parse_args()
     if args.new < 1:
@@ -51,11 +60,14 @@ def main() -> None:
     src = Path(args.model)
     try:
         allocations = check_inputs(src, args.allocations, lengths, args.new)
+        quant_method = check_engine_options(src, args.kv_cache_dtype, args.quantization)
     except (ValueError, OSError) as e:  # AllocationError is a ValueError: one line, no traceback
         sys.exit(f"checkpoint_parity.py: {e}")
+    engine_kw = {**({"kv_cache_dtype": args.kv_cache_dtype} if args.kv_cache_dtype != "auto" else {}),
+                 **({"quantization": args.quantization} if args.quantization else {})}
 
     import torch
-    from gpu_parity import checkpoint_parity
+    from gpu_parity import checkpoint_parity, reference_weights
 
     from benchmarks.machine import git_commit, machine_name, weights_sha256
 
@@ -67,8 +79,9 @@ def main() -> None:
     commit = git_commit()
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        res = checkpoint_parity(src, allocations, Path(tmp), report, new_tokens=args.new,
-                                lengths=lengths, rounds=rounds, seed=args.seed)
+        ref = reference_weights(src, Path(tmp))
+        res = checkpoint_parity(ref, allocations, Path(tmp), report, new_tokens=args.new, lengths=lengths,
+                                rounds=rounds, seed=args.seed, served=src, **engine_kw)
     stock = res["stock_all_f"]
     rows = {}
     for f, _ in allocations:
@@ -79,7 +92,10 @@ def main() -> None:
     summary = {
         "machine": device, "torch": torch.__version__, "commit": commit,
         "model": str(src), "weights_sha256": weights_sha256(src),
-        "dtype": "bfloat16", "rounds": rounds, "prompt_seed": args.seed, "new_tokens": args.new,
+        "dtype": "bfloat16", "kv_cache_dtype": args.kv_cache_dtype, "online_quantization": args.quantization,
+        "checkpoint_quantization": quant_method,
+        "reference": "the model's own weights" if quant_method is None else "its dequantized copy",
+        "rounds": rounds, "prompt_seed": args.seed, "new_tokens": args.new,
         "seconds": round(time.time() - start, 1), "tokens_report": report.name,
         "stock_all_f": asdict(stock),
         "allocations": rows,
@@ -112,6 +128,29 @@ def check_inputs(src: Path, allocations: str, lengths: list[int], new: int) -> l
             raise ValueError(f"--lengths: a prompt of {min(lengths)} tokens does not reach beyond {f}'s "
                              f"sink + window ({alloc.sink} + {alloc.window}), where S heads differ from F")
     return pairs
+
+
+def check_engine_options(src: Path, kv_cache_dtype: str, quantization: str | None) -> str | None:
+    """The checkpoint's ``quant_method`` (None: unquantized), after refusing engine options this
+    checkpoint or machine cannot run, before any engine starts."""
+    import torch
+    from engine_harness import VLLM_CPU_AVX512
+
+    qcfg = json.loads((src / "config.json").read_text()).get("quantization_config")
+    method = None if qcfg is None else qcfg.get("quant_method", "unknown")
+    if quantization and method:
+        raise ValueError(f"--quantization {quantization}: --model {src} is already quantized ({method}); "
+                         "online quantization takes an unquantized checkpoint")
+    if not torch.cuda.is_available() and not VLLM_CPU_AVX512:
+        # vllm-cpu's AVX2 build (x86 without AVX-512 or AMX) has neither (engine_harness).
+        if kv_cache_dtype != "auto":
+            raise ValueError(f"--kv-cache-dtype {kv_cache_dtype}: vllm-cpu has FP8 KV caches only in its AVX-512 "
+                             "build, and this CPU has no AVX-512 or AMX; run it on a GPU")
+        if method not in (None, "compressed-tensors", "fp8") or quantization:
+            raise ValueError(f"{'--quantization ' + quantization if quantization else '--model ' + str(src) + ' (' + method + ')'}: "
+                             "vllm-cpu has quantized-weight kernels only in its AVX-512 build, and this CPU has no "
+                             "AVX-512 or AMX; run it on a GPU")
+    return method
 
 
 def _counts(ap: argparse.ArgumentParser, flag: str, value: str | None) -> list[int] | None:

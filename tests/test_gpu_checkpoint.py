@@ -17,7 +17,10 @@ the pools), 4 and 4 (the fused Triton split-KV decode).
 
 Set ``CONSA_GPU_CHECKPOINT`` to a local HF checkpoint (stored in bf16, so that float32 and bf16
 hold the same weights) and ``CONSA_GPU_CHECKPOINT_ALLOCATIONS`` to a comma list of allocation
-files for it; ``benchmarks/gpu_checks.sh`` runs it as the ``checkpoint`` case::
+files for it; ``benchmarks/gpu_checks.sh`` runs it as the ``checkpoint`` case. Issue 12's rule on
+a trained model: ``CONSA_GPU_CHECKPOINT_KV_CACHE_DTYPE=fp8`` (every engine on an FP8 cache),
+``CONSA_GPU_CHECKPOINT_QUANTIZATION=fp8`` (online FP8 weights), or a quantized checkpoint as
+``CONSA_GPU_CHECKPOINT`` (scored against its dequantized copy, ``gpu_parity.reference_weights``)::
 
     CONSA_GPU_CHECKPOINT=/tmp/tbmodel/pretrained \\
     CONSA_GPU_CHECKPOINT_ALLOCATIONS=benchmarks/results/testbed_v2_h200_run7/allocations/consa-kv_head-global-0.75.json \\
@@ -34,12 +37,14 @@ import pytest
 torch = pytest.importorskip("torch")
 CHECKPOINT = os.environ.get("CONSA_GPU_CHECKPOINT")
 ALLOCATIONS = [f for f in os.environ.get("CONSA_GPU_CHECKPOINT_ALLOCATIONS", "").split(",") if f]
+ENGINE = {k: v for k, v in (("kv_cache_dtype", os.environ.get("CONSA_GPU_CHECKPOINT_KV_CACHE_DTYPE")),
+                            ("quantization", os.environ.get("CONSA_GPU_CHECKPOINT_QUANTIZATION"))) if v}
 pytestmark = [pytest.mark.engine,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
               pytest.mark.skipif(not (CHECKPOINT and ALLOCATIONS),
                                  reason="set CONSA_GPU_CHECKPOINT and CONSA_GPU_CHECKPOINT_ALLOCATIONS")]
 
-from gpu_parity import checkpoint_parity, load_allocation_files  # noqa: E402
+from gpu_parity import checkpoint_parity, load_allocation_files, reference_weights  # noqa: E402
 
 
 def test_gpu_checkpoint_calibrated_parity(tmp_path):
@@ -48,12 +53,14 @@ def test_gpu_checkpoint_calibrated_parity(tmp_path):
     # The float32 and bf16 references run on the CPU, two passes over 32 prompts of up to 1,500
     # tokens per engine: all cores, not gpu_checks.sh's one thread per process (minutes otherwise).
     torch.set_num_threads(os.cpu_count() or 1)
-    report = Path(os.environ.get("CONSA_GPU_REPORT_DIR", tmp_path)) / "checkpoint.json"
-    src = Path(CHECKPOINT)
-    res = checkpoint_parity(src, load_allocation_files(src, ALLOCATIONS), tmp_path, report)
+    name = "-".join(["checkpoint", *(f"{k}-{v}" for k, v in ENGINE.items())])
+    report = Path(os.environ.get("CONSA_GPU_REPORT_DIR", tmp_path)) / f"{name}.json"
+    served = Path(CHECKPOINT)
+    src = reference_weights(served, tmp_path)
+    res = checkpoint_parity(src, load_allocation_files(src, ALLOCATIONS), tmp_path, report, served=served, **ENGINE)
     stock = res["stock_all_f"]
-    for name, stats in res["allocations"].items():
-        print(f"{name}: {stats}; stock all-F {stock}")
+    for alloc, stats in res["allocations"].items():
+        print(f"{alloc} {ENGINE}: {stats}; stock all-F {stock}")
     # The max is one token of about a thousand: the message says whether a larger one is more
     # than which prompts were drawn (paired bootstrap over prompts, docs/DESIGN.md §10).
     assert not res["above_stock"], (f"above stock all-F ({stock}): " + "; ".join(
