@@ -320,6 +320,31 @@ def load_allocation_files(src: Path, files: list[Path]) -> list[tuple[Path, "All
     return pairs
 
 
+#: What the plugin sets for a ConSA MoE model whose expert count Inductor would pad
+#: (consa_vllm.plugin.config.guard_router_padding), given to stock vLLM's engine by hand: stock
+#: vLLM 0.26 routes tokens with misread logits when Inductor pads them (test_gpu_router_padding),
+#: and a comparison against a wrong stock engine tells nothing.
+NO_SHAPE_PADDING = {"compilation_config": {"inductor_compile_config": {"shape_padding": False}}}
+
+
+def stock_router_guard(ckpt: Path, dtype: str = "bfloat16") -> dict:
+    """Engine settings that give stock vLLM, serving ``ckpt`` in ``dtype``, the router-padding
+    guard the plugin gives its ConSA export (:data:`NO_SHAPE_PADDING` for an MoE checkpoint whose
+    expert count is not a multiple of Inductor's alignment), so that the two compile alike."""
+    from transformers import AutoConfig
+
+    from consa_vllm import families
+    from consa_vllm.plugin.config import PAD_ALIGNMENT
+
+    # Through transformers, as vLLM reads it: a field may be stored under another name
+    # (transformers 5 writes Qwen3-MoE's num_experts as num_local_experts).
+    cfg = AutoConfig.from_pretrained(ckpt)
+    fam = families.by_model_type(cfg.model_type, where=str(ckpt / "config.json"))
+    experts = getattr(cfg, fam.experts_field, None) if fam.is_moe else None
+    align = PAD_ALIGNMENT.get(f"torch.{dtype}", 0)
+    return dict(NO_SHAPE_PADDING) if experts and align and experts % align else {}
+
+
 def reference_weights(ckpt: Path, work_dir: Path) -> Path:
     """The float weights the reference attention runs on for a served checkpoint: ``ckpt``
     itself, or for a quantized one (a ``quantization_config`` in its config) its copy
@@ -358,7 +383,7 @@ def checkpoint_parity(src: Path, allocations: list[tuple[Path, "Allocation"]], w
     n = sum(rounds)
     prompts, _ = text_prompts(src, (lengths * n)[:n], seed=seed)
     served = served or src
-    variants = [Variant("stock_all_f", served)] + [Variant(name, export_model(served, a, work_dir / name), a)
+    variants = [Variant("stock_all_f", served, engine=stock_router_guard(served))] + [Variant(name, export_model(served, a, work_dir / name), a)
                                                    for name, a in allocs.items()]
     res = run_variants(src, variants, prompts, new_tokens, rounds=rounds, report=report,
                        pairs=[(name, "stock_all_f") for name in allocs],

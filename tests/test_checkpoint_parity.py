@@ -99,3 +99,16 @@ def test_refuses_bad_input_in_one_line_before_any_engine(tiny_model, tmp_path):
     r = _run("--model", str(src), "--allocations", f"{twin},{good}", "--out", str(out))
     assert r.returncode == 1 and "two files have the same name" in r.stderr
     assert not out.exists()
+
+
+def test_stock_engine_gets_the_plugins_router_guard_where_the_consa_engine_does(tiny_model):
+    """A comparison against a stock engine compiled otherwise than the ConSA one (Inductor's padded
+    router logits, docs/DESIGN.md §10) tells nothing: the stock engine of checkpoint_parity gets the
+    guard exactly for MoE checkpoints whose expert count Inductor would pad in bf16."""
+    from gpu_parity import NO_SHAPE_PADDING, stock_router_guard
+
+    assert stock_router_guard(tiny_model("qwen3")) == {}
+    assert stock_router_guard(tiny_model("qwen3_moe")) == NO_SHAPE_PADDING  # 4 experts: padded to 8
+    assert stock_router_guard(tiny_model("mixtral")) == NO_SHAPE_PADDING
+    assert stock_router_guard(tiny_model("qwen3_moe", num_experts=8)) == {}
+    assert stock_router_guard(tiny_model("qwen3_moe"), dtype="float32") == {}  # float32 aligns to 4

@@ -37,7 +37,7 @@ pytestmark = [pytest.mark.engine,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 from engine_harness import TINY, prompts_of  # noqa: E402
-from gpu_parity import Variant, cache_env, pack_caches, run_variants, tiny_bf16_source  # noqa: E402
+from gpu_parity import NO_SHAPE_PADDING, Variant, cache_env, pack_caches, run_variants, tiny_bf16_source  # noqa: E402
 
 from consa_vllm import families  # noqa: E402
 from consa_vllm.allocation import Allocation  # noqa: E402
@@ -104,13 +104,6 @@ ALL_F_VARIANTS = {
     "all_f_eager": {"engine": {"enforce_eager": True}},
     "all_f_privatecache": {"private_caches": True},
 }
-
-#: What the plugin sets for a ConSA MoE model whose expert count Inductor would pad
-#: (consa_vllm.plugin.config.guard_router_padding), given to stock vLLM's engine by hand: stock
-#: vLLM 0.26 routes tokens with misread logits when Inductor pads them (test_gpu_router_padding),
-#: and a comparison against a wrong stock engine tells nothing.
-NO_SHAPE_PADDING = {"compilation_config": {"inductor_compile_config": {"shape_padding": False}}}
-
 
 def _merged(a: dict, b: dict) -> dict:
     """``b`` over ``a``, nested dicts merged."""

@@ -64,7 +64,7 @@ def check_serving_config(vllm_config: Any) -> Allocation:
 
 #: Inductor's padding of a matmul's dimensions (``torch._inductor.fx_passes.pad_mm``) aligns
 #: them to this many elements per dtype; only these dtypes are padded.
-_PAD_ALIGNMENT = {"torch.float16": 8, "torch.bfloat16": 8, "torch.float32": 4}
+PAD_ALIGNMENT = {"torch.float16": 8, "torch.bfloat16": 8, "torch.float32": 4}
 
 
 def guard_router_padding(vllm_config: Any) -> None:
@@ -89,7 +89,7 @@ def guard_router_padding(vllm_config: Any) -> None:
     except families.UnsupportedFamilyError:  # refused elsewhere, with its own message
         return
     experts = getattr(model_config.hf_config, family.experts_field, None) if family.is_moe else None
-    align = _PAD_ALIGNMENT.get(str(model_config.dtype), 0)
+    align = PAD_ALIGNMENT.get(str(model_config.dtype), 0)
     if not experts or not align or experts % align == 0:
         return
     why = (f"{experts} experts is not a multiple of {align}, Inductor's {model_config.dtype} alignment, so "
