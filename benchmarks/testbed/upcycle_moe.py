@@ -81,10 +81,15 @@ def upcycle(src: Path, dst: Path, experts: int = 4, top_k: int = 2, sparse_step:
     dst.mkdir(parents=True, exist_ok=True)
     save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
     (dst / "config.json").write_text(json.dumps(moe, indent=2) + "\n")
+    copy_tokenizer(src, dst)
+    return dst
+
+
+def copy_tokenizer(src: Path, dst: Path) -> None:
+    """The tokenizer, generation config and chat template files of ``src`` into ``dst``."""
     for f in src.iterdir():
         if f.name.startswith(("tokenizer", "generation_config")) or f.suffix == ".jinja":
             shutil.copy2(f, dst / f.name)
-    return dst
 
 
 def packed_batches(paths: list[str], tokenizer_dir: Path, seq_len: int, batch: int, seed: int):
@@ -200,9 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     model.config.output_router_logits = False
     model.to(torch.bfloat16).save_pretrained(final)
-    for f in up.iterdir():
-        if f.name.startswith(("tokenizer", "generation_config")) or f.suffix == ".jinja":
-            shutil.copy2(f, final / f.name)
+    copy_tokenizer(up, final)
     print(f"continued-trained model: {final} (last loss {res['last_loss']:.4f})", flush=True)
     return summarize(a, up, final, corpus)
 
