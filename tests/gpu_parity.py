@@ -105,6 +105,12 @@ def tiny_bf16_source(out_dir: Path, family: str) -> Path:
     return src
 
 
+#: Where the Hugging Face references (float32, and the plain bf16 pass) run: "cpu", or "cuda" on
+#: the GPU machine, where 32 prompts of up to 1,500 tokens take seconds instead of minutes per
+#: engine (TF32 off: float32 stays float32). Set by ``CONSA_GPU_REFERENCE_DEVICE``.
+REFERENCE_DEVICE = os.environ.get("CONSA_GPU_REFERENCE_DEVICE", "cpu")
+
+
 def teacher_forced_logprobs(model, prompts: list[list[int]], tokens: list[list[int]]) -> list[list[float]]:
     """Per prompt, the logprob under the HF ``model`` of each of its generated ``tokens``."""
     import torch
@@ -112,8 +118,9 @@ def teacher_forced_logprobs(model, prompts: list[list[int]], tokens: list[list[i
     out: list[list[float]] = []
     with torch.no_grad():
         for p, toks in zip(prompts, tokens):
-            lp = torch.log_softmax(model(torch.tensor([p + toks])).logits[0, len(p) - 1:-1].float(), dim=-1)
-            out.append(lp[torch.arange(len(toks)), torch.tensor(toks)].tolist())
+            ids = torch.tensor([p + toks], device=model.device)
+            lp = torch.log_softmax(model(ids).logits[0, len(p) - 1:-1].float(), dim=-1)
+            out.append(lp[torch.arange(len(toks), device=lp.device), torch.tensor(toks, device=lp.device)].tolist())
     return out
 
 
@@ -126,10 +133,20 @@ def hf_token_logprobs(src: Path, allocation, gen: Generation, prompts: list[list
 
     from consa_vllm.reference import patch_model
 
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, dtype)).eval()
+    if REFERENCE_DEVICE.startswith("cuda"):
+        # vLLM may have lowered this process's float32 matmul precision (TF32).
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, dtype)).to(REFERENCE_DEVICE).eval()
     if allocation is not None:
         patch_model(model, window=allocation.window, allocation=allocation)
-    return teacher_forced_logprobs(model, prompts, gen.tokens)
+    try:
+        return teacher_forced_logprobs(model, prompts, gen.tokens)
+    finally:
+        del model
+        if REFERENCE_DEVICE.startswith("cuda"):
+            torch.cuda.empty_cache()  # the next engine's memory check sees this process's cache
 
 
 def token_errors(src: Path, allocation, gen: Generation, prompts: list[list[int]],
@@ -248,6 +265,7 @@ def run_variants(src: Path, variants: list[Variant], prompts: list[list[int]], m
                                        "window": x.allocation.window, "sink": x.allocation.sink},
                                       "env": x.env, "engine": x.engine} for x in variants},
                 "engine": {k: str(val) for k, val in kw.items()}, "rounds": rounds,
+                "reference_device": REFERENCE_DEVICE,
                 "prompt_lengths": [len(p) for p in prompts], "prompts": prompts,
                 "per_token": {k: [[round(e, 6) for e in row] for row in rows] for k, rows in per_token.items()},
                 "outputs": outputs,
