@@ -104,12 +104,20 @@ run float32-3 "$P[llama-uneven]" "$P[llama-layer_shaped]" "$P[mistral-uneven]" "
 # A command on the GPU machine is stopped at 10 minutes with everything it started, the
 # packing below included: stop the tests at DEADLINE seconds (default 540) instead.
 # The sleep must not hold our stdout: a pipe into tail/grep would wait for it.
-( sleep "${DEADLINE:-540}" >/dev/null 2>&1; echo "gpu_checks: DEADLINE reached, stopping the tests" | tee -a "$OUT/summary.txt"
+# Killing the sleep wakes the watchdog, so it stops only if the tests have not finished: with
+# several gpu_checks.sh at once (gpu_checkpoint_groups.sh), one that finishes must not stop the
+# others' tests.
+done_flag="$OUT/.tests-done"
+rm -f "$done_flag"
+( sleep "${DEADLINE:-540}" >/dev/null 2>&1; [ -e "$done_flag" ] && exit 0
+  echo "gpu_checks: DEADLINE reached, stopping the tests" | tee -a "$OUT/summary.txt"
   pkill -f "pytest -q -s -p no:cacheprovider" ) &
 watchdog=$!
 tests=$(jobs -p | grep -vx "$watchdog")
 [ -z "$tests" ] || wait $tests
-pkill -P "$watchdog" 2>/dev/null; kill "$watchdog" 2>/dev/null  # its sleep first
+touch "$done_flag"
+pkill -P "$watchdog" 2>/dev/null; wait "$watchdog" 2>/dev/null
+rm -f "$done_flag"
 cat "$OUT/summary.txt"
 # At most 8 files per command come back from the GPU machine: one archive holds them all.
 tar czf "$OUT.tgz" -C "$OUT" . && rm -rf "${OUT:?}"/* && mv "$OUT.tgz" "$OUT/gpu-checks.tgz"
