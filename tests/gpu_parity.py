@@ -352,15 +352,14 @@ def stock_router_guard(ckpt: Path, dtype: str = "bfloat16") -> dict:
     from transformers import AutoConfig
 
     from consa_vllm import families
-    from consa_vllm.plugin.config import PAD_ALIGNMENT
+    from consa_vllm.plugin.config import router_padding_alignment
 
     # Through transformers, as vLLM reads it: a field may be stored under another name
     # (transformers 5 writes Qwen3-MoE's num_experts as num_local_experts).
     cfg = AutoConfig.from_pretrained(ckpt)
     fam = families.by_model_type(cfg.model_type, where=str(ckpt / "config.json"))
     experts = getattr(cfg, fam.experts_field, None) if fam.is_moe else None
-    align = PAD_ALIGNMENT.get(f"torch.{dtype}", 0)
-    return dict(NO_SHAPE_PADDING) if experts and align and experts % align else {}
+    return dict(NO_SHAPE_PADDING) if router_padding_alignment(experts, dtype) else {}
 
 
 def reference_weights(ckpt: Path, work_dir: Path) -> Path:

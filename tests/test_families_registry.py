@@ -137,3 +137,15 @@ def test_router_padding_guard(tmp_path, caplog, family, experts, dtype, user, pa
     else:
         assert len(notes) == 1 and f"{experts} experts" in notes[0].getMessage()
         assert notes[0].levelno == (logging.WARNING if user else logging.INFO)
+
+
+@pytest.mark.parametrize("experts, dtype, align", [
+    (4, "bfloat16", 8), (4, "torch.bfloat16", 8), (4, "float32", 0), (6, "float32", 4),
+    (8, "bfloat16", 0), (60, "float16", 8), (128, "bfloat16", 0), (None, "bfloat16", 0), (0, "float16", 0),
+])
+def test_router_padding_alignment(experts, dtype, align):
+    """The one rule behind the plugin's guard and the stock engines the GPU tests give it by hand:
+    the dtype given as a name or as torch prints it."""
+    from consa_vllm.plugin.config import router_padding_alignment
+
+    assert router_padding_alignment(experts, dtype) == align

@@ -42,6 +42,7 @@ from gpu_parity import NO_SHAPE_PADDING, Variant, cache_env, pack_caches, run_va
 from consa_vllm import families  # noqa: E402
 from consa_vllm.allocation import Allocation  # noqa: E402
 from consa_vllm.export import export_model  # noqa: E402
+from consa_vllm.plugin.config import router_padding_alignment  # noqa: E402
 
 WINDOW = 32
 PATTERN = ["FSSS", "SSSS", "SFFS", "FFFF"]
@@ -115,10 +116,10 @@ def _merged(a: dict, b: dict) -> dict:
 
 def _stock_engine(family: str, engine: dict | None = None) -> dict:
     """A stock engine's settings: ``engine``, with the plugin's router-padding guard where the
-    ConSA engine of the same bf16 tiny model gets it (an MoE family with an expert count that is
-    not a multiple of 8), so that the two compile alike."""
+    ConSA engine of the same bf16 tiny model gets it (``router_padding_alignment``), so that the
+    two compile alike."""
     fam = families.by_name(family)
-    guarded = fam.is_moe and fam.tiny[fam.experts_field] % 8 != 0
+    guarded = router_padding_alignment(fam.tiny[fam.experts_field] if fam.is_moe else None, "bfloat16")
     return _merged(NO_SHAPE_PADDING, engine or {}) if guarded else dict(engine or {})
 
 

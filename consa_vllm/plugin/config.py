@@ -67,6 +67,16 @@ def check_serving_config(vllm_config: Any) -> Allocation:
 PAD_ALIGNMENT = {"torch.float16": 8, "torch.bfloat16": 8, "torch.float32": 4}
 
 
+def router_padding_alignment(experts: int | None, dtype: Any) -> int:
+    """Inductor's matmul alignment for ``dtype`` (a torch dtype or its name, ``"bfloat16"`` or
+    ``"torch.bfloat16"``) when an MoE model with ``experts`` experts (None or 0: not MoE) needs
+    the router-padding guard, else 0: the one rule for the plugin and for the stock engines the
+    tests compare it with (:func:`guard_router_padding`)."""
+    name = str(dtype)
+    align = PAD_ALIGNMENT.get(name if name.startswith("torch.") else f"torch.{name}", 0)
+    return align if experts and align and experts % align else 0
+
+
 def guard_router_padding(vllm_config: Any) -> None:
     """Turn off Inductor's matmul shape padding for an MoE model whose expert count is not a
     multiple of Inductor's alignment for the model's dtype, and log that it did.
@@ -89,8 +99,8 @@ def guard_router_padding(vllm_config: Any) -> None:
     except families.UnsupportedFamilyError:  # refused elsewhere, with its own message
         return
     experts = getattr(model_config.hf_config, family.experts_field, None) if family.is_moe else None
-    align = PAD_ALIGNMENT.get(str(model_config.dtype), 0)
-    if not experts or not align or experts % align == 0:
+    align = router_padding_alignment(experts, model_config.dtype)
+    if not align:
         return
     why = (f"{experts} experts is not a multiple of {align}, Inductor's {model_config.dtype} alignment, so "
            "Inductor may pad the router logits, which vLLM's top-k routing kernel then misreads "
