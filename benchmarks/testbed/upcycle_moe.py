@@ -82,6 +82,7 @@ def upcycle(src: Path, dst: Path, experts: int = 4, top_k: int = 2, sparse_step:
     save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
     (dst / "config.json").write_text(json.dumps(moe, indent=2) + "\n")
     copy_tokenizer(src, dst)
+    print(f"upcycled {src} -> {dst}: layers {sparse} with {experts} experts, top-{top_k}", flush=True)
     return dst
 
 
@@ -110,16 +111,22 @@ def packed_batches(paths: list[str], tokenizer_dir: Path, seq_len: int, batch: i
     return batch_fn, len(data)
 
 
-def heldout_loss(model_dir: Path, texts: Path, tokenizer_dir: Path, seq_len: int, sequences: int) -> float:
-    """Mean next-token loss (float32) of ``model_dir`` on the first ``sequences`` packed rows of
-    ``texts`` (a held-out ``{"text": ...}`` JSON-lines file)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def heldout_rows(texts: Path, tokenizer_dir: Path, seq_len: int, sequences: int) -> "torch.Tensor":
+    """The first ``sequences`` rows of ``seq_len`` tokens of ``texts`` (a held-out ``{"text": ...}``
+    JSON-lines file), packed as the trainer packs its data."""
+    from transformers import AutoTokenizer
 
     from consa_vllm.train.data import load_data
 
-    rows = load_data([str(texts)], AutoTokenizer.from_pretrained(tokenizer_dir), seq_len, 0,
+    return load_data([str(texts)], AutoTokenizer.from_pretrained(tokenizer_dir), seq_len, 0,
                      max_tokens=seq_len * sequences).sequences
+
+
+def heldout_loss(model_dir: Path, rows: "torch.Tensor") -> float:
+    """Mean next-token loss (float32) of ``model_dir`` on ``rows`` (:func:`heldout_rows`)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         losses = [torch.nn.functional.cross_entropy(model(row[None]).logits[0, :-1], row[1:]).item() for row in rows]
@@ -169,8 +176,6 @@ def main(argv: list[str] | None = None) -> int:
             upcycle(a.model, up, a.experts, a.top_k, a.sparse_step, a.seed)
         except ValueError as e:
             sys.exit(f"upcycle_moe: {e}")
-        print(f"upcycled {a.model} -> {up}: layers {moe_layers(json.loads((up / 'config.json').read_text())['num_hidden_layers'], a.sparse_step)} "
-              f"with {a.experts} experts, top-{a.top_k}", flush=True)
     final = a.out / "continued"
     corpus = a.out / "corpus"
     if a.steps == 0:
@@ -221,9 +226,9 @@ def summarize(a: argparse.Namespace, up: Path, final: Path, corpus: Path) -> int
                "data": a.data or [str(corpus / "train.jsonl")]}
     if not a.data and (corpus / "heldout.jsonl").exists():
         n = 16
+        rows = heldout_rows(corpus / "heldout.jsonl", up, a.seq_len, n)
         summary["heldout"] = {"sequences": n, "seq_len": a.seq_len,
-                              "loss_upcycled": heldout_loss(up, corpus / "heldout.jsonl", up, a.seq_len, n),
-                              "loss_continued": heldout_loss(final, corpus / "heldout.jsonl", up, a.seq_len, n)}
+                              "loss_upcycled": heldout_loss(up, rows), "loss_continued": heldout_loss(final, rows)}
         print(f"held-out loss: upcycled (= dense) {summary['heldout']['loss_upcycled']:.4f}, continued "
               f"{summary['heldout']['loss_continued']:.4f}", flush=True)
     out.write_text(json.dumps(summary, indent=1) + "\n")
