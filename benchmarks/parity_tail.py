@@ -1,0 +1,202 @@
+"""Where a parity report's largest errors come from: the tail of each engine's token errors, raw
+and divided by each token's sensitivity, and how far stock vLLM moves between two runs.
+
+The calibrated rule compares the largest |dlogprob| of about a thousand tokens. A token's error
+in bf16 is roughly the logit noise times the derivative of its log-probability, ``1 - p`` (``p``:
+the float32 reference probability of the token): a token the model is unsure of moves more
+under the same rounding. So a model that generates more uncertain tokens, or simply other ones,
+can have a larger maximum with the same numerics. This script separates the two, offline, from
+the reports ``tests/gpu_parity.run_variants`` writes (every token's error, the engine's tokens
+and the reference logprobs):
+
+- per engine: mean, p99 and max of the raw error; tokens above 0.04 and 0.05 per 1,024;
+- the same statistics of ``error / (1 - p)`` over the tokens with ``1 - p >= --min-sensitivity``
+  (the logit-noise scale: equal numerics give equal distributions whatever tokens were drawn);
+- with several reports of the same model, prompts and engine options, stock vLLM's run-to-run
+  difference: the share of token logprobs that differ between two runs of the stock engine (same
+  tokens only) and by how much (GPU engines are not batch-invariant: a batch's composition follows
+  the scheduler's timing);
+- with ``--model`` (the float32 checkpoint an MoE report served): at each generated token the
+  router's smallest margin, over the MoE layers, between the last expert chosen and the first one
+  not chosen (router logits, float32, under the variant's allocation), and where the largest errors
+  fall among them. An expert choice that bf16 rounding can flip gives a large error on that token
+  whatever the attention kernels do.
+
+    python benchmarks/parity_tail.py A.json [B.json ...] [--stock stock_all_f] [--model DIR] [--out tail.json]
+
+CPU only: seconds, or a minute per variant with ``--model``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from itertools import combinations
+from pathlib import Path
+
+
+def _stats(values: list[float]) -> dict:
+    """Mean, 99th percentile (nearest rank) and max of ``values``."""
+    v = sorted(values)
+    if not v:
+        return {"n": 0, "mean": None, "p99": None, "max": None}
+    return {"n": len(v), "mean": sum(v) / len(v), "p99": v[min(len(v) - 1, math.ceil(0.99 * len(v)) - 1)],
+            "max": v[-1]}
+
+
+def variant_tail(errors: list[list[float]], reference: list[list[float]], min_sensitivity: float) -> dict:
+    """Tail statistics of one engine: ``errors`` and ``reference`` (float32 logprobs) per prompt,
+    token by token."""
+    flat = [e for row in errors for e in row]
+    norm = [e / s for row_e, row_r in zip(errors, reference) for e, r in zip(row_e, row_r)
+            if (s := 1.0 - math.exp(r)) >= min_sensitivity]
+    per_1024 = 1024 / max(len(flat), 1)
+    return {"raw": _stats(flat),
+            "above_0.04_per_1024": sum(e > 0.04 for e in flat) * per_1024,
+            "above_0.05_per_1024": sum(e > 0.05 for e in flat) * per_1024,
+            "mean_sensitivity": sum(1.0 - math.exp(r) for row in reference for r in row) / max(len(flat), 1),
+            "normalized": _stats(norm)}
+
+
+def stock_run_to_run(a: dict, b: dict, stock: str) -> dict:
+    """How much the ``stock`` engine's logprobs moved between reports ``a`` and ``b`` (same
+    prompts): over the prompts that generated the same tokens, the share of tokens whose logprob
+    differs and the largest and mean |difference|."""
+    oa, ob = a["outputs"][stock], b["outputs"][stock]
+    same = [i for i, (x, y) in enumerate(zip(oa["tokens"], ob["tokens"])) if x == y]
+    diffs = [abs(x - y) for i in same for x, y in zip(oa["logprobs"][i], ob["logprobs"][i])]
+    return {"prompts": len(oa["tokens"]), "prompts_with_same_tokens": len(same),
+            "tokens_compared": len(diffs), "share_differing": sum(d > 0 for d in diffs) / max(len(diffs), 1),
+            "max_abs_diff": max(diffs, default=0.0), "mean_abs_diff": sum(diffs) / max(len(diffs), 1),
+            "stock_max_error": [a["stats"][stock]["max"], b["stats"][stock]["max"]],
+            "stock_mean_error": [a["stats"][stock]["mean"], b["stats"][stock]["mean"]]}
+
+
+def router_margins(model_dir: Path, report: dict, variant: str, top: int = 5) -> dict:
+    """For ``variant`` of an MoE ``report``: per generated token, the smallest gap over the MoE
+    layers between the k-th and (k+1)-th router logit (k: experts per token), from the float32
+    model with the reference attention under the variant's allocation; the ``top`` largest errors
+    with their margins and the share of all tokens whose margin is smaller."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from consa_vllm.allocation import Allocation
+    from consa_vllm.reference import patch_model
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    routers = [m for m in model.modules() if type(m).__name__.endswith("TopKRouter")]
+    if not routers:
+        raise ValueError(f"--model {model_dir}: no MoE router in this model (a {type(model).__name__})")
+    spec = report["variants"][variant]["allocation"]
+    if spec is not None:
+        alloc = Allocation(**spec)
+        patch_model(model, window=alloc.window, allocation=alloc)
+    k = model.config.num_experts_per_tok
+    logits: list = []
+    hooks = [r.register_forward_hook(lambda mod, args, out: logits.append(out[0].detach())) for r in routers]
+    margins: list[list[float]] = []
+    with torch.no_grad():
+        for p, toks in zip(report["prompts"], report["outputs"][variant]["tokens"]):
+            logits.clear()
+            model(torch.tensor([p + toks]))
+            rows = slice(len(p) - 1, len(p) - 1 + len(toks))  # the positions that predicted each token
+            gaps = [torch.sort(lg[rows], dim=-1, descending=True).values for lg in logits]
+            margins.append(torch.stack([g[:, k - 1] - g[:, k] for g in gaps]).min(0).values.tolist())
+    for h in hooks:
+        h.remove()
+    flat = sorted(m for row in margins for m in row)
+    errors = report["per_token"][variant]
+    worst = sorted(((e, i, j) for i, row in enumerate(errors) for j, e in enumerate(row)), reverse=True)[:top]
+    return {"median_margin": flat[len(flat) // 2],
+            "largest_errors": [{"prompt": i, "token": j, "error": e, "margin": margins[i][j],
+                                "share_of_tokens_with_smaller_margin": sum(m < margins[i][j] for m in flat) / len(flat)}
+                               for e, i, j in worst]}
+
+
+def analyse(reports: dict[str, dict], stock: str, min_sensitivity: float) -> dict:
+    """Every report's per-engine tails, each engine's ratios to the report's ``stock`` engine,
+    and stock's run-to-run difference between every two reports of the same prompts."""
+    out: dict = {"min_sensitivity": min_sensitivity, "reports": {}, "stock_run_to_run": {}}
+    for name, rep in reports.items():
+        tails = {v: variant_tail(rep["per_token"][v], rep["outputs"][v]["reference"], min_sensitivity)
+                 for v in rep["per_token"]}
+        if stock in tails:
+            base = tails[stock]
+            for v, t in tails.items():
+                if v != stock:
+                    t["vs_stock"] = {f"{kind}_{s}": t[kind][s] / base[kind][s]
+                                     for kind in ("raw", "normalized") for s in ("mean", "p99", "max")
+                                     if base[kind][s]}
+        out["reports"][name] = tails
+    for (na, a), (nb, b) in combinations(reports.items(), 2):
+        # The same stock engine: same prompts, engine options and weights.
+        if (stock in a["outputs"] and stock in b["outputs"] and a.get("prompts") == b.get("prompts")
+                and a.get("engine") == b.get("engine")
+                and a["outputs"][stock].get("weight_fingerprints") == b["outputs"][stock].get("weight_fingerprints")):
+            out["stock_run_to_run"][f"{na} vs {nb}"] = stock_run_to_run(a, b, stock)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("reports", nargs="+", type=Path, help="parity report JSON files (run_variants' format)")
+    ap.add_argument("--stock", default="stock_all_f", help="the variant every other one is compared with")
+    ap.add_argument("--min-sensitivity", type=float, default=0.05,
+                    help="normalized statistics over tokens with 1 - p at least this (tokens the model is sure of carry no signal)")
+    ap.add_argument("--model", type=Path,
+                    help="the float32 MoE checkpoint the reports served: router margins at the largest errors")
+    ap.add_argument("--out", type=Path, help="also write the analysis as JSON here")
+    a = ap.parse_args(argv)
+    if a.model is not None and not (a.model / "config.json").is_file():
+        ap.error(f"--model {a.model}: no config.json there (a local HF checkpoint directory is needed)")
+    if not 0 < a.min_sensitivity < 1:
+        ap.error(f"--min-sensitivity must be between 0 and 1, got {a.min_sensitivity}")
+    reports: dict[str, dict] = {}
+    for path in a.reports:
+        try:
+            rep = json.loads(path.read_text())
+        except FileNotFoundError:
+            ap.error(f"report {path}: no such file")
+        except ValueError as e:
+            ap.error(f"report {path}: not JSON ({e})")
+        missing = [k for k in ("per_token", "outputs", "stats") if k not in rep]
+        if missing:
+            ap.error(f"report {path}: no {', '.join(repr(k) for k in missing)}; not a parity report with engine outputs")
+        name = path.stem if path.stem not in reports else str(path)
+        reports[name] = rep
+    res = analyse(reports, a.stock, a.min_sensitivity)
+    if a.model is not None:
+        for name, rep in reports.items():
+            for v in rep["per_token"]:
+                try:
+                    r = res["reports"][name][v]["router"] = router_margins(a.model, rep, v)
+                except ValueError as e:
+                    sys.exit(f"parity_tail: {e}")
+                print(f"  router {name} {v}: median margin {r['median_margin']:.4f}; largest errors (error, margin, "
+                      "share of tokens with a smaller margin): " + ", ".join(
+                          f"({x['error']:.3f}, {x['margin']:.4f}, {x['share_of_tokens_with_smaller_margin']:.3f})"
+                          for x in r["largest_errors"]), flush=True)
+    for name, tails in res["reports"].items():
+        print(f"== {name}")
+        for v, t in tails.items():
+            r, n = t["raw"], t["normalized"]
+            ratio = t.get("vs_stock", {})
+            print(f"  {v:40s} raw mean {r['mean']:.3e} p99 {r['p99']:.4f} max {r['max']:.4f} "
+                  f"(>0.05: {t['above_0.05_per_1024']:.1f}/1024) | /(1-p) mean {n['mean']:.4f} p99 {n['p99']:.4f} "
+                  f"max {n['max']:.4f}" + (f" | vs stock: raw max {ratio['raw_max']:.2f}x, normalized max "
+                                           f"{ratio['normalized_max']:.2f}x, p99 {ratio['normalized_p99']:.2f}x"
+                                           if ratio else ""))
+    for pair, d in res["stock_run_to_run"].items():
+        print(f"stock run to run, {pair}: {d['prompts_with_same_tokens']}/{d['prompts']} prompts with the same tokens; "
+              f"{100 * d['share_differing']:.0f}% of their logprobs differ, max {d['max_abs_diff']:.4f}, "
+              f"mean {d['mean_abs_diff']:.2e}")
+    if a.out:
+        a.out.write_text(json.dumps(res, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

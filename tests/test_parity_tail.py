@@ -1,0 +1,81 @@
+"""benchmarks/parity_tail.py: the tail of a parity report's token errors, raw and per unit of
+sensitivity, stock's run-to-run difference, and MoE router margins at the largest errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.parity_tail import analyse, router_margins, variant_tail
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "parity_tail.py"
+
+
+def _report(stock_lps: list[list[float]], engine: dict | None = None) -> dict:
+    """A two-variant report in run_variants' format: two prompts, stock and a ConSA variant."""
+    ref = [[math.log(0.5), math.log(0.9)], [math.log(0.99)]]
+    return {"prompts": [[1, 2, 3], [4, 5]], "engine": engine or {"dtype": "bfloat16"},
+            "stats": {"stock_all_f": {"mean": 0.01, "max": 0.02}, "consa": {"mean": 0.01, "max": 0.06}},
+            "per_token": {"stock_all_f": [[0.02, 0.001], [0.0]], "consa": [[0.06, 0.002], [0.0005]]},
+            "outputs": {v: {"tokens": [[7, 8], [9]], "logprobs": stock_lps if v == "stock_all_f" else [[-0.7, -0.1], [0.0]],
+                            "reference": ref, "weight_fingerprints": {"w": 1}} for v in ("stock_all_f", "consa")},
+            "variants": {"stock_all_f": {"allocation": None}, "consa": {"allocation": None}}}
+
+
+def test_variant_tail_raw_and_per_unit_of_sensitivity():
+    t = variant_tail([[0.06, 0.002], [0.0005]], [[math.log(0.5), math.log(0.9)], [math.log(0.99)]], 0.05)
+    assert t["raw"]["n"] == 3 and t["raw"]["max"] == 0.06 and t["raw"]["mean"] == pytest.approx(0.0625 / 3)
+    assert t["above_0.05_per_1024"] == pytest.approx(1024 / 3) and t["above_0.04_per_1024"] == pytest.approx(1024 / 3)
+    # 1 - p: 0.5, 0.1 and 0.01; the last is below --min-sensitivity and left out.
+    assert t["normalized"]["n"] == 2
+    assert t["normalized"]["max"] == pytest.approx(0.12) and t["normalized"]["mean"] == pytest.approx((0.12 + 0.02) / 2)
+
+
+def test_analyse_ratios_and_stock_run_to_run_only_for_the_same_engine():
+    a = _report([[-0.70, -0.10], [0.0]])
+    b = _report([[-0.75, -0.10], [0.0]])
+    other_engine = _report([[-0.70, -0.10], [0.0]], engine={"dtype": "bfloat16", "kv_cache_dtype": "fp8"})
+    res = analyse({"a": a, "b": b, "fp8": other_engine}, "stock_all_f", 0.05)
+    assert res["reports"]["a"]["consa"]["vs_stock"]["raw_max"] == pytest.approx(3.0)
+    assert "vs_stock" not in res["reports"]["a"]["stock_all_f"]
+    assert list(res["stock_run_to_run"]) == ["a vs b"]  # a stock engine with other options is another engine
+    d = res["stock_run_to_run"]["a vs b"]
+    assert d["prompts_with_same_tokens"] == 2 and d["tokens_compared"] == 3
+    assert d["share_differing"] == pytest.approx(1 / 3) and d["max_abs_diff"] == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_router_margins_on_a_real_moe(tiny_model, family):
+    """Router margins come from the real HF routers of each MoE family, under the variant's
+    allocation; the largest errors are ranked among every token's margin."""
+    src = tiny_model(family)
+    rep = _report([[-0.7, -0.1], [0.0]])
+    rep["variants"]["consa"]["allocation"] = {"granularity": "kv_head", "window": 2, "pattern": ["FS"] * 4, "sink": 1}
+    r = router_margins(src, rep, "consa", top=2)
+    assert [(x["prompt"], x["token"]) for x in r["largest_errors"]] == [(0, 0), (0, 1)]
+    for x in r["largest_errors"]:
+        assert x["margin"] >= 0 and 0 <= x["share_of_tokens_with_smaller_margin"] < 1
+    with pytest.raises(ValueError, match="no MoE router"):
+        router_margins(tiny_model("qwen3"), rep, "stock_all_f")
+
+
+def test_cli_refuses_bad_input_in_one_line(tmp_path):
+    good = tmp_path / "r.json"
+    good.write_text(json.dumps(_report([[-0.7, -0.1], [0.0]])))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"stats": {}}))
+    for args, msg in (([str(tmp_path / "none.json")], "none.json: no such file"),
+                      ([str(bad)], "bad.json: no 'per_token', 'outputs'; not a parity report"),
+                      ([str(good), "--min-sensitivity", "1.5"], "--min-sensitivity must be between 0 and 1"),
+                      ([str(good), "--model", str(tmp_path)], "no config.json there")):
+        r = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and msg in r.stderr.strip().splitlines()[-1], (args, r.stderr)
+    out = tmp_path / "tail.json"
+    r = subprocess.run([sys.executable, str(SCRIPT), str(good), "--out", str(out)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(out.read_text())["reports"]["r"]["consa"]["raw"]["max"] == 0.06
