@@ -17,7 +17,8 @@ the pools), 4 and 4 (the fused Triton split-KV decode).
 
 Set ``CONSA_GPU_CHECKPOINT`` to a local HF checkpoint (stored in bf16, so that float32 and bf16
 hold the same weights) and ``CONSA_GPU_CHECKPOINT_ALLOCATIONS`` to a comma list of allocation
-files for it; ``benchmarks/gpu_checks.sh`` runs it as the ``checkpoint`` case. Issue 12's rule on
+files for it; ``benchmarks/gpu_checks.sh`` runs it as the ``checkpoint`` case, and
+``benchmarks/gpu_checkpoint_groups.sh`` runs several models and options at once (run 19). Issue 12's rule on
 a trained model: ``CONSA_GPU_CHECKPOINT_KV_CACHE_DTYPE=fp8`` (every engine on an FP8 cache),
 ``CONSA_GPU_CHECKPOINT_QUANTIZATION=fp8`` (online FP8 weights), or a quantized checkpoint as
 ``CONSA_GPU_CHECKPOINT`` (scored against its dequantized copy, ``gpu_parity.reference_weights``)::
@@ -50,8 +51,9 @@ from gpu_parity import checkpoint_parity, load_allocation_files, reference_weigh
 def test_gpu_checkpoint_calibrated_parity(tmp_path):
     """Each learned allocation served by the plugin against one stock vLLM engine on the all-F
     checkpoint: ConSA's mean and max error no larger than stock's, for every allocation."""
-    # The float32 and bf16 references run on the CPU, two passes over 32 prompts of up to 1,500
-    # tokens per engine: all cores, not gpu_checks.sh's one thread per process (minutes otherwise).
+    # The float32 and bf16 references (two passes over 32 prompts of up to 1,500 tokens per engine)
+    # run where CONSA_GPU_REFERENCE_DEVICE says (gpu_checkpoint_groups.sh: the GPU); on the CPU,
+    # on all cores, not gpu_checks.sh's one thread per process (minutes otherwise).
     torch.set_num_threads(os.cpu_count() or 1)
     name = "-".join(["checkpoint", *(f"{k}-{v}" for k, v in ENGINE.items())])
     report = Path(os.environ.get("CONSA_GPU_REPORT_DIR", tmp_path)) / f"{name}.json"
