@@ -16,6 +16,9 @@ and the reference logprobs):
   difference: the share of token logprobs that differ between two runs of the stock engine (same
   tokens only) and by how much (GPU engines are not batch-invariant: a batch's composition follows
   the scheduler's timing);
+- over several reports of the same stock engine (repeated runs): each engine's maxima and means
+  run by run, and an exact permutation test of whether an allocation's runs have a larger mean
+  maximum (and mean) than stock's runs: the rule's max judged against stock's own spread;
 - with ``--model`` (the float32 checkpoint an MoE report served): at each generated token the
   router's smallest margin, over the MoE layers, between the last expert chosen and the first one
   not chosen (router logits, float32, under the variant's allocation), and where the largest errors
@@ -115,6 +118,59 @@ def router_margins(model_dir: Path, report: dict, variant: str, top: int = 5) ->
                                for e, i, j in worst]}
 
 
+def permutation_p(a: list[float], b: list[float], draws: int = 20000) -> float:
+    """One-sided p of ``mean(a) - mean(b)`` under exchangeable labels: the share of relabelings of
+    the pooled values with a difference at least the observed one (every relabeling when there are
+    at most ``draws``, else ``draws`` seeded random ones)."""
+    import random
+    from math import comb
+
+    pooled, k = a + b, len(a)
+    observed = sum(a) / k - sum(b) / len(b)
+    total = sum(pooled)
+
+    def diff(idx) -> float:
+        s = sum(pooled[i] for i in idx)
+        return s / k - (total - s) / len(b)
+
+    if comb(len(pooled), k) <= draws:
+        picks = list(combinations(range(len(pooled)), k))
+    else:
+        rng = random.Random(0)
+        picks = [rng.sample(range(len(pooled)), k) for _ in range(draws)]
+    return sum(diff(idx) >= observed - 1e-12 for idx in picks) / len(picks)
+
+
+def across_runs(reports: dict[str, dict], stock: str) -> list[dict]:
+    """Reports grouped by their stock engine (same prompts, engine options and weights); for each
+    group of two or more, stock's and every allocation's maxima and means run by run, and
+    :func:`permutation_p` of an allocation's runs against stock's."""
+    groups: dict[str, list[str]] = {}
+    for name, rep in reports.items():
+        if stock in rep["outputs"]:
+            key = json.dumps([rep.get("prompts"), rep.get("engine"), rep["outputs"][stock].get("weight_fingerprints")],
+                             sort_keys=True)
+            groups.setdefault(key, []).append(name)
+    out = []
+    for names in groups.values():
+        if len(names) < 2:
+            continue
+        runs: dict[str, list[dict]] = {}
+        for n in names:
+            for v, st in reports[n]["stats"].items():
+                runs.setdefault(v, []).append(st)
+        base = runs.pop(stock)
+        entry = {"reports": names, "stock": {"max": [r["max"] for r in base], "mean": [r["mean"] for r in base]},
+                 "variants": {}}
+        for v, rs in runs.items():
+            mx, mn = [r["max"] for r in rs], [r["mean"] for r in rs]
+            entry["variants"][v] = {"max": mx, "mean": mn,
+                                    "p_max_above_stock": permutation_p(mx, entry["stock"]["max"]),
+                                    "p_mean_above_stock": permutation_p(mn, entry["stock"]["mean"])}
+        out.append(entry)
+    return out
+
+
 def analyse(reports: dict[str, dict], stock: str, min_sensitivity: float) -> dict:
     """Every report's per-engine tails, each engine's ratios to the report's ``stock`` engine,
     and stock's run-to-run difference between every two reports of the same prompts."""
@@ -136,6 +192,7 @@ def analyse(reports: dict[str, dict], stock: str, min_sensitivity: float) -> dic
                 and a.get("engine") == b.get("engine")
                 and a["outputs"][stock].get("weight_fingerprints") == b["outputs"][stock].get("weight_fingerprints")):
             out["stock_run_to_run"][f"{na} vs {nb}"] = stock_run_to_run(a, b, stock)
+    out["across_runs"] = across_runs(reports, stock)
     return out
 
 
@@ -193,6 +250,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stock run to run, {pair}: {d['prompts_with_same_tokens']}/{d['prompts']} prompts with the same tokens; "
               f"{100 * d['share_differing']:.0f}% of their logprobs differ, max {d['max_abs_diff']:.4f}, "
               f"mean {d['mean_abs_diff']:.2e}")
+    for g in res["across_runs"]:
+        print(f"across runs ({', '.join(g['reports'])}): stock max {[round(x, 4) for x in g['stock']['max']]}")
+        for v, r in g["variants"].items():
+            print(f"  {v:40s} max {[round(x, 4) for x in r['max']]} (p above stock {r['p_max_above_stock']:.3f}); "
+                  f"mean p above stock {r['p_mean_above_stock']:.3f}")
     if a.out:
         a.out.write_text(json.dumps(res, indent=1) + "\n")
     return 0

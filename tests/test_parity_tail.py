@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.parity_tail import analyse, router_margins, variant_tail
+from benchmarks.parity_tail import analyse, permutation_p, router_margins, variant_tail
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "parity_tail.py"
 
@@ -47,6 +47,28 @@ def test_analyse_ratios_and_stock_run_to_run_only_for_the_same_engine():
     d = res["stock_run_to_run"]["a vs b"]
     assert d["prompts_with_same_tokens"] == 2 and d["tokens_compared"] == 3
     assert d["share_differing"] == pytest.approx(1 / 3) and d["max_abs_diff"] == pytest.approx(0.05)
+
+
+def test_permutation_p_exact_and_sampled():
+    assert permutation_p([3.0], [1.0, 2.0]) == pytest.approx(1 / 3)  # the largest of three: 1 relabeling of 3
+    assert permutation_p([1.0, 2.0], [3.0, 4.0]) == 1.0
+    assert permutation_p([5.0, 6.0, 7.0, 8.0], [1.0, 2.0, 3.0, 4.0, 0.5]) == pytest.approx(1 / 126)  # C(9, 4)
+    # Past ``draws`` relabelings: seeded random ones, the same answer every time.
+    a, b = [float(x) for x in range(10, 20)], [float(x) for x in range(12)]
+    assert permutation_p(a, b, draws=500) == permutation_p(a, b, draws=500) < 0.01
+
+
+def test_across_runs_judges_an_allocation_against_stocks_own_runs():
+    runs = {f"r{k}": _report([[-0.7 - k / 100, -0.1], [0.0]]) for k in range(3)}
+    for k, rep in enumerate(runs.values()):
+        rep["stats"]["stock_all_f"]["max"] = 0.02 + k / 1000
+        rep["stats"]["consa"]["max"] = 0.03 + k / 1000
+    runs["fp8"] = _report([[-0.7, -0.1], [0.0]], engine={"kv_cache_dtype": "fp8"})  # another stock engine: alone
+    groups = analyse(runs, "stock_all_f", 0.05)["across_runs"]
+    assert len(groups) == 1 and groups[0]["reports"] == ["r0", "r1", "r2"]
+    g = groups[0]
+    assert g["stock"]["max"] == [0.02, 0.021, 0.022] and g["variants"]["consa"]["max"] == [0.03, 0.031, 0.032]
+    assert g["variants"]["consa"]["p_max_above_stock"] == pytest.approx(1 / 20)  # C(6, 3), only the observed split
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
