@@ -40,13 +40,19 @@ from itertools import combinations
 from pathlib import Path
 
 
+TESTS = Path(__file__).resolve().parent.parent / "tests"
+sys.path.insert(0, str(TESTS))  # the GPU tests' harness, whose statistics the reports hold
+
+
 def _stats(values: list[float]) -> dict:
-    """Mean, 99th percentile (nearest rank) and max of ``values``."""
-    v = sorted(values)
-    if not v:
+    """Mean, 99th percentile and max of ``values``, as the reports compute them
+    (``gpu_parity.error_stats``)."""
+    if not values:
         return {"n": 0, "mean": None, "p99": None, "max": None}
-    return {"n": len(v), "mean": sum(v) / len(v), "p99": v[min(len(v) - 1, math.ceil(0.99 * len(v)) - 1)],
-            "max": v[-1]}
+    from gpu_parity import error_stats
+
+    s = error_stats([values])
+    return {"n": s.tokens, "mean": s.mean, "p99": s.p99, "max": s.max}
 
 
 def variant_tail(errors: list[list[float]], reference: list[list[float]], min_sensitivity: float) -> dict:
@@ -141,15 +147,22 @@ def permutation_p(a: list[float], b: list[float], draws: int = 20000) -> float:
     return sum(diff(idx) >= observed - 1e-12 for idx in picks) / len(picks)
 
 
+def stock_engine(rep: dict, stock: str) -> str | None:
+    """What makes two reports' ``stock`` engines the same engine (prompts, engine options and
+    weights), as a comparable key; None when the report has no such engine."""
+    if stock not in rep["outputs"]:
+        return None
+    return json.dumps([rep.get("prompts"), rep.get("engine"), rep["outputs"][stock].get("weight_fingerprints")],
+                      sort_keys=True)
+
+
 def across_runs(reports: dict[str, dict], stock: str) -> list[dict]:
-    """Reports grouped by their stock engine (same prompts, engine options and weights); for each
-    group of two or more, stock's and every allocation's maxima and means run by run, and
-    :func:`permutation_p` of an allocation's runs against stock's."""
+    """Reports grouped by their :func:`stock_engine`; for each group of two or more, stock's and
+    every allocation's maxima and means run by run, and :func:`permutation_p` of an allocation's
+    runs against stock's."""
     groups: dict[str, list[str]] = {}
     for name, rep in reports.items():
-        if stock in rep["outputs"]:
-            key = json.dumps([rep.get("prompts"), rep.get("engine"), rep["outputs"][stock].get("weight_fingerprints")],
-                             sort_keys=True)
+        if (key := stock_engine(rep, stock)) is not None:
             groups.setdefault(key, []).append(name)
     out = []
     for names in groups.values():
@@ -173,7 +186,7 @@ def across_runs(reports: dict[str, dict], stock: str) -> list[dict]:
 
 def analyse(reports: dict[str, dict], stock: str, min_sensitivity: float) -> dict:
     """Every report's per-engine tails, each engine's ratios to the report's ``stock`` engine,
-    and stock's run-to-run difference between every two reports of the same prompts."""
+    and stock's run-to-run difference between every two reports of the same stock engine."""
     out: dict = {"min_sensitivity": min_sensitivity, "reports": {}, "stock_run_to_run": {}}
     for name, rep in reports.items():
         tails = {v: variant_tail(rep["per_token"][v], rep["outputs"][v]["reference"], min_sensitivity)
@@ -187,10 +200,7 @@ def analyse(reports: dict[str, dict], stock: str, min_sensitivity: float) -> dic
                                      if base[kind][s]}
         out["reports"][name] = tails
     for (na, a), (nb, b) in combinations(reports.items(), 2):
-        # The same stock engine: same prompts, engine options and weights.
-        if (stock in a["outputs"] and stock in b["outputs"] and a.get("prompts") == b.get("prompts")
-                and a.get("engine") == b.get("engine")
-                and a["outputs"][stock].get("weight_fingerprints") == b["outputs"][stock].get("weight_fingerprints")):
+        if stock_engine(a, stock) is not None and stock_engine(a, stock) == stock_engine(b, stock):
             out["stock_run_to_run"][f"{na} vs {nb}"] = stock_run_to_run(a, b, stock)
     out["across_runs"] = across_runs(reports, stock)
     return out
