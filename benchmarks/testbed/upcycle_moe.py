@@ -123,14 +123,15 @@ def heldout_rows(texts: Path, tokenizer_dir: Path, seq_len: int, sequences: int)
 
 
 def heldout_loss(model_dir: Path, rows: "torch.Tensor") -> float:
-    """Mean next-token loss (float32) of ``model_dir`` on ``rows`` (:func:`heldout_rows`)."""
+    """Mean next-token loss (float32) of ``model_dir`` on ``rows`` (:func:`heldout_rows`), by the
+    eval's own ``lm_loss`` (the models are dense in attention: no window to report beyond)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    with torch.no_grad():
-        losses = [torch.nn.functional.cross_entropy(model(row[None]).logits[0, :-1], row[1:]).item() for row in rows]
-    return sum(losses) / len(losses)
+    from consa_vllm.eval.metrics import lm_loss
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return lm_loss(model, rows, window=rows.shape[1])["loss"]
 
 
 def main(argv: list[str] | None = None) -> int:
