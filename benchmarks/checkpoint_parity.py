@@ -134,12 +134,13 @@ def _fp8_weights(qcfg: dict) -> bool:
     """Whether a ``quantization_config`` stores FP8 weights: vLLM's ``fp8`` method, or
     compressed-tensors whose every weight scheme is an 8-bit float (W4A16 and other integer
     schemes are not)."""
+    from consa_vllm.plugin.permute import is_fp8_weight_scheme
+
     if qcfg.get("quant_method") == "fp8":
         return True
     groups = qcfg.get("config_groups") or {}
     weights = [g.get("weights") or {} for g in groups.values()]
-    return (qcfg.get("quant_method") == "compressed-tensors" and bool(weights)
-            and all(w.get("type") == "float" and w.get("num_bits") == 8 for w in weights))
+    return qcfg.get("quant_method") == "compressed-tensors" and bool(weights) and all(map(is_fp8_weight_scheme, weights))
 
 
 def check_engine_options(src: Path, kv_cache_dtype: str, quantization: str | None) -> str | None:

@@ -189,6 +189,11 @@ def _fp8_format(cfg: dict) -> QuantFormat:
 _CT_SIMPLE_FORMATS = {"float-quantized", "int-quantized", "naive-quantized"}
 
 
+def is_fp8_weight_scheme(w: dict) -> bool:
+    """Whether a compressed-tensors ``weights`` scheme stores 8-bit floats (FP8)."""
+    return w.get("type") == "float" and w.get("num_bits") == 8
+
+
 def _ct_scheme_name(fmt: str, w: dict) -> str:
     bits, strategy = w.get("num_bits"), w.get("strategy")
     detail = strategy
@@ -196,7 +201,7 @@ def _ct_scheme_name(fmt: str, w: dict) -> str:
         detail = f"group {w.get('group_size')}"
     elif strategy == "block":
         detail = "block " + "x".join(map(str, w.get("block_structure") or []))
-    kind = "FP8" if w.get("type") == "float" and bits == 8 else f"W{bits}{'' if w.get('type') != 'float' else ' float'}"
+    kind = "FP8" if is_fp8_weight_scheme(w) else f"W{bits}{'' if w.get('type') != 'float' else ' float'}"
     return f"compressed-tensors {fmt} {kind} ({detail})"
 
 
