@@ -14,7 +14,6 @@
 # /tmp/pieces (.gpu/tbv2-pieces, .gpu/moe-pieces) on first use.
 set -u
 OUT=${OUT:-gpu-out}
-mkdir -p "$OUT"
 A=benchmarks/results/testbed_v2_h200_run7/allocations
 A3=$A/consa-kv_head-global-0.75.json,$A/duo-0.75.json,$A/consa-kv_head-per-layer-0.75-sink64.json
 unpack() {  # archive prefix, target dir
@@ -22,6 +21,13 @@ unpack() {  # archive prefix, target dir
   ( cd /tmp/pieces && sha256sum -c --ignore-missing --quiet SHA256SUMS* ) || { echo "bad pieces" >&2; return 1; }
   mkdir -p "$2" && cat /tmp/pieces/"$1".tgz.* | tar xzf - -C "$2"
 }
+[ $# -gt 0 ] || { echo "gpu_checkpoint_groups: name one or more groups (c, c2, cm, ckv, cfw)" >&2; exit 2; }
+for g in "$@"; do  # every name checked before anything is unpacked or started
+  case $g in
+    c|c2|cm|ckv|cfw) ;;
+    *) echo "gpu_checkpoint_groups: unknown group '$g' (c, c2, cm, ckv, cfw)" >&2; exit 2 ;;
+  esac
+done
 for g in "$@"; do
   case $g in
     c|c2|ckv|cfw) unpack pretrained /tmp/tbmodel || exit 1 ;;&
@@ -29,6 +35,7 @@ for g in "$@"; do
     cfw) unpack fp8w /tmp/fp8w || exit 1 ;;
   esac
 done
+mkdir -p "$OUT"
 export CONSA_GPU_REFERENCE_DEVICE=cuda
 for g in "$@"; do
   model=/tmp/tbmodel/pretrained kv=""
@@ -38,7 +45,6 @@ for g in "$@"; do
     cm) model=/tmp/moe/continued allocs=$A3,benchmarks/results/testbed_v2_run7_moe/allocations/consa-kv_head-global-0.75-moe.json ;;
     ckv) allocs=$A3 kv=fp8 ;;
     cfw) model=/tmp/fp8w/ct-fp8-channel allocs=$A3 ;;
-    *) echo "unknown group '$g' (c, c2, cm, ckv, cfw)" >&2; exit 2 ;;
   esac
   CONSA_GPU_CHECKPOINT=$model CONSA_GPU_CHECKPOINT_ALLOCATIONS=$allocs CONSA_GPU_CHECKPOINT_KV_CACHE_DTYPE=$kv \
     ONLY=checkpoint OUT=$OUT/$g bash benchmarks/gpu_checks.sh >"$OUT/$g.txt" 2>&1 &

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -109,6 +110,8 @@ def tiny_bf16_source(out_dir: Path, family: str) -> Path:
 #: the GPU machine, where 32 prompts of up to 1,500 tokens take seconds instead of minutes per
 #: engine (TF32 off: float32 stays float32). Set by ``CONSA_GPU_REFERENCE_DEVICE``.
 REFERENCE_DEVICE = os.environ.get("CONSA_GPU_REFERENCE_DEVICE", "cpu")
+if REFERENCE_DEVICE != "cpu" and not re.fullmatch(r"cuda(:\d+)?", REFERENCE_DEVICE):
+    raise ValueError(f"CONSA_GPU_REFERENCE_DEVICE must be 'cpu', 'cuda' or 'cuda:N', got {REFERENCE_DEVICE!r}")
 
 
 def teacher_forced_logprobs(model, prompts: list[list[int]], tokens: list[list[int]]) -> list[list[float]]:

@@ -134,3 +134,23 @@ def test_fp8_weights_tells_fp8_checkpoints_from_other_quantized_ones():
     assert not _fp8_weights({**ct, "config_groups": {"a": int4}})
     assert not _fp8_weights({**ct})
     assert not _fp8_weights({"quant_method": "awq"})
+
+
+def test_gpu_checkpoint_groups_and_reference_device_refuse_bad_values(tmp_path):
+    """The GPU runs' two inputs that can be checked on any machine: a group name
+    (benchmarks/gpu_checkpoint_groups.sh) and CONSA_GPU_REFERENCE_DEVICE, each refused in one line
+    before anything is unpacked, started or written."""
+    import os
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "out"
+    for args, msg in ((["c", "zz"], "unknown group 'zz' (c, c2, cm, ckv, cfw)"),
+                      ([], "name one or more groups")):
+        r = subprocess.run(["bash", str(root / "benchmarks" / "gpu_checkpoint_groups.sh"), *args], cwd=root,
+                           env={**os.environ, "OUT": str(out)}, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and not out.exists(), (args, r.stderr)
+        assert r.stderr.startswith(f"gpu_checkpoint_groups: {msg}"), r.stderr
+    r = subprocess.run([sys.executable, "-c", "import gpu_parity"], cwd=root / "tests", capture_output=True, text=True,
+                       env={**os.environ, "CONSA_GPU_REFERENCE_DEVICE": "gpu"}, timeout=120)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1].endswith("CONSA_GPU_REFERENCE_DEVICE must be 'cpu', 'cuda' or 'cuda:N', got 'gpu'")
