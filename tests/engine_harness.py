@@ -56,6 +56,8 @@ class Generation:
     tokens: list[list[int]]
     top_logprobs: list[list[dict[int, float]]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Per model step, ``[prompt index, tokens computed]`` pairs (``run_vllm(record_schedule=True)``).
+    schedule: list[list[list[int]]] | None = None
 
 
 def export(src: Path, out: Path, pattern: list[str], window: int, granularity: str = "kv_head") -> Path:
@@ -131,11 +133,18 @@ def reference_generate(src: Path, allocation: Allocation | None, prompts: list[l
 
 def run_vllm(model_dir: Path, prompts: list[list[int]], max_tokens: int, logprobs: int = 5,
              inspect: Callable[[Any], dict] | None = None, rounds: list[int] | None = None,
-             **llm_kwargs) -> Generation:
+             record_schedule: bool = False, **llm_kwargs) -> Generation:
     """Start an engine, generate greedily, optionally inspect it, shut it down.
 
     ``rounds`` splits ``prompts`` into consecutive groups of these sizes, generated one
     after another (e.g. a decode batch above the fused kernel's limit, then one within it); default: one round.
+
+    Each round's requests are all queued before the engine schedules any of them, so its
+    batches depend only on the prompts and the engine's limits, never on timing. (An engine
+    core in its own process starts stepping as soon as the first request arrives: its first
+    batches held whichever prompts had arrived, which made two runs of one engine on a GPU
+    differ.) ``record_schedule`` keeps which prompts each model step computed in
+    ``schedule`` (needs ``worker_extension_cls=engine_probe.EXTENSION``).
     """
     from vllm import LLM, SamplingParams, TokensPrompt
     from vllm.distributed import cleanup_dist_env_and_memory
@@ -152,10 +161,17 @@ def run_vllm(model_dir: Path, prompts: list[list[int]], max_tokens: int, logprob
         sizes = rounds or [len(prompts)]
         if sum(sizes) != len(prompts):
             raise ValueError(f"rounds {sizes} do not add up to {len(prompts)} prompts")
+        if record_schedule:
+            llm.collective_rpc("consa_schedule_start")
         outs, start = [], 0
         for n in sizes:
-            outs += llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts[start:start + n]], params,
-                                 use_tqdm=False)
+            # vLLM's own way to queue a batch whole: scheduling paused (sleep level 0) while
+            # the requests are added, resumed once all are in.
+            llm.sleep(level=0)
+            llm.enqueue([TokensPrompt(prompt_token_ids=p) for p in prompts[start:start + n]], params,
+                        use_tqdm=False)
+            llm.wake_up(tags=["scheduling"])
+            outs += llm.wait_for_completion(use_tqdm=False)  # in request order
             start += n
         gen = Generation(tokens=[], top_logprobs=[])
         for o in outs:
@@ -164,6 +180,8 @@ def run_vllm(model_dir: Path, prompts: list[list[int]], max_tokens: int, logprob
             gen.top_logprobs.append([{t: lp.logprob for t, lp in step.items()} for step in (c.logprobs or [])])
         if inspect is not None:
             gen.extra = inspect(llm)
+        if record_schedule:
+            gen.schedule = llm.collective_rpc("consa_schedule")[0]
         return gen
     finally:
         del llm

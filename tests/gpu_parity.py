@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from engine_harness import Generation, run_vllm
-from weight_fingerprint import EXTENSION, differing, fingerprints
+from engine_probe import EXTENSION, differing, fingerprints
 
 
 @dataclass
@@ -237,11 +237,12 @@ def run_variants(src: Path, variants: list[Variant], prompts: list[list[int]], m
     hf: dict[str, ErrorStats] = {}  # each model's own bf16 sensitivity (bf16 engines only)
     for v in variants:
         with _env(v.env):
-            gen = run_vllm(v.model, prompts, max_tokens, rounds=rounds, inspect=fingerprints, **{**kw, **v.engine})
+            gen = run_vllm(v.model, prompts, max_tokens, rounds=rounds, inspect=fingerprints, record_schedule=True,
+                           **{**kw, **v.engine})
         ref = hf_token_logprobs(src, v.allocation, gen, prompts)
         per_token[v.name] = token_errors(src, v.allocation, gen, prompts, ref)
         results[v.name] = error_stats(per_token[v.name], rounds)
-        outputs[v.name] = {"tokens": gen.tokens, "weight_fingerprints": gen.extra,
+        outputs[v.name] = {"tokens": gen.tokens, "weight_fingerprints": gen.extra, "schedule": gen.schedule,
                            "logprobs": [[round(lps[i][t], 6) for i, t in enumerate(toks)]
                                         for toks, lps in zip(gen.tokens, gen.top_logprobs)],
                            "reference": [[round(x, 6) for x in row] for row in ref]}
@@ -253,7 +254,9 @@ def run_variants(src: Path, variants: list[Variant], prompts: list[list[int]], m
             report.parent.mkdir(parents=True, exist_ok=True)
             report.write_text(json.dumps({
                 "stats": {k: asdict(s) for k, s in results.items()},
+                # Same batches in both engines (the rounds are queued whole): a paired comparison.
                 "paired": {f"{a} vs {b}": {**paired(per_token[a], per_token[b]),
+                                           "same_schedule": outputs[a]["schedule"] == outputs[b]["schedule"],
                                            **({"ratio_over_plain_bf16": (results[a].mean / hf[a].mean)
                                                / (results[b].mean / hf[b].mean)} if a in hf and b in hf else {})}
                            for a, b in pairs if a in per_token and b in per_token},

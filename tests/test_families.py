@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from engine_harness import TINY, export, max_logprob_gap, prompts_of, reference_generate, run_vllm
-from weight_fingerprint import EXTENSION, differing, fingerprints
+from engine_probe import EXTENSION, differing, fingerprints
 
 from consa_vllm import families
 from consa_vllm.allocation import Allocation
@@ -113,7 +113,7 @@ def test_llama_biases_all_full_equals_stock(llama_bias_all_full):
 
 
 def test_weight_fingerprints_all_full_equal_stock(llama_bias_all_full):
-    """The GPU tests' weight fingerprints (tests/weight_fingerprint.py, through a vLLM worker
+    """The GPU tests' weight fingerprints (tests/engine_probe.py, through a vLLM worker
     extension) on real engines: an all-F ConSA engine holds exactly stock vLLM's weights, and
     the fingerprints see a one-element change."""
     stock, consa = (g.extra["fingerprints"] for g in llama_bias_all_full)
