@@ -11,7 +11,9 @@
 # Groups: c (run 7's trained Qwen3, four rho 0.75 allocations), c2 (the same model, four more),
 # cm (run 7's model upcycled to Qwen3-MoE), ckv (run 7's model on an FP8 KV cache), cfw (run 7's
 # model as an FP8 compressed-tensors checkpoint). The models are unpacked from the pieces in
-# /tmp/pieces (.gpu/tbv2-pieces, .gpu/moe-pieces) on first use.
+# /tmp/pieces (.gpu/tbv2-pieces, .gpu/moe-pieces) on first use. gpu_checks.sh's REPEAT,
+# HASHSEEDS and PROMPT_SEEDS pass through: PROMPT_SEEDS="1 2 3" runs each group once per prompt
+# draw (plan C').
 set -u
 OUT=${OUT:-gpu-out}
 A=benchmarks/results/testbed_v2_h200_run7/allocations

@@ -2,7 +2,7 @@
 # Every GPU test of the project in one call on the GPU machine, independent files as
 # parallel pytest processes (each engine is small: 6% of the GPU), logs and JSON reports
 # packed into $OUT/gpu-checks.tgz (OUT default ./gpu-out). Source benchmarks/gpu_env.sh first. About 7-9 minutes on
-# one H200 (27 processes of one to three compiled engines each, one after another).
+# one H200 (28 processes of one to three compiled engines each, one after another).
 #
 #   . benchmarks/gpu_env.sh && bash benchmarks/gpu_checks.sh
 #
@@ -13,15 +13,20 @@
 # for intermittent failures, e.g. REPEAT=6 ONLY="same-model-mixtral-all_f= same-model-mixtral-all_f_privatecache=" (run 16).
 # HASHSEEDS="S1 S2 ..." repeats instead once per listed seed, with PYTHONHASHSEED set to it (a seed
 # may repeat): an outcome that follows the seed points at an iteration over a set or a str hash.
+# PROMPT_SEEDS="S1 S2 ..." repeats once per listed seed with CONSA_GPU_PROMPT_SEED set to it (tags
+# .pS): the tests that cut their prompts at seeded offsets (test_gpu_checkpoint.py) draw other
+# prompts. Engines queue each round whole (tests/engine_harness.py), so a repeat on the same
+# prompts reruns the same batches: the rule's spread across runs comes from other prompts.
 # Cases listed under DIAG below run only when ONLY names them.
 set -u
-if [ -n "${HASHSEEDS:-}" ]; then
-  for s in $HASHSEEDS; do
-    case $s in *[!0-9]*) echo "gpu_checks: HASHSEEDS must be whole numbers, got '$s'" >&2; exit 2 ;; esac
+for v in HASHSEEDS PROMPT_SEEDS; do
+  [ -n "${!v:-}" ] || continue
+  for s in ${!v}; do
+    case $s in *[!0-9]*) echo "gpu_checks: $v must be whole numbers, got '$s'" >&2; exit 2 ;; esac
   done
-  [ -z "${REPEAT:-}" ] || { echo "gpu_checks: set REPEAT or HASHSEEDS, not both" >&2; exit 2; }
-  set -- $HASHSEEDS; REPEAT=$#; set --
-fi
+  [ -z "${REPEAT:-}" ] || { echo "gpu_checks: set one of REPEAT, HASHSEEDS and PROMPT_SEEDS" >&2; exit 2; }
+  set -- ${!v}; REPEAT=$#; set --
+done
 case ${REPEAT:-1} in
   ''|*[!0-9]*|0) echo "gpu_checks: REPEAT must be a positive integer, got '${REPEAT}'" >&2; exit 2 ;;
 esac
@@ -50,9 +55,12 @@ run() {  # name, pytest args...  (INPROC=1: the engine in the test's own process
   local k tag seed
   for k in $(seq 1 "${REPEAT:-1}"); do
     tag=$name; [ "${REPEAT:-1}" = 1 ] || tag=$name.r$k
-    seed=""; [ -z "${HASHSEEDS:-}" ] || { seed=$(echo $HASHSEEDS | cut -d' ' -f"$k"); tag=$tag.h$seed; }
+    seed="" pseed=""
+    [ -z "${HASHSEEDS:-}" ] || { seed=$(echo $HASHSEEDS | cut -d' ' -f"$k"); tag=$tag.h$seed; }
+    [ -z "${PROMPT_SEEDS:-}" ] || { pseed=$(echo $PROMPT_SEEDS | cut -d' ' -f"$k"); tag=$tag.p$pseed; }
     ( [ "${INPROC:-0}" = 1 ] && export VLLM_ENABLE_V1_MULTIPROCESSING=0
       [ -z "$seed" ] || export PYTHONHASHSEED=$seed
+      [ -z "$pseed" ] || export CONSA_GPU_PROMPT_SEED=$pseed
       [ "${REPEAT:-1}" = 1 ] || { mkdir -p "$OUT/r$k"; export CONSA_GPU_REPORT_DIR="$OUT/r$k"; }
       start=$(date +%s)
       python -m pytest -q -s -p no:cacheprovider --junitxml="$OUT/$tag.xml" "$@" >"$OUT/$tag.log" 2>&1
@@ -64,6 +72,9 @@ QP=$Q::test_gpu_quantized_kv_head_calibrated_parity
 E=tests/test_gpu_engine.py
 F=tests/test_gpu_families.py::test_gpu_calibrated_parity
 run ops tests/test_gpu_ops.py
+# Rounds queued whole: the same batches as an in-process engine, and the same logprobs for the
+# same batches (bf16, CUDA graphs): what makes the parity reports' engines comparable.
+run schedule tests/test_engine_schedule.py
 # It inspects the engine core's model runner: in-process (one compiled engine, one eager).
 INPROC=1 run engine-greedy "$E::test_gpu_greedy_parity"
 run engine-bf16-prefill "$E::test_gpu_bf16_flash_prefill_matches_fused"

@@ -21,7 +21,8 @@ files for it; ``benchmarks/gpu_checks.sh`` runs it as the ``checkpoint`` case, a
 ``benchmarks/gpu_checkpoint_groups.sh`` runs several models and options at once (run 19). Issue 12's rule on
 a trained model: ``CONSA_GPU_CHECKPOINT_KV_CACHE_DTYPE=fp8`` (every engine on an FP8 cache),
 ``CONSA_GPU_CHECKPOINT_QUANTIZATION=fp8`` (online FP8 weights), or a quantized checkpoint as
-``CONSA_GPU_CHECKPOINT`` (scored against its dequantized copy, ``gpu_parity.reference_weights``)::
+``CONSA_GPU_CHECKPOINT`` (scored against its dequantized copy, ``gpu_parity.reference_weights``).
+``CONSA_GPU_PROMPT_SEED`` (default 0) picks where the prompts are cut::
 
     CONSA_GPU_CHECKPOINT=/tmp/tbmodel/pretrained \\
     CONSA_GPU_CHECKPOINT_ALLOCATIONS=benchmarks/results/testbed_v2_h200_run7/allocations/consa-kv_head-global-0.75.json \\
@@ -38,6 +39,9 @@ import pytest
 torch = pytest.importorskip("torch")
 CHECKPOINT = os.environ.get("CONSA_GPU_CHECKPOINT")
 ALLOCATIONS = [f for f in os.environ.get("CONSA_GPU_CHECKPOINT_ALLOCATIONS", "").split(",") if f]
+#: Where the prompts are cut (``engine_harness.text_prompts``): gpu_checks.sh's PROMPT_SEEDS runs the
+#: test once per seed, each run its own draw of prompts for stock and ConSA alike.
+PROMPT_SEED = os.environ.get("CONSA_GPU_PROMPT_SEED", "0")
 ENGINE = {k: v for k, v in (("kv_cache_dtype", os.environ.get("CONSA_GPU_CHECKPOINT_KV_CACHE_DTYPE")),
                             ("quantization", os.environ.get("CONSA_GPU_CHECKPOINT_QUANTIZATION"))) if v}
 pytestmark = [pytest.mark.engine,
@@ -59,7 +63,10 @@ def test_gpu_checkpoint_calibrated_parity(tmp_path):
     report = Path(os.environ.get("CONSA_GPU_REPORT_DIR", tmp_path)) / f"{name}.json"
     served = Path(CHECKPOINT)
     src = reference_weights(served, tmp_path)
-    res = checkpoint_parity(src, load_allocation_files(src, ALLOCATIONS), tmp_path, report, served=served, **ENGINE)
+    if not PROMPT_SEED.isdigit():
+        pytest.fail(f"CONSA_GPU_PROMPT_SEED must be a whole number, got {PROMPT_SEED!r}")
+    res = checkpoint_parity(src, load_allocation_files(src, ALLOCATIONS), tmp_path, report, served=served,
+                            seed=int(PROMPT_SEED), **ENGINE)
     stock = res["stock_all_f"]
     for alloc, stats in res["allocations"].items():
         print(f"{alloc} {ENGINE}: {stats}; stock all-F {stock}")

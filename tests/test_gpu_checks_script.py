@@ -1,5 +1,6 @@
 """``benchmarks/gpu_checks.sh``, the GPU machine's one-call test runner, on CPU with ``python``
-faked: case selection, ``REPEAT`` and ``HASHSEEDS`` (one process per seed, ``PYTHONHASHSEED`` set,
+faked: case selection, ``REPEAT``, ``HASHSEEDS`` and ``PROMPT_SEEDS`` (one process per seed,
+``PYTHONHASHSEED`` or ``CONSA_GPU_PROMPT_SEED`` set,
 tags and report folders per repeat), the one-line refusals, and the archive it leaves in $OUT."""
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ def _checks(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     fake = bin_dir / "python"  # stands for `python -m pytest ...`: says what it was given
-    fake.write_text('#!/bin/sh\necho "seed=${PYTHONHASHSEED:-unset} report=$CONSA_GPU_REPORT_DIR args=$*"\n')
+    fake.write_text('#!/bin/sh\necho "seed=${PYTHONHASHSEED:-unset} prompts=${CONSA_GPU_PROMPT_SEED:-unset} '
+                    'report=$CONSA_GPU_REPORT_DIR args=$*"\n')
     fake.chmod(stat.S_IRWXU)
     # stdout to a file: the script's watchdog may hold a pipe until DEADLINE
     log = tmp_path / "stdout.txt"
@@ -39,19 +41,37 @@ def test_hashseeds_run_one_process_per_seed(tmp_path):
     assert sorted(logs) == ["ops.r1.h7.log", "ops.r2.h9.log", "ops.r3.h7.log"]
     for k, seed in ((1, 7), (2, 9), (3, 7)):
         line = logs[f"ops.r{k}.h{seed}.log"]
-        assert line.startswith(f"seed={seed} report={out}/r{k} args=-m pytest") and "tests/test_gpu_ops.py" in line
+        assert line.startswith(f"seed={seed} prompts=unset report={out}/r{k} args=-m pytest")
+        assert "tests/test_gpu_ops.py" in line
     # without HASHSEEDS the hash seed is left to Python, and ONLY picks the case
     out2 = tmp_path / "out2"
     r = _checks(tmp_path, OUT=str(out2), ONLY="ops", REPEAT="2")
     with tarfile.open(out2 / "gpu-checks.tgz") as tar:
         names = sorted(Path(m.name).name for m in tar.getmembers() if m.name.endswith(".log"))
         text = tar.extractfile("./ops.r1.log").read().decode()
-    assert names == ["ops.r1.log", "ops.r2.log"] and text.startswith("seed=unset ")
+    assert names == ["ops.r1.log", "ops.r2.log"] and text.startswith("seed=unset prompts=unset ")
+
+
+def test_prompt_seeds_run_one_process_per_seed(tmp_path):
+    out = tmp_path / "out"
+    r = _checks(tmp_path, OUT=str(out), ONLY="checkpoint", PROMPT_SEEDS="0 3")
+    assert r.returncode == 0, r.stderr
+    with tarfile.open(out / "gpu-checks.tgz") as tar:
+        logs = {Path(m.name).name: tar.extractfile(m).read().decode() for m in tar.getmembers()
+                if m.name.endswith(".log")}
+    assert sorted(logs) == ["checkpoint.r1.p0.log", "checkpoint.r2.p3.log"]
+    for k, seed in ((1, 0), (2, 3)):
+        line = logs[f"checkpoint.r{k}.p{seed}.log"]
+        assert line.startswith(f"seed=unset prompts={seed} report={out}/r{k} args=-m pytest")
+        assert "tests/test_gpu_checkpoint.py" in line
 
 
 def test_bad_repeat_and_hashseeds_are_refused_in_one_line(tmp_path):
     for env, msg in ((dict(HASHSEEDS="1 x"), "gpu_checks: HASHSEEDS must be whole numbers, got 'x'"),
-                     (dict(HASHSEEDS="1 2", REPEAT="2"), "gpu_checks: set REPEAT or HASHSEEDS, not both"),
+                     (dict(HASHSEEDS="1 2", REPEAT="2"), "gpu_checks: set one of REPEAT, HASHSEEDS and PROMPT_SEEDS"),
+                     (dict(PROMPT_SEEDS="1 2", HASHSEEDS="3"),
+                      "gpu_checks: set one of REPEAT, HASHSEEDS and PROMPT_SEEDS"),
+                     (dict(PROMPT_SEEDS="-1"), "gpu_checks: PROMPT_SEEDS must be whole numbers, got '-1'"),
                      (dict(REPEAT="0"), "gpu_checks: REPEAT must be a positive integer, got '0'")):
         out = tmp_path / "never"
         r = _checks(tmp_path, OUT=str(out), **env)
