@@ -16,9 +16,12 @@ and the reference logprobs):
   difference: the share of token logprobs that differ between two runs of the stock engine (same
   tokens only) and by how much (GPU engines are not batch-invariant: a batch's composition follows
   the scheduler's timing);
-- over several reports of the same stock engine (repeated runs): each engine's maxima and means
-  run by run, and an exact permutation test of whether an allocation's runs have a larger mean
-  maximum (and mean) than stock's runs: the rule's max judged against stock's own spread;
+- over several reports of the same stock engine on the same model (repeated runs, on the same
+  prompts or, with gpu_checks.sh's PROMPT_SEEDS, on other prompts each): each engine's maxima and
+  means run by run; an exact permutation test of whether an allocation's runs have a larger mean
+  maximum (and mean) than stock's runs, and a paired one (signs of the per-run differences
+  flipped: each run's ConSA and stock engines served the same prompts in the same batches): the
+  rule's max judged against stock's own spread;
 - with ``--model`` (the float32 checkpoint an MoE report served): at each generated token the
   router's smallest margin, over the MoE layers, between the last expert chosen and the first one
   not chosen (router logits, float32, under the variant's allocation), and where the largest errors
@@ -147,6 +150,16 @@ def permutation_p(a: list[float], b: list[float], draws: int = 20000) -> float:
     return sum(diff(idx) >= observed - 1e-12 for idx in picks) / len(picks)
 
 
+def sign_flip_p(d: list[float]) -> float:
+    """One-sided p of ``mean(d) > 0`` for paired differences ``d``: the share of the ``2**len(d)``
+    sign assignments whose mean is at least the observed one (exact; the observed one counts)."""
+    from itertools import product
+
+    observed = sum(d) / len(d)
+    flips = list(product((1, -1), repeat=len(d)))
+    return sum(sum(s * x for s, x in zip(signs, d)) / len(d) >= observed - 1e-12 for signs in flips) / len(flips)
+
+
 def stock_engine(rep: dict, stock: str) -> str | None:
     """What makes two reports' ``stock`` engines the same engine (prompts, engine options and
     weights), as a comparable key; None when the report has no such engine."""
@@ -156,30 +169,45 @@ def stock_engine(rep: dict, stock: str) -> str | None:
                       sort_keys=True)
 
 
+def stock_model(rep: dict, stock: str) -> str | None:
+    """What makes two reports' ``stock`` engines the same engine on the same weights, whatever
+    prompts they served (:func:`stock_engine` less the prompts); None without such an engine."""
+    if stock not in rep["outputs"]:
+        return None
+    return json.dumps([rep.get("engine"), rep["outputs"][stock].get("weight_fingerprints")], sort_keys=True)
+
+
 def across_runs(reports: dict[str, dict], stock: str) -> list[dict]:
-    """Reports grouped by their :func:`stock_engine`; for each group of two or more, stock's and
-    every allocation's maxima and means run by run, and :func:`permutation_p` of an allocation's
-    runs against stock's."""
+    """Reports grouped by their :func:`stock_model`; for each group of two or more, stock's and
+    every allocation's maxima and means run by run, :func:`permutation_p` of an allocation's runs
+    against stock's, and :func:`sign_flip_p` of the per-run differences (the runs where both
+    engines were served)."""
     groups: dict[str, list[str]] = {}
     for name, rep in reports.items():
-        if (key := stock_engine(rep, stock)) is not None:
+        if (key := stock_model(rep, stock)) is not None:
             groups.setdefault(key, []).append(name)
     out = []
     for names in groups.values():
         if len(names) < 2:
             continue
-        runs: dict[str, list[dict]] = {}
-        for n in names:
-            for v, st in reports[n]["stats"].items():
-                runs.setdefault(v, []).append(st)
-        base = runs.pop(stock)
-        entry = {"reports": names, "stock": {"max": [r["max"] for r in base], "mean": [r["mean"] for r in base]},
+        base = [reports[n]["stats"][stock] for n in names]
+        entry = {"reports": names,
+                 "same_prompts": len({json.dumps(reports[n].get("prompts")) for n in names}) == 1,
+                 "stock": {"max": [r["max"] for r in base], "mean": [r["mean"] for r in base]},
                  "variants": {}}
-        for v, rs in runs.items():
-            mx, mn = [r["max"] for r in rs], [r["mean"] for r in rs]
-            entry["variants"][v] = {"max": mx, "mean": mn,
-                                    "p_max_above_stock": permutation_p(mx, entry["stock"]["max"]),
-                                    "p_mean_above_stock": permutation_p(mn, entry["stock"]["mean"])}
+        for v in dict.fromkeys(v for n in names for v in reports[n]["stats"] if v != stock):
+            both = [n for n in names if v in reports[n]["stats"]]
+            mx = [reports[n]["stats"][v]["max"] for n in both]
+            mn = [reports[n]["stats"][v]["mean"] for n in both]
+            smx = [reports[n]["stats"][stock]["max"] for n in both]
+            smn = [reports[n]["stats"][stock]["mean"] for n in both]
+            entry["variants"][v] = {
+                "reports": both, "max": mx, "mean": mn,
+                "max_ratio_of_sums": sum(mx) / sum(smx), "mean_ratio_of_sums": sum(mn) / sum(smn),
+                "p_max_above_stock": permutation_p(mx, entry["stock"]["max"]),
+                "p_mean_above_stock": permutation_p(mn, entry["stock"]["mean"]),
+                "paired_p_max_above_stock": sign_flip_p([a - b for a, b in zip(mx, smx)]),
+                "paired_p_mean_above_stock": sign_flip_p([a - b for a, b in zip(mn, smn)])}
         out.append(entry)
     return out
 
@@ -261,10 +289,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{100 * d['share_differing']:.0f}% of their logprobs differ, max {d['max_abs_diff']:.4f}, "
               f"mean {d['mean_abs_diff']:.2e}")
     for g in res["across_runs"]:
-        print(f"across runs ({', '.join(g['reports'])}): stock max {[round(x, 4) for x in g['stock']['max']]}")
+        print(f"across runs ({', '.join(g['reports'])}; {'same' if g['same_prompts'] else 'other'} prompts): "
+              f"stock max {[round(x, 4) for x in g['stock']['max']]}")
         for v, r in g["variants"].items():
-            print(f"  {v:40s} max {[round(x, 4) for x in r['max']]} (p above stock {r['p_max_above_stock']:.3f}); "
-                  f"mean p above stock {r['p_mean_above_stock']:.3f}")
+            print(f"  {v:40s} max {[round(x, 4) for x in r['max']]} ({r['max_ratio_of_sums']:.3f}x stock's; p above "
+                  f"stock {r['p_max_above_stock']:.3f}, paired {r['paired_p_max_above_stock']:.3f}); mean "
+                  f"{r['mean_ratio_of_sums']:.3f}x (p {r['p_mean_above_stock']:.3f}, paired "
+                  f"{r['paired_p_mean_above_stock']:.3f})")
     if a.out:
         a.out.write_text(json.dumps(res, indent=1) + "\n")
     return 0

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.parity_tail import analyse, permutation_p, router_margins, variant_tail
+from benchmarks.parity_tail import analyse, permutation_p, router_margins, sign_flip_p, variant_tail
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "parity_tail.py"
 
@@ -69,6 +69,33 @@ def test_across_runs_judges_an_allocation_against_stocks_own_runs():
     g = groups[0]
     assert g["stock"]["max"] == [0.02, 0.021, 0.022] and g["variants"]["consa"]["max"] == [0.03, 0.031, 0.032]
     assert g["variants"]["consa"]["p_max_above_stock"] == pytest.approx(1 / 20)  # C(6, 3), only the observed split
+    assert g["same_prompts"] and g["variants"]["consa"]["max_ratio_of_sums"] == pytest.approx(0.093 / 0.063)
+    # paired: three positive differences, only the all-positive signs reach their mean
+    assert g["variants"]["consa"]["paired_p_max_above_stock"] == pytest.approx(1 / 8)
+
+
+def test_across_runs_on_other_prompts_pairs_each_run():
+    """PROMPT_SEEDS runs: the same stock engine and weights on other prompts each run are one
+    group; each run's ConSA maximum is set against that run's stock maximum."""
+    runs = {f"p{k}": _report([[-0.7, -0.1], [0.0]]) for k in range(4)}
+    for k, rep in enumerate(runs.values()):
+        rep["prompts"] = [[k, 1, 2], [4, 5]]
+        rep["stats"]["stock_all_f"]["max"] = 0.02 * (k + 1)  # prompts that differ in difficulty
+        rep["stats"]["consa"]["max"] = 0.02 * (k + 1) + (0.001 if k else -0.001)
+    del runs["p3"]["stats"]["consa"]  # a run without the variant: left out of its pairs
+    g = analyse(runs, "stock_all_f", 0.05)["across_runs"]
+    assert len(g) == 1 and not g[0]["same_prompts"] and g[0]["stock"]["max"] == [0.02, 0.04, 0.06, 0.08]
+    v = g[0]["variants"]["consa"]
+    assert v["reports"] == ["p0", "p1", "p2"] and v["max"] == pytest.approx([0.019, 0.041, 0.061])
+    # unpaired, the stock runs' spread hides the excess; paired: differences -1, +1, +1 (x 1e-3)
+    assert v["p_max_above_stock"] > 0.5
+    assert v["paired_p_max_above_stock"] == pytest.approx(4 / 8)
+
+
+def test_sign_flip_p_exact():
+    assert sign_flip_p([1.0, 2.0, 3.0]) == pytest.approx(1 / 8)
+    assert sign_flip_p([-1.0, -2.0]) == 1.0
+    assert sign_flip_p([1.0, -1.0]) == pytest.approx(3 / 4)  # mean 0: every assignment but (-, +) ties or beats it
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
