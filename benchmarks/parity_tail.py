@@ -9,7 +9,9 @@ can have a larger maximum with the same numerics. This script separates the two,
 the reports ``tests/gpu_parity.run_variants`` writes (every token's error, the engine's tokens
 and the reference logprobs):
 
-- per engine: mean, p99 and max of the raw error; tokens above 0.04 and 0.05 per 1,024;
+- per engine: mean, p99 and max of the raw error; tokens above 0.04 and 0.05 per 1,024; the same
+  where each kernel path ran (the first generated token, from the prefill; decode steps; each
+  round's decode steps);
 - the same statistics of ``error / (1 - p)`` over the tokens with ``1 - p >= --min-sensitivity``
   (the logit-noise scale: equal numerics give equal distributions whatever tokens were drawn);
 - with several reports of the same model, prompts and engine options, stock vLLM's run-to-run
@@ -58,9 +60,25 @@ def _stats(values: list[float]) -> dict:
     return {"n": s.tokens, "mean": s.mean, "p99": s.p99, "max": s.max}
 
 
-def variant_tail(errors: list[list[float]], reference: list[list[float]], min_sensitivity: float) -> dict:
+def by_path(errors: list[list[float]], rounds: list[int] | None) -> dict:
+    """Raw statistics where each kernel path ran: a prompt's first generated token comes from the
+    prefill's logits, the others from decode steps; and per round of the report (``rounds``:
+    consecutive prompt counts; on a GPU the first round's decode batch runs FlashAttention over the
+    pools, the smaller ones the fused Triton decode)."""
+    out = {"prefill_token": _stats([row[0] for row in errors if row]),
+           "decode": _stats([e for row in errors for e in row[1:]])}
+    start = 0
+    for k, n in enumerate(rounds or []):
+        rows = errors[start:start + n]
+        out[f"round{k}_decode"] = _stats([e for row in rows for e in row[1:]])
+        start += n
+    return out
+
+
+def variant_tail(errors: list[list[float]], reference: list[list[float]], min_sensitivity: float,
+                 rounds: list[int] | None = None) -> dict:
     """Tail statistics of one engine: ``errors`` and ``reference`` (float32 logprobs) per prompt,
-    token by token."""
+    token by token, with :func:`by_path`."""
     flat = [e for row in errors for e in row]
     norm = [e / s for row_e, row_r in zip(errors, reference) for e, r in zip(row_e, row_r)
             if (s := 1.0 - math.exp(r)) >= min_sensitivity]
@@ -69,7 +87,7 @@ def variant_tail(errors: list[list[float]], reference: list[list[float]], min_se
             "above_0.04_per_1024": sum(e > 0.04 for e in flat) * per_1024,
             "above_0.05_per_1024": sum(e > 0.05 for e in flat) * per_1024,
             "mean_sensitivity": sum(1.0 - math.exp(r) for row in reference for r in row) / max(len(flat), 1),
-            "normalized": _stats(norm)}
+            "normalized": _stats(norm), "by_path": by_path(errors, rounds)}
 
 
 def stock_run_to_run(a: dict, b: dict, stock: str) -> dict:
@@ -217,7 +235,8 @@ def analyse(reports: dict[str, dict], stock: str, min_sensitivity: float) -> dic
     and stock's run-to-run difference between every two reports of the same stock engine."""
     out: dict = {"min_sensitivity": min_sensitivity, "reports": {}, "stock_run_to_run": {}}
     for name, rep in reports.items():
-        tails = {v: variant_tail(rep["per_token"][v], rep["outputs"][v]["reference"], min_sensitivity)
+        tails = {v: variant_tail(rep["per_token"][v], rep["outputs"][v]["reference"], min_sensitivity,
+                                 rep.get("rounds"))
                  for v in rep["per_token"]}
         if stock in tails:
             base = tails[stock]
@@ -226,6 +245,9 @@ def analyse(reports: dict[str, dict], stock: str, min_sensitivity: float) -> dic
                     t["vs_stock"] = {f"{kind}_{s}": t[kind][s] / base[kind][s]
                                      for kind in ("raw", "normalized") for s in ("mean", "p99", "max")
                                      if base[kind][s]}
+                    t["vs_stock"]["max_by_path"] = {path: st["max"] / base["by_path"][path]["max"]
+                                                    for path, st in t["by_path"].items()
+                                                    if st["max"] and base["by_path"].get(path, {}).get("max")}
         out["reports"][name] = tails
     for (na, a), (nb, b) in combinations(reports.items(), 2):
         if stock_engine(a, stock) is not None and stock_engine(a, stock) == stock_engine(b, stock):
@@ -282,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {v:40s} raw mean {r['mean']:.3e} p99 {r['p99']:.4f} max {r['max']:.4f} "
                   f"(>0.05: {t['above_0.05_per_1024']:.1f}/1024) | /(1-p) mean {n['mean']:.4f} p99 {n['p99']:.4f} "
                   f"max {n['max']:.4f}" + (f" | vs stock: raw max {ratio['raw_max']:.2f}x, normalized max "
-                                           f"{ratio['normalized_max']:.2f}x, p99 {ratio['normalized_p99']:.2f}x"
+                                           f"{ratio['normalized_max']:.2f}x, p99 {ratio['normalized_p99']:.2f}x; max by "
+                                           "path " + ", ".join(f"{p} {x:.2f}x" for p, x in ratio["max_by_path"].items())
                                            if ratio else ""))
     for pair, d in res["stock_run_to_run"].items():
         print(f"stock run to run, {pair}: {d['prompts_with_same_tokens']}/{d['prompts']} prompts with the same tokens; "

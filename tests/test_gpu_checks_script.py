@@ -31,13 +31,18 @@ def _checks(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     return r
 
 
+def _logs(out: Path) -> dict[str, str]:
+    """Each case's log in the archive the script left in ``out``, by file name."""
+    with tarfile.open(out / "gpu-checks.tgz") as tar:
+        return {Path(m.name).name: tar.extractfile(m).read().decode() for m in tar.getmembers()
+                if m.name.endswith(".log")}
+
+
 def test_hashseeds_run_one_process_per_seed(tmp_path):
     out = tmp_path / "out"
     r = _checks(tmp_path, OUT=str(out), ONLY="ops", HASHSEEDS="7 9 7")
     assert r.returncode == 0, r.stderr
-    with tarfile.open(out / "gpu-checks.tgz") as tar:
-        logs = {Path(m.name).name: tar.extractfile(m).read().decode() for m in tar.getmembers()
-                if m.name.endswith(".log")}
+    logs = _logs(out)
     assert sorted(logs) == ["ops.r1.h7.log", "ops.r2.h9.log", "ops.r3.h7.log"]
     for k, seed in ((1, 7), (2, 9), (3, 7)):
         line = logs[f"ops.r{k}.h{seed}.log"]
@@ -46,19 +51,15 @@ def test_hashseeds_run_one_process_per_seed(tmp_path):
     # without HASHSEEDS the hash seed is left to Python, and ONLY picks the case
     out2 = tmp_path / "out2"
     r = _checks(tmp_path, OUT=str(out2), ONLY="ops", REPEAT="2")
-    with tarfile.open(out2 / "gpu-checks.tgz") as tar:
-        names = sorted(Path(m.name).name for m in tar.getmembers() if m.name.endswith(".log"))
-        text = tar.extractfile("./ops.r1.log").read().decode()
-    assert names == ["ops.r1.log", "ops.r2.log"] and text.startswith("seed=unset prompts=unset ")
+    logs = _logs(out2)
+    assert sorted(logs) == ["ops.r1.log", "ops.r2.log"] and logs["ops.r1.log"].startswith("seed=unset prompts=unset ")
 
 
 def test_prompt_seeds_run_one_process_per_seed(tmp_path):
     out = tmp_path / "out"
     r = _checks(tmp_path, OUT=str(out), ONLY="checkpoint", PROMPT_SEEDS="0 3")
     assert r.returncode == 0, r.stderr
-    with tarfile.open(out / "gpu-checks.tgz") as tar:
-        logs = {Path(m.name).name: tar.extractfile(m).read().decode() for m in tar.getmembers()
-                if m.name.endswith(".log")}
+    logs = _logs(out)
     assert sorted(logs) == ["checkpoint.r1.p0.log", "checkpoint.r2.p3.log"]
     for k, seed in ((1, 0), (2, 3)):
         line = logs[f"checkpoint.r{k}.p{seed}.log"]

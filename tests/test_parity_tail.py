@@ -36,12 +36,23 @@ def test_variant_tail_raw_and_per_unit_of_sensitivity():
     assert t["normalized"]["max"] == pytest.approx(0.12) and t["normalized"]["mean"] == pytest.approx((0.12 + 0.02) / 2)
 
 
+def test_by_path_splits_prefill_token_decode_and_rounds():
+    errs = [[0.01, 0.05, 0.02], [0.03, 0.04], [0.09, 0.001]]
+    t = variant_tail(errs, [[-0.1] * len(r) for r in errs], 0.05, rounds=[2, 1])["by_path"]
+    assert t["prefill_token"]["max"] == 0.09 and t["prefill_token"]["n"] == 3
+    assert t["decode"]["max"] == 0.05 and t["decode"]["n"] == 4
+    assert t["round0_decode"]["max"] == 0.05 and t["round0_decode"]["n"] == 3
+    assert t["round1_decode"]["max"] == 0.001 and t["round1_decode"]["n"] == 1
+
+
 def test_analyse_ratios_and_stock_run_to_run_only_for_the_same_engine():
     a = _report([[-0.70, -0.10], [0.0]])
     b = _report([[-0.75, -0.10], [0.0]])
     other_engine = _report([[-0.70, -0.10], [0.0]], engine={"dtype": "bfloat16", "kv_cache_dtype": "fp8"})
     res = analyse({"a": a, "b": b, "fp8": other_engine}, "stock_all_f", 0.05)
     assert res["reports"]["a"]["consa"]["vs_stock"]["raw_max"] == pytest.approx(3.0)
+    assert res["reports"]["a"]["consa"]["vs_stock"]["max_by_path"] == {"prefill_token": pytest.approx(3.0),
+                                                                        "decode": pytest.approx(2.0)}
     assert "vs_stock" not in res["reports"]["a"]["stock_all_f"]
     assert list(res["stock_run_to_run"]) == ["a vs b"]  # a stock engine with other options is another engine
     d = res["stock_run_to_run"]["a vs b"]
