@@ -60,17 +60,28 @@ def _stats(values: list[float]) -> dict:
     return {"n": s.tokens, "mean": s.mean, "p99": s.p99, "max": s.max}
 
 
-def by_path(errors: list[list[float]], rounds: list[int] | None) -> dict:
-    """Raw statistics where each kernel path ran: a prompt's first generated token comes from the
-    prefill's logits, the others from decode steps; and per round of the report (``rounds``:
-    consecutive prompt counts; on a GPU the first round's decode batch runs FlashAttention over the
-    pools, the smaller ones the fused Triton decode)."""
-    out = {"prefill_token": _stats([row[0] for row in errors if row]),
-           "decode": _stats([e for row in errors for e in row[1:]])}
+def _raw_and_normalized(errors: list[float], sensitivity: list[float], min_sensitivity: float) -> dict:
+    """:func:`_stats` of ``errors`` and of ``error / (1 - p)`` over the tokens with ``1 - p`` at
+    least ``min_sensitivity``."""
+    return {"raw": _stats(errors),
+            "normalized": _stats([e / s for e, s in zip(errors, sensitivity) if s >= min_sensitivity])}
+
+
+def by_path(errors: list[list[float]], sensitivity: list[list[float]], min_sensitivity: float,
+            rounds: list[int] | None) -> dict:
+    """Raw and normalized statistics where each kernel path ran: a prompt's first generated token
+    comes from the prefill's logits, the others from decode steps; and per round of the report
+    (``rounds``: consecutive prompt counts; on a GPU the first round's decode batch runs
+    FlashAttention over the pools, the smaller ones the fused Triton decode)."""
+    def pick(rows: range, first: bool) -> dict:
+        sel = [(e, s) for i in rows for j, (e, s) in enumerate(zip(errors[i], sensitivity[i])) if (j == 0) == first]
+        return _raw_and_normalized([e for e, _ in sel], [s for _, s in sel], min_sensitivity)
+
+    everything = range(len(errors))
+    out = {"prefill_token": pick(everything, True), "decode": pick(everything, False)}
     start = 0
     for k, n in enumerate(rounds or []):
-        rows = errors[start:start + n]
-        out[f"round{k}_decode"] = _stats([e for row in rows for e in row[1:]])
+        out[f"round{k}_decode"] = pick(range(start, start + n), False)
         start += n
     return out
 
@@ -79,15 +90,14 @@ def variant_tail(errors: list[list[float]], reference: list[list[float]], min_se
                  rounds: list[int] | None = None) -> dict:
     """Tail statistics of one engine: ``errors`` and ``reference`` (float32 logprobs) per prompt,
     token by token, with :func:`by_path`."""
+    sensitivity = [[1.0 - math.exp(r) for r in row] for row in reference]
     flat = [e for row in errors for e in row]
-    norm = [e / s for row_e, row_r in zip(errors, reference) for e, r in zip(row_e, row_r)
-            if (s := 1.0 - math.exp(r)) >= min_sensitivity]
     per_1024 = 1024 / max(len(flat), 1)
-    return {"raw": _stats(flat),
+    return {**_raw_and_normalized(flat, [s for row in sensitivity for s in row], min_sensitivity),
             "above_0.04_per_1024": sum(e > 0.04 for e in flat) * per_1024,
             "above_0.05_per_1024": sum(e > 0.05 for e in flat) * per_1024,
-            "mean_sensitivity": sum(1.0 - math.exp(r) for row in reference for r in row) / max(len(flat), 1),
-            "normalized": _stats(norm), "by_path": by_path(errors, rounds)}
+            "mean_sensitivity": sum(s for row in sensitivity for s in row) / max(len(flat), 1),
+            "by_path": by_path(errors, sensitivity, min_sensitivity, rounds)}
 
 
 def stock_run_to_run(a: dict, b: dict, stock: str) -> dict:
@@ -245,9 +255,10 @@ def analyse(reports: dict[str, dict], stock: str, min_sensitivity: float) -> dic
                     t["vs_stock"] = {f"{kind}_{s}": t[kind][s] / base[kind][s]
                                      for kind in ("raw", "normalized") for s in ("mean", "p99", "max")
                                      if base[kind][s]}
-                    t["vs_stock"]["max_by_path"] = {path: st["max"] / base["by_path"][path]["max"]
-                                                    for path, st in t["by_path"].items()
-                                                    if st["max"] and base["by_path"].get(path, {}).get("max")}
+                    t["vs_stock"]["max_by_path"] = {
+                        path: {kind: st[kind]["max"] / b[kind]["max"] for kind in ("raw", "normalized")
+                               if st[kind]["max"] is not None and b[kind]["max"]}
+                        for path, st in t["by_path"].items() if (b := base["by_path"].get(path))}
         out["reports"][name] = tails
     for (na, a), (nb, b) in combinations(reports.items(), 2):
         if stock_engine(a, stock) is not None and stock_engine(a, stock) == stock_engine(b, stock):
@@ -305,7 +316,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"(>0.05: {t['above_0.05_per_1024']:.1f}/1024) | /(1-p) mean {n['mean']:.4f} p99 {n['p99']:.4f} "
                   f"max {n['max']:.4f}" + (f" | vs stock: raw max {ratio['raw_max']:.2f}x, normalized max "
                                            f"{ratio['normalized_max']:.2f}x, p99 {ratio['normalized_p99']:.2f}x; max by "
-                                           "path " + ", ".join(f"{p} {x:.2f}x" for p, x in ratio["max_by_path"].items())
+                                           "path (raw, normalized) " + ", ".join(
+                                               f"{p} {x.get('raw', math.nan):.2f}x {x.get('normalized', math.nan):.2f}x"
+                                               for p, x in ratio["max_by_path"].items())
                                            if ratio else ""))
     for pair, d in res["stock_run_to_run"].items():
         print(f"stock run to run, {pair}: {d['prompts_with_same_tokens']}/{d['prompts']} prompts with the same tokens; "

@@ -38,11 +38,15 @@ def test_variant_tail_raw_and_per_unit_of_sensitivity():
 
 def test_by_path_splits_prefill_token_decode_and_rounds():
     errs = [[0.01, 0.05, 0.02], [0.03, 0.04], [0.09, 0.001]]
-    t = variant_tail(errs, [[-0.1] * len(r) for r in errs], 0.05, rounds=[2, 1])["by_path"]
-    assert t["prefill_token"]["max"] == 0.09 and t["prefill_token"]["n"] == 3
-    assert t["decode"]["max"] == 0.05 and t["decode"]["n"] == 4
-    assert t["round0_decode"]["max"] == 0.05 and t["round0_decode"]["n"] == 3
-    assert t["round1_decode"]["max"] == 0.001 and t["round1_decode"]["n"] == 1
+    # 1 - p = 0.5 everywhere but the second prompt's decode token (0.01, below --min-sensitivity)
+    ref = [[math.log(0.5)] * 3, [math.log(0.5), math.log(0.99)], [math.log(0.5)] * 2]
+    t = variant_tail(errs, ref, 0.05, rounds=[2, 1])["by_path"]
+    raw = {p: (x["raw"]["max"], x["raw"]["n"]) for p, x in t.items()}
+    assert raw == {"prefill_token": (0.09, 3), "decode": (0.05, 4), "round0_decode": (0.05, 3),
+                   "round1_decode": (0.001, 1)}
+    norm = {p: (x["normalized"]["max"], x["normalized"]["n"]) for p, x in t.items()}
+    assert norm == {"prefill_token": (pytest.approx(0.18), 3), "decode": (pytest.approx(0.1), 3),
+                    "round0_decode": (pytest.approx(0.1), 2), "round1_decode": (pytest.approx(0.002), 1)}
 
 
 def test_analyse_ratios_and_stock_run_to_run_only_for_the_same_engine():
@@ -51,8 +55,10 @@ def test_analyse_ratios_and_stock_run_to_run_only_for_the_same_engine():
     other_engine = _report([[-0.70, -0.10], [0.0]], engine={"dtype": "bfloat16", "kv_cache_dtype": "fp8"})
     res = analyse({"a": a, "b": b, "fp8": other_engine}, "stock_all_f", 0.05)
     assert res["reports"]["a"]["consa"]["vs_stock"]["raw_max"] == pytest.approx(3.0)
-    assert res["reports"]["a"]["consa"]["vs_stock"]["max_by_path"] == {"prefill_token": pytest.approx(3.0),
-                                                                        "decode": pytest.approx(2.0)}
+    # 1 - p is 0.5 on the first tokens and 0.1 on the decode one: the same ratios per unit of it
+    assert res["reports"]["a"]["consa"]["vs_stock"]["max_by_path"] == {
+        "prefill_token": {"raw": pytest.approx(3.0), "normalized": pytest.approx(3.0)},
+        "decode": {"raw": pytest.approx(2.0), "normalized": pytest.approx(2.0)}}
     assert "vs_stock" not in res["reports"]["a"]["stock_all_f"]
     assert list(res["stock_run_to_run"]) == ["a vs b"]  # a stock engine with other options is another engine
     d = res["stock_run_to_run"]["a vs b"]
