@@ -30,9 +30,13 @@ import re
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from engine_harness import Generation, run_vllm
 from engine_probe import EXTENSION, differing, fingerprints
+
+if TYPE_CHECKING:
+    from consa_vllm.allocation import Allocation
 
 
 @dataclass
