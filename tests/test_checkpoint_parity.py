@@ -51,6 +51,10 @@ def test_serves_stock_all_f_and_each_allocation_and_scores_them(tiny_model, tmp_
     assert tokens["prompts"] == text_prompts(src, [40, 70, 40], seed=3)[0]
     assert tokens["variants"]["uneven"]["allocation"]["sink"] == 2
     assert tokens["variants"]["stock_all_f"]["allocation"] is None
+    # Both engines computed the same batches (each round queued whole): a paired comparison.
+    sched = tokens["outputs"]["stock_all_f"]["schedule"]
+    assert sched == tokens["outputs"]["uneven"]["schedule"] and tokens["paired"]["uneven vs stock_all_f"]["same_schedule"]
+    assert sched[0] == [[0, 40], [1, 70]] and sched[-1] == [[2, 1]]  # round one's prefill, round two's last decode
 
 
 def test_refuses_bad_input_in_one_line_before_any_engine(tiny_model, tmp_path):
