@@ -103,11 +103,14 @@ def variant_tail(errors: list[list[float]], reference: list[list[float]], min_se
 def stock_run_to_run(a: dict, b: dict, stock: str) -> dict:
     """How much the ``stock`` engine's logprobs moved between reports ``a`` and ``b`` (same
     prompts): over the prompts that generated the same tokens, the share of tokens whose logprob
-    differs and the largest and mean |difference|."""
+    differs and the largest and mean |difference|; and whether both runs computed the same batches
+    (None for reports without schedules)."""
     oa, ob = a["outputs"][stock], b["outputs"][stock]
     same = [i for i, (x, y) in enumerate(zip(oa["tokens"], ob["tokens"])) if x == y]
     diffs = [abs(x - y) for i in same for x, y in zip(oa["logprobs"][i], ob["logprobs"][i])]
     return {"prompts": len(oa["tokens"]), "prompts_with_same_tokens": len(same),
+            # reports since session 21 record each engine's batches: equal ones should give equal logprobs
+            "same_schedule": oa["schedule"] == ob["schedule"] if "schedule" in oa and "schedule" in ob else None,
             "tokens_compared": len(diffs), "share_differing": sum(d > 0 for d in diffs) / max(len(diffs), 1),
             "max_abs_diff": max(diffs, default=0.0), "mean_abs_diff": sum(diffs) / max(len(diffs), 1),
             "stock_max_error": [a["stats"][stock]["max"], b["stats"][stock]["max"]],
@@ -321,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
                                                for p, x in ratio["max_by_path"].items())
                                            if ratio else ""))
     for pair, d in res["stock_run_to_run"].items():
-        print(f"stock run to run, {pair}: {d['prompts_with_same_tokens']}/{d['prompts']} prompts with the same tokens; "
+        print(f"stock run to run, {pair}: same batches {d['same_schedule']}; "
+              f"{d['prompts_with_same_tokens']}/{d['prompts']} prompts with the same tokens; "
               f"{100 * d['share_differing']:.0f}% of their logprobs differ, max {d['max_abs_diff']:.4f}, "
               f"mean {d['mean_abs_diff']:.2e}")
     for g in res["across_runs"]:

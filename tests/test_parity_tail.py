@@ -64,6 +64,10 @@ def test_analyse_ratios_and_stock_run_to_run_only_for_the_same_engine():
     d = res["stock_run_to_run"]["a vs b"]
     assert d["prompts_with_same_tokens"] == 2 and d["tokens_compared"] == 3
     assert d["share_differing"] == pytest.approx(1 / 3) and d["max_abs_diff"] == pytest.approx(0.05)
+    assert d["same_schedule"] is None  # reports before session 21 have no schedules
+    for rep, first in ((a, [[0, 3], [1, 2]]), (b, [[0, 3]])):
+        rep["outputs"]["stock_all_f"]["schedule"] = [first, [[0, 1], [1, 1]]]
+    assert analyse({"a": a, "b": b}, "stock_all_f", 0.05)["stock_run_to_run"]["a vs b"]["same_schedule"] is False
 
 
 def test_permutation_p_exact_and_sampled():
