@@ -55,6 +55,8 @@ from gpu_parity import checkpoint_parity, load_allocation_files, reference_weigh
 def test_gpu_checkpoint_calibrated_parity(tmp_path):
     """Each learned allocation served by the plugin against one stock vLLM engine on the all-F
     checkpoint: ConSA's mean and max error no larger than stock's, for every allocation."""
+    if not PROMPT_SEED.isdigit():
+        pytest.fail(f"CONSA_GPU_PROMPT_SEED must be a whole number, got {PROMPT_SEED!r}")
     # The float32 and bf16 references (two passes over 32 prompts of up to 1,500 tokens per engine)
     # run where CONSA_GPU_REFERENCE_DEVICE says (gpu_checkpoint_groups.sh: the GPU); on the CPU,
     # on all cores, not gpu_checks.sh's one thread per process (minutes otherwise).
@@ -63,8 +65,6 @@ def test_gpu_checkpoint_calibrated_parity(tmp_path):
     report = Path(os.environ.get("CONSA_GPU_REPORT_DIR", tmp_path)) / f"{name}.json"
     served = Path(CHECKPOINT)
     src = reference_weights(served, tmp_path)
-    if not PROMPT_SEED.isdigit():
-        pytest.fail(f"CONSA_GPU_PROMPT_SEED must be a whole number, got {PROMPT_SEED!r}")
     res = checkpoint_parity(src, load_allocation_files(src, ALLOCATIONS), tmp_path, report, served=served,
                             seed=int(PROMPT_SEED), **ENGINE)
     stock = res["stock_all_f"]
