@@ -23,11 +23,12 @@ unpack() {  # archive prefix, target dir
   ( cd /tmp/pieces && sha256sum -c --ignore-missing --quiet SHA256SUMS* ) || { echo "bad pieces" >&2; return 1; }
   mkdir -p "$2" && cat /tmp/pieces/"$1".tgz.* | tar xzf - -C "$2"
 }
-[ $# -gt 0 ] || { echo "gpu_checkpoint_groups: name one or more groups (c, c2, cm, ckv, cfw)" >&2; exit 2; }
+known="c, c2, cm, ckv, cfw"
+[ $# -gt 0 ] || { echo "gpu_checkpoint_groups: name one or more groups ($known)" >&2; exit 2; }
 for g in "$@"; do  # every name checked before anything is unpacked or started
   case $g in
     c|c2|cm|ckv|cfw) ;;
-    *) echo "gpu_checkpoint_groups: unknown group '$g' (c, c2, cm, ckv, cfw)" >&2; exit 2 ;;
+    *) echo "gpu_checkpoint_groups: unknown group '$g' ($known)" >&2; exit 2 ;;
   esac
 done
 for g in "$@"; do

@@ -191,21 +191,19 @@ def sign_flip_p(d: list[float]) -> float:
     return sum(sum(s * x for s, x in zip(signs, d)) / len(d) >= observed - 1e-12 for signs in flips) / len(flips)
 
 
-def stock_engine(rep: dict, stock: str) -> str | None:
-    """What makes two reports' ``stock`` engines the same engine (prompts, engine options and
-    weights), as a comparable key; None when the report has no such engine."""
-    if stock not in rep["outputs"]:
-        return None
-    return json.dumps([rep.get("prompts"), rep.get("engine"), rep["outputs"][stock].get("weight_fingerprints")],
-                      sort_keys=True)
-
-
 def stock_model(rep: dict, stock: str) -> str | None:
     """What makes two reports' ``stock`` engines the same engine on the same weights, whatever
-    prompts they served (:func:`stock_engine` less the prompts); None without such an engine."""
+    prompts they served (engine options and weight fingerprints), as a comparable key; None when
+    the report has no such engine."""
     if stock not in rep["outputs"]:
         return None
     return json.dumps([rep.get("engine"), rep["outputs"][stock].get("weight_fingerprints")], sort_keys=True)
+
+
+def stock_engine(rep: dict, stock: str) -> str | None:
+    """:func:`stock_model` on the same prompts: the same stock engine run again."""
+    model = stock_model(rep, stock)
+    return None if model is None else json.dumps([rep.get("prompts"), model])
 
 
 def across_runs(reports: dict[str, dict], stock: str) -> list[dict]:
@@ -263,8 +261,9 @@ def analyse(reports: dict[str, dict], stock: str, min_sensitivity: float) -> dic
                                if st[kind]["max"] is not None and b[kind]["max"]}
                         for path, st in t["by_path"].items() if (b := base["by_path"].get(path))}
         out["reports"][name] = tails
+    engines = {name: stock_engine(rep, stock) for name, rep in reports.items()}  # each report's prompts dumped once
     for (na, a), (nb, b) in combinations(reports.items(), 2):
-        if stock_engine(a, stock) is not None and stock_engine(a, stock) == stock_engine(b, stock):
+        if engines[na] is not None and engines[na] == engines[nb]:
             out["stock_run_to_run"][f"{na} vs {nb}"] = stock_run_to_run(a, b, stock)
     out["across_runs"] = across_runs(reports, stock)
     return out
