@@ -23,7 +23,9 @@ and the reference logprobs):
   means run by run; an exact permutation test of whether an allocation's runs have a larger mean
   maximum (and mean) than stock's runs, and a paired one (signs of the per-run differences
   flipped: each run's ConSA and stock engines served the same prompts in the same batches): the
-  rule's max judged against stock's own spread;
+  rule's max judged against stock's own spread; every run's prompts pooled into one paired
+  bootstrap of the mean; and the same ratios for plain Hugging Face in bf16 on each engine's
+  tokens (the model's own sensitivity, no vLLM), which the served ratio is divided by;
 - with ``--model`` (the float32 checkpoint an MoE report served): at each generated token the
   router's smallest margin, over the MoE layers, between the last expert chosen and the first one
   not chosen (router logits, float32, under the variant's allocation), and where the largest errors
@@ -206,11 +208,42 @@ def stock_engine(rep: dict, stock: str) -> str | None:
     return None if model is None else json.dumps([rep.get("prompts"), model])
 
 
+def pooled_prompts(reps: list[dict], variant: str, stock: str) -> dict | None:
+    """Every run's prompts as one sample: the paired bootstrap (:func:`consa_vllm.eval.stats.paired_bootstrap`)
+    of the per-prompt mean |dlogprob|, ``variant`` minus ``stock``, each run's two engines on the
+    same prompts. More prompts than one run's, so it resolves smaller mean differences than the
+    sign flips over a few runs can (whose smallest p is ``2**-runs``). None without per-token errors."""
+    from consa_vllm.eval.stats import paired_bootstrap
+
+    if not all(variant in r.get("per_token", {}) and stock in r.get("per_token", {}) for r in reps):
+        return None
+    a = [sum(p) / len(p) for r in reps for p in r["per_token"][variant] if p]
+    b = [sum(p) / len(p) for r in reps for p in r["per_token"][stock] if p]
+    if len(a) != len(b):
+        return None
+    d = paired_bootstrap(a, b)
+    return {"prompts": d.n, "mean_difference": d.mean, "low": d.low, "high": d.high, "p_value": d.p_value}
+
+
+def plain_hf_ratios(reps: list[dict], variant: str, stock: str, served_mean_ratio: float) -> dict | None:
+    """The same ratios of summed means and maxima for plain Hugging Face in bf16 (no vLLM) on each
+    engine's own tokens (the reports' ``plain_hf_bf16``): how much more bf16 moves the allocation's
+    model than the all-F model by itself. ``served_over_plain_hf_mean`` divides the served mean
+    ratio by it: at or below 1.0, serving adds no error beyond the model's own sensitivity."""
+    hf = [r.get("plain_hf_bf16") or {} for r in reps]
+    if not all(variant in h and stock in h for h in hf):
+        return None
+    mean = sum(h[variant]["mean"] for h in hf) / sum(h[stock]["mean"] for h in hf)
+    return {"mean_ratio_of_sums": mean,
+            "max_ratio_of_sums": sum(h[variant]["max"] for h in hf) / sum(h[stock]["max"] for h in hf),
+            "served_over_plain_hf_mean": served_mean_ratio / mean}
+
+
 def across_runs(reports: dict[str, dict], stock: str) -> list[dict]:
     """Reports grouped by their :func:`stock_model`; for each group of two or more, stock's and
     every allocation's maxima and means run by run, :func:`permutation_p` of an allocation's runs
-    against stock's, and :func:`sign_flip_p` of the per-run differences (the runs where both
-    engines were served)."""
+    against stock's, :func:`sign_flip_p` of the per-run differences (the runs where both
+    engines were served), :func:`pooled_prompts` and :func:`plain_hf_ratios`."""
     groups: dict[str, list[str]] = {}
     for name, rep in reports.items():
         if (key := stock_model(rep, stock)) is not None:
@@ -236,7 +269,9 @@ def across_runs(reports: dict[str, dict], stock: str) -> list[dict]:
                 "p_max_above_stock": permutation_p(mx, entry["stock"]["max"]),
                 "p_mean_above_stock": permutation_p(mn, entry["stock"]["mean"]),
                 "paired_p_max_above_stock": sign_flip_p([a - b for a, b in zip(mx, smx)]),
-                "paired_p_mean_above_stock": sign_flip_p([a - b for a, b in zip(mn, smn)])}
+                "paired_p_mean_above_stock": sign_flip_p([a - b for a, b in zip(mn, smn)]),
+                "pooled_prompts": pooled_prompts([reports[n] for n in both], v, stock),
+                "plain_hf_bf16": plain_hf_ratios([reports[n] for n in both], v, stock, sum(mn) / sum(smn))}
         out.append(entry)
     return out
 
@@ -335,6 +370,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"stock {r['p_max_above_stock']:.3f}, paired {r['paired_p_max_above_stock']:.3f}); mean "
                   f"{r['mean_ratio_of_sums']:.3f}x (p {r['p_mean_above_stock']:.3f}, paired "
                   f"{r['paired_p_mean_above_stock']:.3f})")
+            if (pp := r["pooled_prompts"]) is not None:
+                print(f"  {'':40s} pooled over {pp['prompts']} prompts: mean difference {pp['mean_difference']:.2e} "
+                      f"[{pp['low']:.2e}, {pp['high']:.2e}], p {pp['p_value']:.3f}")
+            if (hf := r["plain_hf_bf16"]) is not None:
+                print(f"  {'':40s} plain HF bf16 (no vLLM): mean {hf['mean_ratio_of_sums']:.3f}x, max "
+                      f"{hf['max_ratio_of_sums']:.3f}x; served mean over it {hf['served_over_plain_hf_mean']:.3f}")
     if a.out:
         a.out.write_text(json.dumps(res, indent=1) + "\n")
     return 0

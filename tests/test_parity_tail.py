@@ -149,3 +149,24 @@ def test_cli_refuses_bad_input_in_one_line(tmp_path):
     r = subprocess.run([sys.executable, str(SCRIPT), str(good), "--out", str(out)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert json.loads(out.read_text())["reports"]["r"]["consa"]["raw"]["max"] == 0.06
+
+
+def test_across_runs_pools_prompts_and_divides_by_plain_hf_sensitivity():
+    """A mean excess that plain Hugging Face bf16 shows too is the model's sensitivity, not the
+    serving path: the served ratio over HF's comes out at 1.0; the pooled prompts' bootstrap sees
+    the variant's larger per-prompt errors in every run."""
+    runs = {f"p{k}": _report([[-0.7, -0.1], [0.0]]) for k in range(3)}
+    for k, rep in enumerate(runs.values()):
+        rep["prompts"] = [[k, 1, 2], [4, 5]]
+        rep["stats"]["consa"]["mean"] = 0.012  # 1.2x stock's 0.01 in every run
+        rep["plain_hf_bf16"] = {"stock_all_f": {"mean": 0.02, "max": 0.1}, "consa": {"mean": 0.024, "max": 0.05}}
+    v = analyse(runs, "stock_all_f", 0.05)["across_runs"][0]["variants"]["consa"]
+    assert v["mean_ratio_of_sums"] == pytest.approx(1.2)
+    hf = v["plain_hf_bf16"]
+    assert hf["mean_ratio_of_sums"] == pytest.approx(1.2) and hf["max_ratio_of_sums"] == pytest.approx(0.5)
+    assert hf["served_over_plain_hf_mean"] == pytest.approx(1.0)
+    pp = v["pooled_prompts"]  # per-prompt means: consa 0.031, 0.0005; stock 0.0105, 0.0 (three runs, six prompts)
+    assert pp["prompts"] == 6 and pp["mean_difference"] == pytest.approx((0.0205 + 0.0005) / 2)
+    assert pp["low"] > 0  # every prompt's difference is positive
+    del runs["p1"]["plain_hf_bf16"]  # a run without HF's errors: no ratio rather than a partial one
+    assert analyse(runs, "stock_all_f", 0.05)["across_runs"][0]["variants"]["consa"]["plain_hf_bf16"] is None
