@@ -330,8 +330,9 @@ def main(argv: list[str] | None = None) -> int:
         missing = [k for k in ("per_token", "outputs", "stats") if k not in rep]
         if missing:
             ap.error(f"report {path}: no {', '.join(repr(k) for k in missing)}; not a parity report with engine outputs")
-        name = path.stem if path.stem not in reports else str(path)
-        reports[name] = rep
+        # Named by file stem where the stems differ, else every report by its path (plan C''s
+        # runs are all r<K>/checkpoint.json): one scheme for all the reports of one analysis.
+        reports[path.stem if len({p.stem for p in a.reports}) == len(a.reports) else str(path)] = rep
     res = analyse(reports, a.stock, a.min_sensitivity)
     if a.model is not None:
         for name, rep in reports.items():
