@@ -209,20 +209,19 @@ def stock_engine(rep: dict, stock: str) -> str | None:
 
 
 def pooled_prompts(reps: list[dict], variant: str, stock: str) -> dict | None:
-    """Every run's prompts as one sample: the paired bootstrap (:func:`consa_vllm.eval.stats.paired_bootstrap`)
-    of the per-prompt mean |dlogprob|, ``variant`` minus ``stock``, each run's two engines on the
-    same prompts. More prompts than one run's, so it resolves smaller mean differences than the
-    sign flips over a few runs can (whose smallest p is ``2**-runs``). None without per-token errors."""
-    from consa_vllm.eval.stats import paired_bootstrap
+    """Every run's prompts as one sample: :func:`gpu_parity.paired` (the paired bootstrap the
+    reports use per run) of the per-prompt mean |dlogprob|, ``variant`` minus ``stock``, each
+    run's two engines on the same prompts. More prompts than one run's, so it resolves smaller
+    mean differences than the sign flips over a few runs can (whose smallest p is ``2**-runs``).
+    None without both engines' per-token errors on the same prompts in every run."""
+    from gpu_parity import paired
 
-    if not all(variant in r.get("per_token", {}) and stock in r.get("per_token", {}) for r in reps):
+    if not all(variant in (t := r.get("per_token", {})) and stock in t and len(t[variant]) == len(t[stock])
+               for r in reps):
         return None
-    a = [sum(p) / len(p) for r in reps for p in r["per_token"][variant] if p]
-    b = [sum(p) / len(p) for r in reps for p in r["per_token"][stock] if p]
-    if len(a) != len(b):
-        return None
-    d = paired_bootstrap(a, b)
-    return {"prompts": d.n, "mean_difference": d.mean, "low": d.low, "high": d.high, "p_value": d.p_value}
+    d = paired([e for r in reps for e in r["per_token"][variant]], [e for r in reps for e in r["per_token"][stock]])
+    return {"prompts": sum(len(r["per_token"][stock]) for r in reps), "mean_difference": d["diff"],
+            "low": d["low"], "high": d["high"], "p_value": d["p_value"]}
 
 
 def plain_hf_ratios(reps: list[dict], variant: str, stock: str, served_mean_ratio: float) -> dict | None:
@@ -259,10 +258,11 @@ def across_runs(reports: dict[str, dict], stock: str) -> list[dict]:
                  "variants": {}}
         for v in dict.fromkeys(v for n in names for v in reports[n]["stats"] if v != stock):
             both = [n for n in names if v in reports[n]["stats"]]
-            mx = [reports[n]["stats"][v]["max"] for n in both]
-            mn = [reports[n]["stats"][v]["mean"] for n in both]
-            smx = [reports[n]["stats"][stock]["max"] for n in both]
-            smn = [reports[n]["stats"][stock]["mean"] for n in both]
+            reps = [reports[n] for n in both]
+            mx = [r["stats"][v]["max"] for r in reps]
+            mn = [r["stats"][v]["mean"] for r in reps]
+            smx = [r["stats"][stock]["max"] for r in reps]
+            smn = [r["stats"][stock]["mean"] for r in reps]
             entry["variants"][v] = {
                 "reports": both, "max": mx, "mean": mn,
                 "max_ratio_of_sums": sum(mx) / sum(smx), "mean_ratio_of_sums": sum(mn) / sum(smn),
@@ -270,8 +270,8 @@ def across_runs(reports: dict[str, dict], stock: str) -> list[dict]:
                 "p_mean_above_stock": permutation_p(mn, entry["stock"]["mean"]),
                 "paired_p_max_above_stock": sign_flip_p([a - b for a, b in zip(mx, smx)]),
                 "paired_p_mean_above_stock": sign_flip_p([a - b for a, b in zip(mn, smn)]),
-                "pooled_prompts": pooled_prompts([reports[n] for n in both], v, stock),
-                "plain_hf_bf16": plain_hf_ratios([reports[n] for n in both], v, stock, sum(mn) / sum(smn))}
+                "pooled_prompts": pooled_prompts(reps, v, stock),
+                "plain_hf_bf16": plain_hf_ratios(reps, v, stock, sum(mn) / sum(smn))}
         out.append(entry)
     return out
 
@@ -320,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < a.min_sensitivity < 1:
         ap.error(f"--min-sensitivity must be between 0 and 1, got {a.min_sensitivity}")
     reports: dict[str, dict] = {}
+    # Named by file stem where the stems differ, else every report by its path (plan C''s runs
+    # are all r<K>/checkpoint.json): one scheme for all the reports of one analysis.
+    by_stem = len({p.stem for p in a.reports}) == len(a.reports)
     for path in a.reports:
         try:
             rep = json.loads(path.read_text())
@@ -330,9 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         missing = [k for k in ("per_token", "outputs", "stats") if k not in rep]
         if missing:
             ap.error(f"report {path}: no {', '.join(repr(k) for k in missing)}; not a parity report with engine outputs")
-        # Named by file stem where the stems differ, else every report by its path (plan C''s
-        # runs are all r<K>/checkpoint.json): one scheme for all the reports of one analysis.
-        reports[path.stem if len({p.stem for p in a.reports}) == len(a.reports) else str(path)] = rep
+        reports[path.stem if by_stem else str(path)] = rep
     res = analyse(reports, a.stock, a.min_sensitivity)
     if a.model is not None:
         for name, rep in reports.items():
