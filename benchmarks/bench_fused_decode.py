@@ -129,12 +129,15 @@ class Pools:
 
 
 def parse_launch(name: str) -> dict:
-    """``t64w8s2`` -> LaunchConfig fields (tile_size 64, num_warps 8, num_stages 2); any subset, any order."""
-    fields = {"t": "tile_size", "w": "num_warps", "s": "num_stages"}
-    parts = re.findall(r"([tws])(\d+)", name)
-    if not parts or "".join(k + v for k, v in parts) != name:
-        raise SystemExit(f"--launch {name!r}: expected parts tTILE, wWARPS, sSTAGES, e.g. t64w8s2")
-    return {fields[k]: int(v) for k, v in parts}
+    """``t64w8s2p0`` -> LaunchConfig fields (tile_size 64, num_warps 8, num_stages 2, prefetch_bt
+    False); any subset, any order."""
+    fields = {"t": "tile_size", "w": "num_warps", "s": "num_stages", "p": "prefetch_bt"}
+    parts = re.findall(r"([twsp])(\d+)", name)
+    if (not parts or "".join(k + v for k, v in parts) != name
+            or any(k == "p" and v not in ("0", "1") for k, v in parts)):
+        raise SystemExit(f"--launch {name!r}: expected parts tTILE, wWARPS, sSTAGES, p0/p1 (block-table "
+                         "prefetch), e.g. t64w8s2")
+    return {fields[k]: (v == "1") if k == "p" else int(v) for k, v in parts}
 
 
 def time_eager(fn, reps):
@@ -195,7 +198,8 @@ def main():
     ap.add_argument("--fill-programs", default="", help="extra variants: about N F programs per layer, comma list")
     ap.add_argument("--launch", default="",
                     help="extra launch configurations of the fused op, comma list of tTILE wWARPS sSTAGES "
-                         "in any subset, e.g. t64,w8,t64s2 (omitted parts: the served defaults)")
+                         "p0/p1 (block-table prefetch) in any subset, e.g. t64,w8,t64s2,p0 (omitted "
+                         "parts: the served defaults)")
     ap.add_argument("--fp8", action="store_true", help="FP8 pools (per-tensor scales 1.0)")
     ap.add_argument("--no-fa3", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run under TRITON_INTERPRET=1")

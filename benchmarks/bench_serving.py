@@ -39,7 +39,7 @@ For each model, in a fresh process (one engine):
 - throughput: ``--requests`` prompts of ``--prompt`` tokens + ``--output`` generated
   tokens (``ignore_eos``);
 - batch 1 at each ``--b1-prompt`` length: time to first token (prefill) and decode
-  ms/token from one request (best of ``--b1-repeats``), and the KV bytes the live request
+  ms/token from one request (best of ``--b1-repeats``; every run under ``*_runs``), and the KV bytes the live request
   holds during decode against the estimator at the same context.
 
 The JSON (``--out``) is rewritten after every model, so a run that is stopped keeps the
@@ -356,8 +356,10 @@ def run_one(job: dict) -> dict:
                 for i in range(args.b1_repeats)]
         b1 = {"prompt": length, "output": args.b1_output, "repeats": args.b1_repeats,
               "ttft_s": min(r["ttft_s"] for r in runs)}
+        b1["ttft_s_runs"] = [r["ttft_s"] for r in runs]
         if all("decode_ms_per_token" in r for r in runs):
             b1["decode_ms_per_token"] = min(r["decode_ms_per_token"] for r in runs)
+            b1["decode_ms_per_token_runs"] = [r["decode_ms_per_token"] for r in runs]
         kv = runs[0].get("kv")
         if kv is not None and kv["request_tokens"]:
             # The one live request's blocks, in bytes, against the estimator at its context.

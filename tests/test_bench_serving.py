@@ -153,6 +153,7 @@ def test_cpu_smoke_run(tmp_path):
         assert [b["prompt"] for b in rec["b1"]] == [256, 512]
         for b in rec["b1"]:
             assert b["ttft_s"] > 0 and b["decode_ms_per_token"] > 0
+            assert b["decode_ms_per_token"] == min(b["decode_ms_per_token_runs"]) and len(b["ttft_s_runs"]) == 1
             assert b["prompt"] < b["kv_context"] <= b["prompt"] + 8
             # Blocks the live request holds = the estimator in whole blocks (no page padding here).
             assert b["kv_bytes_in_use"] == b["kv_estimate_bytes"]

@@ -592,6 +592,9 @@ INTERPRET_CASES = [
     ("boundary=prefill_sink", "bfloat16", "2d"),
     ("boundary=prefill_sink", "float32", "merge"),
     ("boundary=decode_sink1_w1", "float32", "3d_uneven"),
+    # the 3D loop without the block-table prefetch (CONSA_DECODE_PREFETCH_BT=0)
+    ("boundary=decode", "float32", "3d_noprefetch"),
+    ("boundary=decode_sink", "bfloat16", "3d_noprefetch"),
     ("boundary=decode_sink1_w1", "bfloat16", "2d"),
 ]
 CONFIGS["decode_only_nf0"] = ([(50, 1), (3, 1), (17, 1)], 0, 2, 2, 32, 8, 4, 9)
@@ -742,6 +745,8 @@ def _interpret_boundary(th, what, name, dtype, path):
                                              torch.device("cpu"), num_segments=8)
             if path == "3d_uneven":
                 config = th.LaunchConfig(segments=(8, 2))
+            elif path == "3d_noprefetch":
+                config = th.LaunchConfig(prefetch_bt=False)
         th.launch_attention(*case.args(out), scratch, config)
         assert th.would_use_3d(case.query, case.batch, scratch) == path.startswith("3d")
         assert torch.all(out[T:] == 7.0), "padding rows written"
@@ -956,7 +961,7 @@ def test_whole_model_shapes_selection():
 
 
 def test_fused_decode_launch_names():
-    """bench_fused_decode --launch: tTILE / wWARPS / sSTAGES in any subset map onto the op's
+    """bench_fused_decode --launch: tTILE / wWARPS / sSTAGES / p0|p1 in any subset map onto the op's
     LaunchConfig fields; anything else is refused with the expected form."""
     script = os.path.join(ROOT, "benchmarks", "bench_fused_decode.py")
     sys.path.insert(0, os.path.dirname(script))
@@ -969,7 +974,9 @@ def test_fused_decode_launch_names():
     assert bench.parse_launch("t64w8s2") == dict(tile_size=64, num_warps=8, num_stages=2)
     assert bench.parse_launch("s3t16") == dict(num_stages=3, tile_size=16)
     assert LaunchConfig(**bench.parse_launch("w8")).num_warps == 8
-    for bad in ("x1", "t", "t64x", "64", "t64 w8"):
+    assert bench.parse_launch("p0") == dict(prefetch_bt=False)
+    assert LaunchConfig(**bench.parse_launch("s2p1")).prefetch_bt is True
+    for bad in ("x1", "t", "t64x", "64", "t64 w8", "p2"):
         with pytest.raises(SystemExit, match="expected parts tTILE, wWARPS, sSTAGES"):
             bench.parse_launch(bad)
 

@@ -62,6 +62,18 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # within 3% of the best at batch 4 (32k) and 16 (16k); 512 segments is 3x slower.
 DEFAULT_NUM_SEGMENTS = 128
 DEFAULT_TILE_3D = 32
+
+
+def _prefetch_bt_default() -> bool:
+    """``CONSA_DECODE_PREFETCH_BT`` (``1``, the default, or ``0``): whether the 3D decode loads a
+    tile's block-table entries one tile ahead (docs/DESIGN.md section 8)."""
+    raw = os.environ.get("CONSA_DECODE_PREFETCH_BT", "1").strip()
+    if raw not in ("0", "1"):
+        raise ValueError(f"CONSA_DECODE_PREFETCH_BT must be 0 or 1, got {raw!r}")
+    return raw == "1"
+
+
+DEFAULT_PREFETCH_BT = _prefetch_bt_default()
 # Per-pool segment counts (decode_segments): an F head splits its whole context, an S head
 # only its window (+ sinks), so one count for both left an F head's 32k keys at 8 tiles per
 # program in a serial chain while S programs ran <= 1 tile (issue 11).  F heads get up to
@@ -246,6 +258,26 @@ def _attn_body(
 
 
 @triton.jit
+def _decode_tile_keys(j, offs_t, range_lo, sink_hi, num_keys, is_full,
+                      TILE: tl.constexpr, SINK: tl.constexpr,
+                      BLOCK_SIZE_F: tl.constexpr, BLOCK_SIZE_S: tl.constexpr):
+    """Tile ``j`` of a 3D program's virtual key range: (valid, block-table column, row in block)."""
+    v_pos = j * TILE + offs_t
+    if SINK > 0:
+        k_pos = v_pos + tl.where(v_pos < sink_hi, 0, range_lo - sink_hi)
+    else:
+        k_pos = v_pos + range_lo
+    k_valid = v_pos < num_keys
+    if BLOCK_SIZE_F == BLOCK_SIZE_S:
+        blk_col = k_pos // BLOCK_SIZE_F
+        blk_row = k_pos % BLOCK_SIZE_F
+    else:
+        blk_col = tl.where(is_full, k_pos // BLOCK_SIZE_F, k_pos // BLOCK_SIZE_S)
+        blk_row = tl.where(is_full, k_pos % BLOCK_SIZE_F, k_pos % BLOCK_SIZE_S)
+    return k_valid, blk_col, blk_row
+
+
+@triton.jit
 def _decode_3d(
     output_ptr, query_ptr, query_start_len_ptr, seq_lens_ptr, num_seqs,
     full_cache_ptr, full_bt_ptr, full_head_offset, full_bt_stride,
@@ -263,7 +295,7 @@ def _decode_3d(
     BLOCK_SIZE_F: tl.constexpr, BLOCK_SIZE_S: tl.constexpr,
     TILE: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
-    DOT_IEEE: tl.constexpr, CAST_F32: tl.constexpr, FP8: tl.constexpr,
+    DOT_IEEE: tl.constexpr, CAST_F32: tl.constexpr, FP8: tl.constexpr, PREFETCH_BT: tl.constexpr,
 ):
     """3D (split-KV decode): one program per (q block, (head, segment) pair).
 
@@ -385,25 +417,28 @@ def _decode_3d(
     bt_base = bt_ptr + seq_idx.to(tl.int64) * bt_stride
     k_base = cache_ptr + pool_head.to(tl.int64) * c_stride_3
     v_base = k_base + c_stride_1
-    for j in range(t_lo, t_hi):
-        v_pos = j * TILE + offs_t
-        if SINK > 0:
-            k_pos = v_pos + tl.where(v_pos < sink_hi, 0, range_lo - sink_hi)
-        else:
-            k_pos = v_pos + range_lo
-        k_valid = v_pos < num_keys
-        if BLOCK_SIZE_F == BLOCK_SIZE_S:
-            blk_col = k_pos // BLOCK_SIZE_F
-            blk_row = k_pos % BLOCK_SIZE_F
-        else:
-            blk_col = tl.where(is_full, k_pos // BLOCK_SIZE_F, k_pos // BLOCK_SIZE_S)
-            blk_row = tl.where(is_full, k_pos % BLOCK_SIZE_F, k_pos % BLOCK_SIZE_S)
+    # PREFETCH_BT: the block-table entries of tile j + 1 are loaded while tile j's K/V are
+    # in flight, so a tile's K/V gather no longer waits on its own block-table load (two
+    # dependent memory latencies per tile become one).
+    k_valid, blk_col, blk_row = _decode_tile_keys(t_lo, offs_t, range_lo, sink_hi, num_keys, is_full,
+                                                  TILE, SINK, BLOCK_SIZE_F, BLOCK_SIZE_S)
+    if PREFETCH_BT:
         blk = tl.load(bt_base + blk_col, mask=k_valid, other=0).to(tl.int64)
+    for j in range(t_lo, t_hi):
+        if not PREFETCH_BT:
+            k_valid, blk_col, blk_row = _decode_tile_keys(j, offs_t, range_lo, sink_hi, num_keys, is_full,
+                                                          TILE, SINK, BLOCK_SIZE_F, BLOCK_SIZE_S)
+            blk = tl.load(bt_base + blk_col, mask=k_valid, other=0).to(tl.int64)
         slot_off = blk * c_stride_0 + blk_row.to(tl.int64) * c_stride_2
         K = tl.load(k_base + slot_off[None, :] + offs_d[:, None] * c_stride_4,
                     mask=dim_mask[:, None] & k_valid[None, :], other=0.0).to(Q.dtype)
         V = tl.load(v_base + slot_off[:, None] + offs_d[None, :] * c_stride_4,
                     mask=k_valid[:, None] & dim_mask[None, :], other=0.0).to(Q.dtype)
+        tile_valid = k_valid
+        if PREFETCH_BT:
+            k_valid, blk_col, blk_row = _decode_tile_keys(j + 1, offs_t, range_lo, sink_hi, num_keys, is_full,
+                                                          TILE, SINK, BLOCK_SIZE_F, BLOCK_SIZE_S)
+            blk = tl.load(bt_base + blk_col, mask=k_valid & (j + 1 < t_hi), other=0).to(tl.int64)
         if DOT_IEEE:
             S = tl.dot(Q, K, input_precision="ieee")
         else:
@@ -411,7 +446,7 @@ def _decode_3d(
         S = S * scale_log2
         # Decode: every key of the range is visible to the block's one query; rows
         # without a query (Q = 0) are never stored.  (A row mask here costs registers.)
-        S = tl.where(k_valid[None, :], S, float("-inf"))
+        S = tl.where(tile_valid[None, :], S, float("-inf"))
         M, L, acc = _online_softmax_step(S, V, M, L, acc, DOT_IEEE)
 
     if FP8:
@@ -452,7 +487,7 @@ def _hybrid_attn_kernel(
     TILE: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
     IS_3D: tl.constexpr, DOT_IEEE: tl.constexpr,
-    CAST_F32: tl.constexpr, FP8: tl.constexpr,
+    CAST_F32: tl.constexpr, FP8: tl.constexpr, PREFETCH_BT: tl.constexpr,
 ):
     q_block_global_idx = tl.program_id(0)
     if IS_3D:
@@ -468,7 +503,7 @@ def _hybrid_attn_kernel(
                    q_stride_0, q_stride_1,
                    n_full, seg_f, seg_s, seg_stride,
                    HAS_FULL, HAS_SLIDING, NUM_QUERY_HEADS, G, SINK, BLOCK_SIZE_F, BLOCK_SIZE_S,
-                   TILE, HEAD_SIZE, HEAD_PAD, BLOCK_M, BLOCK_Q, DOT_IEEE, CAST_F32, FP8)
+                   TILE, HEAD_SIZE, HEAD_PAD, BLOCK_M, BLOCK_Q, DOT_IEEE, CAST_F32, FP8, PREFETCH_BT)
     else:
         _attn_2d(output_ptr, query_ptr, query_start_len_ptr, seq_lens_ptr, num_seqs,
                  full_cache_ptr, full_bt_ptr, full_head_offset, full_bt_stride,
@@ -815,6 +850,8 @@ class LaunchConfig:
     # 3D path: (F segments, S segments) per head instead of decode_segments' rule (None in
     # either place: the rule's); each is capped by the scratch capacity as the rule's are.
     segments: tuple[int | None, int | None] | None = None
+    # 3D path: load tile j + 1's block-table entries during tile j (None: DEFAULT_PREFETCH_BT).
+    prefetch_bt: bool | None = None
 
 
 @triton.jit(do_not_specialize=["SPLIT"])
@@ -1034,7 +1071,8 @@ def launch_attention(query: torch.Tensor, output: torch.Tensor, batch: AttnBatch
         query.stride(0), query.stride(1), output.stride(0), output.stride(1),
         n_full, seg_f, seg_s, seg_stride,
         **attention_constexprs(n_full, n_sliding, hq, sink, fc.shape[2], sc.shape[2], tile_size, d,
-                               query.dtype, use_3d, fp.is_fp8),
+                               query.dtype, use_3d, fp.is_fp8,
+                               DEFAULT_PREFETCH_BT if config.prefetch_bt is None else config.prefetch_bt),
         **launch,
     )
     if use_3d:
@@ -1049,7 +1087,7 @@ def launch_attention(query: torch.Tensor, output: torch.Tensor, batch: AttnBatch
 
 def attention_constexprs(n_full: int, n_sliding: int, num_q_heads: int, sink: int, block_size_f: int,
                          block_size_s: int, tile_size: int, head_size: int, dtype: torch.dtype, use_3d: bool,
-                         fp8: bool) -> dict:
+                         fp8: bool, prefetch_bt: bool = True) -> dict:
     """The compile-time (constexpr) arguments of the attention kernel for one layer.
 
     A JIT variant is compiled per distinct value of this dict (the kernel's runtime ints
@@ -1064,7 +1102,7 @@ def attention_constexprs(n_full: int, n_sliding: int, num_q_heads: int, sink: in
         TILE=tile_size, HEAD_SIZE=head_size, HEAD_PAD=triton.next_power_of_2(head_size),
         BLOCK_M=block_m, BLOCK_Q=block_m // group,
         IS_3D=use_3d, DOT_IEEE=(dtype == torch.float32) or _INTERPRET,
-        CAST_F32=_INTERPRET, FP8=fp8,
+        CAST_F32=_INTERPRET, FP8=fp8, PREFETCH_BT=use_3d and prefetch_bt,
     )
 
 
