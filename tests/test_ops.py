@@ -894,6 +894,30 @@ def test_flash_pools_knob_and_cpu_fallback(monkeypatch):
     assert flash_pools.flash_attn_varlen() is None
 
 
+def test_decode_prefetch_bt_knob(monkeypatch):
+    """CONSA_DECODE_PREFETCH_BT: unset, empty or 1 = the 3D decode loads block-table entries one tile
+    ahead, 0 = not; anything else fails with one line naming the variable."""
+    from consa_vllm.plugin.ops import triton_hybrid as th
+
+    monkeypatch.delenv("CONSA_DECODE_PREFETCH_BT", raising=False)
+    assert th._prefetch_bt_default() is True
+    for value, want in (("1", True), (" 0 ", False), ("", True)):
+        monkeypatch.setenv("CONSA_DECODE_PREFETCH_BT", value)
+        assert th._prefetch_bt_default() is want
+    for bad in ("2", "yes", "true"):
+        monkeypatch.setenv("CONSA_DECODE_PREFETCH_BT", bad)
+        with pytest.raises(ValueError) as e:
+            th._prefetch_bt_default()
+        msg = str(e.value)
+        assert "CONSA_DECODE_PREFETCH_BT" in msg and repr(bad) in msg and "\n" not in msg, msg
+    # the flag is compile-time only on the 3D path (the 2D path has one variant either way)
+    kw = dict(n_full=1, n_sliding=3, num_q_heads=16, sink=0, block_size_f=48, block_size_s=16, tile_size=32,
+              head_size=128, dtype=torch.bfloat16, fp8=False)
+    assert th.attention_constexprs(**kw, use_3d=True, prefetch_bt=True)["PREFETCH_BT"] is True
+    assert th.attention_constexprs(**kw, use_3d=True, prefetch_bt=False)["PREFETCH_BT"] is False
+    assert th.attention_constexprs(**kw, use_3d=False, prefetch_bt=True)["PREFETCH_BT"] is False
+
+
 def test_fused_decode_max_seqs_knob(monkeypatch):
     """CONSA_FUSED_DECODE_MAX_SEQS: unset = 4 sequences (the scratch sized by the
     128 // kv_heads rule, snapped to a capture size), N >= 0 = the largest decode batch of the fused kernel where FlashAttention 3 is
