@@ -396,7 +396,6 @@ def _decode_3d(
         v_scale = tl.load(v_scale_ptr + pool_idx * scale_stride)
 
     ctx = seq_len - q_len
-    q_abs = ctx + q_pos
     qpos_lo = q_block_local_idx * BLOCK_Q
     qpos_hi = tl.minimum(qpos_lo + BLOCK_Q - 1, q_len - 1)
     range_hi = ctx + qpos_hi + 1  # exclusive
