@@ -592,9 +592,10 @@ INTERPRET_CASES = [
     ("boundary=prefill_sink", "bfloat16", "2d"),
     ("boundary=prefill_sink", "float32", "merge"),
     ("boundary=decode_sink1_w1", "float32", "3d_uneven"),
-    # the 3D loop without the block-table prefetch (CONSA_DECODE_PREFETCH_BT=0)
-    ("boundary=decode", "float32", "3d_noprefetch"),
-    ("boundary=decode_sink", "bfloat16", "3d_noprefetch"),
+    # the 3D loop with the block-table prefetch (CONSA_DECODE_PREFETCH_BT=1)
+    ("boundary=decode", "float32", "3d_prefetch"),
+    ("boundary=decode_sink", "bfloat16", "3d_prefetch"),
+    ("boundary=decode_sink1_w1", "float32", "3d_uneven_prefetch"),
     ("boundary=decode_sink1_w1", "bfloat16", "2d"),
 ]
 CONFIGS["decode_only_nf0"] = ([(50, 1), (3, 1), (17, 1)], 0, 2, 2, 32, 8, 4, 9)
@@ -743,10 +744,10 @@ def _interpret_boundary(th, what, name, dtype, path):
         if path.startswith("3d"):
             scratch = th.make_hybrid_scratch(case.query.shape[0], case.query.shape[1], case.query.shape[2],
                                              torch.device("cpu"), num_segments=8)
-            if path == "3d_uneven":
+            if path.startswith("3d_uneven"):
                 config = th.LaunchConfig(segments=(8, 2))
-            elif path == "3d_noprefetch":
-                config = th.LaunchConfig(prefetch_bt=False)
+            if path.endswith("_prefetch"):
+                config = dataclasses.replace(config, prefetch_bt=True)
         th.launch_attention(*case.args(out), scratch, config)
         assert th.would_use_3d(case.query, case.batch, scratch) == path.startswith("3d")
         assert torch.all(out[T:] == 7.0), "padding rows written"
@@ -895,13 +896,13 @@ def test_flash_pools_knob_and_cpu_fallback(monkeypatch):
 
 
 def test_decode_prefetch_bt_knob(monkeypatch):
-    """CONSA_DECODE_PREFETCH_BT: unset, empty or 1 = the 3D decode loads block-table entries one tile
-    ahead, 0 = not; anything else fails with one line naming the variable."""
+    """CONSA_DECODE_PREFETCH_BT: 1 = the 3D decode loads block-table entries one tile ahead,
+    unset, empty or 0 = not; anything else fails with one line naming the variable."""
     from consa_vllm.plugin.ops import triton_hybrid as th
 
     monkeypatch.delenv("CONSA_DECODE_PREFETCH_BT", raising=False)
-    assert th._prefetch_bt_default() is True
-    for value, want in (("1", True), (" 0 ", False), ("", True)):
+    assert th._prefetch_bt_default() is False
+    for value, want in (("1", True), (" 0 ", False), ("", False)):
         monkeypatch.setenv("CONSA_DECODE_PREFETCH_BT", value)
         assert th._prefetch_bt_default() is want
     for bad in ("2", "yes", "true"):
@@ -1105,12 +1106,13 @@ def _launch_layers(th, splits, sink=0, hkv=8, group=2, d=128, num_seqs=1, query_
 
 
 @pytest.mark.slow
-def test_kernels_compile_for_sm90_variant_count():
+@pytest.mark.parametrize("prefetch_bt", ["0", "1"])
+def test_kernels_compile_for_sm90_variant_count(prefetch_bt):
     """The real JIT compiles the kernels for sm_90 (no GPU: compile only) without register
     spills in the attention kernel, and its device cache holds 3 attention variants per
-    path for the layers of an uneven allocation."""
+    path for the layers of an uneven allocation; with and without the 3D block-table prefetch."""
     pytest.importorskip("triton.backends.nvidia.compiler")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", CONSA_DECODE_PREFETCH_BT=prefetch_bt)
     env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "compile"], env=env, capture_output=True,
                           text=True, timeout=900, cwd=ROOT)
