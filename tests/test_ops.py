@@ -917,6 +917,7 @@ def test_decode_prefetch_bt_knob(monkeypatch):
     assert th.attention_constexprs(**kw, use_3d=True, prefetch_bt=True)["PREFETCH_BT"] is True
     assert th.attention_constexprs(**kw, use_3d=True, prefetch_bt=False)["PREFETCH_BT"] is False
     assert th.attention_constexprs(**kw, use_3d=False, prefetch_bt=True)["PREFETCH_BT"] is False
+    assert th.attention_constexprs(**kw, use_3d=True)["PREFETCH_BT"] is th.DEFAULT_PREFETCH_BT
 
 
 def test_fused_decode_max_seqs_knob(monkeypatch):

@@ -1072,8 +1072,7 @@ def launch_attention(query: torch.Tensor, output: torch.Tensor, batch: AttnBatch
         query.stride(0), query.stride(1), output.stride(0), output.stride(1),
         n_full, seg_f, seg_s, seg_stride,
         **attention_constexprs(n_full, n_sliding, hq, sink, fc.shape[2], sc.shape[2], tile_size, d,
-                               query.dtype, use_3d, fp.is_fp8,
-                               DEFAULT_PREFETCH_BT if config.prefetch_bt is None else config.prefetch_bt),
+                               query.dtype, use_3d, fp.is_fp8, config.prefetch_bt),
         **launch,
     )
     if use_3d:
@@ -1088,7 +1087,7 @@ def launch_attention(query: torch.Tensor, output: torch.Tensor, batch: AttnBatch
 
 def attention_constexprs(n_full: int, n_sliding: int, num_q_heads: int, sink: int, block_size_f: int,
                          block_size_s: int, tile_size: int, head_size: int, dtype: torch.dtype, use_3d: bool,
-                         fp8: bool, prefetch_bt: bool = True) -> dict:
+                         fp8: bool, prefetch_bt: bool | None = None) -> dict:
     """The compile-time (constexpr) arguments of the attention kernel for one layer.
 
     A JIT variant is compiled per distinct value of this dict (the kernel's runtime ints
@@ -1103,7 +1102,8 @@ def attention_constexprs(n_full: int, n_sliding: int, num_q_heads: int, sink: in
         TILE=tile_size, HEAD_SIZE=head_size, HEAD_PAD=triton.next_power_of_2(head_size),
         BLOCK_M=block_m, BLOCK_Q=block_m // group,
         IS_3D=use_3d, DOT_IEEE=(dtype == torch.float32) or _INTERPRET,
-        CAST_F32=_INTERPRET, FP8=fp8, PREFETCH_BT=use_3d and prefetch_bt,
+        CAST_F32=_INTERPRET, FP8=fp8,
+        PREFETCH_BT=use_3d and (DEFAULT_PREFETCH_BT if prefetch_bt is None else prefetch_bt),
     )
 
 
