@@ -592,7 +592,8 @@ INTERPRET_CASES = [
     ("boundary=prefill_sink", "bfloat16", "2d"),
     ("boundary=prefill_sink", "float32", "merge"),
     ("boundary=decode_sink1_w1", "float32", "3d_uneven"),
-    # the 3D loop with the block-table prefetch (CONSA_DECODE_PREFETCH_BT=1)
+    # the 3D loop with the block-table prefetch (CONSA_DECODE_PREFETCH_BT=1, the default);
+    # the plain 3d cases above run the loop without it (=0)
     ("boundary=decode", "float32", "3d_prefetch"),
     ("boundary=decode_sink", "bfloat16", "3d_prefetch"),
     ("boundary=decode_sink1_w1", "float32", "3d_uneven_prefetch"),
@@ -746,8 +747,8 @@ def _interpret_boundary(th, what, name, dtype, path):
                                              torch.device("cpu"), num_segments=8)
             if path.startswith("3d_uneven"):
                 config = th.LaunchConfig(segments=(8, 2))
-            if path.endswith("_prefetch"):
-                config = dataclasses.replace(config, prefetch_bt=True)
+            # both 3D loops, whichever one is the served default
+            config = dataclasses.replace(config, prefetch_bt=path.endswith("_prefetch"))
         th.launch_attention(*case.args(out), scratch, config)
         assert th.would_use_3d(case.query, case.batch, scratch) == path.startswith("3d")
         assert torch.all(out[T:] == 7.0), "padding rows written"
@@ -896,13 +897,13 @@ def test_flash_pools_knob_and_cpu_fallback(monkeypatch):
 
 
 def test_decode_prefetch_bt_knob(monkeypatch):
-    """CONSA_DECODE_PREFETCH_BT: 1 = the 3D decode loads block-table entries one tile ahead,
-    unset, empty or 0 = not; anything else fails with one line naming the variable."""
+    """CONSA_DECODE_PREFETCH_BT: unset, empty or 1 = the 3D decode loads block-table entries
+    one tile ahead, 0 = not; anything else fails with one line naming the variable."""
     from consa_vllm.plugin.ops import triton_hybrid as th
 
     monkeypatch.delenv("CONSA_DECODE_PREFETCH_BT", raising=False)
-    assert th._prefetch_bt_default() is False
-    for value, want in (("1", True), (" 0 ", False), ("", False)):
+    assert th._prefetch_bt_default() is True
+    for value, want in (("1", True), (" 0 ", False), ("", True), ("0", False)):
         monkeypatch.setenv("CONSA_DECODE_PREFETCH_BT", value)
         assert th._prefetch_bt_default() is want
     for bad in ("2", "yes", "true"):

@@ -65,11 +65,11 @@ DEFAULT_TILE_3D = 32
 
 
 def _prefetch_bt_default() -> bool:
-    """``CONSA_DECODE_PREFETCH_BT`` (``0``, the default when unset or empty, or ``1``): whether
-    the 3D decode loads a tile's block-table entries one tile ahead (docs/DESIGN.md section 8;
-    off until measured on a GPU: it lowers the sm_90 register count, 113 -> 88 at the
-    compile test's shapes, but its speed is not yet known)."""
-    raw = os.environ.get("CONSA_DECODE_PREFETCH_BT", "").strip() or "0"
+    """``CONSA_DECODE_PREFETCH_BT`` (``1``, the default when unset or empty, or ``0``): whether
+    the 3D decode loads a tile's block-table entries one tile ahead (docs/DESIGN.md section 8:
+    on the H100 it took 0.3-5.6% off whole-model batch-1 decode attention for the
+    Llama-3.1-8B DuoAttention 75% pattern, benchmarks/results/fused_decode_p1_h100.json)."""
+    raw = os.environ.get("CONSA_DECODE_PREFETCH_BT", "").strip() or "1"
     if raw not in ("0", "1"):
         raise ValueError(f"CONSA_DECODE_PREFETCH_BT must be 0 or 1, got {raw!r}")
     return raw == "1"
