@@ -66,9 +66,8 @@ DEFAULT_TILE_3D = 32
 
 def _prefetch_bt_default() -> bool:
     """``CONSA_DECODE_PREFETCH_BT`` (``1``, the default when unset or empty, or ``0``): whether
-    the 3D decode loads a tile's block-table entries one tile ahead (docs/DESIGN.md section 8:
-    on the H100 it took 0.3-5.6% off whole-model batch-1 decode attention for the
-    Llama-3.1-8B DuoAttention 75% pattern, benchmarks/results/fused_decode_p1_h100.json)."""
+    the 3D decode loads a tile's block-table entries one tile ahead (docs/DESIGN.md section 8
+    has why, and the timings that made it the default)."""
     raw = os.environ.get("CONSA_DECODE_PREFETCH_BT", "").strip() or "1"
     if raw not in ("0", "1"):
         raise ValueError(f"CONSA_DECODE_PREFETCH_BT must be 0 or 1, got {raw!r}")
