@@ -37,7 +37,11 @@ For each model, in a fresh process (one engine):
   the engine core), and consa_vllm's estimator at that length (bytes per sequence, and
   how many sequences fit at steady decode);
 - throughput: ``--requests`` prompts of ``--prompt`` tokens + ``--output`` generated
-  tokens (``ignore_eos``);
+  tokens (``ignore_eos``), with each request's latency from vLLM's own request stats
+  (``latency``: time to first token, time per output token, end to end; mean and
+  percentiles), so the decode's pace under load compares with dense
+  (``tpot_speedup_vs_dense``) as DuoAttention's decoding speed-up does. The engine logs
+  stats as ``vllm serve`` does by default (earlier runs, before ``latency``, did not);
 - batch 1 at each ``--b1-prompt`` length: time to first token (prefill) and decode
   ms/token from one request (best of ``--b1-repeats``; every run under ``*_runs``), and the KV bytes the live request
   holds during decode against the estimator at the same context.
@@ -270,6 +274,39 @@ def run_b1(llm, prompt_ids: list[int], max_tokens: int, measure_kv: bool) -> dic
     return rec
 
 
+def request_latencies(outputs) -> dict:
+    """Per-request latency of a throughput run, from vLLM's own request stats (``RequestOutput.metrics``,
+    engine-core timestamps; present when the engine logs stats, as ``vllm serve`` does by default).
+
+    ``ttft_s``: queued to first token (queueing and prefill, as a client sees it);
+    ``tpot_ms``: first to last token over the tokens after the first (the decode's pace under this
+    load, DuoAttention's "decoding speed-up" measure); ``e2e_s``: queued to last token. Each as
+    mean, median, p90 and p99 over the requests; ``{}`` when the engine kept no stats.
+    """
+    import numpy as np
+
+    ttft, tpot, e2e = [], [], []
+    for o in outputs:
+        m = o.metrics
+        if m is None or not m.first_token_ts:
+            return {}
+        ttft.append(m.first_token_ts - m.queued_ts)
+        e2e.append(m.last_token_ts - m.queued_ts)
+        n = len(o.outputs[0].token_ids)
+        if n > 1:
+            tpot.append((m.last_token_ts - m.first_token_ts) / (n - 1) * 1e3)
+
+    def summary(xs):
+        a = np.asarray(xs, dtype=float)
+        return {"mean": float(a.mean()), "p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
+                "p99": float(np.percentile(a, 99))}
+
+    out = {"requests": len(ttft), "ttft_s": summary(ttft), "e2e_s": summary(e2e)}
+    if tpot:
+        out["tpot_ms"] = summary(tpot)
+    return out
+
+
 def run_one(job: dict) -> dict:
     """Measure one model in this process (the child)."""
     import numpy as np
@@ -296,7 +333,7 @@ def run_one(job: dict) -> dict:
     t0 = time.perf_counter()
     llm = LLM(model=model_dir, load_format="dummy", skip_tokenizer_init=True, dtype=dtype, max_model_len=mml,
               gpu_memory_utilization=args.gpu_mem, max_num_seqs=args.max_num_seqs, enable_prefix_caching=False,
-              seed=0, kv_cache_dtype=spec.kv_cache_dtype, **extra)
+              seed=0, kv_cache_dtype=spec.kv_cache_dtype, disable_log_stats=False, **extra)
     from machine import machine_name  # this folder's helper, on sys.path when run as a script
     rec = {"startup_s": time.perf_counter() - t0, "max_model_len": mml, "kv_cache_dtype": spec.kv_cache_dtype,
            "quantization": spec.quantization, "dtype": dtype,
@@ -348,7 +385,7 @@ def run_one(job: dict) -> dict:
         outs = llm.generate(ps, SamplingParams(max_tokens=args.output, ignore_eos=True, temperature=0), use_tqdm=False)
         el = time.perf_counter() - t
         n_out = sum(len(o.outputs[0].token_ids) for o in outs)
-        rec.update(generate_s=el, output_tokens=n_out, output_tok_per_s=n_out / el)
+        rec.update(generate_s=el, output_tokens=n_out, output_tok_per_s=n_out / el, latency=request_latencies(outs))
         progress(f"throughput: {args.requests} x ({args.prompt} + {args.output}) in {el:.1f} s")
     rec["b1"] = []
     for length in args.b1_prompt:
@@ -564,6 +601,9 @@ def _add_ratios(models: dict) -> None:
     for rec in models.values():
         if "generate_s" in rec and "generate_s" in dense:
             rec["throughput_vs_dense"] = dense["generate_s"] / rec["generate_s"]
+        tpot, dense_tpot = (r.get("latency", {}).get("tpot_ms") for r in (rec, dense))
+        if tpot and dense_tpot:
+            rec["tpot_speedup_vs_dense"] = dense_tpot["mean"] / tpot["mean"]
         if "startup_net_s" in rec and "startup_net_s" in dense:
             rec["startup_net_vs_dense"] = rec["startup_net_s"] / dense["startup_net_s"]
         for b in rec.get("b1", []):
@@ -578,7 +618,10 @@ def _summary(rec: dict) -> dict:
     """The headline figures of one model record (printed at the end)."""
     if "error" in rec:
         return {"error": rec["error"][-300:]}
-    s = {k: rec[k] for k in ("startup_s", "startup_net_s", "generate_s", "throughput_vs_dense") if k in rec}
+    s = {k: rec[k] for k in ("startup_s", "startup_net_s", "generate_s", "throughput_vs_dense",
+                             "tpot_speedup_vs_dense") if k in rec}
+    lat = rec.get("latency", {})
+    s.update({f"{k}_p50": lat[k]["p50"] for k in ("ttft_s", "tpot_ms") if k in lat})
     kv = rec.get("kv", {})
     s.update({k: kv[k] for k in ("vllm_max_concurrency", "estimate_max_concurrency", "vllm_over_estimate") if k in kv})
     s["b1"] = [{k: b[k] for k in ("prompt", "ttft_s", "decode_ms_per_token", "kv_in_use_over_estimate") if k in b}

@@ -110,6 +110,32 @@ def test_ratios_compare_start_up_net_of_the_class_inspection():
     assert models["kv0.75"]["throughput_vs_dense"] == pytest.approx(62.6 / 35.1)
 
 
+def test_request_latencies_from_vllm_request_stats():
+    from vllm.outputs import CompletionOutput, RequestOutput
+    from vllm.v1.metrics.stats import RequestStateStats
+
+    def out(queued, first, last, n):
+        m = RequestStateStats(queued_ts=queued, scheduled_ts=queued + 0.5, first_token_ts=first, last_token_ts=last)
+        c = CompletionOutput(index=0, text="", token_ids=list(range(n)), cumulative_logprob=None, logprobs=None)
+        return RequestOutput("r", None, [1, 2], None, [c], True, metrics=m)
+
+    lat = _bench().request_latencies([out(10.0, 12.0, 14.0, 5), out(10.0, 13.0, 19.0, 7)])
+    assert lat["requests"] == 2
+    assert lat["ttft_s"]["mean"] == pytest.approx(2.5) and lat["ttft_s"]["p50"] == pytest.approx(2.5)
+    assert lat["tpot_ms"]["mean"] == pytest.approx((500.0 + 1000.0) / 2)  # 2 s over 4 tokens, 6 s over 6
+    assert lat["tpot_ms"]["p99"] == pytest.approx(500.0 + 0.99 * 500.0)
+    assert lat["e2e_s"]["mean"] == pytest.approx(6.5)
+    # An engine that keeps no stats (the offline LLM's default) gives no latency rather than zeros.
+    bare = out(0.0, 0.0, 0.0, 3)
+    bare.metrics = None
+    assert _bench().request_latencies([bare]) == {}
+    models = {"dense": {"generate_s": 2.0, "latency": {"tpot_ms": {"mean": 6.0}}},
+              "kv0.5": {"generate_s": 1.0, "latency": {"tpot_ms": {"mean": 4.0}}}, "layer0.5": {"generate_s": 1.5}}
+    _bench()._add_ratios(models)
+    assert models["kv0.5"]["tpot_speedup_vs_dense"] == pytest.approx(1.5)
+    assert "tpot_speedup_vs_dense" not in models["layer0.5"]
+
+
 @pytest.mark.slow
 @pytest.mark.engine
 def test_cpu_smoke_run(tmp_path):
@@ -145,6 +171,10 @@ def test_cpu_smoke_run(tmp_path):
         kv = rec["kv"]
         assert rec["startup_s"] > 0 and rec["init_engine_s"] > 0 and rec["generate_s"] > 0
         assert rec["output_tokens"] == 4 * 16 and rec["max_model_len"] == 520
+        lat = rec["latency"]  # vLLM's request stats, one entry per request of the throughput run
+        assert lat["requests"] == 4
+        assert 0 < lat["ttft_s"]["p50"] <= lat["ttft_s"]["p99"] <= lat["e2e_s"]["p99"] <= rec["generate_s"]
+        assert 0 < lat["tpot_ms"]["mean"] < lat["e2e_s"]["mean"] * 1e3
         # The engine-core figure is vLLM's own: the same as its start-up log line.
         assert kv["vllm_max_concurrency_at_max_model_len"] == \
             pytest.approx(rec["vllm_log_max_concurrency"]["concurrency"], abs=0.006)
@@ -170,3 +200,4 @@ def test_cpu_smoke_run(tmp_path):
     assert "SinkSlidingWindowSpec" in [g["spec"] for g in alloc_["kv"]["groups"]]
     assert alloc_["consa_install_s"] >= 0
     assert layer["throughput_vs_dense"] > 0 and "decode_speedup_vs_dense" in layer["b1"][0]
+    assert layer["tpot_speedup_vs_dense"] > 0 and alloc_["tpot_speedup_vs_dense"] > 0
