@@ -53,7 +53,7 @@ demo: setup
 # broken quantization install fails CI instead of hiding the tests.
 QTEST_ENV = CONSA_REQUIRE_QUANT=1 CONSA_QUANT_PYTHON=$(abspath $(QVENV))/bin/python
 test: setup quant-env
-	$(QTEST_ENV) $(PY) -m pytest -q tests
+	$(QTEST_ENV) $(PY) -m pytest -q --durations=25 tests
 
 # Only the quantized-checkpoint tests (also part of `make test`).
 test-quant: setup quant-env
