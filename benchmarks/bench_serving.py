@@ -40,7 +40,8 @@ For each model, in a fresh process (one engine):
   tokens (``ignore_eos``), with each request's latency from vLLM's own request stats
   (``latency``: time to first token, time per output token, end to end; mean and
   percentiles), so the decode's pace under load compares with dense
-  (``tpot_speedup_vs_dense``) as DuoAttention's decoding speed-up does. The engine logs
+  (``tpot_speedup_vs_dense``; DuoAttention's decoding speed-up is the same ratio at batch 1,
+  which the batch-1 phase below measures). The engine logs
   stats as ``vllm serve`` does by default (earlier runs, before ``latency``, did not);
 - batch 1 at each ``--b1-prompt`` length: time to first token (prefill) and decode
   ms/token from one request (best of ``--b1-repeats``; every run under ``*_runs``), and the KV bytes the live request
@@ -280,7 +281,7 @@ def request_latencies(outputs) -> dict:
 
     ``ttft_s``: queued to first token (queueing and prefill, as a client sees it);
     ``tpot_ms``: first to last token over the tokens after the first (the decode's pace under this
-    load, DuoAttention's "decoding speed-up" measure); ``e2e_s``: queued to last token. Each as
+    load); ``e2e_s``: queued to last token. Each as
     mean, median, p90 and p99 over the requests; ``{}`` when the engine kept no stats.
     """
     import numpy as np
