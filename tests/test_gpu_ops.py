@@ -402,3 +402,31 @@ def test_attention_kernel_compiled_variants():
     new = cache_size() - before
     print(f"compiled variants: {new} new over 16 layers (2 paths x 8 splits)")
     assert new <= 6, new
+
+
+def test_kernels_compile_into_the_shared_triton_cache(tmp_path):
+    """vLLM gives each engine configuration its own TRITON_CACHE_DIR; our kernels compile into
+    the shared folder instead (consa_vllm/plugin/ops/triton_cache.py). Three fresh processes
+    (benchmarks/bench_triton_cache.py): with the shared folder off our binaries and launchers
+    land in vLLM's folder; with it on, in the shared folder and none in vLLM's; a later
+    process with a new vLLM folder finds them all there and writes nothing."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "triton_cache.json"
+    subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_triton_cache.py"), "--out", str(out)],
+                   cwd=root, check=True)
+    runs = json.loads(out.read_text())["runs"]
+    print(json.dumps({m: {k: v for k, v in r.items() if "folder" in k or k == "total_first_s"}
+                      for m, r in runs.items()}))
+    assert runs["vllm_folder"]["vllm_folder"]["ours"] >= 4
+    assert runs["vllm_folder"]["vllm_folder"]["launchers"] >= 1
+    for mode in ("shared_cold", "shared_warm"):
+        assert runs[mode]["vllm_folder"]["ours"] == 0, mode
+        assert runs[mode]["vllm_folder"]["launchers"] == 0, mode
+    assert runs["shared_cold"]["shared_folder"]["ours"] >= 4
+    assert runs["shared_cold"]["shared_folder"]["launchers"] >= 1
+    assert runs["shared_warm"]["shared_folder"] == runs["shared_warm"]["shared_folder_before"]

@@ -50,6 +50,7 @@ import triton
 import triton.language as tl
 
 from .interface import FP8_DTYPE, FP8_MAX, AttnBatch, KVPool, check_pool
+from .triton_cache import jit
 
 LOG2E = 1.4426950408889634
 # Triton's CPU interpreter computes tl.dot wrongly on bfloat16/float16 operands (it sees
@@ -464,7 +465,7 @@ def _decode_3d(
 # class (== 1, divisible by 16), i.e. per layer split.
 # Batch-dependent integers are not specialized (== 1, multiple of 16), so that every batch
 # size shares the variants compiled at start-up: fewer compiles, none mid-serving.
-@triton.jit(do_not_specialize=["num_seqs", "n_full", "full_head_offset", "sliding_head_offset",
+@jit(do_not_specialize=["num_seqs", "n_full", "full_head_offset", "sliding_head_offset",
                                "seg_f", "seg_s", "seg_stride"])
 def _hybrid_attn_kernel(
     output_ptr, query_ptr, query_start_len_ptr, seq_lens_ptr, num_seqs: tl.int32,
@@ -575,7 +576,7 @@ def _attn_2d(
                    BLOCK_M, BLOCK_Q, True, SINK, DOT_IEEE, CAST_F32, FP8)
 
 
-@triton.jit(do_not_specialize=["num_seqs", "n_full_q", "seg_f", "seg_s", "seg_stride"])
+@jit(do_not_specialize=["num_seqs", "n_full_q", "seg_f", "seg_s", "seg_stride"])
 def _reduce_segments_kernel(
     output_ptr, segm_output_ptr, segm_max_ptr, segm_expsum_ptr,
     query_start_len_ptr, num_seqs: tl.int32,
@@ -621,7 +622,7 @@ def _reduce_segments_kernel(
 # num_seqs and the log-sum-exp's head stride (the batch's token count) vary per batch: were
 # they specialized (== 1, multiple of 16), a prefill after warm-up could compile a new
 # variant mid-serving (vLLM's JIT monitor flagged it on the H200).
-@triton.jit(do_not_specialize=["head_offset", "num_seqs", "lse_stride_h"])
+@jit(do_not_specialize=["head_offset", "num_seqs", "lse_stride_h"])
 def _sink_merge_kernel(
     output_ptr, query_ptr, lse_ptr, query_start_len_ptr, seq_lens_ptr, num_seqs: tl.int32,
     cache_ptr, bt_ptr, head_offset, bt_stride: tl.int64,
@@ -756,7 +757,7 @@ def _write_heads(
 
 # As in the attention kernel: head counts and offsets that differ per layer are runtime
 # ints, N_PAD (the key's heads, padded) is fixed per model, so the layers share variants.
-@triton.jit(do_not_specialize=["head_offset", "N"])
+@jit(do_not_specialize=["head_offset", "N"])
 def _write_kv_kernel(
     key_ptr, value_ptr, cache_ptr, slot_ptr,
     k_stride_0: tl.int64, k_stride_1: tl.int64,
@@ -774,7 +775,7 @@ def _write_kv_kernel(
                  N, N_PAD, HEAD_SIZE, HEAD_PAD, BLOCK_SIZE, FP8)
 
 
-@triton.jit(do_not_specialize=["full_head_offset", "sliding_head_offset", "N_FULL", "N_SLIDING"])
+@jit(do_not_specialize=["full_head_offset", "sliding_head_offset", "N_FULL", "N_SLIDING"])
 def _write_kv_hybrid_kernel(
     key_ptr, value_ptr,
     k_stride_0: tl.int64, k_stride_1: tl.int64,
@@ -854,7 +855,7 @@ class LaunchConfig:
     prefetch_bt: bool | None = None
 
 
-@triton.jit(do_not_specialize=["SPLIT"])
+@jit(do_not_specialize=["SPLIT"])
 def _quantize_query_kernel(
     q_ptr, out_ptr, q_stride_0: tl.int64, q_stride_1: tl.int64, o_stride_0: tl.int64, o_stride_1: tl.int64,
     full_scale_ptr, full_scale_stride, sliding_scale_ptr, sliding_scale_stride,

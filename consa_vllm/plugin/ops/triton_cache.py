@@ -1,0 +1,94 @@
+"""One Triton cache for consa_vllm's kernels, shared by every engine on a machine.
+
+vLLM points ``TRITON_CACHE_DIR`` at a folder of its per-configuration compile cache
+(``vllm/compilation/compiler_interface.py``, ``InductorAdaptor.initialize_cache``: one
+folder per hash of the model's configuration), so that Inductor's kernels travel with it.
+Every Triton kernel compiled in that process lands there too, ours included: an engine
+whose configuration is new (another model, allocation, ``--max-model-len``) compiles the
+ConSA kernels again, and builds Triton's C launcher of each with the host compiler, although
+the binaries depend only on the kernel source, its compile-time constants and the GPU.
+Stock vLLM's attention (FlashAttention 3) is compiled ahead of time and pays nothing.
+Measured in vLLM's engine logs (session 26, H100,
+``benchmarks/results/b1_llama31_duo50_long_h100_s26.json.logs``): the first CUDA-graph
+captures on each path of a ConSA engine take seconds where stock's take milliseconds,
+capture 9 s against 5 s, the bulk of the start-up gap to stock.
+
+Kernels made with :func:`jit` compile into :func:`shared_cache_dir` instead: the compile and
+the launcher build run with Triton's cache folder switched to it and back. Only a miss of
+Triton's in-memory cache reaches that code, so a launch of an already loaded kernel costs
+exactly what it did. Triton keys its cache by source, constants, options and target, so
+sharing the folder between engines is what Triton does outside vLLM. Inductor's kernels
+stay in vLLM's folder.
+
+``CONSA_TRITON_CACHE_DIR`` sets the folder (default: ``consa_triton_cache`` under vLLM's
+cache root, ``VLLM_CACHE_ROOT``, else ``$XDG_CACHE_HOME/vllm`` or ``~/.cache/vllm``, so a
+volume that keeps vLLM's cache keeps this one); set to an empty value, the kernels compile
+wherever Triton's own setting says (vLLM's folder), as before.
+
+No vLLM import here: the module is imported by the kernels' module, which tests and
+benchmarks import alone.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+import triton
+from triton.runtime.jit import JITFunction
+
+ENV = "CONSA_TRITON_CACHE_DIR"
+
+
+def shared_cache_dir() -> str | None:
+    """The folder our kernels compile into; None when ``CONSA_TRITON_CACHE_DIR`` is set empty
+    (Triton's own setting then applies). Read at every compile, so a process may change it."""
+    raw = os.environ.get(ENV)
+    if raw is not None:
+        return os.path.abspath(os.path.expanduser(raw)) if raw.strip() else None
+    root = os.environ.get("VLLM_CACHE_ROOT") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "vllm")
+    return os.path.join(os.path.abspath(os.path.expanduser(root)), "consa_triton_cache")
+
+
+@contextmanager
+def compiling_into(path: str | None):
+    """Triton's cache folder is ``path`` inside the block and what it was after it (its
+    knob and ``TRITON_CACHE_DIR`` both); ``None``: unchanged."""
+    if path is None:
+        yield
+        return
+    with triton.knobs.cache.scope():
+        os.makedirs(path, exist_ok=True)
+        triton.knobs.cache.dir = path
+        yield
+
+
+class SharedCacheJITFunction(JITFunction):
+    """A Triton kernel that compiles into :func:`shared_cache_dir`.
+
+    ``_do_compile`` runs only when Triton's in-memory cache has no binary for the launch's
+    specialisation; the binary and its launcher (which Triton builds at the first launch, so
+    it is built here, while the folder is switched) then come from, or go to, the shared
+    folder. A warm-up compile (``warmup=True``: compile, do not launch) builds no launcher.
+    """
+
+    def _do_compile(self, key, signature, device, constexprs, options, attrs, warmup):
+        with compiling_into(shared_cache_dir()):
+            kernel = super()._do_compile(key, signature, device, constexprs, options, attrs, warmup)
+            if kernel is not None and not warmup and hasattr(kernel, "_init_handles"):
+                kernel._init_handles()
+            return kernel
+
+
+def jit(fn=None, **kwargs):
+    """``triton.jit`` for consa_vllm's kernels: the same options, a :class:`SharedCacheJITFunction`
+    on GPUs; under Triton's interpreter (``TRITON_INTERPRET=1``, nothing compiled) exactly
+    ``triton.jit``."""
+
+    def decorator(f):
+        if triton.knobs.runtime.interpret:
+            return triton.jit(f, **kwargs)
+        return SharedCacheJITFunction(f, **kwargs)
+
+    return decorator if fn is None else decorator(fn)

@@ -1,0 +1,124 @@
+"""The shared Triton cache of consa_vllm's kernels (consa_vllm/plugin/ops/triton_cache.py), on CPU.
+
+What a GPU compile does with it runs in tests/test_gpu_ops.py
+(``test_kernels_compile_into_the_shared_triton_cache``). Here: the folder's setting, that
+Triton's cache setting is switched for the compile and put back after it (also when the
+compile fails), that every kernel the ops launch is one of ours, and that the Triton
+internals the class overrides still have the shape it was written for, so a Triton
+upgrade that changes them fails here rather than silently compiling elsewhere.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+from consa_vllm.plugin.ops import triton_cache as tc  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_shared_cache_dir_settings(monkeypatch, tmp_path):
+    monkeypatch.delenv(tc.ENV, raising=False)
+    monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path / "vroot"))
+    assert tc.shared_cache_dir() == str(tmp_path / "vroot" / "consa_triton_cache")
+    monkeypatch.delenv("VLLM_CACHE_ROOT")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert tc.shared_cache_dir() == str(tmp_path / "xdg" / "vllm" / "consa_triton_cache")
+    monkeypatch.setenv(tc.ENV, str(tmp_path / "mine"))
+    assert tc.shared_cache_dir() == str(tmp_path / "mine")
+    monkeypatch.setenv(tc.ENV, "")
+    assert tc.shared_cache_dir() is None
+
+
+@pytest.mark.parametrize("before", [None, "vllm-folder"])
+def test_compiling_into_switches_and_restores(monkeypatch, tmp_path, before):
+    if before is None:
+        monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / before))
+    outside = triton.knobs.cache.dir
+    shared = str(tmp_path / "shared")
+    with pytest.raises(RuntimeError, match="compile failed"):
+        with tc.compiling_into(shared):
+            assert triton.knobs.cache.dir == shared
+            assert os.environ["TRITON_CACHE_DIR"] == shared
+            assert os.path.isdir(shared)
+            raise RuntimeError("compile failed")
+    assert triton.knobs.cache.dir == outside
+    assert os.environ.get("TRITON_CACHE_DIR") == (None if before is None else str(tmp_path / before))
+    with tc.compiling_into(None):
+        assert triton.knobs.cache.dir == outside
+
+
+def test_do_compile_runs_in_the_shared_folder(monkeypatch, tmp_path):
+    """The override compiles and initialises the launcher (built on first use) while the
+    folder is switched, and passes the parent's arguments and result through."""
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "vllm"))
+    monkeypatch.setenv(tc.ENV, str(tmp_path / "shared"))
+    seen = {}
+
+    class Compiled:
+        def _init_handles(self):
+            seen["launcher"] = triton.knobs.cache.dir
+
+    def parent(self, key, signature, device, constexprs, options, attrs, warmup):
+        seen["compile"] = triton.knobs.cache.dir
+        seen["args"] = (key, signature, device, constexprs, options, attrs, warmup)
+        return Compiled()
+
+    def f(x):
+        pass
+
+    monkeypatch.setattr(triton.runtime.jit.JITFunction, "_do_compile", parent)
+    fn = tc.SharedCacheJITFunction(f)
+    kernel = fn._do_compile("k", {"x": "i32"}, 0, {}, None, {}, False)
+    assert isinstance(kernel, Compiled)
+    assert seen == {"compile": str(tmp_path / "shared"), "launcher": str(tmp_path / "shared"),
+                    "args": ("k", {"x": "i32"}, 0, {}, None, {}, False)}
+    assert triton.knobs.cache.dir == str(tmp_path / "vllm")
+    seen.clear()
+    fn._do_compile("k", {}, 0, {}, None, {}, True)  # a warm-up compile builds no launcher
+    assert set(seen) == {"compile", "args"}
+
+
+def test_triton_internals_have_the_overridden_shape():
+    from triton.compiler.compiler import CompiledKernel
+    from triton.runtime.jit import JITFunction
+
+    params = list(inspect.signature(JITFunction._do_compile).parameters)
+    assert params == ["self", "key", "signature", "device", "constexprs", "options", "attrs", "warmup"]
+    assert callable(getattr(CompiledKernel, "_init_handles", None))
+    assert hasattr(triton.knobs.cache, "scope") and hasattr(triton.knobs.runtime, "interpret")
+
+
+def test_jit_follows_the_interpreter_setting(monkeypatch):
+    def f(x):
+        pass
+
+    monkeypatch.setattr(triton.knobs.runtime, "interpret", False)
+    k = tc.jit(do_not_specialize=["x"])(f)
+    assert type(k) is tc.SharedCacheJITFunction and k.do_not_specialize == ["x"]
+    monkeypatch.setattr(triton.knobs.runtime, "interpret", True)
+    assert not isinstance(tc.jit(f), tc.SharedCacheJITFunction)
+
+
+def test_every_launched_kernel_uses_the_shared_cache():
+    """Each ``<kernel>[grid](...)`` launch in the ops is a SharedCacheJITFunction (in a fresh
+    process without the interpreter, as on a GPU)."""
+    src = open(os.path.join(ROOT, "consa_vllm", "plugin", "ops", "triton_hybrid.py")).read()
+    launched = sorted(set(re.findall(r"\b(_\w+_kernel)\[", src)))
+    assert len(launched) >= 6, launched
+    code = ("import sys; from consa_vllm.plugin.ops import triton_hybrid as th, triton_cache as tc; "
+            f"bad = [n for n in {launched!r} if type(getattr(th, n)) is not tc.SharedCacheJITFunction]; "
+            "sys.exit(f'not shared-cache kernels: {bad}' if bad else 0)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
