@@ -58,6 +58,21 @@ def test_compiling_into_switches_and_restores(monkeypatch, tmp_path, before):
         assert triton.knobs.cache.dir == outside
 
 
+def test_unwritable_folder_falls_back_with_one_warning(monkeypatch, tmp_path, caplog):
+    """A folder that cannot be made (here: under a file) leaves Triton's setting alone and
+    warns once, naming the folder and the variable; the launch goes on."""
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "vllm"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    bad = str(blocker / "cache")
+    with caplog.at_level("WARNING", logger=tc.__name__):
+        for _ in range(2):
+            with tc.compiling_into(bad):
+                assert triton.knobs.cache.dir == str(tmp_path / "vllm")
+    warnings = [r.getMessage() for r in caplog.records if r.name == tc.__name__]
+    assert len(warnings) == 1 and bad in warnings[0] and tc.ENV in warnings[0], warnings
+
+
 def test_do_compile_runs_in_the_shared_folder(monkeypatch, tmp_path):
     """The override compiles and initialises the launcher (built on first use) while the
     folder is switched, and passes the parent's arguments and result through."""

@@ -31,6 +31,7 @@ benchmarks import alone.
 
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import contextmanager
 
@@ -38,6 +39,7 @@ import triton
 from triton.runtime.jit import JITFunction
 
 ENV = "CONSA_TRITON_CACHE_DIR"
+logger = logging.getLogger(__name__)
 
 
 def shared_cache_dir() -> str | None:
@@ -51,15 +53,34 @@ def shared_cache_dir() -> str | None:
     return os.path.join(os.path.abspath(os.path.expanduser(root)), "consa_triton_cache")
 
 
+_warned: set[str] = set()
+
+
+def _usable(path: str) -> bool:
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        pass
+    if os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK):
+        return True
+    if path not in _warned:
+        # A cache that cannot be written must not stop a launch: Triton's own setting
+        # (vLLM's folder) still works, only without the sharing.
+        _warned.add(path)
+        logger.warning("consa_vllm: the Triton cache folder %s (%s) cannot be written; the kernels "
+                       "compile into Triton's own cache folder instead", path, ENV)
+    return False
+
+
 @contextmanager
 def compiling_into(path: str | None):
     """Triton's cache folder is ``path`` inside the block and what it was after it (its
-    knob and ``TRITON_CACHE_DIR`` both); ``None``: unchanged."""
-    if path is None:
+    knob and ``TRITON_CACHE_DIR`` both); ``None``, or a folder that cannot be made or
+    written (warned once): unchanged."""
+    if path is None or not _usable(path):
         yield
         return
     with triton.knobs.cache.scope():
-        os.makedirs(path, exist_ok=True)
         triton.knobs.cache.dir = path
         yield
 
