@@ -22,7 +22,8 @@ own block size and block table. Both hold the model dtype, or both FP8 (``float8
 
 Implementations: :mod:`.torch_paged` (CPU, and the reference), :mod:`.triton_hybrid`
 (GPU), and for prefill and large decode batches on Hopper :mod:`.flash_pools`
-(FlashAttention 3 per pool), chosen by the backend.
+(FlashAttention 3 per pool), chosen by the backend. The Triton kernels compile into a cache
+folder shared by every engine (:mod:`.triton_cache`), not vLLM's folder of each configuration.
 """
 
 from __future__ import annotations
