@@ -26,6 +26,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_shared_cache_dir_settings(monkeypatch, tmp_path):
+    """The default is vLLM's own cache root (read through vllm.envs, uncached here: an engine
+    of an earlier test turns its cache on); without vLLM, Triton's own setting."""
+    from vllm import envs
+
+    envs.disable_envs_cache()
     monkeypatch.delenv(tc.ENV, raising=False)
     monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path / "vroot"))
     assert tc.shared_cache_dir() == str(tmp_path / "vroot" / "consa_triton_cache")
@@ -35,6 +40,9 @@ def test_shared_cache_dir_settings(monkeypatch, tmp_path):
     monkeypatch.setenv(tc.ENV, str(tmp_path / "mine"))
     assert tc.shared_cache_dir() == str(tmp_path / "mine")
     monkeypatch.setenv(tc.ENV, "")
+    assert tc.shared_cache_dir() is None
+    monkeypatch.delenv(tc.ENV)
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm now raises ImportError
     assert tc.shared_cache_dir() is None
 
 

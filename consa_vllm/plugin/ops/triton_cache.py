@@ -21,12 +21,12 @@ sharing the folder between engines is what Triton does outside vLLM. Inductor's 
 stay in vLLM's folder.
 
 ``CONSA_TRITON_CACHE_DIR`` sets the folder (default: ``consa_triton_cache`` under vLLM's
-cache root, ``VLLM_CACHE_ROOT``, else ``$XDG_CACHE_HOME/vllm`` or ``~/.cache/vllm``, so a
-volume that keeps vLLM's cache keeps this one); set to an empty value, the kernels compile
-wherever Triton's own setting says (vLLM's folder), as before.
+cache root, ``vllm.envs.VLLM_CACHE_ROOT``, ``~/.cache/vllm`` unless set, so a volume that
+keeps vLLM's cache keeps this one); set to an empty value, the kernels compile wherever
+Triton's own setting says (vLLM's folder), as before; without vLLM installed too.
 
-No vLLM import here: the module is imported by the kernels' module, which tests and
-benchmarks import alone.
+vLLM is imported only at a compile, to read its cache root: the kernels' module, which
+tests and benchmarks import alone, imports this one.
 """
 
 from __future__ import annotations
@@ -44,13 +44,16 @@ logger = logging.getLogger(__name__)
 
 def shared_cache_dir() -> str | None:
     """The folder our kernels compile into; None when ``CONSA_TRITON_CACHE_DIR`` is set empty
-    (Triton's own setting then applies). Read at every compile, so a process may change it."""
+    or vLLM is not installed (Triton's own setting then applies). Read at every compile."""
     raw = os.environ.get(ENV)
     if raw is not None:
         return os.path.abspath(os.path.expanduser(raw)) if raw.strip() else None
-    root = os.environ.get("VLLM_CACHE_ROOT") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "vllm")
-    return os.path.join(os.path.abspath(os.path.expanduser(root)), "consa_triton_cache")
+    try:
+        from vllm import envs
+    except ImportError:
+        # Without vLLM nothing moves Triton's cache per configuration: keep Triton's own.
+        return None
+    return os.path.join(envs.VLLM_CACHE_ROOT, "consa_triton_cache")
 
 
 _warned: set[str] = set()

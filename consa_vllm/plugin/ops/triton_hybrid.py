@@ -466,7 +466,7 @@ def _decode_3d(
 # Batch-dependent integers are not specialized (== 1, multiple of 16), so that every batch
 # size shares the variants compiled at start-up: fewer compiles, none mid-serving.
 @jit(do_not_specialize=["num_seqs", "n_full", "full_head_offset", "sliding_head_offset",
-                               "seg_f", "seg_s", "seg_stride"])
+                        "seg_f", "seg_s", "seg_stride"])
 def _hybrid_attn_kernel(
     output_ptr, query_ptr, query_start_len_ptr, seq_lens_ptr, num_seqs: tl.int32,
     full_cache_ptr, full_bt_ptr, full_head_offset, full_bt_stride: tl.int64,
