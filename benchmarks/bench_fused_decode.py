@@ -22,6 +22,8 @@ block). Variants:
                   heads still put enough programs (loads in flight) on the GPU
   fa3_pools       FlashAttention 3 over the two pools, two streams, sinks merged by the
                   Triton merge launch (what ``CONSA_FUSED_DECODE_MAX_SEQS=0`` serves)
+  split           F heads through FlashAttention 3, S heads (sinks included) through the
+                  fused op, two streams (what ``CONSA_SMALL_DECODE=split`` serves)
   layerwise_fa3   a layer-wise allocation at the same sparsity (round(F heads / KV heads)
                   dense layers, the rest sliding, no sinks) through FlashAttention 3: what
                   stock vLLM decodes (sink 0 rows only)
@@ -239,7 +241,7 @@ def main():
         mods["fused_baseline"] = load_baseline(args.baseline)
     fa = None
     if not args.no_fa3 and not args.smoke:
-        from consa_vllm.plugin.ops.flash_pools import flash_attn_pools, flash_attn_varlen
+        from consa_vllm.plugin.ops.flash_pools import flash_attn_pools, flash_attn_varlen, flash_full_fused_sliding
 
         fa = flash_attn_varlen()
     seg_fs = [int(x) for x in args.seg_f.split(",") if x]
@@ -294,6 +296,8 @@ def main():
                 if fa is not None:
                     runners["fa3_pools"] = (lambda full, sliding, o: flash_attn_pools(
                         fa, p.query, o, p.batch, p.scale, full, sliding, overlap=True))
+                    runners["split"] = (lambda full, sliding, o: flash_full_fused_sliding(
+                        fa, p.query, o, p.batch, p.scale, full, sliding, scratch, overlap=True))
                 base = dict(context=ctx, batch=bs, sink=sink)
                 # correctness: one layer of every distinct split, each variant vs the torch op
                 try:

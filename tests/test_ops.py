@@ -896,6 +896,21 @@ def test_flash_pools_knob_and_cpu_fallback(monkeypatch):
     assert flash_pools.flash_attn_varlen() is None
 
 
+def test_small_decode_knob(monkeypatch):
+    """CONSA_SMALL_DECODE: unset or empty = fused (one Triton launch for both pools), split
+    = F heads on FlashAttention 3; anything else names the variable and the value."""
+    from consa_vllm.plugin.ops import flash_pools
+
+    monkeypatch.delenv("CONSA_SMALL_DECODE", raising=False)
+    assert flash_pools.small_decode_split() is False
+    for value, want in (("", False), ("fused", False), ("Split", True), (" split ", True)):
+        monkeypatch.setenv("CONSA_SMALL_DECODE", value)
+        assert flash_pools.small_decode_split() is want
+    monkeypatch.setenv("CONSA_SMALL_DECODE", "fa3")
+    with pytest.raises(ValueError, match="CONSA_SMALL_DECODE must be fused or split, got 'fa3'"):
+        flash_pools.small_decode_split()
+
+
 def test_decode_prefetch_bt_knob(monkeypatch):
     """CONSA_DECODE_PREFETCH_BT: unset, empty or 1 = the 3D decode loads block-table entries
     one tile ahead, 0 = not; anything else fails with one line naming the variable."""

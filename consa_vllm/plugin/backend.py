@@ -42,7 +42,9 @@ from consa_vllm.plugin.ops.flash_pools import (
     default_overlap,
     flash_attn_pools,
     flash_attn_varlen,
+    flash_full_fused_sliding,
     fused_decode_max_seqs,
+    small_decode_split,
 )
 from consa_vllm.plugin.ops.interface import FP8_DTYPE
 
@@ -252,12 +254,14 @@ class ConsaAttentionImpl(AttentionImpl[ConsaMetadata]):
         self.consa_pools = consa_pools
         self.ops = None
         self.flash_attn = None
+        self.split_small_decode = False
         if consa_pools is not None:
             from vllm.platforms import current_platform
 
             # Chosen once, when vLLM builds the model (environment knobs: see ops.select_ops).
             self.ops = select_ops(current_platform.device_type)
             self.flash_attn = flash_attn_varlen()
+            self.split_small_decode = small_decode_split()
         self.fa_overlap = default_overlap()
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
@@ -295,13 +299,18 @@ class ConsaAttentionImpl(AttentionImpl[ConsaMetadata]):
         scratch = attn_metadata.scratch
         small_decode = (scratch is not None and batch.max_query_len <= 1
                         and batch.num_seqs <= attn_metadata.fused_max_seqs)
-        if self.flash_attn is not None and not small_decode and query.dtype in (torch.float16, torch.bfloat16):
-            # Prefill and large decode batches: FlashAttention 3 per pool is much faster
-            # there than the fused kernel; small decode batches, where launch count and SM
-            # occupancy dominate, keep the single fused split-KV launch (see ops.flash_pools;
-            # CONSA_FUSED_DECODE_MAX_SEQS moves the boundary).
-            flash_attn_pools(self.flash_attn, query[:n], output[:n], batch, self.scale, full, sliding,
-                             overlap=self.fa_overlap)
-            return output
+        if self.flash_attn is not None and query.dtype in (torch.float16, torch.bfloat16):
+            if not small_decode:
+                # Prefill and large decode batches: FlashAttention 3 per pool is much faster
+                # there than the fused kernel; small decode batches, where launch count and SM
+                # occupancy dominate, keep the single fused split-KV launch (see ops.flash_pools;
+                # CONSA_FUSED_DECODE_MAX_SEQS moves the boundary).
+                flash_attn_pools(self.flash_attn, query[:n], output[:n], batch, self.scale, full, sliding,
+                                 overlap=self.fa_overlap)
+                return output
+            if self.split_small_decode:
+                flash_full_fused_sliding(self.flash_attn, query[:n], output[:n], batch, self.scale, full,
+                                         sliding, scratch, overlap=self.fa_overlap)
+                return output
         self.ops.attention(query[:n], output[:n], batch, self.scale, full, sliding, scratch)
         return output

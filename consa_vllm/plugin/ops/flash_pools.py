@@ -169,3 +169,55 @@ def flash_attn_pools(fa, query: torch.Tensor, output: torch.Tensor, batch: AttnB
         return
     for c in calls:
         launch(*c)
+
+
+def small_decode_split() -> bool:
+    """``CONSA_SMALL_DECODE``: how decode batches within the fused kernel's limit run where
+    FlashAttention 3 is available (read once per layer when vLLM builds the model).
+
+    ``fused`` (default): one fused split-KV Triton launch for both pools. ``split``: the F
+    heads through FlashAttention 3 over the F pool (on vLLM's auxiliary stream) beside the
+    S heads through the fused kernel over the S pool, sinks included
+    (:func:`flash_full_fused_sliding`).
+    """
+    v = os.environ.get("CONSA_SMALL_DECODE", "fused").strip().lower() or "fused"
+    if v not in ("fused", "split"):
+        raise ValueError(f"CONSA_SMALL_DECODE must be fused or split, got {v!r}")
+    return v == "split"
+
+
+def flash_full_fused_sliding(fa, query: torch.Tensor, output: torch.Tensor, batch: AttnBatch, scale: float,
+                             full: KVPool | None, sliding: KVPool | None, scratch, *,
+                             overlap: bool = True) -> None:
+    """A small decode batch with each pool on the kernel that reads it fastest (same contract
+    as ``hybrid_paged_attention``; ``CONSA_SMALL_DECODE=split``).
+
+    F heads read the whole context: FlashAttention 3 streams it at about 3.1 TB/s on an
+    H100 against 2.5 for the fused Triton kernel (docs/DESIGN.md §8), which is what keeps
+    batch-1 decoding at long context behind stock layer-wise. S heads read a window (and
+    their sinks) only, where the fused kernel needs no sink merge launch. The F launch runs
+    on vLLM's auxiliary stream beside the S launch, as in :func:`flash_attn_pools`.
+    """
+    from .triton_hybrid import hybrid_paged_attention
+
+    n_full = full.num_heads if full is not None else 0
+    n_sliding = sliding.num_heads if sliding is not None else 0
+    if not n_sliding:
+        flash_attn_pools(fa, query, output, batch, scale, full, None, overlap=False)
+        return
+    if not n_full:
+        hybrid_paged_attention(query, output, batch, scale, None, sliding, scratch)
+        return
+    split = n_full * (query.shape[1] // (n_full + n_sliding))
+    if not overlap:
+        flash_attn_pools(fa, query[:, :split], output[:, :split], batch, scale, full, None, overlap=False)
+        hybrid_paged_attention(query[:, split:], output[:, split:], batch, scale, None, sliding, scratch)
+        return
+    from vllm.utils.torch_utils import aux_stream
+
+    main, side = torch.cuda.current_stream(), aux_stream()
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        flash_attn_pools(fa, query[:, :split], output[:, :split], batch, scale, full, None, overlap=False)
+    hybrid_paged_attention(query[:, split:], output[:, split:], batch, scale, None, sliding, scratch)
+    main.wait_stream(side)
