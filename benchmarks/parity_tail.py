@@ -74,7 +74,8 @@ def by_path(errors: list[list[float]], sensitivity: list[list[float]], min_sensi
     """Raw and normalized statistics where each kernel path ran: a prompt's first generated token
     comes from the prefill's logits, the others from decode steps; and per round of the report
     (``rounds``: consecutive prompt counts; on a GPU the first round's decode batch runs
-    FlashAttention over the pools, the smaller ones the fused Triton decode)."""
+    FlashAttention over the pools, the smaller ones the small-decode path: the fused Triton
+    decode, since session 27 with the F heads on FlashAttention 3 over bf16 pools)."""
     def pick(rows: range, first: bool) -> dict:
         sel = [(e, s) for i in rows for j, (e, s) in enumerate(zip(errors[i], sensitivity[i])) if (j == 0) == first]
         return _raw_and_normalized([e for e, _ in sel], [s for _, s in sel], min_sensitivity)

@@ -4,7 +4,8 @@ stock vLLM's own error on the all-F model under the same dtype and quantization.
 Every error is measured the same way: vLLM generates greedily (with torch.compile and CUDA
 graphs; the prompts run in rounds, one with a decode batch above the fused kernel's limit
 (128 // KV heads sequences) so that the FlashAttention pool path runs, one within it for the
-fused Triton split-KV decode), then the
+small-decode path: over bf16 pools F heads on FlashAttention 3 beside S heads on the fused
+Triton split-KV decode, over FP8 pools the fused decode alone; ``CONSA_SMALL_DECODE``), then the
 float32 reference attention (HF transformers, patched with the allocation) scores vLLM's
 own sequences by teacher forcing (for bf16 engines also Hugging Face itself in bf16: the
 model's own bf16 sensitivity, reported beside as ``plain_hf_bf16`` and, per pair, the ratio
@@ -325,7 +326,8 @@ def calibrated_parity(src: Path, consa_dir: Path, allocation, prompts: list[list
 #: testbed's window of 512 (also the default of benchmarks/bf16_sensitivity.py --model).
 CHECKPOINT_LENGTHS = [600, 1500, 900, 1200, 700, 1400, 1000, 800]
 #: Rounds of the checkpoint comparison: a decode batch of 24 (above the fused kernel's limit on
-#: a GPU: FlashAttention 3 over the pools), then 4 and 4 (the fused Triton split-KV decode).
+#: a GPU: FlashAttention 3 over the pools), then 4 and 4 (the small-decode path: the fused Triton
+#: split-KV decode, for F heads FlashAttention 3 over bf16 pools; ``CONSA_SMALL_DECODE``).
 CHECKPOINT_ROUNDS = [24, 4, 4]
 #: The engines' length limit in the checkpoint comparison (the longest prompt and its new tokens fit).
 CHECKPOINT_MAX_MODEL_LEN = 2048

@@ -897,18 +897,22 @@ def test_flash_pools_knob_and_cpu_fallback(monkeypatch):
 
 
 def test_small_decode_knob(monkeypatch):
-    """CONSA_SMALL_DECODE: unset or empty = fused (one Triton launch for both pools), split
-    = F heads on FlashAttention 3; anything else names the variable and the value."""
+    """CONSA_SMALL_DECODE: unset or empty = auto (F heads on FlashAttention 3 over bf16/fp16
+    pools, the fused kernel over FP8 pools), fused or split everywhere; anything else names
+    the variable and the value."""
     from consa_vllm.plugin.ops import flash_pools
 
     monkeypatch.delenv("CONSA_SMALL_DECODE", raising=False)
-    assert flash_pools.small_decode_split() is False
-    for value, want in (("", False), ("fused", False), ("Split", True), (" split ", True)):
+    assert flash_pools.small_decode_mode() == "auto"
+    assert flash_pools.small_decode_split(kv_fp8=False) is True
+    assert flash_pools.small_decode_split(kv_fp8=True) is False
+    for value, want in (("", (True, False)), ("auto", (True, False)), ("fused", (False, False)),
+                        ("Split", (True, True)), (" split ", (True, True))):
         monkeypatch.setenv("CONSA_SMALL_DECODE", value)
-        assert flash_pools.small_decode_split() is want
+        assert (flash_pools.small_decode_split(False), flash_pools.small_decode_split(True)) == want, value
     monkeypatch.setenv("CONSA_SMALL_DECODE", "fa3")
-    with pytest.raises(ValueError, match="CONSA_SMALL_DECODE must be fused or split, got 'fa3'"):
-        flash_pools.small_decode_split()
+    with pytest.raises(ValueError, match="CONSA_SMALL_DECODE must be one of auto, fused, split, got 'fa3'"):
+        flash_pools.small_decode_split(False)
 
 
 def test_decode_prefetch_bt_knob(monkeypatch):

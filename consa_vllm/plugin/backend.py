@@ -261,7 +261,7 @@ class ConsaAttentionImpl(AttentionImpl[ConsaMetadata]):
             # Chosen once, when vLLM builds the model (environment knobs: see ops.select_ops).
             self.ops = select_ops(current_platform.device_type)
             self.flash_attn = flash_attn_varlen()
-            self.split_small_decode = small_decode_split()
+            self.split_small_decode = small_decode_split(self.kv_fp8)
         self.fa_overlap = default_overlap()
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
@@ -303,12 +303,14 @@ class ConsaAttentionImpl(AttentionImpl[ConsaMetadata]):
             if not small_decode:
                 # Prefill and large decode batches: FlashAttention 3 per pool is much faster
                 # there than the fused kernel; small decode batches, where launch count and SM
-                # occupancy dominate, keep the single fused split-KV launch (see ops.flash_pools;
-                # CONSA_FUSED_DECODE_MAX_SEQS moves the boundary).
+                # occupancy dominate, keep the fused split-KV launch for the S heads (see
+                # ops.flash_pools; CONSA_FUSED_DECODE_MAX_SEQS moves the boundary).
                 flash_attn_pools(self.flash_attn, query[:n], output[:n], batch, self.scale, full, sliding,
                                  overlap=self.fa_overlap)
                 return output
             if self.split_small_decode:
+                # The F heads' context-long reads run faster in FlashAttention 3 than in the
+                # fused kernel, which keeps the S heads and their sinks (CONSA_SMALL_DECODE).
                 flash_full_fused_sliding(self.flash_attn, query[:n], output[:n], batch, self.scale, full,
                                          sliding, scratch, overlap=self.fa_overlap)
                 return output

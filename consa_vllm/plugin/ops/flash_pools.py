@@ -14,7 +14,10 @@ launch would. CUDA-graph capture records the two streams as parallel branches.
 
 ``CONSA_FA3_OVERLAP=0`` runs the launches one after the other (read once per process), to
 measure what the overlap buys. ``CONSA_FUSED_DECODE_MAX_SEQS`` moves the decode batch size
-up to which the fused Triton kernel runs instead (:func:`fused_decode_max_seqs`). Forcing
+up to which the fused Triton kernel runs instead (:func:`fused_decode_max_seqs`). Over bf16
+pools those small decode batches still send the F heads here, one launch beside the fused
+kernel's S heads (:func:`flash_full_fused_sliding`, ``CONSA_SMALL_DECODE``): FlashAttention 3
+streams a long context faster than the fused kernel does. Forcing
 KV splits on the F launch was measured too and changed nothing on the H100
 (benchmarks/results/hybrid_kernel_h100_fa3_pools.json), so the split count is left to
 FlashAttention.
@@ -171,26 +174,39 @@ def flash_attn_pools(fa, query: torch.Tensor, output: torch.Tensor, batch: AttnB
         launch(*c)
 
 
-def small_decode_split() -> bool:
-    """``CONSA_SMALL_DECODE``: how decode batches within the fused kernel's limit run where
-    FlashAttention 3 is available (read once per layer when vLLM builds the model).
+#: ``CONSA_SMALL_DECODE`` values (:func:`small_decode_mode`).
+SMALL_DECODE_MODES = ("auto", "fused", "split")
 
-    ``fused`` (default): one fused split-KV Triton launch for both pools. ``split``: the F
-    heads through FlashAttention 3 over the F pool (on vLLM's auxiliary stream) beside the
-    S heads through the fused kernel over the S pool, sinks included
-    (:func:`flash_full_fused_sliding`).
+
+def small_decode_mode() -> str:
+    """``CONSA_SMALL_DECODE``: how decode batches within the fused kernel's limit
+    (:func:`fused_decode_max_seqs`) run where FlashAttention 3 is available (read once per
+    layer when vLLM builds the model).
+
+    ``split``: the F heads through FlashAttention 3 over the F pool, on vLLM's auxiliary
+    stream, beside the S heads through the fused kernel over the S pool, sinks included
+    (:func:`flash_full_fused_sliding`). ``fused``: one fused split-KV Triton launch for both
+    pools. ``auto`` (unset or empty): ``split`` over bf16/fp16 pools, ``fused`` over FP8
+    pools, where the split path is not yet measured (docs/DESIGN.md §8).
     """
-    v = os.environ.get("CONSA_SMALL_DECODE", "fused").strip().lower() or "fused"
-    if v not in ("fused", "split"):
-        raise ValueError(f"CONSA_SMALL_DECODE must be fused or split, got {v!r}")
-    return v == "split"
+    v = os.environ.get("CONSA_SMALL_DECODE", "").strip().lower() or "auto"
+    if v not in SMALL_DECODE_MODES:
+        raise ValueError(f"CONSA_SMALL_DECODE must be one of {', '.join(SMALL_DECODE_MODES)}, got {v!r}")
+    return v
+
+
+def small_decode_split(kv_fp8: bool) -> bool:
+    """Whether small decode batches take :func:`flash_full_fused_sliding` (see
+    :func:`small_decode_mode`) for a layer whose pools are FP8 (``kv_fp8``) or not."""
+    mode = small_decode_mode()
+    return mode == "split" or (mode == "auto" and not kv_fp8)
 
 
 def flash_full_fused_sliding(fa, query: torch.Tensor, output: torch.Tensor, batch: AttnBatch, scale: float,
                              full: KVPool | None, sliding: KVPool | None, scratch, *,
                              overlap: bool = True) -> None:
     """A small decode batch with each pool on the kernel that reads it fastest (same contract
-    as ``hybrid_paged_attention``; ``CONSA_SMALL_DECODE=split``).
+    as ``hybrid_paged_attention``; :func:`small_decode_mode`).
 
     F heads read the whole context: FlashAttention 3 streams it at about 3.1 TB/s on an
     H100 against 2.5 for the fused Triton kernel (docs/DESIGN.md §8), which is what keeps
