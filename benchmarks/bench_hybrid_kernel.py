@@ -302,24 +302,14 @@ def fa3_pools(fa, p: Problem, full, sliding, out, overlap=False):
     return run
 
 
-def fa3_full_triton_sliding(fa, th, p: Problem, full, sliding, out):
-    """The alternative for sinks: F heads through FA3 (side stream), S heads through the
-    fused Triton kernel with the sinks inside (2D path), concurrently."""
-    from vllm.utils.torch_utils import aux_stream
-
-    from consa_vllm.plugin.ops.flash_pools import flash_attn_pools
-
-    g = p.hq // (full.num_heads + sliding.num_heads)
-    split = full.num_heads * g
-    q_f, q_s, o_f, o_s = p.query[:, :split], p.query[:, split:], out[:, :split], out[:, split:]
+def fa3_full_triton_sliding(fa, p: Problem, full, sliding, out):
+    """F heads through FA3 (side stream), S heads through the fused Triton kernel with the
+    sinks inside (2D path on a prefill), concurrently: ``flash_pools.flash_full_fused_sliding``,
+    which serves small decode batches so (``CONSA_SMALL_DECODE``), on this workload."""
+    from consa_vllm.plugin.ops.flash_pools import flash_full_fused_sliding
 
     def run():
-        main, side = torch.cuda.current_stream(), aux_stream()
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            flash_attn_pools(fa, q_f, o_f, p.batch, p.scale, full, None)
-        th.hybrid_paged_attention(q_s, o_s, p.batch, p.scale, None, sliding)
-        main.wait_stream(side)
+        flash_full_fused_sliding(fa, p.query, out, p.batch, p.scale, full, sliding, None)
     return run
 
 
@@ -386,7 +376,7 @@ def run_timing(th, stock, device, block_size, window, reps, workloads, num_segme
                     rows.append(dict(workload=wname, variant=vname, overlap=overlap, sink=sink, **r))
                     _log_row(vname, r)
                 if fa is not None and nf and ns and len(sinks) > 1:
-                    run = fa3_full_triton_sliding(fa, th, p, full, sliding, out)
+                    run = fa3_full_triton_sliding(fa, p, full, sliding, out)
                     run()
                     r = timer.measure(run)
                     rows.append(dict(workload=wname, variant=f"fa3f_tritons_{tag}", sink=sink, **r))
