@@ -253,24 +253,28 @@ def test_flash_pools_sinks_vs_torch(name, sink):
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["serial", "two-streams"])
 @pytest.mark.parametrize("sink", (0, 4, 64))
-def test_split_small_decode_vs_torch(sink, overlap):
-    """``CONSA_SMALL_DECODE=split``: F heads through FlashAttention 3, S heads (sinks in the
-    kernel) through the fused split-KV decode, on the decode batch the fused kernel serves;
-    all-F and all-S layers take one of the two alone."""
+@pytest.mark.parametrize("name", ["decode_3d", "mixed_2d"])
+def test_split_small_decode_vs_torch(name, sink, overlap):
+    """F heads through FlashAttention 3, S heads (sinks in the kernel) through the fused
+    kernel: on the decode batch the fused kernel serves (``CONSA_SMALL_DECODE=split``, the
+    split-KV decode) and on a mixed prefill batch without scratch (``CONSA_SINKS_IN_KERNEL=1``,
+    the 2D kernel); all-F and all-S layers take one of the two alone."""
     from consa_vllm.plugin.ops import triton_hybrid as th
     from consa_vllm.plugin.ops.flash_pools import flash_full_fused_sliding
 
     fa = _flash_attn()
     for nf, ns in ((2, 6), (1, 7), (4, 4), (8, 0), (0, 8)):
-        case = _case("decode_3d", nf, ns, torch.bfloat16, sink)
-        scratch = th.make_hybrid_scratch(th.default_seq_threshold_3d(HKV), HQ, D, "cuda")
-        assert th.would_use_3d(case.query, case.batch, scratch)
+        case = _case(name, nf, ns, torch.bfloat16, sink)
+        scratch = None
+        if name == "decode_3d":
+            scratch = th.make_hybrid_scratch(th.default_seq_threshold_3d(HKV), HQ, D, "cuda")
+            assert th.would_use_3d(case.query, case.batch, scratch)
         out = torch.full_like(case.query, float("nan"))
         flash_full_fused_sliding(fa, case.query, out, case.batch, case.scale, case.full, case.sliding, scratch,
                                  overlap=overlap)
         torch.cuda.synchronize()
         err = _max_err(out, _torch_reference(case), case.batch.query_start_loc[-1].item())
-        print(f"split sink {sink} {nf}F{ns}S overlap={overlap} max_abs_err={err:.2e}")
+        print(f"split {name} sink {sink} {nf}F{ns}S overlap={overlap} max_abs_err={err:.2e}")
         assert math.isfinite(err) and err < TOL[torch.bfloat16], (sink, nf, ns, err)
 
 

@@ -915,6 +915,21 @@ def test_small_decode_knob(monkeypatch):
         flash_pools.small_decode_split(False)
 
 
+def test_sinks_in_kernel_knob(monkeypatch):
+    """CONSA_SINKS_IN_KERNEL: unset, empty or 0 = FlashAttention 3 plus the sink merge launch;
+    1 = S heads with sinks through the fused kernel; anything else names itself."""
+    from consa_vllm.plugin.ops import flash_pools
+
+    monkeypatch.delenv("CONSA_SINKS_IN_KERNEL", raising=False)
+    assert flash_pools.sinks_in_kernel() is False
+    for value, want in (("", False), ("0", False), ("1", True), ("True", True), ("false", False)):
+        monkeypatch.setenv("CONSA_SINKS_IN_KERNEL", value)
+        assert flash_pools.sinks_in_kernel() is want, value
+    monkeypatch.setenv("CONSA_SINKS_IN_KERNEL", "on")
+    with pytest.raises(ValueError, match="CONSA_SINKS_IN_KERNEL must be 0 or 1, got 'on'"):
+        flash_pools.sinks_in_kernel()
+
+
 def test_decode_prefetch_bt_knob(monkeypatch):
     """CONSA_DECODE_PREFETCH_BT: unset, empty or 1 = the 3D decode loads block-table entries
     one tile ahead, 0 = not; anything else fails with one line naming the variable."""

@@ -44,6 +44,7 @@ from consa_vllm.plugin.ops.flash_pools import (
     flash_attn_varlen,
     flash_full_fused_sliding,
     fused_decode_max_seqs,
+    sinks_in_kernel,
     small_decode_split,
 )
 from consa_vllm.plugin.ops.interface import FP8_DTYPE
@@ -255,6 +256,7 @@ class ConsaAttentionImpl(AttentionImpl[ConsaMetadata]):
         self.ops = None
         self.flash_attn = None
         self.split_small_decode = False
+        self.sinks_in_kernel = False
         if consa_pools is not None:
             from vllm.platforms import current_platform
 
@@ -262,6 +264,7 @@ class ConsaAttentionImpl(AttentionImpl[ConsaMetadata]):
             self.ops = select_ops(current_platform.device_type)
             self.flash_attn = flash_attn_varlen()
             self.split_small_decode = small_decode_split(self.kv_fp8)
+            self.sinks_in_kernel = sinks_in_kernel()
         self.fa_overlap = default_overlap()
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
@@ -305,6 +308,11 @@ class ConsaAttentionImpl(AttentionImpl[ConsaMetadata]):
                 # there than the fused kernel; small decode batches, where launch count and SM
                 # occupancy dominate, keep the fused split-KV launch for the S heads (see
                 # ops.flash_pools; CONSA_FUSED_DECODE_MAX_SEQS moves the boundary).
+                if self.sinks_in_kernel and sliding is not None and sliding.sink:
+                    # S heads with their sinks in the fused kernel, no merge launch (opt-in).
+                    flash_full_fused_sliding(self.flash_attn, query[:n], output[:n], batch, self.scale, full,
+                                             sliding, None, overlap=self.fa_overlap)
+                    return output
                 flash_attn_pools(self.flash_attn, query[:n], output[:n], batch, self.scale, full, sliding,
                                  overlap=self.fa_overlap)
                 return output

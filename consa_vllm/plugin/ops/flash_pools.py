@@ -202,15 +202,30 @@ def small_decode_split(kv_fp8: bool) -> bool:
     return mode == "split" or (mode == "auto" and not kv_fp8)
 
 
+def sinks_in_kernel() -> bool:
+    """``CONSA_SINKS_IN_KERNEL=0|1`` (default 0): whether prefill and large decode batches of a
+    layer with sinks run their S heads through the fused Triton kernel, sinks inside, beside
+    FlashAttention 3 for the F heads (:func:`flash_full_fused_sliding` without the split-KV
+    scratch), instead of FlashAttention 3 over the window plus the sink merge launch. Read
+    once per layer when vLLM builds the model; off until measured (docs/DESIGN.md §8)."""
+    v = os.environ.get("CONSA_SINKS_IN_KERNEL", "").strip().lower() or "0"
+    if v not in ("0", "1", "true", "false"):
+        raise ValueError(f"CONSA_SINKS_IN_KERNEL must be 0 or 1, got {v!r}")
+    return v in ("1", "true")
+
+
 def flash_full_fused_sliding(fa, query: torch.Tensor, output: torch.Tensor, batch: AttnBatch, scale: float,
                              full: KVPool | None, sliding: KVPool | None, scratch, *,
                              overlap: bool = True) -> None:
-    """A small decode batch with each pool on the kernel that reads it fastest (same contract
-    as ``hybrid_paged_attention``; :func:`small_decode_mode`).
+    """One hybrid layer with the F heads on FlashAttention 3 and the S heads, sinks included, on
+    the fused Triton kernel (same contract as ``hybrid_paged_attention``): small decode batches
+    (:func:`small_decode_mode`; ``scratch`` gives the S heads the split-KV decode), and with
+    ``CONSA_SINKS_IN_KERNEL=1`` prefill and large decode batches with sinks (``scratch`` None:
+    the 2D kernel, no sink merge launch).
 
     F heads read the whole context: FlashAttention 3 streams it at about 3.1 TB/s on an
-    H100 against 2.5 for the fused Triton kernel (docs/DESIGN.md §8), which is what keeps
-    batch-1 decoding at long context behind stock layer-wise. S heads read a window (and
+    H100 against 2.5 for the fused Triton kernel (docs/DESIGN.md §8), which kept batch-1
+    decoding at long context behind stock layer-wise. S heads read a window (and
     their sinks) only, where the fused kernel needs no sink merge launch. The F launch runs
     on vLLM's auxiliary stream beside the S launch, as in :func:`flash_attn_pools`.
     """
