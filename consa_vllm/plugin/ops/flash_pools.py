@@ -240,15 +240,24 @@ def flash_full_fused_sliding(fa, query: torch.Tensor, output: torch.Tensor, batc
         hybrid_paged_attention(query, output, batch, scale, None, sliding, scratch)
         return
     split = n_full * (query.shape[1] // (n_full + n_sliding))
-    if not overlap:
+
+    def full_heads() -> None:
         flash_attn_pools(fa, query[:, :split], output[:, :split], batch, scale, full, None, overlap=False)
+
+    def sliding_heads() -> None:
         hybrid_paged_attention(query[:, split:], output[:, split:], batch, scale, None, sliding, scratch)
+
+    if not overlap:
+        full_heads()
+        sliding_heads()
         return
     from vllm.utils.torch_utils import aux_stream
 
+    # As in flash_attn_pools: the F launch on vLLM's side stream, joined before anything made
+    # before the fork is used again.
     main, side = torch.cuda.current_stream(), aux_stream()
     side.wait_stream(main)
     with torch.cuda.stream(side):
-        flash_attn_pools(fa, query[:, :split], output[:, :split], batch, scale, full, None, overlap=False)
-    hybrid_paged_attention(query[:, split:], output[:, split:], batch, scale, None, sliding, scratch)
+        full_heads()
+    sliding_heads()
     main.wait_stream(side)
