@@ -251,6 +251,15 @@ def test_flash_pools_sinks_vs_torch(name, sink):
         assert math.isfinite(err) and err < TOL[torch.bfloat16], (name, sink, nf, ns, err)
 
 
+def _as_fp8_query(query, q_scale):
+    """``query`` [T, len(q_scale) * G, D] as FlashAttention 3 sees it over FP8 pools: each KV
+    head's query heads quantized with its ``q_scale``, then scaled back."""
+    n = q_scale.numel()
+    s = q_scale[:, None, None]
+    q8 = quantize_fp8(query.unflatten(1, (n, query.shape[1] // n)), s).float()
+    return (q8 * s).flatten(1, 2).to(query.dtype)
+
+
 @pytest.mark.parametrize("overlap", [False, True], ids=["serial", "two-streams"])
 @pytest.mark.parametrize("sink", (0, 4, 64))
 @pytest.mark.parametrize("name", ["decode_3d", "mixed_2d"])
@@ -298,9 +307,7 @@ def test_split_small_decode_fp8_calibrated(sink):
         torch.cuda.synchronize()
         query = case.query.clone()
         if nf:
-            qs = case.full.q_scale[:, None, None]
-            q8 = quantize_fp8(case.query[:, :nf * g].unflatten(1, (nf, g)), qs).float()
-            query[:, :nf * g] = (q8 * qs).flatten(1, 2).to(query.dtype)
+            query[:, :nf * g] = _as_fp8_query(case.query[:, :nf * g], case.full.q_scale)
         ref = _torch_reference(dataclasses.replace(case, query=query))
         return _max_err(out, ref, case.batch.query_start_loc[-1].item())
 
@@ -330,9 +337,7 @@ def test_flash_pools_fp8_calibrated(name, sink):
         torch.cuda.synchronize()
         # The reference sees the queries FlashAttention sees (quantized per KV head).
         q_scale = torch.cat([p.q_scale for p in (case.full, case.sliding) if p is not None])
-        g = HQ // HKV
-        q8 = quantize_fp8(case.query.unflatten(1, (HKV, g)), q_scale[:, None, None]).float()
-        ref_case = dataclasses.replace(case, query=(q8 * q_scale[:, None, None]).flatten(1, 2).to(case.query.dtype))
+        ref_case = dataclasses.replace(case, query=_as_fp8_query(case.query, q_scale))
         return _max_err(out, _torch_reference(ref_case), case.batch.query_start_loc[-1].item())
 
     stock = max(err_of(HKV, 0), err_of(0, HKV))

@@ -303,24 +303,23 @@ class ConsaAttentionImpl(AttentionImpl[ConsaMetadata]):
         small_decode = (scratch is not None and batch.max_query_len <= 1
                         and batch.num_seqs <= attn_metadata.fused_max_seqs)
         if self.flash_attn is not None and query.dtype in (torch.float16, torch.bfloat16):
+            # Small decode batches, where launch count and SM occupancy dominate, keep the fused
+            # split-KV launch, by default for the S heads only: the F heads' context-long reads
+            # run faster in FlashAttention 3 (CONSA_SMALL_DECODE). Prefill and large decode
+            # batches run FlashAttention 3 per pool, much faster there than the fused kernel,
+            # or opt in to the S heads' sinks inside the fused kernel (CONSA_SINKS_IN_KERNEL).
+            # See ops.flash_pools; CONSA_FUSED_DECODE_MAX_SEQS moves the boundary.
+            if small_decode:
+                split = self.split_small_decode
+            else:
+                split = self.sinks_in_kernel and sliding is not None and sliding.sink > 0
+            if split:
+                flash_full_fused_sliding(self.flash_attn, query[:n], output[:n], batch, self.scale, full,
+                                         sliding, scratch if small_decode else None, overlap=self.fa_overlap)
+                return output
             if not small_decode:
-                # Prefill and large decode batches: FlashAttention 3 per pool is much faster
-                # there than the fused kernel; small decode batches, where launch count and SM
-                # occupancy dominate, keep the fused split-KV launch for the S heads (see
-                # ops.flash_pools; CONSA_FUSED_DECODE_MAX_SEQS moves the boundary).
-                if self.sinks_in_kernel and sliding is not None and sliding.sink:
-                    # S heads with their sinks in the fused kernel, no merge launch (opt-in).
-                    flash_full_fused_sliding(self.flash_attn, query[:n], output[:n], batch, self.scale, full,
-                                             sliding, None, overlap=self.fa_overlap)
-                    return output
                 flash_attn_pools(self.flash_attn, query[:n], output[:n], batch, self.scale, full, sliding,
                                  overlap=self.fa_overlap)
-                return output
-            if self.split_small_decode:
-                # The F heads' context-long reads run faster in FlashAttention 3 than in the
-                # fused kernel, which keeps the S heads and their sinks (CONSA_SMALL_DECODE).
-                flash_full_fused_sliding(self.flash_attn, query[:n], output[:n], batch, self.scale, full,
-                                         sliding, scratch, overlap=self.fa_overlap)
                 return output
         self.ops.attention(query[:n], output[:n], batch, self.scale, full, sliding, scratch)
         return output
