@@ -278,6 +278,8 @@ def test_split_small_decode_vs_torch(name, sink, overlap):
         if name == "decode_3d":
             scratch = th.make_hybrid_scratch(th.default_seq_threshold_3d(HKV), HQ, D, "cuda")
             assert th.would_use_3d(case.query, case.batch, scratch)
+            # the S heads' slice keeps the split-KV decode (a 2D launch reads the window serially)
+            assert th.would_use_3d(case.query[:, nf * (HQ // HKV):], case.batch, scratch)
         out = torch.full_like(case.query, float("nan"))
         flash_full_fused_sliding(fa, case.query, out, case.batch, case.scale, case.full, case.sliding, scratch,
                                  overlap=overlap)

@@ -568,6 +568,9 @@ INTERPRET_CASES = [
     ("sink_decode@4", "float32", "3d"),
     ("sink_decode@16", "float32", "3d"),
     ("sink_decode@1", "float16", "3d"),
+    # the S heads alone on their head slice (the split small decode)
+    ("decode_only_g2", "bfloat16", "3d_slice"),
+    ("sink_decode@4", "float32", "3d_slice"),
     # FlashAttention's window-only result plus the sink merge (path "merge")
     ("sink_mixed@4", "float32", "merge"),
     ("sink_mixed@16", "bfloat16", "merge"),
@@ -678,6 +681,9 @@ def _interpret_main(argv):
     if path == "merge":
         _interpret_merge(th, what, case, dtype)
         return
+    if path == "3d_slice":
+        _interpret_slice_3d(th, what, case, dtype)
+        return
     ref = torch.full_like(case.query, 7.0)
     torch_attn(*case.args(ref))
     out = torch.full_like(case.query, 7.0)
@@ -753,6 +759,27 @@ def _interpret_boundary(th, what, name, dtype, path):
         assert th.would_use_3d(case.query, case.batch, scratch) == path.startswith("3d")
         assert torch.all(out[T:] == 7.0), "padding rows written"
     print(f"RESULT {what} {check_boundaries(what, case, out)}")
+
+
+def _interpret_slice_3d(th, what, case, dtype):
+    """What the split small decode runs for the S heads: the S pool alone on the query's S
+    head slice, with the engine's scratch sized for every head. It must take the split-KV
+    path (a 2D launch reads a long window serially, session 28) and leave the F heads alone."""
+    ref = torch.full_like(case.query, 7.0)
+    torch_attn(*case.args(ref))
+    split = case.n_full * case.group
+    rows = max(case.query.shape[0], case.batch.num_seqs)
+    scratch = th.make_hybrid_scratch(rows, case.query.shape[1], case.query.shape[2], torch.device("cpu"),
+                                     num_segments=4)
+    query, out = case.query[:, split:], torch.full_like(case.query, 7.0)
+    assert th.would_use_3d(query, case.batch, scratch), "head slice fell back to the 2D kernel"
+    th.hybrid_paged_attention(query, out[:, split:], case.batch, case.scale, None, case.sliding, scratch)
+    T = int(case.batch.query_start_loc[-1])
+    err = (out[:T, split:].float() - ref[:T, split:].float()).abs().max().item()
+    assert torch.all(out[:, :split] == 7.0) and torch.all(out[T:] == 7.0), "F heads or padding rows written"
+    print(f"RESULT {what} max_abs_err={err:.3e}")
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    assert err < tol, f"{what}: max abs err {err} >= {tol}"
 
 
 def _interpret_merge(th, what, case, dtype):

@@ -972,12 +972,16 @@ def make_hybrid_scratch(max_seqs: int, num_q_heads: int, head_size: int, device,
 
 def would_use_3d(query: torch.Tensor, batch: AttnBatch, scratch: HybridScratch | None) -> bool:
     """Host-side path choice (shapes and host ints only: no sync): 3D for decode batches
-    (every sequence has one new token) that the scratch holds."""
+    (every sequence has one new token) that the scratch holds.
+
+    A query of fewer heads than the scratch's (a head slice, as the split small decode
+    passes for the S heads) fits too: the kernels index the scratch flat by the launch's
+    own head count."""
     if scratch is None:
         return False
     return (batch.max_query_len <= 1 and batch.num_seqs <= scratch.max_seqs
             and query.shape[0] <= scratch.max_seqs
-            and scratch.segm_output.shape[1] == query.shape[1]
+            and query.shape[1] <= scratch.segm_output.shape[1]
             and scratch.segm_output.shape[3] == triton.next_power_of_2(query.shape[2]))
 
 
