@@ -24,6 +24,8 @@ block). Variants:
                   Triton merge launch (what ``CONSA_FUSED_DECODE_MAX_SEQS=0`` serves)
   split           F heads through FlashAttention 3, S heads (sinks included) through the
                   fused op, two streams (what ``CONSA_SMALL_DECODE=split`` serves)
+  served          each layer as the backend chooses it (``CONSA_SMALL_DECODE``, default
+                  auto: split for layers with at least 4 F heads over bf16 pools, else fused)
   layerwise_fa3   a layer-wise allocation at the same sparsity (round(F heads / KV heads)
                   dense layers, the rest sliding, no sinks) through FlashAttention 3: what
                   stock vLLM decodes (sink 0 rows only)
@@ -241,7 +243,8 @@ def main():
         mods["fused_baseline"] = load_baseline(args.baseline)
     fa = None
     if not args.no_fa3 and not args.smoke:
-        from consa_vllm.plugin.ops.flash_pools import flash_attn_pools, flash_attn_varlen, flash_full_fused_sliding
+        from consa_vllm.plugin.ops.flash_pools import (flash_attn_pools, flash_attn_varlen, flash_full_fused_sliding,
+                                                       small_decode_split)
 
         fa = flash_attn_varlen()
     seg_fs = [int(x) for x in args.seg_f.split(",") if x]
@@ -298,6 +301,14 @@ def main():
                         fa, p.query, o, p.batch, p.scale, full, sliding, overlap=True))
                     runners["split"] = (lambda full, sliding, o: flash_full_fused_sliding(
                         fa, p.query, o, p.batch, p.scale, full, sliding, scratch, overlap=True))
+
+                    def served(full, sliding, o):  # the backend's per-layer choice (CONSA_SMALL_DECODE)
+                        nf = full.num_heads if full is not None else 0
+                        if small_decode_split(args.fp8, nf):
+                            flash_full_fused_sliding(fa, p.query, o, p.batch, p.scale, full, sliding, scratch)
+                        else:
+                            th.hybrid_paged_attention(p.query, o, p.batch, p.scale, full, sliding, scratch)
+                    runners["served"] = served
                 base = dict(context=ctx, batch=bs, sink=sink)
                 # correctness: one layer of every distinct split, each variant vs the torch op
                 try:

@@ -924,22 +924,27 @@ def test_flash_pools_knob_and_cpu_fallback(monkeypatch):
 
 
 def test_small_decode_knob(monkeypatch):
-    """CONSA_SMALL_DECODE: unset or empty = auto (F heads on FlashAttention 3 over bf16/fp16
-    pools, the fused kernel over FP8 pools), fused or split everywhere; anything else names
-    the variable and the value."""
+    """CONSA_SMALL_DECODE: unset or empty = auto (F heads on FlashAttention 3 for layers with at
+    least SPLIT_MIN_FULL_HEADS F heads over bf16/fp16 pools, the fused kernel for the others and
+    over FP8 pools), fused or split everywhere; anything else names the variable and the value."""
     from consa_vllm.plugin.ops import flash_pools
 
+    many, few = flash_pools.SPLIT_MIN_FULL_HEADS, flash_pools.SPLIT_MIN_FULL_HEADS - 1
     monkeypatch.delenv("CONSA_SMALL_DECODE", raising=False)
     assert flash_pools.small_decode_mode() == "auto"
-    assert flash_pools.small_decode_split(kv_fp8=False) is True
-    assert flash_pools.small_decode_split(kv_fp8=True) is False
-    for value, want in (("", (True, False)), ("auto", (True, False)), ("fused", (False, False)),
-                        ("Split", (True, True)), (" split ", (True, True))):
+    assert flash_pools.small_decode_split(kv_fp8=False, n_full=many) is True
+    assert flash_pools.small_decode_split(kv_fp8=False, n_full=few) is False
+    assert flash_pools.small_decode_split(kv_fp8=True, n_full=many) is False
+    cases = (("", (True, False, False)), ("auto", (True, False, False)), ("fused", (False, False, False)),
+             ("Split", (True, True, True)), (" split ", (True, True, True)))
+    for value, want in cases:
         monkeypatch.setenv("CONSA_SMALL_DECODE", value)
-        assert (flash_pools.small_decode_split(False), flash_pools.small_decode_split(True)) == want, value
+        got = (flash_pools.small_decode_split(False, many), flash_pools.small_decode_split(False, few),
+               flash_pools.small_decode_split(True, many))
+        assert got == want, value
     monkeypatch.setenv("CONSA_SMALL_DECODE", "fa3")
     with pytest.raises(ValueError, match="CONSA_SMALL_DECODE must be one of auto, fused, split, got 'fa3'"):
-        flash_pools.small_decode_split(False)
+        flash_pools.small_decode_split(False, many)
 
 
 def test_sinks_in_kernel_knob(monkeypatch):

@@ -263,7 +263,7 @@ class ConsaAttentionImpl(AttentionImpl[ConsaMetadata]):
             # Chosen once, when vLLM builds the model (environment knobs: see ops.select_ops).
             self.ops = select_ops(current_platform.device_type)
             self.flash_attn = flash_attn_varlen()
-            self.split_small_decode = small_decode_split(self.kv_fp8)
+            self.split_small_decode = small_decode_split(self.kv_fp8, consa_pools[2].n_full)
             self.sinks_in_kernel = sinks_in_kernel()
         self.fa_overlap = default_overlap()
 

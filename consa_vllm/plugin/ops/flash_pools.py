@@ -178,6 +178,16 @@ def flash_attn_pools(fa, query: torch.Tensor, output: torch.Tensor, batch: AttnB
 SMALL_DECODE_MODES = ("auto", "fused", "split")
 
 
+#: Under ``CONSA_SMALL_DECODE=auto``, the fewest F heads (on this rank) for which a layer's small
+#: decode batches take the split. Its fixed cost (a second stream, FlashAttention 3's split-KV
+#: combine, the S heads' own reduce) is repaid only by the F heads' faster reads. H100, batch 1,
+#: whole-model attention (docs/DESIGN.md §8, session 28): split against fused, Llama-3.1-8B
+#: shape with DuoAttention's 50% pattern (4 F heads per layer on average) 0.99x at 32k and
+#: 0.96x at 128k; Qwen3-0.6B shape, random 0.75 (2 on average) 1.13x / 1.06x; Qwen3-30B-A3B
+#: shape, 1F3S 1.34x / 1.14x.
+SPLIT_MIN_FULL_HEADS = 4
+
+
 def small_decode_mode() -> str:
     """``CONSA_SMALL_DECODE``: how decode batches within the fused kernel's limit
     (:func:`fused_decode_max_seqs`) run where FlashAttention 3 is available (read once per
@@ -186,8 +196,9 @@ def small_decode_mode() -> str:
     ``split``: the F heads through FlashAttention 3 over the F pool, on vLLM's auxiliary
     stream, beside the S heads through the fused kernel over the S pool, sinks included
     (:func:`flash_full_fused_sliding`). ``fused``: one fused split-KV Triton launch for both
-    pools. ``auto`` (unset or empty): ``split`` over bf16/fp16 pools, ``fused`` over FP8
-    pools, where the split path is not yet measured (docs/DESIGN.md §8).
+    pools. ``auto`` (unset or empty): ``split`` for layers with at least
+    :data:`SPLIT_MIN_FULL_HEADS` F heads over bf16/fp16 pools, ``fused`` for the others and
+    over FP8 pools (docs/DESIGN.md §8).
     """
     v = os.environ.get("CONSA_SMALL_DECODE", "").strip().lower() or "auto"
     if v not in SMALL_DECODE_MODES:
@@ -195,11 +206,12 @@ def small_decode_mode() -> str:
     return v
 
 
-def small_decode_split(kv_fp8: bool) -> bool:
-    """Whether small decode batches take :func:`flash_full_fused_sliding` (see
-    :func:`small_decode_mode`) for a layer whose pools are FP8 (``kv_fp8``) or not."""
+def small_decode_split(kv_fp8: bool, n_full: int) -> bool:
+    """Whether small decode batches of a layer with ``n_full`` F heads on this rank take
+    :func:`flash_full_fused_sliding` (see :func:`small_decode_mode`), its pools FP8
+    (``kv_fp8``) or not."""
     mode = small_decode_mode()
-    return mode == "split" or (mode == "auto" and not kv_fp8)
+    return mode == "split" or (mode == "auto" and not kv_fp8 and n_full >= SPLIT_MIN_FULL_HEADS)
 
 
 def sinks_in_kernel() -> bool:
