@@ -77,6 +77,9 @@ run ops tests/test_gpu_ops.py
 run schedule tests/test_engine_schedule.py
 # It inspects the engine core's model runner: in-process (one compiled engine, one eager).
 INPROC=1 run engine-greedy "$E::test_gpu_greedy_parity"
+# The split small decode in every mixed layer: the default (CONSA_SMALL_DECODE=auto) splits only
+# layers with at least 4 F heads, which the test models' mixed layers never have.
+CONSA_SMALL_DECODE=split INPROC=1 run engine-greedy-split "$E::test_gpu_greedy_parity"
 run engine-bf16-prefill "$E::test_gpu_bf16_flash_prefill_matches_fused"
 run engine-fp8 "$E::test_gpu_fp8_kv_cache_calibrated"
 run quant-1 "$QP[ct-fp8-tensor]" "$QP[ct-fp8-channel]"
