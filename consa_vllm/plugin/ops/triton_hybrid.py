@@ -91,12 +91,14 @@ MAX_SEGMENTS_S = DEFAULT_NUM_SEGMENTS
 S_TILES_PER_SEGMENT = 2
 REDUCE_SEG_CHUNK = 128
 MIN_LAUNCH_GRID_SIZE_2D = 128  # vLLM's threshold rule: 3D when num_seqs <= 128 // n_kv
-# Query rows (query tokens x group) per program of the sink merge over a batch with a prefill.
-# Every program reads its head's sink keys again: at 16 rows, an 8k prefill at the 8B shape
-# re-read them 2,048 times per S head, and sink 64 added 18-41% to FlashAttention 3 over the
-# pools there (H100, session 28, benchmarks/results/hybrid_kernel_sinks_h100_s28.json).
-# Decode batches keep 16 rows: one query per sequence fills only G of them.
-SINK_MERGE_ROWS_PREFILL = 64
+# Query rows (query tokens x group) per program of the sink merge. Every program reads its
+# head's sink keys again: at 16 rows, an 8k prefill at the 8B shape re-read them 2,048 times
+# per S head, and sink 64 added 18-41% to FlashAttention 3 over the pools there (H100, session
+# 28, benchmarks/results/hybrid_kernel_sinks_h100_s28.json). One count for every batch keeps
+# one compiled variant per model: vLLM warms up only decode batches' attention (its full
+# CUDA-graph captures), so a second, prefill-only variant would compile at the first request.
+# A decode batch's program fills G of the rows; the masked rows load nothing.
+SINK_MERGE_ROWS = 64
 _FP8_MAX = tl.constexpr(FP8_MAX)
 
 
@@ -1143,8 +1145,7 @@ def merge_sinks(query: torch.Tensor, output: torch.Tensor, lse: torch.Tensor, ba
     if num_seqs <= 0 or T == 0:
         return
     group = hq // sliding.num_heads
-    rows = SINK_MERGE_ROWS_PREFILL if batch.max_query_len > 1 else 16
-    block_m = max(rows, triton.next_power_of_2(group))
+    block_m = max(SINK_MERGE_ROWS, triton.next_power_of_2(group))
     block_q = block_m // group
     c = sliding.cache
     _sink_merge_kernel[(T // block_q + num_seqs, sliding.num_heads)](
