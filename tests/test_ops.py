@@ -947,6 +947,41 @@ def test_small_decode_knob(monkeypatch):
         flash_pools.small_decode_split(False, many)
 
 
+def test_small_decode_logged_per_model(monkeypatch):
+    """The engine logs once which layers' small decode batches split (the backend's per-layer
+    rule), where FlashAttention 3 serves a bf16/fp16 model; nothing where it cannot split."""
+    from types import SimpleNamespace
+
+    from consa_vllm.allocation import Allocation
+    from consa_vllm.plugin import models
+    from consa_vllm.plugin.layout import PoolLayout
+    from consa_vllm.plugin.ops import flash_pools
+
+    many = flash_pools.SPLIT_MIN_FULL_HEADS
+    # Layers with many F heads, fewer, none (all S) and all F.
+    pattern = ["F" * many + "S" * 2, "F" * (many - 1) + "S" * 3, "S" * (many + 2), "F" * (many + 2)]
+    layout = PoolLayout.build(Allocation(granularity="kv_head", window=16, pattern=pattern), 1, 0)
+    lines = []
+    monkeypatch.setattr(models, "logger", SimpleNamespace(info=lambda fmt, *a: lines.append(fmt % a)))
+
+    def cfg(dtype=torch.bfloat16, cache="auto"):
+        return SimpleNamespace(model_config=SimpleNamespace(dtype=dtype), cache_config=SimpleNamespace(cache_dtype=cache))
+
+    monkeypatch.delenv("CONSA_SMALL_DECODE", raising=False)
+    monkeypatch.setattr(flash_pools, "flash_attn_varlen", lambda: None)
+    models._log_small_decode(layout, cfg())
+    assert lines == []
+    monkeypatch.setattr(flash_pools, "flash_attn_varlen", lambda: object())
+    models._log_small_decode(layout, cfg(dtype=torch.float32))
+    assert lines == []
+    for env, cache, n in (("", "auto", 2), ("", "fp8", 0), ("split", "auto", 3), ("fused", "auto", 0)):
+        monkeypatch.setenv("CONSA_SMALL_DECODE", env)
+        models._log_small_decode(layout, cfg(cache=cache))
+        assert lines.pop() == (f"ConSA small decode (CONSA_SMALL_DECODE={env or 'auto'}): F heads on "
+                               f"FlashAttention 3 beside the fused kernel in {n} of 4 layers, the fused "
+                               "kernel alone in the rest"), (env, cache)
+
+
 def test_sinks_in_kernel_knob(monkeypatch):
     """CONSA_SINKS_IN_KERNEL: unset, empty or 0 = FlashAttention 3 plus the sink merge launch;
     1 = S heads with sinks through the fused kernel; anything else names itself."""
