@@ -26,6 +26,7 @@ block). Variants:
                   fused op, two streams (what ``CONSA_SMALL_DECODE=split`` serves)
   served          each layer as the backend chooses it (``CONSA_SMALL_DECODE``, default
                   auto: split for layers with at least 4 F heads over bf16 pools, else fused)
+  served_minN     the same rule with the threshold at N F heads (``--split-min N,...``)
   layerwise_fa3   a layer-wise allocation at the same sparsity (round(F heads / KV heads)
                   dense layers, the rest sliding, no sinks) through FlashAttention 3: what
                   stock vLLM decodes (sink 0 rows only)
@@ -204,11 +205,20 @@ def main():
                     help="extra launch configurations of the fused op, comma list of tTILE wWARPS sSTAGES "
                          "p0/p1 (block-table prefetch) in any subset, e.g. t64,w8,t64s2,p0 (omitted "
                          "parts: the served defaults)")
+    ap.add_argument("--split-min", default="",
+                    help="extra variants served_minN: split the layers with at least N F heads (the "
+                         "served rule's SPLIT_MIN_FULL_HEADS moved to N), comma list, e.g. 2,3")
     ap.add_argument("--fp8", action="store_true", help="FP8 pools (per-tensor scales 1.0)")
     ap.add_argument("--no-fa3", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run under TRITON_INTERPRET=1")
     args = ap.parse_args()
     launches = {name: parse_launch(name) for name in args.launch.split(",") if name}  # refused before any work
+    try:
+        split_mins = [int(n) for n in args.split_min.split(",") if n]
+    except ValueError:
+        ap.error(f"--split-min: whole numbers expected, got {args.split_min!r}")
+    if any(n < 1 for n in split_mins):
+        ap.error(f"--split-min: each value must be at least 1, got {args.split_min!r}")
 
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"
@@ -309,6 +319,13 @@ def main():
                         else:
                             th.hybrid_paged_attention(p.query, o, p.batch, p.scale, full, sliding, scratch)
                     runners["served"] = served
+                    for n in split_mins:
+                        def served_min(full, sliding, o, n=n):
+                            if full is not None and full.num_heads >= n and not args.fp8:
+                                flash_full_fused_sliding(fa, p.query, o, p.batch, p.scale, full, sliding, scratch)
+                            else:
+                                th.hybrid_paged_attention(p.query, o, p.batch, p.scale, full, sliding, scratch)
+                        runners[f"served_min{n}"] = served_min
                 base = dict(context=ctx, batch=bs, sink=sink)
                 # correctness: one layer of every distinct split, each variant vs the torch op
                 try:

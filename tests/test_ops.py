@@ -1109,6 +1109,16 @@ def test_fused_decode_launch_names():
             bench.parse_launch(bad)
 
 
+def test_fused_decode_split_min_refused_before_work():
+    """bench_fused_decode --split-min: a value that is not a whole number of at least 1 is refused
+    by name before torch is imported."""
+    script = os.path.join(ROOT, "benchmarks", "bench_fused_decode.py")
+    for bad, msg in (("2,x", "whole numbers expected, got '2,x'"), ("0", "each value must be at least 1, got '0'")):
+        r = subprocess.run([sys.executable, script, "--split-min", bad, "--out", "/dev/null"],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and f"--split-min: {msg}" in r.stderr, r.stderr
+
+
 def test_select_ops_once_per_device(monkeypatch):
     """The backend picks an implementation once per layer: Triton on CUDA, torch elsewhere,
     CONSA_ATTN_IMPL overriding; a bad value names the variable."""
