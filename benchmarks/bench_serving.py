@@ -573,6 +573,8 @@ def main(argv: list[str] | None = None) -> None:
                 rec = {**result, **startup_breakdown(log)}
                 results["device"], results["vllm"] = rec.pop("device"), rec.pop("vllm")
             rec["spec"] = asdict(spec)
+            # The plugin's environment knobs (CONSA_SMALL_DECODE, ...), which the engine inherits.
+            rec["consa_env"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("CONSA_")}
             rec["elapsed_s"] = elapsed
             results["models"][spec.name] = rec
             _add_ratios(results["models"])

@@ -156,7 +156,8 @@ def test_cpu_smoke_run(tmp_path):
                         "--allocation", f"0.5={alloc}", "--requests", "4", "--prompt", "256", "--output", "16",
                         "--b1-prompt", "256,512", "--b1-output", "8", "--b1-repeats", "1",
                         "--concurrency-tokens", "1024", "--out", str(out)],
-                       capture_output=True, text=True, timeout=900, env=ENV)
+                       capture_output=True, text=True, timeout=900,
+                       env={**ENV, "CONSA_SMALL_DECODE": "split"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     for name in ("dense", "layer0.5", alloc_name):
         assert f"[{name}] engine ready in" in r.stdout and f"== {name}: done in" in r.stdout
@@ -169,6 +170,8 @@ def test_cpu_smoke_run(tmp_path):
     for name in ("dense", "layer0.5", alloc_name):
         rec = d["models"][name]
         kv = rec["kv"]
+        # The plugin's knobs the engine ran with (the split itself needs FlashAttention 3).
+        assert rec["consa_env"].get("CONSA_SMALL_DECODE") == "split"
         assert rec["startup_s"] > 0 and rec["init_engine_s"] > 0 and rec["generate_s"] > 0
         assert rec["output_tokens"] == 4 * 16 and rec["max_model_len"] == 520
         lat = rec["latency"]  # vLLM's request stats, one entry per request of the throughput run
