@@ -48,7 +48,8 @@ For each model, in a fresh process (one engine):
   holds during decode against the estimator at the same context.
 
 The JSON (``--out``) is rewritten after every model, so a run that is stopped keeps the
-models it finished; each model's full log goes to ``<out>.logs/<model>.log``.
+models it finished; each model's full log goes to ``<out>.logs/<model>.log``, and its record
+holds the plugin's ``CONSA_*`` environment knobs the engine ran with (``consa_env``).
 
 Usage (on the GPU machine; see benchmarks/README.md for the lease commands)::
 
