@@ -44,6 +44,7 @@ contexts, correctness checks, eager timing), to test the script without a GPU.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -312,20 +313,15 @@ def main():
                     runners["split"] = (lambda full, sliding, o: flash_full_fused_sliding(
                         fa, p.query, o, p.batch, p.scale, full, sliding, scratch, overlap=True))
 
-                    def served(full, sliding, o):  # the backend's per-layer choice (CONSA_SMALL_DECODE)
+                    def served(full, sliding, o, min_full=None):  # the backend's per-layer choice
                         nf = full.num_heads if full is not None else 0
-                        if small_decode_split(args.fp8, nf):
+                        if small_decode_split(args.fp8, nf, min_full):
                             flash_full_fused_sliding(fa, p.query, o, p.batch, p.scale, full, sliding, scratch)
                         else:
                             th.hybrid_paged_attention(p.query, o, p.batch, p.scale, full, sliding, scratch)
                     runners["served"] = served
                     for n in split_mins:
-                        def served_min(full, sliding, o, n=n):
-                            if full is not None and full.num_heads >= n and not args.fp8:
-                                flash_full_fused_sliding(fa, p.query, o, p.batch, p.scale, full, sliding, scratch)
-                            else:
-                                th.hybrid_paged_attention(p.query, o, p.batch, p.scale, full, sliding, scratch)
-                        runners[f"served_min{n}"] = served_min
+                        runners[f"served_min{n}"] = functools.partial(served, min_full=n)
                 base = dict(context=ctx, batch=bs, sink=sink)
                 # correctness: one layer of every distinct split, each variant vs the torch op
                 try:

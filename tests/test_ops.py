@@ -935,6 +935,10 @@ def test_small_decode_knob(monkeypatch):
     assert flash_pools.small_decode_split(kv_fp8=False, n_full=many) is True
     assert flash_pools.small_decode_split(kv_fp8=False, n_full=few) is False
     assert flash_pools.small_decode_split(kv_fp8=True, n_full=many) is False
+    # The threshold moved (bench_fused_decode --split-min): the same rule at 2 F heads.
+    assert flash_pools.small_decode_split(False, 2, min_full_heads=2) is True
+    assert flash_pools.small_decode_split(False, 1, min_full_heads=2) is False
+    assert flash_pools.small_decode_split(True, 2, min_full_heads=2) is False
     cases = (("", (True, False, False)), ("auto", (True, False, False)), ("fused", (False, False, False)),
              ("Split", (True, True, True)), (" split ", (True, True, True)))
     for value, want in cases:

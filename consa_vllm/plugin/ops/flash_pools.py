@@ -206,12 +206,14 @@ def small_decode_mode() -> str:
     return v
 
 
-def small_decode_split(kv_fp8: bool, n_full: int) -> bool:
+def small_decode_split(kv_fp8: bool, n_full: int, min_full_heads: int | None = None) -> bool:
     """Whether small decode batches of a layer with ``n_full`` F heads on this rank take
     :func:`flash_full_fused_sliding` (see :func:`small_decode_mode`), its pools FP8
-    (``kv_fp8``) or not."""
+    (``kv_fp8``) or not. ``min_full_heads`` moves ``auto``'s threshold (benchmarks; None:
+    :data:`SPLIT_MIN_FULL_HEADS`)."""
     mode = small_decode_mode()
-    return mode == "split" or (mode == "auto" and not kv_fp8 and n_full >= SPLIT_MIN_FULL_HEADS)
+    threshold = SPLIT_MIN_FULL_HEADS if min_full_heads is None else min_full_heads
+    return mode == "split" or (mode == "auto" and not kv_fp8 and n_full >= threshold)
 
 
 def sinks_in_kernel() -> bool:
