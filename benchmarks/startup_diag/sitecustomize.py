@@ -1,0 +1,89 @@
+"""Engine start-up diagnostics for ``bench_serving.py --diag-startup``.
+
+Python imports ``sitecustomize`` at start-up from the first directory on ``sys.path`` that
+has one, so putting this folder first on ``PYTHONPATH`` loads it into every process of the
+run (the benchmark's child and vLLM's engine core alike). With ``CONSA_DIAG_CAPTURE=1`` it
+times, on stderr, lines starting ``DIAG``:
+
+- each CUDA-graph warm-up and capture of vLLM's model runner (one batch size, one mode),
+  synchronised on both ends;
+- each call of Triton's ``compile()``: a kernel variant's first use in the process, whether
+  it compiles or loads from Triton's disk cache.
+
+Why: the ConSA engines capture their CUDA graphs 1-4 s slower than stock ones, and vLLM logs
+only the total (benchmarks/README.md). Without the variable it does nothing.
+"""
+import importlib.abc
+import importlib.util
+import os
+import sys
+import time
+
+
+def _log(msg: str) -> None:
+    print(f"DIAG pid={os.getpid()} {msg}", file=sys.stderr, flush=True)
+
+
+def _patch_runner(mod) -> None:
+    cls = mod.GPUModelRunner
+    orig = cls._warmup_and_capture
+
+    def _warmup_and_capture(self, desc, cudagraph_runtime_mode, *args, **kwargs):
+        import torch
+
+        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+        sync()
+        t = time.perf_counter()
+        out = orig(self, desc, cudagraph_runtime_mode, *args, **kwargs)
+        sync()
+        _log(f"capture mode={cudagraph_runtime_mode.name} n={desc.num_tokens} {time.perf_counter() - t:.4f} s")
+        return out
+
+    cls._warmup_and_capture = _warmup_and_capture
+
+
+def _patch_triton(mod) -> None:
+    orig = mod.compile
+
+    def compile(src, *args, **kwargs):
+        t = time.perf_counter()
+        out = orig(src, *args, **kwargs)
+        name = getattr(getattr(src, "fn", None), "__name__", type(src).__name__)
+        _log(f"triton compile {name} {time.perf_counter() - t:.4f} s")
+        return out
+
+    mod.compile = compile
+
+
+_TARGETS = {"vllm.v1.worker.gpu_model_runner": _patch_runner, "triton.compiler.compiler": _patch_triton}
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    """Patches a target module right after it executes (before anything binds its names)."""
+
+    def find_spec(self, name, path, target=None):
+        if name not in _TARGETS:
+            return None
+        sys.meta_path.remove(self)
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            sys.meta_path.insert(0, self)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def patched_exec_module(module):
+            exec_module(module)
+            try:
+                _TARGETS[name](module)
+                _log(f"hooked {name}")
+            except Exception as e:  # a diagnostic never stops the engine
+                _log(f"hook of {name} failed: {e!r}")
+
+        spec.loader.exec_module = patched_exec_module
+        return spec
+
+
+if os.environ.get("CONSA_DIAG_CAPTURE") == "1":
+    sys.meta_path.insert(0, _PatchOnImport())
