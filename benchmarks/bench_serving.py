@@ -464,13 +464,15 @@ def startup_breakdown(log: str) -> dict:
     return out
 
 
-_DIAG_CAPTURE = re.compile(r"^DIAG pid=\d+ capture mode=(\w+) n=(\d+) ([0-9.]+) s$", re.M)
-_DIAG_TRITON = re.compile(r"^DIAG pid=\d+ triton compile (\S+) ([0-9.]+) s$", re.M)
-_DIAG_HOOK = re.compile(r"^DIAG pid=\d+ hooked (\S+)$", re.M)
+_DIAG_CAPTURE = re.compile(r"DIAG pid=\d+ capture mode=(\w+) n=(\d+) ([0-9.]+) s$", re.M)
+_DIAG_TRITON = re.compile(r"DIAG pid=\d+ triton compile (\S+) ([0-9.]+) s$", re.M)
+_DIAG_HOOK = re.compile(r"DIAG pid=\d+ hooked (\S+)$", re.M)
 
 
 def startup_diag(log: str) -> dict:
-    """``--diag-startup``'s figures, from the DIAG lines of ``startup_diag/sitecustomize.py``:
+    """``--diag-startup``'s figures, from the DIAG lines of ``startup_diag/sitecustomize.py``
+    (anywhere on a log line: vLLM prefixes the engine core's lines, and tqdm's progress bars
+    end without a newline):
     the modules it hooked, each CUDA-graph capture's seconds by mode and batch size (in capture
     order) with their sums, and Triton's compile() calls (count, seconds, the slowest ten)."""
     captures = [(mode, int(n), float(s)) for mode, n, s in _DIAG_CAPTURE.findall(log)]

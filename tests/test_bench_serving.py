@@ -100,10 +100,11 @@ def test_startup_diag_parses_the_hooks_lines():
         "DIAG pid=7 hooked triton.compiler.compiler",
         "(EngineCore pid=7) INFO 12-06 [gpu_model_runner.py:6845] Graph capturing finished in 6 secs",
         "DIAG pid=7 capture mode=PIECEWISE n=512 0.0400 s",
-        "DIAG pid=7 capture mode=FULL n=256 1.0500 s",
+        "Capturing CUDA graphs (FULL):   3%|         | 1/35 [00:00<00:04,  7.23it/s]DIAG pid=7 capture mode=FULL "
+        "n=256 1.0500 s",
         "DIAG pid=7 triton compile _decode_3d 0.8000 s",
         "DIAG pid=7 capture mode=FULL n=8 0.6000 s",
-        "DIAG pid=7 triton compile _write_kv_kernel 0.0500 s",
+        "(EngineCore pid=7) DIAG pid=7 triton compile _write_kv_kernel 0.0500 s",
     ])
     d = _bench().startup_diag(log)
     assert d["hooks"] == ["triton.compiler.compiler", "vllm.v1.worker.gpu_model_runner"]

@@ -42,6 +42,40 @@ def _patch_runner(mod) -> None:
     cls._warmup_and_capture = _warmup_and_capture
 
 
+def _patch_graph_manager(mod) -> None:
+    """vLLM 0.26's GPU model runner (``v1/worker/gpu``): its CudaGraphManager.capture() calls
+    ``create_forward_fn(desc, warmup=True)`` once per graph, before that graph's warm-up and
+    capture, so the span between two such calls is one graph's warm-up plus capture."""
+    cls = mod.CudaGraphManager
+    orig = cls.capture
+
+    def capture(self, create_forward_fn, *args, **kwargs):
+        import torch
+
+        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+        state = {"desc": None, "t": 0.0}
+
+        def flush():
+            if state["desc"] is not None:
+                sync()
+                d = state["desc"]
+                _log(f"capture mode={d.cg_mode.name} n={d.num_tokens} {time.perf_counter() - state['t']:.4f} s")
+                state["desc"] = None
+
+        def timed_create_forward_fn(desc, warmup):
+            if warmup:
+                flush()
+                sync()
+                state.update(desc=desc, t=time.perf_counter())
+            return create_forward_fn(desc, warmup)
+
+        out = orig(self, timed_create_forward_fn, *args, **kwargs)
+        flush()
+        return out
+
+    cls.capture = capture
+
+
 def _patch_triton(mod) -> None:
     orig = mod.compile
 
@@ -55,7 +89,8 @@ def _patch_triton(mod) -> None:
     mod.compile = compile
 
 
-_TARGETS = {"vllm.v1.worker.gpu_model_runner": _patch_runner, "triton.compiler.compiler": _patch_triton}
+_TARGETS = {"vllm.v1.worker.gpu_model_runner": _patch_runner, "vllm.v1.worker.gpu.cudagraph_utils": _patch_graph_manager,
+            "triton.compiler.compiler": _patch_triton}
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
