@@ -10,6 +10,9 @@ times, on stderr, lines starting ``DIAG``:
 - each call of Triton's ``compile()``: a kernel variant's first use in the process, whether
   it compiles or loads from Triton's disk cache.
 
+``CONSA_DIAG_PROFILE=MODE:N`` (e.g. ``FULL:8``) also runs that one graph's warm-up and capture
+under torch.profiler (host activity) and logs its 30 ops of most self CPU time.
+
 Why: the ConSA engines capture their CUDA graphs 1-4 s slower than stock ones, and vLLM logs
 only the total (benchmarks/README.md). Without the variable it does nothing.
 """
@@ -61,11 +64,20 @@ def _patch_graph_manager(mod) -> None:
                 d = state["desc"]
                 _log(f"capture mode={d.cg_mode.name} n={d.num_tokens} {time.perf_counter() - state['t']:.4f} s")
                 state["desc"] = None
+                if state.get("prof") is not None:
+                    prof, state["prof"] = state["prof"], None
+                    prof.__exit__(None, None, None)
+                    for line in prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30).splitlines():
+                        _log(f"profile {line}")
 
         def timed_create_forward_fn(desc, warmup):
             if warmup:
                 flush()
                 sync()
+                if f"{desc.cg_mode.name}:{desc.num_tokens}" == os.environ.get("CONSA_DIAG_PROFILE"):
+                    # One graph's warm-up and capture under torch.profiler, its top host ops logged.
+                    state["prof"] = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+                    state["prof"].__enter__()
                 state.update(desc=desc, t=time.perf_counter())
             return create_forward_fn(desc, warmup)
 
