@@ -499,7 +499,7 @@ def run_child(job: dict, log_path: Path, diag: bool = False) -> tuple[dict | Non
     if diag:
         env["CONSA_DIAG_CAPTURE"] = "1"
         env["PYTHONPATH"] = os.pathsep.join(
-            [str(Path(__file__).resolve().parent / "startup_diag")] + [p for p in [env.get("PYTHONPATH")] if p])
+            filter(None, [str(Path(__file__).resolve().parent / "startup_diag"), env.get("PYTHONPATH")]))
     lines, result = [], None
     log_path.parent.mkdir(parents=True, exist_ok=True)
     # Its own session: if this run is stopped, the child's whole process group (vLLM's engine

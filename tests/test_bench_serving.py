@@ -115,21 +115,26 @@ def test_startup_diag_parses_the_hooks_lines():
 
 
 def test_startup_diag_hooks_patch_on_import():
-    """The sitecustomize patches vLLM's model runner and Triton's compile() when the variable is
-    set (the import order of a real process), and nothing without it."""
-    code = ("import vllm.v1.worker.gpu_model_runner as g, triton.compiler.compiler as c, triton;"
-            "print(g.GPUModelRunner._warmup_and_capture.__module__, c.compile.__module__, triton.compile.__module__)")
+    """The sitecustomize patches vLLM's model runners (v1, and v2's graph manager, which the GPU
+    runs) and Triton's compile() when the variable is set (the import order of a real process),
+    and nothing without it."""
+    code = ("import vllm.v1.worker.gpu_model_runner as g, vllm.v1.worker.gpu.cudagraph_utils as cg, "
+            "triton.compiler.compiler as c, triton;"
+            "print(g.GPUModelRunner._warmup_and_capture.__module__, cg.CudaGraphManager.capture.__module__, "
+            "c.compile.__module__, triton.compile.__module__)")
     path = os.pathsep.join([str(ROOT / "benchmarks" / "startup_diag"), os.environ.get("PYTHONPATH", "")])
     on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                         env={**ENV, "PYTHONPATH": path, "CONSA_DIAG_CAPTURE": "1"})
     assert on.returncode == 0, on.stderr[-2000:]
-    assert on.stdout.splitlines()[-1].split() == ["sitecustomize"] * 3
+    assert on.stdout.splitlines()[-1].split() == ["sitecustomize"] * 4
     assert "DIAG pid=" in on.stderr and "hooked vllm.v1.worker.gpu_model_runner" in on.stderr
+    assert "hooked vllm.v1.worker.gpu.cudagraph_utils" in on.stderr
     off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          env={**ENV, "PYTHONPATH": path})
     assert off.returncode == 0, off.stderr[-2000:]
-    assert off.stdout.splitlines()[-1].split() == ["vllm.v1.worker.gpu_model_runner", "triton.compiler.compiler",
-                                  "triton.compiler.compiler"] and "DIAG" not in off.stderr
+    assert off.stdout.splitlines()[-1].split() == ["vllm.v1.worker.gpu_model_runner", "vllm.v1.worker.gpu.cudagraph_utils",
+                                                   "triton.compiler.compiler", "triton.compiler.compiler"]
+    assert "DIAG" not in off.stderr
 
 
 def test_ratios_compare_start_up_net_of_the_class_inspection():

