@@ -128,7 +128,11 @@ def test_startup_diag_hooks_patch_on_import():
     assert on.returncode == 0, on.stderr[-2000:]
     assert on.stdout.splitlines()[-1].split() == ["sitecustomize"] * 4
     assert "DIAG pid=" in on.stderr and "hooked vllm.v1.worker.gpu_model_runner" in on.stderr
-    assert "hooked vllm.v1.worker.gpu.cudagraph_utils" in on.stderr
+    assert "hooked vllm.v1.worker.gpu.cudagraph_utils" in on.stderr and "CONSA_DIAG_PROFILE" not in on.stderr
+    bad = subprocess.run([sys.executable, "-c", "pass"], capture_output=True, text=True, timeout=60,
+                         env={**ENV, "PYTHONPATH": path, "CONSA_DIAG_CAPTURE": "1", "CONSA_DIAG_PROFILE": "FULL8"})
+    assert bad.returncode == 0 and "CONSA_DIAG_PROFILE must be FULL:N or PIECEWISE:N" in bad.stderr \
+        and "'FULL8'" in bad.stderr
     off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          env={**ENV, "PYTHONPATH": path})
     assert off.returncode == 0, off.stderr[-2000:]

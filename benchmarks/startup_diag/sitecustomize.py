@@ -19,6 +19,7 @@ only the total (benchmarks/README.md). Without the variable it does nothing.
 import importlib.abc
 import importlib.util
 import os
+import re
 import sys
 import time
 
@@ -144,3 +145,8 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
 
 if os.environ.get("CONSA_DIAG_CAPTURE") == "1":
     sys.meta_path.insert(0, _PatchOnImport())
+    _profile = os.environ.get("CONSA_DIAG_PROFILE")
+    if _profile is not None and not re.fullmatch(r"(FULL|PIECEWISE):\d+", _profile):
+        # A diagnostic never stops the engine: say once that no graph will be profiled.
+        _log(f"CONSA_DIAG_PROFILE must be FULL:N or PIECEWISE:N (N a captured batch size), got {_profile!r}: "
+             "no graph is profiled")
