@@ -78,8 +78,13 @@ def _patch_graph_manager(mod) -> None:
                 if state.get("prof") is not None:
                     prof, state["prof"] = state["prof"], None
                     prof.__exit__(None, None, None)
-                    for line in prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30).splitlines():
+                    averages = prof.key_averages()
+                    for line in averages.table(sort_by="self_cpu_time_total", row_limit=30).splitlines():
                         _log(f"profile {line}")
+                    # Against the graph's span (the capture line above): what the ops leave is
+                    # host time outside torch ops (Python, graph instantiation).
+                    ops_s = sum(e.self_cpu_time_total for e in averages) / 1e6
+                    _log(f"profile ops self cpu {ops_s:.4f} s in {sum(e.count for e in averages)} calls")
 
         def timed_create_forward_fn(desc, warmup):
             if warmup:
