@@ -11,7 +11,10 @@ times, on stderr, lines starting ``DIAG``:
   it compiles or loads from Triton's disk cache.
 
 ``CONSA_DIAG_PROFILE=MODE:N`` (e.g. ``FULL:8``) also runs that one graph's warm-up and capture
-under torch.profiler (host activity) and logs its 30 ops of most self CPU time.
+under torch.profiler (host activity) and logs its 60 ops of most self CPU time and their sum
+(the rest of the span is host time outside torch ops); with ``CONSA_DIAG_PROFILE_STACK=1``
+under cProfile instead, its 40 Python functions of most own time. Session 31 found the
+ConSA graphs' extra capture time this way (benchmarks/README.md).
 
 Why: the ConSA engines capture their CUDA graphs 1-4 s slower than stock ones, and vLLM logs
 only the total (benchmarks/README.md). Without the variable it does nothing.
@@ -79,12 +82,22 @@ def _patch_graph_manager(mod) -> None:
                     prof, state["prof"] = state["prof"], None
                     prof.__exit__(None, None, None)
                     averages = prof.key_averages()
-                    for line in averages.table(sort_by="self_cpu_time_total", row_limit=30).splitlines():
+                    for line in averages.table(sort_by="self_cpu_time_total", row_limit=60).splitlines():
                         _log(f"profile {line}")
                     # Against the graph's span (the capture line above): what the ops leave is
                     # host time outside torch ops (Python, graph instantiation).
                     ops_s = sum(e.self_cpu_time_total for e in averages) / 1e6
                     _log(f"profile ops self cpu {ops_s:.4f} s in {sum(e.count for e in averages)} calls")
+                if state.get("cprof") is not None:
+                    import io
+                    import pstats
+
+                    cprof, state["cprof"] = state["cprof"], None
+                    cprof.disable()
+                    buf = io.StringIO()
+                    pstats.Stats(cprof, stream=buf).sort_stats("tottime").print_stats(40)
+                    for line in buf.getvalue().splitlines():
+                        _log(f"cprofile {line}")
 
         def timed_create_forward_fn(desc, warmup):
             if warmup:
@@ -92,8 +105,16 @@ def _patch_graph_manager(mod) -> None:
                 _sync()
                 if f"{desc.cg_mode.name}:{desc.num_tokens}" == os.environ.get("CONSA_DIAG_PROFILE"):
                     # One graph's warm-up and capture under torch.profiler, its top host ops logged.
-                    state["prof"] = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
-                    state["prof"].__enter__()
+                    if os.environ.get("CONSA_DIAG_PROFILE_STACK") == "1":
+                        # Python functions by own time (cProfile and torch's profiler both hook
+                        # the interpreter's profile function: one at a time).
+                        import cProfile
+
+                        state["cprof"] = cProfile.Profile()
+                        state["cprof"].enable()
+                    else:
+                        state["prof"] = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+                        state["prof"].__enter__()
                 state.update(desc=desc, t=time.perf_counter())
             return create_forward_fn(desc, warmup)
 
