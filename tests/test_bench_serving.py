@@ -130,9 +130,11 @@ def test_startup_diag_hooks_patch_on_import():
     assert "DIAG pid=" in on.stderr and "hooked vllm.v1.worker.gpu_model_runner" in on.stderr
     assert "hooked vllm.v1.worker.gpu.cudagraph_utils" in on.stderr and "CONSA_DIAG_PROFILE" not in on.stderr
     bad = subprocess.run([sys.executable, "-c", "pass"], capture_output=True, text=True, timeout=60,
-                         env={**ENV, "PYTHONPATH": path, "CONSA_DIAG_CAPTURE": "1", "CONSA_DIAG_PROFILE": "FULL8"})
+                         env={**ENV, "PYTHONPATH": path, "CONSA_DIAG_CAPTURE": "1", "CONSA_DIAG_PROFILE": "FULL8",
+                              "CONSA_DIAG_PROFILE_STACK": "yes"})
     assert bad.returncode == 0 and "CONSA_DIAG_PROFILE must be FULL:N or PIECEWISE:N" in bad.stderr \
         and "'FULL8'" in bad.stderr
+    assert "CONSA_DIAG_PROFILE_STACK must be 0 or 1, got 'yes'" in bad.stderr
     off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          env={**ENV, "PYTHONPATH": path})
     assert off.returncode == 0, off.stderr[-2000:]

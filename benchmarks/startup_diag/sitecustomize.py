@@ -104,7 +104,7 @@ def _patch_graph_manager(mod) -> None:
                 flush()
                 _sync()
                 if f"{desc.cg_mode.name}:{desc.num_tokens}" == os.environ.get("CONSA_DIAG_PROFILE"):
-                    # One graph's warm-up and capture under torch.profiler, its top host ops logged.
+                    # One graph's warm-up and capture under a profiler, its top host work logged.
                     if os.environ.get("CONSA_DIAG_PROFILE_STACK") == "1":
                         # Python functions by own time (cProfile and torch's profiler both hook
                         # the interpreter's profile function: one at a time).
@@ -176,3 +176,6 @@ if os.environ.get("CONSA_DIAG_CAPTURE") == "1":
         # A diagnostic never stops the engine: say once that no graph will be profiled.
         _log(f"CONSA_DIAG_PROFILE must be FULL:N or PIECEWISE:N (N a captured batch size), got {_profile!r}: "
              "no graph is profiled")
+    _stack = os.environ.get("CONSA_DIAG_PROFILE_STACK")
+    if _stack is not None and _stack not in ("0", "1"):
+        _log(f"CONSA_DIAG_PROFILE_STACK must be 0 or 1, got {_stack!r}: the profile uses torch.profiler")
