@@ -24,8 +24,9 @@ block). Variants:
                   Triton merge launch (what ``CONSA_FUSED_DECODE_MAX_SEQS=0`` serves)
   split           F heads through FlashAttention 3, S heads (sinks included) through the
                   fused op, two streams (what ``CONSA_SMALL_DECODE=split`` serves)
-  served          each layer as the backend chooses it (``CONSA_SMALL_DECODE``, default
-                  auto: split for layers with at least 4 F heads over bf16 pools, else fused)
+  served          each layer as the backend chooses it in an engine whose max_model_len is
+                  the row's context (``CONSA_SMALL_DECODE``, default auto: split for layers
+                  with at least 4 F heads over bf16 pools, 3 from 128k, else fused)
   served_minN     the same rule with the threshold at N F heads (``--split-min N,...``)
   layerwise_fa3   a layer-wise allocation at the same sparsity (round(F heads / KV heads)
                   dense layers, the rest sliding, no sinks) through FlashAttention 3: what
@@ -313,9 +314,10 @@ def main():
                     runners["split"] = (lambda full, sliding, o: flash_full_fused_sliding(
                         fa, p.query, o, p.batch, p.scale, full, sliding, scratch, overlap=True))
 
-                    def served(full, sliding, o, min_full=None):  # the backend's per-layer choice
+                    # The backend's per-layer choice, in an engine built for this context.
+                    def served(full, sliding, o, min_full=None, ctx=ctx):
                         nf = full.num_heads if full is not None else 0
-                        if small_decode_split(args.fp8, nf, min_full):
+                        if small_decode_split(args.fp8, nf, min_full, max_model_len=ctx):
                             flash_full_fused_sliding(fa, p.query, o, p.batch, p.scale, full, sliding, scratch)
                         else:
                             th.hybrid_paged_attention(p.query, o, p.batch, p.scale, full, sliding, scratch)

@@ -939,6 +939,19 @@ def test_small_decode_knob(monkeypatch):
     assert flash_pools.small_decode_split(False, 2, min_full_heads=2) is True
     assert flash_pools.small_decode_split(False, 1, min_full_heads=2) is False
     assert flash_pools.small_decode_split(True, 2, min_full_heads=2) is False
+    # Engines built for long contexts split from SPLIT_MIN_FULL_HEADS_LONG F heads (3 < 4), from
+    # max_model_len LONG_CONTEXT_TOKENS on; below it, or unknown, the rule above.
+    long_len, long_min = flash_pools.LONG_CONTEXT_TOKENS, flash_pools.SPLIT_MIN_FULL_HEADS_LONG
+    assert long_min < many
+    assert flash_pools.split_min_full_heads(None) == many
+    assert flash_pools.split_min_full_heads(long_len - 1) == many
+    assert flash_pools.split_min_full_heads(long_len) == long_min
+    assert flash_pools.small_decode_split(False, long_min, max_model_len=long_len) is True
+    assert flash_pools.small_decode_split(False, long_min - 1, max_model_len=long_len) is False
+    assert flash_pools.small_decode_split(False, long_min, max_model_len=long_len - 1) is (long_min >= many)
+    assert flash_pools.small_decode_split(True, many, max_model_len=long_len) is False
+    assert flash_pools.small_decode_split(False, 2, min_full_heads=2, max_model_len=long_len) is True
+    assert flash_pools.small_decode_split(False, long_min, min_full_heads=many, max_model_len=long_len) is False
     cases = (("", (True, False, False)), ("auto", (True, False, False)), ("fused", (False, False, False)),
              ("Split", (True, True, True)), (" split ", (True, True, True)))
     for value, want in cases:
@@ -968,8 +981,9 @@ def test_small_decode_logged_per_model(monkeypatch):
     lines = []
     monkeypatch.setattr(models, "logger", SimpleNamespace(info=lambda fmt, *a: lines.append(fmt % a)))
 
-    def cfg(dtype=torch.bfloat16, cache="auto"):
-        return SimpleNamespace(model_config=SimpleNamespace(dtype=dtype), cache_config=SimpleNamespace(cache_dtype=cache))
+    def cfg(dtype=torch.bfloat16, cache="auto", max_len=4096):
+        return SimpleNamespace(model_config=SimpleNamespace(dtype=dtype, max_model_len=max_len),
+                               cache_config=SimpleNamespace(cache_dtype=cache))
 
     monkeypatch.delenv("CONSA_SMALL_DECODE", raising=False)
     monkeypatch.setattr(flash_pools, "flash_attn_varlen", lambda: None)
@@ -978,12 +992,16 @@ def test_small_decode_logged_per_model(monkeypatch):
     monkeypatch.setattr(flash_pools, "flash_attn_varlen", lambda: object())
     models._log_small_decode(layout, cfg(dtype=torch.float32))
     assert lines == []
-    for env, cache, n in (("", "auto", 2), ("", "fp8", 0), ("split", "auto", 3), ("fused", "auto", 0)):
+    long_len = flash_pools.LONG_CONTEXT_TOKENS
+    # An engine built for long contexts also splits the layer with many - 1 F heads.
+    for env, cache, max_len, n in (("", "auto", 4096, 2), ("", "fp8", 4096, 0), ("split", "auto", 4096, 3),
+                                   ("fused", "auto", 4096, 0), ("", "auto", long_len, 3), ("", "fp8", long_len, 0)):
         monkeypatch.setenv("CONSA_SMALL_DECODE", env)
-        models._log_small_decode(layout, cfg(cache=cache))
-        assert lines.pop() == (f"ConSA small decode (CONSA_SMALL_DECODE={env or 'auto'}): F heads on "
-                               f"FlashAttention 3 beside the fused kernel in {n} of 4 layers, the fused "
-                               "kernel alone in the rest"), (env, cache)
+        models._log_small_decode(layout, cfg(cache=cache, max_len=max_len))
+        threshold = flash_pools.split_min_full_heads(max_len)
+        assert lines.pop() == (f"ConSA small decode (CONSA_SMALL_DECODE={env or 'auto'}, from {threshold} F heads "
+                               f"at max_model_len {max_len}): F heads on FlashAttention 3 beside the fused "
+                               f"kernel in {n} of 4 layers, the fused kernel alone in the rest"), (env, cache, max_len)
 
 
 def test_sinks_in_kernel_knob(monkeypatch):

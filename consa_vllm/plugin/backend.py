@@ -258,12 +258,16 @@ class ConsaAttentionImpl(AttentionImpl[ConsaMetadata]):
         self.split_small_decode = False
         self.sinks_in_kernel = False
         if consa_pools is not None:
+            from vllm.config import get_current_vllm_config
             from vllm.platforms import current_platform
 
-            # Chosen once, when vLLM builds the model (environment knobs: see ops.select_ops).
+            # Chosen once, when vLLM builds the model (environment knobs: see ops.select_ops),
+            # under the engine's config, as vLLM's own Attention layer reads it.
             self.ops = select_ops(current_platform.device_type)
             self.flash_attn = flash_attn_varlen()
-            self.split_small_decode = small_decode_split(self.kv_fp8, consa_pools[2].n_full)
+            mc = get_current_vllm_config().model_config
+            self.split_small_decode = small_decode_split(
+                self.kv_fp8, consa_pools[2].n_full, max_model_len=mc.max_model_len if mc is not None else None)
             self.sinks_in_kernel = sinks_in_kernel()
         self.fa_overlap = default_overlap()
 

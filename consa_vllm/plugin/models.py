@@ -125,15 +125,18 @@ def _log_small_decode(layout: PoolLayout, vllm_config: VllmConfig) -> None:
     """One line per process: the layers whose small decode batches split (CONSA_SMALL_DECODE),
     so that a serving log says which path its batch-1 figures ran."""
     from consa_vllm.plugin.backend import FP8_KV_CACHE_DTYPES
-    from consa_vllm.plugin.ops.flash_pools import flash_attn_varlen, small_decode_mode, small_decode_split
+    from consa_vllm.plugin.ops.flash_pools import (flash_attn_varlen, small_decode_mode, small_decode_split,
+                                                   split_min_full_heads)
 
     if vllm_config.model_config.dtype not in (torch.float16, torch.bfloat16) or flash_attn_varlen() is None:
         return  # no FlashAttention 3 here: the fused kernel (GPU) or the torch op (CPU) runs every batch
     kv_fp8 = vllm_config.cache_config.cache_dtype in FP8_KV_CACHE_DTYPES
-    split = sum(lay.n_full > 0 and small_decode_split(kv_fp8, lay.n_full) for lay in layout.layers)
-    logger.info("ConSA small decode (CONSA_SMALL_DECODE=%s): F heads on FlashAttention 3 beside the fused "
-                "kernel in %d of %d layers, the fused kernel alone in the rest", small_decode_mode(), split,
-                len(layout.layers))
+    max_len = vllm_config.model_config.max_model_len
+    split = sum(lay.n_full > 0 and small_decode_split(kv_fp8, lay.n_full, max_model_len=max_len)
+                for lay in layout.layers)
+    logger.info("ConSA small decode (CONSA_SMALL_DECODE=%s, from %d F heads at max_model_len %d): F heads on "
+                "FlashAttention 3 beside the fused kernel in %d of %d layers, the fused kernel alone in the rest",
+                small_decode_mode(), split_min_full_heads(max_len), max_len, split, len(layout.layers))
 
 
 class ConsaMixin:

@@ -187,6 +187,25 @@ SMALL_DECODE_MODES = ("auto", "fused", "split")
 #: shape, 1F3S 1.34x / 1.14x.
 SPLIT_MIN_FULL_HEADS = 4
 
+#: Engines built for long contexts (``max_model_len`` at least :data:`LONG_CONTEXT_TOKENS`) split
+#: from :data:`SPLIT_MIN_FULL_HEADS_LONG` F heads. The F heads' reads grow with the context and the
+#: split's fixed cost does not, so the best threshold falls as the context grows; the choice is
+#: captured in the decode CUDA graphs and cannot follow a step's context, so it follows the
+#: longest context the engine serves. H100, batch 1, whole-model attention (docs/DESIGN.md §8,
+#: session 30), a threshold of 3 against 4 at 128k / 256k: DuoAttention's 50% Llama-3.1-8B pattern
+#: -2.6% / -2.4%, its 75% pattern -4.9% / -5.1%, the seeded-random Qwen3-0.6B 0.75 -0.7% / -1.7%;
+#: at 32k 0%, +0.3% and +1.6%, which engines built for short contexts keep.
+LONG_CONTEXT_TOKENS = 131072
+SPLIT_MIN_FULL_HEADS_LONG = 3
+
+
+def split_min_full_heads(max_model_len: int | None) -> int:
+    """The fewest F heads for which ``CONSA_SMALL_DECODE=auto`` splits a layer's small decode
+    batches in an engine of this ``max_model_len`` (None: not known, the short-context rule)."""
+    if max_model_len is not None and max_model_len >= LONG_CONTEXT_TOKENS:
+        return SPLIT_MIN_FULL_HEADS_LONG
+    return SPLIT_MIN_FULL_HEADS
+
 
 def small_decode_mode() -> str:
     """``CONSA_SMALL_DECODE``: how decode batches within the fused kernel's limit
@@ -197,8 +216,9 @@ def small_decode_mode() -> str:
     stream, beside the S heads through the fused kernel over the S pool, sinks included
     (:func:`flash_full_fused_sliding`). ``fused``: one fused split-KV Triton launch for both
     pools. ``auto`` (unset or empty): ``split`` for layers with at least
-    :data:`SPLIT_MIN_FULL_HEADS` F heads over bf16/fp16 pools, ``fused`` for the others and
-    over FP8 pools (docs/DESIGN.md §8).
+    :data:`SPLIT_MIN_FULL_HEADS` F heads (:data:`SPLIT_MIN_FULL_HEADS_LONG` in engines built for
+    long contexts, :func:`split_min_full_heads`) over bf16/fp16 pools, ``fused`` for the others
+    and over FP8 pools (docs/DESIGN.md §8).
     """
     v = os.environ.get("CONSA_SMALL_DECODE", "").strip().lower() or "auto"
     if v not in SMALL_DECODE_MODES:
@@ -206,13 +226,14 @@ def small_decode_mode() -> str:
     return v
 
 
-def small_decode_split(kv_fp8: bool, n_full: int, min_full_heads: int | None = None) -> bool:
+def small_decode_split(kv_fp8: bool, n_full: int, min_full_heads: int | None = None, *,
+                       max_model_len: int | None = None) -> bool:
     """Whether small decode batches of a layer with ``n_full`` F heads on this rank take
     :func:`flash_full_fused_sliding` (see :func:`small_decode_mode`), its pools FP8
-    (``kv_fp8``) or not. ``min_full_heads`` moves ``auto``'s threshold (benchmarks; None:
-    :data:`SPLIT_MIN_FULL_HEADS`)."""
+    (``kv_fp8``) or not, in an engine of this ``max_model_len``. ``min_full_heads`` moves
+    ``auto``'s threshold (benchmarks; None: :func:`split_min_full_heads`)."""
     mode = small_decode_mode()
-    threshold = SPLIT_MIN_FULL_HEADS if min_full_heads is None else min_full_heads
+    threshold = split_min_full_heads(max_model_len) if min_full_heads is None else min_full_heads
     return mode == "split" or (mode == "auto" and not kv_fp8 and n_full >= threshold)
 
 
