@@ -1004,6 +1004,35 @@ def test_small_decode_logged_per_model(monkeypatch):
                                f"kernel in {n} of 4 layers, the fused kernel alone in the rest"), (env, cache, max_len)
 
 
+def test_attention_impl_splits_by_engine_max_model_len(monkeypatch):
+    """Each layer's impl takes its small-decode path from the engine's max_model_len, read from
+    vLLM's current config as vLLM's own Attention layer reads it: a layer with
+    SPLIT_MIN_FULL_HEADS_LONG F heads splits in an engine of LONG_CONTEXT_TOKENS, not in a
+    shorter one, and a layer with fewer F heads in neither."""
+    from types import SimpleNamespace
+
+    import vllm.config
+
+    from consa_vllm.allocation import Allocation
+    from consa_vllm.plugin.backend import ConsaAttentionImpl
+    from consa_vllm.plugin.layout import PoolLayout
+    from consa_vllm.plugin.ops import flash_pools
+
+    monkeypatch.delenv("CONSA_SMALL_DECODE", raising=False)
+    few = flash_pools.SPLIT_MIN_FULL_HEADS_LONG
+    pattern = ["F" * few + "S" * (8 - few), "F" * (few - 1) + "S" * (9 - few)]
+    layout = PoolLayout.build(Allocation(granularity="kv_head", window=16, pattern=pattern), 1, 0)
+
+    def split_flags(max_len):
+        config = SimpleNamespace(model_config=SimpleNamespace(max_model_len=max_len))
+        monkeypatch.setattr(vllm.config, "get_current_vllm_config", lambda: config)
+        return [ConsaAttentionImpl(16, 64, 0.125, 8, consa_pools=("full", "sliding", lay)).split_small_decode
+                for lay in layout.layers]
+
+    assert split_flags(flash_pools.LONG_CONTEXT_TOKENS) == [True, False]
+    assert split_flags(flash_pools.LONG_CONTEXT_TOKENS - 1) == [few >= flash_pools.SPLIT_MIN_FULL_HEADS, False]
+
+
 def test_sinks_in_kernel_knob(monkeypatch):
     """CONSA_SINKS_IN_KERNEL: unset, empty or 0 = FlashAttention 3 plus the sink merge launch;
     1 = S heads with sinks through the fused kernel; anything else names itself."""
