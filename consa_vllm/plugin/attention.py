@@ -71,7 +71,7 @@ class ConsaKVPools(nn.Module):
     """The F pool and the S pool. Created before the decoder layers that share them."""
 
     def __init__(self, layout: PoolLayout, head_size: int, cache_config: CacheConfig | None,
-                 prefix: str, max_model_len: int):
+                 prefix: str):
         super().__init__()
         self.layout = layout
         base = cache_config.block_size if cache_config is not None and cache_config.block_size else 16

@@ -107,8 +107,7 @@ def install_consa_attention(model: nn.Module, vllm_config: VllmConfig, allocatio
     layout = PoolLayout.build(allocation, get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank())
     head_dim = stock[0][2].head_size
     # Pools first: the compute modules register as sharing their KV cache.
-    pools = ConsaKVPools(layout, head_dim, vllm_config.cache_config, prefix=maybe_prefix(prefix, "consa_kv"),
-                         max_model_len=vllm_config.model_config.max_model_len)
+    pools = ConsaKVPools(layout, head_dim, vllm_config.cache_config, prefix=maybe_prefix(prefix, "consa_kv"))
     for layer, (parent, attr, old) in stock.items():
         if old.num_kv_heads * layout.tp_size != allocation.num_kv_heads:
             raise ValueError(f"ConSA: layer {layer} holds {old.num_kv_heads} KV heads per rank, expected "
