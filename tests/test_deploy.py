@@ -50,6 +50,7 @@ MIN_KUBERNETES = (1, 29)
 
 SERVER_PORT = 8000
 HEALTH_PATH = "/health"
+IMAGE_HOME = "/home/consa"  # the images' HOME: every cache vLLM, Triton and torch.compile write is under it
 
 
 # --------------------------------------------------------------------------- tools
@@ -417,6 +418,10 @@ def test_deployment_serving_settings() -> None:
     models = volumes[mounts["/models"]["name"]]
     assert mounts["/models"].get("readOnly") is True
     assert models["persistentVolumeClaim"]["claimName"] == k8s_kind("PersistentVolumeClaim")["metadata"]["name"]
+    # The compile caches under the image's HOME get a volume (writable, sized), not the
+    # container's own layer.
+    cache = mounts[f"{IMAGE_HOME}/.cache"]
+    assert not cache.get("readOnly") and volumes[cache["name"]]["emptyDir"]["sizeLimit"]
 
     # Non-root, as the image's numeric USER.
     uid = int(dockerfile_stages(DOCKERFILE_GPU)[-1]["args"]["CONSA_UID"])
@@ -481,6 +486,11 @@ def test_compose_services() -> None:
         source, target, mode = svc["volumes"][0].split(":")
         assert (target, mode) == ("/models", "ro") and source in compose["volumes"]
         assert svc["command"][0].startswith("/models/")
+        # The compile caches (under the image's HOME) in a named volume of their own, so that a
+        # recreated container starts warm; the image makes the folder the user's, which a new
+        # named volume takes over.
+        caches = [v for v in svc["volumes"] if v.split(":")[1:2] == [f"{IMAGE_HOME}/.cache"]]
+        assert len(caches) == 1 and caches[0].split(":")[0] in compose["volumes"], svc["volumes"]
         assert any(p.endswith(f":{SERVER_PORT}") for p in svc["ports"])
         assert svc.get("ipc") == "host" or "shm_size" in svc
     gpu = services["consa-vllm"]["deploy"]["resources"]["reservations"]["devices"]
@@ -594,6 +604,13 @@ def test_cpu_image_serving_setup() -> None:
 def test_images_run_unprivileged_with_a_healthcheck(dockerfile: Path) -> None:
     final = dockerfile_stages(dockerfile)[-1]
     instr = final["instructions"]
+    # HOME is the user's, and so is its cache folder: a volume mounted there (compose's named
+    # volume, the Kubernetes cache volume) starts with the user's ownership.
+    envs = " ".join(rest for kw, rest in instr if kw == "ENV")
+    assert re.search(rf"HOME={IMAGE_HOME}(\s|$)", envs), envs
+    runs = " ".join(rest for kw, rest in instr if kw == "RUN")
+    assert re.search(rf"mkdir -p [^&]*{IMAGE_HOME}/\.cache", runs) and \
+        re.search(rf"chown consa:consa [^&]*{IMAGE_HOME}/\.cache", runs), runs
     users = [_expand(rest, final["args"]) for kw, rest in instr if kw == "USER"]
     assert users and re.fullmatch(r"[1-9]\d*(:\d+)?", users[-1]), f"numeric non-root USER, got {users}"
     health = [rest for kw, rest in instr if kw == "HEALTHCHECK"]
