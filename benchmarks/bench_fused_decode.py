@@ -315,13 +315,17 @@ def main():
                         fa, p.query, o, p.batch, p.scale, full, sliding, scratch, overlap=True))
 
                     # The backend's per-layer choice, in an engine built for this context.
-                    def served(full, sliding, o, min_full=None, ctx=ctx):
+                    def served(full, sliding, o, min_full=None, ctx=ctx, overlap=True):
                         nf = full.num_heads if full is not None else 0
                         if small_decode_split(args.fp8, nf, min_full, max_model_len=ctx):
-                            flash_full_fused_sliding(fa, p.query, o, p.batch, p.scale, full, sliding, scratch)
+                            flash_full_fused_sliding(fa, p.query, o, p.batch, p.scale, full, sliding, scratch,
+                                                     overlap=overlap)
                         else:
                             th.hybrid_paged_attention(p.query, o, p.batch, p.scale, full, sliding, scratch)
                     runners["served"] = served
+                    # The same with the split layers' two launches one after the other
+                    # (CONSA_FA3_OVERLAP=0): what the two-stream fork and join cost or buy.
+                    runners["served_serial"] = functools.partial(served, overlap=False)
                     for n in split_mins:
                         runners[f"served_min{n}"] = functools.partial(served, min_full=n)
                 base = dict(context=ctx, batch=bs, sink=sink)
