@@ -210,6 +210,10 @@ def main():
     ap.add_argument("--split-min", default="",
                     help="extra variants served_minN: split the layers with at least N F heads (the "
                          "served rule's SPLIT_MIN_FULL_HEADS moved to N), comma list, e.g. 2,3")
+    ap.add_argument("--fa-splits", default="",
+                    help="extra variants served_nsN (and layerwise_fa3_nsN): the served choice with "
+                         "FlashAttention 3's KV splits fixed to N for the F heads (CONSA_FA3_DECODE_SPLITS; "
+                         "default: its own heuristic), comma list")
     ap.add_argument("--fp8", action="store_true", help="FP8 pools (per-tensor scales 1.0)")
     ap.add_argument("--no-fa3", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run under TRITON_INTERPRET=1")
@@ -260,6 +264,7 @@ def main():
 
         fa = flash_attn_varlen()
     seg_fs = [int(x) for x in args.seg_f.split(",") if x]
+    fa_splits = [int(x) for x in args.fa_splits.split(",") if x]
     fills = [int(x) for x in args.fill_programs.split(",") if x]
 
     from machine import machine_name  # this folder's helper, on sys.path when run as a script
@@ -326,6 +331,15 @@ def main():
                     # The same with the split layers' two launches one after the other
                     # (CONSA_FA3_OVERLAP=0): what the two-stream fork and join cost or buy.
                     runners["served_serial"] = functools.partial(served, overlap=False)
+                    for n in fa_splits:
+                        def served_ns(full, sliding, o, n=n, ctx=ctx):
+                            nf = full.num_heads if full is not None else 0
+                            if small_decode_split(args.fp8, nf, None, max_model_len=ctx):
+                                flash_full_fused_sliding(fa, p.query, o, p.batch, p.scale, full, sliding, scratch,
+                                                         num_splits=n)
+                            else:
+                                th.hybrid_paged_attention(p.query, o, p.batch, p.scale, full, sliding, scratch)
+                        runners[f"served_ns{n}"] = served_ns
                     for n in split_mins:
                         runners[f"served_min{n}"] = functools.partial(served, min_full=n)
                 base = dict(context=ctx, batch=bs, sink=sink)
@@ -355,6 +369,15 @@ def main():
                     ms = time_graph(run_lw, reps)
                     rows.append(dict(base, variant="layerwise_fa3", ms=ms, dense_layers=n_dense))
                     log(f"ctx={ctx:7d} b={bs} sink={sink:3d} {'layerwise_fa3':16s} {ms:8.4f} ms")
+                    for n in fa_splits:
+                        f = functools.partial(fa, num_splits=n)
+
+                        def run_lw_ns(f=f):
+                            for full, sliding in q.layers:
+                                flash_attn_pools(f, q.query, out, q.batch, q.scale, full, sliding, overlap=True)
+                        ms = time_graph(run_lw_ns, reps)
+                        rows.append(dict(base, variant=f"layerwise_fa3_ns{n}", ms=ms, dense_layers=n_dense))
+                        log(f"ctx={ctx:7d} b={bs} sink={sink:3d} {f'layerwise_fa3_ns{n}':16s} {ms:8.4f} ms")
                     del q
                 del p, out, scratch, runners
                 dump()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -917,6 +918,16 @@ def test_flash_pools_knob_and_cpu_fallback(monkeypatch):
         flash_pools.default_overlap()
     monkeypatch.delenv("CONSA_FA3_OVERLAP")
     assert flash_pools.default_overlap() is True
+    # CONSA_FA3_DECODE_SPLITS: 0 (FlashAttention's heuristic) unless a count up to its limit.
+    assert flash_pools.decode_fa_splits() == 0
+    for value, want in (("0", 0), ("32", 32), (" 256 ", 256)):
+        monkeypatch.setenv("CONSA_FA3_DECODE_SPLITS", value)
+        assert flash_pools.decode_fa_splits() == want
+    for bad in ("-1", "257", "auto", "3.5"):
+        monkeypatch.setenv("CONSA_FA3_DECODE_SPLITS", bad)
+        with pytest.raises(ValueError, match=f"CONSA_FA3_DECODE_SPLITS must be a whole number from 0 to 256, got '{re.escape(bad)}'"):
+            flash_pools.decode_fa_splits()
+    monkeypatch.delenv("CONSA_FA3_DECODE_SPLITS")
     if not torch.cuda.is_available():
         assert flash_pools.flash_attn_varlen() is None
     monkeypatch.setenv("CONSA_PREFILL_IMPL", "fused")

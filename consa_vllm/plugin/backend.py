@@ -39,6 +39,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 from consa_vllm.plugin.ops import AttnBatch, KVPool, select_ops
 from consa_vllm.plugin.ops.flash_pools import (
     DEFAULT_FUSED_DECODE_MAX_SEQS,
+    decode_fa_splits,
     default_overlap,
     flash_attn_pools,
     flash_attn_varlen,
@@ -270,6 +271,7 @@ class ConsaAttentionImpl(AttentionImpl[ConsaMetadata]):
                 self.kv_fp8, consa_pools[2].n_full, max_model_len=mc.max_model_len if mc is not None else None)
             self.sinks_in_kernel = sinks_in_kernel()
         self.fa_overlap = default_overlap()
+        self.fa_decode_splits = decode_fa_splits()
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None) -> torch.Tensor:
@@ -319,7 +321,8 @@ class ConsaAttentionImpl(AttentionImpl[ConsaMetadata]):
                 split = self.sinks_in_kernel and sliding is not None and sliding.sink > 0
             if split:
                 flash_full_fused_sliding(self.flash_attn, query[:n], output[:n], batch, self.scale, full,
-                                         sliding, scratch if small_decode else None, overlap=self.fa_overlap)
+                                         sliding, scratch if small_decode else None, overlap=self.fa_overlap,
+                                         num_splits=self.fa_decode_splits if small_decode else 0)
                 return output
             if not small_decode:
                 flash_attn_pools(self.flash_attn, query[:n], output[:n], batch, self.scale, full, sliding,

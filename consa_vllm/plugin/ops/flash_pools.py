@@ -38,6 +38,7 @@ reads the query as it is.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -63,6 +64,27 @@ def default_overlap() -> bool:
     if v not in ("0", "1", "true", "false"):
         raise ValueError(f"CONSA_FA3_OVERLAP must be 0 or 1, got {v!r}")
     return v in ("1", "true")
+
+
+#: Most KV splits FlashAttention 3 takes (its split-KV scheduler's limit).
+MAX_FA3_SPLITS = 256
+
+
+def decode_fa_splits() -> int:
+    """``CONSA_FA3_DECODE_SPLITS`` (default 0: FlashAttention 3's own heuristic): the KV splits
+    of the F heads' FlashAttention 3 launch in small decode batches of split layers
+    (:func:`flash_full_fused_sliding`). Read once per layer when vLLM builds the model. Under
+    CUDA graphs FlashAttention 3 picks its split count on the host when the graph is captured,
+    at vLLM's capture length (max_model_len), and keeps it at every replay; this fixes it
+    instead, to measure that choice (benchmarks/bench_fused_decode.py ``--fa-splits``)."""
+    v = os.environ.get("CONSA_FA3_DECODE_SPLITS", "").strip() or "0"
+    try:
+        n = int(v)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= MAX_FA3_SPLITS:
+        raise ValueError(f"CONSA_FA3_DECODE_SPLITS must be a whole number from 0 to {MAX_FA3_SPLITS}, got {v!r}")
+    return n
 
 
 #: Largest decode batch of the fused Triton kernel where FlashAttention 3 is available, by
@@ -251,7 +273,7 @@ def sinks_in_kernel() -> bool:
 
 def flash_full_fused_sliding(fa, query: torch.Tensor, output: torch.Tensor, batch: AttnBatch, scale: float,
                              full: KVPool | None, sliding: KVPool | None, scratch, *,
-                             overlap: bool = True) -> None:
+                             overlap: bool = True, num_splits: int = 0) -> None:
     """One hybrid layer with the F heads on FlashAttention 3 and the S heads, sinks included, on
     the fused Triton kernel (same contract as ``hybrid_paged_attention``): small decode batches
     (:func:`small_decode_mode`; ``scratch`` gives the S heads the split-KV decode), and with
@@ -263,8 +285,12 @@ def flash_full_fused_sliding(fa, query: torch.Tensor, output: torch.Tensor, batc
     decoding at long context behind stock layer-wise. S heads read a window (and
     their sinks) only, where the fused kernel needs no sink merge launch. The F launch runs
     on vLLM's auxiliary stream beside the S launch, as in :func:`flash_attn_pools`.
+    ``num_splits`` > 0 fixes the F launch's KV splits (:func:`decode_fa_splits`).
     """
     from .triton_hybrid import hybrid_paged_attention
+
+    if num_splits:
+        fa = functools.partial(fa, num_splits=num_splits)
 
     n_full = full.num_heads if full is not None else 0
     n_sliding = sliding.num_heads if sliding is not None else 0
