@@ -320,11 +320,11 @@ def main():
                         fa, p.query, o, p.batch, p.scale, full, sliding, scratch, overlap=True))
 
                     # The backend's per-layer choice, in an engine built for this context.
-                    def served(full, sliding, o, min_full=None, ctx=ctx, overlap=True):
+                    def served(full, sliding, o, min_full=None, ctx=ctx, overlap=True, num_splits=0):
                         nf = full.num_heads if full is not None else 0
                         if small_decode_split(args.fp8, nf, min_full, max_model_len=ctx):
                             flash_full_fused_sliding(fa, p.query, o, p.batch, p.scale, full, sliding, scratch,
-                                                     overlap=overlap)
+                                                     overlap=overlap, num_splits=num_splits)
                         else:
                             th.hybrid_paged_attention(p.query, o, p.batch, p.scale, full, sliding, scratch)
                     runners["served"] = served
@@ -332,14 +332,7 @@ def main():
                     # (CONSA_FA3_OVERLAP=0): what the two-stream fork and join cost or buy.
                     runners["served_serial"] = functools.partial(served, overlap=False)
                     for n in fa_splits:
-                        def served_ns(full, sliding, o, n=n, ctx=ctx):
-                            nf = full.num_heads if full is not None else 0
-                            if small_decode_split(args.fp8, nf, None, max_model_len=ctx):
-                                flash_full_fused_sliding(fa, p.query, o, p.batch, p.scale, full, sliding, scratch,
-                                                         num_splits=n)
-                            else:
-                                th.hybrid_paged_attention(p.query, o, p.batch, p.scale, full, sliding, scratch)
-                        runners[f"served_ns{n}"] = served_ns
+                        runners[f"served_ns{n}"] = functools.partial(served, num_splits=n)
                     for n in split_mins:
                         runners[f"served_min{n}"] = functools.partial(served, min_full=n)
                 base = dict(context=ctx, batch=bs, sink=sink)
