@@ -356,21 +356,16 @@ def main():
                     q = Pools(torch, lw, ctx, bs, window, 0, hq, hkv, d, args.block_size, args.block_size, dtype,
                               device, fp8=args.fp8)
 
-                    def run_lw():
-                        for full, sliding in q.layers:
-                            flash_attn_pools(fa, q.query, out, q.batch, q.scale, full, sliding, overlap=True)
-                    ms = time_graph(run_lw, reps)
-                    rows.append(dict(base, variant="layerwise_fa3", ms=ms, dense_layers=n_dense))
-                    log(f"ctx={ctx:7d} b={bs} sink={sink:3d} {'layerwise_fa3':16s} {ms:8.4f} ms")
-                    for n in fa_splits:
-                        f = functools.partial(fa, num_splits=n)
-
-                        def run_lw_ns(f=f):
+                    # Layer-wise as FlashAttention 3 chooses its splits, and at each --fa-splits count.
+                    lw_fas = {"layerwise_fa3": fa}
+                    lw_fas.update({f"layerwise_fa3_ns{n}": functools.partial(fa, num_splits=n) for n in fa_splits})
+                    for name, f in lw_fas.items():
+                        def run_lw(f=f):
                             for full, sliding in q.layers:
                                 flash_attn_pools(f, q.query, out, q.batch, q.scale, full, sliding, overlap=True)
-                        ms = time_graph(run_lw_ns, reps)
-                        rows.append(dict(base, variant=f"layerwise_fa3_ns{n}", ms=ms, dense_layers=n_dense))
-                        log(f"ctx={ctx:7d} b={bs} sink={sink:3d} {f'layerwise_fa3_ns{n}':16s} {ms:8.4f} ms")
+                        ms = time_graph(run_lw, reps)
+                        rows.append(dict(base, variant=name, ms=ms, dense_layers=n_dense))
+                        log(f"ctx={ctx:7d} b={bs} sink={sink:3d} {name:16s} {ms:8.4f} ms")
                     del q
                 del p, out, scratch, runners
                 dump()
