@@ -225,6 +225,15 @@ def main():
         ap.error(f"--split-min: whole numbers expected, got {args.split_min!r}")
     if any(n < 1 for n in split_mins):
         ap.error(f"--split-min: each value must be at least 1, got {args.split_min!r}")
+    try:
+        fa_splits = [int(n) for n in args.fa_splits.split(",") if n]
+    except ValueError:
+        ap.error(f"--fa-splits: whole numbers expected, got {args.fa_splits!r}")
+    if fa_splits:
+        from consa_vllm.plugin.ops.flash_pools import MAX_FA3_SPLITS
+
+        if any(not 1 <= n <= MAX_FA3_SPLITS for n in fa_splits):
+            ap.error(f"--fa-splits: each value must be from 1 to {MAX_FA3_SPLITS}, got {args.fa_splits!r}")
 
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"
@@ -264,7 +273,6 @@ def main():
 
         fa = flash_attn_varlen()
     seg_fs = [int(x) for x in args.seg_f.split(",") if x]
-    fa_splits = [int(x) for x in args.fa_splits.split(",") if x]
     fills = [int(x) for x in args.fill_programs.split(",") if x]
 
     from machine import machine_name  # this folder's helper, on sys.path when run as a script

@@ -1181,6 +1181,18 @@ def test_fused_decode_split_min_refused_before_work():
         assert r.returncode == 2 and f"--split-min: {msg}" in r.stderr, r.stderr
 
 
+def test_fused_decode_fa_splits_refused_before_work():
+    """bench_fused_decode --fa-splits: a value that is not a whole number from 1 to FlashAttention
+    3's limit (flash_pools.MAX_FA3_SPLITS) is refused by name before any kernel work."""
+    script = os.path.join(ROOT, "benchmarks", "bench_fused_decode.py")
+    for bad, msg in (("16,x", "whole numbers expected, got '16,x'"),
+                     ("0", "each value must be from 1 to 256, got '0'"),
+                     ("32,257", "each value must be from 1 to 256, got '32,257'")):
+        r = subprocess.run([sys.executable, script, "--fa-splits", bad, "--out", "/dev/null"],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and f"--fa-splits: {msg}" in r.stderr, r.stderr
+
+
 def test_select_ops_once_per_device(monkeypatch):
     """The backend picks an implementation once per layer: Triton on CUDA, torch elsewhere,
     CONSA_ATTN_IMPL overriding; a bad value names the variable."""
