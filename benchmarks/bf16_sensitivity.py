@@ -15,6 +15,12 @@ Runs on a CPU (a numerical property, not a speed figure)::
 
     python benchmarks/bf16_sensitivity.py --out benchmarks/results/bf16_sensitivity_cpu.json
 
+``--attn-scales 1,2,3`` measures the tiny models again with every layer's attention logits
+multiplied by each factor (the query-norm weights scaled where the family has them, else the
+query projection): how the comparison's outcome follows the attention's sharpness, a property
+of the model that trained models and the tests' random ones need not share
+(``benchmarks/results/bf16_sensitivity_attn_scale_cpu.json``).
+
 ``--model DIR --allocations A.json,B.json`` measures a trained local checkpoint instead, under
 each allocation file against its all-F model, on prompts of real text
 (``engine_harness.text_prompts``) longer than the window: whether the tiny random models'
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
@@ -42,6 +49,25 @@ ALLOCATIONS = {  # name: (pattern, sink); the allocations of tests/test_gpu_fami
     "uneven_sink16": (["FSSS", "SSSS", "SFFS", "FFFF"], 16),
     "layer_shaped": (["SSSS", "FFFF", "SSSS", "FFFF"], 0),
 }
+
+
+def scale_attention_logits(src: Path, factor: float) -> None:
+    """Multiply every attention logit of the checkpoint in ``src`` by ``factor``, in place: the
+    query-norm weights where the family normalises queries (a scaled query projection would be
+    normalised away there), else the query projection and its bias. The weights are rounded to
+    bf16 values again after (``gpu_parity.round_weights_to``)."""
+    from gpu_parity import round_weights_to
+    from safetensors.torch import load_file, save_file
+
+    for f in src.glob("*.safetensors"):
+        tensors = load_file(f)
+        has_q_norm = any(k.endswith("self_attn.q_norm.weight") for k in tensors)
+        names = ("self_attn.q_norm.weight",) if has_q_norm else ("self_attn.q_proj.weight", "self_attn.q_proj.bias")
+        scaled = {k: (v * factor if k.endswith(names) else v) for k, v in tensors.items()}
+        if not any(k.endswith(names) for k in tensors):
+            raise ValueError(f"{f}: no attention query weights ({', '.join(names)}) to scale")
+        save_file(scaled, f, metadata={"format": "pt"})
+    round_weights_to(src, "bfloat16")
 
 
 def per_prompt_errors(src: Path, alloc, prompts: list[list[int]], new: int) -> list[float]:
@@ -58,6 +84,8 @@ def main() -> None:
     ap.add_argument("--families", default="qwen3,qwen3_moe,mixtral", help="comma list of registry families")
     ap.add_argument("--prompts", type=int, default=32, help="prompts per allocation (lengths as in the GPU test)")
     ap.add_argument("--new", type=int, default=32, help="generated tokens per prompt")
+    ap.add_argument("--attn-scales", default="1",
+                    help="tiny models only: comma list of factors for every attention logit (default 1)")
     ap.add_argument("--model", help="a trained local HF checkpoint to measure instead of the tiny models")
     ap.add_argument("--allocations", help="with --model: comma list of allocation files, each against the all-F model")
     ap.add_argument("--lengths", help="with --model: prompt lengths in tokens (longer than the window), repeated "
@@ -68,6 +96,15 @@ def main() -> None:
         ap.error("--model and --allocations go together")
     if args.prompts < 1 or args.new < 1:
         ap.error(f"--prompts and --new must be at least 1, got {args.prompts} and {args.new}")
+    raw_scales = args.attn_scales
+    try:
+        args.attn_scales = [float(x) for x in raw_scales.split(",")]
+    except ValueError:
+        args.attn_scales = [0.0]
+    if not all(0 < x < math.inf for x in args.attn_scales):
+        ap.error(f"--attn-scales must be a comma list of positive numbers, got '{raw_scales}'")
+    if args.model and args.attn_scales != [1.0]:
+        ap.error("--attn-scales applies to the tiny models, not to --model")
     if args.lengths is not None:
         try:
             lengths = [int(n) for n in args.lengths.split(",")]
@@ -97,13 +134,18 @@ def main() -> None:
     prompts = prompts_of(lengths, seed=5)
     result = {"machine": cpu_name(), "torch": torch.__version__,
               "prompts": len(prompts), "new_tokens": args.new, "families": {}}
-    for family in args.families.split(","):
+    runs = [(family, scale) for family in args.families.split(",") for scale in args.attn_scales]
+    for family, scale in runs:
         start = time.time()
         with tempfile.TemporaryDirectory() as tmp:
             src = tiny_bf16_source(Path(tmp) / "src", family)
+            if scale != 1:
+                scale_attention_logits(src, scale)
             errs = {name: per_prompt_errors(src, Allocation(granularity="kv_head", window=32, pattern=pat, sink=sink),
                                             prompts, args.new)
                     for name, (pat, sink) in ALLOCATIONS.items()}
+        if scale != 1:
+            family = f"{family} x{scale:g}"  # the entry's name: the family at that attention scale
         base = errs["all_f"]
         fam = {}
         for name, e in errs.items():
@@ -112,7 +154,7 @@ def main() -> None:
                          "diff_vs_all_f": {"mean": d.mean, "low": d.low, "high": d.high, "p_value": d.p_value}}
             print(f"{family} {name}: mean {fam[name]['mean']:.4e}, x{fam[name]['ratio_vs_all_f']:.3f} of all-F "
                   f"(p {d.p_value:.4f})", flush=True)
-        result["families"][family] = {"allocations": fam, "seconds": round(time.time() - start, 1)}
+        result["families"][family] = {"attn_scale": scale, "allocations": fam, "seconds": round(time.time() - start, 1)}
         Path(args.out).write_text(json.dumps(result, indent=1))
 
 

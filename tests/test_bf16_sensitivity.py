@@ -79,3 +79,51 @@ def test_checkpoint_mode_refuses_bad_input_in_one_line(tiny_model, tmp_path):
     r = _run("--model", str(src), "--allocations", f"{twin},{wrong}", "--out", str(out))
     assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and "two files have the same name" in r.stderr
     assert not out.exists()
+
+
+def test_attn_scales_measure_each_family_at_each_scale(tmp_path):
+    out = tmp_path / "out.json"
+    r = _run("--families", "qwen3", "--attn-scales", "1,2", "--prompts", "1", "--new", "2", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    fams = json.loads(out.read_text())["families"]
+    assert sorted(fams) == ["qwen3", "qwen3 x2"]
+    assert fams["qwen3"]["attn_scale"] == 1 and fams["qwen3 x2"]["attn_scale"] == 2
+    for entry in fams.values():
+        assert entry["allocations"]["all_f"]["ratio_vs_all_f"] == 1
+        assert all(a["mean"] > 0 for a in entry["allocations"].values())
+    # another model: its errors differ
+    assert fams["qwen3"]["allocations"]["all_f"]["mean"] != fams["qwen3 x2"]["allocations"]["all_f"]["mean"]
+
+
+def test_scale_attention_logits_scales_the_query_where_it_is_not_normalised_away(tiny_model, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bf16_sensitivity import scale_attention_logits
+
+    for family, scaled in (("qwen3", "self_attn.q_norm.weight"), ("qwen2", "self_attn.q_proj.")):
+        src = tmp_path / family
+        shutil.copytree(tiny_model(family), src)
+        before = {k: v for f in src.glob("*.safetensors") for k, v in load_file(f).items()}
+        scale_attention_logits(src, 3.0)
+        after = {k: v for f in src.glob("*.safetensors") for k, v in load_file(f).items()}
+        hits = [k for k in before if scaled in k]
+        assert hits and (family != "qwen2" or any(k.endswith("q_proj.bias") for k in hits))
+        for k, v in before.items():
+            want = v.bfloat16().float() if scaled not in k else (v * 3.0).bfloat16().float()
+            assert torch.equal(after[k], want), k
+
+
+def test_attn_scales_refused_in_one_line(tmp_path):
+    out = tmp_path / "out.json"
+    for value in ("0", "x", "nan", "-1", "1,inf"):
+        r = _run("--attn-scales", value, "--out", str(out))
+        assert r.returncode == 2
+        assert r.stderr.strip().splitlines()[-1].endswith(
+            f"--attn-scales must be a comma list of positive numbers, got '{value}'")
+    r = _run("--model", str(tmp_path), "--allocations", "a.json", "--attn-scales", "2", "--out", str(out))
+    assert r.returncode == 2 and "--attn-scales applies to the tiny models, not to --model" in r.stderr
+    assert not out.exists()
