@@ -76,7 +76,9 @@ def decode_fa_splits() -> int:
     (:func:`flash_full_fused_sliding`). Read once per layer when vLLM builds the model. Under
     CUDA graphs FlashAttention 3 picks its split count on the host when the graph is captured,
     at vLLM's capture length (max_model_len), and keeps it at every replay; this fixes it
-    instead, to measure that choice (benchmarks/bench_fused_decode.py ``--fa-splits``)."""
+    instead, to measure that choice (benchmarks/bench_fused_decode.py ``--fa-splits``). On the
+    H100, 32 (stock layer-wise's cap under CUDA graphs) was the best count and only 0.1-0.7%
+    faster than FlashAttention's own, so the default stays (docs/DESIGN.md §8)."""
     v = os.environ.get("CONSA_FA3_DECODE_SPLITS", "").strip() or "0"
     try:
         n = int(v)
