@@ -219,21 +219,23 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run under TRITON_INTERPRET=1")
     args = ap.parse_args()
     launches = {name: parse_launch(name) for name in args.launch.split(",") if name}  # refused before any work
-    try:
-        split_mins = [int(n) for n in args.split_min.split(",") if n]
-    except ValueError:
-        ap.error(f"--split-min: whole numbers expected, got {args.split_min!r}")
-    if any(n < 1 for n in split_mins):
-        ap.error(f"--split-min: each value must be at least 1, got {args.split_min!r}")
-    try:
-        fa_splits = [int(n) for n in args.fa_splits.split(",") if n]
-    except ValueError:
-        ap.error(f"--fa-splits: whole numbers expected, got {args.fa_splits!r}")
-    if fa_splits:
+    def counts(flag: str, raw: str, high: int | None = None) -> list[int]:
+        """A comma list of whole numbers from 1 (to ``high``), or one ``ap.error`` naming ``flag``."""
+        try:
+            values = [int(n) for n in raw.split(",") if n]
+        except ValueError:
+            ap.error(f"{flag}: whole numbers expected, got {raw!r}")
+        if any(n < 1 or (high is not None and n > high) for n in values):
+            bound = "at least 1" if high is None else f"from 1 to {high}"
+            ap.error(f"{flag}: each value must be {bound}, got {raw!r}")
+        return values
+
+    split_mins = counts("--split-min", args.split_min)
+    fa_splits = []
+    if args.fa_splits:  # flash_pools imports torch: only when asked for, as before TRITON_INTERPRET is set
         from consa_vllm.plugin.ops.flash_pools import MAX_FA3_SPLITS
 
-        if any(not 1 <= n <= MAX_FA3_SPLITS for n in fa_splits):
-            ap.error(f"--fa-splits: each value must be from 1 to {MAX_FA3_SPLITS}, got {args.fa_splits!r}")
+        fa_splits = counts("--fa-splits", args.fa_splits, MAX_FA3_SPLITS)
 
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"
