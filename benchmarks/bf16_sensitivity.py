@@ -63,10 +63,10 @@ def scale_attention_logits(src: Path, factor: float) -> None:
         tensors = load_file(f)
         has_q_norm = any(k.endswith("self_attn.q_norm.weight") for k in tensors)
         names = ("self_attn.q_norm.weight",) if has_q_norm else ("self_attn.q_proj.weight", "self_attn.q_proj.bias")
-        scaled = {k: (v * factor if k.endswith(names) else v) for k, v in tensors.items()}
         if not any(k.endswith(names) for k in tensors):
             raise ValueError(f"{f}: no attention query weights ({', '.join(names)}) to scale")
-        save_file(scaled, f, metadata={"format": "pt"})
+        save_file({k: (v * factor if k.endswith(names) else v) for k, v in tensors.items()}, f,
+                  metadata={"format": "pt"})
     round_weights_to(src, "bfloat16")
 
 
@@ -144,17 +144,16 @@ def main() -> None:
             errs = {name: per_prompt_errors(src, Allocation(granularity="kv_head", window=32, pattern=pat, sink=sink),
                                             prompts, args.new)
                     for name, (pat, sink) in ALLOCATIONS.items()}
-        if scale != 1:
-            family = f"{family} x{scale:g}"  # the entry's name: the family at that attention scale
+        entry = family if scale == 1 else f"{family} x{scale:g}"  # the family at that attention scale
         base = errs["all_f"]
         fam = {}
         for name, e in errs.items():
             d = paired_bootstrap(e, base)
             fam[name] = {"mean": sum(e) / len(e), "ratio_vs_all_f": sum(e) / sum(base),
                          "diff_vs_all_f": {"mean": d.mean, "low": d.low, "high": d.high, "p_value": d.p_value}}
-            print(f"{family} {name}: mean {fam[name]['mean']:.4e}, x{fam[name]['ratio_vs_all_f']:.3f} of all-F "
+            print(f"{entry} {name}: mean {fam[name]['mean']:.4e}, x{fam[name]['ratio_vs_all_f']:.3f} of all-F "
                   f"(p {d.p_value:.4f})", flush=True)
-        result["families"][family] = {"attn_scale": scale, "allocations": fam, "seconds": round(time.time() - start, 1)}
+        result["families"][entry] = {"attn_scale": scale, "allocations": fam, "seconds": round(time.time() - start, 1)}
         Path(args.out).write_text(json.dumps(result, indent=1))
 
 
