@@ -16,10 +16,10 @@ Runs on a CPU (a numerical property, not a speed figure)::
     python benchmarks/bf16_sensitivity.py --out benchmarks/results/bf16_sensitivity_cpu.json
 
 ``--attn-scales 1,2,3`` measures the tiny models again with every layer's attention logits
-multiplied by each factor (the query-norm weights scaled where the family has them, else the
-query projection): how the comparison's outcome follows the attention's sharpness, a property
-of the model that trained models and the tests' random ones need not share
-(``benchmarks/results/bf16_sensitivity_attn_scale_cpu.json``).
+multiplied by each factor (``tests/gpu_parity.scale_attention_logits``: the query-norm weights
+where the family has them, else the query projection): how the comparison's outcome follows
+the attention's sharpness, a property of the model that trained models and the tests' random
+ones need not share (``benchmarks/results/bf16_sensitivity_attn_scale_cpu.json``).
 
 ``--model DIR --allocations A.json,B.json`` measures a trained local checkpoint instead, under
 each allocation file against its all-F model, on prompts of real text
@@ -49,25 +49,6 @@ ALLOCATIONS = {  # name: (pattern, sink); the allocations of tests/test_gpu_fami
     "uneven_sink16": (["FSSS", "SSSS", "SFFS", "FFFF"], 16),
     "layer_shaped": (["SSSS", "FFFF", "SSSS", "FFFF"], 0),
 }
-
-
-def scale_attention_logits(src: Path, factor: float) -> None:
-    """Multiply every attention logit of the checkpoint in ``src`` by ``factor``, in place: the
-    query-norm weights where the family normalises queries (a scaled query projection would be
-    normalised away there), else the query projection and its bias. The weights are rounded to
-    bf16 values again after (``gpu_parity.round_weights_to``)."""
-    from gpu_parity import round_weights_to
-    from safetensors.torch import load_file, save_file
-
-    for f in src.glob("*.safetensors"):
-        tensors = load_file(f)
-        has_q_norm = any(k.endswith("self_attn.q_norm.weight") for k in tensors)
-        names = ("self_attn.q_norm.weight",) if has_q_norm else ("self_attn.q_proj.weight", "self_attn.q_proj.bias")
-        if not any(k.endswith(names) for k in tensors):
-            raise ValueError(f"{f}: no attention query weights ({', '.join(names)}) to scale")
-        save_file({k: (v * factor if k.endswith(names) else v) for k, v in tensors.items()}, f,
-                  metadata={"format": "pt"})
-    round_weights_to(src, "bfloat16")
 
 
 def per_prompt_errors(src: Path, alloc, prompts: list[list[int]], new: int) -> list[float]:
@@ -138,9 +119,7 @@ def main() -> None:
     for family, scale in runs:
         start = time.time()
         with tempfile.TemporaryDirectory() as tmp:
-            src = tiny_bf16_source(Path(tmp) / "src", family)
-            if scale != 1:
-                scale_attention_logits(src, scale)
+            src = tiny_bf16_source(Path(tmp) / "src", family, attn_scale=scale)
             errs = {name: per_prompt_errors(src, Allocation(granularity="kv_head", window=32, pattern=pat, sink=sink),
                                             prompts, args.new)
                     for name, (pat, sink) in ALLOCATIONS.items()}

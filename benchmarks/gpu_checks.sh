@@ -2,7 +2,7 @@
 # Every GPU test of the project in one call on the GPU machine, independent files as
 # parallel pytest processes (each engine is small: 6% of the GPU), logs and JSON reports
 # packed into $OUT/gpu-checks.tgz (OUT default ./gpu-out). Source benchmarks/gpu_env.sh first. About 7-9 minutes on
-# one H200 (28 processes of one to three compiled engines each, one after another).
+# one H200 (32 processes of one to three compiled engines each, one after another).
 #
 #   . benchmarks/gpu_env.sh && bash benchmarks/gpu_checks.sh
 #
@@ -90,6 +90,10 @@ run quant-5 "$Q::test_gpu_native_fp8_block_permutation_is_exact" "$Q::test_gpu_n
 run quant-6 "$Q::test_gpu_online_fp8_kv_head_calibrated_parity"
 for case in qwen3_moe-0 mixtral-0 qwen3-0 qwen3-4 qwen3-16; do
   run "families-$case" "$F[$case]"
+done
+# The same rule on the same models with every attention logit scaled 3x (see the test).
+for case in qwen3_moe-0 mixtral-0 qwen3-0 qwen3-16; do
+  run "families-sharp-$case" "${F}_sharp_attention[$case]"
 done
 S=tests/test_gpu_families.py::test_gpu_same_model_parity
 # Two engines per case; Mixtral's layer-shaped export also through the diagnostic variants

@@ -98,16 +98,38 @@ def round_weights_to(src: Path, dtype: str) -> None:
         save_file(tensors, f, metadata={"format": "pt"})
 
 
-def tiny_bf16_source(out_dir: Path, family: str) -> Path:
+def scale_attention_logits(src: Path, factor: float) -> None:
+    """Multiply every attention logit of the checkpoint in ``src`` by ``factor``, in place: the
+    query-norm weights where the family normalises queries (a scaled query projection would be
+    normalised away there), else the query projection and its bias. The weights are rounded to
+    bf16 values again after (:func:`round_weights_to`)."""
+    from safetensors.torch import load_file, save_file
+
+    for f in src.glob("*.safetensors"):
+        tensors = load_file(f)
+        has_q_norm = any(k.endswith("self_attn.q_norm.weight") for k in tensors)
+        names = ("self_attn.q_norm.weight",) if has_q_norm else ("self_attn.q_proj.weight", "self_attn.q_proj.bias")
+        if not any(k.endswith(names) for k in tensors):
+            raise ValueError(f"{f}: no attention query weights ({', '.join(names)}) to scale")
+        save_file({k: (v * factor if k.endswith(names) else v) for k, v in tensors.items()}, f,
+                  metadata={"format": "pt"})
+    round_weights_to(src, "bfloat16")
+
+
+def tiny_bf16_source(out_dir: Path, family: str, attn_scale: float = 1.0) -> Path:
     """The GPU tests' tiny model of ``family`` (the tests' sizes, head_dim 64) in ``out_dir``,
     its weights rounded to bf16 values (:func:`round_weights_to`); the GPU tests, the bf16
-    sensitivity benchmark and the parity-report diagnosis all score this model."""
+    sensitivity benchmark and the parity-report diagnosis all score this model. ``attn_scale``
+    multiplies every attention logit (:func:`scale_attention_logits`): the random
+    initialisation's attention is nearly uniform, which no trained model's is."""
     from engine_harness import TINY
 
     from consa_vllm.tiny import build_tiny_model
 
     src = build_tiny_model(out_dir, family, **{**TINY, "head_dim": 64})
     round_weights_to(src, "bfloat16")
+    if attn_scale != 1:
+        scale_attention_logits(src, attn_scale)
     return src
 
 

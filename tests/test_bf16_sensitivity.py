@@ -101,8 +101,7 @@ def test_scale_attention_logits_scales_the_query_where_it_is_not_normalised_away
     import torch
     from safetensors.torch import load_file
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from bf16_sensitivity import scale_attention_logits
+    from gpu_parity import scale_attention_logits
 
     for family, scaled in (("qwen3", "self_attn.q_norm.weight"), ("qwen2", "self_attn.q_proj.")):
         src = tmp_path / family

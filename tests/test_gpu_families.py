@@ -4,7 +4,8 @@ rounds of 48 and 12 prompts (decode batches above the fused kernel's 4 sequences
 FlashAttention 3 over the pools) and a round of 4 (the fused Triton split-KV decode).
 
 Four tests: the issue's rule (the uneven ConSA model's error no larger than stock vLLM's on
-the all-F model, two different models); like for like (without sinks, which stock vLLM
+the all-F model, two different models), on the tiny random models and on the same models with
+sharper attention (``SHARP``); like for like (without sinks, which stock vLLM
 lacks): the all-F allocation through the ConSA kernels against stock all-F (same model), and
 one layer-shaped allocation through the ConSA kernels, as shipped and in diagnostic variants,
 against stock vLLM's own per-layer windows (same model); Inductor's padded MoE router logits,
@@ -51,9 +52,9 @@ ROUNDS = [48, 12, 4]
 LENGTHS = [40, 77, 130, 300, 9, 520, 64, 700] * 6 + [33, 150, 410, 90, 260, 600, 48, 700] * 2
 
 
-def _tiny_src(tmp_path: Path, family: str) -> Path:
+def _tiny_src(tmp_path: Path, family: str, attn_scale: float = 1.0) -> Path:
     # Its own copy: the weights are rounded to bf16 in place.
-    return tiny_bf16_source(tmp_path / "src", family)
+    return tiny_bf16_source(tmp_path / "src", family, attn_scale=attn_scale)
 
 
 def _export(src: Path, tmp_path: Path, name: str, pattern: list[str], sink: int = 0,
@@ -72,14 +73,36 @@ def test_gpu_calibrated_parity(tmp_path, family, sink):
     """The issue's rule: the uneven ConSA model's mean and max error no larger than stock
     vLLM's on the all-F model (two different models: see test_gpu_same_model_parity and
     benchmarks/bf16_sensitivity.py for what that comparison carries)."""
-    src = _tiny_src(tmp_path, family)
+    _calibrated(tmp_path, family, sink, 1.0)
+
+
+#: Every attention logit of the sharp-attention models is multiplied by this. The random
+#: initialisation's attention is nearly uniform, and on those models plain Hugging Face bf16
+#: itself, no vLLM, errs 1.15-1.44x more on the uneven model than on the all-F one: the rule
+#: there fails whatever the serving kernels do. 3 is the smallest of the factors measured
+#: (1, 2, 3) at which plain bf16 meets the rule on every family (0.83-0.89x,
+#: benchmarks/results/bf16_sensitivity_attn_scale_cpu.json), so that on these models the rule
+#: tests what the serving adds.
+SHARP = 3.0
+
+
+@pytest.mark.parametrize("family, sink", [("qwen3_moe", 0), ("mixtral", 0), ("qwen3", 0), ("qwen3", 16)])
+def test_gpu_calibrated_parity_sharp_attention(tmp_path, family, sink):
+    """The issue's rule on the same tiny models with every attention logit scaled by
+    :data:`SHARP`: models on which the rule holds for plain bf16 arithmetic."""
+    _calibrated(tmp_path, family, sink, SHARP)
+
+
+def _calibrated(tmp_path: Path, family: str, sink: int, attn_scale: float) -> None:
+    src = _tiny_src(tmp_path, family, attn_scale)
     variants = [Variant("stock_all_f", src, engine=_stock_engine(family)),
                 Variant("consa", *_export(src, tmp_path, "consa", PATTERN, sink))]
+    tag = "" if attn_scale == 1 else f"-x{attn_scale:g}"
     res = run_variants(src, variants, prompts_of(LENGTHS, seed=5), 32, rounds=ROUNDS,
-                       report=_report(f"families-{family}-sink{sink}.json", tmp_path),
+                       report=_report(f"families-{family}-sink{sink}{tag}.json", tmp_path),
                        pairs=[("consa", "stock_all_f")], dtype="bfloat16")
     stock, got = res["stock_all_f"], res["consa"]
-    print(f"{family} sink {sink}: stock all-F {stock}; consa {got}")
+    print(f"{family} sink {sink}{tag}: stock all-F {stock}; consa {got}")
     assert got.mean <= stock.mean
     assert got.max <= stock.max
 
