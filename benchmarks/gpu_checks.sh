@@ -2,7 +2,7 @@
 # Every GPU test of the project in one call on the GPU machine, independent files as
 # parallel pytest processes (each engine is small: 6% of the GPU), logs and JSON reports
 # packed into $OUT/gpu-checks.tgz (OUT default ./gpu-out). Source benchmarks/gpu_env.sh first. About 7-9 minutes on
-# one H200 (32 processes of one to three compiled engines each, one after another).
+# one H200 (36 processes of one to three compiled engines each, one after another).
 #
 #   . benchmarks/gpu_env.sh && bash benchmarks/gpu_checks.sh
 #
@@ -88,6 +88,12 @@ run quant-3 "$QP[ct-w4a16-asym]" "$QP[ct-w4a16-gptq-actorder]"
 run quant-4 "$QP[awq]" "$QP[gptq]"
 run quant-5 "$Q::test_gpu_native_fp8_block_permutation_is_exact" "$Q::test_gpu_native_fp8_block_kv_head_calibrated_parity"
 run quant-6 "$Q::test_gpu_online_fp8_kv_head_calibrated_parity"
+# The same rules on the sharp-attention model (every attention logit x3, gpu_parity.SHARP).
+run engine-fp8-sharp "$E::test_gpu_fp8_kv_cache_calibrated_sharp_attention"
+QS=${QP}_sharp_attention
+run quant-sharp-1 "$QS[ct-fp8-tensor]" "$QS[ct-fp8-channel]" "$QS[ct-fp8-block]"
+run quant-sharp-2 "$QS[ct-w4a16]" "$QS[ct-w4a16-asym]" "$QS[ct-w4a16-gptq-actorder]"
+run quant-sharp-3 "$QS[awq]" "$QS[gptq]" "$Q::test_gpu_online_fp8_kv_head_calibrated_parity_sharp_attention"
 for case in qwen3_moe-0 mixtral-0 qwen3-0 qwen3-4 qwen3-16; do
   run "families-$case" "$F[$case]"
 done

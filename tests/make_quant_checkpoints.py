@@ -14,5 +14,7 @@ from quant_harness import checkpoints  # noqa: E402
 from test_gpu_quant import SCHEMES  # noqa: E402
 
 if __name__ == "__main__":
-    for scheme, d in checkpoints(Path(sys.argv[1]), SCHEMES).items():
-        print(scheme, d)
+    # The tests' model and its sharp-attention copy (test_gpu_quant.py's two calibrated tests).
+    for model in ("qwen3", "qwen3-sharp"):
+        for scheme, d in checkpoints(Path(sys.argv[1]), SCHEMES, model=model).items():
+            print(model, scheme, d)

@@ -29,7 +29,11 @@ BASE = dict(num_layers=4, num_attention_heads=8, num_kv_heads=4, head_dim=128, h
             intermediate_size=512, vocab_size=512, max_position_embeddings=2048, dtype="bfloat16")
 # name -> (family, shape). qwen3-hd32 (head_dim 32) is where 128-channel groups straddle heads.
 MODELS = {"qwen3": ("qwen3", BASE), "llama": ("llama", BASE),
-          "qwen3-hd32": ("qwen3", {**BASE, "head_dim": 32, "hidden_size": 128, "intermediate_size": 256})}
+          "qwen3-hd32": ("qwen3", {**BASE, "head_dim": 32, "hidden_size": 128, "intermediate_size": 256}),
+          "qwen3-sharp": ("qwen3", BASE)}
+#: Models whose attention logits are scaled by ``gpu_parity.SHARP`` before quantizing: the GPU
+#: tests' sharp-attention model.
+SHARP_MODELS = {"qwen3-sharp"}
 
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -71,6 +75,10 @@ def base_model(root: Path) -> Path:
     if not (d / "config.json").exists():
         family, shape = MODELS[root.name]
         build_tiny_model(d, family=family, **shape)
+        if root.name in SHARP_MODELS:
+            from gpu_parity import SHARP, scale_attention_logits
+
+            scale_attention_logits(d, SHARP)
     return d
 
 

@@ -101,13 +101,14 @@ def test_scale_attention_logits_scales_the_query_where_it_is_not_normalised_away
     import torch
     from safetensors.torch import load_file
 
-    from gpu_parity import scale_attention_logits
+    from gpu_parity import round_weights_to, scale_attention_logits
 
     for family, scaled in (("qwen3", "self_attn.q_norm.weight"), ("qwen2", "self_attn.q_proj.")):
         src = tmp_path / family
         shutil.copytree(tiny_model(family), src)
         before = {k: v for f in src.glob("*.safetensors") for k, v in load_file(f).items()}
         scale_attention_logits(src, 3.0)
+        round_weights_to(src, "bfloat16")
         after = {k: v for f in src.glob("*.safetensors") for k, v in load_file(f).items()}
         hits = [k for k in before if scaled in k]
         assert hits and (family != "qwen2" or any(k.endswith("q_proj.bias") for k in hits))

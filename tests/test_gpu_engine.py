@@ -24,6 +24,20 @@ def model(tmp_path_factory, tiny_model):
     return src, export(src, root / "consa", PATTERN, WINDOW)
 
 
+@pytest.fixture(scope="module")
+def sharp_model(tmp_path_factory, tiny_model):
+    """``model`` with every attention logit scaled 3x (``gpu_parity.SHARP``)."""
+    import shutil
+
+    from gpu_parity import SHARP, scale_attention_logits
+
+    root = tmp_path_factory.mktemp("gpu-sharp")
+    src = root / "src"
+    shutil.copytree(tiny_model("qwen3", **{**TINY, "head_dim": 64}), src)
+    scale_attention_logits(src, SHARP)
+    return src, export(src, root / "consa", PATTERN, WINDOW)
+
+
 def _split_kv_scratch_buffers(llm) -> dict:
     """How many metadata builders hold the fused decode's split-KV scratch (one per pool
     builder was the old waste; the compute modules' group needs the only one)."""
@@ -78,6 +92,15 @@ def test_gpu_fp8_kv_cache_calibrated(model, tmp_path):
     above the fused kernel's 4: FlashAttention 3 over the FP8 pools) and 4 (the fused
     Triton kernel); prefill runs FlashAttention 3 over the FP8 pools. The ConSA all-F export
     (the same model as stock's) is served too, for the like-for-like comparison."""
+    _fp8_kv_calibrated(model, tmp_path, "engine-fp8-kv.json")
+
+
+def test_gpu_fp8_kv_cache_calibrated_sharp_attention(sharp_model, tmp_path):
+    """The same on the model with every attention logit scaled 3x."""
+    _fp8_kv_calibrated(sharp_model, tmp_path, "engine-fp8-kv-sharp.json")
+
+
+def _fp8_kv_calibrated(model, tmp_path, report_name: str) -> None:
     import os
     from pathlib import Path
 
@@ -90,7 +113,7 @@ def test_gpu_fp8_kv_cache_calibrated(model, tmp_path):
     all_f = Allocation(granularity="kv_head", window=WINDOW, pattern=["FFFF"] * 4)
     variants = [Variant("stock_all_f", src), Variant("consa", dst, alloc),
                 Variant("consa_all_f", export(src, tmp_path / "all-f", all_f.pattern, WINDOW), all_f)]
-    report = Path(os.environ.get("CONSA_GPU_REPORT_DIR", tmp_path)) / "engine-fp8-kv.json"
+    report = Path(os.environ.get("CONSA_GPU_REPORT_DIR", tmp_path)) / report_name
     res = run_variants(src, variants, prompts_of([40 + 23 * i for i in range(56)], seed=3), 24, rounds=[40, 12, 4],
                        report=report, pairs=[("consa", "stock_all_f"), ("consa_all_f", "stock_all_f")],
                        dtype="bfloat16", kv_cache_dtype="fp8", max_model_len=1536)

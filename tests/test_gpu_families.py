@@ -5,7 +5,7 @@ FlashAttention 3 over the pools) and a round of 4 (the fused Triton split-KV dec
 
 Four tests: the issue's rule (the uneven ConSA model's error no larger than stock vLLM's on
 the all-F model, two different models), on the tiny random models and on the same models with
-sharper attention (``SHARP``); like for like (without sinks, which stock vLLM
+sharper attention (``gpu_parity.SHARP``); like for like (without sinks, which stock vLLM
 lacks): the all-F allocation through the ConSA kernels against stock all-F (same model), and
 one layer-shaped allocation through the ConSA kernels, as shipped and in diagnostic variants,
 against stock vLLM's own per-layer windows (same model); Inductor's padded MoE router logits,
@@ -38,7 +38,8 @@ pytestmark = [pytest.mark.engine,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 from engine_harness import TINY, prompts_of  # noqa: E402
-from gpu_parity import NO_SHAPE_PADDING, Variant, cache_env, pack_caches, run_variants, tiny_bf16_source  # noqa: E402
+from gpu_parity import (  # noqa: E402
+    NO_SHAPE_PADDING, SHARP, Variant, cache_env, pack_caches, run_variants, tiny_bf16_source)
 
 from consa_vllm import families  # noqa: E402
 from consa_vllm.allocation import Allocation  # noqa: E402
@@ -74,16 +75,6 @@ def test_gpu_calibrated_parity(tmp_path, family, sink):
     vLLM's on the all-F model (two different models: see test_gpu_same_model_parity and
     benchmarks/bf16_sensitivity.py for what that comparison carries)."""
     _calibrated(tmp_path, family, sink, 1.0)
-
-
-#: Every attention logit of the sharp-attention models is multiplied by this. The random
-#: initialisation's attention is nearly uniform, and on those models plain Hugging Face bf16
-#: itself, no vLLM, errs 1.15-1.44x more on the uneven model than on the all-F one: the rule
-#: there fails whatever the serving kernels do. 3 is the smallest of the factors measured
-#: (1, 2, 3) at which plain bf16 meets the rule on every family (0.83-0.89x,
-#: benchmarks/results/bf16_sensitivity_attn_scale_cpu.json), so that on these models the rule
-#: tests what the serving adds.
-SHARP = 3.0
 
 
 @pytest.mark.parametrize("family, sink", [("qwen3_moe", 0), ("mixtral", 0), ("qwen3", 0), ("qwen3", 16)])

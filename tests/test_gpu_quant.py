@@ -72,6 +72,13 @@ def ckpts(tmp_path_factory):
     return checkpoints(shared_root(tmp_path_factory), SCHEMES)
 
 
+@pytest.fixture(scope="module")
+def sharp_ckpts(tmp_path_factory):
+    """The same formats of the same model with every attention logit scaled 3x before quantizing
+    (``gpu_parity.SHARP``: where plain bf16 arithmetic meets the rule)."""
+    return checkpoints(shared_root(tmp_path_factory), SCHEMES, model="qwen3-sharp")
+
+
 def _parity(root, name: str, ckpt, reference_src, quantization: str | None = None) -> None:
     """Stock vLLM on ``ckpt`` and the ConSA export of it, both scored against the reference on
     ``reference_src``: ConSA's mean and max error no larger than stock's."""
@@ -89,6 +96,12 @@ def _parity(root, name: str, ckpt, reference_src, quantization: str | None = Non
 def test_gpu_quantized_kv_head_calibrated_parity(ckpts, root, scheme):
     ckpt = ckpts[scheme]
     _parity(root, scheme, ckpt, dequantized_copy(ckpt, root / f"{scheme}-dequantized"))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_gpu_quantized_kv_head_calibrated_parity_sharp_attention(sharp_ckpts, root, scheme):
+    ckpt = sharp_ckpts[scheme]
+    _parity(root, f"sharp-{scheme}", ckpt, dequantized_copy(ckpt, root / f"sharp-{scheme}-dequantized"))
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +150,8 @@ def test_gpu_native_fp8_block_kv_head_calibrated_parity(native_fp8_block, root):
 def test_gpu_online_fp8_kv_head_calibrated_parity(ckpts, root):
     base = ckpts[SCHEMES[0]].parent / "base"
     _parity(root, "online-fp8", base, base, quantization="fp8")
+
+
+def test_gpu_online_fp8_kv_head_calibrated_parity_sharp_attention(sharp_ckpts, root):
+    base = sharp_ckpts[SCHEMES[0]].parent / "base"
+    _parity(root, "sharp-online-fp8", base, base, quantization="fp8")
