@@ -1,5 +1,6 @@
 """GPU checks of the plugin (skipped without CUDA): the Triton path under torch.compile and CUDA
-graphs, FlashAttention 3 prefill, and the FP8 KV cache.
+graphs, FlashAttention 3 prefill, and the FP8 KV cache (calibrated, on the tests' model and on
+its sharp-attention copy, ``gpu_parity.SHARP``).
 
 Run on the GPU machine: ``python -m pytest -q tests/test_gpu_engine.py``.
 """

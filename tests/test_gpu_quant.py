@@ -10,6 +10,8 @@ with the allocation) on the same dequantized weights scores each engine's own to
 teacher forcing. The ConSA model passes when its mean and its max |dlogprob| are each no
 larger than stock vLLM's own all-F error under the same quantization (the issue's rule, as
 in tests/test_gpu_families.py); both are printed and written to ``$CONSA_GPU_REPORT_DIR``.
+Each calibrated test has a ``_sharp_attention`` twin: the same formats made by the same
+libraries from the model with every attention logit scaled 3x (``gpu_parity.SHARP``).
 
 Checkpoints: the GPU machine has no network and no quantization libraries, so they are
 made on a CPU machine (``make quant-env``, then ``.venv/bin/python
