@@ -38,6 +38,10 @@ mkdir -p "$OUT"
 # (several compiled in-process engines in one process hit a CUDA allocator assert).
 export CONSA_GPU_REPORT_DIR="$OUT" VLLM_ENABLE_V1_MULTIPROCESSING=1 VLLM_WORKER_MULTIPROC_METHOD=spawn \
   CONSA_TEST_KV_CACHE_BYTES=$((1 << 30)) OMP_NUM_THREADS=1
+# Each process's engines take ports from a range of their own (vLLM scans up from VLLM_PORT):
+# left to the kernel, two of ~30 engines starting at once drew the same port for their process
+# group in run 27 (EADDRINUSE).
+PORT_BASE=20000 NPROC=0
 run() {  # name, pytest args...  (INPROC=1: the engine in the test's own process; DIAG=1: only if ONLY names it)
   local name=$1; shift
   if [ -n "${ONLY:-}" ]; then
@@ -54,11 +58,13 @@ run() {  # name, pytest args...  (INPROC=1: the engine in the test's own process
   fi
   local k tag seed
   for k in $(seq 1 "${REPEAT:-1}"); do
+    NPROC=$((NPROC + 1))
     tag=$name; [ "${REPEAT:-1}" = 1 ] || tag=$name.r$k
     seed="" pseed=""
     [ -z "${HASHSEEDS:-}" ] || { seed=$(echo $HASHSEEDS | cut -d' ' -f"$k"); tag=$tag.h$seed; }
     [ -z "${PROMPT_SEEDS:-}" ] || { pseed=$(echo $PROMPT_SEEDS | cut -d' ' -f"$k"); tag=$tag.p$pseed; }
-    ( [ "${INPROC:-0}" = 1 ] && export VLLM_ENABLE_V1_MULTIPROCESSING=0
+    ( export VLLM_PORT=$((PORT_BASE + 200 * NPROC))
+      [ "${INPROC:-0}" = 1 ] && export VLLM_ENABLE_V1_MULTIPROCESSING=0
       [ -z "$seed" ] || export PYTHONHASHSEED=$seed
       [ -z "$pseed" ] || export CONSA_GPU_PROMPT_SEED=$pseed
       [ "${REPEAT:-1}" = 1 ] || { mkdir -p "$OUT/r$k"; export CONSA_GPU_REPORT_DIR="$OUT/r$k"; }

@@ -19,7 +19,7 @@ def _checks(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     bin_dir.mkdir(exist_ok=True)
     fake = bin_dir / "python"  # stands for `python -m pytest ...`: says what it was given
     fake.write_text('#!/bin/sh\necho "seed=${PYTHONHASHSEED:-unset} prompts=${CONSA_GPU_PROMPT_SEED:-unset} '
-                    'report=$CONSA_GPU_REPORT_DIR args=$*"\n')
+                    'report=$CONSA_GPU_REPORT_DIR args=$* port=${VLLM_PORT:-unset}"\n')
     fake.chmod(stat.S_IRWXU)
     # stdout to a file: the script's watchdog may hold a pipe until DEADLINE
     log = tmp_path / "stdout.txt"
@@ -53,6 +53,16 @@ def test_hashseeds_run_one_process_per_seed(tmp_path):
     r = _checks(tmp_path, OUT=str(out2), ONLY="ops", REPEAT="2")
     logs = _logs(out2)
     assert sorted(logs) == ["ops.r1.log", "ops.r2.log"] and logs["ops.r1.log"].startswith("seed=unset prompts=unset ")
+
+
+def test_each_process_takes_ports_from_its_own_range(tmp_path):
+    # Engines of parallel processes drew the same port when the kernel picked them (run 27).
+    out = tmp_path / "out"
+    r = _checks(tmp_path, OUT=str(out), ONLY="ops schedule engine-greedy", REPEAT="2")
+    assert r.returncode == 0, r.stderr
+    ports = [int(line.rsplit("port=", 1)[1]) for line in _logs(out).values()]
+    assert len(ports) == 8 and len(set(ports)) == 8
+    assert all(abs(a - b) >= 200 for i, a in enumerate(ports) for b in ports[i + 1:])
 
 
 def test_prompt_seeds_run_one_process_per_seed(tmp_path):
