@@ -139,6 +139,8 @@ def tiny_bf16_source(out_dir: Path, family: str, attn_scale: float = 1.0) -> Pat
     src = build_tiny_model(out_dir, family, **{**TINY, "head_dim": 64})
     round_weights_to(src, "bfloat16")
     if attn_scale != 1:
+        # Scaled after the first rounding, then rounded again: the weights the committed
+        # measurements at these factors used (bf16_sensitivity_attn_scale_cpu.json, run 27).
         scale_attention_logits(src, attn_scale)
         round_weights_to(src, "bfloat16")
     return src
