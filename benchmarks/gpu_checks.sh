@@ -87,6 +87,8 @@ INPROC=1 run engine-greedy "$E::test_gpu_greedy_parity"
 # layers with at least 4 F heads, which the test models' mixed layers never have.
 CONSA_SMALL_DECODE=split INPROC=1 run engine-greedy-split "$E::test_gpu_greedy_parity"
 run engine-bf16-prefill "$E::test_gpu_bf16_flash_prefill_matches_fused"
+# Triton's compile hook sees the engine only in the test's own process.
+INPROC=1 run engine-precompile "$E::test_gpu_kernels_compile_ahead_of_their_first_launch"
 run engine-fp8 "$E::test_gpu_fp8_kv_cache_calibrated"
 run quant-1 "$QP[ct-fp8-tensor]" "$QP[ct-fp8-channel]"
 run quant-2 "$QP[ct-fp8-block]" "$QP[ct-w4a16]"

@@ -85,6 +85,61 @@ def test_gpu_bf16_flash_prefill_matches_fused(model, monkeypatch):
     assert gap < 0.1
 
 
+OUR_KERNELS = ("_hybrid_attn_kernel", "_reduce_segments_kernel", "_sink_merge_kernel", "_write_kv_kernel",
+               "_write_kv_hybrid_kernel", "_quantize_query_kernel")
+
+
+def _compiles_of_one_engine(dst, prompts, rounds, monkeypatch, cache_dir, precompile: str) -> tuple[list, object]:
+    """Serve ``prompts`` from cold kernel caches (a fresh shared Triton folder, nothing in
+    memory) with ``CONSA_PRECOMPILE=precompile``; return each compile of our kernels in the
+    engine as (kernel, compiled by the compile ahead, cache key), and the generation."""
+    import triton
+
+    from consa_vllm.plugin.ops import triton_hybrid as th
+
+    for name in OUR_KERNELS:
+        getattr(th, name).device_caches.clear()
+    compiles = []
+
+    def hook(**kw):
+        if kw["fn"].name in OUR_KERNELS:
+            compiles.append((kw["fn"].name, kw["is_manual_warmup"], str(kw["key"])))
+
+    monkeypatch.setattr(triton.knobs.runtime, "jit_post_compile_hook", hook)
+    monkeypatch.setenv("CONSA_TRITON_CACHE_DIR", str(cache_dir))
+    monkeypatch.setenv("CONSA_PRECOMPILE", precompile)
+    gen = run_vllm(dst, prompts, max_tokens=16, rounds=rounds, dtype="bfloat16", enforce_eager=False,
+                   gpu_memory_utilization=0.06, max_model_len=1024)
+    return compiles, gen
+
+
+def test_gpu_kernels_compile_ahead_of_their_first_launch(model, tmp_path, monkeypatch):
+    """consa_vllm/plugin/precompile.py: from cold caches, an engine with sinks (16), compiled with
+    CUDA graphs, serving a batch-1 decode (the split-KV kernel), a round of 20 (FlashAttention 3
+    and the sink merge) and prefills longer than the window, compiles every variant of our
+    kernels ahead, at its first step: no kernel compiles at a real launch, and the variants
+    compiled ahead include every one that the same engine compiles at its launches with the
+    compile ahead off. Both engines generate the same tokens. Needs the engine in this process
+    (gpu_checks.sh: INPROC=1), where Triton's compile hook sees it."""
+    from consa_vllm.allocation import Allocation
+    from consa_vllm.export import export_model
+
+    src, _ = model
+    dst = export_model(src, Allocation(granularity="kv_head", window=WINDOW, pattern=PATTERN, sink=16),
+                       tmp_path / "consa-sink16", force=True)
+    prompts = prompts_of([300] + [40 + 11 * i for i in range(20)] + [90])
+    rounds = [1, 20, 1]
+    lazy, gen_lazy = _compiles_of_one_engine(dst, prompts, rounds, monkeypatch, tmp_path / "cold-off", "0")
+    ahead, gen_ahead = _compiles_of_one_engine(dst, prompts, rounds, monkeypatch, tmp_path / "cold-on", "1")
+    print("compiled at launch, compile ahead off:", sorted({(n, k[:80]) for n, _, k in lazy}))
+    print(f"compiled ahead: {sum(w for _, w, _ in ahead)}; at launch: {sum(not w for _, w, _ in ahead)}")
+    assert lazy and not any(w for _, w, _ in lazy)  # the workload launches our kernels, lazily by default
+    assert {"_hybrid_attn_kernel", "_reduce_segments_kernel", "_sink_merge_kernel"} <= {n for n, _, _ in lazy}
+    assert [c for c in ahead if not c[1]] == []
+    assert {k for _, _, k in lazy} <= {k for _, w, k in ahead if w}
+    assert gen_ahead.tokens == gen_lazy.tokens
+
+
 def test_gpu_fp8_kv_cache_calibrated(model, tmp_path):
     """--kv-cache-dtype fp8, bf16, compiled with CUDA graphs, prompts longer than the window,
     calibrated as in gpu_parity.py: each engine's own tokens scored against the unquantized

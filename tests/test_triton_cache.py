@@ -119,6 +119,12 @@ def test_triton_internals_have_the_overridden_shape():
     params = list(inspect.signature(JITFunction._do_compile).parameters)
     assert params == ["self", "key", "signature", "device", "constexprs", "options", "attrs", "warmup"]
     assert callable(getattr(CompiledKernel, "_init_handles", None))
+    # compile_only's override of run, and compile_in_parallel's use of Triton's async mode.
+    assert list(inspect.signature(JITFunction.run).parameters) == ["self", "args", "grid", "warmup", "kwargs"]
+    from triton.runtime._async_compile import AsyncCompileMode, FutureKernel
+
+    assert {"executor", "ignore_errors"} <= set(inspect.signature(AsyncCompileMode).parameters)
+    assert hasattr(FutureKernel, "result")
     assert hasattr(triton.knobs.cache, "scope") and hasattr(triton.knobs.runtime, "interpret")
 
 
@@ -145,3 +151,132 @@ def test_every_launched_kernel_uses_the_shared_cache():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     p = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_compile_only_is_per_thread_and_nests():
+    import threading
+
+    seen = {}
+
+    def other():
+        seen["other"] = getattr(tc._compile_only, "on", False)
+
+    assert not getattr(tc._compile_only, "on", False)
+    with tc.compile_only():
+        with tc.compile_only():
+            assert tc._compile_only.on
+        assert tc._compile_only.on
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+    assert not tc._compile_only.on and seen == {"other": False}
+
+
+@pytest.mark.slow
+def test_compile_in_parallel_compiles_what_the_launches_use():
+    """In a fresh process with a stand-in sm_90 driver (no GPU: Triton's bundled ptxas builds
+    the binaries), ``compile_in_parallel`` over the launches of an uneven allocation's layers
+    (K/V writes, 2D and split-KV attention, the reduce; sink 4) compiles each variant once,
+    into the shared folder, launching nothing (there is no GPU to launch on), and its variants
+    are exactly those of the real launches: the keys that the JIT's own binder gives each
+    launch are all in the kernels' in-memory caches, so no real launch would compile again.
+    A second pass compiles nothing."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["OMP_NUM_THREADS"] = "1"
+    p = subprocess.run([sys.executable, os.path.abspath(__file__), "parallel"], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout + p.stderr[-4000:]
+    import json
+
+    line = next(x for x in p.stdout.splitlines() if x.startswith("RESULT "))
+    r = json.loads(line.removeprefix("RESULT "))
+    print(r)
+    assert r["first_pass"] == r["in_memory"] >= 8, r  # 2D + 3D attention x 3 layer classes, reduce, writes
+    assert r["cubins"] == r["first_pass"], r
+    assert r["missing_keys"] == [] and r["launch_keys"] >= r["first_pass"], r
+    assert r["second_pass"] == 0, r
+
+
+def _launch_keys(th, names, launches) -> dict[str, set]:
+    """The in-memory cache key of each launch of the kernels ``names`` in ``launches()``,
+    computed as ``JITFunction.run`` computes it before it looks the key up (its own binder,
+    options and key function), without compiling or launching."""
+    from triton import knobs
+    from triton.runtime.jit import compute_cache_key
+
+    keys: dict[str, set] = {}
+
+    class Recorder:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                kwargs["debug"] = kwargs.get("debug", self.kernel.debug) or knobs.runtime.debug
+                kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+                _, key_cache, _, _, binder = self.kernel.device_caches[0]
+                _, spec, options = binder(*args, **kwargs)
+                keys.setdefault(self.name, set()).add(compute_cache_key(key_cache, spec, options))
+            return launch
+
+    saved = {n: getattr(th, n) for n in names}
+    for n in names:
+        setattr(th, n, Recorder(n, saved[n]))
+    try:
+        launches()
+    finally:
+        for n in names:
+            setattr(th, n, saved[n])
+    return keys
+
+
+def _parallel_main() -> None:
+    """The subprocess of test_compile_in_parallel_compiles_what_the_launches_use."""
+    import glob
+    import json
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.driver import driver
+
+    class CompileOnlyDriver:
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    driver.set_active(CompileOnlyDriver())
+    shared = tempfile.mkdtemp(prefix="consa-shared-")
+    os.environ[tc.ENV] = shared
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton-")
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import test_ops
+
+    from consa_vllm.plugin.ops import triton_hybrid as th
+
+    splits = test_ops.UNEVEN_SPLITS
+
+    def launches():
+        for num_seqs, query_len in ((1, 1), (40, 1), (1, 3)):
+            test_ops._launch_layers(th, splits, sink=4, num_seqs=num_seqs, query_len=query_len)
+
+    names = ("_hybrid_attn_kernel", "_reduce_segments_kernel", "_write_kv_kernel", "_write_kv_hybrid_kernel")
+    first, _ = tc.compile_in_parallel(launches, threads=2)
+    in_memory = {n: set(getattr(th, n).device_caches[0][0]) for n in names}
+    wanted = _launch_keys(th, names, launches)
+    missing = sorted(f"{n}: {k}" for n in names for k in wanted.get(n, ()) if k not in in_memory[n])
+    second, _ = tc.compile_in_parallel(launches, threads=2)
+    print("RESULT " + json.dumps({
+        "first_pass": first, "second_pass": second, "in_memory": sum(len(v) for v in in_memory.values()),
+        "cubins": len(glob.glob(os.path.join(shared, "*", "*.cubin"))),
+        "launch_keys": sum(len(v) for v in wanted.values()), "missing_keys": missing}))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 2 and sys.argv[1] == "parallel":
+        _parallel_main()

@@ -272,6 +272,9 @@ class ConsaAttentionImpl(AttentionImpl[ConsaMetadata]):
             self.sinks_in_kernel = sinks_in_kernel()
         self.fa_overlap = default_overlap()
         self.fa_decode_splits = decode_fa_splits()
+        # Set once consa_vllm.plugin.precompile has run for the engine (at its first step with
+        # a KV cache), or where there is nothing to compile ahead.
+        self.precompiled = consa_pools is None
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None) -> torch.Tensor:
@@ -280,13 +283,26 @@ class ConsaAttentionImpl(AttentionImpl[ConsaMetadata]):
         if attn_metadata is None:
             # Profiling run: no KV cache yet.
             return output.fill_(0)
-        full_name, sliding_name, lay = self.consa_pools
         ctx = get_forward_context()
+        n = attn_metadata.num_actual_tokens
+        if not self.precompiled:
+            from consa_vllm.plugin.precompile import precompile_engine
+
+            precompile_engine(ctx, attn_metadata, query, key, value, output)
+        full, sliding = self.pools(layer, ctx, n)
+        self.ops.write_kv_hybrid(key[:n], value[:n], full, sliding)
+        self.attend(query[:n], output[:n], attn_metadata, full, sliding)
+        return output
+
+    def pools(self, layer, ctx, n: int) -> tuple[KVPool | None, KVPool | None]:
+        """This layer's slice of the F pool and of the S pool in the step of forward context
+        ``ctx`` (None where the layer has no head there), with slots for its first ``n``
+        tokens."""
+        full_name, sliding_name, lay = self.consa_pools
         metas = ctx.attn_metadata
         if isinstance(metas, list):  # speculative decoding passes a list; [0] is the base model
             metas = metas[0]
         layers = ctx.no_compile_layers
-        n = attn_metadata.num_actual_tokens
         # FP8: vLLM allocates the pools as uint8; the layer (not the shared pools) owns the
         # scales, split with its heads.
         scales = {"full": {}, "sliding": {}}
@@ -303,12 +319,19 @@ class ConsaAttentionImpl(AttentionImpl[ConsaMetadata]):
             sliding = KVPool(cache.view(FP8_DTYPE) if self.kv_fp8 else cache, meta.block_table,
                              meta.slot_mapping[:n], lay.sliding_offset, lay.n_sliding, window=layer.consa_window,
                              sink=layer.consa_sink, **scales["sliding"])
-        self.ops.write_kv_hybrid(key[:n], value[:n], full, sliding)
+        return full, sliding
+
+    def attend(self, query, output, attn_metadata: ConsaMetadata, full: KVPool | None, sliding: KVPool | None,
+               flash_attn=None) -> None:
+        """Attention of one layer's tokens over its pools (K/V already written), by the path
+        that the batch's shape picks. ``flash_attn`` stands in for FlashAttention 3 where
+        this layer has it (the precompile's no-op)."""
+        fa = self.flash_attn if flash_attn is None or self.flash_attn is None else flash_attn
         batch = attn_metadata.batch
         scratch = attn_metadata.scratch
         small_decode = (scratch is not None and batch.max_query_len <= 1
                         and batch.num_seqs <= attn_metadata.fused_max_seqs)
-        if self.flash_attn is not None and query.dtype in (torch.float16, torch.bfloat16):
+        if fa is not None and query.dtype in (torch.float16, torch.bfloat16):
             # Small decode batches, where launch count and SM occupancy dominate, keep the fused
             # split-KV launch, by default for the S heads only: the F heads' context-long reads
             # run faster in FlashAttention 3 (CONSA_SMALL_DECODE). Prefill and large decode
@@ -320,13 +343,11 @@ class ConsaAttentionImpl(AttentionImpl[ConsaMetadata]):
             else:
                 split = self.sinks_in_kernel and sliding is not None and sliding.sink > 0
             if split:
-                flash_full_fused_sliding(self.flash_attn, query[:n], output[:n], batch, self.scale, full,
+                flash_full_fused_sliding(fa, query, output, batch, self.scale, full,
                                          sliding, scratch if small_decode else None, overlap=self.fa_overlap,
                                          num_splits=self.fa_decode_splits if small_decode else 0)
-                return output
+                return
             if not small_decode:
-                flash_attn_pools(self.flash_attn, query[:n], output[:n], batch, self.scale, full, sliding,
-                                 overlap=self.fa_overlap)
-                return output
-        self.ops.attention(query[:n], output[:n], batch, self.scale, full, sliding, scratch)
-        return output
+                flash_attn_pools(fa, query, output, batch, self.scale, full, sliding, overlap=self.fa_overlap)
+                return
+        self.ops.attention(query, output, batch, self.scale, full, sliding, scratch)

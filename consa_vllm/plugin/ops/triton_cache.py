@@ -20,6 +20,14 @@ exactly what it did. Triton keys its cache by source, constants, options and tar
 sharing the folder between engines is what Triton does outside vLLM. Inductor's kernels
 stay in vLLM's folder.
 
+A cold folder still costs the first engine of a machine one compile per kernel variant, each
+at its first launch, one after another, inside vLLM's CUDA-graph warm-up. :func:`compile_in_parallel`
+compiles a known list of launches at once instead: under :func:`compile_only` each launch of
+our kernels compiles (Triton's own ``warmup``) and returns, and Triton's ``AsyncCompileMode``
+sends each compile to a thread pool (its MLIR passes, LLVM and ptxas leave Python's lock
+free, so the compiles overlap); the C launchers are built, and the binaries loaded, in the
+same pool. ``consa_vllm.plugin.precompile`` lists a ConSA engine's launches.
+
 ``CONSA_TRITON_CACHE_DIR`` sets the folder (default: ``consa_triton_cache`` under vLLM's
 cache root, ``vllm.envs.VLLM_CACHE_ROOT``, ``~/.cache/vllm`` unless set, so a volume that
 keeps vLLM's cache keeps this one); set to an empty value, the kernels compile wherever
@@ -33,7 +41,11 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import Callable
 
 import triton
 from triton.runtime.jit import JITFunction
@@ -88,6 +100,22 @@ def compiling_into(path: str | None):
         yield
 
 
+_compile_only = threading.local()
+
+
+@contextmanager
+def compile_only():
+    """Inside the block, this thread's launches of our kernels (:func:`jit`) compile, if their
+    variant is new, and return without running: Triton's ``warmup`` for every launch. Other
+    threads launch as usual."""
+    before = getattr(_compile_only, "on", False)
+    _compile_only.on = True
+    try:
+        yield
+    finally:
+        _compile_only.on = before
+
+
 class SharedCacheJITFunction(JITFunction):
     """A Triton kernel that compiles into :func:`shared_cache_dir`.
 
@@ -97,12 +125,54 @@ class SharedCacheJITFunction(JITFunction):
     folder. A warm-up compile (``warmup=True``: compile, do not launch) builds no launcher.
     """
 
+    def run(self, *args, grid, warmup, **kwargs):
+        return super().run(*args, grid=grid, warmup=warmup or getattr(_compile_only, "on", False), **kwargs)
+
     def _do_compile(self, key, signature, device, constexprs, options, attrs, warmup):
+        # Under AsyncCompileMode the compile itself runs later, in the pool:
+        # compile_in_parallel holds the shared folder for the whole of it.
         with compiling_into(shared_cache_dir()):
             kernel = super()._do_compile(key, signature, device, constexprs, options, attrs, warmup)
             if kernel is not None and not warmup and hasattr(kernel, "_init_handles"):
                 kernel._init_handles()
             return kernel
+
+
+def compile_in_parallel(launches: Callable[[], None], threads: int | None = None) -> tuple[int, float]:
+    """Compile every variant of our kernels that ``launches()`` would launch, in parallel,
+    launching nothing; return (variants compiled, seconds).
+
+    ``launches`` runs on this thread under :func:`compile_only`: each launch of a variant
+    not in memory yet sends its compile to a pool of ``threads`` (default: the CPUs, at most
+    16) through Triton's ``AsyncCompileMode``, which also merges repeats. Then each new
+    binary's launcher is built and the binary loaded on this thread's GPU, in the same pool,
+    so the first real launch finds it ready. All of it compiles into :func:`shared_cache_dir`.
+    A variant whose compile fails is skipped here and compiles (and raises) at its first
+    real launch, as without this."""
+    import torch
+    from triton.runtime._async_compile import AsyncCompileMode
+
+    threads = threads or max(1, min(16, os.cpu_count() or 1))
+    start = time.perf_counter()
+    device = torch.cuda.current_device() if torch.cuda.is_available() else None
+
+    def load(kernel) -> None:
+        if device is not None:
+            torch.cuda.set_device(device)
+        kernel._init_handles()
+
+    with compiling_into(shared_cache_dir()), ThreadPoolExecutor(threads, thread_name_prefix="consa-compile") as pool:
+        mode = AsyncCompileMode(pool, ignore_errors=True)
+        with mode, compile_only():
+            launches()
+        kernels = [k.kernel for k in mode.future_kernels.values() if k.kernel is not None]
+        if device is not None:
+            for f in [pool.submit(load, k) for k in kernels]:
+                try:
+                    f.result()
+                except Exception as e:  # noqa: BLE001 - the real launch loads it again and raises
+                    logger.debug("consa_vllm: loading a precompiled kernel failed (%s); it loads at its launch", e)
+    return len(kernels), time.perf_counter() - start
 
 
 def jit(fn=None, **kwargs):
