@@ -868,22 +868,14 @@ def _compile_main():
     names = ("_hybrid_attn_kernel", "_reduce_segments_kernel", "_write_kv_kernel", "_write_kv_hybrid_kernel")
     kernels = {n: getattr(th, n) for n in names}
 
-    class Warmup:  # kernel[grid](...) compiles and returns without launching
-        def __init__(self, kernel):
-            self.kernel = kernel
+    from consa_vllm.plugin.ops.triton_cache import compile_only
 
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: self.kernel.run(*args, grid=grid, warmup=True, **kwargs)
-
-    for n in names:
-        setattr(th, n, Warmup(kernels[n]))
     sizes = {}
     for path, batch in (("3d", dict(num_seqs=1, query_len=1)), ("2d", dict(num_seqs=2, query_len=9))):
         before = {n: len(k.device_caches[0][0]) for n, k in kernels.items()}
-        for n in names:
-            setattr(th, n, Warmup(kernels[n]))
-        # the same launches as attention_variant_keys, now through the real JIT
-        _launch_layers(th, UNEVEN_SPLITS, **batch)
+        # the same launches as attention_variant_keys, now through the real JIT (compiled, not run)
+        with compile_only():
+            _launch_layers(th, UNEVEN_SPLITS, **batch)
         sizes[path] = {n: len(k.device_caches[0][0]) - before[n] for n, k in kernels.items()}
     print("RESULT compiled " + json_dumps(sizes))
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
