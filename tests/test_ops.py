@@ -841,14 +841,10 @@ def test_triton_interpret_attention():
     print(out)
 
 
-def _compile_main():
-    """Runs in a subprocess: compiles (never runs) the Triton kernels for sm_90 through the
-    JIT's own path, with a stand-in driver that only names the device and its target (no
-    GPU needed: Triton's bundled ptxas builds the cubin), for the layers of an uneven
-    allocation; prints the JIT device-cache sizes and ptxas register / spill figures."""
-    import tempfile
-
-    import triton
+def use_sm90_compile_driver() -> None:
+    """Make Triton's active driver a stand-in that only names the device and its target (an
+    H100/H200, sm_90): the JIT then compiles for it on a machine without a GPU (Triton's bundled
+    ptxas builds the binaries), and nothing can be launched."""
     from triton.backends.compiler import GPUTarget
     from triton.runtime.driver import driver
 
@@ -863,6 +859,18 @@ def _compile_main():
             return GPUTarget("cuda", 90, 32)
 
     driver.set_active(CompileOnlyDriver())
+
+
+def _compile_main():
+    """Runs in a subprocess: compiles (never runs) the Triton kernels for sm_90 through the
+    JIT's own path, with a stand-in driver that only names the device and its target (no
+    GPU needed: Triton's bundled ptxas builds the cubin), for the layers of an uneven
+    allocation; prints the JIT device-cache sizes and ptxas register / spill figures."""
+    import tempfile
+
+    import triton
+
+    use_sm90_compile_driver()
     from consa_vllm.plugin.ops import triton_hybrid as th
 
     names = ("_hybrid_attn_kernel", "_reduce_segments_kernel", "_write_kv_kernel", "_write_kv_hybrid_kernel")
@@ -1216,12 +1224,16 @@ def test_select_ops_once_per_device(monkeypatch):
 # ---------------------------------------------------------------------------------------
 
 
-def record_variant_keys(th, names, launches) -> dict[str, set]:
+def record_variant_keys(th, names, launches, as_run: bool = False) -> dict[str, set]:
     """The Triton cache keys that ``launches()`` would compile for the kernels ``names`` of
     ``th``: {kernel name: set of keys}. The launches are recorded, not run (no GPU needed):
     each key is computed by the binder the JIT runtime itself uses
     (``create_function_from_signature`` + ``compute_cache_key``) for an H100/H200 target, so
-    two launches with the same key share one compiled kernel."""
+    two launches with the same key share one compiled kernel. ``as_run``: the key exactly as
+    ``JITFunction.run`` computes it before its in-memory lookup (its options and the active
+    driver's binder: needs :func:`use_sm90_compile_driver`), comparable with the keys of the
+    kernels' in-memory caches."""
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import CUDABackend
     from triton.runtime.jit import compute_cache_key, create_function_from_signature
@@ -1232,13 +1244,20 @@ def record_variant_keys(th, names, launches) -> dict[str, set]:
     class Recorder:
         def __init__(self, kernel):
             self.kernel = kernel
-            self.binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+            self.binder = None if as_run else create_function_from_signature(kernel.signature, kernel.params, backend)
 
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                _, spec, options = self.binder(*args, **kwargs)
-                opts = backend.parse_options(options)
-                keys.setdefault(self.kernel.__name__, set()).add(compute_cache_key({}, spec, opts.__dict__))
+                if as_run:
+                    kwargs["debug"] = kwargs.get("debug", self.kernel.debug) or knobs.runtime.debug
+                    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+                    _, key_cache, _, _, binder = self.kernel.device_caches[0]
+                    _, spec, options = binder(*args, **kwargs)
+                    key = compute_cache_key(key_cache, spec, options)
+                else:
+                    _, spec, options = self.binder(*args, **kwargs)
+                    key = compute_cache_key({}, spec, backend.parse_options(options).__dict__)
+                keys.setdefault(self.kernel.__name__, set()).add(key)
             return launch
 
     saved = {n: getattr(th, n) for n in names}

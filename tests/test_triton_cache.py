@@ -198,64 +198,19 @@ def test_compile_in_parallel_compiles_what_the_launches_use():
     assert r["second_pass"] == 0, r
 
 
-def _launch_keys(th, names, launches) -> dict[str, set]:
-    """The in-memory cache key of each launch of the kernels ``names`` in ``launches()``,
-    computed as ``JITFunction.run`` computes it before it looks the key up (its own binder,
-    options and key function), without compiling or launching."""
-    from triton import knobs
-    from triton.runtime.jit import compute_cache_key
-
-    keys: dict[str, set] = {}
-
-    class Recorder:
-        def __init__(self, name, kernel):
-            self.name, self.kernel = name, kernel
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                kwargs["debug"] = kwargs.get("debug", self.kernel.debug) or knobs.runtime.debug
-                kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-                _, key_cache, _, _, binder = self.kernel.device_caches[0]
-                _, spec, options = binder(*args, **kwargs)
-                keys.setdefault(self.name, set()).add(compute_cache_key(key_cache, spec, options))
-            return launch
-
-    saved = {n: getattr(th, n) for n in names}
-    for n in names:
-        setattr(th, n, Recorder(n, saved[n]))
-    try:
-        launches()
-    finally:
-        for n in names:
-            setattr(th, n, saved[n])
-    return keys
-
-
 def _parallel_main() -> None:
     """The subprocess of test_compile_in_parallel_compiles_what_the_launches_use."""
     import glob
     import json
     import tempfile
 
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime.driver import driver
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import test_ops
 
-    class CompileOnlyDriver:
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device=None):
-            return 0
-
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-
-    driver.set_active(CompileOnlyDriver())
+    test_ops.use_sm90_compile_driver()
     shared = tempfile.mkdtemp(prefix="consa-shared-")
     os.environ[tc.ENV] = shared
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton-")
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-    import test_ops
 
     from consa_vllm.plugin.ops import triton_hybrid as th
 
@@ -268,7 +223,7 @@ def _parallel_main() -> None:
     names = ("_hybrid_attn_kernel", "_reduce_segments_kernel", "_write_kv_kernel", "_write_kv_hybrid_kernel")
     first, _ = tc.compile_in_parallel(launches, threads=2)
     in_memory = {n: set(getattr(th, n).device_caches[0][0]) for n in names}
-    wanted = _launch_keys(th, names, launches)
+    wanted = test_ops.record_variant_keys(th, names, launches, as_run=True)
     missing = sorted(f"{n}: {k}" for n in names for k in wanted.get(n, ()) if k not in in_memory[n])
     second, _ = tc.compile_in_parallel(launches, threads=2)
     print("RESULT " + json.dumps({
