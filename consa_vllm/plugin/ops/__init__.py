@@ -23,7 +23,9 @@ own block size and block table. Both hold the model dtype, or both FP8 (``float8
 Implementations: :mod:`.torch_paged` (CPU, and the reference), :mod:`.triton_hybrid`
 (GPU), and for prefill and large decode batches on Hopper :mod:`.flash_pools`
 (FlashAttention 3 per pool), chosen by the backend. The Triton kernels compile into a cache
-folder shared by every engine (:mod:`.triton_cache`), not vLLM's folder of each configuration.
+folder shared by every engine (:mod:`.triton_cache`), not vLLM's folder of each configuration,
+and an engine compiles the variants it needs ahead, in parallel, at its first step
+(:mod:`consa_vllm.plugin.precompile`).
 """
 
 from __future__ import annotations
