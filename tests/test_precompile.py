@@ -54,3 +54,25 @@ def test_no_flash_attn_returns_flash_attentions_shapes():
     o, lse = pc.no_flash_attn(q=q, out=out, return_softmax_lse=True)
     # FlashAttention 3's varlen log-sum-exp: [heads, tokens], float32, tokens contiguous.
     assert o is out and lse.shape == (6, 5) and lse.dtype == torch.float32 and lse.stride() == (5, 1)
+
+
+@pytest.mark.engine
+def test_bad_setting_is_refused_when_the_model_is_built(tmp_path, tiny_model):
+    """A bad ``CONSA_PRECOMPILE`` stops a real engine while vLLM builds the model (before any
+    weight loads), with the one line naming the variable, not at its first step."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src = tiny_model("qwen3")
+    code = ("import sys; sys.path.insert(0, 'tests'); from pathlib import Path; "
+            "from engine_harness import export, run_vllm, prompts_of; "
+            f"dst = export(Path({str(src)!r}), Path({str(tmp_path / 'consa')!r}), ['FS', 'SS', 'FF', 'SF'], 32); "
+            "run_vllm(dst, prompts_of([40]), max_tokens=2)")
+    env = dict(os.environ, CONSA_PRECOMPILE="maybe")
+    p = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0, out[-3000:]
+    assert "ValueError: CONSA_PRECOMPILE must be 0 or 1, got 'maybe'" in out, out[-3000:]
+    assert "Loading weights took" not in out, out[-3000:]  # vLLM logs it once the weights load

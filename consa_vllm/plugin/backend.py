@@ -273,8 +273,13 @@ class ConsaAttentionImpl(AttentionImpl[ConsaMetadata]):
         self.fa_overlap = default_overlap()
         self.fa_decode_splits = decode_fa_splits()
         # Set once consa_vllm.plugin.precompile has run for the engine (at its first step with
-        # a KV cache), or where there is nothing to compile ahead.
-        self.precompiled = consa_pools is None
+        # a KV cache), or where there is nothing to compile ahead. CONSA_PRECOMPILE is read
+        # (and a bad value refused) here, as the other knobs, not after the weights load.
+        self.precompiled = True
+        if consa_pools is not None:
+            from consa_vllm.plugin.precompile import precompile_enabled
+
+            self.precompiled = not precompile_enabled()
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None) -> torch.Tensor:

@@ -20,12 +20,14 @@ own tensors, or tensors of the same strides, so each variant's Triton key is the
 real launch computes; a variant the replay misses still compiles at its first launch, as
 before.
 
-``CONSA_PRECOMPILE=0`` turns it off (read at the engine's first step).
+``CONSA_PRECOMPILE=0`` turns it off (read, and a bad value refused, when vLLM builds the
+model: ``ConsaAttentionImpl`` then marks its layers done).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import torch
 
@@ -76,8 +78,8 @@ def precompile_engine(ctx, attn_metadata, query: torch.Tensor, key: torch.Tensor
     """Compile every ConSA layer's kernel variants of this engine in parallel (see the
     module doc), then mark the layers done. Called by the first ConSA layer of the engine's
     first step with a KV cache, with that layer's arguments (under CUDA-graph capture: of its
-    next step outside one); a no-op where the engine does not run the Triton op (CPU) or
-    with ``CONSA_PRECOMPILE=0``.
+    next step outside one); a no-op where the engine does not run the Triton op (CPU). With
+    ``CONSA_PRECOMPILE=0`` the layers are built marked done and never call it.
     A failure is logged and the kernels compile at their first launches, as before."""
     from consa_vllm.plugin.backend import ConsaAttentionImpl
 
@@ -87,7 +89,7 @@ def precompile_engine(ctx, attn_metadata, query: torch.Tensor, key: torch.Tensor
                if isinstance(getattr(m, "impl", None), ConsaAttentionImpl) and m.impl.consa_pools is not None]
     for _, impl in entries:
         impl.precompiled = True
-    if not query.is_cuda or not precompile_enabled() or not any(impl.ops.name == "triton" for _, impl in entries):
+    if not query.is_cuda or not any(impl.ops.name == "triton" for _, impl in entries):
         return
     from consa_vllm.plugin.ops import AttnBatch
     from consa_vllm.plugin.ops.triton_cache import compile_in_parallel
@@ -100,10 +102,7 @@ def precompile_engine(ctx, attn_metadata, query: torch.Tensor, key: torch.Tensor
         starts = torch.arange(0, seqs + 1, dtype=torch.int32, device=device) * per_seq
         seq_lens = torch.full((seqs,), per_seq, dtype=torch.int32, device=device)
         batch = AttnBatch(query_start_loc=starts, seq_lens=seq_lens, max_query_len=per_seq, max_seq_len=per_seq)
-        metas.append((seqs * per_seq, type(attn_metadata)(
-            num_actual_tokens=seqs * per_seq, batch=batch, block_table=attn_metadata.block_table,
-            slot_mapping=attn_metadata.slot_mapping, scratch=attn_metadata.scratch,
-            fused_max_seqs=attn_metadata.fused_max_seqs)))
+        metas.append((seqs * per_seq, replace(attn_metadata, num_actual_tokens=seqs * per_seq, batch=batch)))
 
     def launches() -> None:
         for tokens, meta in metas:
