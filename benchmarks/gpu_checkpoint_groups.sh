@@ -40,6 +40,7 @@ for g in "$@"; do
 done
 mkdir -p "$OUT"
 export CONSA_GPU_REFERENCE_DEVICE=cuda
+port=20000
 for g in "$@"; do
   model=/tmp/tbmodel/pretrained kv=""
   case $g in
@@ -50,7 +51,8 @@ for g in "$@"; do
     cfw) model=/tmp/fp8w/ct-fp8-channel allocs=$A3 ;;
   esac
   CONSA_GPU_CHECKPOINT=$model CONSA_GPU_CHECKPOINT_ALLOCATIONS=$allocs CONSA_GPU_CHECKPOINT_KV_CACHE_DTYPE=$kv \
-    ONLY=checkpoint OUT=$OUT/$g bash benchmarks/gpu_checks.sh >"$OUT/$g.txt" 2>&1 &
+    ONLY=checkpoint OUT=$OUT/$g PORT_BASE=$port bash benchmarks/gpu_checks.sh >"$OUT/$g.txt" 2>&1 &
+  port=$((port + 6000))  # each group's processes their own ports (gpu_checks.sh: 200 per process)
 done
 wait
 tail -n 3 "$OUT"/*.txt

@@ -146,6 +146,21 @@ def tiny_bf16_source(out_dir: Path, family: str, attn_scale: float = 1.0) -> Pat
     return src
 
 
+#: Which draw of prompts the calibrated tests serve (``CONSA_GPU_PROMPT_SEED``, default 0: the
+#: prompts of every committed run before the draws). gpu_checks.sh's PROMPT_SEEDS runs a case once
+#: per draw, stock and ConSA on the same prompts each time, so that a max or mean above stock's
+#: can be judged across draws (benchmarks/parity_tail.py's ``across_runs``, docs/DESIGN.md §10).
+PROMPT_SEED = os.environ.get("CONSA_GPU_PROMPT_SEED", "0")
+if not PROMPT_SEED.isdigit():
+    raise ValueError(f"CONSA_GPU_PROMPT_SEED must be a whole number, got {PROMPT_SEED!r}")
+
+
+def prompt_draw(base: int) -> int:
+    """The seed of a test's random prompts (``engine_harness.prompts_of``) under this process's
+    draw: ``base``, the test's own seed, for draw 0; other draws far from every test's base."""
+    return base + 1000 * int(PROMPT_SEED)
+
+
 #: Where the Hugging Face references (float32, and the plain bf16 pass) run: "cpu", or "cuda" on
 #: the GPU machine, where 32 prompts of up to 1,500 tokens take seconds instead of minutes per
 #: engine (TF32 off: float32 stays float32). Set by ``CONSA_GPU_REFERENCE_DEVICE``.

@@ -39,9 +39,6 @@ import pytest
 torch = pytest.importorskip("torch")
 CHECKPOINT = os.environ.get("CONSA_GPU_CHECKPOINT")
 ALLOCATIONS = [f for f in os.environ.get("CONSA_GPU_CHECKPOINT_ALLOCATIONS", "").split(",") if f]
-#: Where the prompts are cut (``engine_harness.text_prompts``): gpu_checks.sh's PROMPT_SEEDS runs the
-#: test once per seed, each run its own draw of prompts for stock and ConSA alike.
-PROMPT_SEED = os.environ.get("CONSA_GPU_PROMPT_SEED", "0")
 ENGINE = {k: v for k, v in (("kv_cache_dtype", os.environ.get("CONSA_GPU_CHECKPOINT_KV_CACHE_DTYPE")),
                             ("quantization", os.environ.get("CONSA_GPU_CHECKPOINT_QUANTIZATION"))) if v}
 pytestmark = [pytest.mark.engine,
@@ -49,14 +46,14 @@ pytestmark = [pytest.mark.engine,
               pytest.mark.skipif(not (CHECKPOINT and ALLOCATIONS),
                                  reason="set CONSA_GPU_CHECKPOINT and CONSA_GPU_CHECKPOINT_ALLOCATIONS")]
 
-from gpu_parity import checkpoint_parity, load_allocation_files, reference_weights  # noqa: E402
+# PROMPT_SEED: where the prompts are cut (``engine_harness.text_prompts``), one draw per seed of
+# gpu_checks.sh's PROMPT_SEEDS, for stock and ConSA alike.
+from gpu_parity import PROMPT_SEED, checkpoint_parity, load_allocation_files, reference_weights  # noqa: E402
 
 
 def test_gpu_checkpoint_calibrated_parity(tmp_path):
     """Each learned allocation served by the plugin against one stock vLLM engine on the all-F
     checkpoint: ConSA's mean and max error no larger than stock's, for every allocation."""
-    if not PROMPT_SEED.isdigit():
-        pytest.fail(f"CONSA_GPU_PROMPT_SEED must be a whole number, got {PROMPT_SEED!r}")
     # The float32 and bf16 references (two passes over 32 prompts of up to 1,500 tokens per engine)
     # run where CONSA_GPU_REFERENCE_DEVICE says (gpu_checkpoint_groups.sh: the GPU); on the CPU,
     # on all cores, not gpu_checks.sh's one thread per process (minutes otherwise).

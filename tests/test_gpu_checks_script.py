@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -63,6 +64,12 @@ def test_each_process_takes_ports_from_its_own_range(tmp_path):
     ports = [int(line.rsplit("port=", 1)[1]) for line in _logs(out).values()]
     assert len(ports) == 8 and len(set(ports)) == 8
     assert all(abs(a - b) >= 200 for i, a in enumerate(ports) for b in ports[i + 1:])
+    # Several scripts at once (gpu_checkpoint_groups.sh, or a draw beside a run) each start at a
+    # PORT_BASE of their own.
+    out2 = tmp_path / "out2"
+    r = _checks(tmp_path, OUT=str(out2), ONLY="ops schedule", PORT_BASE="30000")
+    assert r.returncode == 0, r.stderr
+    assert sorted(int(line.rsplit("port=", 1)[1]) for line in _logs(out2).values()) == [30200, 30400]
 
 
 def test_prompt_seeds_run_one_process_per_seed(tmp_path):
@@ -83,7 +90,8 @@ def test_bad_repeat_and_hashseeds_are_refused_in_one_line(tmp_path):
                      (dict(PROMPT_SEEDS="1 2", HASHSEEDS="3"),
                       "gpu_checks: set one of REPEAT, HASHSEEDS and PROMPT_SEEDS"),
                      (dict(PROMPT_SEEDS="-1"), "gpu_checks: PROMPT_SEEDS must be whole numbers, got '-1'"),
-                     (dict(REPEAT="0"), "gpu_checks: REPEAT must be a positive integer, got '0'")):
+                     (dict(REPEAT="0"), "gpu_checks: REPEAT must be a positive integer, got '0'"),
+                     (dict(PORT_BASE="20k"), "gpu_checks: PORT_BASE must be a port number, got '20k'")):
         out = tmp_path / "never"
         r = _checks(tmp_path, OUT=str(out), **env)
         assert r.returncode == 2 and r.stderr.strip() == msg
@@ -105,3 +113,43 @@ def test_every_mixtral_variant_has_a_case(tmp_path):
     assert sorted(logs) == sorted(f"same-model-mixtral-{v}" for v in variants)
     for v in variants:
         assert f"test_gpu_same_model_parity[mixtral-{v}]" in logs[f"same-model-mixtral-{v}"]
+
+
+def test_the_draws_of_the_two_max_misses_run_only_when_named(tmp_path):
+    """``quant-sharp-misses`` (run 27's two formats whose max missed) is a diagnostic: not in a
+    full run, and with PROMPT_SEEDS one process per draw, both formats in each."""
+    out = tmp_path / "out"
+    r = _checks(tmp_path, OUT=str(out), ONLY="quant-sharp-misses=", PROMPT_SEEDS="1 2")
+    assert r.returncode == 0, r.stderr
+    logs = _logs(out)
+    assert sorted(logs) == ["quant-sharp-misses.r1.p1.log", "quant-sharp-misses.r2.p2.log"]
+    for line in logs.values():
+        assert "_sharp_attention[ct-fp8-block]" in line and "_sharp_attention[ct-w4a16-asym]" in line
+    everything = tmp_path / "all"
+    r = _checks(tmp_path, OUT=str(everything))
+    assert r.returncode == 0, r.stderr
+    names = _logs(everything)
+    assert "quant-sharp-2.log" in names and not any(n.startswith("quant-sharp-misses") for n in names)
+
+
+def test_a_draw_gives_the_calibrated_tests_other_prompts():
+    """``CONSA_GPU_PROMPT_SEED`` as the GPU tests read it (``gpu_parity``): draw 0 keeps each test's
+    own prompts (the committed runs'), another draw other prompts, a bad value one line."""
+    code = ("import gpu_parity, engine_harness; "
+            "print(gpu_parity.prompt_draw(11), engine_harness.prompts_of([5], seed=gpu_parity.prompt_draw(11)))")
+
+    def run(seed: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", code], cwd=ROOT / "tests", capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "CONSA_GPU_PROMPT_SEED": seed})
+
+    from engine_harness import prompts_of
+
+    first, second = run("0"), run("2")
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    assert first.stdout.split(" ", 1) == ["11", f"{prompts_of([5], seed=11)}\n"]
+    assert second.stdout.split(" ", 1) == ["2011", f"{prompts_of([5], seed=2011)}\n"]
+    assert first.stdout.split(" ", 1)[1] != second.stdout.split(" ", 1)[1]
+    bad = run("two")
+    assert bad.returncode != 0
+    assert bad.stderr.strip().splitlines()[-1] == (
+        "ValueError: CONSA_GPU_PROMPT_SEED must be a whole number, got 'two'")

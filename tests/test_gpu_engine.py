@@ -160,7 +160,7 @@ def _fp8_kv_calibrated(model, tmp_path, report_name: str) -> None:
     import os
     from pathlib import Path
 
-    from gpu_parity import Variant, run_variants
+    from gpu_parity import Variant, prompt_draw, run_variants
 
     from consa_vllm.allocation import Allocation
 
@@ -170,7 +170,7 @@ def _fp8_kv_calibrated(model, tmp_path, report_name: str) -> None:
     variants = [Variant("stock_all_f", src), Variant("consa", dst, alloc),
                 Variant("consa_all_f", export(src, tmp_path / "all-f", all_f.pattern, WINDOW), all_f)]
     report = Path(os.environ.get("CONSA_GPU_REPORT_DIR", tmp_path)) / report_name
-    res = run_variants(src, variants, prompts_of([40 + 23 * i for i in range(56)], seed=3), 24, rounds=[40, 12, 4],
+    res = run_variants(src, variants, prompts_of([40 + 23 * i for i in range(56)], seed=prompt_draw(3)), 24, rounds=[40, 12, 4],
                        report=report, pairs=[("consa", "stock_all_f"), ("consa_all_f", "stock_all_f")],
                        dtype="bfloat16", kv_cache_dtype="fp8", max_model_len=1536)
     print(f"FP8 KV: stock all-F {res['stock_all_f']}; consa {res['consa']}; consa all-F {res['consa_all_f']}")

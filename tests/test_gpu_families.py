@@ -39,7 +39,7 @@ pytestmark = [pytest.mark.engine,
 
 from engine_harness import TINY, prompts_of  # noqa: E402
 from gpu_parity import (  # noqa: E402
-    NO_SHAPE_PADDING, SHARP, Variant, cache_env, pack_caches, run_variants, tiny_bf16_source)
+    NO_SHAPE_PADDING, SHARP, Variant, cache_env, pack_caches, prompt_draw, run_variants, tiny_bf16_source)
 
 from consa_vllm import families  # noqa: E402
 from consa_vllm.allocation import Allocation  # noqa: E402
@@ -89,7 +89,7 @@ def _calibrated(tmp_path: Path, family: str, sink: int, attn_scale: float) -> No
     variants = [Variant("stock_all_f", src, engine=_stock_engine(family)),
                 Variant("consa", *_export(src, tmp_path, "consa", PATTERN, sink))]
     tag = "" if attn_scale == 1 else f"-x{attn_scale:g}"
-    res = run_variants(src, variants, prompts_of(LENGTHS, seed=5), 32, rounds=ROUNDS,
+    res = run_variants(src, variants, prompts_of(LENGTHS, seed=prompt_draw(5)), 32, rounds=ROUNDS,
                        report=_report(f"families-{family}-sink{sink}{tag}.json", tmp_path),
                        pairs=[("consa", "stock_all_f")], dtype="bfloat16")
     stock, got = res["stock_all_f"], res["consa"]

@@ -43,7 +43,7 @@ torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.engine, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 from engine_harness import export, prompts_of  # noqa: E402
-from gpu_parity import calibrated_parity  # noqa: E402
+from gpu_parity import calibrated_parity, prompt_draw  # noqa: E402
 from quant_harness import checkpoints, dequantized_copy, shared_root  # noqa: E402
 
 from consa_vllm.allocation import Allocation  # noqa: E402
@@ -88,7 +88,7 @@ def _parity(root, name: str, ckpt, reference_src, quantization: str | None = Non
     report = Path(os.environ.get("CONSA_GPU_REPORT_DIR", root)) / f"quant-{name}.json"
     kw = dict(ENGINE, **({"quantization": quantization} if quantization else {}))
     stock, consa = calibrated_parity(reference_src, export(ckpt, root / f"{name}-consa", PATTERN, WINDOW), alloc,
-                                     prompts_of(LENGTHS, seed=11), NEW, report=report, stock_dir=ckpt, **kw)
+                                     prompts_of(LENGTHS, seed=prompt_draw(11)), NEW, report=report, stock_dir=ckpt, **kw)
     print(f"\nGPU-QUANT {name}: stock all-F {stock}; consa {consa}", file=sys.stderr)
     assert consa.mean <= stock.mean, (name, str(stock), str(consa))
     assert consa.max <= stock.max, (name, str(stock), str(consa))
