@@ -14,8 +14,8 @@
 # HASHSEEDS="S1 S2 ..." repeats instead once per listed seed, with PYTHONHASHSEED set to it (a seed
 # may repeat): an outcome that follows the seed points at an iteration over a set or a str hash.
 # PROMPT_SEEDS="S1 S2 ..." repeats once per listed seed with CONSA_GPU_PROMPT_SEED set to it (tags
-# .pS): the tests that cut their prompts at seeded offsets (test_gpu_checkpoint.py) draw other
-# prompts. Engines queue each round whole (tests/engine_harness.py), so a repeat on the same
+# .pS): the calibrated tests draw other prompts (gpu_parity.prompt_draw; test_gpu_checkpoint.py
+# cuts its text at other offsets); seed 0 is every committed run's prompts. Engines queue each round whole (tests/engine_harness.py), so a repeat on the same
 # prompts reruns the same batches: the rule's spread across runs comes from other prompts.
 # Cases listed under DIAG below run only when ONLY names them.
 set -u
