@@ -26,12 +26,13 @@ model: ``ConsaAttentionImpl`` then marks its layers done).
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 
 import torch
 
 from vllm.logger import init_logger
+
+from consa_vllm.plugin.knobs import env_flag
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" so vLLM's log handler shows it
 
@@ -40,10 +41,7 @@ ENV = "CONSA_PRECOMPILE"
 
 def precompile_enabled() -> bool:
     """``CONSA_PRECOMPILE`` (default 1): whether :func:`precompile_engine` compiles ahead."""
-    v = os.environ.get(ENV, "").strip().lower() or "1"
-    if v not in ("0", "1", "true", "false"):
-        raise ValueError(f"{ENV} must be 0 or 1, got {v!r}")
-    return v in ("1", "true")
+    return env_flag(ENV, default=True)
 
 
 def no_flash_attn(**kwargs):

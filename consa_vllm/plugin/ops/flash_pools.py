@@ -43,6 +43,7 @@ import os
 
 import torch
 
+from ..knobs import env_flag
 from .interface import AttnBatch, KVPool
 
 
@@ -267,10 +268,7 @@ def sinks_in_kernel() -> bool:
     FlashAttention 3 for the F heads (:func:`flash_full_fused_sliding` without the split-KV
     scratch), instead of FlashAttention 3 over the window plus the sink merge launch. Read
     once per layer when vLLM builds the model; off until measured (docs/DESIGN.md §8)."""
-    v = os.environ.get("CONSA_SINKS_IN_KERNEL", "").strip().lower() or "0"
-    if v not in ("0", "1", "true", "false"):
-        raise ValueError(f"CONSA_SINKS_IN_KERNEL must be 0 or 1, got {v!r}")
-    return v in ("1", "true")
+    return env_flag("CONSA_SINKS_IN_KERNEL", default=False)
 
 
 def flash_full_fused_sliding(fa, query: torch.Tensor, output: torch.Tensor, batch: AttnBatch, scale: float,
