@@ -61,10 +61,7 @@ def flash_attn_varlen():
 
 def default_overlap() -> bool:
     """Whether F and S launches run on two streams (``CONSA_FA3_OVERLAP``, default on)."""
-    v = os.environ.get("CONSA_FA3_OVERLAP", "1").strip().lower()
-    if v not in ("0", "1", "true", "false"):
-        raise ValueError(f"CONSA_FA3_OVERLAP must be 0 or 1, got {v!r}")
-    return v in ("1", "true")
+    return env_flag("CONSA_FA3_OVERLAP", True)
 
 
 #: Most KV splits FlashAttention 3 takes (its split-KV scheduler's limit).
