@@ -109,6 +109,8 @@ run quant-sharp-3 "$QS[awq]" "$QS[gptq]" "$Q::test_gpu_online_fp8_kv_head_calibr
 # The two formats whose max missed in run 27 (one token each, n.s.), alone: with PROMPT_SEEDS,
 # other prompt draws for the rule across runs (docs/DESIGN.md §10). Only when ONLY names it.
 DIAG=1 run quant-sharp-misses "$QS[ct-fp8-block]" "$QS[ct-w4a16-asym]"
+# W4A16 asym alone: the FP8 block format's draws are settled (run 30), this one's are not.
+DIAG=1 run quant-sharp-asym "$QS[ct-w4a16-asym]"
 for case in qwen3_moe-0 mixtral-0 qwen3-0 qwen3-4 qwen3-16; do
   run "families-$case" "$F[$case]"
 done

@@ -130,6 +130,16 @@ def test_the_draws_of_the_two_max_misses_run_only_when_named(tmp_path):
     assert r.returncode == 0, r.stderr
     names = _logs(everything)
     assert "quant-sharp-2.log" in names and not any(n.startswith("quant-sharp-misses") for n in names)
+    assert not any(n.startswith("quant-sharp-asym") for n in names)
+    # the W4A16 asym format alone, when named: one process per draw, that format only
+    asym = tmp_path / "asym"
+    r = _checks(tmp_path, OUT=str(asym), ONLY="quant-sharp-asym=", PROMPT_SEEDS="3")
+    assert r.returncode == 0, r.stderr
+    logs = _logs(asym)
+    assert sorted(logs) == ["quant-sharp-asym.p3.log"]
+    line = logs["quant-sharp-asym.p3.log"]
+    assert line.startswith("seed=unset prompts=3 ") and "_sharp_attention[ct-w4a16-asym]" in line
+    assert "ct-fp8-block" not in line
 
 
 def test_a_draw_gives_the_calibrated_tests_other_prompts():
