@@ -14,7 +14,7 @@ import random
 import pytest
 
 from consa_vllm.allocation import Allocation
-from consa_vllm.plugin.layout import PoolLayout, balance_heads, balance_summary, pool_sizes
+from consa_vllm.plugin.layout import PoolLayout, balance_heads, balance_summary, kv_shards, pool_sizes
 
 PATTERNS = {
     "uneven": ["FSSS", "SSSS", "SFFS", "FFFF"],  # the engine tests' Qwen pattern
@@ -137,9 +137,44 @@ def test_odd_f_total_pads_one_slot_and_says_what_it_costs():
     assert "the others 1 of 11 S slots (9.1% of S-pool KV memory)" in note
 
 
+REPLICATED = [(name, pat, tp) for name, pat in {**PATTERNS, **_random_patterns(30)}.items() for tp in (8, 16)
+              if tp > len(pat[0])]
+
+
+@pytest.mark.parametrize("name,pattern,tp", REPLICATED, ids=[f"{n}-tp{t}" for n, _, t in REPLICATED])
+def test_more_ranks_than_kv_heads_serve_vllms_replicas(name, pattern, tp):
+    """With tp a multiple of the KV heads (Qwen3-MoE's 4 at tp 8), vLLM's loader replicates
+    each head on tp/H adjacent ranks: rank r holds head r // (tp/H) of the served order. Each
+    rank's layout is its head's, the balance is over the H heads, and every pool is the same."""
+    alloc = _alloc(pattern)
+    h = len(pattern[0])
+    assert kv_shards(h, tp) == h
+    ranks = [PoolLayout.build(alloc, tp, r) for r in range(tp)]
+    assert {(p.full_pool_heads, p.sliding_pool_heads) for p in ranks} == {pool_sizes(pattern, h)}
+    assert pool_sizes(pattern, tp) == pool_sizes(pattern, h)
+    for r, p in enumerate(ranks):
+        shard = PoolLayout.build(alloc, h, r // (tp // h))
+        assert (p.tp_size, p.tp_rank, p.kv_heads_per_rank) == (tp, r, 1)
+        assert p.layers == shard.layers
+        for l, lay in enumerate(p.layers):
+            assert lay.kv_heads == (lay.global_order[r // (tp // h)],)
+            assert lay.n_full == (pattern[l][lay.kv_heads[0]] == "F")
+    assert balance_heads(pattern, tp) == balance_heads(pattern, h)
+
+
+def test_replication_note_names_the_shards():
+    note = balance_summary(_alloc(PATTERNS["uneven"]), 8)  # 7 F heads over 4 KV heads, each on 2 ranks
+    assert note is not None
+    assert "across the 4 KV-head shards (vLLM replicates each KV head on 2 ranks)" in note
+    assert "the 7 F heads do not divide by 4" in note
+
+
 def test_heads_not_divisible_by_tp_are_refused():
-    with pytest.raises(ValueError, match="4 KV heads per layer cannot be split evenly across tensor-parallel size 3"):
+    msg = "4 KV heads per layer can be neither split evenly across nor replicated evenly over tensor-parallel size 3"
+    with pytest.raises(ValueError, match=msg):
         PoolLayout.build(_alloc(PATTERNS["uneven"]), 3, 0)
+    with pytest.raises(ValueError, match="8 KV heads per layer can be neither .* tensor-parallel size 12"):
+        PoolLayout.build(_alloc(PATTERNS["mixed8"]), 12, 0)
     with pytest.raises(ValueError, match="rank 2 of size 2"):
         PoolLayout.build(_alloc(PATTERNS["uneven"]), 2, 2)
 

@@ -46,14 +46,18 @@ def check_serving_config(vllm_config: Any) -> Allocation:
                 "connector or KV offloading (--kv-transfer-config / --kv-offloading-size)")
     tp = vllm_config.parallel_config.tensor_parallel_size
     if allocation.granularity == "kv_head" and tp > 1:
-        if allocation.num_kv_heads % tp:
-            raise AllocationError(
-                f"{model_config.model}: {allocation.num_kv_heads} KV heads cannot be split across "
-                f"--tensor-parallel-size {tp}")
-        from consa_vllm.plugin.layout import balance_summary
+        from consa_vllm.plugin.layout import balance_summary, kv_shards
 
-        # Any allocation whose heads divide by tp is served: the loader balances F heads
-        # across ranks (pads pools where totals do not divide). Say so where the user looks.
+        try:
+            kv_shards(allocation.num_kv_heads, tp)
+        except ValueError:
+            raise AllocationError(
+                f"{model_config.model}: {allocation.num_kv_heads} KV heads can be neither split across nor "
+                f"replicated over --tensor-parallel-size {tp} (one must divide the other)") from None
+
+        # Any allocation whose heads divide by tp, or tp by them (vLLM replicates heads), is
+        # served: the loader balances F heads across ranks (pads pools where totals do not
+        # divide). Say so where the user looks.
         note = balance_summary(allocation, tp)
         if note:
             logger.warning("%s", note)

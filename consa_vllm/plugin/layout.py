@@ -17,7 +17,10 @@ first: one fused attention launch then covers the whole layer.
 
 Tensor parallelism. vLLM's sharded loaders give rank ``r`` the contiguous KV heads
 ``[r*H/tp, (r+1)*H/tp)`` of every layer, and vLLM needs the *same* KV cache specs on
-every rank. Any permutation of a layer's KV heads (each with its query group and the
+every rank. With more ranks than KV heads (``tp`` a multiple of ``H``, as Qwen3-MoE's 4 KV
+heads at ``tp`` 8) vLLM replicates them instead: rank ``r`` holds head ``r // (tp/H)``. This
+module balances over the distinct *shards* of a layer's heads (:func:`kv_shards`: ``tp``, or
+``H`` when replicated), and every rank of a shard serves the same heads. Any permutation of a layer's KV heads (each with its query group and the
 matching ``o_proj`` columns) leaves the layer's function unchanged, so this module
 chooses, per layer, which heads each rank gets (:func:`balance_heads`): every rank gets
 ``H/tp`` heads of each layer and, over all layers, F-head counts that differ by at most
@@ -83,20 +86,27 @@ class PoolLayout:
         """S heads this rank actually stores (the rest of the S pool is padding)."""
         return sum(lay.n_sliding for lay in self.layers)
 
+    @property
+    def kv_heads_per_rank(self) -> int:
+        """KV heads of each layer on this rank (1 where vLLM replicates them)."""
+        return len(self.layers[0].kv_heads) if self.layers else 0
+
     @classmethod
     def build(cls, allocation: Allocation, tp_size: int = 1, tp_rank: int = 0) -> "PoolLayout":
         """Assign heads to ranks and pools for rank ``tp_rank`` of ``tp_size``.
 
-        Raises ``ValueError`` only when no layout exists: the KV heads of a layer cannot be
-        split evenly across ``tp_size`` ranks.
+        Raises ``ValueError`` only when no layout exists: a layer's KV heads can be neither
+        split evenly across ``tp_size`` ranks nor replicated evenly over them.
         """
         if tp_size < 1 or not 0 <= tp_rank < tp_size:
             raise ValueError(f"tensor-parallel rank {tp_rank} of size {tp_size} is not valid")
         orders = balance_heads(allocation.pattern, tp_size)
-        per_rank = allocation.num_kv_heads // tp_size
+        shards = kv_shards(allocation.num_kv_heads, tp_size)
+        shard = tp_rank // (tp_size // shards)  # vLLM's replicas of a head are adjacent ranks
+        per_rank = allocation.num_kv_heads // shards
         layers, f_off, s_off = [], 0, 0
         for i, (row, order) in enumerate(zip(allocation.pattern, orders)):
-            mine = order[tp_rank * per_rank:(tp_rank + 1) * per_rank]
+            mine = order[shard * per_rank:(shard + 1) * per_rank]
             n_full = sum(row[k] == "F" for k in mine)
             layers.append(LayerLayout(i, mine, n_full, per_rank - n_full, f_off, s_off, order))
             f_off += n_full
@@ -110,6 +120,23 @@ def allocation_sink(allocation: Allocation) -> int:
     """The allocation's attention sink in tokens (0 when the file has none)."""
     # Read as an optional field: files written before sinks existed have none.
     return getattr(allocation, "sink", 0) or 0
+
+
+def kv_shards(num_kv_heads: int, tp_size: int) -> int:
+    """How many distinct shards of a layer's ``num_kv_heads`` KV heads ``tp_size`` ranks hold.
+
+    ``tp_size`` when it divides the heads (``H/tp`` heads per rank); ``num_kv_heads`` when
+    ``tp_size`` is a multiple of it (vLLM's ``QKVParallelLinear`` replicates each head on
+    ``tp/H`` adjacent ranks). Raises ``ValueError`` otherwise, as vLLM's loader would.
+    """
+    if tp_size < 1:
+        raise ValueError(f"tensor-parallel size must be >= 1, got {tp_size}")
+    if num_kv_heads % tp_size == 0:
+        return tp_size
+    if tp_size % num_kv_heads == 0:
+        return num_kv_heads
+    raise ValueError(f"{num_kv_heads} KV heads per layer can be neither split evenly across nor replicated "
+                     f"evenly over tensor-parallel size {tp_size}")
 
 
 def _split_counts(pattern: list[str], tp_size: int) -> list[list[int]]:
@@ -132,16 +159,16 @@ def _split_counts(pattern: list[str], tp_size: int) -> list[list[int]]:
 def balance_heads(pattern: list[str], tp_size: int) -> list[tuple[int, ...]]:
     """Per layer, the served order of its KV heads (checkpoint indices) over all ranks.
 
-    Rank ``r`` serves positions ``[r*H/tp, (r+1)*H/tp)`` of each order, with its F heads
-    first. Heads stay on the rank whose natural range holds them as far as the balanced
-    counts allow, so at ``tp_size=1``, and wherever each rank's natural range already
-    holds its balanced share of a layer, heads are only reordered within a rank.
+    Shard ``s`` (rank ``s``, or with replicated heads the ranks of head ``s``: :func:`kv_shards`)
+    serves positions ``[s*H/n, (s+1)*H/n)`` of each order for ``n`` shards, with its F heads
+    first. Heads stay on the shard whose natural range holds them as far as the balanced
+    counts allow, so at ``tp_size=1``, and wherever each shard's natural range already
+    holds its balanced share of a layer, heads are only reordered within a shard.
     """
+    h = len(pattern[0]) if pattern else 0
+    tp_size = kv_shards(h, tp_size) if h else tp_size
     if tp_size < 1:
         raise ValueError(f"tensor-parallel size must be >= 1, got {tp_size}")
-    h = len(pattern[0]) if pattern else 0
-    if h % tp_size:
-        raise ValueError(f"{h} KV heads per layer cannot be split evenly across tensor-parallel size {tp_size}")
     per_rank = h // tp_size
     orders = []
     for row, f_counts in zip(pattern, _split_counts(pattern, tp_size)):
@@ -163,8 +190,10 @@ def balance_heads(pattern: list[str], tp_size: int) -> list[tuple[int, ...]]:
 
 
 def pool_sizes(pattern: list[str], tp_size: int) -> tuple[int, int]:
-    """(F pool heads, S pool heads) on every rank: the largest per-rank totals."""
-    per_rank = (len(pattern[0]) if pattern else 0) // tp_size
+    """(F pool heads, S pool heads) on every rank: the largest per-shard totals."""
+    h = len(pattern[0]) if pattern else 0
+    tp_size = kv_shards(h, tp_size) if h else tp_size
+    per_rank = h // tp_size
     counts = _split_counts(pattern, tp_size)
     full = [sum(c[r] for c in counts) for r in range(tp_size)]
     return max(full), max(len(pattern) * per_rank - f for f in full)
@@ -179,23 +208,26 @@ def balance_summary(allocation: Allocation, tp_size: int) -> str | None:
     if tp_size == 1:
         return None
     orders = balance_heads(allocation.pattern, tp_size)
-    per_rank = allocation.num_kv_heads // tp_size
+    shards = kv_shards(allocation.num_kv_heads, tp_size)
+    per_rank = allocation.num_kv_heads // shards
     moved = sum(sum(order[j] // per_rank != j // per_rank for j in range(len(order))) for order in orders)
     full_pool, sliding_pool = pool_sizes(allocation.pattern, tp_size)
     total = len(allocation.pattern) * per_rank
     pad = full_pool + sliding_pool - total
     if not moved and not pad:
         return None
-    msg = (f"ConSA: tensor-parallel size {tp_size}: balanced the kv_head allocation across ranks by "
+    where = "ranks" if shards == tp_size else (
+        f"the {shards} KV-head shards (vLLM replicates each KV head on {tp_size // shards} ranks)")
+    msg = (f"ConSA: tensor-parallel size {tp_size}: balanced the kv_head allocation across {where} by "
            f"moving {moved} KV heads (with their query heads) to another rank at load time (exact: "
            f"heads of a layer are interchangeable); each rank holds {full_pool} F + {sliding_pool} S "
            "pool head slots")
     if pad:
-        # The F total does not divide by tp: ranks with one F head fewer leave an F slot
-        # empty, the others an S slot. An F slot costs memory that grows with the context,
-        # an S slot only up to the window, so both are stated.
+        # The F total does not divide by the shards: ranks with one F head fewer leave an F
+        # slot empty, the others an S slot. An F slot costs memory that grows with the
+        # context, an S slot only up to the window, so both are stated.
         f_total = sum(row.count("F") for row in allocation.pattern)
-        msg += (f", of which 1 unused per rank (the {f_total} F heads do not divide by {tp_size}): ranks "
+        msg += (f", of which 1 unused per rank (the {f_total} F heads do not divide by {shards}): ranks "
                 f"holding {full_pool - 1} F heads leave 1 of {full_pool} F slots empty ({1 / full_pool:.1%} "
                 f"of F-pool KV memory), the others 1 of {sliding_pool} S slots ({1 / sliding_pool:.1%} "
                 "of S-pool KV memory)")

@@ -109,9 +109,9 @@ def install_consa_attention(model: nn.Module, vllm_config: VllmConfig, allocatio
     # Pools first: the compute modules register as sharing their KV cache.
     pools = ConsaKVPools(layout, head_dim, vllm_config.cache_config, prefix=maybe_prefix(prefix, "consa_kv"))
     for layer, (parent, attr, old) in stock.items():
-        if old.num_kv_heads * layout.tp_size != allocation.num_kv_heads:
+        if old.num_kv_heads != layout.kv_heads_per_rank:
             raise ValueError(f"ConSA: layer {layer} holds {old.num_kv_heads} KV heads per rank, expected "
-                             f"{allocation.num_kv_heads // layout.tp_size} ({config.num_key_value_heads} "
+                             f"{layout.kv_heads_per_rank} ({config.num_key_value_heads} "
                              f"heads over tensor-parallel size {layout.tp_size})")
         setattr(parent, attr, ConsaAttention(
             old.num_heads, old.head_size, old.impl.scale, old.num_kv_heads, layout.layers[layer], pools,
