@@ -109,9 +109,12 @@ def cmd_show(args: argparse.Namespace) -> int:
             alloc.check_model(shape.num_layers, shape.num_kv_heads, source=args.allocation)
         except ValueError as e:
             raise UserError(f"{e} (model: {model_dir / 'config.json'})") from None
+    tp = _tensor_parallel(alloc, args.tensor_parallel_size) if args.tensor_parallel_size else None
     s = summarize(alloc)
     if args.json:
         out = {"allocation": alloc.to_dict(), "summary": s}
+        if tp is not None:
+            out["tensor_parallel"] = tp
     else:
         print(render_text(alloc))
         print()
@@ -125,6 +128,20 @@ def cmd_show(args: argparse.Namespace) -> int:
         for k, v in extra.items():
             text = json.dumps(v)
             print(f"{k}: {text if len(text) <= 100 else text[:97] + '...'}")
+
+    if tp is not None and not args.json:
+        print()
+        if tp["granularity"] == "layer":
+            print(f"tensor parallelism ({tp['size']} ranks): {tp['note']}")
+        else:
+            shared = (f", each KV head replicated on {tp['size'] // tp['kv_shards']} ranks"
+                      if tp["kv_shards"] < tp["size"] else "")
+            print(f"tensor parallelism ({tp['size']} ranks): {tp['kv_heads_per_rank']} KV head(s) per layer per "
+                  f"rank{shared}; every rank's pools: {tp['full_pool_heads']} F + {tp['sliding_pool_heads']} S "
+                  "head slots")
+            for r in tp["ranks"]:
+                print(f"  rank {r['rank']:>3}: {r['full_used']} F + {r['sliding_used']} S heads used")
+            print(f"  {tp['note']}")
 
     if shape is not None:
         contexts = args.context or list(DEFAULT_CONTEXTS)
@@ -156,6 +173,26 @@ def cmd_show(args: argparse.Namespace) -> int:
         png = plot_allocation(alloc, args.png, title=args.title or Path(args.allocation).name)
         print(f"wrote {png}", file=sys.stderr if args.json else sys.stdout)
     return 0
+
+
+def _tensor_parallel(alloc, size: int) -> dict:
+    """How the plugin splits ``alloc`` over ``size`` tensor-parallel ranks, as it will at start-up
+    (consa_vllm.plugin.layout): per-rank pools, heads used, and its balancing note."""
+    if alloc.granularity == "layer":
+        return {"size": size, "granularity": "layer",
+                "note": "layer allocation: stock vLLM attention per layer, split over ranks as stock vLLM does"}
+    from .plugin.layout import PoolLayout, balance_summary, kv_shards
+
+    try:
+        shards = kv_shards(alloc.num_kv_heads, size)
+    except ValueError as e:
+        raise UserError(f"--tensor-parallel-size {size}: {e}") from None
+    ranks = [PoolLayout.build(alloc, size, r) for r in range(size)]
+    return {"size": size, "granularity": "kv_head", "kv_shards": shards,
+            "kv_heads_per_rank": ranks[0].kv_heads_per_rank,
+            "full_pool_heads": ranks[0].full_pool_heads, "sliding_pool_heads": ranks[0].sliding_pool_heads,
+            "ranks": [{"rank": p.tp_rank, "full_used": p.full_used, "sliding_used": p.sliding_used} for p in ranks],
+            "note": balance_summary(alloc, size) or "no KV head moves between ranks and no pool slot is unused"}
 
 
 def cmd_make(args: argparse.Namespace) -> int:
@@ -352,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "layers x KV heads heatmap.",
                        epilog="examples:\n  consa-vllm show alloc.json --png alloc.png\n"
                               "  consa-vllm show alloc.json --model ./Qwen3-0.6B --context 4096 32768 --dtype bf16\n"
-                              "  consa-vllm show ./exported-checkpoint   (reads config.json's 'consa' field)")
+                              "  consa-vllm show ./exported-checkpoint   (reads config.json's 'consa' field)\n"
+                              "  consa-vllm show alloc.json --tensor-parallel-size 8")
     s.add_argument("allocation", metavar="ALLOC", help="allocation JSON file, or an exported ConSA checkpoint directory")
     s.add_argument("--png", metavar="OUT.png", help="also draw the heatmap to this PNG file")
     s.add_argument("--title", help="title of the heatmap (default: the file name)")
@@ -366,6 +404,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"KV cache dtype, one of: {', '.join(DTYPE_BYTES)} (default: bfloat16)")
     s.add_argument("--block-size", metavar="B", type=int_in_range(1, "tokens"),
                    help="count whole paged KV blocks of B tokens, as vLLM allocates them (default: exact tokens)")
+    s.add_argument("--tensor-parallel-size", metavar="N", type=int_in_range(1, "ranks"),
+                   help="also show how the plugin splits a kv_head allocation over N tensor-parallel ranks: "
+                        "KV heads per rank, pool slots, heads moved and unused slots (what `vllm serve "
+                        "--tensor-parallel-size N` logs at start)")
     s.add_argument("--json", action="store_true", help="print machine-readable JSON instead of text")
     s.set_defaults(func=cmd_show)
 

@@ -188,6 +188,34 @@ def test_show_bad_inputs(tmp_path, model_dir):
     assert_user_error(run("show", tmp_path / "six.json", "--dtype", "int3"), "--dtype", "unknown KV dtype")
 
 
+def test_show_tensor_parallel_split(tmp_path):
+    """``show --tensor-parallel-size N``: the plugin's own layout per rank (pools, heads used,
+    its balancing note), with more ranks than KV heads too; a size vLLM cannot shard is one line."""
+    a = tmp_path / "a.json"
+    a.write_text(json.dumps({"granularity": "kv_head", "window": 256, "pattern": ["FSSS", "SSSS", "SFFS", "FFFF"]}))
+    r = run("show", a, "--tensor-parallel-size", 8, "--json")
+    assert r.returncode == 0, r.stderr
+    tp = json.loads(r.stdout)["tensor_parallel"]
+    # 4 KV heads on 8 ranks: each head on 2 adjacent ranks, balanced over the 4 heads (7 F: 2+2+2+1).
+    assert (tp["kv_shards"], tp["kv_heads_per_rank"], tp["full_pool_heads"], tp["sliding_pool_heads"]) == (4, 1, 2, 3)
+    used = [(x["full_used"], x["sliding_used"]) for x in tp["ranks"]]
+    assert used[0::2] == used[1::2], "replicas of a head serve the same heads"
+    assert sorted(used[0::2]) == [(1, 3), (2, 2), (2, 2), (2, 2)]
+    assert "the 4 KV-head shards (vLLM replicates each KV head on 2 ranks)" in tp["note"]
+    r = run("show", a, "--tensor-parallel-size", 2)
+    assert r.returncode == 0, r.stderr
+    assert "tensor parallelism (2 ranks): 2 KV head(s) per layer per rank; every rank's pools: 4 F + 5 S" in r.stdout
+    assert "rank   0: 4 F + 4 S heads used" in r.stdout and "rank   1: 3 F + 5 S heads used" in r.stdout
+    assert_user_error(run("show", a, "--tensor-parallel-size", 3), "--tensor-parallel-size 3",
+                      "4 KV heads per layer can be neither split evenly across nor replicated evenly over")
+    assert_user_error(run("show", a, "--tensor-parallel-size", 0), "--tensor-parallel-size", "must be >= 1")
+    layer = tmp_path / "layer.json"
+    layer.write_text(json.dumps({"granularity": "layer", "window": 256, "pattern": ["F", "S", "S", "F"]}))
+    r = run("show", layer, "--tensor-parallel-size", 8)
+    assert r.returncode == 0, r.stderr
+    assert "stock vLLM attention per layer" in r.stdout
+
+
 # ----------------------------------------------------------------------------- export
 
 

@@ -218,17 +218,18 @@ def balance_summary(allocation: Allocation, tp_size: int) -> str | None:
         return None
     where = "ranks" if shards == tp_size else (
         f"the {shards} KV-head shards (vLLM replicates each KV head on {tp_size // shards} ranks)")
-    msg = (f"ConSA: tensor-parallel size {tp_size}: balanced the kv_head allocation across {where} by "
-           f"moving {moved} KV heads (with their query heads) to another rank at load time (exact: "
-           f"heads of a layer are interchangeable); each rank holds {full_pool} F + {sliding_pool} S "
-           "pool head slots")
+    how = (f"by moving {moved} KV heads (with their query heads) to another rank at load time (exact: "
+           "heads of a layer are interchangeable)") if moved else "without moving KV heads between ranks"
+    msg = (f"ConSA: tensor-parallel size {tp_size}: balanced the kv_head allocation across {where} {how}; "
+           f"each rank holds {full_pool} F + {sliding_pool} S pool head slots")
     if pad:
         # The F total does not divide by the shards: ranks with one F head fewer leave an F
         # slot empty, the others an S slot. An F slot costs memory that grows with the
         # context, an S slot only up to the window, so both are stated.
         f_total = sum(row.count("F") for row in allocation.pattern)
+        fewer = f"{full_pool - 1} F head" + ("s" if full_pool != 2 else "")
         msg += (f", of which 1 unused per rank (the {f_total} F heads do not divide by {shards}): ranks "
-                f"holding {full_pool - 1} F heads leave 1 of {full_pool} F slots empty ({1 / full_pool:.1%} "
+                f"holding {fewer} leave 1 of {full_pool} F slots empty ({1 / full_pool:.1%} "
                 f"of F-pool KV memory), the others 1 of {sliding_pool} S slots ({1 / sliding_pool:.1%} "
                 "of S-pool KV memory)")
     return msg
