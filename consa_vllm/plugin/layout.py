@@ -20,7 +20,8 @@ Tensor parallelism. vLLM's sharded loaders give rank ``r`` the contiguous KV hea
 every rank. With more ranks than KV heads (``tp`` a multiple of ``H``, as Qwen3-MoE's 4 KV
 heads at ``tp`` 8) vLLM replicates them instead: rank ``r`` holds head ``r // (tp/H)``. This
 module balances over the distinct *shards* of a layer's heads (:func:`kv_shards`: ``tp``, or
-``H`` when replicated), and every rank of a shard serves the same heads. Any permutation of a layer's KV heads (each with its query group and the
+``H`` when replicated), and every rank of a shard serves the same heads; below, "rank" reads
+"shard" there. Any permutation of a layer's KV heads (each with its query group and the
 matching ``o_proj`` columns) leaves the layer's function unchanged, so this module
 chooses, per layer, which heads each rank gets (:func:`balance_heads`): every rank gets
 ``H/tp`` heads of each layer and, over all layers, F-head counts that differ by at most
@@ -165,37 +166,37 @@ def balance_heads(pattern: list[str], tp_size: int) -> list[tuple[int, ...]]:
     counts allow, so at ``tp_size=1``, and wherever each shard's natural range already
     holds its balanced share of a layer, heads are only reordered within a shard.
     """
-    h = len(pattern[0]) if pattern else 0
-    tp_size = kv_shards(h, tp_size) if h else tp_size
     if tp_size < 1:
         raise ValueError(f"tensor-parallel size must be >= 1, got {tp_size}")
-    per_rank = h // tp_size
+    h = len(pattern[0]) if pattern else 0
+    shards = kv_shards(h, tp_size) if h else tp_size
+    per_rank = h // shards
     orders = []
-    for row, f_counts in zip(pattern, _split_counts(pattern, tp_size)):
+    for row, f_counts in zip(pattern, _split_counts(pattern, shards)):
         want = {"F": f_counts, "S": [per_rank - f for f in f_counts]}
-        chosen: list[dict[str, list[int]]] = [{"F": [], "S": []} for _ in range(tp_size)]
+        chosen: list[dict[str, list[int]]] = [{"F": [], "S": []} for _ in range(shards)]
         for kind in ("F", "S"):
             spare = []
-            for r in range(tp_size):  # keep heads on their natural rank first
+            for r in range(shards):  # keep heads on their natural shard first
                 natural = [k for k in range(r * per_rank, (r + 1) * per_rank) if row[k] == kind]
                 chosen[r][kind] = natural[:want[kind][r]]
                 spare += natural[want[kind][r]:]
-            for r in range(tp_size):  # then move the surplus to ranks that lack heads
+            for r in range(shards):  # then move the surplus to shards that lack heads
                 need = want[kind][r] - len(chosen[r][kind])
                 chosen[r][kind] += spare[:need]
                 spare = spare[need:]
             assert not spare
-        orders.append(tuple(k for r in range(tp_size) for k in sorted(chosen[r]["F"]) + sorted(chosen[r]["S"])))
+        orders.append(tuple(k for r in range(shards) for k in sorted(chosen[r]["F"]) + sorted(chosen[r]["S"])))
     return orders
 
 
 def pool_sizes(pattern: list[str], tp_size: int) -> tuple[int, int]:
     """(F pool heads, S pool heads) on every rank: the largest per-shard totals."""
     h = len(pattern[0]) if pattern else 0
-    tp_size = kv_shards(h, tp_size) if h else tp_size
-    per_rank = h // tp_size
-    counts = _split_counts(pattern, tp_size)
-    full = [sum(c[r] for c in counts) for r in range(tp_size)]
+    shards = kv_shards(h, tp_size) if h else tp_size
+    per_rank = h // shards
+    counts = _split_counts(pattern, shards)
+    full = [sum(c[r] for c in counts) for r in range(shards)]
     return max(full), max(len(pattern) * per_rank - f for f in full)
 
 
