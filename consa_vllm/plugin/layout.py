@@ -102,9 +102,8 @@ class PoolLayout:
         if tp_size < 1 or not 0 <= tp_rank < tp_size:
             raise ValueError(f"tensor-parallel rank {tp_rank} of size {tp_size} is not valid")
         orders = balance_heads(allocation.pattern, tp_size)
-        shards = kv_shards(allocation.num_kv_heads, tp_size)
+        shards, per_rank = _shards_of(allocation.pattern, tp_size)
         shard = tp_rank // (tp_size // shards)  # vLLM's replicas of a head are adjacent ranks
-        per_rank = allocation.num_kv_heads // shards
         layers, f_off, s_off = [], 0, 0
         for i, (row, order) in enumerate(zip(allocation.pattern, orders)):
             mine = order[shard * per_rank:(shard + 1) * per_rank]
@@ -140,6 +139,15 @@ def kv_shards(num_kv_heads: int, tp_size: int) -> int:
                      f"evenly over tensor-parallel size {tp_size}")
 
 
+def _shards_of(pattern: list[str], tp_size: int) -> tuple[int, int]:
+    """(shards, KV heads per shard) of ``pattern``'s layers over ``tp_size`` ranks (:func:`kv_shards`)."""
+    if tp_size < 1:
+        raise ValueError(f"tensor-parallel size must be >= 1, got {tp_size}")
+    h = len(pattern[0]) if pattern else 0
+    shards = kv_shards(h, tp_size) if h else tp_size
+    return shards, h // shards
+
+
 def _split_counts(pattern: list[str], tp_size: int) -> list[list[int]]:
     """F heads per (layer, rank): each layer's F count split as evenly as possible over the
     ranks, the odd heads handed out round-robin across layers so that rank totals differ
@@ -166,11 +174,7 @@ def balance_heads(pattern: list[str], tp_size: int) -> list[tuple[int, ...]]:
     counts allow, so at ``tp_size=1``, and wherever each shard's natural range already
     holds its balanced share of a layer, heads are only reordered within a shard.
     """
-    if tp_size < 1:
-        raise ValueError(f"tensor-parallel size must be >= 1, got {tp_size}")
-    h = len(pattern[0]) if pattern else 0
-    shards = kv_shards(h, tp_size) if h else tp_size
-    per_rank = h // shards
+    shards, per_rank = _shards_of(pattern, tp_size)
     orders = []
     for row, f_counts in zip(pattern, _split_counts(pattern, shards)):
         want = {"F": f_counts, "S": [per_rank - f for f in f_counts]}
@@ -192,9 +196,7 @@ def balance_heads(pattern: list[str], tp_size: int) -> list[tuple[int, ...]]:
 
 def pool_sizes(pattern: list[str], tp_size: int) -> tuple[int, int]:
     """(F pool heads, S pool heads) on every rank: the largest per-shard totals."""
-    h = len(pattern[0]) if pattern else 0
-    shards = kv_shards(h, tp_size) if h else tp_size
-    per_rank = h // shards
+    shards, per_rank = _shards_of(pattern, tp_size)
     counts = _split_counts(pattern, shards)
     full = [sum(c[r] for c in counts) for r in range(shards)]
     return max(full), max(len(pattern) * per_rank - f for f in full)
@@ -209,8 +211,7 @@ def balance_summary(allocation: Allocation, tp_size: int) -> str | None:
     if tp_size == 1:
         return None
     orders = balance_heads(allocation.pattern, tp_size)
-    shards = kv_shards(allocation.num_kv_heads, tp_size)
-    per_rank = allocation.num_kv_heads // shards
+    shards, per_rank = _shards_of(allocation.pattern, tp_size)
     moved = sum(sum(order[j] // per_rank != j // per_rank for j in range(len(order))) for order in orders)
     full_pool, sliding_pool = pool_sizes(allocation.pattern, tp_size)
     total = len(allocation.pattern) * per_rank
