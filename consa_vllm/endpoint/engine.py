@@ -84,7 +84,11 @@ def kv_capacity(scheduler: Any, tokens: int) -> dict[str, Any]:
     ``model_config.max_model_len``; this calls the same function with ``max_model_len`` set to
     ``tokens`` for the call (as vLLM's own ``estimate_max_model_len`` does), between two
     scheduler steps, and restores it. ``request_tokens``: the computed tokens of each live
-    request, so that a caller can relate ``blocks_in_use`` to a context length.
+    request, so that a caller can relate ``blocks_in_use`` to a context length. The scheduler's
+    queue at that moment: ``num_running`` and ``num_waiting`` (vLLM's own request counts),
+    ``running_past_prompt`` (for each running request, its computed tokens less its prompt's:
+    negative while in prefill) and ``num_preempted_requests`` (live requests preempted at
+    least once).
     """
     from vllm.v1.core.kv_cache_utils import get_max_concurrency_for_kv_cache_config
 
@@ -95,9 +99,13 @@ def kv_capacity(scheduler: Any, tokens: int) -> dict[str, Any]:
         concurrency = get_max_concurrency_for_kv_cache_config(scheduler.vllm_config, scheduler.kv_cache_config)
     finally:
         model_config.max_model_len = saved
+    running, waiting = scheduler.get_request_counts()
     return {**kv_blocks(scheduler), "tokens": int(tokens), "max_concurrency": float(concurrency),
             "kv_cache_config_num_blocks": int(scheduler.kv_cache_config.num_blocks),
-            "request_tokens": sorted(int(r.num_computed_tokens) for r in scheduler.requests.values())}
+            "request_tokens": sorted(int(r.num_computed_tokens) for r in scheduler.requests.values()),
+            "num_running": int(running), "num_waiting": int(waiting),
+            "running_past_prompt": [int(r.num_computed_tokens - r.num_prompt_tokens) for r in scheduler.running],
+            "num_preempted_requests": sum(1 for r in scheduler.requests.values() if r.num_preemptions)}
 
 
 def _engine_core_kv_capacity(self, tokens: int) -> dict[str, Any]:
