@@ -29,6 +29,10 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where it is used (the --help path stays light)
+    import torch
 
 #: Dense Qwen3 config fields the MoE config keeps as they are (the attention, embeddings, rotary).
 KEPT = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
