@@ -247,6 +247,22 @@ def _estimate(alloc, shape, context: int, dtype: str, sizes: dict[str, int]) -> 
     return estimate_kv(alloc, shape, context, dtype=dtype, block_size=block).bytes_per_sequence
 
 
+def _add_request(llm, tag: str, prompt_ids: list[int], max_tokens: int) -> str:
+    """Queue one greedy request (``ignore_eos``, DELTA outputs) on ``llm``'s engine; its id.
+
+    ``LLM.generate`` only returns finished requests, so the step-by-step phases add theirs
+    through ``llm_engine.add_request``, rendered as ``LLM.generate`` renders a token prompt.
+    """
+    from vllm import SamplingParams, TokensPrompt
+    from vllm.sampling_params import RequestOutputKind
+
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0,
+                            output_kind=RequestOutputKind.DELTA)
+    rid = f"{tag}-{time.monotonic_ns()}"
+    llm.llm_engine.add_request(rid, llm._preprocess_cmpl_one(TokensPrompt(prompt_token_ids=prompt_ids)), params)
+    return rid
+
+
 def run_b1(llm, prompt_ids: list[int], max_tokens: int, measure_kv: bool) -> dict:
     """One batch-1 request through the engine's step loop: TTFT, decode ms/token, KV held.
 
@@ -255,19 +271,11 @@ def run_b1(llm, prompt_ids: list[int], max_tokens: int, measure_kv: bool) -> dic
     the prefill. The KV read (an engine-core utility call, between two engine steps) is
     made right after the first token, and its duration is left out of the decode time.
     """
-    from vllm import SamplingParams, TokensPrompt
-    from vllm.sampling_params import RequestOutputKind
-
     from consa_vllm.endpoint.engine import CAPACITY_METHOD
 
     engine = llm.llm_engine
-    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0,
-                            output_kind=RequestOutputKind.DELTA)
-    # The offline LLM's own rendering of a token prompt (what llm.generate does first).
-    engine_input = llm._preprocess_cmpl_one(TokensPrompt(prompt_token_ids=prompt_ids))
-    rid = f"b1-{time.monotonic_ns()}"
     t0 = time.perf_counter()
-    engine.add_request(rid, engine_input, params)
+    _add_request(llm, "b1", prompt_ids, max_tokens)
     t_first = t_end = None
     n_tokens, kv, utility_s = 0, None, 0.0
     while engine.has_unfinished_requests():
@@ -305,19 +313,13 @@ def run_fit(llm, prompts: list[list[int]], max_tokens: int, stall_steps: int = 3
 
     ``max_running``: the most requests running at once before any was preempted (a preemption
     would mean vLLM admitted more than the cache holds; ``preempted_requests`` counts them);
-    ``at_bound``: the queue and the blocks at the moment the run was found KV-bound.
+    ``at_bound``: the queue and the blocks at the moment the run was found KV-bound;
+    ``vllm_max_concurrency``: vLLM's start-up figure for requests of this length.
     """
-    from vllm import SamplingParams, TokensPrompt
-    from vllm.sampling_params import RequestOutputKind
-
     from consa_vllm.endpoint.engine import CAPACITY_METHOD
 
     engine = llm.llm_engine
-    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0,
-                            output_kind=RequestOutputKind.DELTA)
-    ids = [f"fit-{i}-{time.monotonic_ns()}" for i in range(len(prompts))]
-    for rid, ids_ in zip(ids, prompts):
-        engine.add_request(rid, llm._preprocess_cmpl_one(TokensPrompt(prompt_token_ids=ids_)), params)
+    ids = [_add_request(llm, f"fit-{i}", p, max_tokens) for i, p in enumerate(prompts)]
     t0 = time.perf_counter()
     steps = stalled = max_running = preempted = 0
     at_bound = None
@@ -340,7 +342,7 @@ def run_fit(llm, prompts: list[list[int]], max_tokens: int, stall_steps: int = 3
         engine.step()
     return {"prompt": len(prompts[0]), "requests": len(prompts), "output": max_tokens,
             "max_running": max_running, "kv_bound": at_bound is not None, "preempted_requests": preempted,
-            "steps": steps, "seconds": seconds, "at_bound": at_bound}
+            "steps": steps, "seconds": seconds, "at_bound": at_bound, "vllm_max_concurrency": q["max_concurrency"]}
 
 
 def request_latencies(outputs) -> dict:
@@ -480,9 +482,8 @@ def run_one(job: dict) -> dict:
     if args.fit_prompt:
         fit = run_fit(llm, [p["prompt_token_ids"] for p in prompts(args.fit_requests, args.fit_prompt)],
                       args.fit_output)
-        # The same requests by the estimator (steady decode) and by vLLM's start-up figure.
+        # The same requests by the estimator (steady decode).
         fit["estimate_max_concurrency"] = pool / _estimate(alloc, shape, args.fit_prompt, est_dtype, sizes)
-        fit["vllm_max_concurrency"] = _utility(llm, CAPACITY_METHOD, args.fit_prompt)["max_concurrency"]
         rec["fit"] = fit
         progress(f"fit: {fit['max_running']} requests of {args.fit_prompt} tokens at once "
                  f"({'KV-bound' if fit['kv_bound'] else 'not KV-bound: raise --fit-requests'}, "
