@@ -191,15 +191,17 @@ def kernel_stats(mod, device_index=0):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="JSON output path")
-    ap.add_argument("--allocation", default=os.path.join(ROOT, "benchmarks/allocations/duo-llama3.1-8b-0.75.json"))
-    ap.add_argument("--contexts", default="32768,131072")
-    ap.add_argument("--sinks", default="0,64")
-    ap.add_argument("--batches", default="1")
-    ap.add_argument("--hq", type=int, default=32)
-    ap.add_argument("--hkv", type=int, default=8)
-    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--allocation", default=os.path.join(ROOT, "benchmarks/allocations/duo-llama3.1-8b-0.75.json"),
+                    help="kv_head allocation file whose F/S heads the pools hold (default: DuoAttention's "
+                         "Llama-3.1-8B 75%% pattern)")
+    ap.add_argument("--contexts", default="32768,131072", help="context lengths (tokens), comma list (default: %(default)s)")
+    ap.add_argument("--sinks", default="0,64", help="sink sizes (tokens), comma list (default: %(default)s)")
+    ap.add_argument("--batches", default="1", help="decode batch sizes, comma list (default: %(default)s)")
+    ap.add_argument("--hq", type=int, default=32, help="query heads per layer (default: %(default)s)")
+    ap.add_argument("--hkv", type=int, default=8, help="KV heads per layer (default: %(default)s)")
+    ap.add_argument("--head-dim", type=int, default=128, help="head size (default: %(default)s)")
     ap.add_argument("--block-size", type=int, default=16, help="base block size (pools: choose_block_sizes)")
-    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--reps", type=int, default=30, help="timed CUDA-graph replays per variant (default: %(default)s)")
     ap.add_argument("--baseline", default="", help="older triton_hybrid.py: a file or a git revision (e.g. HEAD)")
     ap.add_argument("--seg-f", default="", help="extra F segment counts for the fused op, comma list")
     ap.add_argument("--fill-programs", default="", help="extra variants: about N F programs per layer, comma list")
@@ -215,7 +217,8 @@ def main():
                          "FlashAttention 3's KV splits fixed to N for the F heads (CONSA_FA3_DECODE_SPLITS; "
                          "default: its own heuristic), comma list")
     ap.add_argument("--fp8", action="store_true", help="FP8 pools (per-tensor scales 1.0)")
-    ap.add_argument("--no-fa3", action="store_true")
+    ap.add_argument("--no-fa3", action="store_true",
+                    help="skip the variants that need FlashAttention 3 (fa3_pools, split, served, layerwise_fa3)")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run under TRITON_INTERPRET=1")
     args = ap.parse_args()
     launches = {name: parse_launch(name) for name in args.launch.split(",") if name}  # refused before any work

@@ -1,4 +1,4 @@
-"""Time and memory of the reference attention kernels at one sequence length.
+"""Time and memory of the reference attention kernels at one or more sequence lengths.
 
     python benchmarks/bench_reference_attention.py 8192 16384 32768 --device cuda [--backward]
 
@@ -135,13 +135,15 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
     import json
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("seq_len", type=int, nargs="+")
-    ap.add_argument("--window", type=int, default=4096)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--backward", action="store_true")
-    ap.add_argument("--chunk", type=int, default=1024)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("seq_len", type=int, nargs="+", help="sequence lengths (tokens), one run each")
+    ap.add_argument("--window", type=int, default=4096, help="sliding window of the S heads (tokens)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="torch device")
+    ap.add_argument("--dtype", default="bfloat16", help="torch dtype of q/k/v")
+    ap.add_argument("--backward", action="store_true", help="time forward+backward, not forward only")
+    ap.add_argument("--chunk", type=int, default=1024, help="query chunk of the chunked variants (tokens)")
     args = ap.parse_args(argv)
     for n in args.seq_len:
         for row in benchmark_reference_attention(n, window=args.window, device=args.device, dtype=args.dtype,
