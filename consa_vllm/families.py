@@ -17,7 +17,7 @@ A row says, for one Hugging Face architecture:
 - ``sliding_window_default``: whether the HF config class defaults ``sliding_window`` to a
   number when the key is absent (the exporter must then write ``null`` explicitly);
 - ``head_dim_from_hidden``: vLLM's class ignores a ``head_dim`` field and uses
-  ``hidden_size // num_attention_heads``;
+  ``hidden_size // num_attention_heads`` (:meth:`Family.head_dim`, the plugin's one rule);
 - ``tiny``: extra config fields of a tiny random model of the family (tests, demo);
 - ``experts_field``: the HF config field that counts a mixture-of-experts family's routed
   experts (empty: a dense family). The plugin reads it to keep Inductor from padding the
@@ -57,6 +57,12 @@ class Family:
     def is_moe(self) -> bool:
         """Whether the family's MLPs are mixture-of-experts blocks."""
         return bool(self.experts_field)
+
+    def head_dim(self, config: Any) -> int:
+        """The head size vLLM's class builds for an HF config object of this family."""
+        if not self.head_dim_from_hidden and getattr(config, "head_dim", None):
+            return int(config.head_dim)
+        return config.hidden_size // config.num_attention_heads
 
 
 _T = "transformers.models"

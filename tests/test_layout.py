@@ -241,30 +241,104 @@ def test_permutation_moves_biases_and_refuses_fused_qkv():
                                       orders, 4, 2, 1))
 
 
-def test_per_head_kv_scales_follow_the_heads_across_ranks():
-    """Checkpoint per-KV-head scales (compressed-tensors "attn_head") reach each rank in its
-    served head order, F heads first, so the F and S pools get their own heads' scales."""
+def test_mistral_format_names_permute_as_their_hf_names():
+    """``--load-format mistral``: vLLM's MistralForCausalLM.maybe_remap_mistral renames
+    ``layers.N.attention.wq`` & co. after the permutation, and reorders wq/wk rows for its
+    rotary layout inside each head; permuting first gives what permuting the renamed tensors
+    would."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("vllm")
-    from consa_vllm.plugin.attention import served_head_scales
-    from consa_vllm.plugin.backend import layer_kv_scales
+    from types import SimpleNamespace
 
+    from vllm.model_executor.models.mistral import MistralForCausalLM
+
+    from consa_vllm.plugin.permute import permute_checkpoint_heads
+
+    heads, kv_heads, head_dim, hidden = 8, 4, 4, 16
+    model = SimpleNamespace(mistral_mapping=MistralForCausalLM.mistral_mapping,
+                            config=SimpleNamespace(head_dim=head_dim, num_attention_heads=heads,
+                                                   num_key_value_heads=kv_heads, hidden_size=hidden))
+
+    def remap(items):
+        return dict(MistralForCausalLM.maybe_remap_mistral(model, n, t) for n, t in items)
+
+    g = torch.Generator().manual_seed(0)
+    shapes = {"wq": (heads * head_dim, hidden), "wk": (kv_heads * head_dim, hidden),
+              "wv": (kv_heads * head_dim, hidden), "wo": (hidden, heads * head_dim)}
+    raw = [(f"layers.{l}.attention.{w}.weight", torch.randn(*shape, generator=g))
+           for l in (0, 1) for w, shape in shapes.items()]
+    raw.append(("layers.0.attention_norm.weight", torch.randn(hidden, generator=g)))
+    orders = {0: (2, 0, 3, 1)}
+    first = remap(permute_checkpoint_heads(raw, orders, heads, kv_heads, head_dim))
+    renamed = remap(raw)
+    after = dict(permute_checkpoint_heads(renamed.items(), orders, heads, kv_heads, head_dim))
+    assert first.keys() == after.keys() and "model.layers.0.self_attn.q_proj.weight" in first
+    for name in first:
+        assert torch.equal(first[name], after[name]), name
+    moved = sorted(n for n in first if not torch.equal(first[n], renamed[n]))
+    assert moved == sorted(f"model.layers.0.self_attn.{p}_proj.weight" for p in "qkvo")
+
+
+def test_unknown_attention_tensors_of_permuted_layers_are_refused():
+    """A tensor of a permuted layer's attention that the permutation does not know would load
+    in checkpoint head order: refused, unless all heads share it or it is one value."""
+    import torch
+
+    from consa_vllm.plugin.permute import permute_checkpoint_heads
+
+    orders = {0: (1, 0)}  # 2 KV heads, G=2, head_dim 1
+    fine = [("model.layers.0.self_attn.q_norm.weight", torch.ones(1)),
+            ("model.layers.0.self_attn.k_scale", torch.tensor(0.5)),
+            ("layers.0.attention.k_fake_quantizer.qscale_act", torch.tensor([0.5])),
+            ("model.layers.1.self_attn.k_scale", torch.ones(2)),  # layer 1 keeps its order
+            ("model.layers.0.mlp.down_proj.weight", torch.ones(2, 2))]
+    out = list(permute_checkpoint_heads(fine, orders, 4, 2, 1))
+    assert [n for n, _ in out] == [n for n, _ in fine]
+    assert all(t is u for (_, t), (_, u) in zip(out, fine))
+    with pytest.raises(ValueError, match=r"'model.layers.0.self_attn.k_scale' \(shape \(2,\)\) belongs to the "
+                                         r"attention of layer 0, whose KV heads the kv_head allocation reorders"):
+        list(permute_checkpoint_heads([("model.layers.0.self_attn.k_scale", torch.ones(2))], orders, 4, 2, 1))
+
+
+def test_per_head_kv_scales_split_between_the_pools_where_no_head_moves():
+    """Checkpoint per-KV-head scales (compressed-tensors "attn_head") load through vLLM's own
+    loader, which gives each rank its natural head range in checkpoint order. Where a layer's
+    heads do not move that is the served order (F heads first), which the backend splits
+    between the F and S pools; wherever a head moves, the config check refuses the scheme."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("vllm")
+    from consa_vllm.plugin.backend import layer_kv_scales
+    from consa_vllm.plugin.permute import QuantPermutationError, check_quantized_permutation
+
+    scheme = {"quant_method": "compressed-tensors", "format": "float-quantized",
+              "config_groups": {"g": {"targets": ["Linear"],
+                                      "weights": {"num_bits": 8, "type": "float", "strategy": "tensor"}}},
+              "kv_cache_scheme": {"num_bits": 8, "type": "float", "strategy": "attn_head", "symmetric": True}}
     alloc = Allocation(granularity="kv_head", window=8, pattern=PATTERNS["odd_total"])
     k = torch.arange(8, dtype=torch.float32) + 1  # KV head h has scale h + 1
-    q = torch.arange(16, dtype=torch.float32)  # two query heads per KV head: max is 2h + 1
+    kept = moved = 0
     for tp in (1, 2, 4):
         for rank in range(tp):
             for lay in PoolLayout.build(alloc, tp, rank).layers:
-                got = served_head_scales(k, lay.kv_heads, 2, "k")
-                assert got.tolist() == [h + 1 for h in lay.kv_heads]
-                assert served_head_scales(q, lay.kv_heads, 2, "q").tolist() == [2 * h + 1 for h in lay.kv_heads]
+                shape = dict(num_heads=16, num_kv_heads=8, head_dim=8)
+                if not lay.is_identity:
+                    moved += 1
+                    with pytest.raises(QuantPermutationError, match="'attn_head' KV-cache scales"):
+                        check_quantized_permutation(scheme, {lay.layer: lay.global_order}, **shape)
+                    continue
+                kept += 1
+                check_quantized_permutation(scheme, {lay.layer: lay.global_order}, **shape)
+                n = len(lay.kv_heads)
+                natural = k[rank * n:(rank + 1) * n]  # vLLM's attn_head loader: this rank's range
+                assert natural.tolist() == [h + 1 for h in lay.kv_heads]
                 holder = type("Layer", (), {})()  # the three buffers vLLM's attention layer owns
-                holder._k_scale, holder._v_scale, holder._q_scale = got, got * 10, got
+                holder._k_scale, holder._v_scale, holder._q_scale = natural, natural * 10, natural
                 (fk, fv, _), (sk, sv, _) = layer_kv_scales(holder, lay.n_full, lay.n_sliding)
                 row = alloc.pattern[lay.layer]
-                assert all(row[int(s) - 1] == "F" for s in fk.tolist())
-                assert all(row[int(s) - 1] == "S" for s in sk.tolist())
+                assert all(row[int(s) - 1] == "F" for s in fk.tolist()) and len(fk) == lay.n_full
+                assert all(row[int(s) - 1] == "S" for s in sk.tolist()) and len(sk) == lay.n_sliding
                 assert fv.tolist() == [10 * s for s in fk.tolist()] and len(sv) == lay.n_sliding
+    assert kept and moved
 
 
 def test_per_tensor_kv_scales_expand_without_copies():

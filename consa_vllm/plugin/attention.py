@@ -7,9 +7,7 @@ See :mod:`consa_vllm.plugin.layout` for where heads live and
 from __future__ import annotations
 
 from dataclasses import replace
-from functools import partial
 
-import torch
 from torch import nn
 
 from vllm.config import CacheConfig, VllmConfig
@@ -23,11 +21,6 @@ from consa_vllm.plugin.layout import LayerLayout, PoolLayout, choose_block_sizes
 from consa_vllm.plugin.sink_kv import SinkSlidingWindowSpec
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" so vLLM's log handler shows it
-
-
-def _load_served_head_scales(param: torch.Tensor, loaded: torch.Tensor, *, kv_heads: tuple[int, ...], group: int,
-                             kind: str) -> None:
-    param.data.copy_(served_head_scales(loaded, kv_heads, group, kind).to(param.dtype))
 
 
 class ConsaKVPool(Attention):
@@ -44,11 +37,17 @@ class ConsaKVPool(Attention):
         super().__init__(num_heads=pool_heads, head_size=head_size, scale=1.0, num_kv_heads=pool_heads,
                          cache_config=cache_config, per_layer_sliding_window=window, prefix=prefix,
                          attn_backend=ConsaAttentionBackend)
+        self.consa_window = window
         self.consa_block_size = block_size
         self.consa_page_tokens_heads = page_tokens_heads
         self.consa_sink = sink
 
     def get_kv_cache_spec(self, vllm_config: VllmConfig) -> KVCacheSpec | None:
+        if self.sliding_window != self.consa_window:
+            # vLLM gives a module built without a window cache_config.sliding_window, which
+            # would make the F pool sliding; the config check refuses such configs.
+            raise ValueError(f"ConSA: KV pool {self.layer_name} has sliding window {self.sliding_window}, expected "
+                             f"{self.consa_window} (a global sliding window in the model's config?)")
         spec = super().get_kv_cache_spec(vllm_config)
         assert spec is not None
         common = dict(block_size=self.consa_block_size, num_kv_heads=self.num_kv_heads, head_size=self.head_size,
@@ -68,7 +67,8 @@ class ConsaKVPool(Attention):
 
 
 class ConsaKVPools(nn.Module):
-    """The F pool and the S pool. Created before the decoder layers that share them."""
+    """The F pool and the S pool. Created once vLLM has built the decoder layers, before the
+    ConSA compute modules that share them (which name a pool as their KV-cache target)."""
 
     def __init__(self, layout: PoolLayout, head_size: int, cache_config: CacheConfig | None,
                  prefix: str):
@@ -99,33 +99,18 @@ class ConsaKVPools(nn.Module):
         return self.full_name or self.sliding_name
 
 
-def served_head_scales(loaded: torch.Tensor, kv_heads: tuple[int, ...], group: int, kind: str) -> torch.Tensor:
-    """This rank's per-KV-head scales in served order, from a checkpoint's per-head scales.
-
-    ``loaded`` holds one scale per KV head of the layer (``k``/``v``) or per query head
-    (``q``, reduced to its KV head by the maximum over the group, as vLLM does for
-    FlashAttention), in checkpoint order; ``kv_heads`` are this rank's KV heads as
-    checkpoint indices in served order (:attr:`LayerLayout.kv_heads`: F heads first).
-    """
-    loaded = loaded.flatten()
-    if kind == "q":
-        if loaded.numel() % group:
-            raise ValueError(f"q_scale: {loaded.numel()} values do not split into groups of {group} query heads")
-        loaded = loaded.view(-1, group).amax(dim=1)
-    if max(kv_heads) >= loaded.numel():
-        raise ValueError(f"{kind}_scale: {loaded.numel()} per-head values, KV head {max(kv_heads)} needed")
-    return loaded[torch.tensor(kv_heads, dtype=torch.long, device=loaded.device)]
-
-
 class ConsaAttention(Attention):
     """Computes one decoder layer's attention over its F and S heads in one launch.
 
     Query heads arrive permuted so that the layer's F KV heads (and their query groups)
-    come first; see :meth:`consa_vllm.plugin.models.ConsaForCausalLM.load_weights`.
+    come first; see :meth:`consa_vllm.plugin.models.ConsaMixin.load_weights`.
 
     With an FP8 KV cache this module owns its layer's scales (vLLM's ``_k_scale``,
-    ``_v_scale``, ``_q_scale``: from the checkpoint through ``quant_config``, else 1.0);
-    the attention backend splits them with the heads into the F and S pools' parts.
+    ``_v_scale``, ``_q_scale``: from the checkpoint through ``quant_config`` and vLLM's own
+    loaders, else 1.0); the attention backend splits them with the heads into the F and S
+    pools' parts. Per-KV-head scales (compressed-tensors ``attn_head`` schemes) load in
+    checkpoint order, which is the served order: the config check refuses them wherever a
+    layer's heads move (:func:`consa_vllm.plugin.permute.check_quantized_permutation`).
     """
 
     def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int,
@@ -137,10 +122,3 @@ class ConsaAttention(Attention):
                          consa_pools=(pools.full_name, pools.sliding_name, layer))
         self.consa_window = pools.layout.window
         self.consa_sink = pools.layout.sink
-        # Per-head scales (compressed-tensors "attn_head" KV schemes) follow the head
-        # permutation: vLLM's own loader would take this rank's natural head range instead.
-        for kind in ("k", "v", "q"):
-            param = getattr(self, f"{kind}_scale", None)
-            if isinstance(param, torch.Tensor) and param.numel() > 1:
-                param.weight_loader = partial(_load_served_head_scales, kv_heads=layer.kv_heads,
-                                              group=num_heads // num_kv_heads, kind=kind)

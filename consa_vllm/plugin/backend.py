@@ -60,8 +60,9 @@ def layer_kv_scales(layer, n_full: int, n_sliding: int) -> tuple[tuple, tuple]:
 
     vLLM's attention layer keeps ``_k_scale``/``_v_scale``/``_q_scale`` per tensor (one
     value, from the checkpoint or 1.0) or, for checkpoints with per-head scales, one per KV
-    head of this rank, already in the served order (``ConsaAttention`` loads them so): the
-    F heads' scales first, then the S heads'.
+    head of this rank in checkpoint order. That is the served order (the F heads' scales
+    first, then the S heads'): per-head scales are refused wherever the loader moves heads
+    (:func:`consa_vllm.plugin.permute.check_quantized_permutation`).
     """
     full, sliding = [], []
     for name in ("_k_scale", "_v_scale", "_q_scale"):
@@ -212,21 +213,11 @@ class ConsaAttentionBackend(AttentionBackend):
             return (1, 0, 2, 3, 4, 5)
         return (0, 1, 2, 3, 4)
 
-    @classmethod
-    def get_supported_head_sizes(cls) -> list[int]:
-        return [32, 64, 128, 256]
-
-    @classmethod
-    def supports_sliding_window(cls) -> bool:
-        return True
-
-    @classmethod
-    def supports_attn_type(cls, attn_type: str) -> bool:
-        return attn_type == AttentionType.DECODER
-
-    @staticmethod
-    def use_cascade_attention(*args, **kwargs) -> bool:
-        return False
+    # No head sizes, attention types or sliding-window support declared: vLLM checks those
+    # only when it selects a backend itself, and the ConSA modules name this one. The fused
+    # Triton kernels and the CPU op take any head size (the kernels pad it to a power of
+    # two); FlashAttention 3, where it runs, takes multiples of 8 up to 256 (docs/DESIGN.md
+    # §7). Cascade attention stays off through the metadata builder's default.
 
 
 class ConsaAttentionImpl(AttentionImpl[ConsaMetadata]):

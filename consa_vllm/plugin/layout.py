@@ -12,8 +12,8 @@ kv_head allocations are served with two KV *pools*, one per vLLM KV-cache group:
 
 Layer ``l`` owns the contiguous head range ``[full_offset[l], full_offset[l] + n_full[l])``
 of the F pool (same for S). Heads are permuted in the checkpoint at load time (see
-``ConsaForCausalLM.load_weights``) so that each rank's share of a layer has its F heads
-first: one fused attention launch then covers the whole layer.
+``ConsaMixin.load_weights`` in :mod:`consa_vllm.plugin.models`) so that each rank's share of
+a layer has its F heads first: one fused attention launch then covers the whole layer.
 
 Tensor parallelism. vLLM's sharded loaders give rank ``r`` the contiguous KV heads
 ``[r*H/tp, (r+1)*H/tp)`` of every layer, and vLLM needs the *same* KV cache specs on
@@ -30,9 +30,9 @@ work per layer. When the F total is not divisible by ``tp``, the ranks with fewe
 pad their F pool (and the others their S pool) with one unused head slot, so all pools
 have identical sizes; :func:`balance_summary` says what that costs.
 
-Two pools (instead of one module per head or per layer) keep exactly two KV-cache groups
-whatever the allocation, so vLLM's page-size rules and prefix caching (full attention
-plus one other type) always apply. The two page sizes are matched by picking block
+Two pools (instead of one module per head or per layer) keep at most two KV-cache groups
+whatever the allocation (one when every head is F or every head is S), so vLLM's
+page-size rules and prefix caching (full attention plus one other type) always apply. The two page sizes are matched by picking block
 sizes (and padding the smaller page by at most a few percent, see :func:`choose_block_sizes`).
 """
 
@@ -114,6 +114,28 @@ class PoolLayout:
         full_pool, sliding_pool = pool_sizes(allocation.pattern, tp_size)
         return cls(tuple(layers), allocation.window, full_pool, sliding_pool, tp_size, tp_rank,
                    sink=allocation_sink(allocation))
+
+
+def uses_pools(allocation: Allocation) -> bool:
+    """Whether the fused two-pool attention serves this allocation (else stock modules)."""
+    has_full = any("F" in row for row in allocation.pattern)
+    # Layer allocations map to stock per-layer windows, except all-S ones (with no
+    # full-attention group to unify block sizes against, stock CPU attention crashes) and
+    # ones with attention sinks (stock sliding-window layers free the sink blocks).
+    return allocation.granularity == "kv_head" or not has_full or allocation_sink(allocation) > 0
+
+
+def moved_head_orders(allocation: Allocation, tp_size: int) -> dict[int, tuple[int, ...]]:
+    """Layer -> served KV-head order, for the layers whose checkpoint head order the loader
+    changes at ``tp_size`` (empty: every tensor loads as stored).
+
+    Only kv_head allocations move heads: a layer allocation's rows are all F or all S, so
+    :func:`balance_heads` keeps them in place.
+    """
+    if allocation.granularity != "kv_head":
+        return {}
+    return {layer: order for layer, order in enumerate(balance_heads(allocation.pattern, tp_size))
+            if order != tuple(range(len(order)))}
 
 
 def allocation_sink(allocation: Allocation) -> int:

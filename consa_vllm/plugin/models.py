@@ -3,9 +3,13 @@
 ``ConsaQwen3MoeForCausalLM`` *is* vLLM's ``Qwen3MoeForCausalLM`` (a subclass built on
 first use), with one change after vLLM has built it: each decoder layer's attention
 module (``...self_attn.attn``, a vLLM ``Attention``) is replaced. Embeddings, decoder
-layers, MLP and MoE blocks, norms, biases, rotary variants, LoRA, torch.compile and
-weight loading all stay vLLM's, so whatever vLLM's class loads and runs, the ConSA class
-does too.
+layers, MLP and MoE blocks, norms, biases, rotary variants, torch.compile and weight
+loading all stay vLLM's, so whatever vLLM's class loads and runs, the ConSA class does too.
+LoRA stays vLLM's only where no KV head moves: adapters load apart from the checkpoint,
+unpermuted, so the config check (:mod:`consa_vllm.plugin.config`) refuses ``--enable-lora``
+when the loader reorders heads. The config check also refuses the vLLM features that the
+replaced attention cannot honour (pipeline parallelism, a global sliding window,
+dual-chunk attention).
 
 - ``granularity: layer`` allocations with at least one F layer keep vLLM's stock
   ``Attention`` on F layers and get a stock ``Attention`` with a per-layer sliding window
@@ -30,7 +34,7 @@ import torch
 from torch import nn
 
 from vllm.config import VllmConfig
-from vllm.distributed import get_pp_group, get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 from vllm.logger import init_logger
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.models.utils import extract_layer_index, maybe_prefix
@@ -38,20 +42,11 @@ from vllm.model_executor.models.utils import extract_layer_index, maybe_prefix
 from consa_vllm import families
 from consa_vllm.allocation import Allocation
 from consa_vllm.plugin.attention import ConsaAttention, ConsaKVPools
-from consa_vllm.plugin.config import read_allocation
-from consa_vllm.plugin.layout import PoolLayout, allocation_sink
+from consa_vllm.plugin.config import check_hybrid_kv_cache_manager, read_allocation
+from consa_vllm.plugin.layout import PoolLayout, uses_pools
 from consa_vllm.plugin.permute import permute_checkpoint_heads, quant_format
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" so vLLM's log handler shows it
-
-
-def uses_pools(allocation: Allocation) -> bool:
-    """Whether the fused two-pool attention serves this allocation (else stock modules)."""
-    has_full = any("F" in row for row in allocation.pattern)
-    # Layer allocations map to stock per-layer windows, except all-S ones (with no
-    # full-attention group to unify block sizes against, stock CPU attention crashes) and
-    # ones with attention sinks (stock sliding-window layers free the sink blocks).
-    return allocation.granularity == "kv_head" or not has_full or allocation_sink(allocation) > 0
 
 
 def _decoder_attention(model: nn.Module, num_layers: int) -> dict[int, tuple[nn.Module, str, Attention]]:
@@ -97,9 +92,10 @@ def install_consa_attention(model: nn.Module, vllm_config: VllmConfig, allocatio
                 per_layer_sliding_window=allocation.window, prefix=old.layer_name))
         return None
 
-    if get_pp_group().world_size > 1:
-        raise NotImplementedError("ConSA kv_head models do not support pipeline parallelism; "
-                                  "use tensor parallelism")
+    # Settled only now: a KV connector without hybrid support turns vLLM's hybrid KV-cache
+    # manager off after the config hooks ran. (Pipeline parallelism, which would leave
+    # this rank without some layers, was refused by the config check.)
+    check_hybrid_kv_cache_manager(vllm_config, allocation)
     for _, _, old in stock.values():
         _forget(vllm_config, old.layer_name)
     # What balancing across tensor-parallel ranks moves and pads is logged once, by the
@@ -141,6 +137,8 @@ def _log_small_decode(layout: PoolLayout, vllm_config: VllmConfig) -> None:
 class ConsaMixin:
     """Turns a vLLM model class into its ConSA variant (see the module docstring)."""
 
+    consa_family: families.Family  # set by consa_model_class
+
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", **kwargs):
         super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
         allocation = read_allocation(vllm_config.model_config.hf_config, vllm_config.model_config.model)
@@ -160,7 +158,7 @@ class ConsaMixin:
             orders = {lay.layer: lay.global_order for lay in pools.layout.layers if not lay.is_identity}
             if orders:
                 c = self.consa_hf_config
-                head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+                head_dim = self.consa_family.head_dim(c)
                 # The config check (consa_vllm.plugin.config) already refused formats whose
                 # tensors cannot follow the permutation, before any weight loaded.
                 fmt = quant_format(getattr(c, "quantization_config", None), self.consa_quantization)
@@ -199,6 +197,7 @@ def consa_model_class(architecture: str) -> type[nn.Module]:
         "__module__": __name__,
         "__qualname__": family.consa_architecture,
         "__doc__": f"vLLM's {base.__name__} with ConSA attention ({family.name} family).",
+        "consa_family": family,
     })
     return cls
 

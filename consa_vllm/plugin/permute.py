@@ -215,8 +215,11 @@ def _compressed_tensors_format(cfg: dict) -> QuantFormat:
                       "rotations/transforms across heads are not supported")
     kv = cfg.get("kv_cache_scheme")
     if kv and kv.get("strategy", "tensor") != "tensor":
+        # vLLM's own loader takes each rank's natural head range of these scales, which is
+        # the served order only where no head moves (this check runs only where one does).
         raise _refuse("compressed-tensors kv_cache_scheme", f"{kv.get('strategy')!r} KV-cache scales (per "
-                      "head) are not permuted yet; use per-tensor KV-cache scales")
+                      "head) would load in checkpoint head order, not the permuted one; use per-tensor "
+                      "KV-cache scales")
     formats: dict[tuple, QuantFormat] = {}
     for gname, group in groups.items():
         fmt = group.get("format") or global_fmt
@@ -383,6 +386,16 @@ def check_quantized_permutation(quantization_config: Any, orders: Mapping[int, S
 # The loader side
 
 _ATTN_TENSOR = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj|qkv_proj)\.(\w+)$")
+# Mistral's consolidated format (``--load-format mistral``), renamed by vLLM's
+# MistralForCausalLM.maybe_remap_mistral after this permutation. Its rotary reordering of
+# wq/wk rows stays inside each head, so moving whole heads first gives the same tensors.
+_MISTRAL_ATTN_TENSOR = re.compile(r"(?:^|\.)layers\.(\d+)\.attention\.(wq|wk|wv|wo)\.(\w+)$")
+_MISTRAL_PROJ = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj"}
+_MISTRAL_PARAM = {"qscale_weight": "weight_scale", "qscale_act": "input_scale"}
+# Any other tensor of a layer's attention module; of those, only tensors shared by all
+# heads (per-head q/k norms, rotary tables) or single values can load unchanged.
+_ATTN_MODULE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|attention)\.(.+)$")
+_HEAD_SHARED = re.compile(r"(?:q_norm|k_norm|rotary_emb)\.")
 
 
 def permute_checkpoint_heads(weights: Iterable[tuple[str, torch.Tensor]], orders: dict[int, tuple[int, ...]],
@@ -396,7 +409,11 @@ def permute_checkpoint_heads(weights: Iterable[tuple[str, torch.Tensor]], orders
     v_proj (KV heads) and the input features of o_proj move together and the layer
     computes the same function. Per-head q/k norms share one weight across heads and need
     no change. Done on the full checkpoint tensors, before vLLM's loaders take each rank's
-    slice or any quantization method repacks them.
+    slice or any quantization method repacks them. Hugging Face names
+    (``layers.N.self_attn.q_proj.weight``) and Mistral's consolidated names
+    (``layers.N.attention.wq.weight``) are both recognised; any other tensor of a permuted
+    layer's attention that is neither shared by all heads (q/k norms) nor a single value
+    raises, rather than load in checkpoint head order.
 
     ``quant`` describes the checkpoint's tensors (:func:`quant_format`; None: unquantized
     or online-quantized weights). Every tensor of a projection moves by whole entries
@@ -419,11 +436,24 @@ def permute_checkpoint_heads(weights: Iterable[tuple[str, torch.Tensor]], orders
         return cache[key]
 
     for name, tensor in weights:
-        m = _ATTN_TENSOR.search(name)
-        if m is None or int(m.group(1)) not in orders:
+        m = _ATTN_TENSOR.search(name) or _MISTRAL_ATTN_TENSOR.search(name)
+        if m is None:
+            other = _ATTN_MODULE.search(name)
+            if (other is not None and int(other.group(1)) in orders and tensor.numel() != 1
+                    and not _HEAD_SHARED.match(other.group(2))):
+                raise ValueError(
+                    f"checkpoint tensor {name!r} (shape {tuple(tensor.shape)}) belongs to the attention of layer "
+                    f"{other.group(1)}, whose KV heads the kv_head allocation reorders at load time, but the head "
+                    "permutation does not know it (it moves q_proj, k_proj, v_proj and o_proj tensors, or "
+                    "Mistral's wq, wk, wv and wo), so it would load in the wrong head order")
             yield name, tensor
             continue
-        layer, proj, param = int(m.group(1)), m.group(2), m.group(3)
+        if int(m.group(1)) not in orders:
+            yield name, tensor
+            continue
+        layer = int(m.group(1))
+        proj = _MISTRAL_PROJ.get(m.group(2), m.group(2))
+        param = _MISTRAL_PARAM.get(m.group(3), m.group(3)) if m.re is _MISTRAL_ATTN_TENSOR else m.group(3)
         if proj == "qkv_proj":
             raise ValueError(
                 f"checkpoint tensor {name!r}: fused qkv_proj weights are not supported with kv_head "
