@@ -10,8 +10,6 @@ Subcommands:
   ``consa_vllm.serve:main``, ``consa_vllm.demo:main`` and ``consa_vllm.eval.cli:main``, which receive
   the rest of the command line unparsed.
 
-User errors print one line on stderr and exit with status 2 (no traceback).
-
 User errors print one line on stderr and exit with status 2 (no traceback); every output
 path is checked before any work. Ctrl-C, SIGTERM and SIGHUP print one line too, and exit
 with 128 + the signal number.
@@ -28,7 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 from . import families
-from .cli_args import EXIT_USAGE, UsageParser, int_in_range, unit_interval, whole_number
+from .cli_args import EXIT_USAGE, UsageParser, int_in_range, path_arg, unit_interval, whole_number
 
 PROG = "consa-vllm"
 
@@ -68,13 +66,36 @@ def _dtype(text: str) -> str:
     return text
 
 
-def _check_output(flag: str, path: str | None, kind: str = "file") -> None:
-    """Stop with one line naming ``flag`` unless ``path`` can be written (before any work)."""
+def _check_output(flag: str, path: str | None, kind: str = "file", force: bool | None = None,
+                  others: Sequence[tuple[str, str | Path | None]] = ()) -> None:
+    """Stop with one line naming ``flag`` unless ``path`` can be written (before any work).
+
+    ``force``: False refuses an existing file (--force not given); ``others``: the command's
+    inputs and other outputs, which ``path`` must not be (see :func:`consa_vllm.outputs.output_problem`).
+    """
     from .outputs import output_problem
 
-    problem = output_problem(path, kind) if path else None
+    problem = output_problem(path, kind, force=force, others=others) if path else None
     if problem:
         raise UserError(f"{flag} {path}: {problem}")
+
+
+def _config_of(model_dir: str | None) -> Path | None:
+    """The file a ``--model DIR`` flag makes a command read (an output must not replace it)."""
+    return Path(model_dir) / "config.json" if model_dir else None
+
+
+def _warn_if_full(alloc, model_dir: str | None, command: str) -> None:
+    """Print export's warning when the S heads of ``alloc`` would see every position of the model."""
+    if not model_dir:
+        return
+    from .allocation.format import read_json_object
+    from .export import covers_every_position
+
+    config = _config_of(model_dir)
+    warning = covers_every_position(alloc, read_json_object(config, UserError), str(config))
+    if warning:
+        print(f"{PROG} {command}: warning: {warning}", file=sys.stderr)
 
 
 # ------------------------------------------------------------------ commands
@@ -96,7 +117,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     from .allocation import estimate_kv, render_text, summarize
     from .allocation.stats import describe_sliding
 
-    _check_output("--png", args.png)
+    source = Path(args.allocation)
+    _check_output("--png", args.png, force=args.force, others=[
+        ("ALLOC", source / "config.json" if source.is_dir() else source), ("--model", _config_of(args.model))])
     alloc, model_dir = _load_allocation_arg(args.allocation)
     model_dir = Path(args.model) if args.model else model_dir
     if args.context and model_dir is None:
@@ -199,10 +222,10 @@ def cmd_make(args: argparse.Namespace) -> int:
     from .allocation import make_allocation, render_text
 
     out = Path(args.out)
-    if out.exists() and not args.force:
-        raise UserError(f"--out {out}: already exists; pass --force to overwrite it")
-    _check_output("--out", args.out)
-    _check_output("--png", args.png)  # before the JSON is written: both or neither
+    model_config = ("--model", _config_of(args.model))
+    _check_output("--out", args.out, force=args.force, others=[model_config])
+    # before the JSON is written: both or neither
+    _check_output("--png", args.png, force=args.force, others=[("--out", args.out), model_config])
     if args.model:
         if args.layers is not None or args.kv_heads is not None:
             raise UserError("give either --model DIR or --layers L --kv-heads H, not both")
@@ -220,6 +243,7 @@ def cmd_make(args: argparse.Namespace) -> int:
         flag = "--rule" if "rule" in str(e) else "--sparsity"
         raise UserError(f"{flag}: {e}") from None
     if args.model:
+        _warn_if_full(alloc, args.model, "make")
         alloc = alloc.with_extra(model=str(args.model))
     try:
         alloc.save(out)
@@ -237,13 +261,14 @@ def cmd_make(args: argparse.Namespace) -> int:
 
 def cmd_import_duo(args: argparse.Namespace) -> int:
     from .allocation import render_text
-    from .allocation.duo import import_duo
+    from .allocation.duo import DUO_TSV, import_duo
 
     out = Path(args.out)
-    if out.is_dir():
-        raise UserError(f"--out {out}: is a directory, expected the allocation JSON file to write")
-    if out.exists() and not args.force:
-        raise UserError(f"--out {out}: already exists; pass --force to overwrite it")
+    source = Path(args.path)
+    inputs = [("PATH", source / DUO_TSV if source.is_dir() else source), ("--model", _config_of(args.model))]
+    # The checks of make, all before anything is written: both files or neither.
+    _check_output("--out", args.out, force=args.force, others=inputs)
+    _check_output("--png", args.png, force=args.force, others=[("--out", args.out), *inputs])
     shape = _shape(args.model) if args.model else None
     try:
         alloc = import_duo(args.path, args.sparsity, args.window, args.sink, args.constraint)
@@ -258,8 +283,12 @@ def cmd_import_duo(args: argparse.Namespace) -> int:
             alloc.check_model(shape.num_layers, shape.num_kv_heads, source=args.path)
         except ValueError as e:
             raise UserError(f"{e} (model: {Path(args.model) / 'config.json'})") from None
+        _warn_if_full(alloc, args.model, "import-duo")
         alloc = alloc.with_extra(model=str(args.model))
-    alloc.save(out)
+    try:
+        alloc.save(out)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write it ({e.strerror})") from None
     print(render_text(alloc))
     print(f"wrote {out}")
     if args.png:
@@ -272,7 +301,8 @@ def cmd_import_duo(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .allocation import Allocation
-    from .export import ExportInterrupted, export_model, public_provenance, read_exported_allocation
+    from .export import (DestinationError, ExportInterrupted, export_model, public_provenance,
+                         read_exported_allocation)
 
     out = Path(args.out)
     _check_output("--out", args.out, "folder")
@@ -285,6 +315,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         try:
             dst = export_model(args.model, args.allocation, out, link=not args.copy, force=args.force,
                                keep_paths=args.keep_paths)
+        except DestinationError as e:  # its message starts with the path: name the flag too
+            raise UserError(f"--out {e}") from None
         except OSError as e:  # name the user's path, never the temporary copy
             state = "it is unchanged" if out.exists() else "nothing was created"
             if e.filename and Path(args.model).resolve() in Path(e.filename).resolve().parents:
@@ -391,18 +423,21 @@ def build_parser() -> argparse.ArgumentParser:
                               "  consa-vllm show alloc.json --model ./Qwen3-0.6B --context 4096 32768 --dtype bf16\n"
                               "  consa-vllm show ./exported-checkpoint   (reads config.json's 'consa' field)\n"
                               "  consa-vllm show alloc.json --tensor-parallel-size 8")
-    s.add_argument("allocation", metavar="ALLOC", help="allocation JSON file, or an exported ConSA checkpoint directory")
-    s.add_argument("--png", metavar="OUT.png", help="also draw the heatmap to this PNG file")
+    s.add_argument("allocation", metavar="ALLOC", type=path_arg,
+                   help="allocation JSON file, or an exported ConSA checkpoint directory")
+    s.add_argument("--png", metavar="OUT.png", type=path_arg, help="also draw the heatmap to this PNG file")
+    s.add_argument("--force", action="store_true", help="overwrite --png if it exists")
     s.add_argument("--title", help="title of the heatmap (default: the file name)")
-    s.add_argument("--model", metavar="DIR", help="Hugging Face model directory whose config.json gives the shape "
+    s.add_argument("--model", metavar="DIR", type=path_arg,
+                   help="Hugging Face model directory whose config.json gives the shape "
                                                   "for the KV estimate (default: ALLOC itself when it is a checkpoint)")
-    s.add_argument("--context", metavar="N", nargs="+", type=int_in_range(1, "tokens"),
+    s.add_argument("--context", metavar="N", nargs="+", type=int_in_range(1, "tokens", hi=MAX_TOKENS),
                    help=f"context lengths for the KV estimate (default: {' '.join(map(str, DEFAULT_CONTEXTS))})")
     from .allocation.memory import DTYPE_BYTES
 
     s.add_argument("--dtype", type=_dtype, default="bfloat16",
                    help=f"KV cache dtype, one of: {', '.join(DTYPE_BYTES)} (default: bfloat16)")
-    s.add_argument("--block-size", metavar="B", type=int_in_range(1, "tokens"),
+    s.add_argument("--block-size", metavar="B", type=int_in_range(1, "tokens", hi=MAX_TOKENS),
                    help="count whole paged KV blocks of B tokens, as vLLM allocates them (default: exact tokens)")
     s.add_argument("--tensor-parallel-size", metavar="N", type=int_in_range(1, "ranks"),
                    help="also show how the plugin splits a kv_head allocation over N tensor-parallel ranks: "
@@ -428,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of units that are S, in [0, 1]; must be exact for the unit count")
     m.add_argument("--granularity", choices=("kv_head", "layer"), default="kv_head",
                    help="unit: one KV head with its query group, or a whole layer (default: kv_head)")
-    m.add_argument("--model", metavar="DIR", help="take the shape from DIR/config.json")
+    m.add_argument("--model", metavar="DIR", type=path_arg, help="take the shape from DIR/config.json")
     m.add_argument("--layers", type=int_in_range(1, "layers", hi=MAX_LAYERS), metavar="L",
                    help="number of layers (without --model)")
     m.add_argument("--kv-heads", type=int_in_range(1, "KV heads", hi=MAX_KV_HEADS), metavar="H",
@@ -438,9 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--sink", type=sink, default=0, metavar="N",
                    help="attention-sink tokens: S heads also see keys 0..N-1 (default: 0, a plain window)")
     m.add_argument("--seed", type=whole_number("a seed"), default=0, help="seed for 'random' and 'uniform' (default: 0)")
-    m.add_argument("--out", required=True, metavar="A.json", help="allocation file to write")
-    m.add_argument("--force", action="store_true", help="overwrite --out if it exists")
-    m.add_argument("--png", metavar="OUT.png", help="also draw the heatmap")
+    m.add_argument("--out", required=True, metavar="A.json", type=path_arg, help="allocation file to write")
+    m.add_argument("--force", action="store_true", help="overwrite --out and --png if they exist")
+    m.add_argument("--png", metavar="OUT.png", type=path_arg, help="also draw the heatmap")
     m.set_defaults(func=cmd_make)
 
     # ---- import-duo
@@ -458,7 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "name and the settings are kept in the file's 'duo_attention' field.",
                        epilog="example:\n  consa-vllm import-duo duo-attention/Meta-Llama-3.1-8B-Instruct "
                               "--sparsity 0.5 --window 256 --sink 64 --out llama31-duo-0.5.json")
-    d.add_argument("path", metavar="PATH", help="a DuoAttention pattern folder, or its full_attention_heads.tsv")
+    d.add_argument("path", metavar="PATH", type=path_arg,
+                   help="a DuoAttention pattern folder, or its full_attention_heads.tsv")
     d.add_argument("--sparsity", required=True, type=sparsity_arg, metavar="S",
                    help="fraction of KV heads that become S (streaming), in [0, 1]")
     d.add_argument("--window", required=True, type=int_in_range(1, "tokens", hi=MAX_TOKENS), metavar="W",
@@ -467,11 +503,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention-sink tokens of the S heads: they also see keys 0..N-1")
     d.add_argument("--constraint", choices=("global", "per-layer"), default="global",
                    help="one count over all heads, or the same count in every layer (default: global)")
-    d.add_argument("--model", metavar="DIR", help="check the pattern's shape against DIR/config.json "
+    d.add_argument("--model", metavar="DIR", type=path_arg, help="check the pattern's shape against DIR/config.json "
                                                   "(num_hidden_layers, num_key_value_heads)")
-    d.add_argument("--out", required=True, metavar="A.json", help="allocation file to write")
-    d.add_argument("--force", action="store_true", help="overwrite --out if it exists")
-    d.add_argument("--png", metavar="OUT.png", help="also draw the heatmap")
+    d.add_argument("--out", required=True, metavar="A.json", type=path_arg, help="allocation file to write")
+    d.add_argument("--force", action="store_true", help="overwrite --out and --png if they exist")
+    d.add_argument("--png", metavar="OUT.png", type=path_arg, help="also draw the heatmap")
     d.set_defaults(func=cmd_import_duo)
 
     # ---- export
@@ -483,14 +519,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "in a temporary directory and renamed into place, so it is never half-written.",
                        epilog="example:\n  consa-vllm export --model ./tiny --allocation a.json --out ./tiny-consa\n"
                               "  consa-vllm serve ./tiny-consa   # checks it, then runs vLLM's server (CPU and GPU)")
-    e.add_argument("--model", required=True, metavar="SRC", help="source Hugging Face model directory")
-    e.add_argument("--allocation", required=True, metavar="A.json", help="allocation file matching the model's shape")
-    e.add_argument("--out", required=True, metavar="DST", help="directory to create")
+    e.add_argument("--model", required=True, metavar="SRC", type=path_arg, help="source Hugging Face model directory")
+    e.add_argument("--allocation", required=True, metavar="A.json", type=path_arg,
+                   help="allocation file matching the model's shape")
+    e.add_argument("--out", required=True, metavar="DST", type=path_arg, help="directory to create")
     how = e.add_mutually_exclusive_group()
     how.add_argument("--link", action="store_true",
                      help="hard-link the weight files, copying where the filesystem cannot link (default)")
     how.add_argument("--copy", action="store_true", help="copy the weight files")
-    e.add_argument("--force", action="store_true", help="replace DST if it exists (the swap is atomic)")
+    e.add_argument("--force", action="store_true",
+                   help="replace DST if it exists (the swap is atomic); only an earlier export or model checkpoint "
+                        "(a folder with config.json) or an empty folder is replaced")
     e.add_argument("--keep-paths", action="store_true",
                    help="keep the machine paths of the allocation's provenance (the trainer's model, data and "
                         "log folders) in config.json; by default they are left out, as the checkpoint and "

@@ -64,3 +64,34 @@ def unit_interval(meaning: str) -> Callable[[str], float]:
 
     parse.__name__ = "number in [0, 1]"
     return parse
+
+
+def path_arg(text: str) -> str:
+    """An argparse type: a file or folder path. An empty string (a shell variable left unset)
+    is refused: Python reads it as the current folder, which no flag means."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a path, got an empty string")
+    return text
+
+
+path_arg.__name__ = "path"
+
+
+def device_problem(device: str) -> str | None:
+    """Why ``--device`` cannot run on this machine (one line naming the flag), or None.
+
+    ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; a CUDA device must exist here. torch is
+    imported only for a CUDA device, so a CPU run's checks stay light.
+    """
+    if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:") and device[5:].isdigit()):
+        return f"--device must be auto, cpu, cuda or cuda:N, got {device!r}"
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return f"--device {device}: CUDA is not available on this machine"
+    count = torch.cuda.device_count()
+    if device != "cuda" and int(device[5:]) >= count:
+        return f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+    return None

@@ -40,7 +40,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
-from .allocation.format import Allocation, AllocationError, atomic_write_text, read_json_object
+from .allocation.format import Allocation, AllocationError, atomic_write_text, describe_json, read_json_object
 from . import families
 from .allocation.shape import ModelShape
 from .outputs import make_temp_dir, output_problem, remove_stale_temps, signals_held, signals_raise, stale_temps
@@ -53,6 +53,11 @@ WEIGHT_INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json")
 
 class ExportError(ValueError):
     """The export cannot be done; the message names the file and the field at fault."""
+
+
+class DestinationError(ExportError):
+    """The destination (``out_dir``, the CLI's ``--out``) cannot be written or replaced; the
+    message starts with its path, so the CLI can name its flag in front of it."""
 
 
 class ExportInterrupted(KeyboardInterrupt):
@@ -111,7 +116,7 @@ def read_exported_allocation(config: Any, source: str | os.PathLike | None = Non
             "(export one with `consa-vllm export --model SRC --allocation A.json --out DST`)"
         )
     if not isinstance(raw, Mapping):
-        raise AllocationError(f"{where}: field '{CONFIG_KEY}' must be a JSON object, got {type(raw).__name__}")
+        raise AllocationError(f"{where}: field '{CONFIG_KEY}' must be a JSON object, got {describe_json(raw)}")
     alloc = Allocation.from_dict(dict(raw), source=f"{where} (field '{CONFIG_KEY}')")
     try:
         shape = ModelShape.from_config(data)
@@ -189,6 +194,22 @@ def public_provenance(fields: Mapping[str, Any]) -> tuple[dict[str, Any], list[s
 _DROP = object()
 
 
+def covers_every_position(allocation: Allocation, config: Mapping[str, Any], where: str = "config.json") -> str | None:
+    """The warning for an allocation whose S heads see every position the model takes, or None.
+
+    An S head sees keys ``0..sink-1`` and ``i-W+1..i``: when ``sink + window`` reaches the
+    model's ``max_position_embeddings``, that is every earlier key of any sequence the model
+    takes, so the S heads act as full attention and save no KV memory (a mistake, usually).
+    """
+    max_pos = config.get("max_position_embeddings")
+    a = allocation
+    if not isinstance(max_pos, int) or isinstance(max_pos, bool) or a.sparsity == 0 or a.sink + a.window < max_pos:
+        return None
+    span = f"sink {a.sink} + window {a.window}" if a.sink else f"window {a.window}"
+    return (f"{span} >= the model's max_position_embeddings {max_pos} ({where}): the sliding-window (S) heads "
+            "see every token of any sequence the model takes, so they act as full attention and save no KV memory")
+
+
 def exported_config(config: Mapping[str, Any], allocation: Allocation, where: str = "config.json",
                     keep_paths: bool = False) -> dict[str, Any]:
     """The ``config.json`` of the exported checkpoint (pure: no I/O).
@@ -197,16 +218,18 @@ def exported_config(config: Mapping[str, Any], allocation: Allocation, where: st
     ``keep_paths``.
     """
     base = base_architecture(config, where)
+    if config.get("dual_chunk_attention_config"):
+        # The served model would be refused (consa_vllm.plugin.config): say so before writing.
+        raise ExportError(f"{where}: field 'dual_chunk_attention_config' is set, but ConSA attention does not "
+                          "implement dual-chunk attention (vllm serve would refuse the export); remove the field "
+                          "from the source config.json to export the model with ordinary attention")
     shape = ModelShape.from_config(dict(config))
     allocation.check_model(shape.num_layers, shape.num_kv_heads)
     out = dict(config)
     notes: dict[str, Any] = {}
-    max_pos = config.get("max_position_embeddings")
-    if isinstance(max_pos, int) and allocation.window >= max_pos and allocation.sparsity > 0:
-        warnings.warn(
-            f"window {allocation.window} >= the model's max_position_embeddings {max_pos} ({where}): the "
-            "sliding-window (S) heads see every token of any sequence the model takes, so they act as full "
-            "attention and save no KV memory", stacklevel=3)
+    covered = covers_every_position(allocation, config, where)
+    if covered:
+        warnings.warn(covered, stacklevel=3)
 
     # No global sliding window that vLLM could read (docs/DESIGN.md §7, Traps).
     sw = out.get("sliding_window")
@@ -254,7 +277,8 @@ def export_model(
 
     ``link=True`` hard-links the weight files (falling back to a copy where the filesystem
     cannot link), ``link=False`` copies them. An existing ``out_dir`` is refused unless
-    ``force``. ``src`` may itself be an exported ConSA checkpoint (re-export with a new
+    ``force``, and even then unless it is empty or a model checkpoint (it has a
+    ``config.json``: an earlier export), so no other folder is deleted. ``src`` may itself be an exported ConSA checkpoint (re-export with a new
     allocation; ``src == out_dir`` with ``force`` works too). ``keep_paths`` keeps the
     machine paths of the allocation's provenance. Returns ``out_dir``.
 
@@ -277,15 +301,19 @@ def export_model(
     new_config = exported_config(config, alloc, where=str(cfg_path), keep_paths=keep_paths)
 
     if dst.is_symlink() or (dst.exists() and not dst.is_dir()):
-        raise ExportError(f"{dst}: exists and is not a directory; refusing to replace it")
+        raise DestinationError(f"{dst}: exists and is not a directory; refusing to replace it")
     problem = output_problem(dst, "folder")
     if problem:
-        raise ExportError(f"{dst}: {problem}")
+        raise DestinationError(f"{dst}: {problem}")
     _clean_up_after_killed_exports(dst)  # first: it may put back a dst that a killed export moved aside
     if dst.exists() and not force:
-        raise ExportError(f"{dst}: already exists; pass --force (force=True) to replace it")
+        raise DestinationError(f"{dst}: already exists; pass --force to replace it")
+    if dst.exists() and not (dst / "config.json").is_file() and any(dst.iterdir()):
+        raise DestinationError(
+            f"{dst}: is a folder with files but no config.json, not an earlier export or model checkpoint; "
+            "--force replaces only those, so that nothing else is deleted: remove it yourself or choose another path")
     if dst.resolve() in src_dir.resolve().parents:
-        raise ExportError(f"{dst}: the output directory contains the source model {src_dir}")
+        raise DestinationError(f"{dst}: the output directory contains the source model {src_dir}")
     dst.parent.mkdir(parents=True, exist_ok=True)
 
     existed, swapped = dst.exists(), False

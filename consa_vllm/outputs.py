@@ -1,7 +1,8 @@
 """Output paths of the commands: checked before any work, never left half-written.
 
 - :func:`output_problem` says why a path cannot be written (a parent that is a file, a
-  folder without write permission) before a command reads a model or trains, so the
+  folder without write permission, an existing file without ``--force``, one of the
+  command's own inputs or other outputs) before a command reads a model or trains, so the
   command can stop with one line naming its flag, and nothing is lost after the work.
 - :func:`make_temp_dir` makes the folder a result is built in, beside its destination,
   with ordinary permissions (0777 less the umask, not ``mkdtemp``'s 0700). Its name
@@ -25,7 +26,7 @@ import signal
 import socket
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
@@ -34,19 +35,36 @@ from typing import Literal
 _HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
 
 
-def output_problem(path: str | os.PathLike, kind: Literal["file", "folder", "contents"] = "file") -> str | None:
+#: A labelled path: ``("--out", "a.json")``, ``("ALLOC", "g.json")``. None or "" stands for a flag not given.
+Named = tuple[str, "str | os.PathLike | None"]
+
+
+def output_problem(path: str | os.PathLike, kind: Literal["file", "folder", "contents"] = "file", *,
+                   force: bool | None = None, others: Iterable[Named] = (),
+                   read_folders: Iterable[Named] = ()) -> str | None:
     """Why ``path`` cannot be written, or None when it can. Creates and changes nothing.
 
     ``kind``: ``"file"``, a file written (or replaced) through a rename in its folder;
     ``"folder"``, a folder built beside it and renamed into place; ``"contents"``, a folder
     (created if missing) whose files are written in place. Missing parents are fine when
     the nearest existing one is a writable folder (they are created then).
+
+    ``force`` (files only): False refuses an existing file ("pass --force"), True allows
+    replacing it, None leaves that to the caller. ``others``: the command's inputs and its
+    other outputs, which writing ``path`` must not destroy (see :func:`clash`), even with
+    ``force``; ``read_folders``: folders whose every file the command reads (training
+    data), where nothing may be written.
     """
     p = Path(path)
     if kind == "file" and p.is_dir():
         return "is a directory, expected a file to write"
     if kind != "file" and p.exists() and not p.is_dir():
         return "exists and is not a directory"
+    problem = clash(p, others, read_folders)
+    if problem:
+        return problem
+    if kind == "file" and force is False and p.exists():
+        return "already exists; pass --force to overwrite it"
     where = p if kind == "contents" and p.is_dir() else p.parent
     while not os.path.lexists(where) and where != where.parent:
         where = where.parent
@@ -58,6 +76,28 @@ def output_problem(path: str | os.PathLike, kind: Literal["file", "folder", "con
     except OSError as e:
         return f"cannot write in {where} ({e.strerror})"
     return None
+
+
+def clash(path: str | os.PathLike, others: Iterable[Named], read_folders: Iterable[Named] = ()) -> str | None:
+    """Which of ``others`` writing ``path`` would destroy, as the end of a one-line message, or None.
+
+    Refused: ``path`` is one of them (the same path, symbolic links resolved), or lies
+    inside one of ``read_folders`` (a later run would read it as data).
+    """
+    p = _resolved(path)
+    for label, other in others:
+        if other is not None and str(other) != "" and p == _resolved(other):
+            return f"is the same path as {label} {other}; choose another path"
+    for label, folder in read_folders:
+        if folder is not None and str(folder) != "" and Path(folder).is_dir() and _resolved(folder) in p.parents:
+            return (f"is inside {label} {folder}, whose files are all read as data (a later run would read "
+                    "this one too); choose a path outside it")
+    return None
+
+
+def _resolved(path: str | os.PathLike) -> Path:
+    """``path`` made absolute with its symbolic links resolved (it need not exist)."""
+    return Path(os.path.realpath(path))
 
 
 def make_temp_dir(dst: str | os.PathLike, kind: str = "consa-tmp") -> Path:

@@ -133,6 +133,9 @@ def check_checkpoint(model_dir: str | os.PathLike):
     cfg_path = path / "config.json"
     if not path.exists():
         raise AllocationError(f"{cfg_path}: not found (the directory {path} does not exist)")
+    if not path.is_dir():  # an allocation file, say: a checkpoint is a folder (consa-vllm export writes one)
+        raise ExportError(f"{path}: is a file, expected an exported checkpoint directory (`consa-vllm export "
+                          "--model SRC --allocation A.json --out DST` writes one)")
     alloc = read_exported_allocation(path)  # 'consa' present, well-formed, matching the shape
     data = _read_config(cfg_path, error=AllocationError)
     base = base_architecture(data, where=str(cfg_path))

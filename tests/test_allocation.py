@@ -114,8 +114,11 @@ def test_not_json(tmp_path):
 
 
 def test_not_an_object(tmp_path):
-    with pytest.raises(AllocationError, match="expected a JSON object, got list"):
+    """JSON's own type names in the message, not Python's ('list', 'NoneType')."""
+    with pytest.raises(AllocationError, match=r'a\.json: expected a JSON object, got \["SSFF"\] \(an array\)$'):
         Allocation.load(_write(tmp_path, ["SSFF"]))
+    with pytest.raises(AllocationError, match=r"a\.json: expected a JSON object, got null$"):
+        Allocation.load(_write(tmp_path, None))
 
 
 def test_check_model_wrong_layer_count():

@@ -436,7 +436,7 @@ def test_export_killed_between_the_renames_is_restored(tmp_path, tiny, alloc_fil
     assert r.stderr.splitlines() == [
         f"consa-vllm export: warning: restored {dst} from {aside}, where an export killed while replacing it had "
         "moved it",
-        f"consa-vllm export: error: {dst}: already exists; pass --force (force=True) to replace it"]
+        f"consa-vllm export: error: --out {dst}: already exists; pass --force to replace it"]
     assert (dst / "config.json").read_text() == before
     assert sorted(entries(tmp_path)) == ["dst", "new.json"]
 
@@ -684,3 +684,349 @@ def test_demo_refuses_before_building_anything(tmp_path, locked):
     one_line(run(CLI, "demo", "--out", locked / "d"), "consa-vllm demo: error: ",
              f"--out {locked / 'd'}: cannot write in {locked}")
     assert entries(tmp_path) == ["locked"] and entries(locked) == []
+
+
+
+# ----------------------------------------------------------------------------- review: outputs (#72-#79)
+
+MAKE = ["make", "--rule", "bottom", "--sparsity", "0.5", "--layers", L, "--kv-heads", H, "--window", 8]
+DUO = Path(__file__).parent / "data" / "duo-attention" / "Meta-Llama-3.1-8B-Instruct"
+IMPORT = ["import-duo", DUO, "--sparsity", "0.5", "--window", 8, "--sink", 2]
+
+
+def test_png_never_replaces_an_input_or_the_out_file(tmp_path, alloc_file):
+    """--png turned the shown allocation, make's new --out and an existing file into PNGs."""
+    a = tmp_path / "g2.json"
+    shutil.copy(alloc_file, a)
+    before = a.read_text()
+    r = run(CLI, "show", a, "--png", a)
+    assert one_line(r, "") == f"consa-vllm show: error: --png {a}: is the same path as ALLOC {a}; choose another path"
+    assert r.stdout == ""
+    m = tmp_path / "m.json"
+    assert one_line(run(CLI, *MAKE, "--out", m, "--png", m, "--force"), "") == \
+        f"consa-vllm make: error: --png {m}: is the same path as --out {m}; choose another path"
+    one_line(run(CLI, *MAKE, "--out", tmp_path / "m2.json", "--png", a), "consa-vllm make: error: ",
+             f"--png {a}: already exists; pass --force to overwrite it")
+    one_line(run(CLI, *IMPORT, "--out", tmp_path / "d.json", "--png", a), "consa-vllm import-duo: error: ",
+             f"--png {a}: already exists; pass --force to overwrite it")
+    d = tmp_path / "d.json"
+    assert one_line(run(CLI, *IMPORT, "--out", d, "--png", d, "--force"), "") == \
+        f"consa-vllm import-duo: error: --png {d}: is the same path as --out {d}; choose another path"
+    assert a.read_text() == before and entries(tmp_path) == ["g2.json"]
+    # An existing PNG needs --force, as an existing --out does.
+    png = tmp_path / "a.png"
+    assert run(CLI, "show", a, "--png", png).returncode == 0
+    stamp = png.read_bytes()
+    one_line(run(CLI, "show", a, "--png", png), "consa-vllm show: error: ",
+             f"--png {png}: already exists; pass --force to overwrite it")
+    assert png.read_bytes() == stamp
+    assert run(CLI, "show", a, "--png", png, "--force").returncode == 0
+
+
+def test_eval_out_needs_force_and_never_replaces_an_input(tmp_path, tiny, alloc_file):
+    model, data = tiny
+    out = tmp_path / "r.json"
+    out.write_text("keep")
+    t0 = time.monotonic()
+    assert one_line(run(CLI, "eval", "--model", model, "--window", 16, "--out", out), "") == \
+        f"consa-vllm eval: error: --out {out}: already exists; pass --force to overwrite it"
+    a = tmp_path / "a.json"
+    shutil.copy(alloc_file, a)
+    assert one_line(run(CLI, "eval", "--model", model, "--allocation", a, "--out", a, "--force"), "") == \
+        f"consa-vllm eval: error: --out {a}: is the same path as --allocation {a}; choose another path"
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    shutil.copy(data, corpus / "d.jsonl")
+    one_line(run(CLI, "eval", "--model", model, "--window", 16, "--data", corpus, "--out", corpus / "r.json"),
+             "consa-vllm eval: error: ", f"--out {corpus / 'r.json'}: is inside --data {corpus}, whose files are all "
+             "read as data (a later run would read this one too); choose a path outside it")
+    assert time.monotonic() - t0 < 60  # no model loaded
+    assert out.read_text() == "keep" and a.read_text() == alloc_file.read_text()
+    assert entries(tmp_path) == ["a.json", "corpus", "r.json"] and entries(corpus) == ["d.jsonl"]
+
+
+def test_train_outputs_never_collide_with_each_other_or_an_input(tmp_path, tiny):
+    """--out q1.json --log-dir q1.json trained to the end, then lost the allocation (IsADirectoryError)."""
+    model, data = tiny
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    shutil.copy(data, corpus / "d.jsonl")
+    common = ["--model", model, "--seq-len", 64, "--window", 16]
+    q = tmp_path / "q1.json"
+    cases = [
+        (["--data", data, "--out", q, "--log-dir", q],
+         f"--log-dir {q}: is the same path as --out {q}; choose another path"),
+        (["--data", data, "--out", tmp_path / "a.logs"],
+         f"--log-dir (default: next to --out) {tmp_path / 'a.logs'}: is the same path as --out {tmp_path / 'a.logs'}"),
+        (["--data", data, "--out", tmp_path / "r" / "metrics.jsonl", "--log-dir", tmp_path / "r"],
+         f"--out {tmp_path / 'r' / 'metrics.jsonl'}: is where the run writes its metrics.jsonl (--log-dir "
+         f"{tmp_path / 'r'}); choose another path"),
+        (["--data", data, "--out", data, "--force"], f"--out {data}: is the same path as --data {data}"),
+        (["--data", corpus, "--out", corpus / "a.json"],
+         f"--out {corpus / 'a.json'}: is inside --data {corpus}, whose files are all read as data"),
+        (["--data", corpus, "--out", tmp_path / "a.json", "--log-dir", corpus / "logs"],
+         f"--log-dir {corpus / 'logs'}: is inside --data {corpus}"),
+    ]
+    for args, phrase in cases:
+        one_line(run(TRAIN, *common, *args), "python -m consa_vllm.train: error: ", phrase)
+    assert entries(tmp_path) == ["corpus"] and entries(corpus) == ["d.jsonl"]
+    assert data.read_text().startswith('{"text"')
+
+
+@pytest.mark.parametrize("out", [".", "/"])
+def test_train_out_that_names_a_folder(tmp_path, tiny, out):
+    """`--out .` crashed with ValueError: PosixPath('.') has an empty name."""
+    model, data = tiny
+    assert one_line(run(TRAIN, "--model", model, "--data", data, "--out", out, cwd=tmp_path), "") == \
+        f"python -m consa_vllm.train: error: --out {out}: is a directory, expected a file to write"
+    assert entries(tmp_path) == []
+
+
+def test_export_force_replaces_only_a_checkpoint(tmp_path, tiny, alloc_file):
+    """export --force deleted any folder, checkpoint or not."""
+    model, _ = tiny
+    mine = tmp_path / "notmodel"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    assert one_line(run(CLI, "export", "--model", model, "--allocation", alloc_file, "--out", mine, "--force"), "") == (
+        f"consa-vllm export: error: --out {mine}: is a folder with files but no config.json, not an earlier export "
+        "or model checkpoint; --force replaces only those, so that nothing else is deleted: remove it yourself or "
+        "choose another path")
+    assert entries(mine) == ["notes.txt"] and entries(tmp_path) == ["notmodel"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run(CLI, "export", "--model", model, "--allocation", alloc_file, "--out", empty, "--force").returncode == 0
+    assert (empty / "config.json").is_file()
+
+
+def test_import_duo_runs_the_output_checks_of_make(tmp_path, locked):
+    """import-duo wrote its JSON before finding that --png could not be written, and named temporary files."""
+    out = tmp_path / "a.json"
+    one_line(run(CLI, *IMPORT, "--out", locked / "a.json"), "consa-vllm import-duo: error: ",
+             f"--out {locked / 'a.json'}: cannot write in {locked}")
+    (tmp_path / "afile").write_text("keep")
+    assert one_line(run(CLI, *IMPORT, "--out", out, "--png", tmp_path / "afile" / "x.png"), "") == (
+        f"consa-vllm import-duo: error: --png {tmp_path / 'afile' / 'x.png'}: cannot be created: "
+        f"{tmp_path / 'afile'} is a file (Not a directory)")
+    tsv = DUO / "full_attention_heads.tsv"
+    assert one_line(run(CLI, *IMPORT, "--out", tsv / "o.json"), "") == \
+        f"consa-vllm import-duo: error: --out {tsv / 'o.json'}: cannot be created: {tsv} is a file (Not a directory)"
+    assert one_line(run(CLI, *IMPORT, "--out", tsv, "--force"), "") == \
+        f"consa-vllm import-duo: error: --out {tsv}: is the same path as PATH {tsv}; choose another path"
+    assert entries(tmp_path) == ["afile", "locked"] and entries(locked) == []
+    assert (tmp_path / "afile").read_text() == "keep"
+
+
+# ----------------------------------------------------------------------------- review: before the model loads (#80-#87)
+
+
+@pytest.fixture
+def gpt2_dir(tmp_path, tiny) -> Path:
+    """The tiny model's files under a gpt2 config.json (shape fields kept): a family ConSA does not patch."""
+    model, _ = tiny
+    d = tmp_path / "gpt2"
+    shutil.copytree(model, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def test_unsupported_family_refused_before_the_weights_load(tmp_path, tiny, gpt2_dir):
+    _, data = tiny
+    from consa_vllm.families import supported_summary
+
+    why = f"{gpt2_dir / 'config.json'}: model_type 'gpt2' is not supported by consa-vllm; supported: " \
+          f"{supported_summary()}"
+    assert one_line(run(TRAIN, "--model", gpt2_dir, "--data", data, "--seq-len", 64, "--window", 16,
+                        "--out", tmp_path / "o" / "a.json"), "") == f"python -m consa_vllm.train: error: --model {why}"
+    assert one_line(run(CLI, "eval", "--model", gpt2_dir, "--window", 32), "") == \
+        f"consa-vllm eval: error: --model {why}"
+    assert entries(tmp_path) == ["gpt2"]
+
+
+@pytest.mark.parametrize("device, message", [
+    ("gpu", "--device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    ("cuda:x", "--device must be auto, cpu, cuda or cuda:N, got 'cuda:x'"),
+    ("cuda", "--device cuda: CUDA is not available on this machine"),
+    ("cuda:0", "--device cuda:0: CUDA is not available on this machine"),
+])
+def test_eval_device_checked_as_train_does(tiny, device, message):
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    model, data = tiny
+    assert one_line(run(CLI, "eval", "--model", model, "--window", 16, "--device", device), "") == \
+        f"consa-vllm eval: error: {message}"
+    assert one_line(run(TRAIN, "--model", model, "--data", data, "--device", device), "") == \
+        f"python -m consa_vllm.train: error: {message}"
+
+
+def test_eval_truncated_weights_are_one_line(tmp_path, tiny):
+    model, _ = tiny
+    d = tmp_path / "trunc"
+    shutil.copytree(model, d)
+    with open(d / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+    one_line(run(CLI, "eval", "--model", d, "--window", 16, "--contexts", 128, "--samples", 1, "--device", "cpu"),
+             f"consa-vllm eval: error: --model {d}: cannot load the model (", "header")
+
+
+@pytest.mark.parametrize("value", ["nan", "1e308", "-16", "inf"])
+def test_train_init_log_alpha_range(tmp_path, tiny, value):
+    """nan read as "loss became nan" after loading, 1e308 as an overflow traceback."""
+    model, data = tiny
+    shown = f"{float(value):g}"
+    assert one_line(run(TRAIN, "--model", model, "--data", data, "--seq-len", 64, "--window", 16,
+                        "--init-log-alpha", value, "--out", tmp_path / "o" / "a.json"), "") == (
+        "python -m consa_vllm.train: error: --init-log-alpha must be a number in [-15, 15] (beyond it every sampled "
+        f"gate is exactly 0 or 1 and the gates cannot learn), got {shown}")
+    assert entries(tmp_path) == []
+
+
+def test_run_that_fails_at_step_0_leaves_nothing(tmp_path, tiny):
+    """A run stopped before its first step left its log folder, so the corrected rerun needed --force."""
+    from safetensors.torch import load_file, save_file
+
+    model, data = tiny
+    bad = tmp_path / "nan-model"
+    shutil.copytree(model, bad)
+    weights = load_file(bad / "model.safetensors")
+    for k in weights:
+        if "embed" in k:
+            weights[k].fill_(float("nan"))
+    save_file(weights, bad / "model.safetensors", metadata={"format": "pt"})
+    args = ["--data", data, "--seq-len", 64, "--window", 16, "--steps", 2, "--no-progress",
+            "--out", tmp_path / "run" / "a.json"]
+    r = run(TRAIN, "--model", bad, *args)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("python -m consa_vllm.train: error: loss became nan at step 0")
+    assert entries(tmp_path) == ["nan-model"]
+    # The same command on a good model runs without --force.
+    r = run(TRAIN, "--model", model, *args)
+    assert r.returncode == 0, r.stderr
+    assert entries(tmp_path / "run") == ["a.json", "a.logs"]
+
+
+def test_resume_with_other_settings_refused_before_loading(tiny, trained, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    before = (run_dir / "a.json").read_text()
+    ck = run_dir / "a.logs" / "checkpoints" / "step_00000006"
+    # One line: the model never loaded (its loading bar would be a second line).
+    assert one_line(run(TRAIN, *train_args(tiny, run_dir / "a.json"), "--resume", "--seed", 1), "") == (
+        f"python -m consa_vllm.train: error: --resume {ck}: the checkpoint was made with different settings: "
+        "--seed 0 (now 1)")
+    assert one_line(run(TRAIN, *train_args(tiny, run_dir / "a.json", 6, "--window", 8), "--resume", ck), "") == (
+        f"python -m consa_vllm.train: error: --resume {ck}: the checkpoint was made with different settings: "
+        "--window 16 (now 8)")
+    assert (run_dir / "a.json").read_text() == before
+
+
+def test_sink_plus_window_covering_the_sequence(tmp_path, tiny):
+    model, data = tiny
+    assert one_line(run(TRAIN, "--model", model, "--data", data, "--seq-len", 128, "--window", 16, "--sink", 200,
+                        "--out", tmp_path / "o" / "a.json"), "") == (
+        "python -m consa_vllm.train: error: --sink 200 + --window 16 >= --seq-len 128: every query of a training "
+        "sequence sees all its keys (the first 200 as sinks, the others in its window), so sink + window attention "
+        "equals full attention and training cannot tell F from S; use a sink + window below --seq-len (or a longer "
+        "--seq-len)")
+    a = make_allocation("bottom", 0.5, L, H, 16, sink=112).save(tmp_path / "s.json")
+    one_line(run(TRAIN, "--model", model, "--data", data, "--seq-len", 128, "--allocation", a, "--stage2-steps", 1,
+                 "--save-model", tmp_path / "m", "--out", tmp_path / "o" / "a.json"),
+             "python -m consa_vllm.train: error: ", f"the sink 112 + window 16 of --allocation {a} >= --seq-len 128")
+    assert entries(tmp_path) == ["s.json"]
+
+
+def test_sink_covering_every_position_warns_like_the_window(tmp_path, tiny):
+    """make, import-duo and export said nothing of a sink beyond max_position_embeddings."""
+    model, _ = tiny
+    why = (f"sink 2040 + window 16 >= the model's max_position_embeddings 2048 ({model / 'config.json'}): the "
+           "sliding-window (S) heads see every token of any sequence the model takes, so they act as full attention "
+           "and save no KV memory")
+    a = tmp_path / "a.json"
+    r = run(CLI, "make", "--rule", "bottom", "--sparsity", "0.5", "--model", model, "--window", 16, "--sink", 2040,
+            "--out", a)
+    assert r.returncode == 0 and r.stderr.strip() == f"consa-vllm make: warning: {why}", r.stderr
+    r = run(CLI, "export", "--model", model, "--allocation", a, "--out", tmp_path / "dst")
+    assert r.returncode == 0 and r.stderr.strip() == f"consa-vllm export: warning: {why}", r.stderr
+    duo_model = tmp_path / "duo-shape"  # the Llama-3.1-8B pattern's shape, the tiny model's positions
+    duo_model.mkdir()
+    cfg = json.loads((model / "config.json").read_text())
+    cfg.update(num_hidden_layers=32, num_key_value_heads=8, num_attention_heads=32)
+    (duo_model / "config.json").write_text(json.dumps(cfg))
+    r = run(CLI, "import-duo", DUO, "--sparsity", "0.5", "--window", 16, "--sink", 2040, "--model", duo_model,
+            "--out", tmp_path / "d.json")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip() == "consa-vllm import-duo: warning: " + why.replace(str(model), str(duo_model))
+
+
+# ----------------------------------------------------------------------------- review: flags and messages (#88-#96)
+
+
+@pytest.mark.parametrize("cmd, flag", [
+    ("train", "--data"), ("train", "--log-dir"), ("train", "--tokenizer"), ("train", "--resume"),
+    ("train", "--save-model"), ("train", "--out"), ("train", "--allocation"),
+    ("eval", "--out"), ("eval", "--allocation"), ("make", "--out"), ("make", "--png"), ("export", "--out"),
+    ("import-duo", "--out"), ("show", "--png"),
+])
+def test_empty_path_is_refused_naming_the_flag(tmp_path, tiny, alloc_file, cmd, flag):
+    """An empty string read as the current folder (`--data ""` trained on it) or as no flag at all."""
+    model, data = tiny
+    base = {
+        "train": ["train", "--model", model, "--data", data, "--stage2-steps", 1, "--save-model", tmp_path / "m",
+                  "--out", tmp_path / "a.json"],
+        "eval": ["eval", "--model", model, "--window", 16],
+        "make": [*MAKE, "--out", tmp_path / "a.json"],
+        "export": ["export", "--model", model, "--allocation", alloc_file],
+        "import-duo": [*IMPORT],
+        "show": ["show", alloc_file],
+    }[cmd]
+    assert one_line(run(CLI, *base, flag, "", cwd=tmp_path), "") == (
+        f"consa-vllm {cmd}: error: argument {flag}: expected a path, got an empty string "
+        f"(see `consa-vllm {cmd} --help`)")
+    assert entries(tmp_path) == []
+
+
+def test_review_messages(tmp_path, tiny, alloc_file):
+    model, _ = tiny
+    # make --out DIR: "is a directory" at once, not "already exists; pass --force" first.
+    assert one_line(run(CLI, *MAKE, "--out", tmp_path), "") == \
+        f"consa-vllm make: error: --out {tmp_path}: is a directory, expected a file to write"
+    # serve an allocation file: not a checkpoint directory.
+    assert one_line(run(CLI, "serve", alloc_file), "") == (
+        f"consa-vllm serve: error: {alloc_file}: is a file, expected an exported checkpoint directory "
+        "(`consa-vllm export --model SRC --allocation A.json --out DST` writes one)")
+    # JSON's type names.
+    for text, shown in (("null", "null"), ("[1, 2]", "[1, 2] (an array)"), ('"x"', '"x" (a string)')):
+        p = write_alloc(tmp_path / "t.json", text)
+        assert one_line(run(CLI, "show", p), "") == f"consa-vllm show: error: {p}: expected a JSON object, got {shown}"
+    # eval --seed as make and train read it; show --context capped as every token count.
+    assert one_line(run(CLI, "eval", "--model", model, "--window", 16, "--seed", "x"), "") == (
+        "consa-vllm eval: error: argument --seed: expected a whole number (a seed), got 'x' "
+        "(see `consa-vllm eval --help`)")
+    assert one_line(run(CLI, "show", alloc_file, "--model", model, "--context", 10**23), "") == (
+        "consa-vllm show: error: argument --context: must be <= 2147483647, got 100000000000000000000000 "
+        "(see `consa-vllm show --help`)")
+
+
+def test_train_help_reads_right():
+    r = run(TRAIN, "--help")
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())
+    assert "(default: None)" not in text and "(default: True)" not in text and "(default: False)" not in text
+    assert text.count("(default: --model)") == 1 and text.count("(default: <out without .json>.logs") == 1
+    assert "--no-progress turn the progress bar off (it is on by default)" in text
+    assert "example: python -m consa_vllm.train --model ./Qwen3-0.6B --data ./corpus/" in text
+    assert "--seq-len SEQ_LEN tokens per packed training sequence (default: 2048)" in text
+    assert run(CLI, "train", "--help").stdout.count("consa-vllm train --model ./Qwen3-0.6B") == 1
+
+
+def test_eval_under_python_m_uses_its_own_name(tiny):
+    model, _ = tiny
+    r = run([sys.executable, "-m", "consa_vllm.eval"], "--model", model, "--seed", "x")
+    assert one_line(r, "") == ("python -m consa_vllm.eval: error: argument --seed: expected a whole number (a seed), "
+                               "got 'x' (see `python -m consa_vllm.eval --help`)")
+    assert run([sys.executable, "-m", "consa_vllm.eval"], "--help").stdout.startswith(
+        "usage: python -m consa_vllm.eval")

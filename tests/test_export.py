@@ -235,6 +235,11 @@ def test_existing_dst_refused_without_force(qwen3, alloc, tmp_path):
     with pytest.raises(ExportError, match=r"out: already exists; pass --force"):
         export_model(qwen3, alloc, dst)
     assert _entries(dst) == ["keep.txt"]
+    # force replaces only an earlier export or model checkpoint (a folder with config.json): nothing else is deleted
+    with pytest.raises(ExportError, match=r"out: is a folder with files but no config.json, not an earlier export"):
+        export_model(qwen3, alloc, dst, force=True)
+    assert _entries(dst) == ["keep.txt"]
+    (dst / "config.json").write_text("{}")  # now it reads as an earlier checkpoint
     export_model(qwen3, alloc, dst, force=True)
     assert "keep.txt" not in _entries(dst) and (dst / "config.json").is_file()
     assert _entries(tmp_path) == ["out"]
@@ -286,6 +291,9 @@ def test_malformed_allocation_file_refused(qwen3, tmp_path):
          "field 'architectures' is 'GPT2LMHeadModel', which ConSA cannot serve; supported: "
          + supported_summary()),
         (lambda d: _fake_checkpoint(d, {**BASE_CFG, "architectures": ["A", "B"]}), "must be a list with one name"),
+        (lambda d: _fake_checkpoint(d, {**BASE_CFG, "architectures": ["Qwen2ForCausalLM"],
+                                        "dual_chunk_attention_config": {"chunk_size": 262144}}),
+         "field 'dual_chunk_attention_config' is set, but ConSA attention does not implement dual-chunk attention"),
         (lambda d: (_fake_checkpoint(d, {**BASE_CFG, "architectures": ["LlamaForCausalLM"]}),
                     (d / "model.safetensors.index.json").write_text(json.dumps(
                         {"weight_map": {"x": "model-00002-of-00002.safetensors"}}))),

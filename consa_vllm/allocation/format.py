@@ -48,7 +48,7 @@ Tokens = Annotated[int, Field(ge=1, le=MAX_TOKENS)]
 def _json_int(value: Any) -> Any:
     """Refuse booleans and floats before a ``Literal`` int compares them equal to 1 (True == 1.0 == 1)."""
     if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"expected the JSON integer {FORMAT_VERSION}, got {_show(value)}")
+        raise ValueError(f"expected the JSON integer {FORMAT_VERSION}, got {describe_json(value)}")
     return value
 
 
@@ -229,7 +229,7 @@ def read_json_object(path: Path, error: type[Exception] = ValueError, missing: s
     except OSError as e:
         raise error(f"{path}: cannot read it ({e.strerror})") from None
     if not isinstance(data, dict):
-        raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
+        raise error(f"{path}: expected a JSON object, got {describe_json(data)}")
     return data
 
 
@@ -282,12 +282,13 @@ def _create_temp_file(path: Path) -> tuple[int, str]:
     raise FileExistsError(f"{path.parent}: no free temporary file name")  # pragma: no cover
 
 
-def _show(value: Any) -> str:
-    """A value as it reads in JSON, with its JSON type: ``"64" (a string)``, ``true (a boolean)``."""
+def describe_json(value: Any) -> str:
+    """A value as it reads in JSON, with its JSON type (JSON's names, not Python's):
+    ``"64" (a string)``, ``true (a boolean)``, ``[1, 2] (an array)``, ``null``."""
     kind = ("a boolean" if isinstance(value, bool) else "a string" if isinstance(value, str)
             else "not a finite number" if isinstance(value, float) and not math.isfinite(value)
             else "a number with a fraction or exponent" if isinstance(value, float)
-            else "a list" if isinstance(value, list) else "an object" if isinstance(value, dict)
+            else "an array" if isinstance(value, list) else "an object" if isinstance(value, dict)
             else "null" if value is None else "a number")
     try:
         text = json.dumps(value)
@@ -309,9 +310,9 @@ def _explain(e: ValidationError, source: str | os.PathLike | None) -> str:
         if kind == "missing":
             msg = "required field is missing"
         elif kind in ("int_type", "int_parsing", "int_from_float"):
-            msg = f"expected a JSON integer (a whole number without quotes), got {_show(value)}"
+            msg = f"expected a JSON integer (a whole number without quotes), got {describe_json(value)}"
         elif kind in ("string_type", "list_type"):
-            msg = f"expected {'a JSON string' if kind == 'string_type' else 'a JSON list'}, got {_show(value)}"
+            msg = f"expected {'a JSON string' if kind == 'string_type' else 'a JSON list'}, got {describe_json(value)}"
         elif kind == "too_long":
             msg = f"{ctx.get('actual_length')} layers; at most {ctx.get('max_length')} are allowed"
         elif kind == "greater_than_equal":

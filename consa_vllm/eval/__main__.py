@@ -1,7 +1,8 @@
-"""``python -m consa_vllm.eval``: see ``--help``."""
+"""``python -m consa_vllm.eval`` (also ``consa-vllm eval``): see ``--help``."""
 
 import sys
 
 from .cli import main
 
-sys.exit(main())
+# Its own name in usage and errors, as ``python -m consa_vllm.train`` does.
+sys.exit(main(prog="python -m consa_vllm.eval"))

@@ -16,8 +16,12 @@ from typing import Any, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
-from consa_vllm.cli_args import EXIT_USAGE, UsageParser, int_in_range, unit_interval
+from consa_vllm import families
+from consa_vllm.cli_args import (EXIT_USAGE, UsageParser, device_problem, int_in_range, path_arg, unit_interval,
+                                 whole_number)
 
+#: The command's name in its messages: ``consa-vllm eval`` (the README's), or
+#: ``python -m consa_vllm.eval`` when run that way, as the trainer does.
 PROG = "consa-vllm eval"
 
 
@@ -46,11 +50,11 @@ _positive = int_in_range(1, "tokens or items")
 _depth = unit_interval("0: needle at the start, 1: just before the query")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command line of ``consa-vllm eval``."""
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    """The command line of ``consa-vllm eval`` (``prog``: the name its usage and errors give)."""
     from .tasks import PRESETS
 
-    p = UsageParser(prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter, description=(
+    p = UsageParser(prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter, description=(
         "Evaluate a Hugging Face causal LM with a ConSA allocation (or dense): held-out LM loss, overall and "
         "by how far each token's context reaches beyond the sliding window; passkey and key-value retrieval "
         "accuracy at several context lengths and needle depths; KV-cache bytes per sequence from the "
@@ -58,19 +62,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--served-url the same prompts go, as token ids, to a vLLM server's completions API. The report is "
         "JSON, on stdout or in --out."),
         epilog="examples:\n"
-               "  consa-vllm eval --model ./ckpt --allocation a.json --data heldout/ --contexts 1024 2048\n"
-               "  consa-vllm eval --model ./exported      (the allocation embedded in config.json)\n"
-               "  consa-vllm eval --model ./ckpt --window 256          (dense, window only sets the buckets)\n"
-               "  consa-vllm eval --model ./exported --served-url http://127.0.0.1:8000")
-    p.add_argument("--model", required=True, metavar="DIR",
+               f"  {prog} --model ./ckpt --allocation a.json --data heldout/ --contexts 1024 2048\n"
+               f"  {prog} --model ./exported      (the allocation embedded in config.json)\n"
+               f"  {prog} --model ./ckpt --window 256          (dense, window only sets the buckets)\n"
+               f"  {prog} --model ./exported --served-url http://127.0.0.1:8000")
+    p.add_argument("--model", required=True, type=path_arg, metavar="DIR",
                    help="Hugging Face model directory (its tokenizer builds the prompts); an exported ConSA "
                         "checkpoint brings its allocation")
-    p.add_argument("--allocation", metavar="A.json",
+    p.add_argument("--allocation", type=path_arg, metavar="A.json",
                    help="allocation file (default: the one embedded in DIR/config.json, else dense)")
     p.add_argument("--window", type=_positive, metavar="W",
                    help="window of a dense evaluation (buckets, beyond-window flags); with an allocation it "
                         "must equal the allocation's window")
-    p.add_argument("--data", nargs="+", metavar="PATH",
+    p.add_argument("--data", nargs="+", type=path_arg, metavar="PATH",
                    help="held-out text files/folders (as the trainer reads them): LM loss, and filler for the "
                         "retrieval prompts (default: no loss; the classic passkey filler sentences)")
     p.add_argument("--text-field", default="text", help="key holding the text in jsonl/parquet --data")
@@ -90,15 +94,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="loss sequences read from --data (default: 16)")
     p.add_argument("--kv-contexts", nargs="+", type=_positive, metavar="N",
                    help="context lengths of the KV estimate (default: --contexts)")
-    p.add_argument("--seed", type=int, default=1234, help="seed of the retrieval prompts (default: 1234)")
+    p.add_argument("--seed", type=whole_number("a seed"), default=1234,
+                   help="seed of the retrieval prompts (default: 1234)")
     p.add_argument("--batch-size", type=_positive, default=8, help="sequences per forward pass (default: 8)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (reference backend)")
+    p.add_argument("--device", default="auto",
+                   help="auto, cpu, cuda or cuda:N (reference backend; default: auto, a GPU when there is one)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="model dtype (reference backend; default: float32)")
     p.add_argument("--served-url", metavar="URL",
                    help="evaluate the model served at URL (vLLM OpenAI API) instead of the reference")
     p.add_argument("--served-model", metavar="NAME", help="model name on the server (default: its first model)")
-    p.add_argument("--out", metavar="FILE.json", help="write the report here (default: stdout)")
+    p.add_argument("--out", type=path_arg, metavar="FILE.json", help="write the report here (default: stdout)")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     return p
 
 
@@ -118,6 +125,11 @@ def resolve(args: argparse.Namespace):
         shape = ModelShape.from_model_dir(model)
     except (FileNotFoundError, ValueError) as e:
         raise EvalError(f"--model {model}: {e}") from None
+    model_type = json.loads((model / "config.json").read_text()).get("model_type")
+    try:  # the family the reference attention patches (after the model loads, else)
+        families.by_model_type(model_type, where=str(model / "config.json"))
+    except families.UnsupportedFamilyError as e:
+        raise EvalError(f"--model {e}") from None
     alloc = None
     if args.allocation:
         try:
@@ -159,16 +171,22 @@ def resolve(args: argparse.Namespace):
         for d in args.data:
             if not Path(d).exists():
                 raise EvalError(f"--data {d}: no such file or directory")
-    if args.out:  # checked now: the report must not be lost after the evaluation
+    if args.out:  # checked now: the report must not be lost after the evaluation, nor overwrite an input
         from consa_vllm.outputs import output_problem
 
-        problem = output_problem(args.out, "file")
+        data = [("--data", d) for d in args.data or ()]
+        problem = output_problem(args.out, "file", force=args.force, read_folders=data,
+                                 others=[("--model", args.model), ("--allocation", args.allocation), *data])
         if problem:
             raise EvalError(f"--out {args.out}: {problem}")
     if args.served_model and not args.served_url:
         raise EvalError("--served-model needs --served-url")
     if args.served_url and not args.served_url.startswith(("http://", "https://")):
         raise EvalError(f"--served-url {args.served_url}: expected an http:// or https:// URL")
+    if not args.served_url:  # the reference backend runs on --device: one that exists here
+        problem = device_problem(args.device)
+        if problem:
+            raise EvalError(problem)
     return alloc, window, shape
 
 
@@ -180,14 +198,13 @@ def load_reference(model_dir: str | Path, alloc, window: int, device: str = "aut
 
     The S heads take the allocation's sink (``patch_model``'s default)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     from consa_vllm.reference import patch_model
+    from consa_vllm.train.loop import load_causal_lm
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype)).to(device)
-    model.config.use_cache = False
+    model = load_causal_lm(model_dir, dtype, device)  # unreadable weights: one line naming --model
     patch_model(model, window=window, allocation=alloc)
     return model
 
@@ -264,10 +281,10 @@ def evaluate(model_dir: str | Path, alloc, window: int, *, data: Sequence[str] |
                       retrieval=metrics.summarize_retrieval(prompts, correct), kv=kv, seconds=time.time() - t0)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``consa-vllm eval`` (also ``python -m consa_vllm.eval``)."""
-    args = build_parser().parse_args(argv)
-    from consa_vllm.train.config import DataError  # no torch: config.py is light
+def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
+    """Entry point of ``consa-vllm eval`` (``python -m consa_vllm.eval`` passes its own ``prog``)."""
+    args = build_parser(prog).parse_args(argv)
+    from consa_vllm.train.config import ConfigError, DataError  # no torch: config.py is light
 
     from .vllm_client import ServedModelError  # openai is imported only when a server is used
 
@@ -278,14 +295,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                           loss_sequences=args.loss_sequences, kv_contexts=args.kv_contexts, seed=args.seed,
                           batch_size=args.batch_size, device=args.device, dtype=args.dtype,
                           text_field=args.text_field, served_url=args.served_url, served_model=args.served_model)
-    except EvalError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+    except (EvalError, ServedModelError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except ServedModelError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except DataError as e:  # unreadable --data: the trainer's reader names the file
-        print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
+    except (DataError, ConfigError) as e:  # unreadable --data or weights: the trainer's readers name the file
+        print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_USAGE
     text = report.model_dump_json(indent=2)
     if args.out:
@@ -295,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             atomic_write_text(Path(args.out), text + "\n")
         except OSError as e:  # e.g. the disk filled up during the run: keep the report
             print(text)
-            print(f"{PROG}: error: --out {args.out}: cannot write it ({e.strerror}); the report is on stdout",
+            print(f"{prog}: error: --out {args.out}: cannot write it ({e.strerror}); the report is on stdout",
                   file=sys.stderr)
             return EXIT_USAGE
         print(f"wrote {args.out}", file=sys.stderr)

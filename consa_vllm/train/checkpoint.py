@@ -167,6 +167,20 @@ def verify_checkpoint(path: Path) -> None:
         raise CheckpointError(f"{f} is unreadable, truncated or corrupted ({_reason(e)})") from None
 
 
+def read_settings(path: Path) -> tuple[dict[str, Any], bool]:
+    """``(the trainer settings, whether FSDP was on)`` of checkpoint ``path``, from its
+    ``state.json`` alone (no tensor is read); :class:`CheckpointError` names a bad file."""
+    path = Path(path)
+    try:
+        tree = json.loads((path / STATE).read_text())["state"]["__dict__"]
+        config = unflatten(tree["config"], {})
+        if not isinstance(config, dict):
+            raise TypeError(f"'config' is a {type(config).__name__}")
+        return config, bool(tree.get("fsdp"))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path / STATE} is unreadable, truncated or corrupted ({_reason(e)})") from None
+
+
 def intact_before(path: Path) -> Path | None:
     """The newest checkpoint older than ``path`` (beside it) that :func:`verify_checkpoint` accepts."""
     path = Path(path)

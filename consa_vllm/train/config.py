@@ -5,17 +5,22 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from consa_vllm import families
-from consa_vllm.cli_args import UsageParser, whole_number
+from consa_vllm.cli_args import UsageParser, device_problem, path_arg, whole_number
 from consa_vllm.outputs import output_problem
 
 PROG = "python -m consa_vllm.train"
 #: What a run writes into its log folder; a new run (--force) removes an earlier run's.
 RUN_ARTIFACTS = ("metrics.jsonl", "checkpoints", "tensorboard", "allocation.png", "curves.png")
+#: The range of --init-log-alpha. Beyond +-15.4 every hard-concrete sample is exactly 0 or 1
+#: (the noise's logit lies within +-13.8, BETA is 2/3, the stretch clamps beyond ln 11), so the
+#: task loss gives the gates no gradient; 1e308 is not even a float32.
+MAX_INIT_LOG_ALPHA = 15.0
 
 
 class ConfigError(ValueError):
@@ -101,6 +106,18 @@ RESUME_FREE_FIELDS = {"resume", "progress", "checkpoint_every", "keep_checkpoint
                       "out", "save_model", "fsdp", "force"}
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" where it tells something: not to required flags, flags without a
+    default, switches (on/off is in their help) or helps that give the default themselves.
+    The description and the example keep their line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.required or action.default is None or action.nargs == 0 or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     """The trainer's command line; a usage error is one line naming the flag (exit status 2)."""
     d = TrainConfig()
@@ -108,21 +125,29 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p = UsageParser(
         prog=prog,
         description=(
-            "Learn which attention units (layers or KV heads) of a model can use "
-            "sliding-window attention (S) and which need full attention (F). Hard-concrete L0 "
-            "gates mix full and sliding-window attention per unit; an augmented Lagrangian "
-            "drives the expected sparsity to --target-sparsity; at the end an exact top-k "
-            "binarises the gates and the allocation file is written to --out."),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            "Learn which attention units (layers or KV heads) of a model can use sliding-window\n"
+            "attention (S) and which need full attention (F). Hard-concrete L0 gates mix full and\n"
+            "sliding-window attention per unit; an augmented Lagrangian drives the expected sparsity\n"
+            "to --target-sparsity; at the end an exact top-k binarises the gates and the allocation\n"
+            "file is written to --out."),
+        epilog=(
+            "example:\n"
+            f"  {prog} --model ./Qwen3-0.6B --data ./corpus/ \\\n"
+            "      --target-sparsity 0.75 --granularity kv_head --constraint per-layer --window 4096 \\\n"
+            "      --seq-len 8192 --steps 500 --freeze-weights --out alloc.json --log-dir runs/alloc\n"
+            "  consa-vllm show alloc.json --png alloc.png\n"
+            "  consa-vllm export --model ./Qwen3-0.6B --allocation alloc.json --out ./Qwen3-0.6B-consa"),
+        formatter_class=_HelpFormatter,
     )
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", required=True, help="local Hugging Face checkpoint directory of a supported family: "
-                   + families.supported_summary())
-    g.add_argument("--data", required=True, nargs="+", metavar="PATH",
+    g.add_argument("--model", required=True, type=path_arg, metavar="DIR",
+                   help="local Hugging Face checkpoint directory of a supported family: " + families.supported_summary())
+    g.add_argument("--data", required=True, nargs="+", type=path_arg, metavar="PATH",
                    help="text (.txt/.md/.py/...), .jsonl or .parquet files or folders of them, "
                         "or a folder written by datasets' save_to_disk")
     g.add_argument("--text-field", default=d.text_field, help="column/key holding the text in jsonl, parquet and datasets")
-    g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
+    g.add_argument("--tokenizer", default=None, type=path_arg, metavar="DIR",
+                   help="tokenizer directory (default: --model)")
     g.add_argument("--seq-len", type=tokens, default=d.seq_len, help="tokens per packed training sequence")
     g.add_argument("--max-tokens", type=tokens, default=None, help="stop reading data after this many tokens")
 
@@ -147,7 +172,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                    help="attention-sink tokens: S units also see keys 0..N-1 (the gates mix full attention with "
                         "sink + window attention; the allocation file records N)")
     g.add_argument("--init-log-alpha", type=float, default=d.init_log_alpha,
-                   help="initial gate log_alpha (high = every unit starts as full attention)")
+                   help=f"initial gate log_alpha, in [-{MAX_INIT_LOG_ALPHA:g}, {MAX_INIT_LOG_ALPHA:g}] (high = every "
+                        "unit starts as full attention)")
     g.add_argument("--target-warmup", type=float, default=d.target_warmup,
                    help="fraction of the stage-1 steps over which the target ramps linearly from 0")
 
@@ -166,24 +192,24 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     g = p.add_argument_group("stage 2 (continued training with the binary mask)")
     g.add_argument("--stage2-steps", type=count, default=d.stage2_steps,
                    help="weight-training steps with the binarised allocation fixed (needs --save-model)")
-    g.add_argument("--save-model", default=None, metavar="DIR",
+    g.add_argument("--save-model", default=None, type=path_arg, metavar="DIR",
                    help="write the trained model, with the allocation embedded for the vLLM plugin, to DIR")
-    g.add_argument("--allocation", default=None, metavar="FILE",
+    g.add_argument("--allocation", default=None, type=path_arg, metavar="FILE",
                    help="skip stage 1 and run only stage 2 with this fixed allocation (a rule-based one from "
                         "`consa-vllm make`, or one learned earlier); its granularity, window, sink and sparsity "
                         "replace --granularity, --window, --sink and --target-sparsity; needs --stage2-steps and "
                         "--save-model")
 
     g = p.add_argument_group("output and runtime")
-    g.add_argument("--out", default=d.out, help="allocation file to write (JSON)")
+    g.add_argument("--out", default=d.out, type=path_arg, metavar="FILE.json", help="allocation file to write (JSON)")
     g.add_argument("--force", action="store_true",
                    help="start a new run even if --out or the log folder hold an earlier run's results: "
                         "they are replaced (without it such a run is refused)")
-    g.add_argument("--log-dir", default=None,
+    g.add_argument("--log-dir", default=None, type=path_arg, metavar="DIR",
                    help="metrics.jsonl, checkpoints, plots (default: <out without .json>.logs next to --out)")
     g.add_argument("--checkpoint-every", type=count, default=d.checkpoint_every, help="steps between checkpoints (0: none)")
     g.add_argument("--keep-checkpoints", type=count, default=d.keep_checkpoints, help="how many recent checkpoints to keep")
-    g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
+    g.add_argument("--resume", nargs="?", const="auto", default=None, type=path_arg, metavar="CKPT",
                    help="resume from the latest checkpoint in --log-dir, or from the checkpoint directory given")
     g.add_argument("--seed", type=whole_number("a seed"), default=d.seed, help="seed of data order, gate noise and everything random")
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N (under torchrun: the local rank's GPU)")
@@ -191,7 +217,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     g.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard the model over the processes with FSDP2 (for models that do not "
                         "fit one GPU) instead of replicating it with DDP; gates and multipliers stay replicated")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    g.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="turn the progress bar off (it is on by default)")
     return p
 
 
@@ -213,6 +240,9 @@ def validate(cfg: TrainConfig) -> None:
     need(0.0 <= cfg.target_sparsity <= 1.0, f"--target-sparsity must be in [0, 1], got {cfg.target_sparsity}")
     need(cfg.window >= 1, f"--window must be >= 1, got {cfg.window}")
     need(0 <= cfg.sink <= 2**31 - 1, f"--sink must be a whole number of tokens in 0..2147483647, got {cfg.sink}")
+    need(abs(cfg.init_log_alpha) <= MAX_INIT_LOG_ALPHA,  # also refuses nan
+         f"--init-log-alpha must be a number in [-{MAX_INIT_LOG_ALPHA:g}, {MAX_INIT_LOG_ALPHA:g}] (beyond it every "
+         f"sampled gate is exactly 0 or 1 and the gates cannot learn), got {cfg.init_log_alpha:g}")
     need(cfg.seq_len >= 2, f"--seq-len must be >= 2, got {cfg.seq_len}")
     need(cfg.max_tokens is None or cfg.max_tokens >= cfg.seq_len,
          f"--max-tokens ({cfg.max_tokens}) must be at least --seq-len ({cfg.seq_len})")
@@ -233,9 +263,8 @@ def validate(cfg: TrainConfig) -> None:
          "--constraint per-layer needs --granularity kv_head: with one gate per layer every layer is all F "
          "or all S, so a per-layer sparsity between 0 and 1 cannot be met; use --constraint global")
     need(cfg.dtype in ("float32", "bfloat16"), f"--dtype must be float32 or bfloat16, got {cfg.dtype!r}")
-    dev = cfg.device
-    need(dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:") and dev[5:].isdigit(),
-         f"--device must be auto, cpu, cuda or cuda:N, got {dev!r}")
+    problem = device_problem(cfg.device)  # imports torch only for a CUDA device
+    need(problem is None, str(problem))
 
     # model directory
     model = Path(cfg.model)
@@ -253,6 +282,10 @@ def validate(cfg: TrainConfig) -> None:
         ModelShape.from_config(conf)  # every shape field a positive integer
     except ValueError as e:
         raise ConfigError(f"--model {cfg_json}: {e}") from None
+    try:  # the family the reference attention patches (after the model loads, else)
+        families.by_model_type(conf.get("model_type"), where=str(cfg_json))
+    except families.UnsupportedFamilyError as e:
+        raise ConfigError(f"--model {e}") from None
     max_pos = conf.get("max_position_embeddings")
     need(not isinstance(max_pos, int) or cfg.seq_len <= max_pos,
          f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings {max_pos} ({cfg_json}): "
@@ -277,13 +310,31 @@ def validate(cfg: TrainConfig) -> None:
             f"{what} >= --seq-len {cfg.seq_len}: every training sequence fits in the window, so sliding-window "
             "attention equals full attention and training cannot tell F from S; use a window below --seq-len "
             "(or a longer --seq-len)")
+    if cfg.sink and cfg.sink + cfg.window >= cfg.seq_len:  # S sees keys 0..sink-1 and i-W+1..i: all of them
+        what = (f"the sink {cfg.sink} + window {cfg.window} of --allocation {cfg.allocation}" if cfg.allocation
+                else f"--sink {cfg.sink} + --window {cfg.window}")
+        raise ConfigError(
+            f"{what} >= --seq-len {cfg.seq_len}: every query of a training sequence sees all its keys (the first "
+            f"{cfg.sink} as sinks, the others in its window), so sink + window attention equals full attention and "
+            "training cannot tell F from S; use a sink + window below --seq-len (or a longer --seq-len)")
 
-    # outputs: checked now, so that nothing is lost after the training
-    out, log = Path(cfg.out), cfg.log_path
+    # outputs: checked now, so that nothing is lost after the training. None of them may be
+    # an input, another output, or lie in a --data folder (the next run would train on it).
+    inputs = [("--model", cfg.model), ("--tokenizer", cfg.tokenizer), *(("--data", d) for d in cfg.data),
+              ("--allocation", cfg.allocation), ("--resume", None if cfg.resume == "auto" else cfg.resume)]
+    data_folders = [("--data", d) for d in cfg.data]
+    out = Path(cfg.out)
+    problem = output_problem(out, "file", others=inputs, read_folders=data_folders)
+    need(problem is None, f"--out {out}: {problem}")  # before log_path, which is made from its name
+    log = cfg.log_path
     log_flag = "--log-dir" if cfg.log_dir else "--log-dir (default: next to --out)"
-    for flag, path, kind in (("--out", out, "file"), (log_flag, log, "contents")):
-        problem = output_problem(path, kind)
-        need(problem is None, f"{flag} {path}: {problem}")
+    problem = output_problem(log, "contents", others=[*inputs, ("--out", out)], read_folders=data_folders)
+    need(problem is None, f"{log_flag} {log}: {problem}")
+    real_out = Path(os.path.realpath(out))
+    for a in RUN_ARTIFACTS:  # what the run writes in its log folder (and a --force run removes)
+        spot = Path(os.path.realpath(log / a))
+        need(real_out != spot and spot not in real_out.parents,
+             f"--out {out}: is where the run writes its {a} ({log_flag} {log}); choose another path")
     need(not (cfg.force and cfg.resume), "--force starts a new run and --resume continues one: give only one")
     if not cfg.resume and not cfg.force:
         need(not out.exists(), f"--out {out}: already exists (an earlier run's allocation); pass --force to "
@@ -301,21 +352,38 @@ def validate(cfg: TrainConfig) -> None:
             inside = path.resolve() == sm.resolve() or sm.resolve() in path.resolve().parents
             need(not inside, f"--save-model {sm}: {flag} {path} is inside it, and the trained model replaces "
                              "that folder at the end; put them in different places")
-        problem = output_problem(sm, "folder")
+        problem = output_problem(sm, "folder", others=inputs, read_folders=data_folders)
         need(problem is None, f"--save-model {sm}: {problem}")
     if cfg.resume and cfg.resume != "auto":
         r = Path(cfg.resume)
         need(r.is_dir() and (r / "state.json").is_file(),
              f"--resume {cfg.resume}: not a checkpoint directory (no state.json)")
     if cfg.resume:  # before the model loads: a truncated checkpoint is named, with the one to use instead
-        from .checkpoint import CheckpointError, explain_bad_checkpoint, latest_checkpoint, verify_checkpoint
+        from .checkpoint import (CheckpointError, explain_bad_checkpoint, latest_checkpoint, read_settings,
+                                 verify_checkpoint)
 
         path = latest_checkpoint(log / "checkpoints") if cfg.resume == "auto" else Path(cfg.resume)
         if path is not None:
             try:
                 verify_checkpoint(path)
+                saved, fsdp = read_settings(path)
             except CheckpointError as e:
                 raise ConfigError(explain_bad_checkpoint(e, path)) from None
+            check_resume_settings(cfg, saved, fsdp, path)
+
+
+def check_resume_settings(cfg: TrainConfig, saved: dict[str, Any], fsdp: bool, path: Path) -> None:
+    """Refuse to continue the checkpoint ``path``, made with the settings ``saved`` (with or
+    without ``fsdp``), under other settings: the run would not reach the result it started for."""
+    if fsdp != cfg.fsdp:  # optimizer states are keyed differently
+        raise ConfigError(f"--resume {path}: the checkpoint was made {'with' if fsdp else 'without'} --fsdp; "
+                          f"resume {'with' if fsdp else 'without'} it")
+    # A setting the checkpoint does not record (it predates the flag, e.g. --sink) had its default.
+    old = {**TrainConfig().to_dict(), **saved}
+    diffs = [k for k, v in cfg.to_dict().items() if k not in RESUME_FREE_FIELDS and old.get(k) != v]
+    if diffs:
+        raise ConfigError(f"--resume {path}: the checkpoint was made with different settings: " + ", ".join(
+            f"--{k.replace('_', '-')} {old.get(k)!r} (now {getattr(cfg, k)!r})" for k in diffs))
 
 
 def _use_fixed_allocation(cfg: TrainConfig, model_config: dict) -> None:

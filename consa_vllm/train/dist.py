@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from consa_vllm.cli_args import device_problem
+
 from .config import ConfigError
 
 
@@ -46,9 +48,10 @@ class Parallel:
         """
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+        problem = device_problem(device)  # validate() checked it; a direct caller gets the same message
+        if problem:
+            raise ConfigError(problem)
         want_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-        if want_cuda and not torch.cuda.is_available():
-            raise ConfigError(f"--device {device}: CUDA is not available on this machine")
         if want_cuda:
             dev = torch.device(f"cuda:{local}" if world > 1 or device in ("auto", "cuda") else device)
             torch.cuda.set_device(dev)

@@ -27,6 +27,8 @@ import os
 import random
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -119,7 +121,7 @@ def train_duo(cfg: TrainConfig, tasks: Sequence | None = None) -> Allocation:
     its tokenizer (e.g. the symbolic task of a word-level test model).
     """
     from .dist import Parallel
-    from .loop import load_model, load_tokenizer, patch_model
+    from .loop import first_missing, load_model, load_tokenizer, patch_model
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("--method duo runs in one process (it learns one gate per KV head with frozen weights); "
@@ -142,10 +144,11 @@ def train_duo(cfg: TrainConfig, tasks: Sequence | None = None) -> Allocation:
     alpha = torch.ones(state.num_layers, state.num_kv_heads, device=device, requires_grad=True)
     opt = torch.optim.Adam([alpha], lr=cfg.gate_lr)
     log_dir = cfg.log_path
+    made_log_root = first_missing(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     history: list[dict[str, Any]] = []
     t0 = time.time()
-    with open(log_dir / "metrics.jsonl", "w") as metrics:
+    with _discard_if_empty(log_dir, made_log_root, history), open(log_dir / "metrics.jsonl", "w") as metrics:
         for step in range(cfg.steps):
             sums = torch.zeros(2)
             for m in range(cfg.grad_accum):
@@ -199,6 +202,19 @@ def train_duo(cfg: TrainConfig, tasks: Sequence | None = None) -> Allocation:
         print(render_text(alloc), file=sys.stderr)
     print(f"allocation: {cfg.out}\nlogs and plots: {log_dir}", file=sys.stderr)
     return alloc
+
+
+@contextmanager
+def _discard_if_empty(log_dir: Path, made_root: Path | None, history: list) -> Iterator[None]:
+    """A run stopped before its first step leaves no logs (:func:`discard_empty_logs`)."""
+    try:
+        yield
+    except BaseException:
+        if not history:
+            from .loop import discard_empty_logs
+
+            discard_empty_logs(log_dir, made_root)
+        raise
 
 
 def gates_of(path: str | Path) -> list[list[float]]:

@@ -21,7 +21,7 @@ from consa_vllm.allocation import Allocation, atomic_write_text, plot_allocation
 
 from . import checkpoint as ckpt
 from . import dist
-from .config import RESUME_FREE_FIELDS, RUN_ARTIFACTS, ConfigError, TrainConfig, TrainingDiverged
+from .config import RUN_ARTIFACTS, ConfigError, TrainConfig, TrainingDiverged, check_resume_settings
 from .data import PackedData, load_data
 from .gates import binarize_topk, expand, expected_sparsity, mask_to_pattern, num_sliding, prob_nonzero, sample_z
 from .lagrangian import Lagrangian, target_at
@@ -76,11 +76,20 @@ def load_tokenizer(cfg: TrainConfig):
 
 def load_model(cfg: TrainConfig, device: torch.device):
     """The HF causal LM in ``--dtype`` on ``device``, KV cache off (training only)."""
+    return load_causal_lm(cfg.model, cfg.dtype, device)
+
+
+def load_causal_lm(path: str | Path, dtype: str, device: torch.device | str):
+    """The HF causal LM at ``path`` in ``dtype`` on ``device``, KV cache off (also ``consa-vllm eval``'s).
+
+    Weights that cannot be read (a truncated or corrupted file) are one :class:`ConfigError`
+    naming ``--model``, not the loader's traceback.
+    """
     from transformers import AutoModelForCausalLM
     try:
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=getattr(torch, cfg.dtype))
-    except Exception as e:
-        raise ConfigError(f"--model {cfg.model}: cannot load the model ({e})") from None
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
+    except Exception as e:  # transformers and safetensors raise many types here
+        raise ConfigError(f"--model {path}: cannot load the model ({' '.join(str(e).split())})") from None
     model.config.use_cache = False
     return model.to(device)
 
@@ -223,15 +232,8 @@ class Trainer:
             step, st = ckpt.load_checkpoint(path)
         except ckpt.CheckpointError as e:  # damaged after validate() checked it, or a bad tensor
             raise ConfigError(ckpt.explain_bad_checkpoint(e, path)) from None
-        if bool(st.get("fsdp")) != cfg.fsdp:  # optimizer states are keyed differently
-            raise ConfigError(f"--resume {path}: the checkpoint was made {'with' if st.get('fsdp') else 'without'} "
-                              f"--fsdp; resume {'with' if st.get('fsdp') else 'without'} it")
-        # A setting the checkpoint does not record (it predates the flag, e.g. --sink) had its default.
-        old = {**TrainConfig().to_dict(), **st["config"]}
-        diffs = [k for k, v in cfg.to_dict().items() if k not in RESUME_FREE_FIELDS and old.get(k) != v]
-        if diffs:
-            raise ConfigError(f"--resume {path}: the checkpoint was made with different settings: " + ", ".join(
-                f"--{k.replace('_', '-')} {old.get(k)!r} (now {getattr(cfg, k)!r})" for k in diffs))
+        # validate() compared the settings already; this catches a checkpoint replaced since.
+        check_resume_settings(cfg, st["config"], bool(st.get("fsdp")), path)
         with torch.no_grad():
             self.net.log_alpha.copy_(st["trainable"]["log_alpha"])
             self.net.lagrangian.lambda1.copy_(st["trainable"]["lambda1"])
@@ -249,6 +251,7 @@ class Trainer:
     def open_logs(self) -> None:
         if self.step == 0:  # a new run: nothing of an earlier one stays in its folder (validate needs --force)
             self._remove_earlier_run()
+        self.made_log_root = first_missing(self.cfg.log_path)
         self.cfg.log_path.mkdir(parents=True, exist_ok=True)
         kept = []
         if self.metrics_path.exists():  # after a resume, drop what the checkpoint does not cover
@@ -362,6 +365,18 @@ class Trainer:
         opt_states, stage = self.resume() if cfg.resume else (None, 1)
         if self.main:
             self.open_logs()
+        try:
+            return self._run(opt_states, stage)
+        except BaseException:
+            if self.main and not self.history and self.last_ckpt is None:
+                self.metrics_file.close()
+                if self.tb:
+                    self.tb.close()
+                discard_empty_logs(cfg.log_path, self.made_log_root)
+            raise
+
+    def _run(self, opt_states: dict | None, stage: int) -> Allocation:
+        cfg = self.cfg
         if self.step < cfg.steps:
             self.run_stage(1, cfg.steps, opt_states)
         if stage == 1:  # stage 2 starts with fresh optimizers
@@ -401,6 +416,39 @@ class Trainer:
         plot_curves(self.history, cfg.log_path / "curves.png")
         print(render_text(alloc), file=sys.stderr)
         print(f"allocation: {cfg.out}\nlogs, checkpoints and plots: {cfg.log_path}", file=sys.stderr)
+
+
+def first_missing(path: Path) -> Path | None:
+    """The highest of ``path`` and its parents that does not exist: what ``mkdir(parents=True)`` creates."""
+    missing = None
+    for p in (path, *path.parents):
+        if p.exists():
+            break
+        missing = p
+    return missing
+
+
+def discard_empty_logs(log: Path, made_root: Path | None) -> None:
+    """Remove what a run that stopped before recording its first step left in ``log``: an
+    empty ``metrics.jsonl`` and TensorBoard's empty event file, and the folders the run made
+    (``made_root``: :func:`first_missing` before it made them) where they are empty now.
+    Nothing was learned, and without them the corrected command runs again without --force
+    (they would read as an earlier run)."""
+    for name in ("metrics.jsonl", "tensorboard"):
+        path = log / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists():
+            path.unlink()
+    if made_root is None:
+        return
+    for folder in (log, *log.parents):
+        try:
+            folder.rmdir()
+        except OSError:  # something else is in it: leave it and its parents
+            return
+        if folder == made_root:
+            return
 
 
 def train(cfg: TrainConfig) -> Allocation:
