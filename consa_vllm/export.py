@@ -43,7 +43,8 @@ from typing import Any, Mapping
 from .allocation.format import Allocation, AllocationError, atomic_write_text, describe_json, read_json_object
 from . import families
 from .allocation.shape import ModelShape
-from .outputs import make_temp_dir, output_problem, remove_stale_temps, signals_held, signals_raise, stale_temps
+from .outputs import (fsync_dir, make_temp_dir, output_problem, remove_stale_temps, signals_held, signals_raise,
+                      stale_temps)
 
 CONFIG_KEY = "consa"
 
@@ -327,7 +328,7 @@ def export_model(
             for f in others:
                 shutil.copy2(f, tmp / f.name)
             atomic_write_text(tmp / "config.json", json.dumps(new_config, indent=2, sort_keys=True) + "\n")
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             with signals_held():  # the two renames of a swap are never split by a signal
                 _swap_into_place(tmp, dst)
                 swapped = True
@@ -396,19 +397,6 @@ def _link_or_copy(src: Path, dst: Path, link: bool) -> None:
         except OSError:  # EXDEV across filesystems, EPERM where links are not allowed
             pass
     shutil.copy2(src, dst)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _clean_up_after_killed_exports(dst: Path) -> None:

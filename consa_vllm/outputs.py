@@ -12,6 +12,7 @@
   terminal) into :class:`Interrupted`, a ``KeyboardInterrupt``, so the clean-up that runs
   on Ctrl-C runs then too; :func:`signals_held` defers them over a step that must not be
   split (two renames).
+- :func:`fsync_dir` makes the renames in a folder durable.
 
 Standard library only: the vLLM plugin loader imports modules that import this one.
 """
@@ -139,6 +140,25 @@ def remove_stale_temps(dst: str | os.PathLike, kind: str = "consa-tmp") -> list[
     for path in removed:
         shutil.rmtree(path, ignore_errors=True)
     return removed
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush the entries of folder ``path`` (files made or renamed in it) to disk.
+
+    ``os.replace`` and ``fsync`` of a file do not make the rename itself durable: after a power
+    cut the folder may show the old entry. Where a folder cannot be opened or synced (some
+    platforms and file systems), nothing is done: the rename is then as durable as it gets.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _alive(pid: int) -> bool:

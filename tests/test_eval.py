@@ -42,6 +42,15 @@ def _find(hay: list[int], needle: list[int]) -> list[int]:
     return [i for i in range(len(hay) - len(needle) + 1) if hay[i:i + len(needle)] == needle]
 
 
+def _needle_ids(tok, task, ids: list[int], answer: str) -> list[int]:
+    """The ids of the needle that holds ``answer`` for the query ending ``ids`` (its key read back from the text)."""
+    key = None
+    if "{key}" in task.query:
+        words = tok.decode(ids[-12:]).split()
+        key = words[words.index("==") - 1]
+    return tok(task.needle.format(key=key, value=answer.strip()), add_special_tokens=False)["input_ids"]
+
+
 # ----------------------------------------------------------------------------- tasks
 
 
@@ -59,7 +68,11 @@ def test_sample_has_exact_length_and_needle_at_the_stated_distance(bpe, task, de
     query_end = bpe(task.query.format(key="k_xxxx"), add_special_tokens=False)["input_ids"][-1]
     assert s.prompt_ids[-1] == query_end  # the prompt ends with the query
     assert s.answer_ids == bpe(s.answer, add_special_tokens=False)["input_ids"]
-    assert s.beyond_window == (s.distance >= WINDOW)
+    # Changed from `s.distance >= WINDOW` (the needle's first token) to the stricter, correct rule:
+    # beyond the window only when the needle's last token is, with the needle's exact ids at start.
+    real = _needle_ids(bpe, task, s.prompt_ids, s.answer)
+    assert s.prompt_ids[start:start + len(real)] == real and s.needle_tokens == len(real)
+    assert s.beyond_window == (199 - (start + len(real) - 1) >= WINDOW)
 
 
 def test_depth_orders_the_distance_and_samples_are_deterministic(bpe):
@@ -114,6 +127,44 @@ def test_training_document_queries_are_beyond_min_distance(words):
             assert (q + 1) - needle >= 24  # the query's last token is min_distance from the needle
 
 
+@pytest.mark.parametrize("sink", [0, 5])
+def test_duo_documents_keep_every_needle_token_out_of_the_query_window_and_the_sink(bpe, sink):
+    """--method duo's documents (multi-token BPE needles): a sliding-window head at a query (keys
+    q-W+1..q, and 0..sink-1) sees no token of the needle that holds its answer, so only full
+    attention can answer; the needle may end exactly W before the query (the bound is tight)."""
+    from consa_vllm.train.duo import duo_batch
+
+    filler = Filler(bpe, None, min_tokens=400)
+    window = 64  # a quarter of the document: most queries must be pushed out to their needles' window
+    gaps, answers = [], 0
+    for index in range(12):
+        ids, mask = duo_batch([PASSKEY, KV], bpe, filler, 256, window, sink, 4, 0, index)
+        for r, task in enumerate([PASSKEY, KV] * 2):  # row r uses task (index * 4 + r) % 2
+            row, m = ids[r].tolist(), mask[r].tolist()
+            starts = [t for t in range(len(m)) if m[t] and not m[t - 1]]
+            for a in starts:
+                end = next((t for t in range(a, len(m)) if not m[t]), len(m))
+                needle = _needle_ids(bpe, task, row[:a], bpe.decode(row[a:end]))
+                (at,) = _find(row, needle)  # exactly once, before its query
+                q, last = a - 1, at + len(needle) - 1
+                assert at >= sink and last < q - window + 1, (index, r, at, last, q)
+                gaps.append(q - last)
+                answers += 1
+    assert answers >= 50 and min(gaps) == window, (answers, sorted(gaps)[:5])
+
+
+def test_beyond_window_counts_from_the_needles_last_token():
+    from consa_vllm.eval.tasks import Sample
+
+    def sample(needle_at, needle_tokens, sink=0):
+        return Sample(task="t", prompt_ids=[0] * 100, answer_ids=[1], answer="a", context=100, depth=0.0,
+                      distance=99 - needle_at, window=16, sink=sink, needle_tokens=needle_tokens)
+
+    # The query (position 99) sees keys 84..99: a needle at 80..83 is out of reach, at 80..84 within it.
+    assert sample(80, 4).beyond_window and not sample(80, 5).beyond_window
+    assert sample(3, 10, sink=3).beyond_window and not sample(2, 10, sink=3).beyond_window
+
+
 # ----------------------------------------------------------------------------- metrics
 
 
@@ -140,6 +191,33 @@ def test_lm_loss_overall_equals_hf_loss_and_buckets_cover_every_token(tiny):
         one = model(input_ids=x[1:2], labels=x[1:2]).logits[0, WINDOW:-1].float()
     want = torch.nn.functional.cross_entropy(one, x[1, WINDOW + 1:]).item()
     assert per[1] == pytest.approx(want, rel=1e-5)
+
+
+def test_served_loss_report_is_the_reference_report_from_the_same_logprobs(tiny):
+    """ServedModel.lm_loss buckets the server's prompt logprobs with the reference's report
+    (metrics.loss_report): fed the reference's own logprobs, it gives the same report."""
+    from consa_vllm.eval.vllm_client import ServedModel
+
+    model = _model(tiny)
+    torch.manual_seed(2)
+    x = torch.randint(3, 500, (3, 70))
+    ref = metrics.lm_loss(model, x, WINDOW)
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=x).logits.float(), -1)[:, :-1].gather(-1, x[:, 1:, None])[..., 0]
+    by_prompt = {tuple(row): lp[i].tolist() for i, row in enumerate(x.tolist())}
+    served = object.__new__(ServedModel)  # no server: its logprobs are the reference's
+    served.token_logprobs = lambda ids: by_prompt[tuple(ids)]
+    got = served.lm_loss(x, WINDOW)
+    assert got.keys() == ref.keys()
+    for k in ("tokens", "window", "seq_len", "sequences"):
+        assert got[k] == ref[k], k
+    assert [(b["positions"], b["beyond_window"], b["tokens"]) for b in got["buckets"]] == \
+        [(b["positions"], b["beyond_window"], b["tokens"]) for b in ref["buckets"]]
+    for a, b in zip(got["buckets"], ref["buckets"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+    assert got["loss_beyond_window"] == pytest.approx(ref["loss_beyond_window"], rel=1e-5)
+    assert got["loss_beyond_window_per_sequence"] == pytest.approx(ref["loss_beyond_window_per_sequence"], rel=1e-5)
 
 
 def test_sliding_heads_change_only_the_buckets_beyond_the_window(tiny):

@@ -89,6 +89,25 @@ def test_duo_gates_find_the_planted_head(tmp_path, one_thread):
     assert len(metrics) == 60 and metrics[0]["mean_gate"] == 1.0
 
 
+def test_duo_force_replaces_an_earlier_consa_runs_logs(tmp_path, tiny_model):
+    """--method duo --force over the log folder of an earlier ConSA run: none of that run's files
+    (checkpoints, TensorBoard events) stay beside the new run's (one removal step for both methods)."""
+    from consa_vllm.train import TrainConfig, train
+
+    data = tmp_path / "hay.txt"
+    data.write_text(Path(random.__file__).read_text()[:60_000])
+    common = dict(model=str(tiny_model()), data=[str(data)], seq_len=128, window=32, steps=2, batch_size=1,
+                  target_sparsity=0.5, out=str(tmp_path / "a.json"), device="cpu", progress=False)
+    train(TrainConfig(**common, checkpoint_every=1, freeze_weights=True))
+    logs = tmp_path / "a.logs"
+    assert {"checkpoints", "tensorboard", "metrics.jsonl"} <= {p.name for p in logs.iterdir()}
+    alloc = train(TrainConfig(**common, method="duo", force=True))
+    assert sorted(p.name for p in logs.iterdir()) == ["allocation.png", "curves.png", "metrics.jsonl"]
+    assert [json.loads(x)["step"] for x in (logs / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+    assert Allocation.load(tmp_path / "a.json").model_extra["training"]["method"] == "duo" == \
+        alloc.model_extra["training"]["method"]
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "consa_vllm.train", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)

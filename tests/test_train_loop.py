@@ -3,6 +3,7 @@
 import json
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,6 +103,104 @@ def test_resume_refuses_changed_settings(tiny, tmp_path):
     train(cfg)
     with pytest.raises(ConfigError, match="--gate-lr"):
         train(replace(cfg, resume="auto", gate_lr=0.5))
+
+
+def test_resume_compares_grad_accum_times_processes(tiny, tmp_path, monkeypatch):
+    """Global micro-batch (step * accum + m) * world + rank picks the data and the gate noise, so a
+    checkpoint resumes on another number of processes exactly where accum x world is unchanged."""
+    from consa_vllm.train.checkpoint import latest_checkpoint, read_settings
+    from consa_vllm.train.config import check_resume_settings
+
+    cfg = cfg_for(tiny, tmp_path, steps=4, checkpoint_every=2, grad_accum=2)
+    train(cfg)
+    saved, fsdp, world = read_settings(latest_checkpoint(cfg.log_path / "checkpoints"))
+    assert world == 1 and not fsdp and saved["grad_accum"] == 2
+    # world 1 x accum 2 == world 2 x accum 1: accepted (validate reads torchrun's WORLD_SIZE)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    validate(replace(cfg, resume="auto", grad_accum=1))
+    with pytest.raises(ConfigError) as e:  # 2 x 2 micro-batches per step instead of 2
+        validate(replace(cfg, resume="auto"))
+    msg = str(e.value)
+    assert "--grad-accum 2 on 1 process" in msg and "--nproc-per-node" in msg and "now --grad-accum 2 on 2" in msg
+    assert msg.endswith("resume with --grad-accum 1 on 2 processes")
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(ConfigError, match="--grad-accum 2 on 1 process.*now --grad-accum 1 on 1"):
+        validate(replace(cfg, resume="auto", grad_accum=1))
+
+    # The comparison itself: accum 4 on 2 processes == 8 micro-batches a step.
+    run = replace(cfg, grad_accum=4)
+    for accum, world in ((8, 1), (2, 4), (1, 8)):
+        check_resume_settings(replace(run, grad_accum=accum), run.to_dict(), False, tmp_path, 2, world)
+    with pytest.raises(ConfigError, match="resume on a number of processes .* that divides 8"):
+        check_resume_settings(replace(run, grad_accum=1), run.to_dict(), False, tmp_path, 2, 3)
+    # A checkpoint from before the world size was recorded: its --grad-accum, exactly, as before.
+    check_resume_settings(run, run.to_dict(), False, tmp_path, None, 2)
+    with pytest.raises(ConfigError, match=r"different settings: --grad-accum 4 \(now 8\)"):
+        check_resume_settings(replace(run, grad_accum=8), run.to_dict(), False, tmp_path, None, 1)
+
+
+def test_metrics_record_the_state_before_the_optimizer_step(tiny, tmp_path):
+    """Each metrics record describes the parameters its step's forward passes used: the
+    multipliers and the expected sparsity (global and per layer) are read before the update,
+    as the loss and the penalty can only be, so the penalty follows from the record's own values."""
+    from consa_vllm.train.gates import BETA, LOG_RATIO
+
+    cfg = cfg_for(tiny, tmp_path, steps=6, constraint="per-layer", lagrangian_lr=0.5)
+    train(cfg)
+    hist = [json.loads(l) for l in cfg.log_path.joinpath("metrics.jsonl").read_text().splitlines()]
+    first = hist[0]
+    assert first["lambda1"] == [0.0] * 4 and first["lambda2"] == [0.0] * 4  # the multipliers start at 0
+    at_init = 1 - torch.sigmoid(torch.tensor(cfg.init_log_alpha - BETA * LOG_RATIO)).item()
+    assert first["expected_sparsity"] == pytest.approx(at_init, rel=1e-4)  # float32; one step moves it ~10%
+    for r in hist:
+        per_layer = r["expected_sparsity_per_layer"]
+        assert sum(per_layer) / len(per_layer) == pytest.approx(r["expected_sparsity"], rel=1e-5, abs=1e-7)
+        gaps = [s - r["target"] for s in per_layer]
+        penalty = sum(l1 * g + l2 * g * g for l1, l2, g in zip(r["lambda1"], r["lambda2"], gaps))
+        assert r["penalty"] == pytest.approx(penalty, rel=1e-4, abs=1e-7), r
+    assert any(r["lambda1"] != [0.0] * 4 for r in hist[1:])  # the multipliers did move
+
+
+def test_interrupted_checkpoint_writes_are_recovered_on_resume(tmp_path, monkeypatch):
+    """A re-write killed between its two renames leaves the old checkpoint moved aside
+    (.old-step_*): it is put back; a leftover beside its checkpoint and unfinished writes
+    (.tmp-step_*) are removed. Every rename is followed by an fsync of the folder."""
+    from consa_vllm.train import checkpoint as ckpt
+
+    root = tmp_path / "checkpoints"
+    synced = []
+    monkeypatch.setattr(ckpt, "fsync_dir", lambda path: synced.append(Path(path)))
+    for step in (1, 2):
+        ckpt.save_checkpoint(root, step, {"x": torch.full((2,), float(step))})
+    assert synced.count(root) >= 4 and (root / "step_00000002").exists()
+    # Killed between the renames of a re-write of step 2, and one leftover beside step 1.
+    (root / "step_00000002").rename(root / ".old-step_00000002")
+    (root / ".tmp-step_00000002").mkdir()
+    (root / ".tmp-step_00000002" / "state.json").write_text("{")
+    shutil.copytree(root / "step_00000001", root / ".old-step_00000001")
+    assert ckpt.latest_checkpoint(root).name == "step_00000001"  # step 2 missing: the older one
+    notes = ckpt.recover_interrupted_writes(root)
+    assert len(notes) == 3 and any("restored" in n and "step_00000002" in n for n in notes)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000001", "step_00000002"]
+    assert ckpt.latest_checkpoint(root).name == "step_00000002"
+    assert ckpt.load_checkpoint(root / "step_00000002")[1]["x"].tolist() == [2.0, 2.0]
+    assert ckpt.recover_interrupted_writes(root) == []
+    # A completed re-write (after a resume from step 1) leaves no .old-step_* behind.
+    ckpt.save_checkpoint(root, 2, {"x": torch.full((2,), 20.0)})
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000001", "step_00000002"]
+    assert ckpt.load_checkpoint(root / "step_00000002")[1]["x"].tolist() == [20.0, 20.0]
+
+
+def test_trainer_resume_puts_a_moved_aside_checkpoint_back(tiny, tmp_path):
+    cfg = cfg_for(tiny, tmp_path, steps=4, checkpoint_every=2)
+    train(cfg)
+    root = cfg.log_path / "checkpoints"
+    (root / "step_00000004").rename(root / ".old-step_00000004")
+    resumed = train(replace(cfg, resume="auto"))
+    assert resumed.training["stage1_steps"] == 4
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002", "step_00000004"]
+    hist = [json.loads(l) for l in cfg.log_path.joinpath("metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in hist] == [0, 1, 2, 3]  # resumed at step 4: nothing left to train
 
 
 def test_nan_stops_and_keeps_last_checkpoint(tiny, tmp_path, monkeypatch):

@@ -325,8 +325,11 @@ def eval_prompts(out: Path, s: Settings2):
 
 
 def beyond(sample, window: int, sink: int) -> bool:
-    """No needle the answer needs is visible to an S head (window ``window``, ``sink`` sinks) from the query."""
-    return sample.distance >= window and sample.context - 1 - sample.distance >= sink
+    """No needle the answer needs is visible to an S head (window ``window``, ``sink`` sinks) from the query:
+    the closest one's last token lies ``window`` or more tokens back, its first at or after the sinks
+    (:attr:`consa_vllm.eval.tasks.Sample.beyond_window` with this allocation's window and sink)."""
+    return (sample.distance - (sample.needle_tokens - 1) >= window
+            and sample.context - 1 - sample.distance >= sink)
 
 
 def eval_one(model, alloc, prompts, templated, loss_seqs, s: Settings2) -> dict:

@@ -46,11 +46,12 @@ def _number(rng: random.Random, digits: int = 7) -> str:
 
 
 def compose(filler: Filler, context: int, pieces: list[tuple[float, list[int], bool]], query: list[int],
-            rng: random.Random) -> tuple[list[int], int]:
+            rng: random.Random) -> tuple[list[int], int, int]:
     """Filler with ``pieces`` ``(depth, ids, needed)`` inserted at their depths, then ``query``.
 
-    Returns ``(ids, distance)``: exactly ``context`` ids, and the distance (tokens to the last
-    prompt token) of the closest *needed* piece. Pieces keep their list order at equal depths.
+    Returns ``(ids, distance, needle_tokens)``: exactly ``context`` ids, the distance (from its
+    first token to the last prompt token) of the closest *needed* piece and that piece's length
+    (:class:`consa_vllm.eval.tasks.Sample`'s fields). Pieces keep their list order at equal depths.
     """
     n_fill = context - len(query) - sum(len(p) for _, p, _ in pieces)
     if n_fill < 0:
@@ -66,8 +67,8 @@ def compose(filler: Filler, context: int, pieces: list[tuple[float, list[int], b
         ids += pieces[i][1]
         prev = at
     ids += fill[prev:] + query
-    needed = [starts[i] for i, (_, _, need) in enumerate(pieces) if need]
-    return ids, context - 1 - max(needed)
+    closest = max((i for i, (_, _, need) in enumerate(pieces) if need), key=lambda i: starts[i])
+    return ids, context - 1 - starts[closest], len(pieces[closest][1])
 
 
 def _depths(rng: random.Random, first: float, n: int) -> list[float]:
@@ -115,9 +116,9 @@ def make_task_sample(task: str, tokenizer, filler: Filler, context: int, depth: 
         answer = f" {value}"
     else:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-    ids, distance = compose(filler, context, pieces, query, rng)
+    ids, distance, needle_tokens = compose(filler, context, pieces, query, rng)
     return Sample(task=task, prompt_ids=ids, answer_ids=enc(answer), answer=answer, context=context, depth=depth,
-                  distance=distance, window=window, sink=sink)
+                  distance=distance, window=window, sink=sink, needle_tokens=needle_tokens)
 
 
 def make_task_samples(tasks: Sequence[str], tokenizer, filler: Filler, contexts: Sequence[int],
@@ -205,7 +206,7 @@ def training_task_document(task: str, tokenizer, filler: Filler, length: int,
         gap, q, a = filler.take(rng.randint(1, 8), rng), enc(question), enc(answer)
         tail += gap + q + a
         tail_mask += [False] * (len(gap) + len(q)) + [True] * len(a)
-    ids, _ = compose(filler, length, [(d, enc(text), True) for d, text in pieces], tail, rng)
+    ids, _, _ = compose(filler, length, [(d, enc(text), True) for d, text in pieces], tail, rng)
     return ids, [False] * (length - len(tail)) + tail_mask
 
 
@@ -217,6 +218,7 @@ def make_training_sample(task: str, tokenizer, filler: Filler, context: int, rng
     enc = lambda s: encode(tokenizer, s)  # noqa: E731
     pieces, qa = training_instances(task, rng)
     question, answer = qa[0]
-    ids, distance = compose(filler, context, [(d, enc(text), True) for d, text in pieces], enc(question), rng)
+    ids, distance, needle_tokens = compose(filler, context, [(d, enc(text), True) for d, text in pieces],
+                                           enc(question), rng)
     return Sample(task=f"{task}-train", prompt_ids=ids, answer_ids=enc(answer), answer=answer, context=context,
-                  depth=min(d for d, _ in pieces), distance=distance, window=window)
+                  depth=min(d for d, _ in pieces), distance=distance, window=window, needle_tokens=needle_tokens)

@@ -32,13 +32,12 @@ further out (a logit, a percentage) is refused.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 from pathlib import Path
 from typing import Any, Literal
 
 from .format import FULL, MAX_TOKENS, SLIDING, Allocation, AllocationError, read_json_object
-from .rules import exact_count
+from .rules import exact_count, sliding_count
 
 DUO_TSV = "full_attention_heads.tsv"
 #: How far outside [0, 1] a published gate may lie (see the module docstring).
@@ -104,7 +103,7 @@ def sliding_heads(gates: list[list[float]], sparsity: float, constraint: Constra
     gates = [[min(1.0, max(0.0, g)) for g in row] for row in gates]
     if constraint == "global":
         n = num_layers * num_heads
-        k = min(n, math.floor(sparsity * n + 0.5 + 1e-9))  # round, halves up; 1e-9: 0.3 * 10 is 2.9999...
+        k = sliding_count(sparsity, n)
         order = sorted((gates[layer][h], layer, h) for layer in range(num_layers) for h in range(num_heads))
         return {(layer, h) for _, layer, h in order[:k]}
     if constraint == "per-layer":

@@ -2,10 +2,16 @@
 
 Every rule picks exactly ``round(rho * units)`` S units and refuses a rho that the unit
 count cannot hit exactly, so that comparisons are made at equal KV memory.
+
+:func:`sliding_count` is the package's one rounding rule from a sparsity to a number of S
+units; the trainer's binarisation, ``import-duo`` and ``--method duo`` use it too, and
+:func:`nearest_exact` is the one test of whether a sparsity is met exactly (``make``,
+``import-duo`` and the trainer's ``--target-sparsity`` check).
 """
 
 from __future__ import annotations
 
+import math
 import random as _random
 from typing import Literal
 
@@ -13,21 +19,39 @@ from .format import FULL, SLIDING, Allocation
 
 Rule = Literal["interleave", "bottom", "top", "middle", "random", "uniform"]
 RULES: tuple[str, ...] = ("interleave", "bottom", "top", "middle", "random", "uniform")
+#: How far ``rho * units`` may lie from a whole number and still be met exactly: a float
+#: sparsity such as 0.3 never is (0.3 * 10 is 2.9999999999999996).
+EXACT_TOLERANCE = 1e-6
+
+
+def sliding_count(rho: float, units: int) -> int:
+    """How many of ``units`` become S at sparsity ``rho``: ``round(rho * units)``, halves up, in 0..units."""
+    # 1e-9: a half that the float product misses by a rounding error still rounds up (0.58 * 25 is 14.4999...).
+    return min(units, max(0, math.floor(rho * units + 0.5 + 1e-9)))
+
+
+def nearest_exact(rho: float, units: int) -> tuple[float, float] | None:
+    """None when ``rho * units`` is a whole number (within :data:`EXACT_TOLERANCE`); else the
+    nearest sparsities below and above ``rho`` that are."""
+    need = rho * units
+    if abs(sliding_count(rho, units) - need) <= EXACT_TOLERANCE:
+        return None
+    lo = math.floor(need)
+    return lo / units, min(lo + 1, units) / units
 
 
 def exact_count(rho: float, units: int, what: str = "units") -> int:
     """The number of S units for sparsity ``rho``; raises if ``rho * units`` is not whole."""
     if not 0.0 <= rho <= 1.0:
         raise ValueError(f"sparsity must be in [0, 1], got {rho}")
-    k = round(rho * units)
-    if abs(k - rho * units) > 1e-6:
-        lo, hi = int(rho * units), int(rho * units) + 1
+    near = nearest_exact(rho, units)
+    if near is not None:
         raise ValueError(
             f"sparsity {rho} cannot be met exactly with {units} {what} "
             f"(it needs {rho * units:g} S {what}); nearest exact values: "
-            f"{lo / units:.6g} or {min(hi, units) / units:.6g}"
+            f"{near[0]:.6g} or {near[1]:.6g}"
         )
-    return k
+    return sliding_count(rho, units)
 
 
 def _spread(n_pick: int, n: int) -> list[int]:

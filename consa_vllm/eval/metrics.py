@@ -18,11 +18,13 @@ if TYPE_CHECKING:
 
 
 def position_buckets(window: int, length: int) -> list[tuple[int, int]]:
-    """Target-position ranges ``[lo, hi)``: ``[1, W)``, ``[W, 2W)``, ``[2W, 4W)``, ... up to ``length``.
+    """Target-position ranges ``[lo, hi)``: ``[1, W+1)``, ``[W+1, 2W+1)``, ``[2W+1, 3W+1)``,
+    ``[3W+1, 5W+1)``, ``[5W+1, 9W+1)``, ... (the last one cut at ``length``).
 
     The token at position ``t`` is predicted from positions ``0..t-1``; an S head there sees the
     last W of them, so targets at ``t <= W`` lose nothing to the window and a target at
-    ``t`` has ``t - W`` context tokens that only F heads see.
+    ``t`` has ``t - W`` context tokens that only F heads see: the buckets hold 0, 1..W,
+    W+1..2W, 2W+1..4W, ... such tokens (doubling after the first window).
     """
     # In "tokens beyond the window" b = t - W: 0 | 1..W | W+1..2W | 2W+1..4W | ... (doubling).
     edges, b = [1, window + 1], window
@@ -73,16 +75,28 @@ def lm_loss(model, sequences: "torch.Tensor", window: int, batch_size: int = 8) 
             if T - 1 > window:  # column c predicts position c + 1: beyond the window from c = window
                 per_sequence += nll[:, window:].double().mean(1).cpu().tolist()
             count[1:] += x.shape[0]
+    return loss_report(nll_sum.tolist(), count.tolist(), per_sequence, window, int(sequences.shape[0]))
+
+
+def loss_report(nll_sum: Sequence[float], count: Sequence[float], per_sequence: list[float], window: int,
+                sequences: int) -> dict[str, Any]:
+    """The report of :func:`lm_loss` (also the served model's) from sums by target position.
+
+    ``nll_sum[t]`` and ``count[t]``: the summed NLL and the number of targets at position ``t``
+    (``t = 0`` has none), over ``sequences`` sequences of ``len(nll_sum)`` tokens;
+    ``per_sequence``: each sequence's mean NLL beyond the window.
+    """
+    T = len(nll_sum)
     buckets = []
     for lo, hi in position_buckets(window, T):
-        n = count[lo:hi].sum().item()
+        n = sum(count[lo:hi])
         buckets.append({"positions": [lo, hi], "beyond_window": [max(0, lo - window), max(0, hi - window)],
-                        "tokens": int(n), "loss": nll_sum[lo:hi].sum().item() / n})
-    total = count.sum().item()
-    beyond = count[window + 1:].sum().item()
-    return {"loss": nll_sum.sum().item() / total, "tokens": int(total),
-            "loss_beyond_window": nll_sum[window + 1:].sum().item() / beyond if beyond else None,
-            "window": window, "seq_len": T, "sequences": int(sequences.shape[0]), "buckets": buckets,
+                        "tokens": int(n), "loss": sum(nll_sum[lo:hi]) / n})
+    total = sum(count)
+    beyond = sum(count[window + 1:])  # targets t > W: at least one context token outside the window
+    return {"loss": sum(nll_sum) / total, "tokens": int(total),
+            "loss_beyond_window": sum(nll_sum[window + 1:]) / beyond if beyond else None,
+            "window": window, "seq_len": T, "sequences": sequences, "buckets": buckets,
             "loss_beyond_window_per_sequence": per_sequence}
 
 

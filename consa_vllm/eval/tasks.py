@@ -9,10 +9,11 @@ tokens for any tokenizer; the prompt is passed on as ids (HF, or vLLM's OpenAI A
 accepts a list of token ids as the prompt).
 
 Distance: ``distance`` is the number of tokens from the needle's first token to the last
-prompt token (the position that predicts the first answer token). A sliding-window head
-with window W at that position sees keys ``i-W+1 .. i``, so it cannot see the needle when
-``distance >= W``: ``beyond_window``. With ``sink`` attention-sink tokens it also sees keys
-``0 .. sink-1``, so a needle that starts there is within reach: not ``beyond_window``.
+prompt token ``i`` (the position that predicts the first answer token). A sliding-window
+head with window W at ``i`` sees keys ``i-W+1 .. i``, so it sees none of the needle once its
+*last* token is ``W`` or more tokens back: ``distance - (needle_tokens - 1) >= W``. With
+``sink`` attention-sink tokens it also sees keys ``0 .. sink-1``, so the needle must also
+start at or after ``sink``. Both hold: ``beyond_window``.
 
 The same generator writes *training documents* (:func:`training_document`): several
 needles early, their queries later, at distances the caller sets, so that a model trained
@@ -141,14 +142,15 @@ class Sample:
     window: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     sink: int = 0  # attention-sink tokens of the S heads: they also see prompt tokens 0..sink-1
+    needle_tokens: int = 1  # the needle's length: its last token is distance - (needle_tokens - 1) back
 
     @property
     def beyond_window(self) -> bool | None:
-        """Whether a sliding-window head at the query cannot see the needle (nor, with sinks, its start)."""
+        """Whether a sliding-window head at the query sees no token of the needle, in its window or its sinks."""
         if self.window is None:
             return None
         needle_at = self.context - 1 - self.distance
-        return self.distance >= self.window and needle_at >= self.sink
+        return self.distance - (self.needle_tokens - 1) >= self.window and needle_at >= self.sink
 
 
 def make_sample(task: TaskSpec, tokenizer, filler: Filler, context: int, depth: float, rng: random.Random,
@@ -183,7 +185,8 @@ def make_sample(task: TaskSpec, tokenizer, filler: Filler, context: int, depth: 
     ids += fill[prev:] + query
     assert len(ids) == context
     return Sample(task=task.name, prompt_ids=ids, answer_ids=answer, answer=answer_text, context=context,
-                  depth=depth, distance=context - 1 - needle_at, window=window, sink=sink)
+                  depth=depth, distance=context - 1 - needle_at, window=window, sink=sink,
+                  needle_tokens=len(needle))
 
 
 def sample_grid(task_names: Sequence[str], contexts: Sequence[int], depths: Sequence[float], per_cell: int,
@@ -209,24 +212,29 @@ def make_samples(tasks: Sequence[TaskSpec], tokenizer, filler: Filler, contexts:
 
 
 def training_document(task: TaskSpec, tokenizer, filler: Filler, length: int, rng: random.Random,
-                      num_needles: int, min_distance: int, max_filler_gap: int = 8) -> tuple[list[int], list[bool]]:
+                      num_needles: int, min_distance: int, max_filler_gap: int = 8,
+                      sink: int = 0) -> tuple[list[int], list[bool]]:
     """Token ids (exactly ``length``) of one training document rich in retrieval, and its answer mask.
 
-    ``num_needles`` needles with distinct keys sit in the first part, among filler; then their
-    queries, each followed by its answer, in random order, separated by short filler runs
-    (1..``max_filler_gap`` tokens). Every query ends at least ``min_distance`` tokens after its
-    needle starts (set it above the window so that only full attention can answer). Queries
-    that do not fit in ``length`` are dropped. The mask is True at the answer tokens (a
-    pretraining loop may weight them: they are the only tokens that need retrieval).
+    ``num_needles`` needles with distinct keys sit in the first part, among filler, none in
+    the first ``sink`` tokens; then their queries, each followed by its answer, in random
+    order, separated by short filler runs (1..``max_filler_gap`` tokens). Every query's last
+    token lies at least ``min_distance`` tokens after its needle's *last* token. With
+    ``min_distance`` = the window W and ``sink`` = the S heads' sinks, a sliding-window head at
+    the query sees no token of the needle (keys ``q-W+1 .. q`` and ``0 .. sink-1``): only full
+    attention can answer. Queries that do not fit in ``length`` are dropped. The mask is True
+    at the answer tokens (a pretraining loop may weight them: they are the only tokens that
+    need retrieval).
     """
     keys = task.draw_keys(rng, num_needles)
     values = [task.draw_value(rng) for _ in keys]
     needles = [encode(tokenizer, task.needle.format(key=k, value=v)) for k, v in zip(keys, values)]
     qa = [encode(tokenizer, task.query.format(key=k)) + encode(tokenizer, task.answer.format(value=v))
           for k, v in zip(keys, values)]
-    hay = max(sum(map(len, needles)), length // 2)
+    hay = max(sum(map(len, needles)) + sink, length // 2)
     n_fill = hay - sum(map(len, needles))
-    cuts = sorted(rng.randrange(n_fill + 1) for _ in needles)
+    # Cut points at or after the sink: the needles start there, past what S heads always see.
+    cuts = sorted(rng.randrange(sink, n_fill + 1) for _ in needles)
     fill = filler.take(n_fill, rng)
     ids: list[int] = []
     answers: list[int] = []  # positions of answer tokens
@@ -242,9 +250,10 @@ def training_document(task: TaskSpec, tokenizer, filler: Filler, length: int, rn
     rng.shuffle(order)
     for i in order:
         gap = filler.take(rng.randint(1, max_filler_gap), rng)
-        # Push the query out to min_distance from its needle with more filler where needed.
+        # Push the query's last token out to min_distance from the needle's last token with more filler.
         q_len = len(encode(tokenizer, task.query.format(key=keys[i])))
-        need = starts[i] + min_distance - (len(ids) + len(gap) + q_len - 1)
+        needle_last = starts[i] + len(needles[i]) - 1
+        need = needle_last + min_distance - (len(ids) + len(gap) + q_len - 1)
         if need > 0:
             gap += filler.take(need, rng)
         if len(ids) + len(gap) + len(qa[i]) > length:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .metrics import position_buckets
+from .metrics import loss_report
 
 if TYPE_CHECKING:
     from .tasks import Sample
@@ -68,15 +68,9 @@ class ServedModel:
         """Same report as :func:`consa_vllm.eval.metrics.lm_loss`, from the server's prompt logprobs."""
         # Each row's NLL of positions 1 .. T-1 (row[c] is position c + 1); a non-finite logprob counts as 1e9.
         rows = [[-lp if math.isfinite(lp) else 1e9 for lp in self.token_logprobs(seq)] for seq in sequences.tolist()]
-        T = sequences.shape[1]
+        T, n = sequences.shape[1], len(rows)
         nll = [0.0] + [sum(col) for col in zip(*rows)]  # summed over the rows, by position
-        n = len(rows)
-        buckets = [{"positions": [lo, hi], "beyond_window": [max(0, lo - window), max(0, hi - window)],
-                    "tokens": n * (hi - lo), "loss": sum(nll[lo:hi]) / (n * (hi - lo))}
-                   for lo, hi in position_buckets(window, T)]
-        beyond = nll[window + 1:]
-        per_sequence = [sum(row[window:]) / len(row[window:]) for row in rows] if beyond else []  # from position window + 1
-        return {"loss": sum(nll) / (n * (T - 1)), "tokens": n * (T - 1),
-                "loss_beyond_window": sum(beyond) / (n * len(beyond)) if beyond else None,
-                "window": window, "seq_len": T, "sequences": n, "buckets": buckets,
-                "loss_beyond_window_per_sequence": per_sequence}
+        # Every row has a target at each position 1 .. T-1; row[c] is position c + 1, so row[window:]
+        # are the targets beyond the window.
+        per_sequence = [sum(row[window:]) / len(row[window:]) for row in rows] if T - 1 > window else []
+        return loss_report(nll, [0] + [n] * (T - 1), per_sequence, window, n)

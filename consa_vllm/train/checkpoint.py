@@ -1,8 +1,11 @@
 """Atomic checkpoints: tensors in safetensors, everything else in JSON. No pickle anywhere.
 
 Layout: ``<log_dir>/checkpoints/step_00000100/{tensors.safetensors,state.json}`` and a
-``latest`` file naming the newest one. A checkpoint is written into a temporary folder and
-renamed into place, so a kill leaves either the old or the new checkpoint, never half of one.
+``latest`` file naming the newest one. A checkpoint is written into a temporary folder
+(``.tmp-step_*``) and renamed into place; one written again (after a resume from an earlier
+step) first moves the old one aside (``.old-step_*``). A kill therefore leaves either the old
+or the new checkpoint, never half of one, and :func:`recover_interrupted_writes` (run when a
+run resumes) puts a moved-aside checkpoint back and removes the leftovers.
 Nested state (optimizer state dicts, RNG states) is flattened: tensors go to safetensors
 under a path key, the rest of the structure to JSON with ``{"__tensor__": key}`` leaves.
 """
@@ -20,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from consa_vllm.allocation import atomic_write_text
+from consa_vllm.outputs import fsync_dir
 
 TENSORS = "tensors.safetensors"
 STATE = "state.json"
@@ -89,22 +93,54 @@ def save_checkpoint(ckpt_root: Path, step: int, state: dict[str, Any], keep: int
         for f in (TENSORS, STATE):
             with open(tmp / f, "rb") as fh:
                 os.fsync(fh.fileno())
+        fsync_dir(tmp)
     except BaseException:  # interrupted or disk full: no half-written checkpoint folder stays
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if final.exists():  # re-written after a resume: swap, then drop the old one
         old = ckpt_root / f".old-{name}"
         shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
+        os.replace(final, old)  # a kill from here to the next rename: recover_interrupted_writes puts it back
         os.replace(tmp, final)
+        fsync_dir(ckpt_root)  # the new checkpoint is in place on disk before the old one goes
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
+    fsync_dir(ckpt_root)  # durable before "latest" names it
     atomic_write_text(ckpt_root / "latest", name + "\n")
+    fsync_dir(ckpt_root)
     for old in list_checkpoints(ckpt_root)[:-keep]:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def recover_interrupted_writes(ckpt_root: Path) -> list[str]:
+    """Undo what a :func:`save_checkpoint` killed midway left in ``ckpt_root``; returns notes of what was done.
+
+    A ``.old-step_*`` folder beside its ``step_*`` is the replaced checkpoint: removed. One
+    without it was moved aside by a re-write killed between its two renames: put back, as if
+    that write had not started (its run resumes from a checkpoint and writes it again). A
+    ``.tmp-step_*`` folder is an unfinished or unplaced write: removed. Call it in one process
+    only, before the checkpoints are read.
+    """
+    notes = []
+    if not ckpt_root.is_dir():
+        return notes
+    for old in sorted(ckpt_root.glob(".old-step_*")):
+        final = ckpt_root / old.name[len(".old-"):]
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            notes.append(f"removed {old}, a replaced checkpoint that an interrupted write left")
+        else:
+            os.replace(old, final)
+            notes.append(f"restored {final} from {old}, where a write interrupted while replacing it had moved it")
+    for tmp in sorted(ckpt_root.glob(".tmp-step_*")):
+        shutil.rmtree(tmp, ignore_errors=True)
+        notes.append(f"removed {tmp}, an unfinished checkpoint write")
+    if notes:
+        fsync_dir(ckpt_root)
+    return notes
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
@@ -167,16 +203,20 @@ def verify_checkpoint(path: Path) -> None:
         raise CheckpointError(f"{f} is unreadable, truncated or corrupted ({_reason(e)})") from None
 
 
-def read_settings(path: Path) -> tuple[dict[str, Any], bool]:
-    """``(the trainer settings, whether FSDP was on)`` of checkpoint ``path``, from its
-    ``state.json`` alone (no tensor is read); :class:`CheckpointError` names a bad file."""
+def read_settings(path: Path) -> tuple[dict[str, Any], bool, int | None]:
+    """``(the trainer settings, whether FSDP was on, the number of processes)`` of checkpoint
+    ``path``, from its ``state.json`` alone (no tensor is read); the number of processes is
+    None in a checkpoint written before it was recorded. :class:`CheckpointError` names a bad file."""
     path = Path(path)
     try:
         tree = json.loads((path / STATE).read_text())["state"]["__dict__"]
         config = unflatten(tree["config"], {})
         if not isinstance(config, dict):
             raise TypeError(f"'config' is a {type(config).__name__}")
-        return config, bool(tree.get("fsdp"))
+        world = tree.get("world_size")
+        if world is not None and (isinstance(world, bool) or not isinstance(world, int) or world < 1):
+            raise ValueError(f"'world_size' is {world!r}")
+        return config, bool(tree.get("fsdp")), world
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path / STATE} is unreadable, truncated or corrupted ({_reason(e)})") from None
 

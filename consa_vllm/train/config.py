@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -102,6 +101,7 @@ class TrainConfig:
 
 
 # Fields that may change between a run and its resumption without changing the result.
+# (--grad-accum may change with the number of processes: check_resume_settings compares their product.)
 RESUME_FREE_FIELDS = {"resume", "progress", "checkpoint_every", "keep_checkpoints", "device", "log_dir",
                       "out", "save_model", "fsdp", "force"}
 
@@ -366,24 +366,47 @@ def validate(cfg: TrainConfig) -> None:
         if path is not None:
             try:
                 verify_checkpoint(path)
-                saved, fsdp = read_settings(path)
+                saved, fsdp, saved_world = read_settings(path)
             except CheckpointError as e:
                 raise ConfigError(explain_bad_checkpoint(e, path)) from None
-            check_resume_settings(cfg, saved, fsdp, path)
+            # torchrun's WORLD_SIZE: the number of processes this run will have (Parallel reads the same).
+            check_resume_settings(cfg, saved, fsdp, path, saved_world, int(os.environ.get("WORLD_SIZE", "1")))
 
 
-def check_resume_settings(cfg: TrainConfig, saved: dict[str, Any], fsdp: bool, path: Path) -> None:
+def check_resume_settings(cfg: TrainConfig, saved: dict[str, Any], fsdp: bool, path: Path,
+                          saved_world: int | None, world: int) -> None:
     """Refuse to continue the checkpoint ``path``, made with the settings ``saved`` (with or
-    without ``fsdp``), under other settings: the run would not reach the result it started for."""
+    without ``fsdp``) on ``saved_world`` processes, under other settings on ``world``
+    processes: the run would not reach the result it started for.
+
+    The micro-batch ``m`` of step ``s`` on rank ``r`` takes the data and gate noise of global
+    micro-batch ``(s * grad_accum + m) * world + r``, so a step covers the same ones whenever
+    ``grad_accum x world`` is unchanged: that product is compared, not ``--grad-accum`` alone.
+    A checkpoint written before the world size was recorded (``saved_world`` None) cannot
+    tell, and must be resumed with its own ``--grad-accum``.
+    """
     if fsdp != cfg.fsdp:  # optimizer states are keyed differently
         raise ConfigError(f"--resume {path}: the checkpoint was made {'with' if fsdp else 'without'} --fsdp; "
                           f"resume {'with' if fsdp else 'without'} it")
     # A setting the checkpoint does not record (it predates the flag, e.g. --sink) had its default.
     old = {**TrainConfig().to_dict(), **saved}
-    diffs = [k for k, v in cfg.to_dict().items() if k not in RESUME_FREE_FIELDS and old.get(k) != v]
+    diffs = [k for k, v in cfg.to_dict().items()
+             if k not in RESUME_FREE_FIELDS and (k != "grad_accum" or saved_world is None) and old.get(k) != v]
     if diffs:
         raise ConfigError(f"--resume {path}: the checkpoint was made with different settings: " + ", ".join(
             f"--{k.replace('_', '-')} {old.get(k)!r} (now {getattr(cfg, k)!r})" for k in diffs))
+    if saved_world is None:
+        return
+    per_step, now = old["grad_accum"] * saved_world, cfg.grad_accum * world
+    if per_step != now:
+        fix = (f"resume with --grad-accum {per_step // world} on {world} process{'es' if world > 1 else ''}"
+               if per_step % world == 0 else
+               f"resume on a number of processes (torchrun --nproc-per-node) that divides {per_step}")
+        raise ConfigError(
+            f"--resume {path}: the checkpoint was made with --grad-accum {old['grad_accum']} on {saved_world} "
+            f"process{'es' if saved_world > 1 else ''} (torchrun --nproc-per-node), {per_step} micro-batches per "
+            f"step; now --grad-accum {cfg.grad_accum} on {world}, {now}: the steps would see other data and gate "
+            f"noise; {fix}")
 
 
 def _use_fixed_allocation(cfg: TrainConfig, model_config: dict) -> None:
@@ -419,6 +442,7 @@ def _check_reachable_sparsity(cfg: TrainConfig, model_config: dict) -> None:
     values would be rounded to one of them silently (0.75 of 2 heads per layer is all-S).
     """
     from consa_vllm.allocation import ModelShape
+    from consa_vllm.allocation.rules import nearest_exact
 
     shape = ModelShape.from_config(model_config)
     if cfg.granularity == "layer":
@@ -427,12 +451,11 @@ def _check_reachable_sparsity(cfg: TrainConfig, model_config: dict) -> None:
         units, what = shape.num_kv_heads, "KV heads per layer (--constraint per-layer)"
     else:
         units, what = shape.num_layers * shape.num_kv_heads, "KV heads in all"
-    need_s = cfg.target_sparsity * units
-    if abs(need_s - round(need_s)) > 1e-6:  # the tolerance of consa-vllm make (rules.exact_count)
-        lo = math.floor(need_s)
+    near = nearest_exact(cfg.target_sparsity, units)  # consa-vllm make's test
+    if near is not None:
         raise ConfigError(
             f"--target-sparsity {cfg.target_sparsity} cannot be reached with {units} {what}: it needs "
-            f"{need_s:g} S units; nearest reachable values: {lo / units:.6g} or {min(lo + 1, units) / units:.6g}")
+            f"{cfg.target_sparsity * units:g} S units; nearest reachable values: {near[0]:.6g} or {near[1]:.6g}")
 
 
 #: Flags that mean nothing to ``--method duo`` (it has no L0 gates, no Lagrangian, trains no weights,
@@ -452,6 +475,9 @@ def _check_duo(cfg: TrainConfig) -> None:
                           "(one [0, 1] gate per KV head, weights frozen, no Lagrangian, no stage 2, one process)")
     if not (cfg.duo_l1 >= 0 and cfg.duo_l1 != float("inf")):
         raise ConfigError(f"--duo-l1 must be a finite number >= 0, got {cfg.duo_l1}")
-    if cfg.seq_len < 2 * cfg.window + 16:
-        raise ConfigError(f"--method duo: --seq-len ({cfg.seq_len}) must be at least 2 x --window + 16 "
-                          f"({2 * cfg.window + 16}) so that its passkey needles can lie beyond the window")
+    # The needles start after the sink, and each query ends a window after its needle ends.
+    if cfg.seq_len < cfg.sink + 2 * cfg.window + 16:
+        need, beyond = ("--sink + 2 x --window + 16", "the sink and the window") if cfg.sink else \
+            ("2 x --window + 16", "the window")
+        raise ConfigError(f"--method duo: --seq-len ({cfg.seq_len}) must be at least {need} "
+                          f"({cfg.sink + 2 * cfg.window + 16}) so that its passkey needles can lie beyond {beyond}")

@@ -9,7 +9,10 @@ head), is sharded with FSDP2's ``fully_shard``. The gates (``log_alpha``) and th
 multipliers are tiny and live outside the sharded model, replicated on every rank; their
 gradients are averaged here. Checkpoints and ``--save-model`` use full (unsharded) state dicts
 from ``torch.distributed.checkpoint.state_dict``, so the files are the same safetensors/JSON
-as without FSDP and a run can be resumed with any number of processes.
+as without FSDP and hold no shard layout. A run (FSDP or not; FSDP checkpoints only under FSDP)
+can therefore be resumed on another number of processes where ``--grad-accum`` x processes
+stays the same: a step then covers the same global micro-batches, data and gate noise
+(:func:`consa_vllm.train.config.check_resume_settings` refuses any other change).
 """
 
 from __future__ import annotations

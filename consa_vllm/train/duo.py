@@ -14,8 +14,9 @@ weights stay frozen; only the gates train, against two terms:
 
 After each Adam step the gates are clipped to [0, 1] (as DuoAttention does). The documents are
 :func:`consa_vllm.eval.tasks.training_document`\\ s of the eval package's passkey and key-value
-tasks, with --data as the haystack (filler), every query at least a window after its needle, so
-only full attention can answer. At the end the gates are binarised at ``--target-sparsity`` by
+tasks, with --data as the haystack (filler), every needle after the sink tokens and every query's
+last token at least a window after its needle's last token, so that a streaming head sees no token
+of the needle from the query: only full attention can answer. At the end the gates are binarised at ``--target-sparsity`` by
 :func:`consa_vllm.allocation.duo.duo_allocation`, the rule of ``consa-vllm import-duo`` (global or
 per-layer by ``--constraint``), and written in the allocation format with the gates as provenance.
 """
@@ -51,13 +52,13 @@ def needles_for(task) -> int:
     return min(6, len(task.keys) - 1) if task.keys is not None else 6
 
 
-def duo_batch(tasks: Sequence, tokenizer, filler, seq_len: int, window: int, rows: int, seed: int,
+def duo_batch(tasks: Sequence, tokenizer, filler, seq_len: int, window: int, sink: int, rows: int, seed: int,
               index: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ids [rows, seq_len], answer_mask)`` of micro-batch ``index``: a pure function of ``(seed, index)``.
 
-    Row ``r`` uses task ``(index * rows + r) % len(tasks)``; queries end at least ``window`` tokens
-    after their needle starts, so a streaming head cannot see the needle from the query (unless
-    the needle happens to lie in the sink tokens).
+    Row ``r`` uses task ``(index * rows + r) % len(tasks)``; needles start at or after ``sink`` and
+    every query's last token lies at least ``window`` tokens after its needle's last token, so a
+    streaming head (``sink`` sinks + ``window``) sees no token of the needle from the query.
     """
     from consa_vllm.eval.tasks import training_document
 
@@ -66,7 +67,7 @@ def duo_batch(tasks: Sequence, tokenizer, filler, seq_len: int, window: int, row
         k = index * rows + r
         rng = random.Random(f"{seed}/duo/{k}")
         task = tasks[k % len(tasks)]
-        x, m = training_document(task, tokenizer, filler, seq_len, rng, needles_for(task), window)
+        x, m = training_document(task, tokenizer, filler, seq_len, rng, needles_for(task), window, sink=sink)
         ids.append(x)
         masks.append(m)
     return torch.tensor(ids), torch.tensor(masks)
@@ -121,7 +122,7 @@ def train_duo(cfg: TrainConfig, tasks: Sequence | None = None) -> Allocation:
     its tokenizer (e.g. the symbolic task of a word-level test model).
     """
     from .dist import Parallel
-    from .loop import first_missing, load_model, load_tokenizer, patch_model
+    from .loop import first_missing, load_model, load_tokenizer, patch_model, remove_earlier_run
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("--method duo runs in one process (it learns one gate per KV head with frozen weights); "
@@ -132,7 +133,7 @@ def train_duo(cfg: TrainConfig, tasks: Sequence | None = None) -> Allocation:
     filler = read_filler(cfg, tok)
     tasks = list(tasks) if tasks is not None else default_tasks()
     # Check the documents fit before loading the model: one clear line for a too-short --seq-len.
-    duo_batch(tasks, tok, filler, cfg.seq_len, cfg.window, 1, cfg.seed, 0)
+    duo_batch(tasks, tok, filler, cfg.seq_len, cfg.window, cfg.sink, 1, cfg.seed, 0)
     model = load_model(cfg, device)
     model.requires_grad_(False)
     model.eval()  # no dropout: the teacher and the student must see the same function
@@ -144,6 +145,7 @@ def train_duo(cfg: TrainConfig, tasks: Sequence | None = None) -> Allocation:
     alpha = torch.ones(state.num_layers, state.num_kv_heads, device=device, requires_grad=True)
     opt = torch.optim.Adam([alpha], lr=cfg.gate_lr)
     log_dir = cfg.log_path
+    remove_earlier_run(cfg)  # --force over an earlier run (of either method): none of its files stay
     made_log_root = first_missing(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     history: list[dict[str, Any]] = []
@@ -152,8 +154,8 @@ def train_duo(cfg: TrainConfig, tasks: Sequence | None = None) -> Allocation:
         for step in range(cfg.steps):
             sums = torch.zeros(2)
             for m in range(cfg.grad_accum):
-                ids, mask = duo_batch(tasks, tok, filler, cfg.seq_len, cfg.window, cfg.batch_size, cfg.seed,
-                                      step * cfg.grad_accum + m)
+                ids, mask = duo_batch(tasks, tok, filler, cfg.seq_len, cfg.window, cfg.sink, cfg.batch_size,
+                                      cfg.seed, step * cfg.grad_accum + m)
                 ids, mask = ids.to(device), mask.to(device)
                 with torch.no_grad():
                     state.set_gates(None)  # no allocation set: all heads full, the dense teacher

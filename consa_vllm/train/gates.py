@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from consa_vllm.allocation.rules import sliding_count
+
 BETA = 2.0 / 3.0  # temperature
 GAMMA = -0.1  # stretch: lower end
 ZETA = 1.1  # stretch: upper end
@@ -47,11 +49,6 @@ def expected_sparsity(log_alpha: torch.Tensor, per_layer: bool = False) -> torch
     return 1.0 - (p.mean(dim=-1) if per_layer else p.mean())
 
 
-def deterministic_z(log_alpha: torch.Tensor) -> torch.Tensor:
-    """The noise-free gate used for evaluation: the sample at u = 1/2."""
-    return (torch.sigmoid(log_alpha / BETA) * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
-
-
 def expand(z: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     """``[L, 1]`` (layer granularity) or ``[L, H]`` gates to ``[L, H]``."""
     if z.shape[-1] == num_kv_heads:
@@ -59,11 +56,6 @@ def expand(z: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     if z.shape[-1] != 1:
         raise ValueError(f"gates have {z.shape[-1]} units per layer; expected 1 or {num_kv_heads}")
     return z.expand(z.shape[0], num_kv_heads)
-
-
-def num_sliding(num_units: int, sparsity: float) -> int:
-    """How many of ``num_units`` become S for a target sparsity (nearest integer, halves up)."""
-    return min(num_units, max(0, math.floor(sparsity * num_units + 0.5 + 1e-9)))
 
 
 def binarize_topk(log_alpha: torch.Tensor, sparsity: float, per_layer: bool = False) -> torch.Tensor:
@@ -76,7 +68,7 @@ def binarize_topk(log_alpha: torch.Tensor, sparsity: float, per_layer: bool = Fa
     la = log_alpha.detach().float().cpu()
     rows = la if per_layer else la.reshape(1, -1)
     keep = torch.ones_like(rows, dtype=torch.bool)
-    k = num_sliding(rows.shape[1], sparsity)
+    k = sliding_count(sparsity, rows.shape[1])
     if k:
         order = torch.sort(rows, dim=1, stable=True).indices[:, :k]
         keep.scatter_(1, order, False)

@@ -23,7 +23,7 @@ from . import checkpoint as ckpt
 from . import dist
 from .config import RUN_ARTIFACTS, ConfigError, TrainConfig, TrainingDiverged, check_resume_settings
 from .data import PackedData, load_data
-from .gates import binarize_topk, expand, expected_sparsity, mask_to_pattern, num_sliding, prob_nonzero, sample_z
+from .gates import binarize_topk, expand, expected_sparsity, mask_to_pattern, prob_nonzero, sample_z
 from .lagrangian import Lagrangian, target_at
 
 
@@ -125,23 +125,11 @@ class Trainer:
         self.par.shard(model)
         self.net = GatedLM(model, self.state, units, cfg.init_log_alpha,
                            self.state.num_layers if per_layer else 1, device=self.device)
-        self.n_units = self.state.num_layers * units
         self.ckpt_root = cfg.log_path / "checkpoints"
         self.metrics_path = cfg.log_path / "metrics.jsonl"
         self.step, self.history, self.last_ckpt = 0, [], None
         self.stage1_final: dict[str, Any] = {}
         self.elapsed = 0.0
-        self._warn_rounding()
-
-    def _warn_rounding(self) -> None:
-        cfg = self.cfg
-        rows, width = ((self.state.num_layers, self.n_units // self.state.num_layers) if cfg.constraint == "per-layer"
-                       else (1, self.n_units))
-        k = num_sliding(width, cfg.target_sparsity)
-        if self.main and abs(k / width - cfg.target_sparsity) > 1e-9:
-            print(f"note: {cfg.target_sparsity} x {width} units is not a whole number; the binarised allocation "
-                  f"will have sparsity {k / width:.4f} ({k} of {width} S{' per layer' if rows > 1 else ''})",
-                  file=sys.stderr)
 
     # -------------------------------------------------------------- optimizers
     def make_optimizers(self, stage: int) -> dict[str, torch.optim.Optimizer]:
@@ -188,11 +176,8 @@ class Trainer:
                 "no checkpoint was written yet (see --checkpoint-every)"
             raise TrainingDiverged(f"loss became {sums[0].item()} at step {step} (stage {stage}); stopped without "
                                    f"updating; {where}. Try a lower --lr/--gate-lr or --dtype float32.")
-        if "weights" in opts and cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.net.model.parameters(), cfg.grad_clip)
-        for o in opts.values():
-            o.step()
-            o.zero_grad(set_to_none=True)
+        # The record describes the parameters this step's forward passes used: every value is
+        # read before the optimizers update them (the loss and penalty can only be).
         rec: dict[str, Any] = {"step": step, "stage": stage, "loss": sums[0].item()}
         if stage == 1:
             lag = self.net.lagrangian
@@ -201,6 +186,11 @@ class Trainer:
                        lambda1=lag.lambda1.detach().cpu().tolist(), lambda2=lag.lambda2.detach().cpu().tolist())
             if s_hat is not None and s_hat.numel() > 1:
                 rec["expected_sparsity_per_layer"] = s_hat.cpu().tolist()
+        if "weights" in opts and cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.net.model.parameters(), cfg.grad_clip)
+        for o in opts.values():
+            o.step()
+            o.zero_grad(set_to_none=True)
         return rec
 
     # -------------------------------------------------------------- checkpoints
@@ -211,7 +201,7 @@ class Trainer:
         optimizers = {k: self.par.optimizer_state(self.net, o) for k, o in opts.items()}
         st = {"config": self.cfg.to_dict(), "stage": stage, "trainable": trainable, "rng": ckpt.rng_state(),
               "optimizers": optimizers, "stage1_final": self.stage1_final, "elapsed": self.elapsed,
-              "fsdp": self.cfg.fsdp}
+              "fsdp": self.cfg.fsdp, "world_size": self.world}
         if "weights" in opts:
             st["model"] = self.par.model_state(self.net.model)
         return st
@@ -223,6 +213,10 @@ class Trainer:
 
     def resume(self) -> tuple[dict[str, Any] | None, int]:
         cfg = self.cfg
+        if self.main:  # a write killed midway: its checkpoint back in place before any rank reads one
+            for note in ckpt.recover_interrupted_writes(self.ckpt_root):
+                print(f"note: {note}", file=sys.stderr)
+        self.par.wait_for_all()
         path = ckpt.latest_checkpoint(self.ckpt_root) if cfg.resume == "auto" else Path(cfg.resume)
         if path is None:
             if self.main:
@@ -233,7 +227,7 @@ class Trainer:
         except ckpt.CheckpointError as e:  # damaged after validate() checked it, or a bad tensor
             raise ConfigError(ckpt.explain_bad_checkpoint(e, path)) from None
         # validate() compared the settings already; this catches a checkpoint replaced since.
-        check_resume_settings(cfg, st["config"], bool(st.get("fsdp")), path)
+        check_resume_settings(cfg, st["config"], bool(st.get("fsdp")), path, st.get("world_size"), self.world)
         with torch.no_grad():
             self.net.log_alpha.copy_(st["trainable"]["log_alpha"])
             self.net.lagrangian.lambda1.copy_(st["trainable"]["lambda1"])
@@ -250,7 +244,7 @@ class Trainer:
     # -------------------------------------------------------------- logging
     def open_logs(self) -> None:
         if self.step == 0:  # a new run: nothing of an earlier one stays in its folder (validate needs --force)
-            self._remove_earlier_run()
+            remove_earlier_run(self.cfg)
         self.made_log_root = first_missing(self.cfg.log_path)
         self.cfg.log_path.mkdir(parents=True, exist_ok=True)
         kept = []
@@ -267,16 +261,6 @@ class Trainer:
         except ImportError:  # optional: metrics.jsonl has everything; say so rather than skip silently
             print("note: the tensorboard package is not installed; metrics go to metrics.jsonl only "
                   "(pip install tensorboard for TensorBoard event files)", file=sys.stderr)
-
-    def _remove_earlier_run(self) -> None:
-        log = self.cfg.log_path
-        gone = [log / a for a in RUN_ARTIFACTS if (log / a).exists()]
-        if self.cfg.force and self.cfg.out_path.exists():
-            gone.append(self.cfg.out_path)
-        for p in gone:
-            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-        if gone:
-            print(f"note: removed the earlier run's {', '.join(map(str, gone))}", file=sys.stderr)
 
     def log(self, rec: dict[str, Any]) -> None:
         self.history.append(rec)
@@ -416,6 +400,21 @@ class Trainer:
         plot_curves(self.history, cfg.log_path / "curves.png")
         print(render_text(alloc), file=sys.stderr)
         print(f"allocation: {cfg.out}\nlogs, checkpoints and plots: {cfg.log_path}", file=sys.stderr)
+
+
+def remove_earlier_run(cfg: TrainConfig) -> None:
+    """A new run (either method): remove what an earlier run wrote in its log folder
+    (:data:`RUN_ARTIFACTS`) and, under ``--force``, its ``--out``, so that a folder never mixes
+    two runs. :func:`~consa_vllm.train.config.validate` has refused an earlier run's files
+    without ``--force`` (or ``--resume``, whose run found no checkpoint and starts afresh)."""
+    log = cfg.log_path
+    gone = [log / a for a in RUN_ARTIFACTS if (log / a).exists()]
+    if cfg.force and cfg.out_path.exists():
+        gone.append(cfg.out_path)
+    for p in gone:
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    if gone:
+        print(f"note: removed the earlier run's {', '.join(map(str, gone))}", file=sys.stderr)
 
 
 def first_missing(path: Path) -> Path | None:
