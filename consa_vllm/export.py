@@ -279,9 +279,10 @@ def export_model(
     ``link=True`` hard-links the weight files (falling back to a copy where the filesystem
     cannot link), ``link=False`` copies them. An existing ``out_dir`` is refused unless
     ``force``, and even then unless it is empty or a model checkpoint (it has a
-    ``config.json``: an earlier export), so no other folder is deleted. ``src`` may itself be an exported ConSA checkpoint (re-export with a new
-    allocation; ``src == out_dir`` with ``force`` works too). ``keep_paths`` keeps the
-    machine paths of the allocation's provenance. Returns ``out_dir``.
+    ``config.json``: an earlier export), so no other folder is deleted. ``src`` may itself
+    be an exported ConSA checkpoint (re-export with a new allocation; ``src == out_dir`` with
+    ``force`` works too). ``keep_paths`` keeps the machine paths of the allocation's
+    provenance. Returns ``out_dir``.
 
     All checks run before anything is written; ``out_dir`` is never left half-written.
     Ctrl-C, SIGTERM or SIGHUP raise :class:`ExportInterrupted` after the clean-up.
